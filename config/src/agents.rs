@@ -1,0 +1,567 @@
+//! The desired config (`agents.toml`): what every host should run, and its resolution.
+//!
+//! Resolution is precomputed at load: a host's desired agents depend only on the longest
+//! prefix (over every agent's `others` blocks) that its hostname starts with, because every
+//! other matching prefix is a prefix of that one. So the file compiles into a few *classes*
+//! (one per distinct prefix, plus the default), and resolving a host is a handful of hash
+//! look-ups that return a slice shared by every host of its class.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::location::line_col;
+use crate::wire::{DesiredAgent, valid_agent_name, valid_hostname, valid_version};
+
+/// What the operators want an agent to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cmd {
+    Start,
+    Stop,
+}
+
+impl Cmd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cmd::Start => "start",
+            Cmd::Stop => "stop",
+        }
+    }
+}
+
+/// Version, digest and command of a `default` or `others` block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Block {
+    pub version: String,
+    /// 32 lowercase hex digits, or empty: the updater then reads `{url}.md5`.
+    pub md5: String,
+    pub cmd: Cmd,
+}
+
+/// An `others` block: hosts whose name starts with `prefix` get it instead of `default`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Override {
+    pub prefix: String,
+    pub block: Block,
+    pub tarball: Option<String>,
+    pub run_user: Option<String>,
+    pub work_dir: Option<String>,
+}
+
+/// One `[[agent]]` of the file, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentSpec {
+    pub name: String,
+    pub tarball: String,
+    pub run_user: String,
+    pub work_dir: String,
+    pub config_file_name: String,
+    pub config_remote_url: String,
+    pub default: Block,
+    pub others: Vec<Override>,
+}
+
+/// Index of a resolution class in a [`DesiredConfig`]; 0 is "no prefix matched".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClassId(pub u32);
+
+/// A refused config file. `Display` gives `file:line:col: what is wrong`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}:{line}:{col}: {message}")]
+    At { file: String, line: usize, col: usize, message: String },
+    #[error("{file}: {message}")]
+    File { file: String, message: String },
+}
+
+/// A loaded, validated desired config with its resolution classes.
+#[derive(Debug, Clone)]
+pub struct DesiredConfig {
+    agents: Vec<AgentSpec>,
+    hash: String,
+    source: String,
+    /// Per class: the prefix it stands for (None for class 0) and every agent's desired state.
+    classes: Vec<(Option<String>, Vec<DesiredAgent>)>,
+    prefix_class: HashMap<String, ClassId>,
+    /// Distinct prefix lengths, longest first.
+    prefix_lens: Vec<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    agent: Vec<Spanned<RawAgent>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    name: Spanned<String>,
+    tarball: Spanned<String>,
+    run_user: Spanned<String>,
+    work_dir: Spanned<String>,
+    config_file_name: Option<Spanned<String>>,
+    config_remote_url: Option<Spanned<String>>,
+    default: Spanned<RawBlock>,
+    #[serde(default)]
+    others: Vec<Spanned<RawOther>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBlock {
+    version: Spanned<String>,
+    md5: Option<Spanned<String>>,
+    cmd: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOther {
+    prefix: Spanned<String>,
+    version: Spanned<String>,
+    md5: Option<Spanned<String>>,
+    cmd: Option<Spanned<String>>,
+    tarball: Option<Spanned<String>>,
+    run_user: Option<Spanned<String>>,
+    work_dir: Option<Spanned<String>>,
+}
+
+/// Carries the file name and text so every check can say where it failed.
+struct Checker<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Checker<'_> {
+    fn err(&self, span: Range<usize>, message: impl fmt::Display) -> ConfigError {
+        let (line, col) = line_col(self.text, span.start);
+        ConfigError::At { file: self.file.to_owned(), line, col, message: message.to_string() }
+    }
+
+    fn check(&self, v: &Spanned<String>, ok: bool, what: impl fmt::Display) -> Result<String, ConfigError> {
+        if ok { Ok(v.get_ref().clone()) } else { Err(self.err(v.span(), format_args!("{what}, got {:?}", v.get_ref()))) }
+    }
+
+    fn name(&self, v: &Spanned<String>) -> Result<String, ConfigError> {
+        self.check(v, valid_agent_name(v.get_ref()), "agent name must be 1-64 of [A-Za-z0-9._-], not . or ..")
+    }
+
+    fn version(&self, v: &Spanned<String>) -> Result<String, ConfigError> {
+        self.check(v, valid_version(v.get_ref()), "version must be 1-64 of [A-Za-z0-9._+-], not . or ..")
+    }
+
+    fn md5(&self, v: Option<&Spanned<String>>) -> Result<String, ConfigError> {
+        let Some(v) = v else { return Ok(String::new()) };
+        let s = v.get_ref();
+        let ok = s.is_empty() || (s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()));
+        Ok(self.check(v, ok, "md5 must be empty or 32 hex digits")?.to_ascii_lowercase())
+    }
+
+    fn cmd(&self, v: Option<&Spanned<String>>, inherited: Cmd) -> Result<Cmd, ConfigError> {
+        match v.map(|v| (v, v.get_ref().as_str())) {
+            None => Ok(inherited),
+            Some((_, "start")) => Ok(Cmd::Start),
+            Some((_, "stop")) => Ok(Cmd::Stop),
+            Some((v, other)) => Err(self.err(v.span(), format_args!("cmd must be \"start\" or \"stop\", got {other:?}"))),
+        }
+    }
+
+    fn url(&self, v: &Spanned<String>, what: &str) -> Result<String, ConfigError> {
+        let s = v.get_ref();
+        let rest = s.strip_prefix("http://").or_else(|| s.strip_prefix("https://"));
+        let ok = rest.is_some_and(|r| {
+            let host = r.split('/').next().unwrap_or("");
+            !host.is_empty() && !r.chars().any(|c| c.is_whitespace() || c.is_control())
+        });
+        self.check(v, ok, format_args!("{what} must be an http:// or https:// URL with a host"))
+    }
+
+    fn work_dir(&self, v: &Spanned<String>) -> Result<String, ConfigError> {
+        let s = v.get_ref();
+        let ok = s.starts_with('/') && !s.split('/').any(|c| c == "..") && !s.contains('\0') && s.len() <= 4096;
+        self.check(v, ok, "work_dir must be an absolute path without ..")
+    }
+
+    fn run_user(&self, v: &Spanned<String>) -> Result<String, ConfigError> {
+        let s = v.get_ref();
+        let ok = !s.is_empty()
+            && s.len() <= 32
+            && !s.starts_with('-')
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        self.check(v, ok, "run_user must be 1-32 of [A-Za-z0-9._-], not starting with -")
+    }
+
+    fn file_name(&self, v: &Spanned<String>) -> Result<String, ConfigError> {
+        let s = v.get_ref();
+        let ok = s.is_empty() || valid_agent_name(s);
+        self.check(v, ok, "config_file_name must be a plain file name of [A-Za-z0-9._-]")
+    }
+
+    fn agent(&self, raw: &RawAgent) -> Result<AgentSpec, ConfigError> {
+        let default_block = raw.default.get_ref();
+        let default = Block {
+            version: self.version(&default_block.version)?,
+            md5: self.md5(default_block.md5.as_ref())?,
+            cmd: self.cmd(default_block.cmd.as_ref(), Cmd::Start)?,
+        };
+        let mut others = Vec::with_capacity(raw.others.len());
+        let mut seen = HashSet::new();
+        for o in &raw.others {
+            let o = o.get_ref();
+            let prefix = self.check(&o.prefix, valid_hostname(o.prefix.get_ref()), "prefix must be 1-255 of [A-Za-z0-9._-]")?;
+            if !seen.insert(prefix.clone()) {
+                return Err(self.err(o.prefix.span(), format_args!("duplicate prefix {prefix:?} in this agent")));
+            }
+            others.push(Override {
+                prefix,
+                block: Block {
+                    version: self.version(&o.version)?,
+                    // Never inherited: a digest belongs to one version (the Go ops-meta's fault).
+                    md5: self.md5(o.md5.as_ref())?,
+                    cmd: self.cmd(o.cmd.as_ref(), default.cmd)?,
+                },
+                tarball: o.tarball.as_ref().map(|t| self.url(t, "tarball")).transpose()?,
+                run_user: o.run_user.as_ref().map(|u| self.run_user(u)).transpose()?,
+                work_dir: o.work_dir.as_ref().map(|w| self.work_dir(w)).transpose()?,
+            });
+        }
+        Ok(AgentSpec {
+            name: self.name(&raw.name)?,
+            tarball: self.url(&raw.tarball, "tarball")?,
+            run_user: self.run_user(&raw.run_user)?,
+            work_dir: self.work_dir(&raw.work_dir)?,
+            config_file_name: raw.config_file_name.as_ref().map(|f| self.file_name(f)).transpose()?.unwrap_or_default(),
+            config_remote_url: raw
+                .config_remote_url
+                .as_ref()
+                .map(|u| if u.get_ref().is_empty() { Ok(String::new()) } else { self.url(u, "config_remote_url") })
+                .transpose()?
+                .unwrap_or_default(),
+            default,
+            others,
+        })
+    }
+}
+
+impl AgentSpec {
+    /// The desired state of this agent for a host whose longest matching prefix (over the
+    /// whole file) is `longest`: the longest of this agent's own prefixes that `longest`
+    /// starts with wins, else `default`.
+    fn resolve(&self, longest: Option<&str>) -> DesiredAgent {
+        let chosen = longest.and_then(|l| {
+            self.others.iter().filter(|o| l.starts_with(o.prefix.as_str())).max_by_key(|o| o.prefix.len())
+        });
+        let block = chosen.map_or(&self.default, |o| &o.block);
+        DesiredAgent {
+            name: self.name.clone(),
+            version: block.version.clone(),
+            tarball: chosen.and_then(|o| o.tarball.clone()).unwrap_or_else(|| self.tarball.clone()),
+            md5: block.md5.clone(),
+            cmd: block.cmd.as_str().to_owned(),
+            run_user: chosen.and_then(|o| o.run_user.clone()).unwrap_or_else(|| self.run_user.clone()),
+            work_dir: chosen.and_then(|o| o.work_dir.clone()).unwrap_or_else(|| self.work_dir.clone()),
+            config_file_name: self.config_file_name.clone(),
+            config_remote_url: self.config_remote_url.clone(),
+            sha256: String::new(),
+        }
+    }
+}
+
+impl DesiredConfig {
+    /// Parses and validates `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let checker = Checker { file, text };
+        let raw: RawFile = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => checker.err(span, e.message()),
+            None => ConfigError::File { file: file.to_owned(), message: e.message().to_owned() },
+        })?;
+        let mut agents: Vec<AgentSpec> = Vec::with_capacity(raw.agent.len());
+        for a in &raw.agent {
+            let spec = checker.agent(a.get_ref())?;
+            if agents.iter().any(|b| b.name == spec.name) {
+                return Err(checker.err(a.get_ref().name.span(), format_args!("duplicate agent name {:?}", spec.name)));
+            }
+            agents.push(spec);
+        }
+
+        let mut prefixes: Vec<String> = agents.iter().flat_map(|a| a.others.iter().map(|o| o.prefix.clone())).collect();
+        prefixes.sort();
+        prefixes.dedup();
+        let mut classes = vec![(None, agents.iter().map(|a| a.resolve(None)).collect())];
+        let mut prefix_class = HashMap::with_capacity(prefixes.len());
+        for p in prefixes {
+            let desired = agents.iter().map(|a| a.resolve(Some(&p))).collect();
+            prefix_class.insert(p.clone(), ClassId(classes.len() as u32));
+            classes.push((Some(p), desired));
+        }
+        let mut prefix_lens: Vec<usize> = prefix_class.keys().map(String::len).collect();
+        prefix_lens.sort_unstable_by(|a, b| b.cmp(a));
+        prefix_lens.dedup();
+
+        Ok(DesiredConfig {
+            agents,
+            hash: crate::content_hash(text.as_bytes()),
+            source: text.to_owned(),
+            classes,
+            prefix_class,
+            prefix_lens,
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { file: file.clone(), message: e.to_string() })?;
+        Self::parse(&text, &file)
+    }
+
+    /// The content hash of the file text this was parsed from.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// The file text this was parsed from (what `/config/desired` serves).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn agents(&self) -> &[AgentSpec] {
+        &self.agents
+    }
+
+    /// Position of an agent in [`agents`](Self::agents) and in every class's desired list.
+    pub fn agent_index(&self, name: &str) -> Option<usize> {
+        self.agents.iter().position(|a| a.name == name)
+    }
+
+    /// Number of resolution classes (distinct prefixes + 1).
+    pub fn class_count(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// The class of a hostname: the longest configured prefix it starts with.
+    pub fn class_of(&self, hostname: &str) -> ClassId {
+        for &len in &self.prefix_lens {
+            if let Some(head) = hostname.get(..len)
+                && let Some(&class) = self.prefix_class.get(head)
+            {
+                return class;
+            }
+        }
+        ClassId(0)
+    }
+
+    /// Every agent's desired state for the hosts of a class, in file order.
+    ///
+    /// # Panics
+    /// If `class` did not come from this config.
+    pub fn class(&self, class: ClassId) -> &[DesiredAgent] {
+        &self.classes[class.0 as usize].1
+    }
+
+    /// The prefix a class stands for (None for the default class).
+    pub fn class_prefix(&self, class: ClassId) -> Option<&str> {
+        self.classes.get(class.0 as usize).and_then(|c| c.0.as_deref())
+    }
+
+    /// Every agent's desired state for one host, borrowed from its class.
+    pub fn desired_ref(&self, hostname: &str) -> &[DesiredAgent] {
+        self.class(self.class_of(hostname))
+    }
+
+    /// Every agent's desired state for one host.
+    pub fn desired_for(&self, hostname: &str) -> Vec<DesiredAgent> {
+        self.desired_ref(hostname).to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISSUE_EXAMPLE: &str = r#"
+[[agent]]
+name = "falcon-agent"
+tarball = "http://files.example/releases/falcon"
+run_user = "falcon"
+work_dir = "/home/falcon/open-falcon"
+config_file_name = "cfg.json"
+config_remote_url = "http://files.example/conf/falcon-agent-cfg.json"
+default = { version = "5.1.3", md5 = "490ac172dabecc867289079d48e84a66", cmd = "start" }
+
+  [[agent.others]]
+  prefix = "bj-web-"
+  version = "5.1.4"
+  md5 = ""
+  cmd = "start"
+
+  [[agent.others]]
+  prefix = "bj-web-1"
+  version = "5.1.5"
+  tarball = "https://canary.example/falcon"
+  run_user = "canary"
+  work_dir = "/opt/canary"
+
+[[agent]]
+name = "mysql-monitor"
+tarball = "http://files.example/releases/falcon"
+run_user = "falcon"
+work_dir = "/home/falcon/open-falcon"
+default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "stop" }
+
+  [[agent.others]]
+  prefix = "bj-"
+  version = "0.0.6"
+"#;
+
+    fn cfg() -> DesiredConfig {
+        DesiredConfig::parse(ISSUE_EXAMPLE, "agents.toml").unwrap()
+    }
+
+    fn versions(c: &DesiredConfig, host: &str) -> Vec<(String, String, String)> {
+        c.desired_for(host).into_iter().map(|d| (d.name, d.version, d.cmd)).collect()
+    }
+
+    #[test]
+    fn default_block_for_unmatched_hosts() {
+        let c = cfg();
+        let d = c.desired_for("sh-db-001");
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].name, "falcon-agent");
+        assert_eq!(d[0].version, "5.1.3");
+        assert_eq!(d[0].md5, "490ac172dabecc867289079d48e84a66");
+        assert_eq!(d[0].tarball, "http://files.example/releases/falcon");
+        assert_eq!(d[0].config_file_name, "cfg.json");
+        assert_eq!(d[0].config_remote_url, "http://files.example/conf/falcon-agent-cfg.json");
+        assert_eq!(d[1].md5, "5f9ab5e81c386cde72c022d1b6d061d9", "digests are normalised to lowercase");
+        assert_eq!(d[1].cmd, "stop");
+        assert_eq!(d[1].config_file_name, "");
+    }
+
+    #[test]
+    fn longest_prefix_wins_per_agent() {
+        let c = cfg();
+        let check = |host: &str, expected: &[(&str, &str, &str)]| {
+            let got = versions(&c, host);
+            let want: Vec<(String, String, String)> =
+                expected.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect();
+            assert_eq!(got, want, "host {host}");
+        };
+        check("bj-db-1", &[("falcon-agent", "5.1.3", "start"), ("mysql-monitor", "0.0.6", "stop")]);
+        check("bj-web-001", &[("falcon-agent", "5.1.4", "start"), ("mysql-monitor", "0.0.6", "stop")]);
+        check("bj-web-101", &[("falcon-agent", "5.1.5", "start"), ("mysql-monitor", "0.0.6", "stop")]);
+        check("bj-we", &[("falcon-agent", "5.1.3", "start"), ("mysql-monitor", "0.0.6", "stop")]);
+        check("bj", &[("falcon-agent", "5.1.3", "start"), ("mysql-monitor", "0.0.5", "stop")]);
+    }
+
+    #[test]
+    fn override_never_inherits_the_default_digest_but_may_override_paths() {
+        let c = cfg();
+        let web = &c.desired_for("bj-web-001")[0];
+        assert_eq!(web.md5, "", "an empty md5 in others means: fetch {{url}}.md5");
+        assert_eq!(web.tarball, "http://files.example/releases/falcon");
+        let canary = &c.desired_for("bj-web-100")[0];
+        assert_eq!(canary.tarball, "https://canary.example/falcon");
+        assert_eq!(canary.run_user, "canary");
+        assert_eq!(canary.work_dir, "/opt/canary");
+        assert_eq!(canary.md5, "");
+        // mysql-monitor's override has no md5 and no cmd: digest empty, cmd inherited.
+        let mm = &c.desired_for("bj-x")[1];
+        assert_eq!((mm.md5.as_str(), mm.cmd.as_str()), ("", "stop"));
+    }
+
+    #[test]
+    fn classes_are_distinct_prefixes_plus_default() {
+        let c = cfg();
+        assert_eq!(c.class_count(), 4);
+        assert_eq!(c.class_of("nothing"), ClassId(0));
+        assert_eq!(c.class_prefix(c.class_of("bj-web-1x")), Some("bj-web-1"));
+        assert_eq!(c.agent_index("mysql-monitor"), Some(1));
+        assert_eq!(c.agent_index("nope"), None);
+    }
+
+    #[test]
+    fn hash_is_of_the_file_text() {
+        let c = cfg();
+        assert_eq!(c.hash(), crate::content_hash(ISSUE_EXAMPLE.as_bytes()));
+        assert_eq!(c.source(), ISSUE_EXAMPLE);
+        assert_eq!(DesiredConfig::parse("", "x").unwrap().agents().len(), 0);
+    }
+
+    fn error_of(text: &str) -> String {
+        DesiredConfig::parse(text, "agents.toml").unwrap_err().to_string()
+    }
+
+    fn agent_with(field_line: &str) -> String {
+        let base = [
+            r#"name = "a""#,
+            r#"tarball = "http://f/r""#,
+            r#"run_user = "u""#,
+            r#"work_dir = "/w""#,
+            r#"default = { version = "1", md5 = "", cmd = "start" }"#,
+        ];
+        let key = field_line.split('=').next().unwrap().trim();
+        let mut lines: Vec<String> =
+            base.iter().filter(|l| l.split('=').next().unwrap().trim() != key).map(|l| l.to_string()).collect();
+        lines.insert(0, field_line.to_string());
+        format!("[[agent]]\n{}\n", lines.join("\n"))
+    }
+
+    #[test]
+    fn bad_files_name_line_and_column() {
+        let check = |text: String, expected: &str| assert_eq!(error_of(&text), expected, "for:\n{text}");
+        check(agent_with(r#"name = "../etc""#), r#"agents.toml:2:8: agent name must be 1-64 of [A-Za-z0-9._-], not . or .., got "../etc""#);
+        check(agent_with(r#"tarball = "ftp://x/y""#), r#"agents.toml:2:11: tarball must be an http:// or https:// URL with a host, got "ftp://x/y""#);
+        check(agent_with(r#"tarball = "http:///y""#), r#"agents.toml:2:11: tarball must be an http:// or https:// URL with a host, got "http:///y""#);
+        check(agent_with(r#"work_dir = "relative/dir""#), r#"agents.toml:2:12: work_dir must be an absolute path without .., got "relative/dir""#);
+        check(agent_with(r#"work_dir = "/a/../etc""#), r#"agents.toml:2:12: work_dir must be an absolute path without .., got "/a/../etc""#);
+        check(agent_with(r#"run_user = "-rf""#), r#"agents.toml:2:12: run_user must be 1-32 of [A-Za-z0-9._-], not starting with -, got "-rf""#);
+        check(
+            agent_with(r#"default = { version = "1", md5 = "abc", cmd = "start" }"#),
+            r#"agents.toml:2:34: md5 must be empty or 32 hex digits, got "abc""#,
+        );
+        check(
+            agent_with(r#"default = { version = "1", cmd = "restart" }"#),
+            r#"agents.toml:2:34: cmd must be "start" or "stop", got "restart""#,
+        );
+        check(
+            agent_with(r#"default = { version = "1/2" }"#),
+            r#"agents.toml:2:23: version must be 1-64 of [A-Za-z0-9._+-], not . or .., got "1/2""#,
+        );
+        check(agent_with(r#"colour = "blue""#), "agents.toml:2:1: unknown field `colour`, expected one of `name`, `tarball`, `run_user`, `work_dir`, `config_file_name`, `config_remote_url`, `default`, `others`");
+        check("[[agent]]\nname = \"a\"\n".to_string(), "agents.toml:1:1: missing field `tarball`");
+        check("[[agent]\n".to_string(), "agents.toml:1:9: unclosed array table, expected `]`");
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let one = agent_with(r#"name = "a""#);
+        let e = error_of(&format!("{one}{one}"));
+        assert_eq!(e, r#"agents.toml:8:8: duplicate agent name "a""#);
+        let dup = format!("{one}[[agent.others]]\nprefix = \"p\"\nversion = \"2\"\n[[agent.others]]\nprefix = \"p\"\nversion = \"3\"\n");
+        assert_eq!(error_of(&dup), r#"agents.toml:11:10: duplicate prefix "p" in this agent"#);
+        let bad_prefix = format!("{one}[[agent.others]]\nprefix = \"a b\"\nversion = \"2\"\n");
+        assert_eq!(error_of(&bad_prefix), r#"agents.toml:8:10: prefix must be 1-255 of [A-Za-z0-9._-], got "a b""#);
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let e = DesiredConfig::load(Path::new("/nonexistent/agents.toml")).unwrap_err().to_string();
+        assert!(e.starts_with("/nonexistent/agents.toml: "), "{e}");
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/agents.toml");
+        let c = DesiredConfig::load(&path).unwrap();
+        assert!(!c.agents().is_empty());
+        assert!(c.class_count() > 1, "the example shows a prefix override");
+    }
+}

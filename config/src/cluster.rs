@@ -1,0 +1,362 @@
+//! The cluster map (`cluster.toml`) and the consistent-hash ring built over it.
+//!
+//! Relays and meta nodes build the same ring from the same file, so they agree on the owner of
+//! every hostname without talking. The ring is `consistent_hash::StaticHashRing` with
+//! `vnodes × weight` virtual nodes per meta node, keyed by node id (SipHash 1-3 of the id and
+//! the virtual node's sequence number; of the hostname for items). A golden test pins owners
+//! of fixed hostnames: changing any of this moves hosts between nodes and must be deliberate.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use consistent_hash::{DefaultHash, Node, StaticHashRing};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::location::line_col;
+
+/// Virtual nodes per unit of weight when the file does not say: the smallest round value that
+/// keeps max/mean load ≤ 1.05 on 3 and on 10 nodes over a million hostnames (see the tests).
+pub const DEFAULT_VNODES: u32 = 1000;
+
+/// One meta node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+/// A validated `cluster.toml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterMap {
+    pub vnodes: u32,
+    /// Absolute, or relative to the working directory if the file itself was given so.
+    pub token_file: Option<PathBuf>,
+    pub nodes: Vec<NodeSpec>,
+    /// Content hash of the file text.
+    pub hash: String,
+}
+
+/// A refused cluster file. `Display` gives `file:line:col: what is wrong`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{file}:{line}:{col}: {message}")]
+    At { file: String, line: usize, col: usize, message: String },
+    #[error("{file}: {message}")]
+    File { file: String, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    vnodes: Option<Spanned<u32>>,
+    token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    node: Vec<Spanned<RawNode>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: Spanned<String>,
+    addr: Spanned<String>,
+    weight: Option<Spanned<u32>>,
+}
+
+impl ClusterMap {
+    /// Parses and validates `text`; `file` names it in errors and anchors a relative
+    /// `token_file`.
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ClusterError> {
+        let name = file.display().to_string();
+        let at = |span: std::ops::Range<usize>, message: String| {
+            let (line, col) = line_col(text, span.start);
+            ClusterError::At { file: name.clone(), line, col, message }
+        };
+        let raw: RawCluster = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => at(span, e.message().to_owned()),
+            None => ClusterError::File { file: name.clone(), message: e.message().to_owned() },
+        })?;
+        let vnodes = match raw.vnodes {
+            Some(v) if !(1..=100_000).contains(v.get_ref()) => {
+                return Err(at(v.span(), format!("vnodes must be 1-100000, got {}", v.get_ref())));
+            }
+            Some(v) => v.into_inner(),
+            None => DEFAULT_VNODES,
+        };
+        if raw.node.is_empty() {
+            return Err(ClusterError::File { file: name, message: "no [[node]]: a cluster needs at least one meta node".into() });
+        }
+        let mut nodes: Vec<NodeSpec> = Vec::with_capacity(raw.node.len());
+        for n in &raw.node {
+            let n = n.get_ref();
+            let id = n.id.get_ref();
+            if !crate::wire::valid_agent_name(id) {
+                return Err(at(n.id.span(), format!("node id must be 1-64 of [A-Za-z0-9._-], got {id:?}")));
+            }
+            if nodes.iter().any(|m| &m.id == id) {
+                return Err(at(n.id.span(), format!("duplicate node id {id:?}")));
+            }
+            let addr: SocketAddr = n
+                .addr
+                .get_ref()
+                .parse()
+                .map_err(|_| at(n.addr.span(), format!("addr must be ip:port, got {:?}", n.addr.get_ref())))?;
+            if nodes.iter().any(|m| m.addr == addr) {
+                return Err(at(n.addr.span(), format!("duplicate node addr {addr}")));
+            }
+            let weight = match &n.weight {
+                Some(w) if !(1..=100).contains(w.get_ref()) => {
+                    return Err(at(w.span(), format!("weight must be 1-100, got {}", w.get_ref())));
+                }
+                Some(w) => *w.get_ref(),
+                None => 1,
+            };
+            nodes.push(NodeSpec { id: id.clone(), addr, weight });
+        }
+        let token_file = raw.token_file.map(|t| {
+            let p = PathBuf::from(t.into_inner());
+            if p.is_absolute() { p } else { file.parent().unwrap_or(Path::new("")).join(p) }
+        });
+        Ok(ClusterMap { vnodes, token_file, nodes, hash: crate::content_hash(text.as_bytes()) })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ClusterError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ClusterError::File { file: path.display().to_string(), message: e.to_string() })?;
+        Self::parse(&text, path)
+    }
+
+    /// The shared secret of internal endpoints, read from `token_file` (trimmed).
+    /// `Ok(None)` when the file names no token file.
+    pub fn read_token(&self) -> Result<Option<String>, ClusterError> {
+        let Some(path) = &self.token_file else { return Ok(None) };
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ClusterError::File { file: file.clone(), message: e.to_string() })?;
+        let token = text.trim();
+        if token.len() < 16 {
+            return Err(ClusterError::File { file, message: "token must be at least 16 characters".into() });
+        }
+        Ok(Some(token.to_owned()))
+    }
+
+    /// Index of a node by id.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.id == id)
+    }
+
+    /// The ring over these nodes.
+    pub fn ring(&self) -> Ring {
+        Ring::new(self.nodes.iter().map(|n| (n.id.as_str(), n.weight)), self.vnodes)
+    }
+}
+
+/// Which meta node owns a hostname, and the failover order after it.
+pub struct Ring {
+    ring: StaticHashRing<'static, String, usize, DefaultHash>,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring").field("nodes", &self.ring.nodes().len()).field("vnodes", &self.ring.len()).finish()
+    }
+}
+
+impl Ring {
+    /// A ring over `(id, weight)` pairs; node indexes returned later are positions in this
+    /// list. Ids must be distinct (the cluster map checks it).
+    pub fn new<'a>(nodes: impl IntoIterator<Item = (&'a str, u32)>, vnodes: u32) -> Self {
+        let nodes: Vec<Node<String, usize>> = nodes
+            .into_iter()
+            .enumerate()
+            .map(|(i, (id, weight))| Node::new(id.to_owned()).value(i).quantity((vnodes * weight.max(1)) as usize))
+            .collect();
+        Ring { ring: StaticHashRing::new(DefaultHash, nodes.into_iter()) }
+    }
+
+    /// Number of real nodes.
+    pub fn len(&self) -> usize {
+        self.ring.nodes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ring.nodes().is_empty()
+    }
+
+    /// Index of the node that owns `hostname`.
+    ///
+    /// # Panics
+    /// On an empty ring (a cluster map always has a node).
+    pub fn owner(&self, hostname: &str) -> usize {
+        self.candidates(hostname).next().expect("ring has at least one node")
+    }
+
+    /// Every node, in failover order for `hostname` (owner first).
+    pub fn candidates<'r>(&'r self, hostname: &str) -> impl Iterator<Item = usize> + 'r {
+        self.ring.calc_candidates(&hostname).map(|n| n.value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn three() -> Ring {
+        Ring::new([("meta-1", 1), ("meta-2", 1), ("meta-3", 1)], DEFAULT_VNODES)
+    }
+
+    /// Two builds that disagree here would send hosts to different owners: never change these
+    /// owners without a migration note.
+    #[test]
+    fn golden_owners() {
+        let ring = three();
+        let ids = ["meta-1", "meta-2", "meta-3"];
+        let got: Vec<(&str, &str)> = GOLDEN.iter().map(|(h, _)| (*h, ids[ring.owner(h)])).collect();
+        assert_eq!(got, GOLDEN.to_vec());
+    }
+
+    const GOLDEN: [(&str, &str); 20] = [
+        ("bj-web-001", "meta-2"),
+        ("bj-web-002", "meta-3"),
+        ("bj-web-003", "meta-2"),
+        ("bj-db-001", "meta-3"),
+        ("sh-cache-17", "meta-2"),
+        ("gz-api-9", "meta-3"),
+        ("liutian-01", "meta-2"),
+        ("host-0000000", "meta-2"),
+        ("host-0000001", "meta-2"),
+        ("host-0999999", "meta-1"),
+        ("a", "meta-2"),
+        ("z", "meta-3"),
+        ("node.example.com", "meta-3"),
+        ("web_01", "meta-3"),
+        ("k8s-worker-123", "meta-2"),
+        ("dc1-rack4-u12", "meta-1"),
+        ("falcon-judge-7", "meta-3"),
+        ("x-1.y-2.z-3", "meta-2"),
+        ("mysql-master-001", "meta-2"),
+        ("redis-cluster-42", "meta-1"),
+    ];
+
+    fn hostname(i: u32) -> String {
+        format!("dc{}-host-{:07}", i % 7, i)
+    }
+
+    fn max_over_mean(ring: &Ring, n: usize, hosts: u32) -> f64 {
+        let mut counts = vec![0u64; n];
+        for i in 0..hosts {
+            counts[ring.owner(&hostname(i))] += 1;
+        }
+        let mean = f64::from(hosts) / n as f64;
+        *counts.iter().max().unwrap() as f64 / mean
+    }
+
+    #[test]
+    fn balanced_over_a_million_hosts_on_3_and_10_nodes() {
+        for n in [3usize, 10] {
+            let ids: Vec<String> = (1..=n).map(|i| format!("meta-{i}")).collect();
+            let ring = Ring::new(ids.iter().map(|s| (s.as_str(), 1)), DEFAULT_VNODES);
+            let ratio = max_over_mean(&ring, n, 1_000_000);
+            assert!(ratio <= 1.05, "{n} nodes: max/mean {ratio:.4}");
+        }
+    }
+
+    /// Prints max/mean for a range of vnode counts (how DEFAULT_VNODES was chosen):
+    /// `cargo test --release -p ops-config vnode_sweep -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn vnode_sweep() {
+        for vnodes in [40, 160, 250, 500, 1000, 2000] {
+            for n in [3usize, 10] {
+                let ids: Vec<String> = (1..=n).map(|i| format!("meta-{i}")).collect();
+                let ring = Ring::new(ids.iter().map(|s| (s.as_str(), 1)), vnodes);
+                println!("vnodes {vnodes:5} nodes {n:2}: max/mean {:.4}", max_over_mean(&ring, n, 1_000_000));
+            }
+        }
+    }
+
+    #[test]
+    fn adding_a_node_moves_about_one_in_n_plus_one() {
+        let n = 5usize;
+        let ids: Vec<String> = (1..=n + 1).map(|i| format!("meta-{i}")).collect();
+        let before = Ring::new(ids[..n].iter().map(|s| (s.as_str(), 1)), DEFAULT_VNODES);
+        let after = Ring::new(ids.iter().map(|s| (s.as_str(), 1)), DEFAULT_VNODES);
+        let hosts = 200_000u32;
+        let mut moved = 0u32;
+        for i in 0..hosts {
+            let h = hostname(i);
+            let (a, b) = (before.owner(&h), after.owner(&h));
+            if a != b {
+                assert_eq!(b, n, "a host only ever moves to the new node");
+                moved += 1;
+            }
+        }
+        let share = f64::from(moved) / f64::from(hosts);
+        let ideal = 1.0 / (n as f64 + 1.0);
+        assert!((share - ideal).abs() < 0.02, "moved {share:.4}, ideal {ideal:.4}");
+    }
+
+    #[test]
+    fn candidates_list_every_node_once_owner_first() {
+        let ring = three();
+        for h in ["a", "bj-web-001", "zzz"] {
+            let c: Vec<usize> = ring.candidates(h).collect();
+            assert_eq!(c.len(), 3);
+            assert_eq!(c[0], ring.owner(h));
+            let mut sorted = c.clone();
+            sorted.sort();
+            assert_eq!(sorted, vec![0, 1, 2]);
+        }
+    }
+
+    #[test]
+    fn weight_scales_the_share() {
+        let ring = Ring::new([("meta-1", 1), ("meta-2", 3)], DEFAULT_VNODES);
+        let mut heavy = 0;
+        for i in 0..100_000 {
+            heavy += usize::from(ring.owner(&hostname(i)) == 1);
+        }
+        let share = heavy as f64 / 100_000.0;
+        assert!((share - 0.75).abs() < 0.03, "{share}");
+    }
+
+    fn parse(text: &str) -> Result<ClusterMap, String> {
+        ClusterMap::parse(text, Path::new("/etc/ops/cluster.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn parses_the_issue_shape_and_resolves_token_path() {
+        let c = parse("vnodes = 160\ntoken_file = \"cluster.token\"\n[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:2000\"\nweight = 1\n").unwrap();
+        assert_eq!(c.vnodes, 160);
+        assert_eq!(c.token_file.as_deref(), Some(Path::new("/etc/ops/cluster.token")));
+        assert_eq!(c.nodes[0].addr, "127.0.0.1:2000".parse().unwrap());
+        let c = parse("[[node]]\nid = \"m\"\naddr = \"127.0.0.1:1\"\n").unwrap();
+        assert_eq!((c.vnodes, c.nodes[0].weight, c.token_file), (DEFAULT_VNODES, 1, None));
+    }
+
+    #[test]
+    fn bad_cluster_files_name_line_and_column() {
+        let node = "[[node]]\nid = \"m\"\naddr = \"127.0.0.1:1\"\n";
+        assert_eq!(parse("").unwrap_err(), "/etc/ops/cluster.toml: no [[node]]: a cluster needs at least one meta node");
+        assert_eq!(parse(&format!("vnodes = 0\n{node}")).unwrap_err(), "/etc/ops/cluster.toml:1:10: vnodes must be 1-100000, got 0");
+        assert_eq!(parse(&format!("{node}{node}")).unwrap_err(), "/etc/ops/cluster.toml:5:6: duplicate node id \"m\"");
+        assert_eq!(
+            parse("[[node]]\nid = \"m\"\naddr = \"localhost\"\n").unwrap_err(),
+            "/etc/ops/cluster.toml:3:8: addr must be ip:port, got \"localhost\""
+        );
+        assert_eq!(
+            parse("[[node]]\nid = \"m\"\naddr = \"127.0.0.1:1\"\nweight = 0\n").unwrap_err(),
+            "/etc/ops/cluster.toml:4:10: weight must be 1-100, got 0"
+        );
+        assert!(parse("[[node]]\nid = \"m\"\nadr = \"x\"\n").unwrap_err().starts_with("/etc/ops/cluster.toml:3:1: unknown field `adr`"));
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cluster.toml");
+        let c = ClusterMap::load(&path).unwrap();
+        assert_eq!(c.nodes.len(), 3);
+        assert_eq!(c.ring().len(), 3);
+    }
+}

@@ -1,0 +1,21 @@
+//! `ops-config`: the contract every ops fleet binary agrees through.
+//!
+//! It owns the heartbeat wire types (byte-compatible with the Go ops-updater and ops-meta),
+//! the desired-config model read from `agents.toml` and its per-host resolution, and the
+//! cluster map read from `cluster.toml` with the consistent-hash ring built over it.
+//!
+//! It must never do network I/O, spawn tasks or depend on an async runtime: everything here is
+//! a pure function of its inputs (plus the `load` helpers that read one file), so that a relay,
+//! a meta node and an updater built from the same commit can never disagree.
+#![forbid(unsafe_code)]
+
+pub mod agents;
+pub mod cluster;
+mod hash;
+mod location;
+pub mod wire;
+
+pub use agents::{AgentSpec, Block, ClassId, Cmd, ConfigError, DesiredConfig, Override};
+pub use cluster::{ClusterError, ClusterMap, NodeSpec, Ring};
+pub use hash::content_hash;
+pub use wire::{DesiredAgent, Heartbeat, HeartbeatReply, RealAgent, WireError};
