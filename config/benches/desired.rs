@@ -25,7 +25,13 @@ fn main() {
         samples.push(start.elapsed().as_nanos() as f64 / hosts.len() as f64);
     }
     samples.sort_by(f64::total_cmp);
-    println!("desired_ref: median {:.1} ns/call (min {:.1}, max {:.1}) over 15 runs of {} hosts", samples[7], samples[0], samples[14], hosts.len());
+    println!(
+        "desired_ref: median {:.1} ns/call (min {:.1}, max {:.1}) over 15 runs of {} hosts",
+        samples[7],
+        samples[0],
+        samples[14],
+        hosts.len()
+    );
     let mut owned = Vec::new();
     for _ in 0..15 {
         let start = Instant::now();

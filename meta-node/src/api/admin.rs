@@ -1,0 +1,136 @@
+//! `GET /config/reload`, `GET /config/desired`, `GET /health`, `GET /metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::{ApiError, authorize};
+use crate::Node;
+use crate::metrics::{CONFIG_INFO, CONFIG_RELOADS};
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReloadReply<'a> {
+    node: &'a str,
+    hash: &'a str,
+    previous_hash: &'a str,
+    changed: bool,
+    file: String,
+    agents: &'a [ops_config::AgentSpec],
+}
+
+/// Seed 000's reload: on success prints the loaded config; on a bad file the old one stays.
+pub(super) async fn reload(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&node, peer, &headers)?;
+    let previous = node.desired.current();
+    let n = node.clone();
+    let result = tokio::task::spawn_blocking(move || n.desired.reload())
+        .await
+        .map_err(|e| ApiError::Internal(format!("reload task failed: {e}")))?;
+    match result {
+        Ok(loaded) => {
+            metrics::counter!(CONFIG_RELOADS, "result" => "ok").increment(1);
+            if previous.config.hash() != loaded.config.hash() {
+                metrics::gauge!(CONFIG_INFO, "hash" => previous.config.hash().to_owned()).set(0.0);
+                metrics::gauge!(CONFIG_INFO, "hash" => loaded.config.hash().to_owned()).set(1.0);
+            }
+            tracing::info!(
+                hash = loaded.config.hash(),
+                previous = previous.config.hash(),
+                agents = loaded.config.agents().len(),
+                "config reloaded"
+            );
+            let reply = ReloadReply {
+                node: &node.settings.id,
+                hash: loaded.config.hash(),
+                previous_hash: previous.config.hash(),
+                changed: previous.config.hash() != loaded.config.hash(),
+                file: node.desired.path().display().to_string(),
+                agents: loaded.config.agents(),
+            };
+            Ok(Json(reply).into_response())
+        }
+        Err(e) => {
+            metrics::counter!(CONFIG_RELOADS, "result" => "error").increment(1);
+            tracing::error!(error = %e, kept = previous.config.hash(), "config reload refused, old config kept");
+            Err(ApiError::BadRequest(format!(
+                "{e} (config {} kept)",
+                previous.config.hash()
+            )))
+        }
+    }
+}
+
+/// The config file as served, with `ETag` = its content hash.
+pub(super) async fn desired(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    let loaded = node.desired.current();
+    let etag = format!("\"{}\"", loaded.config.hash());
+    let etag_value = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\""));
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if matches {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
+    }
+    (
+        [
+            (header::ETAG, etag_value),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/toml; charset=utf-8"),
+            ),
+        ],
+        loaded.config.source().to_owned(),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Health<'a> {
+    status: &'static str,
+    id: &'a str,
+    config_hash: &'a str,
+    hosts: usize,
+    uptime_seconds: u64,
+    version: &'static str,
+}
+
+pub(super) async fn health(State(node): State<Arc<Node>>) -> Json<impl Serialize> {
+    let loaded = node.desired.current();
+    Json(serde_json::json!(Health {
+        status: "ok",
+        id: &node.settings.id,
+        config_hash: loaded.config.hash(),
+        hosts: node.store.len(),
+        uptime_seconds: node.started.elapsed().as_secs(),
+        version: env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    node.refresh_gauges();
+    let text = node
+        .prometheus
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        text,
+    )
+        .into_response()
+}

@@ -1,0 +1,99 @@
+//! HTTP surface of the meta node: one route or one concern a file. Errors become a status
+//! code plus a JSON `errorMessage` here and nowhere else.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::Node;
+
+mod admin;
+mod heartbeat;
+mod status;
+
+/// Every way a request is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "errorMessage": self.to_string() });
+        (self.status(), axum::Json(body)).into_response()
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+/// The node's routes.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/heartbeat", post(heartbeat::heartbeat))
+        .route("/status/json/{agent}", get(status::json))
+        .route("/status/text/{agent}", get(status::text))
+        .route("/status/summary/{agent}", get(status::summary))
+        .route("/status/host/{hostname}", get(status::host))
+        .route("/config/reload", get(admin::reload))
+        .route("/config/desired", get(admin::desired))
+        .route("/health", get(admin::health))
+        .route("/metrics", get(admin::metrics))
+        .fallback(not_found)
+        .with_state(node)
+}
+
+/// Loopback peers are trusted for admin calls; others must present the cluster token.
+fn authorize(
+    node: &Node,
+    peer: SocketAddr,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), ApiError> {
+    if peer.ip().is_loopback() {
+        return Ok(());
+    }
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match (&node.settings.token, presented) {
+        (Some(token), Some(p)) if constant_time_eq(token.as_bytes(), p.as_bytes()) => Ok(()),
+        (None, _) => Err(ApiError::Forbidden(
+            "admin calls come from loopback only (no cluster token configured)".into(),
+        )),
+        _ => Err(ApiError::Forbidden(
+            "missing or wrong cluster token (Authorization: Bearer ...)".into(),
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,416 @@
+//! The fleet as operators see it: each host's deployment of one agent (real against desired,
+//! with a state), and summaries over them. Pure reads of the store and the loaded config.
+//!
+//! States: `stale` (not heard from for `stale_after`) wins over `error` (the agent reported a
+//! `lastError`), which wins over `upgrading` (real version or run state differs from desired,
+//! agent absent included), else `ok`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use ops_config::{ClassId, DesiredConfig};
+use serde::Serialize;
+
+use crate::desired::Loaded;
+use crate::store::{AgentState, Host, SHARDS, Shard, Store, Sym, Symbols};
+
+/// A deployment's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Ok,
+    Upgrading,
+    Stale,
+    Error,
+}
+
+impl State {
+    pub const ALL: [State; 4] = [State::Ok, State::Upgrading, State::Stale, State::Error];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ok => "ok",
+            State::Upgrading => "upgrading",
+            State::Stale => "stale",
+            State::Error => "error",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// `started` when `./control status` said so (seed 003), else `stopped`; `absent` when the host
+/// does not report the agent at all.
+pub fn run_state(status: &str) -> &'static str {
+    if status.contains("started") {
+        "started"
+    } else {
+        "stopped"
+    }
+}
+
+/// Filters of `/status/json|text`: every given one must match.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    pub version: Option<String>,
+    /// `started`/`stopped`/`absent` match the run state; anything else the exact status text.
+    pub status: Option<String>,
+    pub prefix: Option<String>,
+    pub state: Option<State>,
+}
+
+/// What a query needs of the config for one agent, resolved once per query.
+pub struct AgentQuery<'c> {
+    pub agent: &'c str,
+    config: &'c DesiredConfig,
+    generation: u32,
+    agent_index: Option<usize>,
+    now: u32,
+    stale_after: u32,
+}
+
+/// The desired side of a deployment.
+#[derive(Debug, Clone, Copy)]
+pub struct Desired<'c> {
+    pub version: &'c str,
+    pub cmd: &'c str,
+}
+
+/// One host's deployment of the queried agent.
+pub struct Row<'a> {
+    pub hostname: &'a str,
+    pub ip: crate::store::IpText<'a>,
+    pub version: &'a str,
+    pub status: &'a str,
+    pub run_state: &'static str,
+    pub desired: Option<Desired<'a>>,
+    pub last_seen: u32,
+    pub last_error: Option<&'a str>,
+    pub state: State,
+}
+
+impl<'c> AgentQuery<'c> {
+    pub fn new(agent: &'c str, loaded: &'c Loaded, now: u32, stale_after: u32) -> Self {
+        AgentQuery {
+            agent,
+            config: &loaded.config,
+            generation: loaded.generation,
+            agent_index: loaded.config.agent_index(agent),
+            now,
+            stale_after,
+        }
+    }
+
+    fn class_of(&self, host: &Host) -> ClassId {
+        if host.generation == self.generation {
+            ClassId(u32::from(host.class))
+        } else {
+            self.config.class_of(&host.name)
+        }
+    }
+
+    /// The row of one host, or None when the host neither reports nor should run the agent.
+    pub fn row<'a>(
+        &'a self,
+        shard: &'a Shard,
+        slot: u32,
+        host: &'a Host,
+        agent_sym: Option<Sym>,
+        syms: &'a Symbols<'_>,
+    ) -> Option<Row<'a>> {
+        let pos = agent_sym.and_then(|s| host.agent(s));
+        let desired = self.agent_index.map(|i| {
+            let d = &self.config.class(self.class_of(host))[i];
+            Desired {
+                version: d.version.as_str(),
+                cmd: d.cmd.as_str(),
+            }
+        });
+        if pos.is_none() && desired.is_none() {
+            return None;
+        }
+        let real: Option<&AgentState> = pos.map(|p| &host.agents[p]);
+        let version = real.map_or("", |a| syms.resolve(a.version));
+        let status = real.map_or("", |a| syms.resolve(a.status));
+        let run_state = if real.is_some() {
+            run_state(status)
+        } else {
+            "absent"
+        };
+        let last_error = pos.and_then(|p| shard.last_error(slot, host, p));
+        let state = if self.now.saturating_sub(host.last_seen) > self.stale_after {
+            State::Stale
+        } else if last_error.is_some() {
+            State::Error
+        } else {
+            match desired {
+                Some(d)
+                    if real.is_none()
+                        || d.version != version
+                        || (d.cmd == "start") != (run_state == "started") =>
+                {
+                    State::Upgrading
+                }
+                _ => State::Ok,
+            }
+        };
+        Some(Row {
+            hostname: &host.name,
+            ip: shard.ip(slot, host),
+            version,
+            status,
+            run_state,
+            desired,
+            last_seen: host.last_seen,
+            last_error,
+            state,
+        })
+    }
+}
+
+impl Filter {
+    pub fn matches(&self, row: &Row<'_>) -> bool {
+        self.version.as_deref().is_none_or(|v| v == row.version)
+            && self.status.as_deref().is_none_or(|s| match s {
+                "started" | "stopped" | "absent" => s == row.run_state,
+                other => other == row.status,
+            })
+            && self.state.is_none_or(|s| s == row.state)
+    }
+}
+
+/// Calls `emit` with each shard's matching rows, one shard at a time; `emit` gets the rows
+/// formatted into a buffer and returns false to stop (the client went away).
+pub fn scan_rows(
+    store: &Store,
+    q: &AgentQuery<'_>,
+    filter: &Filter,
+    mut format: impl FnMut(&Row<'_>, &mut Vec<u8>),
+    mut emit: impl FnMut(Vec<u8>) -> bool,
+) -> u64 {
+    let mut count = 0;
+    let agent_sym = store.symbols().reader().get(q.agent);
+    for i in 0..SHARDS {
+        let mut buf = Vec::new();
+        {
+            let shard = store.shard(i);
+            let syms = store.symbols().reader();
+            for (slot, host) in shard.hosts() {
+                if let Some(p) = &filter.prefix
+                    && !host.name.starts_with(p.as_str())
+                {
+                    continue;
+                }
+                if let Some(row) = q.row(&shard, slot, host, agent_sym, &syms)
+                    && filter.matches(&row)
+                {
+                    format(&row, &mut buf);
+                    count += 1;
+                }
+            }
+        }
+        if !buf.is_empty() && !emit(buf) {
+            break;
+        }
+    }
+    count
+}
+
+/// One group of a summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Group {
+    pub version: String,
+    pub status: String,
+    pub state: String,
+    pub hosts: u64,
+}
+
+/// Counts of one agent's deployments across the hosts held.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub agent: String,
+    pub hosts: u64,
+    pub converged: u64,
+    pub converged_ratio: f64,
+    /// Hosts by the version (and cmd) they should run.
+    pub desired: Vec<DesiredCount>,
+    pub by_state: BTreeMap<String, u64>,
+    pub groups: Vec<Group>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DesiredCount {
+    pub version: String,
+    pub cmd: String,
+    pub hosts: u64,
+}
+
+/// Counts by version × run state × state, without resolving a string per host.
+pub fn summarize(store: &Store, q: &AgentQuery<'_>) -> Summary {
+    #[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+    struct Key {
+        version: Sym,
+        run_state: &'static str,
+        state: State,
+    }
+    let mut groups: hashbrown::HashMap<Key, u64> = hashbrown::HashMap::new();
+    let mut desired: hashbrown::HashMap<(String, String), u64> = hashbrown::HashMap::new();
+    let mut desired_by_class: Vec<u64> = vec![0; q.config.class_count()];
+    let agent_sym = store.symbols().reader().get(q.agent);
+    for i in 0..SHARDS {
+        let shard = store.shard(i);
+        let syms = store.symbols().reader();
+        for (slot, host) in shard.hosts() {
+            if let Some(row) = q.row(&shard, slot, host, agent_sym, &syms) {
+                let version = agent_sym
+                    .and_then(|s| host.agent(s))
+                    .map_or(Sym::EMPTY, |p| host.agents[p].version);
+                *groups
+                    .entry(Key {
+                        version,
+                        run_state: row.run_state,
+                        state: row.state,
+                    })
+                    .or_default() += 1;
+                if row.desired.is_some() {
+                    desired_by_class[q.class_of(host).0 as usize] += 1;
+                }
+            }
+        }
+    }
+    if let Some(ai) = q.agent_index {
+        for (c, n) in desired_by_class.iter().enumerate() {
+            if *n > 0 {
+                let d = &q.config.class(ClassId(c as u32))[ai];
+                *desired
+                    .entry((d.version.clone(), d.cmd.clone()))
+                    .or_default() += n;
+            }
+        }
+    }
+    let syms = store.symbols().reader();
+    let mut by_state: BTreeMap<String, u64> = State::ALL
+        .iter()
+        .map(|s| (s.as_str().to_owned(), 0))
+        .collect();
+    let mut out: Vec<Group> = groups
+        .into_iter()
+        .map(|(k, n)| {
+            *by_state.entry(k.state.as_str().to_owned()).or_default() += n;
+            Group {
+                version: syms.resolve(k.version).to_owned(),
+                status: k.run_state.to_owned(),
+                state: k.state.as_str().to_owned(),
+                hosts: n,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.version, &a.status, &a.state).cmp(&(&b.version, &b.status, &b.state)));
+    let hosts: u64 = by_state.values().sum();
+    let converged = by_state.get("ok").copied().unwrap_or(0);
+    let mut desired: Vec<DesiredCount> = desired
+        .into_iter()
+        .map(|((version, cmd), hosts)| DesiredCount {
+            version,
+            cmd,
+            hosts,
+        })
+        .collect();
+    desired.sort_by(|a, b| {
+        b.hosts
+            .cmp(&a.hosts)
+            .then_with(|| a.version.cmp(&b.version))
+    });
+    Summary {
+        agent: q.agent.to_owned(),
+        hosts,
+        converged,
+        converged_ratio: if hosts == 0 {
+            1.0
+        } else {
+            converged as f64 / hosts as f64
+        },
+        desired,
+        by_state,
+        groups: out,
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RowJson<'a> {
+    hostname: &'a str,
+    ip: String,
+    version: &'a str,
+    status: &'a str,
+    desired_version: &'a str,
+    desired_cmd: &'a str,
+    last_seen: u32,
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<&'a str>,
+}
+
+/// Appends a row as one JSON object (a comma before it unless `first`).
+pub fn write_json_row(row: &Row<'_>, first: bool, buf: &mut Vec<u8>) {
+    if !first {
+        buf.push(b',');
+    }
+    let r = RowJson {
+        hostname: row.hostname,
+        ip: row.ip.to_string(),
+        version: row.version,
+        status: row.status,
+        desired_version: row.desired.map_or("", |d| d.version),
+        desired_cmd: row.desired.map_or("", |d| d.cmd),
+        last_seen: row.last_seen,
+        state: row.state.as_str(),
+        last_error: row.last_error,
+    };
+    // Writing into a Vec cannot fail, and the row has no map with non-string keys.
+    let _ = serde_json::to_writer(&mut *buf, &r);
+}
+
+/// The header line of the text listing.
+pub const TEXT_HEADER: &str =
+    "#hostname\tip\tversion\tstatus\tdesired\tstate\tlast_seen\tlast_error\n";
+
+fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.replace(char::is_control, " ").into()
+    } else {
+        s.into()
+    }
+}
+
+/// Appends a row as one tab-separated line.
+pub fn write_text_row(row: &Row<'_>, buf: &mut Vec<u8>) {
+    let status = if row.status.is_empty() {
+        row.run_state
+    } else {
+        row.status
+    };
+    let _ = writeln!(
+        buf,
+        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+        row.hostname,
+        if matches!(row.ip, crate::store::IpText::Str("")) {
+            "-".to_string()
+        } else {
+            row.ip.to_string()
+        },
+        if row.version.is_empty() {
+            "-"
+        } else {
+            row.version
+        },
+        clean(status),
+        row.desired.map_or("-", |d| d.version),
+        row.state.as_str(),
+        row.last_seen,
+        clean(row.last_error.unwrap_or("-")),
+    );
+}

@@ -1,0 +1,265 @@
+//! The ops fleet meta node.
+//!
+//! It owns the real state of the hosts the ring gives it (every host when standalone), serves
+//! the desired config and its heartbeat replies, and answers fleet status. It must never
+//! block the heartbeat path on disk or on another node, never hold a lock across an await, and
+//! never serve a config that failed validation: a bad file on reload changes nothing.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod desired;
+pub mod fleet;
+pub mod metrics;
+pub mod snapshot;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use ops_config::{ClusterMap, DesiredConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::desired::Desired;
+use crate::store::Store;
+
+/// Everything a node is told at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub id: String,
+    pub agents_path: PathBuf,
+    pub data_dir: PathBuf,
+    /// A host not heard from for this long shows as `stale`.
+    pub stale_after_seconds: u32,
+    /// A host not heard from for this long is dropped.
+    pub forget_after_seconds: u32,
+    pub snapshot_interval: Duration,
+    /// How often stale hosts are counted and forgotten ones dropped.
+    pub sweep_interval: Duration,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub shutdown_grace: Duration,
+    /// Shared secret of internal and remote admin calls.
+    pub token: Option<String>,
+    pub cluster: Option<ClusterMap>,
+}
+
+impl Settings {
+    /// Defaults of a standalone node with its config at `agents_path`.
+    pub fn standalone(agents_path: PathBuf, data_dir: PathBuf) -> Self {
+        Settings {
+            id: "meta-1".into(),
+            agents_path,
+            data_dir,
+            stale_after_seconds: 900,
+            forget_after_seconds: 7 * 24 * 3600,
+            snapshot_interval: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+            token: None,
+            cluster: None,
+        }
+    }
+}
+
+/// Metric handles of the heartbeat path, registered once (no registry look-up per request).
+pub struct HotMetrics {
+    pub heartbeats_ok: ::metrics::Counter,
+    pub heartbeats_bad: ::metrics::Counter,
+    pub heartbeats_too_large: ::metrics::Counter,
+    pub heartbeat_seconds: ::metrics::Histogram,
+}
+
+impl HotMetrics {
+    fn register() -> Self {
+        use crate::metrics::{HEARTBEAT_DURATION, HEARTBEATS};
+        HotMetrics {
+            heartbeats_ok: ::metrics::counter!(HEARTBEATS, "result" => "ok"),
+            heartbeats_bad: ::metrics::counter!(HEARTBEATS, "result" => "bad_request"),
+            heartbeats_too_large: ::metrics::counter!(HEARTBEATS, "result" => "too_large"),
+            heartbeat_seconds: ::metrics::histogram!(HEARTBEAT_DURATION),
+        }
+    }
+}
+
+/// A running node's shared state.
+pub struct Node {
+    pub settings: Settings,
+    pub store: Store,
+    pub desired: Desired,
+    pub started: Instant,
+    pub prometheus: Option<PrometheusHandle>,
+    pub hot: HotMetrics,
+}
+
+/// Server time in unix seconds (fits u32 until 2106).
+pub fn unix_now() -> u32 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+impl Node {
+    pub fn new(
+        settings: Settings,
+        config: DesiredConfig,
+        prometheus: Option<PrometheusHandle>,
+    ) -> Self {
+        let path = settings.agents_path.clone();
+        Node {
+            settings,
+            store: Store::new(),
+            desired: Desired::new(config, path),
+            started: Instant::now(),
+            prometheus,
+            hot: HotMetrics::register(),
+        }
+    }
+
+    /// Gauges that are cheap to read at scrape time.
+    pub fn refresh_gauges(&self) {
+        ::metrics::gauge!(crate::metrics::HOSTS).set(self.store.len() as f64);
+        ::metrics::gauge!(crate::metrics::INTERNED_STRINGS).set(self.store.symbols().len() as f64);
+    }
+
+    /// Drops forgotten hosts and counts stale ones. Blocking.
+    fn sweep(&self) {
+        let now = unix_now();
+        let forgotten = self
+            .store
+            .forget_before(now.saturating_sub(self.settings.forget_after_seconds));
+        if forgotten > 0 {
+            ::metrics::counter!(crate::metrics::HOSTS_FORGOTTEN).increment(forgotten as u64);
+            tracing::info!(forgotten, "dropped hosts not heard from for forget_after");
+        }
+        let cutoff = now.saturating_sub(self.settings.stale_after_seconds);
+        let stale: usize = (0..store::SHARDS)
+            .map(|i| {
+                self.store
+                    .shard(i)
+                    .hosts()
+                    .filter(|(_, h)| h.last_seen < cutoff)
+                    .count()
+            })
+            .sum();
+        ::metrics::gauge!(crate::metrics::HOSTS_STALE).set(stale as f64);
+        self.refresh_gauges();
+    }
+
+    /// Writes a snapshot, logging and counting the outcome. Blocking.
+    pub fn snapshot(&self) {
+        let started = Instant::now();
+        match snapshot::write(&self.store, &self.settings.data_dir) {
+            Ok(w) => {
+                let secs = started.elapsed().as_secs_f64();
+                ::metrics::counter!(crate::metrics::SNAPSHOTS, "result" => "ok").increment(1);
+                ::metrics::histogram!(crate::metrics::SNAPSHOT_DURATION).record(secs);
+                ::metrics::gauge!(crate::metrics::SNAPSHOT_BYTES).set(w.bytes as f64);
+                tracing::debug!(hosts = w.hosts, bytes = w.bytes, secs, "snapshot written");
+            }
+            Err(error) => {
+                ::metrics::counter!(crate::metrics::SNAPSHOTS, "result" => "error").increment(1);
+                tracing::error!(%error, "snapshot failed");
+            }
+        }
+    }
+
+    /// Loads the snapshot of the data dir; a damaged one is moved aside and the node starts
+    /// empty (real state is soft: the next sweep of heartbeats refills it).
+    pub fn restore(&self) {
+        let dir = &self.settings.data_dir;
+        match snapshot::load(&self.store, dir) {
+            Ok(hosts) => tracing::info!(hosts, dir = %dir.display(), "snapshot loaded"),
+            Err(error) => {
+                let moved = snapshot::quarantine(dir, unix_now());
+                tracing::error!(%error, moved_to = ?moved, "snapshot unreadable, starting empty");
+            }
+        }
+    }
+}
+
+async fn every(period: Duration, token: CancellationToken, mut f: impl FnMut()) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => f(),
+        }
+    }
+}
+
+/// Serves `node` on `listener` until `shutdown` is cancelled, then drains requests (up to the
+/// grace period) and writes a last snapshot.
+pub async fn run(
+    node: Arc<Node>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tracker = TaskTracker::new();
+    let background = shutdown.child_token();
+
+    {
+        let n = node.clone();
+        tracker.spawn(every(
+            node.settings.snapshot_interval,
+            background.clone(),
+            move || {
+                let n = n.clone();
+                // Off the runtime: a snapshot of a million hosts takes a moment of disk I/O.
+                drop(tokio::task::spawn_blocking(move || n.snapshot()));
+            },
+        ));
+        let n = node.clone();
+        tracker.spawn(every(
+            node.settings.sweep_interval,
+            background.clone(),
+            move || {
+                let n = n.clone();
+                drop(tokio::task::spawn_blocking(move || n.sweep()));
+            },
+        ));
+        if let Some(handle) = node.prometheus.clone() {
+            tracker.spawn(every(
+                Duration::from_secs(5),
+                background.clone(),
+                move || handle.run_upkeep(),
+            ));
+        }
+    }
+
+    let app =
+        api::router(node.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let serve_token = shutdown.clone();
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { serve_token.cancelled().await });
+    let server = tokio::spawn(async move { server.await });
+
+    shutdown.cancelled().await;
+    tracker.close();
+    match tokio::time::timeout(node.settings.shutdown_grace, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::error!(%error, "server error"),
+        Ok(Err(error)) => tracing::error!(%error, "server task failed"),
+        Err(_) => {
+            tracing::warn!(grace = ?node.settings.shutdown_grace, "requests still in flight after the grace period; stopping anyway")
+        }
+    }
+    if tokio::time::timeout(node.settings.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within the grace period");
+    }
+    let n = node.clone();
+    tokio::task::spawn_blocking(move || n.snapshot()).await?;
+    tracing::info!(
+        hosts = node.store.len(),
+        "snapshot written on shutdown, stopped"
+    );
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! `meta-node`: parse flags, load and validate config (exit 64 when bad, before binding),
+//! set up logging and metrics, bind, run until SIGINT/SIGTERM; SIGHUP reloads the config.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use meta_node::{Node, Settings};
+use ops_config::{ClusterMap, DesiredConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Exit status for a bad config or flag (EX_USAGE... EX_CONFIG is 78; we follow linkerd: 64).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "meta-node",
+    version,
+    about = "ops fleet meta node: real state of the fleet, desired config, status"
+)]
+struct Cli {
+    /// Node id; must be listed in --cluster when given.
+    #[arg(long)]
+    id: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:2000")]
+    listen: String,
+    /// Desired config. Default: config/agents.toml, else config/examples/agents.toml.
+    #[arg(long)]
+    agents: Option<PathBuf>,
+    /// Cluster map (relays and meta nodes share it). Without it the node owns every host.
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// Where snapshots of real state are written.
+    #[arg(long, default_value = "data/meta-node")]
+    data_dir: PathBuf,
+    /// A host not heard from for this long shows as stale (default: 3 x the 300 s interval).
+    #[arg(long, default_value_t = 900)]
+    stale_after_seconds: u32,
+    /// A host not heard from for this long is dropped (default: 7 days).
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    forget_after_seconds: u32,
+    /// Seconds between snapshots.
+    #[arg(long, default_value_t = 60)]
+    snapshot_interval_seconds: u64,
+    /// Seconds between sweeps for stale and forgotten hosts.
+    #[arg(long, default_value_t = 30)]
+    sweep_interval_seconds: u64,
+    /// Seconds in-flight requests get to finish on shutdown.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace_seconds: u64,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn default_agents() -> PathBuf {
+    let main = Path::new("config/agents.toml");
+    if main.exists() {
+        main.to_path_buf()
+    } else {
+        PathBuf::from("config/examples/agents.toml")
+    }
+}
+
+fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig), String> {
+    let agents_path = cli.agents.clone().unwrap_or_else(default_agents);
+    let config = DesiredConfig::load(&agents_path).map_err(|e| e.to_string())?;
+    let mut s = Settings::standalone(agents_path, cli.data_dir.clone());
+    if let Some(path) = &cli.cluster {
+        let cluster = ClusterMap::load(path).map_err(|e| e.to_string())?;
+        let id = cli.id.clone().ok_or_else(|| {
+            format!(
+                "--cluster {} needs --id (one of the [[node]] ids)",
+                path.display()
+            )
+        })?;
+        if cluster.index_of(&id).is_none() {
+            let ids: Vec<&str> = cluster.nodes.iter().map(|n| n.id.as_str()).collect();
+            return Err(format!(
+                "{}: no [[node]] with id {id:?} (have {})",
+                path.display(),
+                ids.join(", ")
+            ));
+        }
+        s.token = cluster.read_token().map_err(|e| e.to_string())?;
+        s.id = id;
+        s.cluster = Some(cluster);
+    } else if let Some(id) = &cli.id {
+        s.id = id.clone();
+    }
+    if cli.stale_after_seconds == 0 || cli.forget_after_seconds <= cli.stale_after_seconds {
+        return Err("--stale-after-seconds must be > 0 and < --forget-after-seconds".into());
+    }
+    if cli.snapshot_interval_seconds == 0 || cli.sweep_interval_seconds == 0 {
+        return Err("--snapshot-interval-seconds and --sweep-interval-seconds must be > 0".into());
+    }
+    s.stale_after_seconds = cli.stale_after_seconds;
+    s.forget_after_seconds = cli.forget_after_seconds;
+    s.snapshot_interval = Duration::from_secs(cli.snapshot_interval_seconds);
+    s.sweep_interval = Duration::from_secs(cli.sweep_interval_seconds);
+    s.shutdown_grace = Duration::from_secs(cli.shutdown_grace_seconds);
+    Ok((s, config))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let (settings, config) = match settings(&cli) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("meta-node: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meta-node: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cli.listen, settings, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meta-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(listen: String, settings: Settings, config: DesiredConfig) -> anyhow::Result<()> {
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            meta_node::metrics::LATENCY_BUCKETS,
+        )?
+        .install_recorder()?;
+    meta_node::metrics::describe();
+    ::metrics::gauge!(meta_node::metrics::CONFIG_INFO, "hash" => config.hash().to_owned()).set(1.0);
+
+    let node = Arc::new(Node::new(settings, config, Some(prometheus)));
+    let n = node.clone();
+    tokio::task::spawn_blocking(move || n.restore()).await?;
+
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        id = %node.settings.id,
+        config = %node.desired.path().display(),
+        hash = node.desired.current().config.hash(),
+        hosts = node.store.len(),
+        "meta node listening"
+    );
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone(), node.clone()));
+    meta_node::run(node, listener, shutdown).await
+}
+
+async fn signals(shutdown: CancellationToken, node: Arc<Node>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                let n = node.clone();
+                match tokio::task::spawn_blocking(move || n.desired.reload()).await {
+                    Ok(Ok(l)) => tracing::info!(hash = l.config.hash(), "config reloaded on SIGHUP"),
+                    Ok(Err(error)) => tracing::error!(%error, "config reload on SIGHUP refused, old config kept"),
+                    Err(error) => tracing::error!(%error, "reload task failed"),
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

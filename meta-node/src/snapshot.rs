@@ -1,0 +1,433 @@
+//! Snapshots of the real-state store on disk, so a restarted node still shows hosts that
+//! stopped reporting.
+//!
+//! Format (little endian), written shard by shard without stopping heartbeats:
+//! `OPSSNAP1`, then host records, a zero byte, then the symbol table (taken after the hosts,
+//! so it holds every symbol they name: the interner only grows), then a trailer of the symbol
+//! table's offset (u64) and a CRC-32 of everything before the CRC. Written to a temporary
+//! file, synced and renamed over the last one: a crash leaves the old snapshot or the new one,
+//! never a mix. A file that fails its checks is moved aside and the node starts empty.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use compact_str::CompactString;
+
+use crate::store::{AgentState, Host, HostRecord, IpKind, SHARDS, Store, Sym};
+
+const MAGIC: &[u8; 8] = b"OPSSNAP1";
+const FILE_NAME: &str = "state.snap";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("snapshot {path}: {what}")]
+    Corrupt { path: PathBuf, what: &'static str },
+}
+
+/// Path of the snapshot in a data dir.
+pub fn path_in(data_dir: &Path) -> PathBuf {
+    data_dir.join(FILE_NAME)
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy)]
+pub struct Written {
+    pub hosts: usize,
+    pub bytes: u64,
+}
+
+struct CrcWriter<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+    written: u64,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &str, width: usize) {
+    match width {
+        1 => buf.push(s.len() as u8),
+        2 => buf.extend_from_slice(&(s.len() as u16).to_le_bytes()),
+        _ => buf.extend_from_slice(&(s.len() as u32).to_le_bytes()),
+    }
+    buf.extend_from_slice(s.as_bytes());
+}
+
+fn encode_shard(store: &Store, i: usize, buf: &mut Vec<u8>) -> usize {
+    let shard = store.shard(i);
+    let mut n = 0;
+    for (slot, h) in shard.hosts() {
+        put_str(buf, &h.name, 1);
+        buf.push(h.ip_kind as u8);
+        match shard.ip(slot, h) {
+            crate::store::IpText::V4(_) => buf.extend_from_slice(&h.ip.to_le_bytes()),
+            crate::store::IpText::Str(s) if h.ip_kind == IpKind::Other => put_str(buf, s, 2),
+            crate::store::IpText::Str(_) => {}
+        }
+        for v in [h.last_seen, h.run_user.0, h.updater_version.0] {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        buf.push(h.agents.len() as u8);
+        for a in h.agents.iter() {
+            for v in [
+                a.name.0,
+                a.version.0,
+                a.status.0,
+                a.run_user.0,
+                a.work_dir.0,
+                a.timestamp,
+            ] {
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let errors: Vec<(usize, &str)> = (0..h.agents.len())
+            .filter_map(|i| shard.last_error(slot, h, i).map(|e| (i, e)))
+            .collect();
+        buf.push(errors.len() as u8);
+        for (i, e) in errors {
+            buf.push(i as u8);
+            put_str(buf, e, 2);
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Writes the store to `{data_dir}/state.snap` atomically. Blocking: run it off the runtime.
+pub fn write(store: &Store, data_dir: &Path) -> Result<Written, SnapshotError> {
+    let path = path_in(data_dir);
+    let tmp = data_dir.join(format!("{FILE_NAME}.tmp"));
+    let io_err = |source| SnapshotError::Io {
+        path: tmp.clone(),
+        source,
+    };
+    fs::create_dir_all(data_dir).map_err(io_err)?;
+    let file = File::create(&tmp).map_err(io_err)?;
+    let mut w = CrcWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        crc: crc32fast::Hasher::new(),
+        written: 0,
+    };
+    w.write_all(MAGIC).map_err(io_err)?;
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut hosts = 0;
+    for i in 0..SHARDS {
+        buf.clear();
+        hosts += encode_shard(store, i, &mut buf);
+        w.write_all(&buf).map_err(io_err)?;
+    }
+    w.write_all(&[0]).map_err(io_err)?;
+    let sym_offset = w.written;
+    buf.clear();
+    {
+        let syms = store.symbols().reader();
+        let count = store.symbols().len();
+        buf.extend_from_slice(&(count as u32).to_le_bytes());
+        for i in 0..count {
+            put_str(&mut buf, syms.resolve(Sym(i as u32)), 4);
+        }
+    }
+    buf.extend_from_slice(&sym_offset.to_le_bytes());
+    w.write_all(&buf).map_err(io_err)?;
+    let crc = w.crc.clone().finalize();
+    let mut inner = w.inner;
+    inner.write_all(&crc.to_le_bytes()).map_err(io_err)?;
+    let file = inner.into_inner().map_err(|e| io_err(e.into_error()))?;
+    file.sync_all().map_err(io_err)?;
+    let bytes = file.metadata().map_err(io_err)?.len();
+    drop(file);
+    fs::rename(&tmp, &path).map_err(|source| SnapshotError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    if let Ok(dir) = File::open(data_dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(Written { hosts, bytes })
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn str(&mut self, len: usize) -> Option<&'a str> {
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+}
+
+/// Loads `{data_dir}/state.snap` into `store`; returns the hosts loaded (0 with no file).
+pub fn load(store: &Store, data_dir: &Path) -> Result<usize, SnapshotError> {
+    let path = path_in(data_dir);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => return Err(SnapshotError::Io { path, source }),
+    };
+    let corrupt = |what| SnapshotError::Corrupt {
+        path: path.clone(),
+        what,
+    };
+    if bytes.len() < MAGIC.len() + 12 || &bytes[..8] != MAGIC {
+        return Err(corrupt("not a snapshot (bad magic)"));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+        return Err(corrupt("checksum mismatch (truncated or damaged)"));
+    }
+    let (body, offset) = body.split_at(body.len() - 8);
+    let sym_offset =
+        u64::from_le_bytes(offset.try_into().map_err(|_| corrupt("bad trailer"))?) as usize;
+
+    let mut r = Reader {
+        buf: body,
+        pos: sym_offset,
+    };
+    let count = r.u32().ok_or_else(|| corrupt("bad symbol table"))? as usize;
+    let mut syms = Vec::with_capacity(count.min(1 << 24));
+    for _ in 0..count {
+        let len = r.u32().ok_or_else(|| corrupt("bad symbol"))? as usize;
+        let s = r.str(len).ok_or_else(|| corrupt("bad symbol"))?;
+        syms.push(store.symbols().intern(s));
+    }
+    let map = |old: u32| {
+        syms.get(old as usize)
+            .copied()
+            .ok_or_else(|| corrupt("unknown symbol"))
+    };
+
+    let mut r = Reader {
+        buf: &body[..sym_offset.min(body.len())],
+        pos: MAGIC.len(),
+    };
+    let mut loaded = 0;
+    let bad = || corrupt("bad host record");
+    loop {
+        let name_len = r.u8().ok_or_else(bad)? as usize;
+        if name_len == 0 {
+            break;
+        }
+        let name = r.str(name_len).ok_or_else(bad)?;
+        let ip_kind = r.u8().ok_or_else(bad)?;
+        let (ip_kind, ip, other_ip) = match ip_kind {
+            0 => (IpKind::None, 0, None),
+            1 => (IpKind::V4, r.u32().ok_or_else(bad)?, None),
+            2 => {
+                let len = r.u16().ok_or_else(bad)? as usize;
+                (
+                    IpKind::Other,
+                    0,
+                    Some(Box::from(r.str(len).ok_or_else(bad)?)),
+                )
+            }
+            _ => return Err(bad()),
+        };
+        let last_seen = r.u32().ok_or_else(bad)?;
+        let run_user = map(r.u32().ok_or_else(bad)?)?;
+        let updater_version = map(r.u32().ok_or_else(bad)?)?;
+        let n = r.u8().ok_or_else(bad)? as usize;
+        let mut agents = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut v = [0u32; 6];
+            for x in &mut v {
+                *x = r.u32().ok_or_else(bad)?;
+            }
+            agents.push(AgentState {
+                name: map(v[0])?,
+                version: map(v[1])?,
+                status: map(v[2])?,
+                run_user: map(v[3])?,
+                work_dir: map(v[4])?,
+                timestamp: v[5],
+            });
+        }
+        let nerr = r.u8().ok_or_else(bad)? as usize;
+        let mut errors = Vec::with_capacity(nerr);
+        let mut err_mask = 0u64;
+        for _ in 0..nerr {
+            let i = r.u8().ok_or_else(bad)?;
+            let len = r.u16().ok_or_else(bad)? as usize;
+            let e = r.str(len).ok_or_else(bad)?;
+            if usize::from(i) < n {
+                err_mask |= 1 << i;
+                errors.push((i, Box::from(e)));
+            }
+        }
+        let host = Host {
+            name: CompactString::from(name),
+            agents: agents.into(),
+            err_mask,
+            ip,
+            last_seen,
+            run_user,
+            updater_version,
+            // 0 is no config generation: the class is resolved again on first use.
+            generation: 0,
+            class: 0,
+            ip_kind,
+        };
+        store.put(HostRecord {
+            host,
+            errors,
+            other_ip,
+        });
+        loaded += 1;
+    }
+    Ok(loaded)
+}
+
+/// Moves a snapshot that failed to load aside, so it is kept for a person to look at and the
+/// next write does not overwrite it.
+pub fn quarantine(data_dir: &Path, now: u32) -> io::Result<PathBuf> {
+    let to = data_dir.join(format!("{FILE_NAME}.corrupt-{now}"));
+    fs::rename(path_in(data_dir), &to)?;
+    Ok(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ops_config::{ClassId, Heartbeat};
+
+    fn fill(store: &Store, n: usize) {
+        for i in 0..n {
+            let ip = if i % 10 == 0 {
+                format!("fe80::{i:x}")
+            } else {
+                format!("10.0.{}.{}", i / 256 % 256, i % 256)
+            };
+            let err = if i % 7 == 0 {
+                r#","lastError":"md5 mismatch""#
+            } else {
+                ""
+            };
+            let body = format!(
+                r#"{{"hostname":"host-{i}","ip":"{ip}","runUser":"root","updaterVersion":"0.1.0","realAgents":[{{"name":"falcon-agent","version":"5.1.{v}","status":"started","timestamp":{i},"runUser":"falcon","workDir":"/home/falcon"{err}}},{{"name":"b","version":"1"}}]}}"#,
+                v = i % 3
+            );
+            store.upsert(
+                &Heartbeat::parse(body.as_bytes()).unwrap(),
+                1000 + i as u32,
+                ClassId(0),
+                1,
+            );
+        }
+    }
+
+    fn dump(store: &Store) -> Vec<String> {
+        let syms = store.symbols().reader();
+        let mut out = Vec::new();
+        for i in 0..SHARDS {
+            let shard = store.shard(i);
+            for (slot, h) in shard.hosts() {
+                let agents: Vec<String> = h
+                    .agents
+                    .iter()
+                    .enumerate()
+                    .map(|(ai, a)| {
+                        format!(
+                            "{}={}/{}/{}/{}/{}/{:?}",
+                            syms.resolve(a.name),
+                            syms.resolve(a.version),
+                            syms.resolve(a.status),
+                            syms.resolve(a.run_user),
+                            syms.resolve(a.work_dir),
+                            a.timestamp,
+                            shard.last_error(slot, h, ai)
+                        )
+                    })
+                    .collect();
+                out.push(format!(
+                    "{} {} {} {} {} {}",
+                    h.name,
+                    shard.ip(slot, h),
+                    h.last_seen,
+                    syms.resolve(h.run_user),
+                    syms.resolve(h.updater_version),
+                    agents.join(",")
+                ));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn round_trip_keeps_every_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new();
+        fill(&store, 3000);
+        let w = write(&store, dir.path()).unwrap();
+        assert_eq!(w.hosts, 3000);
+        let again = Store::new();
+        again.symbols().intern("something else first");
+        assert_eq!(load(&again, dir.path()).unwrap(), 3000);
+        assert_eq!(again.len(), 3000);
+        assert_eq!(dump(&again), dump(&store));
+        assert!(!dir.path().join("state.snap.tmp").exists());
+    }
+
+    #[test]
+    fn no_file_is_an_empty_store() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(&Store::new(), dir.path()).unwrap(), 0);
+    }
+
+    #[test]
+    fn damaged_files_are_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new();
+        fill(&store, 200);
+        write(&store, dir.path()).unwrap();
+        let path = path_in(dir.path());
+        let good = fs::read(&path).unwrap();
+        for (what, bytes) in [
+            ("truncated", good[..good.len() / 2].to_vec()),
+            ("flipped", {
+                let mut b = good.clone();
+                b[100] ^= 0x55;
+                b
+            }),
+            ("garbage", b"hello world, not a snapshot".to_vec()),
+            ("empty", Vec::new()),
+        ] {
+            fs::write(&path, &bytes).unwrap();
+            let fresh = Store::new();
+            let e = load(&fresh, dir.path()).unwrap_err();
+            assert!(matches!(e, SnapshotError::Corrupt { .. }), "{what}: {e}");
+            assert_eq!(fresh.len(), 0, "{what}: nothing half-loaded");
+        }
+        let moved = quarantine(dir.path(), 42).unwrap();
+        assert!(moved.ends_with("state.snap.corrupt-42") && moved.exists() && !path.exists());
+    }
+}

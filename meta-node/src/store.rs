@@ -1,0 +1,629 @@
+//! The real state of the hosts this node owns: soft state, each report superseding the last.
+//!
+//! Laid out to stay lean at a million hosts: 256 shards, each a `Mutex` over a slot vector and
+//! a `HashTable` of slot indexes (4 bytes an entry, the hostname lives once, inline in the
+//! slot when ≤ 24 bytes). Everything that repeats across hosts (agent names, versions, status
+//! texts, users, directories) is interned into a 4-byte [`Sym`]. Free text that does not
+//! repeat (`lastError`, a non-IPv4 address) lives in per-shard side tables that are empty in a
+//! healthy fleet. A lock is held only to copy one host's state in or out, never across an
+//! await.
+
+use std::hash::BuildHasher;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use compact_str::CompactString;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+use ops_config::wire::MAX_AGENTS_PER_HOST;
+use ops_config::{ClassId, Heartbeat};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+/// Number of shards. A power of two; shard = bits 32..40 of the hostname hash, which neither
+/// the table's bucket index (low bits) nor its tag (top 7 bits) uses.
+pub const SHARDS: usize = 256;
+
+/// An interned string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Sym(pub(crate) u32);
+
+impl Sym {
+    /// The empty string, interned at index 0 by every interner.
+    pub const EMPTY: Sym = Sym(0);
+}
+
+#[derive(Default)]
+struct InternerInner {
+    map: HashMap<Arc<str>, Sym>,
+    strings: Vec<Arc<str>>,
+}
+
+/// Append-only string interner. Reads take a shared lock once per heartbeat or per scanned
+/// shard; a write happens only for a string never seen before.
+pub struct Interner {
+    inner: RwLock<InternerInner>,
+}
+
+impl Default for Interner {
+    fn default() -> Self {
+        let interner = Interner {
+            inner: RwLock::new(InternerInner::default()),
+        };
+        interner.intern("");
+        interner
+    }
+}
+
+impl Interner {
+    pub fn intern(&self, s: &str) -> Sym {
+        if let Some(&sym) = self.inner.read().map.get(s) {
+            return sym;
+        }
+        let mut w = self.inner.write();
+        if let Some(&sym) = w.map.get(s) {
+            return sym;
+        }
+        let sym = Sym(u32::try_from(w.strings.len()).expect("fewer than 2^32 distinct strings"));
+        let s: Arc<str> = Arc::from(s);
+        w.strings.push(s.clone());
+        w.map.insert(s, sym);
+        sym
+    }
+
+    /// A shared view for resolving many symbols at once.
+    pub fn reader(&self) -> Symbols<'_> {
+        Symbols {
+            guard: self.inner.read(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().strings.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Looks up many strings under one shared lock, interning the missing ones.
+    fn lookup(&self) -> Lookup<'_> {
+        Lookup {
+            interner: self,
+            guard: Some(self.inner.read()),
+        }
+    }
+}
+
+/// Resolves symbols while holding the interner's shared lock.
+pub struct Symbols<'a> {
+    guard: RwLockReadGuard<'a, InternerInner>,
+}
+
+impl Symbols<'_> {
+    pub fn resolve(&self, sym: Sym) -> &str {
+        self.guard.strings.get(sym.0 as usize).map_or("", |s| s)
+    }
+
+    pub fn get(&self, s: &str) -> Option<Sym> {
+        self.guard.map.get(s).copied()
+    }
+}
+
+struct Lookup<'a> {
+    interner: &'a Interner,
+    guard: Option<RwLockReadGuard<'a, InternerInner>>,
+}
+
+impl Lookup<'_> {
+    fn sym(&mut self, s: &str) -> Sym {
+        if s.is_empty() {
+            return Sym::EMPTY;
+        }
+        if let Some(&sym) = self.guard.as_ref().and_then(|g| g.map.get(s)) {
+            return sym;
+        }
+        self.guard = None;
+        let sym = self.interner.intern(s);
+        self.guard = Some(self.interner.inner.read());
+        sym
+    }
+}
+
+/// One agent's last reported state on one host: 24 bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentState {
+    pub name: Sym,
+    pub version: Sym,
+    pub status: Sym,
+    pub run_user: Sym,
+    pub work_dir: Sym,
+    /// The updater's timestamp for this agent (unix seconds, clamped to u32).
+    pub timestamp: u32,
+}
+
+/// How a host's `ip` field was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum IpKind {
+    None = 0,
+    V4 = 1,
+    /// Anything else (IPv6, a name): kept as text in the shard's side table.
+    Other = 2,
+}
+
+/// One host's last report. An empty `name` marks a free slot.
+#[derive(Debug)]
+pub struct Host {
+    pub name: CompactString,
+    pub agents: Box<[AgentState]>,
+    /// Bit i set: `agents[i]` reported a `lastError` (text in the shard's side table).
+    pub err_mask: u64,
+    pub ip: u32,
+    /// Server time of the last report, unix seconds.
+    pub last_seen: u32,
+    pub run_user: Sym,
+    pub updater_version: Sym,
+    /// Config generation `class` was resolved under.
+    pub generation: u32,
+    pub class: u16,
+    pub ip_kind: IpKind,
+}
+
+/// A slice of the store behind one lock.
+#[derive(Default)]
+pub struct Shard {
+    index: HashTable<u32>,
+    hosts: Vec<Host>,
+    free: Vec<u32>,
+    errors: HashMap<(u32, u8), Box<str>>,
+    other_ips: HashMap<u32, Box<str>>,
+}
+
+impl Shard {
+    /// Live hosts with their slot numbers.
+    pub fn hosts(&self) -> impl Iterator<Item = (u32, &Host)> {
+        self.hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| !h.name.is_empty())
+            .map(|(i, h)| (i as u32, h))
+    }
+
+    /// The `lastError` an agent (by position) of the host in `slot` reported, if any.
+    pub fn last_error(&self, slot: u32, host: &Host, agent: usize) -> Option<&str> {
+        if host.err_mask & (1 << agent) == 0 {
+            return None;
+        }
+        self.errors.get(&(slot, agent as u8)).map(|s| &**s)
+    }
+
+    /// The host's `ip` field as reported.
+    pub fn ip(&self, slot: u32, host: &Host) -> IpText<'_> {
+        match host.ip_kind {
+            IpKind::None => IpText::Str(""),
+            IpKind::V4 => IpText::V4(Ipv4Addr::from(host.ip)),
+            IpKind::Other => IpText::Str(self.other_ips.get(&slot).map_or("", |s| s)),
+        }
+    }
+
+    fn find(&self, hash: u64, name: &str) -> Option<u32> {
+        self.index
+            .find(hash, |&slot| self.hosts[slot as usize].name == name)
+            .copied()
+    }
+
+    fn remove_slot(&mut self, slot: u32, hasher: &DefaultHashBuilder) {
+        let host = &mut self.hosts[slot as usize];
+        let hash = hasher.hash_one(host.name.as_str());
+        if let Ok(entry) = self.index.find_entry(hash, |&s| s == slot) {
+            entry.remove();
+        }
+        clear_side_tables(&mut self.errors, &mut self.other_ips, slot, host);
+        *host = Host::free();
+        self.free.push(slot);
+    }
+
+    /// Inserts or replaces a whole host record (snapshot load). Returns true if it was new.
+    fn put(
+        &mut self,
+        hash: u64,
+        host: Host,
+        errors: Vec<(u8, Box<str>)>,
+        other_ip: Option<Box<str>>,
+        hasher: &DefaultHashBuilder,
+    ) -> bool {
+        let (slot, new) = match self.find(hash, &host.name) {
+            Some(slot) => {
+                let old = &self.hosts[slot as usize];
+                clear_side_tables(&mut self.errors, &mut self.other_ips, slot, old);
+                self.hosts[slot as usize] = host;
+                (slot, false)
+            }
+            None => (self.insert_new(hash, host, hasher), true),
+        };
+        for (i, e) in errors {
+            self.errors.insert((slot, i), e);
+        }
+        if let Some(ip) = other_ip {
+            self.other_ips.insert(slot, ip);
+        }
+        new
+    }
+
+    fn insert_new(&mut self, hash: u64, host: Host, hasher: &DefaultHashBuilder) -> u32 {
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.hosts[slot as usize] = host;
+                slot
+            }
+            None => {
+                self.hosts.push(host);
+                (self.hosts.len() - 1) as u32
+            }
+        };
+        let hosts = &self.hosts;
+        self.index.insert_unique(hash, slot, |&s| {
+            hasher.hash_one(hosts[s as usize].name.as_str())
+        });
+        slot
+    }
+}
+
+fn clear_side_tables(
+    errors: &mut HashMap<(u32, u8), Box<str>>,
+    other_ips: &mut HashMap<u32, Box<str>>,
+    slot: u32,
+    host: &Host,
+) {
+    let mut mask = host.err_mask;
+    while mask != 0 {
+        let i = mask.trailing_zeros() as u8;
+        errors.remove(&(slot, i));
+        mask &= mask - 1;
+    }
+    if host.ip_kind == IpKind::Other {
+        other_ips.remove(&slot);
+    }
+}
+
+/// The text of a host's `ip` field.
+#[derive(Debug, Clone, Copy)]
+pub enum IpText<'a> {
+    V4(Ipv4Addr),
+    Str(&'a str),
+}
+
+impl std::fmt::Display for IpText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IpText::V4(ip) => ip.fmt(f),
+            IpText::Str(s) => f.write_str(s),
+        }
+    }
+}
+
+impl Host {
+    fn free() -> Host {
+        Host {
+            name: CompactString::default(),
+            agents: Box::default(),
+            err_mask: 0,
+            ip: 0,
+            last_seen: 0,
+            run_user: Sym::EMPTY,
+            updater_version: Sym::EMPTY,
+            generation: 0,
+            class: 0,
+            ip_kind: IpKind::None,
+        }
+    }
+
+    /// Position of an agent by interned name.
+    pub fn agent(&self, name: Sym) -> Option<usize> {
+        self.agents.iter().position(|a| a.name == name)
+    }
+}
+
+/// A host record with its side-table texts, as the snapshot reads and writes it.
+pub struct HostRecord {
+    pub host: Host,
+    pub errors: Vec<(u8, Box<str>)>,
+    pub other_ip: Option<Box<str>>,
+}
+
+/// The sharded store of real state.
+pub struct Store {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: DefaultHashBuilder,
+    syms: Interner,
+    hosts: AtomicUsize,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: DefaultHashBuilder::default(),
+            syms: Interner::default(),
+            hosts: AtomicUsize::new(0),
+        }
+    }
+}
+
+fn clamp_u32(v: i64) -> u32 {
+    v.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+impl Store {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Hosts held.
+    pub fn len(&self) -> usize {
+        self.hosts.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn symbols(&self) -> &Interner {
+        &self.syms
+    }
+
+    fn shard_of(&self, hash: u64) -> &Mutex<Shard> {
+        &self.shards[((hash >> 32) as usize) & (SHARDS - 1)]
+    }
+
+    /// Records a validated heartbeat received at `now`, resolved to `class` under config
+    /// generation `generation`. The heartbeat's agent count is at most 64 (validated).
+    pub fn upsert(&self, hb: &Heartbeat<'_>, now: u32, class: ClassId, generation: u32) {
+        let n = hb.real_agents.len().min(MAX_AGENTS_PER_HOST);
+        let mut agents = [AgentState::default(); MAX_AGENTS_PER_HOST];
+        let (run_user, updater_version);
+        {
+            let mut look = self.syms.lookup();
+            for (slot, a) in agents.iter_mut().zip(&hb.real_agents) {
+                *slot = AgentState {
+                    name: look.sym(&a.name),
+                    version: look.sym(&a.version),
+                    status: look.sym(a.status.trim()),
+                    run_user: look.sym(&a.run_user),
+                    work_dir: look.sym(&a.work_dir),
+                    timestamp: clamp_u32(a.timestamp),
+                };
+            }
+            run_user = look.sym(&hb.run_user);
+            updater_version = look.sym(&hb.updater_version);
+        }
+        let agents = &agents[..n];
+        let err_mask = hb
+            .real_agents
+            .iter()
+            .take(n)
+            .enumerate()
+            .filter(|(_, a)| !a.last_error.is_empty())
+            .fold(0u64, |m, (i, _)| m | (1 << i));
+        let (ip_kind, ip) = match hb.ip.parse::<Ipv4Addr>() {
+            _ if hb.ip.is_empty() => (IpKind::None, 0),
+            Ok(v4) => (IpKind::V4, u32::from(v4)),
+            Err(_) => (IpKind::Other, 0),
+        };
+        let class = u16::try_from(class.0).unwrap_or(u16::MAX);
+
+        let name = &*hb.hostname;
+        let hash = self.hasher.hash_one(name);
+        let mut guard = self.shard_of(hash).lock();
+        let shard = &mut *guard;
+        let slot = match shard.find(hash, name) {
+            Some(slot) => {
+                let host = &mut shard.hosts[slot as usize];
+                if host.err_mask != 0 || host.ip_kind == IpKind::Other {
+                    clear_side_tables(&mut shard.errors, &mut shard.other_ips, slot, host);
+                }
+                if host.agents.len() == n {
+                    host.agents.copy_from_slice(agents);
+                } else {
+                    host.agents = agents.into();
+                }
+                host.err_mask = err_mask;
+                host.ip = ip;
+                host.ip_kind = ip_kind;
+                host.last_seen = now;
+                host.run_user = run_user;
+                host.updater_version = updater_version;
+                host.generation = generation;
+                host.class = class;
+                slot
+            }
+            None => {
+                let host = Host {
+                    name: CompactString::from(name),
+                    agents: agents.into(),
+                    err_mask,
+                    ip,
+                    last_seen: now,
+                    run_user,
+                    updater_version,
+                    generation,
+                    class,
+                    ip_kind,
+                };
+                self.hosts.fetch_add(1, Ordering::Relaxed);
+                shard.insert_new(hash, host, &self.hasher)
+            }
+        };
+        if err_mask != 0 {
+            for (i, a) in hb.real_agents.iter().take(n).enumerate() {
+                if !a.last_error.is_empty() {
+                    shard
+                        .errors
+                        .insert((slot, i as u8), a.last_error.as_ref().into());
+                }
+            }
+        }
+        if ip_kind == IpKind::Other {
+            shard.other_ips.insert(slot, hb.ip.as_ref().into());
+        }
+    }
+
+    /// Inserts a record read from a snapshot (replacing a host of the same name).
+    pub fn put(&self, rec: HostRecord) {
+        if rec.host.name.is_empty() {
+            return;
+        }
+        let hash = self.hasher.hash_one(rec.host.name.as_str());
+        let mut shard = self.shard_of(hash).lock();
+        if shard.put(hash, rec.host, rec.errors, rec.other_ip, &self.hasher) {
+            self.hosts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `f` on the shard that holds `name`, with its slot if held.
+    pub fn with_host<R>(&self, name: &str, f: impl FnOnce(&Shard, u32, &Host) -> R) -> Option<R> {
+        let hash = self.hasher.hash_one(name);
+        let shard = self.shard_of(hash).lock();
+        let slot = shard.find(hash, name)?;
+        Some(f(&shard, slot, &shard.hosts[slot as usize]))
+    }
+
+    /// Locks shard `i` (0..SHARDS) for a scan. Hold it briefly: heartbeats of that shard wait.
+    pub fn shard(&self, i: usize) -> MutexGuard<'_, Shard> {
+        self.shards[i].lock()
+    }
+
+    /// Drops hosts last seen before `cutoff`; returns how many.
+    pub fn forget_before(&self, cutoff: u32) -> usize {
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let old: Vec<u32> = shard
+                .hosts()
+                .filter(|(_, h)| h.last_seen < cutoff)
+                .map(|(slot, _)| slot)
+                .collect();
+            for slot in old {
+                shard.remove_slot(slot, &self.hasher);
+                dropped += 1;
+            }
+        }
+        self.hosts.fetch_sub(dropped, Ordering::Relaxed);
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(body: &str) -> Heartbeat<'_> {
+        Heartbeat::parse(body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn host_record_stays_small() {
+        assert_eq!(std::mem::size_of::<AgentState>(), 24);
+        assert!(
+            std::mem::size_of::<Host>() <= 72,
+            "{}",
+            std::mem::size_of::<Host>()
+        );
+    }
+
+    #[test]
+    fn newest_report_replaces_the_last() {
+        let store = Store::new();
+        store.upsert(&hb(r#"{"hostname":"h1","ip":"10.0.0.1","realAgents":[{"name":"a","version":"1","status":"started","lastError":"boom"}]}"#), 100, ClassId(0), 1);
+        store.upsert(
+            &hb(r#"{"hostname":"h2","ip":"::1","realAgents":[]}"#),
+            100,
+            ClassId(0),
+            1,
+        );
+        assert_eq!(store.len(), 2);
+        let (ver, err, ip) = store
+            .with_host("h1", |shard, slot, h| {
+                let syms = store.symbols().reader();
+                (
+                    syms.resolve(h.agents[0].version).to_owned(),
+                    shard.last_error(slot, h, 0).map(str::to_owned),
+                    shard.ip(slot, h).to_string(),
+                )
+            })
+            .unwrap();
+        assert_eq!(
+            (ver.as_str(), err.as_deref(), ip.as_str()),
+            ("1", Some("boom"), "10.0.0.1")
+        );
+
+        store.upsert(&hb(r#"{"hostname":"h1","realAgents":[{"name":"a","version":"2","status":" stopped\n"},{"name":"b","version":"9"}]}"#), 200, ClassId(3), 2);
+        assert_eq!(store.len(), 2);
+        store
+            .with_host("h1", |shard, slot, h| {
+                let syms = store.symbols().reader();
+                assert_eq!(h.agents.len(), 2);
+                assert_eq!(syms.resolve(h.agents[0].version), "2");
+                assert_eq!(
+                    syms.resolve(h.agents[0].status),
+                    "stopped",
+                    "status is trimmed"
+                );
+                assert_eq!(shard.last_error(slot, h, 0), None);
+                assert_eq!(shard.ip(slot, h).to_string(), "");
+                assert_eq!((h.last_seen, h.class, h.generation), (200, 3, 2));
+                assert!(shard.errors.is_empty());
+            })
+            .unwrap();
+        assert_eq!(
+            store
+                .with_host("h2", |s, slot, h| s.ip(slot, h).to_string())
+                .unwrap(),
+            "::1"
+        );
+    }
+
+    #[test]
+    fn forgetting_frees_slots_and_side_tables() {
+        let store = Store::new();
+        for i in 0..1000 {
+            let body = format!(
+                r#"{{"hostname":"host-{i}","ip":"name-{i}","realAgents":[{{"name":"a","lastError":"e"}}]}}"#
+            );
+            store.upsert(&hb(&body), if i % 2 == 0 { 10 } else { 20 }, ClassId(0), 1);
+        }
+        assert_eq!(store.forget_before(15), 500);
+        assert_eq!(store.len(), 500);
+        assert!(store.with_host("host-0", |_, _, _| ()).is_none());
+        assert!(store.with_host("host-1", |_, _, _| ()).is_some());
+        let side: usize = (0..SHARDS)
+            .map(|i| {
+                let shard = store.shard(i);
+                shard.errors.len() + shard.other_ips.len()
+            })
+            .sum();
+        assert_eq!(side, 1000);
+        // Freed slots are reused (names come back to the shard they left).
+        for i in (0..1000).step_by(2) {
+            store.upsert(
+                &hb(&format!(r#"{{"hostname":"host-{i}"}}"#)),
+                30,
+                ClassId(0),
+                1,
+            );
+        }
+        let slots: usize = (0..SHARDS).map(|i| store.shard(i).hosts.len()).sum();
+        assert_eq!(slots, 1000);
+        assert_eq!(store.len(), 1000);
+    }
+
+    #[test]
+    fn interner_dedups_and_resolves() {
+        let i = Interner::default();
+        let a = i.intern("x");
+        assert_eq!(i.intern("x"), a);
+        assert_eq!(i.intern(""), Sym::EMPTY);
+        assert_eq!(i.reader().resolve(a), "x");
+        assert_eq!(i.reader().get("nope"), None);
+    }
+}
