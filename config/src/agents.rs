@@ -70,7 +70,8 @@ pub struct AgentSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClassId(pub u32);
 
-/// A refused config file. `Display` gives `file:line:col: what is wrong`.
+/// A refused config file (`agents.toml` or `cluster.toml`). `Display` gives
+/// `file:line:col: what is wrong`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}:{line}:{col}: {message}")]

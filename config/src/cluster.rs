@@ -38,19 +38,9 @@ pub struct ClusterMap {
     pub hash: String,
 }
 
-/// A refused cluster file. `Display` gives `file:line:col: what is wrong`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ClusterError {
-    #[error("{file}:{line}:{col}: {message}")]
-    At {
-        file: String,
-        line: usize,
-        col: usize,
-        message: String,
-    },
-    #[error("{file}: {message}")]
-    File { file: String, message: String },
-}
+/// A refused cluster file: the same shape as a refused desired config
+/// (`file:line:col: what is wrong`).
+pub type ClusterError = crate::ConfigError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -108,38 +108,37 @@ fn listing(node: Arc<Node>, agent: String, filter: Filter, format: Format) -> Bo
 }
 
 pub(super) async fn json(
-    State(node): State<Arc<Node>>,
-    Path(agent): Path<String>,
-    Query(params): Query<FilterParams>,
+    state: State<Arc<Node>>,
+    agent: Path<String>,
+    params: Query<FilterParams>,
 ) -> Result<Response, ApiError> {
-    check_agent(&agent)?;
-    let filter = params.into_filter()?;
-    metrics::counter!(STATUS_REQUESTS, "kind" => "json").increment(1);
-    let body = listing(node, agent, filter, Format::Json);
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response())
+    listing_response(state, agent, params, Format::Json)
 }
 
 pub(super) async fn text(
+    state: State<Arc<Node>>,
+    agent: Path<String>,
+    params: Query<FilterParams>,
+) -> Result<Response, ApiError> {
+    listing_response(state, agent, params, Format::Text)
+}
+
+fn listing_response(
     State(node): State<Arc<Node>>,
     Path(agent): Path<String>,
     Query(params): Query<FilterParams>,
+    format: Format,
 ) -> Result<Response, ApiError> {
     check_agent(&agent)?;
     let filter = params.into_filter()?;
-    metrics::counter!(STATUS_REQUESTS, "kind" => "text").increment(1);
-    let body = listing(node, agent, filter, Format::Text);
+    let (kind, content_type) = match format {
+        Format::Json => ("json", "application/json"),
+        Format::Text => ("text", "text/plain; charset=utf-8"),
+    };
+    metrics::counter!(STATUS_REQUESTS, "kind" => kind).increment(1);
+    let body = listing(node, agent, filter, format);
     Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        )],
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
         body,
     )
         .into_response())
