@@ -150,6 +150,16 @@ impl ClusterMap {
         })
     }
 
+    /// The map of a one-node set-up: `meta-1` at `addr`, no token.
+    pub fn single(addr: SocketAddr) -> Self {
+        ClusterMap {
+            vnodes: DEFAULT_VNODES,
+            token_file: None,
+            nodes: vec![NodeSpec { id: "meta-1".into(), addr, weight: 1 }],
+            hash: String::new(),
+        }
+    }
+
     /// Reads and parses a file.
     pub fn load(path: &Path) -> Result<Self, ClusterError> {
         let text = std::fs::read_to_string(path).map_err(|e| ClusterError::File {

@@ -18,4 +18,4 @@ pub mod wire;
 pub use agents::{AgentSpec, Block, ClassId, Cmd, ConfigError, DesiredConfig, Override};
 pub use cluster::{ClusterError, ClusterMap, NodeSpec, Ring};
 pub use hash::content_hash;
-pub use wire::{DesiredAgent, Heartbeat, HeartbeatReply, RealAgent, WireError};
+pub use wire::{Batch, BatchEntry, DesiredAgent, Heartbeat, HeartbeatReply, RealAgent, WireError};

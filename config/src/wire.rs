@@ -104,6 +104,57 @@ pub struct DesiredAgent {
     pub sha256: String,
 }
 
+/// One host's report inside a batch (relay → owning meta node): the heartbeat as the updater
+/// sent it, and when the relay received it (unix seconds), so the newest report wins wherever
+/// copies meet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchEntry<'a> {
+    pub seen: u32,
+    #[serde(borrow)]
+    pub hb: Heartbeat<'a>,
+}
+
+/// The body of `POST /internal/batch`: `{"hosts":[{"seen":N,"hb":{...}},...]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch<'a> {
+    #[serde(borrow, default, deserialize_with = "null_as_empty")]
+    pub hosts: Vec<BatchEntry<'a>>,
+}
+
+impl<'a> Batch<'a> {
+    /// Parses a batch; each heartbeat is validated as if it came alone.
+    pub fn parse(body: &'a [u8]) -> Result<Self, WireError> {
+        if body.len() > MAX_BATCH_BYTES {
+            return Err(WireError::TooLarge { size: body.len(), limit: MAX_BATCH_BYTES });
+        }
+        let batch: Batch<'a> = serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+        for e in &batch.hosts {
+            e.hb.validate()?;
+        }
+        Ok(batch)
+    }
+
+    /// Writes a batch from heartbeat bodies that were already validated, without parsing
+    /// them again: `entries` yields `(seen, raw heartbeat JSON)`.
+    pub fn encode_raw<'b>(entries: impl IntoIterator<Item = (u32, &'b [u8])>, out: &mut Vec<u8>) -> usize {
+        out.extend_from_slice(b"{\"hosts\":[");
+        let mut n = 0;
+        for (seen, body) in entries {
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"seen\":");
+            out.extend_from_slice(seen.to_string().as_bytes());
+            out.extend_from_slice(b",\"hb\":");
+            out.extend_from_slice(body);
+            out.push(b'}');
+            n += 1;
+        }
+        out.extend_from_slice(b"]}");
+        n
+    }
+}
+
 fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
@@ -407,6 +458,23 @@ mod tests {
             Heartbeat::parse(&big),
             Err(WireError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn raw_encoded_batch_parses_back() {
+        let a = br#"{"hostname":"a","realAgents":[]}"#;
+        let b = SEED_001.as_bytes();
+        let mut out = Vec::new();
+        assert_eq!(Batch::encode_raw([(7, &a[..]), (9, b)], &mut out), 2);
+        let batch = Batch::parse(&out).unwrap();
+        assert_eq!(batch.hosts.len(), 2);
+        assert_eq!((batch.hosts[0].seen, &*batch.hosts[0].hb.hostname), (7, "a"));
+        assert_eq!(batch.hosts[1].hb, Heartbeat::parse(b).unwrap());
+        let bad = br#"{"hosts":[{"seen":1,"hb":{"hostname":"../x"}}]}"#;
+        assert!(matches!(Batch::parse(bad), Err(WireError::Hostname(_))));
+        let mut empty = Vec::new();
+        Batch::encode_raw(std::iter::empty(), &mut empty);
+        assert!(Batch::parse(&empty).unwrap().hosts.is_empty());
     }
 
     #[test]

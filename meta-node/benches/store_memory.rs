@@ -3,7 +3,7 @@
 //! `cargo bench -p meta-node --bench store_memory -- 1000000`
 use std::time::Instant;
 
-use meta_node::desired::Loaded;
+use relay::desired::Loaded;
 use meta_node::fleet::{self, AgentQuery, Filter};
 use meta_node::store::Store;
 use meta_node::{snapshot, unix_now};

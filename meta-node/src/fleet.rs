@@ -11,7 +11,7 @@ use std::io::Write;
 use ops_config::{ClassId, DesiredConfig};
 use serde::Serialize;
 
-use crate::desired::Loaded;
+use relay::desired::Loaded;
 use crate::store::{AgentState, Host, SHARDS, Shard, Store, Sym, Symbols};
 
 /// A deployment's state.

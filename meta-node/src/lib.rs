@@ -7,7 +7,6 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod desired;
 pub mod fleet;
 pub mod metrics;
 pub mod snapshot;
@@ -23,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::desired::Desired;
+use relay::desired::Desired;
 use crate::store::Store;
 
 /// Everything a node is told at start.

@@ -1,0 +1,349 @@
+//! Forwarding real state to the meta nodes that own it, in batches, with failover.
+//!
+//! Reports wait in one buffer per owning node, keyed by hostname, so a host that reports again
+//! before a flush replaces its previous report: buffers are bounded by the hosts behind this
+//! forwarder, whatever happens to the meta nodes. A flush sends each owner its batch; when an
+//! owner is down or slow its hosts go to their next ring candidate that is up, while a prober
+//! polls the owner's `/health` with backoff and sends hosts back to it once it answers.
+//! Relays use this, and so do meta nodes for heartbeats of hosts they do not own.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use compact_str::CompactString;
+use hashbrown::HashMap;
+use ops_config::{Batch, ClusterMap, NodeSpec, Ring};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Path of the batch ingest endpoint on meta nodes.
+pub const BATCH_PATH: &str = "/internal/batch";
+
+/// How a forwarder batches and gives up.
+#[derive(Debug, Clone)]
+pub struct ForwardSettings {
+    /// Flush period.
+    pub flush: Duration,
+    /// Flush early when an owner has this many hosts waiting; also the most hosts in one request.
+    pub batch_max: usize,
+    /// A batch not answered within this is treated as failed (the owner is "slow").
+    pub request_timeout: Duration,
+    /// Shared secret of the internal endpoints.
+    pub token: Option<String>,
+    /// Metric prefix: `ops_{component}_...`.
+    pub component: &'static str,
+}
+
+impl Default for ForwardSettings {
+    fn default() -> Self {
+        ForwardSettings {
+            flush: Duration::from_millis(1000),
+            batch_max: 5000,
+            request_timeout: Duration::from_secs(5),
+            token: None,
+            component: "relay",
+        }
+    }
+}
+
+struct Pending {
+    seen: u32,
+    body: Bytes,
+}
+
+type Entry = (CompactString, Pending);
+
+#[derive(Clone)]
+struct NodeMetrics {
+    batches_ok: metrics::Counter,
+    batches_error: metrics::Counter,
+    pending: metrics::Gauge,
+    up: metrics::Gauge,
+}
+
+/// Buffers and sends batches of real state.
+pub struct Forwarder {
+    nodes: Vec<NodeSpec>,
+    ring: Ring,
+    settings: ForwardSettings,
+    buffers: Vec<Mutex<HashMap<CompactString, Pending>>>,
+    up: Arc<[AtomicBool]>,
+    probing: Arc<[AtomicBool]>,
+    wake: Notify,
+    client: reqwest::Client,
+    stop: CancellationToken,
+    per_node: Vec<NodeMetrics>,
+    batch_hosts: metrics::Histogram,
+    failover_hosts: metrics::Counter,
+}
+
+/// Result of one flush.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    pub sent: usize,
+    pub failed_over: usize,
+    /// Hosts put back because no node took them.
+    pub requeued: usize,
+}
+
+impl Forwarder {
+    pub fn new(cluster: &ClusterMap, settings: ForwardSettings, stop: CancellationToken) -> Arc<Self> {
+        let c = settings.component;
+        let per_node = cluster
+            .nodes
+            .iter()
+            .map(|n| NodeMetrics {
+                batches_ok: metrics::counter!(format!("ops_{c}_batches_total"), "node" => n.id.clone(), "result" => "ok"),
+                batches_error: metrics::counter!(format!("ops_{c}_batches_total"), "node" => n.id.clone(), "result" => "error"),
+                pending: metrics::gauge!(format!("ops_{c}_pending_hosts"), "node" => n.id.clone()),
+                up: metrics::gauge!(format!("ops_{c}_node_up"), "node" => n.id.clone()),
+            })
+            .collect::<Vec<_>>();
+        for m in &per_node {
+            m.up.set(1.0);
+        }
+        Arc::new(Forwarder {
+            nodes: cluster.nodes.clone(),
+            ring: cluster.ring(),
+            buffers: cluster.nodes.iter().map(|_| Mutex::new(HashMap::new())).collect(),
+            up: cluster.nodes.iter().map(|_| AtomicBool::new(true)).collect(),
+            probing: cluster.nodes.iter().map(|_| AtomicBool::new(false)).collect(),
+            wake: Notify::new(),
+            client: reqwest::Client::builder().no_proxy().pool_max_idle_per_host(4).build().expect("http client"),
+            stop,
+            per_node,
+            batch_hosts: metrics::histogram!(format!("ops_{c}_batch_hosts")),
+            failover_hosts: metrics::counter!(format!("ops_{c}_failover_hosts_total")),
+            settings,
+        })
+    }
+
+    /// Describes the forwarder's metrics (once per process).
+    pub fn describe(component: &'static str) {
+        use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+        describe_counter!(format!("ops_{component}_batches_total"), Unit::Count, "Batches sent to meta nodes, by node and result (ok, error).");
+        describe_gauge!(format!("ops_{component}_pending_hosts"), Unit::Count, "Hosts waiting to be sent, by owning node.");
+        describe_gauge!(format!("ops_{component}_node_up"), Unit::Count, "1 while a meta node takes batches, 0 while it is failed over.");
+        describe_histogram!(format!("ops_{component}_batch_hosts"), Unit::Count, "Hosts per batch sent.");
+        describe_counter!(format!("ops_{component}_failover_hosts_total"), Unit::Count, "Host reports sent to a node other than their owner.");
+    }
+
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Queues a validated heartbeat body received at `seen` for the owner of `host`.
+    pub fn push(&self, host: &str, seen: u32, body: Bytes) {
+        let owner = self.ring.owner(host);
+        self.push_to(owner, host, seen, body);
+    }
+
+    fn push_to(&self, owner: usize, host: &str, seen: u32, body: Bytes) {
+        let len = {
+            let mut buf = self.buffers[owner].lock();
+            match buf.get_mut(host) {
+                Some(p) if p.seen > seen => {}
+                Some(p) => *p = Pending { seen, body },
+                None => {
+                    buf.insert(CompactString::from(host), Pending { seen, body });
+                }
+            }
+            buf.len()
+        };
+        if len >= self.settings.batch_max {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Hosts waiting, per node.
+    pub fn pending(&self) -> Vec<usize> {
+        self.buffers.iter().map(|b| b.lock().len()).collect()
+    }
+
+    /// Whether each node currently takes batches.
+    pub fn nodes_up(&self) -> Vec<(String, bool)> {
+        self.nodes.iter().zip(self.up.iter()).map(|(n, u)| (n.id.clone(), u.load(Ordering::Relaxed))).collect()
+    }
+
+    /// Flushes every period (or early when a buffer is full) until `shutdown`, then drains.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(self.settings.flush) => {}
+                _ = self.wake.notified() => {}
+            }
+            self.flush().await;
+        }
+        // Drain: a few rounds, so hosts failing over still get a chance.
+        for _ in 0..3 {
+            let f = self.flush().await;
+            if f.requeued == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let left: usize = self.pending().iter().sum();
+        if left > 0 {
+            tracing::warn!(hosts = left, "stopping with reports no meta node took");
+        }
+    }
+
+    /// Sends everything waiting now.
+    pub async fn flush(&self) -> Flushed {
+        let mut out = Flushed::default();
+        let mut routed: HashMap<usize, Vec<Entry>> = HashMap::new();
+        for owner in 0..self.nodes.len() {
+            let taken = std::mem::take(&mut *self.buffers[owner].lock());
+            self.per_node[owner].pending.set(0.0);
+            if !taken.is_empty() {
+                self.route(owner, taken.into_iter().collect(), &mut routed, &mut out);
+            }
+        }
+        // Each round sends to every target at once; failures are routed again to the next
+        // candidate that is up, at most once per node.
+        for _ in 0..=self.nodes.len() {
+            if routed.is_empty() {
+                break;
+            }
+            let sends = routed.drain().map(|(target, entries)| async move {
+                let ok = self.send(target, &entries).await;
+                (target, entries, ok)
+            });
+            let results = futures_util::future::join_all(sends).await;
+            for (target, entries, ok) in results {
+                if ok {
+                    out.sent += entries.len();
+                } else {
+                    self.mark_down(target);
+                    let mut by_owner: HashMap<usize, Vec<Entry>> = HashMap::new();
+                    for e in entries {
+                        by_owner.entry(self.ring.owner(&e.0)).or_default().push(e);
+                    }
+                    for (owner, entries) in by_owner {
+                        self.route(owner, entries, &mut routed, &mut out);
+                    }
+                }
+            }
+        }
+        for entries in routed.into_values() {
+            self.requeue(entries, &mut out);
+        }
+        for (i, b) in self.buffers.iter().enumerate() {
+            self.per_node[i].pending.set(b.lock().len() as f64);
+        }
+        out
+    }
+
+    /// Puts `entries` of `owner` into per-target lists: the owner when up, else each host's
+    /// next candidate that is up; hosts with no node up are requeued.
+    fn route(&self, owner: usize, entries: Vec<Entry>, routed: &mut HashMap<usize, Vec<Entry>>, out: &mut Flushed) {
+        if self.up[owner].load(Ordering::Relaxed) {
+            routed.entry(owner).or_default().extend(entries);
+            return;
+        }
+        let mut homeless = Vec::new();
+        for e in entries {
+            match self.ring.candidates(&e.0).find(|&c| self.up[c].load(Ordering::Relaxed)) {
+                Some(target) => {
+                    out.failed_over += 1;
+                    self.failover_hosts.increment(1);
+                    routed.entry(target).or_default().push(e);
+                }
+                None => homeless.push(e),
+            }
+        }
+        self.requeue(homeless, out);
+    }
+
+    /// Puts entries back in their owner's buffer unless a newer report arrived meanwhile.
+    fn requeue(&self, entries: Vec<Entry>, out: &mut Flushed) {
+        out.requeued += entries.len();
+        for (host, p) in entries {
+            let owner = self.ring.owner(&host);
+            let mut buf = self.buffers[owner].lock();
+            match buf.get(&host) {
+                Some(existing) if existing.seen >= p.seen => {}
+                _ => {
+                    buf.insert(host, p);
+                }
+            }
+        }
+    }
+
+    async fn send(&self, target: usize, entries: &[Entry]) -> bool {
+        let node = &self.nodes[target];
+        let url = format!("http://{}{}", node.addr, BATCH_PATH);
+        for chunk in entries.chunks(self.settings.batch_max.max(1)) {
+            let mut body = Vec::with_capacity(chunk.iter().map(|e| e.1.body.len() + 32).sum::<usize>() + 16);
+            Batch::encode_raw(chunk.iter().map(|(_, p)| (p.seen, &p.body[..])), &mut body);
+            let mut req = self.client.post(&url).timeout(self.settings.request_timeout).body(body);
+            if let Some(token) = &self.settings.token {
+                req = req.bearer_auth(token);
+            }
+            let result = req.send().await;
+            match result {
+                Ok(r) if r.status().is_success() => {
+                    self.per_node[target].batches_ok.increment(1);
+                    self.batch_hosts.record(chunk.len() as f64);
+                }
+                Ok(r) if r.status() == reqwest::StatusCode::BAD_REQUEST => {
+                    // A batch the node cannot read will never be readable: drop it loudly
+                    // rather than retry it forever.
+                    self.per_node[target].batches_error.increment(1);
+                    let text = r.text().await.unwrap_or_default();
+                    tracing::error!(node = %node.id, hosts = chunk.len(), reply = %text, "batch refused as malformed, dropped");
+                }
+                Ok(r) => {
+                    self.per_node[target].batches_error.increment(1);
+                    tracing::warn!(node = %node.id, status = %r.status(), "batch refused");
+                    return false;
+                }
+                Err(error) => {
+                    self.per_node[target].batches_error.increment(1);
+                    tracing::warn!(node = %node.id, %error, "batch not delivered");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Marks a node down and starts a prober that marks it up again when `/health` answers.
+    fn mark_down(&self, node: usize) {
+        self.up[node].store(false, Ordering::Relaxed);
+        self.per_node[node].up.set(0.0);
+        if self.probing[node].swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let url = format!("http://{}/health", self.nodes[node].addr);
+        let id = self.nodes[node].id.clone();
+        let client = self.client.clone();
+        let stop = self.stop.clone();
+        let timeout = self.settings.request_timeout;
+        let (up, probing, gauge) = (self.up.clone(), self.probing.clone(), self.per_node[node].up.clone());
+        tracing::warn!(node = %id, "meta node failed over");
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                if let Ok(r) = client.get(&url).timeout(timeout).send().await
+                    && r.status().is_success()
+                {
+                    up[node].store(true, Ordering::Relaxed);
+                    probing[node].store(false, Ordering::Release);
+                    gauge.set(1.0);
+                    tracing::info!(node = %id, "meta node back, its hosts return to it");
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+}

@@ -1,0 +1,164 @@
+//! The ops fleet relay, and the pieces meta nodes share with it.
+//!
+//! A relay answers updater heartbeats from its read-only copy of the desired config and
+//! forwards their real state, batched and keyed by hostname, to the meta node that owns each
+//! host. It holds no authoritative state: its config copy comes from the meta nodes and its
+//! buffers only hold reports on their way. It must never make an updater wait on a meta node.
+#![forbid(unsafe_code)]
+
+pub mod config_copy;
+pub mod desired;
+pub mod forward;
+pub mod ingest;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use ops_config::ClusterMap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config_copy::ConfigCopy;
+use crate::forward::{ForwardSettings, Forwarder};
+
+/// Server time in unix seconds.
+pub fn unix_now() -> u32 {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+/// Everything a relay is told at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub id: String,
+    pub cluster: ClusterMap,
+    pub data_dir: PathBuf,
+    pub forward: ForwardSettings,
+    pub config_poll: Duration,
+    pub shutdown_grace: Duration,
+}
+
+pub(crate) struct HotMetrics {
+    ok: ::metrics::Counter,
+    duration: ::metrics::Histogram,
+}
+
+/// A running relay's shared state.
+pub struct Relay {
+    pub settings: Settings,
+    pub config: Arc<ConfigCopy>,
+    pub forwarder: Arc<Forwarder>,
+    pub started: Instant,
+    pub prometheus: Option<PrometheusHandle>,
+    pub(crate) hot: HotMetrics,
+    stop: CancellationToken,
+}
+
+impl Relay {
+    /// Builds a relay; `stop` ends its background tasks (child of the process shutdown token).
+    pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>, stop: CancellationToken) -> Arc<Self> {
+        let config = Arc::new(ConfigCopy::open(&settings.data_dir));
+        let forwarder = Forwarder::new(&settings.cluster, settings.forward.clone(), stop.clone());
+        if let Some(hash) = config.hash() {
+            ::metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => hash).set(1.0);
+        }
+        Arc::new(Relay {
+            hot: HotMetrics {
+                ok: ::metrics::counter!(crate::metrics::HEARTBEATS, "result" => "ok"),
+                duration: ::metrics::histogram!(crate::metrics::HEARTBEAT_DURATION),
+            },
+            settings,
+            config,
+            forwarder,
+            started: Instant::now(),
+            prometheus,
+            stop,
+        })
+    }
+
+    fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/heartbeat", post(ingest::heartbeat))
+            .route("/health", get(health))
+            .route("/metrics", get(metrics_text))
+            .fallback(|uri: axum::http::Uri| async move {
+                (axum::http::StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"errorMessage": format!("no route for {}", uri.path())})))
+            })
+            .with_state(self.clone())
+    }
+}
+
+async fn health(State(relay): State<Arc<Relay>>) -> Response {
+    let pending: usize = relay.forwarder.pending().iter().sum();
+    let nodes: Vec<serde_json::Value> =
+        relay.forwarder.nodes_up().into_iter().map(|(id, up)| serde_json::json!({"id": id, "up": up})).collect();
+    axum::Json(serde_json::json!({
+        "status": if relay.config.current().is_some() { "ok" } else { "no_config" },
+        "id": relay.settings.id,
+        "configHash": relay.config.hash(),
+        "pendingHosts": pending,
+        "nodes": nodes,
+        "uptimeSeconds": relay.started.elapsed().as_secs(),
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+    .into_response()
+}
+
+async fn metrics_text(State(relay): State<Arc<Relay>>) -> Response {
+    let text = relay.prometheus.as_ref().map(|h| h.render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
+}
+
+/// Serves until `shutdown`, then drains requests and the forwarder's buffers.
+pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tracker = TaskTracker::new();
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let addrs: Vec<SocketAddr> = relay.settings.cluster.nodes.iter().map(|n| n.addr).collect();
+    tracker.spawn(relay.config.clone().poll(client, addrs, relay.settings.config_poll, relay.stop.clone()));
+    if let Some(handle) = relay.prometheus.clone() {
+        let stop = relay.stop.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+                }
+            }
+        });
+    }
+    // The forwarder stops after the server, so reports of the last requests are drained too.
+    let forwarder_stop = CancellationToken::new();
+    let forwarder = tracker.spawn(relay.forwarder.clone().run(forwarder_stop.clone()));
+    tracker.close();
+
+    let app = relay.router().into_make_service_with_connect_info::<SocketAddr>();
+    let serve_token = shutdown.clone();
+    let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(async move { serve_token.cancelled().await }).await });
+    shutdown.cancelled().await;
+    match tokio::time::timeout(relay.settings.shutdown_grace, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::error!(%error, "server error"),
+        Ok(Err(error)) => tracing::error!(%error, "server task failed"),
+        Err(_) => tracing::warn!("requests still in flight after the grace period; stopping anyway"),
+    }
+    forwarder_stop.cancel();
+    if tokio::time::timeout(relay.settings.shutdown_grace, forwarder).await.is_err() {
+        tracing::warn!("forwarder did not drain within the grace period");
+    }
+    relay.stop.cancel();
+    if tokio::time::timeout(relay.settings.shutdown_grace, tracker.wait()).await.is_err() {
+        tracing::warn!("background tasks did not stop within the grace period");
+    }
+    tracing::info!("relay stopped");
+    Ok(())
+}

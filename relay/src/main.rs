@@ -1,0 +1,137 @@
+//! `relay`: parse flags, load and validate the cluster map (exit 64 when bad, before binding),
+//! set up logging and metrics, bind, run until SIGINT/SIGTERM, then drain.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use ops_config::ClusterMap;
+use relay::forward::ForwardSettings;
+use relay::{Relay, Settings};
+use tokio_util::sync::CancellationToken;
+
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "relay", version, about = "ops fleet relay: answers updaters, forwards real state to the owning meta nodes")]
+struct Cli {
+    /// Relay id (in logs and /health).
+    #[arg(long, default_value = "relay-1")]
+    id: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:2200")]
+    listen: String,
+    /// Cluster map. Without it: one meta node, meta-1 at 127.0.0.1:2000.
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// Flush buffered reports at least this often (milliseconds).
+    #[arg(long, default_value_t = 1000)]
+    flush_ms: u64,
+    /// Flush early when this many hosts wait for one meta node; most hosts per batch.
+    #[arg(long, default_value_t = 5000)]
+    batch_max: usize,
+    /// A batch not answered within this fails over (milliseconds).
+    #[arg(long, default_value_t = 5000)]
+    request_timeout_ms: u64,
+    /// Poll the meta nodes for config changes this often (milliseconds).
+    #[arg(long, default_value_t = 2000)]
+    config_poll_ms: u64,
+    /// Where the config copy is kept.
+    #[arg(long, default_value = "data/relay")]
+    data_dir: PathBuf,
+    /// Seconds in-flight requests and the final flush get on shutdown.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace_seconds: u64,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn settings(cli: &Cli) -> Result<Settings, String> {
+    let (cluster, token) = match &cli.cluster {
+        Some(path) => {
+            let c = ClusterMap::load(path).map_err(|e| e.to_string())?;
+            let token = c.read_token().map_err(|e| e.to_string())?;
+            (c, token)
+        }
+        None => (ClusterMap::single("127.0.0.1:2000".parse().expect("literal address")), None),
+    };
+    if cli.flush_ms == 0 || cli.batch_max == 0 || cli.config_poll_ms == 0 || cli.request_timeout_ms == 0 {
+        return Err("--flush-ms, --batch-max, --config-poll-ms and --request-timeout-ms must be > 0".into());
+    }
+    Ok(Settings {
+        id: cli.id.clone(),
+        cluster,
+        data_dir: cli.data_dir.clone(),
+        forward: ForwardSettings {
+            flush: Duration::from_millis(cli.flush_ms),
+            batch_max: cli.batch_max,
+            request_timeout: Duration::from_millis(cli.request_timeout_ms),
+            token,
+            component: "relay",
+        },
+        config_poll: Duration::from_millis(cli.config_poll_ms),
+        shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let settings = match settings(&cli) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("relay: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cli.listen, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(listen: String, settings: Settings) -> anyhow::Result<()> {
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), relay::metrics::LATENCY_BUCKETS)?
+        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_batch_hosts".into()), relay::metrics::BATCH_BUCKETS)?
+        .install_recorder()?;
+    relay::metrics::describe();
+    let relay = Relay::new(settings, Some(prometheus), CancellationToken::new());
+    let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        id = %relay.settings.id,
+        meta_nodes = relay.settings.cluster.nodes.len(),
+        config = ?relay.config.hash(),
+        "relay listening"
+    );
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down: draining buffers");
+        s.cancel();
+    });
+    relay::run(relay, listener, shutdown).await
+}

@@ -1,0 +1,22 @@
+//! Metric names of the relay (`ops_relay_*`), described once at start-up. The forwarder's
+//! batch metrics are described by `Forwarder::describe("relay")`.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const HEARTBEATS: &str = "ops_relay_heartbeats_total";
+pub const HEARTBEAT_DURATION: &str = "ops_relay_heartbeat_duration_seconds";
+pub const CONFIG_POLLS: &str = "ops_relay_config_polls_total";
+pub const CONFIG_INFO: &str = "ops_relay_config_info";
+
+/// Histogram buckets for latencies, in seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+/// Histogram buckets for batch sizes, in hosts.
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
+
+pub fn describe() {
+    describe_counter!(HEARTBEATS, Unit::Count, "Heartbeats received, by result (ok, bad_request, too_large, no_config).");
+    describe_histogram!(HEARTBEAT_DURATION, Unit::Seconds, "Time to answer one heartbeat.");
+    describe_counter!(CONFIG_POLLS, Unit::Count, "Desired-config polls of the meta nodes, by result (changed, unchanged, error).");
+    describe_gauge!(CONFIG_INFO, Unit::Count, "Always 1; the hash label is the content hash of the config served.");
+    crate::forward::Forwarder::describe("relay");
+}
