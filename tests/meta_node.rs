@@ -85,10 +85,8 @@ impl Setup {
 }
 
 fn heartbeat(host: &str, agents: &[(&str, &str, &str)]) -> String {
-    let agents: Vec<Value> = agents
-        .iter()
-        .map(|(n, v, s)| json!({"name": n, "version": v, "status": s, "timestamp": 1_700_000_000}))
-        .collect();
+    let agents: Vec<Value> =
+        agents.iter().map(|(n, v, s)| json!({"name": n, "version": v, "status": s, "timestamp": 1_700_000_000})).collect();
     json!({"hostname": host, "ip": "10.1.2.3", "realAgents": agents}).to_string()
 }
 
@@ -117,11 +115,7 @@ fn seed_001_heartbeat_gets_the_go_reply_field_by_field() {
     ];
     for (got, want) in desired.iter().zip(&expect) {
         let (got, want) = (got.as_object().unwrap(), want.as_object().unwrap());
-        assert_eq!(
-            got.len(),
-            want.len(),
-            "no extra fields for the Go side: {got:?}"
-        );
+        assert_eq!(got.len(), want.len(), "no extra fields for the Go side: {got:?}");
         for (k, v) in want {
             assert_eq!(&got[k], v, "field {k}");
         }
@@ -152,10 +146,7 @@ fn exact_go_updater_request_bytes_are_answered() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     let json_body = &response[response.find("\r\n\r\n").unwrap() + 4..];
     let reply: Value = serde_json::from_str(json_body).unwrap();
-    assert_eq!(
-        reply["desiredAgents"][0]["version"], "5.1.4",
-        "bj-web- prefix override"
-    );
+    assert_eq!(reply["desiredAgents"][0]["version"], "5.1.4", "bj-web- prefix override");
     let reply: ops_config::HeartbeatReply = serde_json::from_str(json_body).unwrap();
     assert_eq!(reply.desired_agents.len(), 2);
 }
@@ -166,20 +157,11 @@ fn prefix_override_gets_its_block_and_others_the_default() {
     let meta = setup.start(&[]);
     let (_, web) = post_json(&meta.url("/heartbeat"), heartbeat("bj-web-007", &[]));
     assert_eq!(web["desiredAgents"][0]["version"], "5.1.4");
-    assert_eq!(
-        web["desiredAgents"][0]["md5"], "",
-        "never the default's digest for another version"
-    );
-    assert_eq!(
-        web["desiredAgents"][1]["version"], "0.0.5",
-        "mysql-monitor has no override"
-    );
+    assert_eq!(web["desiredAgents"][0]["md5"], "", "never the default's digest for another version");
+    assert_eq!(web["desiredAgents"][1]["version"], "0.0.5", "mysql-monitor has no override");
     let (_, db) = post_json(&meta.url("/heartbeat"), heartbeat("bj-db-007", &[]));
     assert_eq!(db["desiredAgents"][0]["version"], "5.1.3");
-    assert_eq!(
-        db["desiredAgents"][0]["md5"],
-        "490ac172dabecc867289079d48e84a66"
-    );
+    assert_eq!(db["desiredAgents"][0]["md5"], "490ac172dabecc867289079d48e84a66");
 }
 
 #[test]
@@ -219,30 +201,15 @@ fn reload_good_and_bad_config_keeps_the_old_one_on_error() {
     let (status, reply) = get_json(&meta.url("/config/reload"));
     assert_eq!(status, 400);
     let msg = reply["errorMessage"].as_str().unwrap();
-    let expected = format!(
-        "{}:9:80: cmd must be \"start\" or \"stop\", got \"restart\"",
-        setup.agents()
-    );
+    let expected = format!("{}:9:80: cmd must be \"start\" or \"stop\", got \"restart\"", setup.agents());
     assert!(msg.starts_with(&expected), "{msg}");
     assert!(msg.contains("kept"), "{msg}");
     let (_, hb) = post_json(&meta.url("/heartbeat"), heartbeat("sh-1", &[]));
-    assert_eq!(
-        hb["desiredAgents"][0]["version"], "5.2.0",
-        "old config kept"
-    );
-    assert_eq!(
-        get_json(&meta.url("/health")).1["configHash"],
-        ops_config::content_hash(good.as_bytes())
-    );
+    assert_eq!(hb["desiredAgents"][0]["version"], "5.2.0", "old config kept");
+    assert_eq!(get_json(&meta.url("/health")).1["configHash"], ops_config::content_hash(good.as_bytes()));
     let (_, metrics) = get_text(&meta.url("/metrics"));
-    assert!(
-        metrics.contains("ops_meta_config_reloads_total{result=\"error\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("ops_meta_config_reloads_total{result=\"ok\"} 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("ops_meta_config_reloads_total{result=\"error\"} 1"), "{metrics}");
+    assert!(metrics.contains("ops_meta_config_reloads_total{result=\"ok\"} 1"), "{metrics}");
 }
 
 #[test]
@@ -252,72 +219,27 @@ fn bad_inputs_get_a_4xx_json_error_and_lose_nothing() {
     post_json(&meta.url("/heartbeat"), SEED_001);
     assert_eq!(hosts_held(&meta), 1);
 
-    let too_big = format!(
-        r#"{{"hostname":"big","ip":"{}","realAgents":[]}}"#,
-        "x".repeat(70 * 1024)
-    );
+    let too_big = format!(r#"{{"hostname":"big","ip":"{}","realAgents":[]}}"#, "x".repeat(70 * 1024));
     let cases: Vec<(&str, String, u16, &str)> = vec![
         ("oversize", too_big, 413, "over the limit of 65536 bytes"),
-        (
-            "malformed",
-            "{\"hostname\":".into(),
-            400,
-            "malformed heartbeat",
-        ),
+        ("malformed", "{\"hostname\":".into(), 400, "malformed heartbeat"),
         ("not json", "hello".into(), 400, "malformed heartbeat"),
-        (
-            "no hostname",
-            r#"{"realAgents":[]}"#.into(),
-            400,
-            "missing field `hostname`",
-        ),
-        (
-            "bad hostname",
-            r#"{"hostname":"../../etc"}"#.into(),
-            400,
-            "bad hostname",
-        ),
-        (
-            "bad agent",
-            r#"{"hostname":"h1","realAgents":[{"name":"../x","version":"1"}]}"#.into(),
-            400,
-            "bad agent name",
-        ),
-        (
-            "bad version",
-            r#"{"hostname":"h1","realAgents":[{"name":"a","version":".."}]}"#.into(),
-            400,
-            "bad version",
-        ),
-        (
-            "wrong type",
-            r#"{"hostname":42}"#.into(),
-            400,
-            "malformed heartbeat",
-        ),
+        ("no hostname", r#"{"realAgents":[]}"#.into(), 400, "missing field `hostname`"),
+        ("bad hostname", r#"{"hostname":"../../etc"}"#.into(), 400, "bad hostname"),
+        ("bad agent", r#"{"hostname":"h1","realAgents":[{"name":"../x","version":"1"}]}"#.into(), 400, "bad agent name"),
+        ("bad version", r#"{"hostname":"h1","realAgents":[{"name":"a","version":".."}]}"#.into(), 400, "bad version"),
+        ("wrong type", r#"{"hostname":42}"#.into(), 400, "malformed heartbeat"),
     ];
     for (what, body, status, needle) in cases {
         let (got, reply) = post_json(&meta.url("/heartbeat"), body);
         assert_eq!(got, status, "{what}: {reply}");
-        let msg = reply["errorMessage"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{what}: {reply}"));
+        let msg = reply["errorMessage"].as_str().unwrap_or_else(|| panic!("{what}: {reply}"));
         assert!(msg.contains(needle), "{what}: {msg}");
     }
-    let many: Vec<Value> = (0..65)
-        .map(|i| json!({"name": format!("a{i}"), "version": "1"}))
-        .collect();
-    let (got, reply) = post_json(
-        &meta.url("/heartbeat"),
-        json!({"hostname": "h1", "realAgents": many}).to_string(),
-    );
+    let many: Vec<Value> = (0..65).map(|i| json!({"name": format!("a{i}"), "version": "1"})).collect();
+    let (got, reply) = post_json(&meta.url("/heartbeat"), json!({"hostname": "h1", "realAgents": many}).to_string());
     assert_eq!(got, 400);
-    assert!(
-        reply["errorMessage"]
-            .as_str()
-            .unwrap()
-            .contains("at most 64")
-    );
+    assert!(reply["errorMessage"].as_str().unwrap().contains("at most 64"));
 
     let (got, reply) = get_json(&meta.url("/status/json/..%2Fetc"));
     assert_eq!(got, 400, "{reply}");
@@ -330,23 +252,11 @@ fn bad_inputs_get_a_4xx_json_error_and_lose_nothing() {
 
     // Nothing was lost and the node still answers.
     assert_eq!(hosts_held(&meta), 1);
-    assert_eq!(
-        get_json(&meta.url("/status/host/liutian-01")).1["agents"][0]["version"],
-        "5.1.3"
-    );
+    assert_eq!(get_json(&meta.url("/status/host/liutian-01")).1["agents"][0]["version"], "5.1.3");
     let (_, metrics) = get_text(&meta.url("/metrics"));
-    assert!(
-        metrics.contains("ops_meta_heartbeats_total{result=\"too_large\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("ops_meta_heartbeats_total{result=\"bad_request\"} 8"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("ops_meta_heartbeats_total{result=\"ok\"} 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("ops_meta_heartbeats_total{result=\"too_large\"} 1"), "{metrics}");
+    assert!(metrics.contains("ops_meta_heartbeats_total{result=\"bad_request\"} 8"), "{metrics}");
+    assert!(metrics.contains("ops_meta_heartbeats_total{result=\"ok\"} 1"), "{metrics}");
 }
 
 #[test]
@@ -355,11 +265,7 @@ fn status_listings_summary_and_filters() {
     let meta = setup.start(&[]);
     let n = 3000;
     for i in 0..n {
-        let host = if i % 3 == 0 {
-            format!("bj-web-{i:05}")
-        } else {
-            format!("sh-app-{i:05}")
-        };
+        let host = if i % 3 == 0 { format!("bj-web-{i:05}") } else { format!("sh-app-{i:05}") };
         // Every 10th host still runs an old version; every 50th reports an error.
         let version = if i % 10 == 0 {
             "5.1.2"
@@ -368,9 +274,7 @@ fn status_listings_summary_and_filters() {
         } else {
             "5.1.3"
         };
-        let mut hb: Value =
-            serde_json::from_str(&heartbeat(&host, &[("falcon-agent", version, "started")]))
-                .unwrap();
+        let mut hb: Value = serde_json::from_str(&heartbeat(&host, &[("falcon-agent", version, "started")])).unwrap();
         if i % 50 == 1 {
             hb["realAgents"][0]["lastError"] = json!("md5 mismatch");
         }
@@ -389,44 +293,24 @@ fn status_listings_summary_and_filters() {
     assert_eq!(hosts.len(), n);
     assert_eq!(list["count"], n);
     assert_eq!(list["partial"], false);
-    let mut names: Vec<&str> = hosts
-        .iter()
-        .map(|h| h["hostname"].as_str().unwrap())
-        .collect();
+    let mut names: Vec<&str> = hosts.iter().map(|h| h["hostname"].as_str().unwrap()).collect();
     names.sort();
     names.dedup();
     assert_eq!(names.len(), n, "every host listed once");
-    let web = hosts
-        .iter()
-        .find(|h| h["hostname"] == "bj-web-00003")
-        .unwrap();
+    let web = hosts.iter().find(|h| h["hostname"] == "bj-web-00003").unwrap();
     assert_eq!(
-        (
-            web["version"].as_str(),
-            web["desiredVersion"].as_str(),
-            web["state"].as_str()
-        ),
+        (web["version"].as_str(), web["desiredVersion"].as_str(), web["state"].as_str()),
         (Some("5.1.4"), Some("5.1.4"), Some("ok"))
     );
     assert_eq!(web["ip"], "10.1.2.3");
 
-    let count = |q: &str| {
-        get_json(&meta.url(&format!("/status/json/falcon-agent?{q}"))).1["count"]
-            .as_u64()
-            .unwrap()
-    };
+    let count = |q: &str| get_json(&meta.url(&format!("/status/json/falcon-agent?{q}"))).1["count"].as_u64().unwrap();
     assert_eq!(count("version=5.1.2"), old);
     assert_eq!(count("state=error"), errors);
     assert_eq!(count("state=upgrading"), upgrading);
     assert_eq!(count("state=ok"), ok);
-    assert_eq!(
-        count("prefix=bj-web-"),
-        (0..n).filter(|i| i % 3 == 0).count() as u64
-    );
-    assert_eq!(
-        count("prefix=bj-web-&version=5.1.2"),
-        (0..n).filter(|i| i % 3 == 0 && i % 10 == 0).count() as u64
-    );
+    assert_eq!(count("prefix=bj-web-"), (0..n).filter(|i| i % 3 == 0).count() as u64);
+    assert_eq!(count("prefix=bj-web-&version=5.1.2"), (0..n).filter(|i| i % 3 == 0 && i % 10 == 0).count() as u64);
     assert_eq!(count("status=started"), n as u64);
     assert_eq!(count("status=stopped"), 0);
 
@@ -441,12 +325,7 @@ fn status_listings_summary_and_filters() {
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[0].starts_with("#hostname\t"));
     assert_eq!(lines.len() as u64, errors + 1);
-    assert!(
-        lines[1..]
-            .iter()
-            .all(|l| l.split('\t').nth(5) == Some("error") && l.ends_with("md5 mismatch")),
-        "{text}"
-    );
+    assert!(lines[1..].iter().all(|l| l.split('\t').nth(5) == Some("error") && l.ends_with("md5 mismatch")), "{text}");
 
     let (status, s) = get_json(&meta.url("/status/summary/falcon-agent"));
     assert_eq!(status, 200);
@@ -459,23 +338,10 @@ fn status_listings_summary_and_filters() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| {
-            (
-                d["version"].as_str().unwrap().to_owned(),
-                d["hosts"].as_u64().unwrap(),
-            )
-        })
+        .map(|d| (d["version"].as_str().unwrap().to_owned(), d["hosts"].as_u64().unwrap()))
         .collect();
-    assert_eq!(
-        desired,
-        vec![("5.1.3".to_owned(), 2000), ("5.1.4".to_owned(), 1000)]
-    );
-    let group_total: u64 = s["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["hosts"].as_u64().unwrap())
-        .sum();
+    assert_eq!(desired, vec![("5.1.3".to_owned(), 2000), ("5.1.4".to_owned(), 1000)]);
+    let group_total: u64 = s["groups"].as_array().unwrap().iter().map(|g| g["hosts"].as_u64().unwrap()).sum();
     assert_eq!(group_total, n as u64);
     let ratio = s["convergedRatio"].as_f64().unwrap();
     assert!((ratio - ok as f64 / n as f64).abs() < 1e-9);
@@ -484,61 +350,29 @@ fn status_listings_summary_and_filters() {
 #[test]
 fn host_goes_stale_when_it_stops_reporting() {
     let setup = Setup::new();
-    let meta = setup.start(&[
-        "--stale-after-seconds",
-        "1",
-        "--sweep-interval-seconds",
-        "1",
-    ]);
-    post_json(
-        &meta.url("/heartbeat"),
-        heartbeat("quiet-1", &[("falcon-agent", "5.1.3", "started")]),
-    );
-    assert_eq!(
-        get_json(&meta.url("/status/host/quiet-1")).1["agents"][0]["state"],
-        "ok"
-    );
+    let meta = setup.start(&["--stale-after-seconds", "1", "--sweep-interval-seconds", "1"]);
+    post_json(&meta.url("/heartbeat"), heartbeat("quiet-1", &[("falcon-agent", "5.1.3", "started")]));
+    assert_eq!(get_json(&meta.url("/status/host/quiet-1")).1["agents"][0]["state"], "ok");
     let stale = eventually(Duration::from_secs(10), || {
         let (_, s) = get_json(&meta.url("/status/summary/falcon-agent"));
         (s["byState"]["stale"] == 1).then_some(s)
     });
     assert!(stale.is_some(), "host never went stale");
     let (_, host) = get_json(&meta.url("/status/host/quiet-1"));
-    assert_eq!(
-        (host["stale"].as_bool(), host["agents"][0]["state"].as_str()),
-        (Some(true), Some("stale"))
-    );
-    assert_eq!(
-        get_json(&meta.url("/status/json/falcon-agent?state=stale")).1["count"],
-        1
-    );
+    assert_eq!((host["stale"].as_bool(), host["agents"][0]["state"].as_str()), (Some(true), Some("stale")));
+    assert_eq!(get_json(&meta.url("/status/json/falcon-agent?state=stale")).1["count"], 1);
     // A stale host is still listed (kept until forget_after), and a new report revives it.
-    post_json(
-        &meta.url("/heartbeat"),
-        heartbeat("quiet-1", &[("falcon-agent", "5.1.3", "started")]),
-    );
-    assert_eq!(
-        get_json(&meta.url("/status/host/quiet-1")).1["agents"][0]["state"],
-        "ok"
-    );
+    post_json(&meta.url("/heartbeat"), heartbeat("quiet-1", &[("falcon-agent", "5.1.3", "started")]));
+    assert_eq!(get_json(&meta.url("/status/host/quiet-1")).1["agents"][0]["state"], "ok");
 }
 
 #[test]
 fn forgotten_hosts_are_dropped() {
     let setup = Setup::new();
-    let meta = setup.start(&[
-        "--stale-after-seconds",
-        "1",
-        "--forget-after-seconds",
-        "2",
-        "--sweep-interval-seconds",
-        "1",
-    ]);
+    let meta = setup.start(&["--stale-after-seconds", "1", "--forget-after-seconds", "2", "--sweep-interval-seconds", "1"]);
     post_json(&meta.url("/heartbeat"), heartbeat("gone-1", &[]));
     assert_eq!(hosts_held(&meta), 1);
-    let gone = eventually(Duration::from_secs(15), || {
-        (hosts_held(&meta) == 0).then_some(())
-    });
+    let gone = eventually(Duration::from_secs(15), || (hosts_held(&meta) == 0).then_some(()));
     assert!(gone.is_some(), "host never forgotten");
     assert_eq!(get_json(&meta.url("/status/host/gone-1")).0, 404);
 }
@@ -548,19 +382,9 @@ fn restart_keeps_hosts_from_the_snapshot() {
     let setup = Setup::new();
     let mut meta = setup.start(&[]);
     for i in 0..500 {
-        post_json(
-            &meta.url("/heartbeat"),
-            heartbeat(
-                &format!("keep-{i}"),
-                &[("falcon-agent", "5.1.3", "started")],
-            ),
-        );
+        post_json(&meta.url("/heartbeat"), heartbeat(&format!("keep-{i}"), &[("falcon-agent", "5.1.3", "started")]));
     }
-    let mut err: Value = serde_json::from_str(&heartbeat(
-        "keep-err",
-        &[("falcon-agent", "5.1.2", "stopped")],
-    ))
-    .unwrap();
+    let mut err: Value = serde_json::from_str(&heartbeat("keep-err", &[("falcon-agent", "5.1.2", "stopped")])).unwrap();
     err["realAgents"][0]["lastError"] = json!("control start timed out after 30s");
     post_json(&meta.url("/heartbeat"), err.to_string());
     let before = get_json(&meta.url("/status/summary/falcon-agent")).1;
@@ -576,10 +400,7 @@ fn restart_keeps_hosts_from_the_snapshot() {
     let after = get_json(&again.url("/status/summary/falcon-agent")).1;
     assert_eq!(after, before);
     let (_, host) = get_json(&again.url("/status/host/keep-err"));
-    assert_eq!(
-        host["agents"][0]["lastError"],
-        "control start timed out after 30s"
-    );
+    assert_eq!(host["agents"][0]["lastError"], "control start timed out after 30s");
     assert_eq!(host["agents"][0]["state"], "error");
     assert_eq!(host["ip"], "10.1.2.3");
 }
@@ -589,10 +410,7 @@ fn periodic_snapshot_survives_sigkill() {
     let setup = Setup::new();
     let mut meta = setup.start(&["--snapshot-interval-seconds", "1"]);
     for i in 0..100 {
-        post_json(
-            &meta.url("/heartbeat"),
-            heartbeat(&format!("crash-{i}"), &[]),
-        );
+        post_json(&meta.url("/heartbeat"), heartbeat(&format!("crash-{i}"), &[]));
     }
     let snap = Path::new(&setup.data()).join("state.snap");
     // Wait for a snapshot written after the last heartbeat.
@@ -608,11 +426,7 @@ fn periodic_snapshot_survives_sigkill() {
 fn damaged_snapshot_is_moved_aside_and_the_node_starts_empty() {
     let setup = Setup::new();
     std::fs::create_dir_all(setup.data()).unwrap();
-    std::fs::write(
-        Path::new(&setup.data()).join("state.snap"),
-        b"OPSSNAP1 but then garbage",
-    )
-    .unwrap();
+    std::fs::write(Path::new(&setup.data()).join("state.snap"), b"OPSSNAP1 but then garbage").unwrap();
     let mut meta = setup.start(&[]);
     assert_eq!(hosts_held(&meta), 0);
     meta.proc.wait_for_log("snapshot unreadable");
@@ -621,48 +435,23 @@ fn damaged_snapshot_is_moved_aside_and_the_node_starts_empty() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("state.snap.corrupt-"))
         .collect();
-    assert_eq!(
-        kept.len(),
-        1,
-        "the damaged file is kept for a person to look at"
-    );
+    assert_eq!(kept.len(), 1, "the damaged file is kept for a person to look at");
 }
 
 #[test]
 fn bad_config_at_start_exits_64_with_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agents.toml");
-    std::fs::write(
-        &path,
-        AGENTS.replace("/home/falcon/open-falcon", "home/falcon"),
-    )
-    .unwrap();
+    std::fs::write(&path, AGENTS.replace("/home/falcon/open-falcon", "home/falcon")).unwrap();
     let p = path.display().to_string();
-    let (status, log) =
-        Proc::run_to_exit("meta-node", &["--listen", "127.0.0.1:0", "--agents", &p]);
+    let (status, log) = Proc::run_to_exit("meta-node", &["--listen", "127.0.0.1:0", "--agents", &p]);
     assert_eq!(status.code(), Some(64), "{log}");
-    assert!(
-        log.contains(&format!(
-            "{p}:6:12: work_dir must be an absolute path without .."
-        )),
-        "{log}"
-    );
+    assert!(log.contains(&format!("{p}:6:12: work_dir must be an absolute path without ..")), "{log}");
     assert!(!log.contains("listening"), "never bound a port: {log}");
 
-    let (status, log) = Proc::run_to_exit(
-        "meta-node",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--agents",
-            "/nonexistent/agents.toml",
-        ],
-    );
+    let (status, log) = Proc::run_to_exit("meta-node", &["--listen", "127.0.0.1:0", "--agents", "/nonexistent/agents.toml"]);
     assert_eq!(status.code(), Some(64), "{log}");
-    assert!(
-        log.contains("/nonexistent/agents.toml: No such file"),
-        "{log}"
-    );
+    assert!(log.contains("/nonexistent/agents.toml: No such file"), "{log}");
 }
 
 #[test]
@@ -681,19 +470,10 @@ fn metrics_and_health_describe_the_node() {
         "ops_meta_heartbeats_total{result=\"ok\"} 1",
         "ops_meta_hosts 1",
         "ops_meta_heartbeat_duration_seconds_bucket",
-        &format!(
-            "ops_meta_config_info{{hash=\"{}\"}} 1",
-            ops_config::content_hash(AGENTS.as_bytes())
-        ),
+        &format!("ops_meta_config_info{{hash=\"{}\"}} 1", ops_config::content_hash(AGENTS.as_bytes())),
         "# HELP ops_meta_heartbeats_total",
     ] {
-        assert!(
-            metrics.contains(needle),
-            "missing {needle:?} in:\n{metrics}"
-        );
+        assert!(metrics.contains(needle), "missing {needle:?} in:\n{metrics}");
     }
-    assert!(
-        !metrics.contains("liutian-01"),
-        "never a hostname as a label"
-    );
+    assert!(!metrics.contains("liutian-01"), "never a hostname as a label");
 }

@@ -75,12 +75,7 @@ pub struct ClassId(pub u32);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}:{line}:{col}: {message}")]
-    At {
-        file: String,
-        line: usize,
-        col: usize,
-        message: String,
-    },
+    At { file: String, line: usize, col: usize, message: String },
     #[error("{file}: {message}")]
     File { file: String, message: String },
 }
@@ -148,50 +143,26 @@ struct Checker<'a> {
 impl Checker<'_> {
     fn err(&self, span: Range<usize>, message: impl fmt::Display) -> ConfigError {
         let (line, col) = line_col(self.text, span.start);
-        ConfigError::At {
-            file: self.file.to_owned(),
-            line,
-            col,
-            message: message.to_string(),
-        }
+        ConfigError::At { file: self.file.to_owned(), line, col, message: message.to_string() }
     }
 
-    fn check(
-        &self,
-        v: &Spanned<String>,
-        ok: bool,
-        what: impl fmt::Display,
-    ) -> Result<String, ConfigError> {
-        if ok {
-            Ok(v.get_ref().clone())
-        } else {
-            Err(self.err(v.span(), format_args!("{what}, got {:?}", v.get_ref())))
-        }
+    fn check(&self, v: &Spanned<String>, ok: bool, what: impl fmt::Display) -> Result<String, ConfigError> {
+        if ok { Ok(v.get_ref().clone()) } else { Err(self.err(v.span(), format_args!("{what}, got {:?}", v.get_ref()))) }
     }
 
     fn name(&self, v: &Spanned<String>) -> Result<String, ConfigError> {
-        self.check(
-            v,
-            valid_agent_name(v.get_ref()),
-            "agent name must be 1-64 of [A-Za-z0-9._-], not . or ..",
-        )
+        self.check(v, valid_agent_name(v.get_ref()), "agent name must be 1-64 of [A-Za-z0-9._-], not . or ..")
     }
 
     fn version(&self, v: &Spanned<String>) -> Result<String, ConfigError> {
-        self.check(
-            v,
-            valid_version(v.get_ref()),
-            "version must be 1-64 of [A-Za-z0-9._+-], not . or ..",
-        )
+        self.check(v, valid_version(v.get_ref()), "version must be 1-64 of [A-Za-z0-9._+-], not . or ..")
     }
 
     fn md5(&self, v: Option<&Spanned<String>>) -> Result<String, ConfigError> {
         let Some(v) = v else { return Ok(String::new()) };
         let s = v.get_ref();
         let ok = s.is_empty() || (s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()));
-        Ok(self
-            .check(v, ok, "md5 must be empty or 32 hex digits")?
-            .to_ascii_lowercase())
+        Ok(self.check(v, ok, "md5 must be empty or 32 hex digits")?.to_ascii_lowercase())
     }
 
     fn cmd(&self, v: Option<&Spanned<String>>, inherited: Cmd) -> Result<Cmd, ConfigError> {
@@ -199,35 +170,23 @@ impl Checker<'_> {
             None => Ok(inherited),
             Some((_, "start")) => Ok(Cmd::Start),
             Some((_, "stop")) => Ok(Cmd::Stop),
-            Some((v, other)) => Err(self.err(
-                v.span(),
-                format_args!("cmd must be \"start\" or \"stop\", got {other:?}"),
-            )),
+            Some((v, other)) => Err(self.err(v.span(), format_args!("cmd must be \"start\" or \"stop\", got {other:?}"))),
         }
     }
 
     fn url(&self, v: &Spanned<String>, what: &str) -> Result<String, ConfigError> {
         let s = v.get_ref();
-        let rest = s
-            .strip_prefix("http://")
-            .or_else(|| s.strip_prefix("https://"));
+        let rest = s.strip_prefix("http://").or_else(|| s.strip_prefix("https://"));
         let ok = rest.is_some_and(|r| {
             let host = r.split('/').next().unwrap_or("");
             !host.is_empty() && !r.chars().any(|c| c.is_whitespace() || c.is_control())
         });
-        self.check(
-            v,
-            ok,
-            format_args!("{what} must be an http:// or https:// URL with a host"),
-        )
+        self.check(v, ok, format_args!("{what} must be an http:// or https:// URL with a host"))
     }
 
     fn work_dir(&self, v: &Spanned<String>) -> Result<String, ConfigError> {
         let s = v.get_ref();
-        let ok = s.starts_with('/')
-            && !s.split('/').any(|c| c == "..")
-            && !s.contains('\0')
-            && s.len() <= 4096;
+        let ok = s.starts_with('/') && !s.split('/').any(|c| c == "..") && !s.contains('\0') && s.len() <= 4096;
         self.check(v, ok, "work_dir must be an absolute path without ..")
     }
 
@@ -236,23 +195,14 @@ impl Checker<'_> {
         let ok = !s.is_empty()
             && s.len() <= 32
             && !s.starts_with('-')
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-        self.check(
-            v,
-            ok,
-            "run_user must be 1-32 of [A-Za-z0-9._-], not starting with -",
-        )
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        self.check(v, ok, "run_user must be 1-32 of [A-Za-z0-9._-], not starting with -")
     }
 
     fn file_name(&self, v: &Spanned<String>) -> Result<String, ConfigError> {
         let s = v.get_ref();
         let ok = s.is_empty() || valid_agent_name(s);
-        self.check(
-            v,
-            ok,
-            "config_file_name must be a plain file name of [A-Za-z0-9._-]",
-        )
+        self.check(v, ok, "config_file_name must be a plain file name of [A-Za-z0-9._-]")
     }
 
     fn agent(&self, raw: &RawAgent) -> Result<AgentSpec, ConfigError> {
@@ -266,16 +216,9 @@ impl Checker<'_> {
         let mut seen = HashSet::new();
         for o in &raw.others {
             let o = o.get_ref();
-            let prefix = self.check(
-                &o.prefix,
-                valid_hostname(o.prefix.get_ref()),
-                "prefix must be 1-255 of [A-Za-z0-9._-]",
-            )?;
+            let prefix = self.check(&o.prefix, valid_hostname(o.prefix.get_ref()), "prefix must be 1-255 of [A-Za-z0-9._-]")?;
             if !seen.insert(prefix.clone()) {
-                return Err(self.err(
-                    o.prefix.span(),
-                    format_args!("duplicate prefix {prefix:?} in this agent"),
-                ));
+                return Err(self.err(o.prefix.span(), format_args!("duplicate prefix {prefix:?} in this agent")));
             }
             others.push(Override {
                 prefix,
@@ -285,11 +228,7 @@ impl Checker<'_> {
                     md5: self.md5(o.md5.as_ref())?,
                     cmd: self.cmd(o.cmd.as_ref(), default.cmd)?,
                 },
-                tarball: o
-                    .tarball
-                    .as_ref()
-                    .map(|t| self.url(t, "tarball"))
-                    .transpose()?,
+                tarball: o.tarball.as_ref().map(|t| self.url(t, "tarball")).transpose()?,
                 run_user: o.run_user.as_ref().map(|u| self.run_user(u)).transpose()?,
                 work_dir: o.work_dir.as_ref().map(|w| self.work_dir(w)).transpose()?,
             });
@@ -299,22 +238,11 @@ impl Checker<'_> {
             tarball: self.url(&raw.tarball, "tarball")?,
             run_user: self.run_user(&raw.run_user)?,
             work_dir: self.work_dir(&raw.work_dir)?,
-            config_file_name: raw
-                .config_file_name
-                .as_ref()
-                .map(|f| self.file_name(f))
-                .transpose()?
-                .unwrap_or_default(),
+            config_file_name: raw.config_file_name.as_ref().map(|f| self.file_name(f)).transpose()?.unwrap_or_default(),
             config_remote_url: raw
                 .config_remote_url
                 .as_ref()
-                .map(|u| {
-                    if u.get_ref().is_empty() {
-                        Ok(String::new())
-                    } else {
-                        self.url(u, "config_remote_url")
-                    }
-                })
+                .map(|u| if u.get_ref().is_empty() { Ok(String::new()) } else { self.url(u, "config_remote_url") })
                 .transpose()?
                 .unwrap_or_default(),
             default,
@@ -328,27 +256,16 @@ impl AgentSpec {
     /// whole file) is `longest`: the longest of this agent's own prefixes that `longest`
     /// starts with wins, else `default`.
     fn resolve(&self, longest: Option<&str>) -> DesiredAgent {
-        let chosen = longest.and_then(|l| {
-            self.others
-                .iter()
-                .filter(|o| l.starts_with(o.prefix.as_str()))
-                .max_by_key(|o| o.prefix.len())
-        });
+        let chosen = longest.and_then(|l| self.others.iter().filter(|o| l.starts_with(o.prefix.as_str())).max_by_key(|o| o.prefix.len()));
         let block = chosen.map_or(&self.default, |o| &o.block);
         DesiredAgent {
             name: self.name.clone(),
             version: block.version.clone(),
-            tarball: chosen
-                .and_then(|o| o.tarball.clone())
-                .unwrap_or_else(|| self.tarball.clone()),
+            tarball: chosen.and_then(|o| o.tarball.clone()).unwrap_or_else(|| self.tarball.clone()),
             md5: block.md5.clone(),
             cmd: block.cmd.as_str().to_owned(),
-            run_user: chosen
-                .and_then(|o| o.run_user.clone())
-                .unwrap_or_else(|| self.run_user.clone()),
-            work_dir: chosen
-                .and_then(|o| o.work_dir.clone())
-                .unwrap_or_else(|| self.work_dir.clone()),
+            run_user: chosen.and_then(|o| o.run_user.clone()).unwrap_or_else(|| self.run_user.clone()),
+            work_dir: chosen.and_then(|o| o.work_dir.clone()).unwrap_or_else(|| self.work_dir.clone()),
             config_file_name: self.config_file_name.clone(),
             config_remote_url: self.config_remote_url.clone(),
             sha256: String::new(),
@@ -362,27 +279,18 @@ impl DesiredConfig {
         let checker = Checker { file, text };
         let raw: RawFile = toml::from_str(text).map_err(|e| match e.span() {
             Some(span) => checker.err(span, e.message()),
-            None => ConfigError::File {
-                file: file.to_owned(),
-                message: e.message().to_owned(),
-            },
+            None => ConfigError::File { file: file.to_owned(), message: e.message().to_owned() },
         })?;
         let mut agents: Vec<AgentSpec> = Vec::with_capacity(raw.agent.len());
         for a in &raw.agent {
             let spec = checker.agent(a.get_ref())?;
             if agents.iter().any(|b| b.name == spec.name) {
-                return Err(checker.err(
-                    a.get_ref().name.span(),
-                    format_args!("duplicate agent name {:?}", spec.name),
-                ));
+                return Err(checker.err(a.get_ref().name.span(), format_args!("duplicate agent name {:?}", spec.name)));
             }
             agents.push(spec);
         }
 
-        let mut prefixes: Vec<String> = agents
-            .iter()
-            .flat_map(|a| a.others.iter().map(|o| o.prefix.clone()))
-            .collect();
+        let mut prefixes: Vec<String> = agents.iter().flat_map(|a| a.others.iter().map(|o| o.prefix.clone())).collect();
         prefixes.sort();
         prefixes.dedup();
         let mut classes = vec![(None, agents.iter().map(|a| a.resolve(None)).collect())];
@@ -409,10 +317,7 @@ impl DesiredConfig {
     /// Reads and parses a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            file: file.clone(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { file: file.clone(), message: e.to_string() })?;
         Self::parse(&text, &file)
     }
 
@@ -462,9 +367,7 @@ impl DesiredConfig {
 
     /// The prefix a class stands for (None for the default class).
     pub fn class_prefix(&self, class: ClassId) -> Option<&str> {
-        self.classes
-            .get(class.0 as usize)
-            .and_then(|c| c.0.as_deref())
+        self.classes.get(class.0 as usize).and_then(|c| c.0.as_deref())
     }
 
     /// Every agent's desired state for one host, borrowed from its class.
@@ -522,10 +425,7 @@ default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "
     }
 
     fn versions(c: &DesiredConfig, host: &str) -> Vec<(String, String, String)> {
-        c.desired_for(host)
-            .into_iter()
-            .map(|d| (d.name, d.version, d.cmd))
-            .collect()
+        c.desired_for(host).into_iter().map(|d| (d.name, d.version, d.cmd)).collect()
     }
 
     #[test]
@@ -538,14 +438,8 @@ default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "
         assert_eq!(d[0].md5, "490ac172dabecc867289079d48e84a66");
         assert_eq!(d[0].tarball, "http://files.example/releases/falcon");
         assert_eq!(d[0].config_file_name, "cfg.json");
-        assert_eq!(
-            d[0].config_remote_url,
-            "http://files.example/conf/falcon-agent-cfg.json"
-        );
-        assert_eq!(
-            d[1].md5, "5f9ab5e81c386cde72c022d1b6d061d9",
-            "digests are normalised to lowercase"
-        );
+        assert_eq!(d[0].config_remote_url, "http://files.example/conf/falcon-agent-cfg.json");
+        assert_eq!(d[1].md5, "5f9ab5e81c386cde72c022d1b6d061d9", "digests are normalised to lowercase");
         assert_eq!(d[1].cmd, "stop");
         assert_eq!(d[1].config_file_name, "");
     }
@@ -555,57 +449,22 @@ default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "
         let c = cfg();
         let check = |host: &str, expected: &[(&str, &str, &str)]| {
             let got = versions(&c, host);
-            let want: Vec<(String, String, String)> = expected
-                .iter()
-                .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
-                .collect();
+            let want: Vec<(String, String, String)> =
+                expected.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect();
             assert_eq!(got, want, "host {host}");
         };
-        check(
-            "bj-db-1",
-            &[
-                ("falcon-agent", "5.1.3", "start"),
-                ("mysql-monitor", "0.0.6", "stop"),
-            ],
-        );
-        check(
-            "bj-web-001",
-            &[
-                ("falcon-agent", "5.1.4", "start"),
-                ("mysql-monitor", "0.0.6", "stop"),
-            ],
-        );
-        check(
-            "bj-web-101",
-            &[
-                ("falcon-agent", "5.1.5", "start"),
-                ("mysql-monitor", "0.0.6", "stop"),
-            ],
-        );
-        check(
-            "bj-we",
-            &[
-                ("falcon-agent", "5.1.3", "start"),
-                ("mysql-monitor", "0.0.6", "stop"),
-            ],
-        );
-        check(
-            "bj",
-            &[
-                ("falcon-agent", "5.1.3", "start"),
-                ("mysql-monitor", "0.0.5", "stop"),
-            ],
-        );
+        check("bj-db-1", &[("falcon-agent", "5.1.3", "start"), ("mysql-monitor", "0.0.6", "stop")]);
+        check("bj-web-001", &[("falcon-agent", "5.1.4", "start"), ("mysql-monitor", "0.0.6", "stop")]);
+        check("bj-web-101", &[("falcon-agent", "5.1.5", "start"), ("mysql-monitor", "0.0.6", "stop")]);
+        check("bj-we", &[("falcon-agent", "5.1.3", "start"), ("mysql-monitor", "0.0.6", "stop")]);
+        check("bj", &[("falcon-agent", "5.1.3", "start"), ("mysql-monitor", "0.0.5", "stop")]);
     }
 
     #[test]
     fn override_never_inherits_the_default_digest_but_may_override_paths() {
         let c = cfg();
         let web = &c.desired_for("bj-web-001")[0];
-        assert_eq!(
-            web.md5, "",
-            "an empty md5 in others means: fetch {{url}}.md5"
-        );
+        assert_eq!(web.md5, "", "an empty md5 in others means: fetch {{url}}.md5");
         assert_eq!(web.tarball, "http://files.example/releases/falcon");
         let canary = &c.desired_for("bj-web-100")[0];
         assert_eq!(canary.tarball, "https://canary.example/falcon");
@@ -636,9 +495,7 @@ default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "
     }
 
     fn error_of(text: &str) -> String {
-        DesiredConfig::parse(text, "agents.toml")
-            .unwrap_err()
-            .to_string()
+        DesiredConfig::parse(text, "agents.toml").unwrap_err().to_string()
     }
 
     fn agent_with(field_line: &str) -> String {
@@ -650,23 +507,15 @@ default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "
             r#"default = { version = "1", md5 = "", cmd = "start" }"#,
         ];
         let key = field_line.split('=').next().unwrap().trim();
-        let mut lines: Vec<String> = base
-            .iter()
-            .filter(|l| l.split('=').next().unwrap().trim() != key)
-            .map(|l| l.to_string())
-            .collect();
+        let mut lines: Vec<String> = base.iter().filter(|l| l.split('=').next().unwrap().trim() != key).map(|l| l.to_string()).collect();
         lines.insert(0, field_line.to_string());
         format!("[[agent]]\n{}\n", lines.join("\n"))
     }
 
     #[test]
     fn bad_files_name_line_and_column() {
-        let check =
-            |text: String, expected: &str| assert_eq!(error_of(&text), expected, "for:\n{text}");
-        check(
-            agent_with(r#"name = "../etc""#),
-            r#"agents.toml:2:8: agent name must be 1-64 of [A-Za-z0-9._-], not . or .., got "../etc""#,
-        );
+        let check = |text: String, expected: &str| assert_eq!(error_of(&text), expected, "for:\n{text}");
+        check(agent_with(r#"name = "../etc""#), r#"agents.toml:2:8: agent name must be 1-64 of [A-Za-z0-9._-], not . or .., got "../etc""#);
         check(
             agent_with(r#"tarball = "ftp://x/y""#),
             r#"agents.toml:2:11: tarball must be an http:// or https:// URL with a host, got "ftp://x/y""#,
@@ -703,14 +552,8 @@ default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "
             agent_with(r#"colour = "blue""#),
             "agents.toml:2:1: unknown field `colour`, expected one of `name`, `tarball`, `run_user`, `work_dir`, `config_file_name`, `config_remote_url`, `default`, `others`",
         );
-        check(
-            "[[agent]]\nname = \"a\"\n".to_string(),
-            "agents.toml:1:1: missing field `tarball`",
-        );
-        check(
-            "[[agent]\n".to_string(),
-            "agents.toml:1:9: unclosed array table, expected `]`",
-        );
+        check("[[agent]]\nname = \"a\"\n".to_string(), "agents.toml:1:1: missing field `tarball`");
+        check("[[agent]\n".to_string(), "agents.toml:1:9: unclosed array table, expected `]`");
     }
 
     #[test]
@@ -718,25 +561,15 @@ default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "
         let one = agent_with(r#"name = "a""#);
         let e = error_of(&format!("{one}{one}"));
         assert_eq!(e, r#"agents.toml:8:8: duplicate agent name "a""#);
-        let dup = format!(
-            "{one}[[agent.others]]\nprefix = \"p\"\nversion = \"2\"\n[[agent.others]]\nprefix = \"p\"\nversion = \"3\"\n"
-        );
-        assert_eq!(
-            error_of(&dup),
-            r#"agents.toml:11:10: duplicate prefix "p" in this agent"#
-        );
+        let dup = format!("{one}[[agent.others]]\nprefix = \"p\"\nversion = \"2\"\n[[agent.others]]\nprefix = \"p\"\nversion = \"3\"\n");
+        assert_eq!(error_of(&dup), r#"agents.toml:11:10: duplicate prefix "p" in this agent"#);
         let bad_prefix = format!("{one}[[agent.others]]\nprefix = \"a b\"\nversion = \"2\"\n");
-        assert_eq!(
-            error_of(&bad_prefix),
-            r#"agents.toml:8:10: prefix must be 1-255 of [A-Za-z0-9._-], got "a b""#
-        );
+        assert_eq!(error_of(&bad_prefix), r#"agents.toml:8:10: prefix must be 1-255 of [A-Za-z0-9._-], got "a b""#);
     }
 
     #[test]
     fn missing_file_is_a_clear_error() {
-        let e = DesiredConfig::load(Path::new("/nonexistent/agents.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = DesiredConfig::load(Path::new("/nonexistent/agents.toml")).unwrap_err().to_string();
         assert!(e.starts_with("/nonexistent/agents.toml: "), "{e}");
     }
 

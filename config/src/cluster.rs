@@ -66,88 +66,51 @@ impl ClusterMap {
         let name = file.display().to_string();
         let at = |span: std::ops::Range<usize>, message: String| {
             let (line, col) = line_col(text, span.start);
-            ClusterError::At {
-                file: name.clone(),
-                line,
-                col,
-                message,
-            }
+            ClusterError::At { file: name.clone(), line, col, message }
         };
         let raw: RawCluster = toml::from_str(text).map_err(|e| match e.span() {
             Some(span) => at(span, e.message().to_owned()),
-            None => ClusterError::File {
-                file: name.clone(),
-                message: e.message().to_owned(),
-            },
+            None => ClusterError::File { file: name.clone(), message: e.message().to_owned() },
         })?;
         let vnodes = match raw.vnodes {
             Some(v) if !(1..=100_000).contains(v.get_ref()) => {
-                return Err(at(
-                    v.span(),
-                    format!("vnodes must be 1-100000, got {}", v.get_ref()),
-                ));
+                return Err(at(v.span(), format!("vnodes must be 1-100000, got {}", v.get_ref())));
             }
             Some(v) => v.into_inner(),
             None => DEFAULT_VNODES,
         };
         if raw.node.is_empty() {
-            return Err(ClusterError::File {
-                file: name,
-                message: "no [[node]]: a cluster needs at least one meta node".into(),
-            });
+            return Err(ClusterError::File { file: name, message: "no [[node]]: a cluster needs at least one meta node".into() });
         }
         let mut nodes: Vec<NodeSpec> = Vec::with_capacity(raw.node.len());
         for n in &raw.node {
             let n = n.get_ref();
             let id = n.id.get_ref();
             if !crate::wire::valid_agent_name(id) {
-                return Err(at(
-                    n.id.span(),
-                    format!("node id must be 1-64 of [A-Za-z0-9._-], got {id:?}"),
-                ));
+                return Err(at(n.id.span(), format!("node id must be 1-64 of [A-Za-z0-9._-], got {id:?}")));
             }
             if nodes.iter().any(|m| &m.id == id) {
                 return Err(at(n.id.span(), format!("duplicate node id {id:?}")));
             }
-            let addr: SocketAddr = n.addr.get_ref().parse().map_err(|_| {
-                at(
-                    n.addr.span(),
-                    format!("addr must be ip:port, got {:?}", n.addr.get_ref()),
-                )
-            })?;
+            let addr: SocketAddr =
+                n.addr.get_ref().parse().map_err(|_| at(n.addr.span(), format!("addr must be ip:port, got {:?}", n.addr.get_ref())))?;
             if nodes.iter().any(|m| m.addr == addr) {
                 return Err(at(n.addr.span(), format!("duplicate node addr {addr}")));
             }
             let weight = match &n.weight {
                 Some(w) if !(1..=100).contains(w.get_ref()) => {
-                    return Err(at(
-                        w.span(),
-                        format!("weight must be 1-100, got {}", w.get_ref()),
-                    ));
+                    return Err(at(w.span(), format!("weight must be 1-100, got {}", w.get_ref())));
                 }
                 Some(w) => *w.get_ref(),
                 None => 1,
             };
-            nodes.push(NodeSpec {
-                id: id.clone(),
-                addr,
-                weight,
-            });
+            nodes.push(NodeSpec { id: id.clone(), addr, weight });
         }
         let token_file = raw.token_file.map(|t| {
             let p = PathBuf::from(t.into_inner());
-            if p.is_absolute() {
-                p
-            } else {
-                file.parent().unwrap_or(Path::new("")).join(p)
-            }
+            if p.is_absolute() { p } else { file.parent().unwrap_or(Path::new("")).join(p) }
         });
-        Ok(ClusterMap {
-            vnodes,
-            token_file,
-            nodes,
-            hash: crate::content_hash(text.as_bytes()),
-        })
+        Ok(ClusterMap { vnodes, token_file, nodes, hash: crate::content_hash(text.as_bytes()) })
     }
 
     /// The map of a one-node set-up: `meta-1` at `addr`, no token.
@@ -162,10 +125,8 @@ impl ClusterMap {
 
     /// Reads and parses a file.
     pub fn load(path: &Path) -> Result<Self, ClusterError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ClusterError::File {
-            file: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ClusterError::File { file: path.display().to_string(), message: e.to_string() })?;
         Self::parse(&text, path)
     }
 
@@ -176,16 +137,10 @@ impl ClusterMap {
             return Ok(None);
         };
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ClusterError::File {
-            file: file.clone(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ClusterError::File { file: file.clone(), message: e.to_string() })?;
         let token = text.trim();
         if token.len() < 16 {
-            return Err(ClusterError::File {
-                file,
-                message: "token must be at least 16 characters".into(),
-            });
+            return Err(ClusterError::File { file, message: "token must be at least 16 characters".into() });
         }
         Ok(Some(token.to_owned()))
     }
@@ -197,10 +152,7 @@ impl ClusterMap {
 
     /// The ring over these nodes.
     pub fn ring(&self) -> Ring {
-        Ring::new(
-            self.nodes.iter().map(|n| (n.id.as_str(), n.weight)),
-            self.vnodes,
-        )
+        Ring::new(self.nodes.iter().map(|n| (n.id.as_str(), n.weight)), self.vnodes)
     }
 }
 
@@ -211,10 +163,7 @@ pub struct Ring {
 
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ring")
-            .field("nodes", &self.ring.nodes().len())
-            .field("vnodes", &self.ring.len())
-            .finish()
+        f.debug_struct("Ring").field("nodes", &self.ring.nodes().len()).field("vnodes", &self.ring.len()).finish()
     }
 }
 
@@ -225,15 +174,9 @@ impl Ring {
         let nodes: Vec<Node<String, usize>> = nodes
             .into_iter()
             .enumerate()
-            .map(|(i, (id, weight))| {
-                Node::new(id.to_owned())
-                    .value(i)
-                    .quantity((vnodes * weight.max(1)) as usize)
-            })
+            .map(|(i, (id, weight))| Node::new(id.to_owned()).value(i).quantity((vnodes * weight.max(1)) as usize))
             .collect();
-        Ring {
-            ring: StaticHashRing::new(DefaultHash, nodes.into_iter()),
-        }
+        Ring { ring: StaticHashRing::new(DefaultHash, nodes.into_iter()) }
     }
 
     /// Number of real nodes.
@@ -250,9 +193,7 @@ impl Ring {
     /// # Panics
     /// On an empty ring (a cluster map always has a node).
     pub fn owner(&self, hostname: &str) -> usize {
-        self.candidates(hostname)
-            .next()
-            .expect("ring has at least one node")
+        self.candidates(hostname).next().expect("ring has at least one node")
     }
 
     /// Every node, in failover order for `hostname` (owner first).
@@ -266,10 +207,7 @@ mod tests {
     use super::*;
 
     fn three() -> Ring {
-        Ring::new(
-            [("meta-1", 1), ("meta-2", 1), ("meta-3", 1)],
-            DEFAULT_VNODES,
-        )
+        Ring::new([("meta-1", 1), ("meta-2", 1), ("meta-3", 1)], DEFAULT_VNODES)
     }
 
     /// Two builds that disagree here would send hosts to different owners: never change these
@@ -278,10 +216,7 @@ mod tests {
     fn golden_owners() {
         let ring = three();
         let ids = ["meta-1", "meta-2", "meta-3"];
-        let got: Vec<(&str, &str)> = GOLDEN
-            .iter()
-            .map(|(h, _)| (*h, ids[ring.owner(h)]))
-            .collect();
+        let got: Vec<(&str, &str)> = GOLDEN.iter().map(|(h, _)| (*h, ids[ring.owner(h)])).collect();
         assert_eq!(got, GOLDEN.to_vec());
     }
 
@@ -340,10 +275,7 @@ mod tests {
             for n in [3usize, 10] {
                 let ids: Vec<String> = (1..=n).map(|i| format!("meta-{i}")).collect();
                 let ring = Ring::new(ids.iter().map(|s| (s.as_str(), 1)), vnodes);
-                println!(
-                    "vnodes {vnodes:5} nodes {n:2}: max/mean {:.4}",
-                    max_over_mean(&ring, n, 1_000_000)
-                );
+                println!("vnodes {vnodes:5} nodes {n:2}: max/mean {:.4}", max_over_mean(&ring, n, 1_000_000));
             }
         }
     }
@@ -366,10 +298,7 @@ mod tests {
         }
         let share = f64::from(moved) / f64::from(hosts);
         let ideal = 1.0 / (n as f64 + 1.0);
-        assert!(
-            (share - ideal).abs() < 0.02,
-            "moved {share:.4}, ideal {ideal:.4}"
-        );
+        assert!((share - ideal).abs() < 0.02, "moved {share:.4}, ideal {ideal:.4}");
     }
 
     #[test]
@@ -402,35 +331,21 @@ mod tests {
 
     #[test]
     fn parses_the_issue_shape_and_resolves_token_path() {
-        let c = parse("vnodes = 160\ntoken_file = \"cluster.token\"\n[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:2000\"\nweight = 1\n").unwrap();
+        let c = parse("vnodes = 160\ntoken_file = \"cluster.token\"\n[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:2000\"\nweight = 1\n")
+            .unwrap();
         assert_eq!(c.vnodes, 160);
-        assert_eq!(
-            c.token_file.as_deref(),
-            Some(Path::new("/etc/ops/cluster.token"))
-        );
+        assert_eq!(c.token_file.as_deref(), Some(Path::new("/etc/ops/cluster.token")));
         assert_eq!(c.nodes[0].addr, "127.0.0.1:2000".parse().unwrap());
         let c = parse("[[node]]\nid = \"m\"\naddr = \"127.0.0.1:1\"\n").unwrap();
-        assert_eq!(
-            (c.vnodes, c.nodes[0].weight, c.token_file),
-            (DEFAULT_VNODES, 1, None)
-        );
+        assert_eq!((c.vnodes, c.nodes[0].weight, c.token_file), (DEFAULT_VNODES, 1, None));
     }
 
     #[test]
     fn bad_cluster_files_name_line_and_column() {
         let node = "[[node]]\nid = \"m\"\naddr = \"127.0.0.1:1\"\n";
-        assert_eq!(
-            parse("").unwrap_err(),
-            "/etc/ops/cluster.toml: no [[node]]: a cluster needs at least one meta node"
-        );
-        assert_eq!(
-            parse(&format!("vnodes = 0\n{node}")).unwrap_err(),
-            "/etc/ops/cluster.toml:1:10: vnodes must be 1-100000, got 0"
-        );
-        assert_eq!(
-            parse(&format!("{node}{node}")).unwrap_err(),
-            "/etc/ops/cluster.toml:5:6: duplicate node id \"m\""
-        );
+        assert_eq!(parse("").unwrap_err(), "/etc/ops/cluster.toml: no [[node]]: a cluster needs at least one meta node");
+        assert_eq!(parse(&format!("vnodes = 0\n{node}")).unwrap_err(), "/etc/ops/cluster.toml:1:10: vnodes must be 1-100000, got 0");
+        assert_eq!(parse(&format!("{node}{node}")).unwrap_err(), "/etc/ops/cluster.toml:5:6: duplicate node id \"m\"");
         assert_eq!(
             parse("[[node]]\nid = \"m\"\naddr = \"localhost\"\n").unwrap_err(),
             "/etc/ops/cluster.toml:3:8: addr must be ip:port, got \"localhost\""
@@ -439,11 +354,7 @@ mod tests {
             parse("[[node]]\nid = \"m\"\naddr = \"127.0.0.1:1\"\nweight = 0\n").unwrap_err(),
             "/etc/ops/cluster.toml:4:10: weight must be 1-100, got 0"
         );
-        assert!(
-            parse("[[node]]\nid = \"m\"\nadr = \"x\"\n")
-                .unwrap_err()
-                .starts_with("/etc/ops/cluster.toml:3:1: unknown field `adr`")
-        );
+        assert!(parse("[[node]]\nid = \"m\"\nadr = \"x\"\n").unwrap_err().starts_with("/etc/ops/cluster.toml:3:1: unknown field `adr`"));
     }
 
     #[test]

@@ -19,9 +19,6 @@ mod tests {
     #[test]
     fn md5_hex_of_known_input() {
         assert_eq!(super::content_hash(b""), "d41d8cd98f00b204e9800998ecf8427e");
-        assert_eq!(
-            super::content_hash(b"abc"),
-            "900150983cd24fb0d6963f7d28e17f72"
-        );
+        assert_eq!(super::content_hash(b"abc"), "900150983cd24fb0d6963f7d28e17f72");
     }
 }

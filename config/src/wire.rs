@@ -178,21 +178,10 @@ pub enum WireError {
     AgentName { host: String, name: String },
     #[error("host {host}: agent {agent} reported twice")]
     DuplicateAgent { host: String, agent: String },
-    #[error(
-        "host {host}: agent {agent}: bad version {version:?}: want 1-64 of [A-Za-z0-9._+-], not . or .."
-    )]
-    Version {
-        host: String,
-        agent: String,
-        version: String,
-    },
+    #[error("host {host}: agent {agent}: bad version {version:?}: want 1-64 of [A-Za-z0-9._+-], not . or ..")]
+    Version { host: String, agent: String, version: String },
     #[error("host {host}: field {field} is {len} bytes, at most {limit} allowed")]
-    FieldTooLong {
-        host: String,
-        field: &'static str,
-        len: usize,
-        limit: usize,
-    },
+    FieldTooLong { host: String, field: &'static str, len: usize, limit: usize },
 }
 
 fn token_ok(s: &str, max: usize, extra: &[u8]) -> bool {
@@ -200,9 +189,7 @@ fn token_ok(s: &str, max: usize, extra: &[u8]) -> bool {
         && s.len() <= max
         && s != "."
         && s != ".."
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-' || extra.contains(&b)
-        })
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-' || extra.contains(&b))
 }
 
 /// 1-255 of `[A-Za-z0-9._-]`, never `.` or `..`.
@@ -222,12 +209,7 @@ pub fn valid_version(s: &str) -> bool {
 
 fn check_len(host: &str, field: &'static str, value: &str, limit: usize) -> Result<(), WireError> {
     if value.len() > limit {
-        return Err(WireError::FieldTooLong {
-            host: host.to_owned(),
-            field,
-            len: value.len(),
-            limit,
-        });
+        return Err(WireError::FieldTooLong { host: host.to_owned(), field, len: value.len(), limit });
     }
     Ok(())
 }
@@ -236,13 +218,9 @@ impl<'a> Heartbeat<'a> {
     /// Parses and validates one heartbeat body (whatever its Content-Type said).
     pub fn parse(body: &'a [u8]) -> Result<Self, WireError> {
         if body.len() > MAX_HEARTBEAT_BYTES {
-            return Err(WireError::TooLarge {
-                size: body.len(),
-                limit: MAX_HEARTBEAT_BYTES,
-            });
+            return Err(WireError::TooLarge { size: body.len(), limit: MAX_HEARTBEAT_BYTES });
         }
-        let hb: Heartbeat<'a> =
-            serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+        let hb: Heartbeat<'a> = serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
         hb.validate()?;
         Ok(hb)
     }
@@ -257,43 +235,25 @@ impl<'a> Heartbeat<'a> {
         }
         check_len(host, "ip", &self.ip, MAX_SHORT_FIELD)?;
         check_len(host, "runUser", &self.run_user, MAX_SHORT_FIELD)?;
-        check_len(
-            host,
-            "updaterVersion",
-            &self.updater_version,
-            MAX_SHORT_FIELD,
-        )?;
+        check_len(host, "updaterVersion", &self.updater_version, MAX_SHORT_FIELD)?;
         if self.real_agents.len() > MAX_AGENTS_PER_HOST {
-            return Err(WireError::TooManyAgents {
-                host: host.to_owned(),
-                count: self.real_agents.len(),
-            });
+            return Err(WireError::TooManyAgents { host: host.to_owned(), count: self.real_agents.len() });
         }
         for (i, a) in self.real_agents.iter().enumerate() {
             if !valid_agent_name(&a.name) {
                 let name: String = a.name.chars().take(MAX_NAME + 1).collect();
-                return Err(WireError::AgentName {
-                    host: host.to_owned(),
-                    name,
-                });
+                return Err(WireError::AgentName { host: host.to_owned(), name });
             }
             if !a.version.is_empty() && !valid_version(&a.version) {
                 let version: String = a.version.chars().take(MAX_NAME + 1).collect();
-                return Err(WireError::Version {
-                    host: host.to_owned(),
-                    agent: a.name.to_string(),
-                    version,
-                });
+                return Err(WireError::Version { host: host.to_owned(), agent: a.name.to_string(), version });
             }
             check_len(host, "status", &a.status, MAX_STATUS)?;
             check_len(host, "runUser", &a.run_user, MAX_SHORT_FIELD)?;
             check_len(host, "workDir", &a.work_dir, MAX_PATH)?;
             check_len(host, "lastError", &a.last_error, MAX_LAST_ERROR)?;
             if self.real_agents[..i].iter().any(|b| b.name == a.name) {
-                return Err(WireError::DuplicateAgent {
-                    host: host.to_owned(),
-                    agent: a.name.to_string(),
-                });
+                return Err(WireError::DuplicateAgent { host: host.to_owned(), agent: a.name.to_string() });
             }
         }
         Ok(())
@@ -306,11 +266,7 @@ impl<'a> Heartbeat<'a> {
             ip: Cow::Owned(self.ip.into_owned()),
             run_user: Cow::Owned(self.run_user.into_owned()),
             updater_version: Cow::Owned(self.updater_version.into_owned()),
-            real_agents: self
-                .real_agents
-                .into_iter()
-                .map(RealAgent::into_owned)
-                .collect(),
+            real_agents: self.real_agents.into_iter().map(RealAgent::into_owned).collect(),
         }
     }
 }
@@ -338,10 +294,7 @@ impl RealAgent<'_> {
 impl HeartbeatReply {
     /// The reply a server sends when it refuses a request.
     pub fn error(message: impl Into<String>) -> Self {
-        HeartbeatReply {
-            error_message: message.into(),
-            desired_agents: Vec::new(),
-        }
+        HeartbeatReply { error_message: message.into(), desired_agents: Vec::new() }
     }
 }
 
@@ -379,7 +332,10 @@ mod tests {
         assert!(hb.real_agents.is_empty());
         let hb = Heartbeat::parse(br#"{"hostname":"bj-web-001","realAgents":null}"#).unwrap();
         assert!(hb.real_agents.is_empty());
-        let hb = Heartbeat::parse(br#"{"hostname":"h","realAgents":[{"name":"a","version":"1","status":"stoped","timestamp":1}],"extra":{"x":1}}"#).unwrap();
+        let hb = Heartbeat::parse(
+            br#"{"hostname":"h","realAgents":[{"name":"a","version":"1","status":"stoped","timestamp":1}],"extra":{"x":1}}"#,
+        )
+        .unwrap();
         assert!(!hb.real_agents[0].is_started());
     }
 
@@ -396,68 +352,28 @@ mod tests {
     #[test]
     fn limits_are_refused_with_clear_errors() {
         assert!(matches!(refused("{"), WireError::Malformed(_)));
-        assert!(matches!(
-            refused(r#"{"realAgents":[]}"#),
-            WireError::Malformed(_)
-        ));
-        assert!(matches!(
-            refused(r#"{"hostname":"","realAgents":[]}"#),
-            WireError::Hostname(_)
-        ));
-        assert!(matches!(
-            refused(r#"{"hostname":"a/b"}"#),
-            WireError::Hostname(_)
-        ));
-        assert!(matches!(
-            refused(r#"{"hostname":".."}"#),
-            WireError::Hostname(_)
-        ));
+        assert!(matches!(refused(r#"{"realAgents":[]}"#), WireError::Malformed(_)));
+        assert!(matches!(refused(r#"{"hostname":"","realAgents":[]}"#), WireError::Hostname(_)));
+        assert!(matches!(refused(r#"{"hostname":"a/b"}"#), WireError::Hostname(_)));
+        assert!(matches!(refused(r#"{"hostname":".."}"#), WireError::Hostname(_)));
         let long = "h".repeat(256);
-        assert!(matches!(
-            refused(&format!(r#"{{"hostname":"{long}"}}"#)),
-            WireError::Hostname(_)
-        ));
-        assert!(
-            Heartbeat::parse(format!(r#"{{"hostname":"{}"}}"#, "h".repeat(255)).as_bytes()).is_ok()
-        );
+        assert!(matches!(refused(&format!(r#"{{"hostname":"{long}"}}"#)), WireError::Hostname(_)));
+        assert!(Heartbeat::parse(format!(r#"{{"hostname":"{}"}}"#, "h".repeat(255)).as_bytes()).is_ok());
         let e = refused(r#"{"hostname":"h","realAgents":[{"name":"../etc","version":"1"}]}"#);
-        assert_eq!(
-            e.to_string(),
-            "host h: bad agent name \"../etc\": want 1-64 of [A-Za-z0-9._-], not . or .."
-        );
-        assert!(matches!(
-            refused(r#"{"hostname":"h","realAgents":[{"name":"a","version":".."}]}"#),
-            WireError::Version { .. }
-        ));
-        assert!(matches!(
-            refused(r#"{"hostname":"h","realAgents":[{"name":"a","version":"1 2"}]}"#),
-            WireError::Version { .. }
-        ));
-        assert!(matches!(
-            refused(r#"{"hostname":"h","realAgents":[{"name":"a"},{"name":"a"}]}"#),
-            WireError::DuplicateAgent { .. }
-        ));
+        assert_eq!(e.to_string(), "host h: bad agent name \"../etc\": want 1-64 of [A-Za-z0-9._-], not . or ..");
+        assert!(matches!(refused(r#"{"hostname":"h","realAgents":[{"name":"a","version":".."}]}"#), WireError::Version { .. }));
+        assert!(matches!(refused(r#"{"hostname":"h","realAgents":[{"name":"a","version":"1 2"}]}"#), WireError::Version { .. }));
+        assert!(matches!(refused(r#"{"hostname":"h","realAgents":[{"name":"a"},{"name":"a"}]}"#), WireError::DuplicateAgent { .. }));
         let agents: Vec<String> = (0..65).map(|i| format!(r#"{{"name":"a{i}"}}"#)).collect();
         let body = format!(r#"{{"hostname":"h","realAgents":[{}]}}"#, agents.join(","));
-        assert!(matches!(
-            refused(&body),
-            WireError::TooManyAgents { count: 65, .. }
-        ));
+        assert!(matches!(refused(&body), WireError::TooManyAgents { count: 65, .. }));
         let status = "s".repeat(MAX_STATUS + 1);
         assert!(matches!(
-            refused(&format!(
-                r#"{{"hostname":"h","realAgents":[{{"name":"a","status":"{status}"}}]}}"#
-            )),
-            WireError::FieldTooLong {
-                field: "status",
-                ..
-            }
+            refused(&format!(r#"{{"hostname":"h","realAgents":[{{"name":"a","status":"{status}"}}]}}"#)),
+            WireError::FieldTooLong { field: "status", .. }
         ));
         let big = vec![b' '; MAX_HEARTBEAT_BYTES + 1];
-        assert!(matches!(
-            Heartbeat::parse(&big),
-            Err(WireError::TooLarge { .. })
-        ));
+        assert!(matches!(Heartbeat::parse(&big), Err(WireError::TooLarge { .. })));
     }
 
     #[test]

@@ -3,29 +3,21 @@
 //! `cargo bench -p meta-node --bench store_memory -- 1000000`
 use std::time::Instant;
 
-use relay::desired::Loaded;
-use meta_node::fleet::{self, AgentQuery, Filter};
+use meta_node::fleet::{self, AgentQuery, Filter, Scope};
 use meta_node::store::Store;
 use meta_node::{snapshot, unix_now};
 use ops_config::{DesiredConfig, Heartbeat};
+use relay::desired::Loaded;
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("linux /proc");
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("rss pages");
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("rss pages");
     pages * 4096
 }
 
 fn main() {
-    let hosts: u32 = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples/agents.toml");
+    let hosts: u32 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples/agents.toml");
     let loaded = Loaded::new(DesiredConfig::load(&path).expect("example config"), 1);
     // Bodies are built before the first RSS reading so only the store is measured.
     let bodies: Vec<String> = (0..hosts)
@@ -45,12 +37,7 @@ fn main() {
     let start = Instant::now();
     for body in &bodies {
         let hb = Heartbeat::parse(body.as_bytes()).expect("valid heartbeat");
-        store.upsert(
-            &hb,
-            now,
-            loaded.config.class_of(&hb.hostname),
-            loaded.generation,
-        );
+        store.upsert(&hb, now, loaded.config.class_of(&hb.hostname), loaded.generation, true);
     }
     let insert_s = start.elapsed().as_secs_f64();
     let after = rss_bytes();
@@ -60,78 +47,49 @@ fn main() {
         after >> 20,
         (after - before) as f64 / f64::from(hosts)
     );
-    println!(
-        "first sweep (parse + resolve + upsert, 1 thread): {:.0} heartbeats/s",
-        f64::from(hosts) / insert_s
-    );
+    println!("first sweep (parse + resolve + upsert, 1 thread): {:.0} heartbeats/s", f64::from(hosts) / insert_s);
 
     let start = Instant::now();
     for body in &bodies {
         let hb = Heartbeat::parse(body.as_bytes()).expect("valid heartbeat");
-        store.upsert(
-            &hb,
-            now,
-            loaded.config.class_of(&hb.hostname),
-            loaded.generation,
-        );
+        store.upsert(&hb, now, loaded.config.class_of(&hb.hostname), loaded.generation, true);
     }
-    println!(
-        "steady sweep (existing hosts, 1 thread): {:.0} heartbeats/s",
-        f64::from(hosts) / start.elapsed().as_secs_f64()
-    );
+    println!("steady sweep (existing hosts, 1 thread): {:.0} heartbeats/s", f64::from(hosts) / start.elapsed().as_secs_f64());
     drop(bodies);
 
     let q = AgentQuery::new("falcon-agent", &loaded, now, 900);
     let mut samples = Vec::new();
     for _ in 0..7 {
         let start = Instant::now();
-        let s = fleet::summarize(&store, &q);
+        let s = fleet::summarize(&store, &q, Scope::All);
         assert_eq!(s.hosts, u64::from(hosts));
         samples.push(start.elapsed().as_secs_f64() * 1000.0);
     }
     samples.sort_by(f64::total_cmp);
-    println!(
-        "summary scan: median {:.1} ms (min {:.1}, max {:.1})",
-        samples[3], samples[0], samples[6]
-    );
+    println!("summary scan: median {:.1} ms (min {:.1}, max {:.1})", samples[3], samples[0], samples[6]);
 
     let start = Instant::now();
     let mut bytes = 0usize;
-    let mut first = true;
     let rows = fleet::scan_rows(
         &store,
         &q,
+        Scope::All,
         &Filter::default(),
-        |row, buf| {
-            fleet::write_json_row(row, first, buf);
-            first = false;
-        },
+        fleet::write_json_row,
         |buf| {
             bytes += buf.len();
             true
         },
     );
-    println!(
-        "full JSON listing formatted: {rows} rows, {} MiB in {:.2} s",
-        bytes >> 20,
-        start.elapsed().as_secs_f64()
-    );
+    println!("full JSON listing formatted: {rows} rows, {} MiB in {:.2} s", bytes >> 20, start.elapsed().as_secs_f64());
 
     let dir = std::env::temp_dir().join(format!("ops-bench-snap-{}", std::process::id()));
     let start = Instant::now();
     let w = snapshot::write(&store, &dir).expect("snapshot");
-    println!(
-        "snapshot write: {} hosts, {} MiB, {:.2} s",
-        w.hosts,
-        w.bytes >> 20,
-        start.elapsed().as_secs_f64()
-    );
+    println!("snapshot write: {} hosts, {} MiB, {:.2} s", w.hosts, w.bytes >> 20, start.elapsed().as_secs_f64());
     let fresh = Store::new();
     let start = Instant::now();
-    let n = snapshot::load(&fresh, &dir).expect("load");
-    println!(
-        "snapshot load: {n} hosts in {:.2} s",
-        start.elapsed().as_secs_f64()
-    );
+    let n = snapshot::load(&fresh, &dir, |_| true).expect("load");
+    println!("snapshot load: {n} hosts in {:.2} s", start.elapsed().as_secs_f64());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,8 +11,8 @@ use std::io::Write;
 use ops_config::{ClassId, DesiredConfig};
 use serde::Serialize;
 
-use relay::desired::Loaded;
 use crate::store::{AgentState, Host, SHARDS, Shard, Store, Sym, Symbols};
+use relay::desired::Loaded;
 
 /// A deployment's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -44,11 +44,7 @@ impl State {
 /// `started` when `./control status` said so (seed 003), else `stopped`; `absent` when the host
 /// does not report the agent at all.
 pub fn run_state(status: &str) -> &'static str {
-    if status.contains("started") {
-        "started"
-    } else {
-        "stopped"
-    }
+    if status.contains("started") { "started" } else { "stopped" }
 }
 
 /// Filters of `/status/json|text`: every given one must match.
@@ -59,6 +55,28 @@ pub struct Filter {
     pub status: Option<String>,
     pub prefix: Option<String>,
     pub state: Option<State>,
+}
+
+/// Which of the hosts held a scan looks at. In a cluster, owned hosts are listed by their
+/// owner and failover copies are merged by the node that gathers (see `api::status`).
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'s> {
+    /// Every host held (standalone).
+    All,
+    /// Hosts this node owns, except those whose failover copy elsewhere is newer.
+    Owned { exclude: &'s hashbrown::HashSet<String> },
+    /// Failover copies: hosts held here but owned by another node.
+    Foreign,
+}
+
+impl Scope<'_> {
+    pub fn includes(&self, host: &Host) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Owned { exclude } => host.owned && (exclude.is_empty() || !exclude.contains(host.name.as_str())),
+            Scope::Foreign => !host.owned,
+        }
+    }
 }
 
 /// What a query needs of the config for one agent, resolved once per query.
@@ -104,11 +122,7 @@ impl<'c> AgentQuery<'c> {
     }
 
     fn class_of(&self, host: &Host) -> ClassId {
-        if host.generation == self.generation {
-            ClassId(u32::from(host.class))
-        } else {
-            self.config.class_of(&host.name)
-        }
+        if host.generation == self.generation { ClassId(u32::from(host.class)) } else { self.config.class_of(&host.name) }
     }
 
     /// The row of one host, or None when the host neither reports nor should run the agent.
@@ -123,10 +137,7 @@ impl<'c> AgentQuery<'c> {
         let pos = agent_sym.and_then(|s| host.agent(s));
         let desired = self.agent_index.map(|i| {
             let d = &self.config.class(self.class_of(host))[i];
-            Desired {
-                version: d.version.as_str(),
-                cmd: d.cmd.as_str(),
-            }
+            Desired { version: d.version.as_str(), cmd: d.cmd.as_str() }
         });
         if pos.is_none() && desired.is_none() {
             return None;
@@ -134,11 +145,7 @@ impl<'c> AgentQuery<'c> {
         let real: Option<&AgentState> = pos.map(|p| &host.agents[p]);
         let version = real.map_or("", |a| syms.resolve(a.version));
         let status = real.map_or("", |a| syms.resolve(a.status));
-        let run_state = if real.is_some() {
-            run_state(status)
-        } else {
-            "absent"
-        };
+        let run_state = if real.is_some() { run_state(status) } else { "absent" };
         let last_error = pos.and_then(|p| shard.last_error(slot, host, p));
         let state = if self.now.saturating_sub(host.last_seen) > self.stale_after {
             State::Stale
@@ -146,13 +153,7 @@ impl<'c> AgentQuery<'c> {
             State::Error
         } else {
             match desired {
-                Some(d)
-                    if real.is_none()
-                        || d.version != version
-                        || (d.cmd == "start") != (run_state == "started") =>
-                {
-                    State::Upgrading
-                }
+                Some(d) if real.is_none() || d.version != version || (d.cmd == "start") != (run_state == "started") => State::Upgrading,
                 _ => State::Ok,
             }
         };
@@ -172,7 +173,8 @@ impl<'c> AgentQuery<'c> {
 
 impl Filter {
     pub fn matches(&self, row: &Row<'_>) -> bool {
-        self.version.as_deref().is_none_or(|v| v == row.version)
+        self.prefix.as_deref().is_none_or(|p| row.hostname.starts_with(p))
+            && self.version.as_deref().is_none_or(|v| v == row.version)
             && self.status.as_deref().is_none_or(|s| match s {
                 "started" | "stopped" | "absent" => s == row.run_state,
                 other => other == row.status,
@@ -186,6 +188,7 @@ impl Filter {
 pub fn scan_rows(
     store: &Store,
     q: &AgentQuery<'_>,
+    scope: Scope<'_>,
     filter: &Filter,
     mut format: impl FnMut(&Row<'_>, &mut Vec<u8>),
     mut emit: impl FnMut(Vec<u8>) -> bool,
@@ -198,6 +201,9 @@ pub fn scan_rows(
             let shard = store.shard(i);
             let syms = store.symbols().reader();
             for (slot, host) in shard.hosts() {
+                if !scope.includes(host) {
+                    continue;
+                }
                 if let Some(p) = &filter.prefix
                     && !host.name.starts_with(p.as_str())
                 {
@@ -249,7 +255,7 @@ pub struct DesiredCount {
 }
 
 /// Counts by version × run state × state, without resolving a string per host.
-pub fn summarize(store: &Store, q: &AgentQuery<'_>) -> Summary {
+pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>) -> Summary {
     #[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
     struct Key {
         version: Sym,
@@ -263,18 +269,10 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>) -> Summary {
     for i in 0..SHARDS {
         let shard = store.shard(i);
         let syms = store.symbols().reader();
-        for (slot, host) in shard.hosts() {
+        for (slot, host) in shard.hosts().filter(|(_, h)| scope.includes(h)) {
             if let Some(row) = q.row(&shard, slot, host, agent_sym, &syms) {
-                let version = agent_sym
-                    .and_then(|s| host.agent(s))
-                    .map_or(Sym::EMPTY, |p| host.agents[p].version);
-                *groups
-                    .entry(Key {
-                        version,
-                        run_state: row.run_state,
-                        state: row.state,
-                    })
-                    .or_default() += 1;
+                let version = agent_sym.and_then(|s| host.agent(s)).map_or(Sym::EMPTY, |p| host.agents[p].version);
+                *groups.entry(Key { version, run_state: row.run_state, state: row.state }).or_default() += 1;
                 if row.desired.is_some() {
                     desired_by_class[q.class_of(host).0 as usize] += 1;
                 }
@@ -285,17 +283,12 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>) -> Summary {
         for (c, n) in desired_by_class.iter().enumerate() {
             if *n > 0 {
                 let d = &q.config.class(ClassId(c as u32))[ai];
-                *desired
-                    .entry((d.version.clone(), d.cmd.clone()))
-                    .or_default() += n;
+                *desired.entry((d.version.clone(), d.cmd.clone())).or_default() += n;
             }
         }
     }
     let syms = store.symbols().reader();
-    let mut by_state: BTreeMap<String, u64> = State::ALL
-        .iter()
-        .map(|s| (s.as_str().to_owned(), 0))
-        .collect();
+    let mut by_state: BTreeMap<String, u64> = State::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect();
     let mut out: Vec<Group> = groups
         .into_iter()
         .map(|(k, n)| {
@@ -311,31 +304,131 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>) -> Summary {
     out.sort_by(|a, b| (&a.version, &a.status, &a.state).cmp(&(&b.version, &b.status, &b.state)));
     let hosts: u64 = by_state.values().sum();
     let converged = by_state.get("ok").copied().unwrap_or(0);
-    let mut desired: Vec<DesiredCount> = desired
-        .into_iter()
-        .map(|((version, cmd), hosts)| DesiredCount {
-            version,
-            cmd,
-            hosts,
-        })
-        .collect();
-    desired.sort_by(|a, b| {
-        b.hosts
-            .cmp(&a.hosts)
-            .then_with(|| a.version.cmp(&b.version))
-    });
+    let mut desired: Vec<DesiredCount> = desired.into_iter().map(|((version, cmd), hosts)| DesiredCount { version, cmd, hosts }).collect();
+    desired.sort_by(|a, b| b.hosts.cmp(&a.hosts).then_with(|| a.version.cmp(&b.version)));
     Summary {
         agent: q.agent.to_owned(),
         hosts,
         converged,
-        converged_ratio: if hosts == 0 {
-            1.0
-        } else {
-            converged as f64 / hosts as f64
-        },
+        converged_ratio: if hosts == 0 { 1.0 } else { converged as f64 / hosts as f64 },
         desired,
         by_state,
         groups: out,
+    }
+}
+
+impl Summary {
+    /// An empty summary of `agent`.
+    pub fn empty(agent: &str) -> Summary {
+        Summary {
+            agent: agent.to_owned(),
+            hosts: 0,
+            converged: 0,
+            converged_ratio: 1.0,
+            desired: Vec::new(),
+            by_state: State::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// Adds the counts of another summary of the same agent (another node's hosts).
+    pub fn merge(&mut self, other: &Summary) {
+        for g in &other.groups {
+            self.add_group(&g.version, &g.status, &g.state, g.hosts);
+        }
+        for d in &other.desired {
+            self.add_desired(&d.version, &d.cmd, d.hosts);
+        }
+        self.finish();
+    }
+
+    /// Adds one host's row (a failover copy that won the merge).
+    pub fn add_row(&mut self, row: &OwnedRow) {
+        self.add_group(&row.version, &row.run_state, &row.state, 1);
+        if !row.desired_version.is_empty() {
+            self.add_desired(&row.desired_version, &row.desired_cmd, 1);
+        }
+        self.finish();
+    }
+
+    fn add_group(&mut self, version: &str, status: &str, state: &str, n: u64) {
+        match self.groups.iter_mut().find(|g| g.version == version && g.status == status && g.state == state) {
+            Some(g) => g.hosts += n,
+            None => self.groups.push(Group { version: version.to_owned(), status: status.to_owned(), state: state.to_owned(), hosts: n }),
+        }
+    }
+
+    fn add_desired(&mut self, version: &str, cmd: &str, n: u64) {
+        match self.desired.iter_mut().find(|d| d.version == version && d.cmd == cmd) {
+            Some(d) => d.hosts += n,
+            None => self.desired.push(DesiredCount { version: version.to_owned(), cmd: cmd.to_owned(), hosts: n }),
+        }
+    }
+
+    /// Recomputes totals and orders from the groups.
+    fn finish(&mut self) {
+        self.groups.sort_by(|a, b| (&a.version, &a.status, &a.state).cmp(&(&b.version, &b.status, &b.state)));
+        self.desired.sort_by(|a, b| b.hosts.cmp(&a.hosts).then_with(|| a.version.cmp(&b.version)));
+        self.by_state = State::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect();
+        for g in &self.groups {
+            *self.by_state.entry(g.state.clone()).or_default() += g.hosts;
+        }
+        self.hosts = self.by_state.values().sum();
+        self.converged = self.by_state.get("ok").copied().unwrap_or(0);
+        self.converged_ratio = if self.hosts == 0 { 1.0 } else { self.converged as f64 / self.hosts as f64 };
+    }
+}
+
+/// A row with its own strings: how failover copies travel between nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnedRow {
+    pub hostname: String,
+    pub ip: String,
+    pub version: String,
+    pub status: String,
+    pub run_state: String,
+    pub desired_version: String,
+    pub desired_cmd: String,
+    pub last_seen: u32,
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl OwnedRow {
+    pub fn from_row(row: &Row<'_>) -> OwnedRow {
+        OwnedRow {
+            hostname: row.hostname.to_owned(),
+            ip: row.ip.to_string(),
+            version: row.version.to_owned(),
+            status: row.status.to_owned(),
+            run_state: row.run_state.to_owned(),
+            desired_version: row.desired.map_or(String::new(), |d| d.version.to_owned()),
+            desired_cmd: row.desired.map_or(String::new(), |d| d.cmd.to_owned()),
+            last_seen: row.last_seen,
+            state: row.state.as_str().to_owned(),
+            last_error: row.last_error.map(str::to_owned),
+        }
+    }
+
+    /// A borrowed view for filtering and formatting. None if the row names an unknown state.
+    pub fn as_row(&self) -> Option<Row<'_>> {
+        Some(Row {
+            hostname: &self.hostname,
+            ip: crate::store::IpText::Str(&self.ip),
+            version: &self.version,
+            status: &self.status,
+            run_state: match self.run_state.as_str() {
+                "started" => "started",
+                "absent" => "absent",
+                _ => "stopped",
+            },
+            desired: (!self.desired_version.is_empty()).then_some(Desired { version: &self.desired_version, cmd: &self.desired_cmd }),
+            last_seen: self.last_seen,
+            last_error: self.last_error.as_deref(),
+            state: State::parse(&self.state)?,
+        })
     }
 }
 
@@ -354,11 +447,10 @@ struct RowJson<'a> {
     last_error: Option<&'a str>,
 }
 
-/// Appends a row as one JSON object (a comma before it unless `first`).
-pub fn write_json_row(row: &Row<'_>, first: bool, buf: &mut Vec<u8>) {
-    if !first {
-        buf.push(b',');
-    }
+/// Appends a row as one JSON object with a comma before it: streams of rows from several
+/// sources concatenate, and the writer of the array drops the very first comma.
+pub fn write_json_row(row: &Row<'_>, buf: &mut Vec<u8>) {
+    buf.push(b',');
     let r = RowJson {
         hostname: row.hostname,
         ip: row.ip.to_string(),
@@ -375,38 +467,21 @@ pub fn write_json_row(row: &Row<'_>, first: bool, buf: &mut Vec<u8>) {
 }
 
 /// The header line of the text listing.
-pub const TEXT_HEADER: &str =
-    "#hostname\tip\tversion\tstatus\tdesired\tstate\tlast_seen\tlast_error\n";
+pub const TEXT_HEADER: &str = "#hostname\tip\tversion\tstatus\tdesired\tstate\tlast_seen\tlast_error\n";
 
 fn clean(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        s.replace(char::is_control, " ").into()
-    } else {
-        s.into()
-    }
+    if s.chars().any(char::is_control) { s.replace(char::is_control, " ").into() } else { s.into() }
 }
 
 /// Appends a row as one tab-separated line.
 pub fn write_text_row(row: &Row<'_>, buf: &mut Vec<u8>) {
-    let status = if row.status.is_empty() {
-        row.run_state
-    } else {
-        row.status
-    };
+    let status = if row.status.is_empty() { row.run_state } else { row.status };
     let _ = writeln!(
         buf,
         "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
         row.hostname,
-        if matches!(row.ip, crate::store::IpText::Str("")) {
-            "-".to_string()
-        } else {
-            row.ip.to_string()
-        },
-        if row.version.is_empty() {
-            "-"
-        } else {
-            row.version
-        },
+        if matches!(row.ip, crate::store::IpText::Str("")) { "-".to_string() } else { row.ip.to_string() },
+        if row.version.is_empty() { "-" } else { row.version },
         clean(status),
         row.desired.map_or("-", |d| d.version),
         row.state.as_str(),

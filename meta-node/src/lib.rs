@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use ops_config::{ClusterMap, DesiredConfig};
+use ops_config::{ClusterMap, DesiredConfig, Ring};
+use relay::forward::{ForwardSettings, Forwarder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use relay::desired::Desired;
 use crate::store::Store;
+use relay::desired::Desired;
 
 /// Everything a node is told at start.
 #[derive(Debug, Clone)]
@@ -43,6 +44,10 @@ pub struct Settings {
     /// Shared secret of internal and remote admin calls.
     pub token: Option<String>,
     pub cluster: Option<ClusterMap>,
+    /// How long a status query waits for each peer.
+    pub peer_timeout: Duration,
+    /// How heartbeats of hosts this node does not own are forwarded to their owner.
+    pub forward: ForwardSettings,
 }
 
 impl Settings {
@@ -59,6 +64,8 @@ impl Settings {
             shutdown_grace: Duration::from_secs(10),
             token: None,
             cluster: None,
+            peer_timeout: Duration::from_secs(5),
+            forward: ForwardSettings { component: "meta_forward", ..ForwardSettings::default() },
         }
     }
 }
@@ -83,9 +90,28 @@ impl HotMetrics {
     }
 }
 
+/// What a node of a cluster knows of the others.
+pub struct Cluster {
+    pub map: ClusterMap,
+    pub ring: Ring,
+    /// This node's index in `map.nodes`.
+    pub me: usize,
+    pub forwarder: Arc<Forwarder>,
+    pub client: reqwest::Client,
+}
+
+impl Cluster {
+    /// Indexes of the other nodes.
+    pub fn peers(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.map.nodes.len()).filter(move |&i| i != self.me)
+    }
+}
+
 /// A running node's shared state.
 pub struct Node {
     pub settings: Settings,
+    /// None when standalone: the node owns every host.
+    pub cluster: Option<Cluster>,
     pub store: Store,
     pub desired: Desired,
     pub started: Instant,
@@ -95,27 +121,39 @@ pub struct Node {
 
 /// Server time in unix seconds (fits u32 until 2106).
 pub fn unix_now() -> u32 {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
 impl Node {
-    pub fn new(
-        settings: Settings,
-        config: DesiredConfig,
-        prometheus: Option<PrometheusHandle>,
-    ) -> Self {
+    /// Builds a node; `stop` ends the forwarder's probers (cancel it after `run` returns).
+    pub fn new(settings: Settings, config: DesiredConfig, prometheus: Option<PrometheusHandle>, stop: CancellationToken) -> Self {
         let path = settings.agents_path.clone();
+        let cluster = settings.cluster.as_ref().map(|map| {
+            let mut forward = settings.forward.clone();
+            forward.token = settings.token.clone();
+            Cluster {
+                ring: map.ring(),
+                me: map.index_of(&settings.id).expect("main checks the id is in the cluster map"),
+                forwarder: Forwarder::new(map, forward, stop),
+                client: reqwest::Client::builder().no_proxy().build().expect("http client"),
+                map: map.clone(),
+            }
+        });
         Node {
             settings,
+            cluster,
             store: Store::new(),
             desired: Desired::new(config, path),
             started: Instant::now(),
             prometheus,
             hot: HotMetrics::register(),
         }
+    }
+
+    /// Whether this node owns `hostname` on the ring (always, standalone).
+    pub fn owns(&self, hostname: &str) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.ring.owner(hostname) == c.me)
     }
 
     /// Gauges that are cheap to read at scrape time.
@@ -127,23 +165,17 @@ impl Node {
     /// Drops forgotten hosts and counts stale ones. Blocking.
     fn sweep(&self) {
         let now = unix_now();
+        // Failover copies (hosts of another node) are dropped once stale: their reports went
+        // back to the owner.
         let forgotten = self
             .store
-            .forget_before(now.saturating_sub(self.settings.forget_after_seconds));
+            .forget_before(now.saturating_sub(self.settings.forget_after_seconds), now.saturating_sub(self.settings.stale_after_seconds));
         if forgotten > 0 {
             ::metrics::counter!(crate::metrics::HOSTS_FORGOTTEN).increment(forgotten as u64);
             tracing::info!(forgotten, "dropped hosts not heard from for forget_after");
         }
         let cutoff = now.saturating_sub(self.settings.stale_after_seconds);
-        let stale: usize = (0..store::SHARDS)
-            .map(|i| {
-                self.store
-                    .shard(i)
-                    .hosts()
-                    .filter(|(_, h)| h.last_seen < cutoff)
-                    .count()
-            })
-            .sum();
+        let stale: usize = (0..store::SHARDS).map(|i| self.store.shard(i).hosts().filter(|(_, h)| h.last_seen < cutoff).count()).sum();
         ::metrics::gauge!(crate::metrics::HOSTS_STALE).set(stale as f64);
         self.refresh_gauges();
     }
@@ -170,7 +202,7 @@ impl Node {
     /// empty (real state is soft: the next sweep of heartbeats refills it).
     pub fn restore(&self) {
         let dir = &self.settings.data_dir;
-        match snapshot::load(&self.store, dir) {
+        match snapshot::load(&self.store, dir, |h| self.owns(h)) {
             Ok(hosts) => tracing::info!(hosts, dir = %dir.display(), "snapshot loaded"),
             Err(error) => {
                 let moved = snapshot::quarantine(dir, unix_now());
@@ -194,48 +226,40 @@ async fn every(period: Duration, token: CancellationToken, mut f: impl FnMut()) 
 
 /// Serves `node` on `listener` until `shutdown` is cancelled, then drains requests (up to the
 /// grace period) and writes a last snapshot.
-pub async fn run(
-    node: Arc<Node>,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let background = shutdown.child_token();
 
     {
         let n = node.clone();
-        tracker.spawn(every(
-            node.settings.snapshot_interval,
-            background.clone(),
-            move || {
-                let n = n.clone();
-                // Off the runtime: a snapshot of a million hosts takes a moment of disk I/O.
-                drop(tokio::task::spawn_blocking(move || n.snapshot()));
-            },
-        ));
+        tracker.spawn(every(node.settings.snapshot_interval, background.clone(), move || {
+            let n = n.clone();
+            // Off the runtime: a snapshot of a million hosts takes a moment of disk I/O.
+            drop(tokio::task::spawn_blocking(move || n.snapshot()));
+        }));
         let n = node.clone();
-        tracker.spawn(every(
-            node.settings.sweep_interval,
-            background.clone(),
-            move || {
-                let n = n.clone();
-                drop(tokio::task::spawn_blocking(move || n.sweep()));
-            },
-        ));
+        tracker.spawn(every(node.settings.sweep_interval, background.clone(), move || {
+            let n = n.clone();
+            drop(tokio::task::spawn_blocking(move || n.sweep()));
+        }));
         if let Some(handle) = node.prometheus.clone() {
-            tracker.spawn(every(
-                Duration::from_secs(5),
-                background.clone(),
-                move || handle.run_upkeep(),
-            ));
+            tracker.spawn(every(Duration::from_secs(5), background.clone(), move || handle.run_upkeep()));
         }
     }
 
-    let app =
-        api::router(node.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let forward_stop = CancellationToken::new();
+    let forwarder = node.cluster.as_ref().map(|c| tokio::spawn(c.forwarder.clone().run(forward_stop.clone())));
+    if node.cluster.is_some() {
+        let n = node.clone();
+        tracker.spawn(every(node.settings.sweep_interval, background.clone(), move || {
+            let n = n.clone();
+            drop(tokio::spawn(async move { api::admin::check_peers(&n).await }));
+        }));
+    }
+
+    let app = api::router(node.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let serve_token = shutdown.clone();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { serve_token.cancelled().await });
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move { serve_token.cancelled().await });
     let server = tokio::spawn(async move { server.await });
 
     shutdown.cancelled().await;
@@ -248,17 +272,17 @@ pub async fn run(
             tracing::warn!(grace = ?node.settings.shutdown_grace, "requests still in flight after the grace period; stopping anyway")
         }
     }
-    if tokio::time::timeout(node.settings.shutdown_grace, tracker.wait())
-        .await
-        .is_err()
+    forward_stop.cancel();
+    if let Some(f) = forwarder
+        && tokio::time::timeout(node.settings.shutdown_grace, f).await.is_err()
     {
+        tracing::warn!("forwarder did not drain within the grace period");
+    }
+    if tokio::time::timeout(node.settings.shutdown_grace, tracker.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop within the grace period");
     }
     let n = node.clone();
     tokio::task::spawn_blocking(move || n.snapshot()).await?;
-    tracing::info!(
-        hosts = node.store.len(),
-        "snapshot written on shutdown, stopped"
-    );
+    tracing::info!(hosts = node.store.len(), "snapshot written on shutdown, stopped");
     Ok(())
 }

@@ -15,11 +15,7 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "meta-node",
-    version,
-    about = "ops fleet meta node: real state of the fleet, desired config, status"
-)]
+#[command(name = "meta-node", version, about = "ops fleet meta node: real state of the fleet, desired config, status")]
 struct Cli {
     /// Node id; must be listed in --cluster when given.
     #[arg(long)]
@@ -51,6 +47,12 @@ struct Cli {
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_seconds: u64,
+    /// How long a status query waits for a peer (milliseconds).
+    #[arg(long, default_value_t = 5000)]
+    peer_timeout_ms: u64,
+    /// Heartbeats of hosts owned by another node: flush period (milliseconds).
+    #[arg(long, default_value_t = 1000)]
+    flush_ms: u64,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -58,11 +60,7 @@ struct Cli {
 
 fn default_agents() -> PathBuf {
     let main = Path::new("config/agents.toml");
-    if main.exists() {
-        main.to_path_buf()
-    } else {
-        PathBuf::from("config/examples/agents.toml")
-    }
+    if main.exists() { main.to_path_buf() } else { PathBuf::from("config/examples/agents.toml") }
 }
 
 fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig), String> {
@@ -71,19 +69,10 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig), String> {
     let mut s = Settings::standalone(agents_path, cli.data_dir.clone());
     if let Some(path) = &cli.cluster {
         let cluster = ClusterMap::load(path).map_err(|e| e.to_string())?;
-        let id = cli.id.clone().ok_or_else(|| {
-            format!(
-                "--cluster {} needs --id (one of the [[node]] ids)",
-                path.display()
-            )
-        })?;
+        let id = cli.id.clone().ok_or_else(|| format!("--cluster {} needs --id (one of the [[node]] ids)", path.display()))?;
         if cluster.index_of(&id).is_none() {
             let ids: Vec<&str> = cluster.nodes.iter().map(|n| n.id.as_str()).collect();
-            return Err(format!(
-                "{}: no [[node]] with id {id:?} (have {})",
-                path.display(),
-                ids.join(", ")
-            ));
+            return Err(format!("{}: no [[node]] with id {id:?} (have {})", path.display(), ids.join(", ")));
         }
         s.token = cluster.read_token().map_err(|e| e.to_string())?;
         s.id = id;
@@ -102,17 +91,18 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig), String> {
     s.snapshot_interval = Duration::from_secs(cli.snapshot_interval_seconds);
     s.sweep_interval = Duration::from_secs(cli.sweep_interval_seconds);
     s.shutdown_grace = Duration::from_secs(cli.shutdown_grace_seconds);
+    if cli.peer_timeout_ms == 0 || cli.flush_ms == 0 {
+        return Err("--peer-timeout-ms and --flush-ms must be > 0".into());
+    }
+    s.peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
+    s.forward.flush = Duration::from_millis(cli.flush_ms);
     Ok((s, config))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
     let (settings, config) = match settings(&cli) {
         Ok(v) => v,
@@ -121,10 +111,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meta-node: cannot start runtime: {e}");
@@ -142,21 +129,17 @@ fn main() -> ExitCode {
 
 async fn serve(listen: String, settings: Settings, config: DesiredConfig) -> anyhow::Result<()> {
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-            meta_node::metrics::LATENCY_BUCKETS,
-        )?
+        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), meta_node::metrics::LATENCY_BUCKETS)?
         .install_recorder()?;
     meta_node::metrics::describe();
     ::metrics::gauge!(meta_node::metrics::CONFIG_INFO, "hash" => config.hash().to_owned()).set(1.0);
 
-    let node = Arc::new(Node::new(settings, config, Some(prometheus)));
+    let forward_stop = CancellationToken::new();
+    let node = Arc::new(Node::new(settings, config, Some(prometheus), forward_stop.clone()));
     let n = node.clone();
     tokio::task::spawn_blocking(move || n.restore()).await?;
 
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     tracing::info!(
         addr = %listener.local_addr()?,
         id = %node.settings.id,
@@ -168,16 +151,16 @@ async fn serve(listen: String, settings: Settings, config: DesiredConfig) -> any
 
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone(), node.clone()));
-    meta_node::run(node, listener, shutdown).await
+    let result = meta_node::run(node, listener, shutdown).await;
+    forward_stop.cancel();
+    result
 }
 
 async fn signals(shutdown: CancellationToken, node: Arc<Node>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         tracing::error!("cannot install signal handlers");
         return;
     };

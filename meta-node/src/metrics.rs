@@ -14,71 +14,25 @@ pub const SNAPSHOT_DURATION: &str = "ops_meta_snapshot_duration_seconds";
 pub const SNAPSHOT_BYTES: &str = "ops_meta_snapshot_bytes";
 pub const STATUS_REQUESTS: &str = "ops_meta_status_requests_total";
 pub const INTERNED_STRINGS: &str = "ops_meta_interned_strings";
+pub const BATCHES_RECEIVED: &str = "ops_meta_batches_received_total";
+pub const BATCH_HOSTS_RECEIVED: &str = "ops_meta_batch_hosts_received_total";
+pub const PEER_ERRORS: &str = "ops_meta_peer_errors_total";
+pub const CONFIG_DIVERGED: &str = "ops_meta_config_diverged";
 
 /// Histogram buckets for request latencies, in seconds.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-];
+pub const LATENCY_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
 pub fn describe() {
-    describe_counter!(
-        HEARTBEATS,
-        Unit::Count,
-        "Heartbeats received, by result (ok, bad_request, too_large)."
-    );
-    describe_histogram!(
-        HEARTBEAT_DURATION,
-        Unit::Seconds,
-        "Time to handle one heartbeat, body read to reply."
-    );
-    describe_gauge!(
-        HOSTS,
-        Unit::Count,
-        "Hosts whose real state this node holds."
-    );
-    describe_gauge!(
-        HOSTS_STALE,
-        Unit::Count,
-        "Hosts held but not heard from for stale_after."
-    );
-    describe_counter!(
-        HOSTS_FORGOTTEN,
-        Unit::Count,
-        "Hosts dropped after forget_after without a report."
-    );
-    describe_counter!(
-        CONFIG_RELOADS,
-        Unit::Count,
-        "Desired-config reloads, by result (ok, error)."
-    );
-    describe_gauge!(
-        CONFIG_INFO,
-        Unit::Count,
-        "Always 1; the hash label is the content hash of the config served."
-    );
-    describe_counter!(
-        SNAPSHOTS,
-        Unit::Count,
-        "Snapshot writes, by result (ok, error)."
-    );
-    describe_histogram!(
-        SNAPSHOT_DURATION,
-        Unit::Seconds,
-        "Time to write one snapshot."
-    );
-    describe_gauge!(
-        SNAPSHOT_BYTES,
-        Unit::Bytes,
-        "Size of the last snapshot written."
-    );
-    describe_counter!(
-        STATUS_REQUESTS,
-        Unit::Count,
-        "Status queries, by kind (json, text, summary, host)."
-    );
-    describe_gauge!(
-        INTERNED_STRINGS,
-        Unit::Count,
-        "Distinct strings interned (agent names, versions, status texts...)."
-    );
+    describe_counter!(HEARTBEATS, Unit::Count, "Heartbeats received, by result (ok, bad_request, too_large).");
+    describe_histogram!(HEARTBEAT_DURATION, Unit::Seconds, "Time to handle one heartbeat, body read to reply.");
+    describe_gauge!(HOSTS, Unit::Count, "Hosts whose real state this node holds.");
+    describe_gauge!(HOSTS_STALE, Unit::Count, "Hosts held but not heard from for stale_after.");
+    describe_counter!(HOSTS_FORGOTTEN, Unit::Count, "Hosts dropped after forget_after without a report.");
+    describe_counter!(CONFIG_RELOADS, Unit::Count, "Desired-config reloads, by result (ok, error).");
+    describe_gauge!(CONFIG_INFO, Unit::Count, "Always 1; the hash label is the content hash of the config served.");
+    describe_counter!(SNAPSHOTS, Unit::Count, "Snapshot writes, by result (ok, error).");
+    describe_histogram!(SNAPSHOT_DURATION, Unit::Seconds, "Time to write one snapshot.");
+    describe_gauge!(SNAPSHOT_BYTES, Unit::Bytes, "Size of the last snapshot written.");
+    describe_counter!(STATUS_REQUESTS, Unit::Count, "Status queries, by kind (json, text, summary, host).");
+    describe_gauge!(INTERNED_STRINGS, Unit::Count, "Distinct strings interned (agent names, versions, status texts...).");
 }

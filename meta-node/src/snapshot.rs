@@ -82,20 +82,11 @@ fn encode_shard(store: &Store, i: usize, buf: &mut Vec<u8>) -> usize {
         }
         buf.push(h.agents.len() as u8);
         for a in h.agents.iter() {
-            for v in [
-                a.name.0,
-                a.version.0,
-                a.status.0,
-                a.run_user.0,
-                a.work_dir.0,
-                a.timestamp,
-            ] {
+            for v in [a.name.0, a.version.0, a.status.0, a.run_user.0, a.work_dir.0, a.timestamp] {
                 buf.extend_from_slice(&v.to_le_bytes());
             }
         }
-        let errors: Vec<(usize, &str)> = (0..h.agents.len())
-            .filter_map(|i| shard.last_error(slot, h, i).map(|e| (i, e)))
-            .collect();
+        let errors: Vec<(usize, &str)> = (0..h.agents.len()).filter_map(|i| shard.last_error(slot, h, i).map(|e| (i, e))).collect();
         buf.push(errors.len() as u8);
         for (i, e) in errors {
             buf.push(i as u8);
@@ -110,17 +101,10 @@ fn encode_shard(store: &Store, i: usize, buf: &mut Vec<u8>) -> usize {
 pub fn write(store: &Store, data_dir: &Path) -> Result<Written, SnapshotError> {
     let path = path_in(data_dir);
     let tmp = data_dir.join(format!("{FILE_NAME}.tmp"));
-    let io_err = |source| SnapshotError::Io {
-        path: tmp.clone(),
-        source,
-    };
+    let io_err = |source| SnapshotError::Io { path: tmp.clone(), source };
     fs::create_dir_all(data_dir).map_err(io_err)?;
     let file = File::create(&tmp).map_err(io_err)?;
-    let mut w = CrcWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        crc: crc32fast::Hasher::new(),
-        written: 0,
-    };
+    let mut w = CrcWriter { inner: BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new(), written: 0 };
     w.write_all(MAGIC).map_err(io_err)?;
     let mut buf = Vec::with_capacity(1 << 20);
     let mut hosts = 0;
@@ -149,10 +133,7 @@ pub fn write(store: &Store, data_dir: &Path) -> Result<Written, SnapshotError> {
     file.sync_all().map_err(io_err)?;
     let bytes = file.metadata().map_err(io_err)?.len();
     drop(file);
-    fs::rename(&tmp, &path).map_err(|source| SnapshotError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    fs::rename(&tmp, &path).map_err(|source| SnapshotError::Io { path: path.clone(), source })?;
     if let Ok(dir) = File::open(data_dir) {
         let _ = dir.sync_all();
     }
@@ -178,8 +159,7 @@ impl<'a> Reader<'a> {
         self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn str(&mut self, len: usize) -> Option<&'a str> {
         std::str::from_utf8(self.take(len)?).ok()
@@ -187,17 +167,16 @@ impl<'a> Reader<'a> {
 }
 
 /// Loads `{data_dir}/state.snap` into `store`; returns the hosts loaded (0 with no file).
-pub fn load(store: &Store, data_dir: &Path) -> Result<usize, SnapshotError> {
+/// `owned` tells whether this node owns a hostname on the ring (ownership may have changed
+/// since the snapshot was written).
+pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Result<usize, SnapshotError> {
     let path = path_in(data_dir);
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(source) => return Err(SnapshotError::Io { path, source }),
     };
-    let corrupt = |what| SnapshotError::Corrupt {
-        path: path.clone(),
-        what,
-    };
+    let corrupt = |what| SnapshotError::Corrupt { path: path.clone(), what };
     if bytes.len() < MAGIC.len() + 12 || &bytes[..8] != MAGIC {
         return Err(corrupt("not a snapshot (bad magic)"));
     }
@@ -206,13 +185,9 @@ pub fn load(store: &Store, data_dir: &Path) -> Result<usize, SnapshotError> {
         return Err(corrupt("checksum mismatch (truncated or damaged)"));
     }
     let (body, offset) = body.split_at(body.len() - 8);
-    let sym_offset =
-        u64::from_le_bytes(offset.try_into().map_err(|_| corrupt("bad trailer"))?) as usize;
+    let sym_offset = u64::from_le_bytes(offset.try_into().map_err(|_| corrupt("bad trailer"))?) as usize;
 
-    let mut r = Reader {
-        buf: body,
-        pos: sym_offset,
-    };
+    let mut r = Reader { buf: body, pos: sym_offset };
     let count = r.u32().ok_or_else(|| corrupt("bad symbol table"))? as usize;
     let mut syms = Vec::with_capacity(count.min(1 << 24));
     for _ in 0..count {
@@ -220,16 +195,9 @@ pub fn load(store: &Store, data_dir: &Path) -> Result<usize, SnapshotError> {
         let s = r.str(len).ok_or_else(|| corrupt("bad symbol"))?;
         syms.push(store.symbols().intern(s));
     }
-    let map = |old: u32| {
-        syms.get(old as usize)
-            .copied()
-            .ok_or_else(|| corrupt("unknown symbol"))
-    };
+    let map = |old: u32| syms.get(old as usize).copied().ok_or_else(|| corrupt("unknown symbol"));
 
-    let mut r = Reader {
-        buf: &body[..sym_offset.min(body.len())],
-        pos: MAGIC.len(),
-    };
+    let mut r = Reader { buf: &body[..sym_offset.min(body.len())], pos: MAGIC.len() };
     let mut loaded = 0;
     let bad = || corrupt("bad host record");
     loop {
@@ -244,11 +212,7 @@ pub fn load(store: &Store, data_dir: &Path) -> Result<usize, SnapshotError> {
             1 => (IpKind::V4, r.u32().ok_or_else(bad)?, None),
             2 => {
                 let len = r.u16().ok_or_else(bad)? as usize;
-                (
-                    IpKind::Other,
-                    0,
-                    Some(Box::from(r.str(len).ok_or_else(bad)?)),
-                )
+                (IpKind::Other, 0, Some(Box::from(r.str(len).ok_or_else(bad)?)))
             }
             _ => return Err(bad()),
         };
@@ -295,12 +259,9 @@ pub fn load(store: &Store, data_dir: &Path) -> Result<usize, SnapshotError> {
             generation: 0,
             class: 0,
             ip_kind,
+            owned: owned(name),
         };
-        store.put(HostRecord {
-            host,
-            errors,
-            other_ip,
-        });
+        store.put(HostRecord { host, errors, other_ip });
         loaded += 1;
     }
     Ok(loaded)
@@ -321,26 +282,13 @@ mod tests {
 
     fn fill(store: &Store, n: usize) {
         for i in 0..n {
-            let ip = if i % 10 == 0 {
-                format!("fe80::{i:x}")
-            } else {
-                format!("10.0.{}.{}", i / 256 % 256, i % 256)
-            };
-            let err = if i % 7 == 0 {
-                r#","lastError":"md5 mismatch""#
-            } else {
-                ""
-            };
+            let ip = if i % 10 == 0 { format!("fe80::{i:x}") } else { format!("10.0.{}.{}", i / 256 % 256, i % 256) };
+            let err = if i % 7 == 0 { r#","lastError":"md5 mismatch""# } else { "" };
             let body = format!(
                 r#"{{"hostname":"host-{i}","ip":"{ip}","runUser":"root","updaterVersion":"0.1.0","realAgents":[{{"name":"falcon-agent","version":"5.1.{v}","status":"started","timestamp":{i},"runUser":"falcon","workDir":"/home/falcon"{err}}},{{"name":"b","version":"1"}}]}}"#,
                 v = i % 3
             );
-            store.upsert(
-                &Heartbeat::parse(body.as_bytes()).unwrap(),
-                1000 + i as u32,
-                ClassId(0),
-                1,
-            );
+            store.upsert(&Heartbeat::parse(body.as_bytes()).unwrap(), 1000 + i as u32, ClassId(0), 1, true);
         }
     }
 
@@ -391,7 +339,7 @@ mod tests {
         assert_eq!(w.hosts, 3000);
         let again = Store::new();
         again.symbols().intern("something else first");
-        assert_eq!(load(&again, dir.path()).unwrap(), 3000);
+        assert_eq!(load(&again, dir.path(), |_| true).unwrap(), 3000);
         assert_eq!(again.len(), 3000);
         assert_eq!(dump(&again), dump(&store));
         assert!(!dir.path().join("state.snap.tmp").exists());
@@ -400,7 +348,7 @@ mod tests {
     #[test]
     fn no_file_is_an_empty_store() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(load(&Store::new(), dir.path()).unwrap(), 0);
+        assert_eq!(load(&Store::new(), dir.path(), |_| true).unwrap(), 0);
     }
 
     #[test]
@@ -423,7 +371,7 @@ mod tests {
         ] {
             fs::write(&path, &bytes).unwrap();
             let fresh = Store::new();
-            let e = load(&fresh, dir.path()).unwrap_err();
+            let e = load(&fresh, dir.path(), |_| true).unwrap_err();
             assert!(matches!(e, SnapshotError::Corrupt { .. }), "{what}: {e}");
             assert_eq!(fresh.len(), 0, "{what}: nothing half-loaded");
         }

@@ -46,9 +46,7 @@ pub struct Interner {
 
 impl Default for Interner {
     fn default() -> Self {
-        let interner = Interner {
-            inner: RwLock::new(InternerInner::default()),
-        };
+        let interner = Interner { inner: RwLock::new(InternerInner::default()) };
         interner.intern("");
         interner
     }
@@ -72,9 +70,7 @@ impl Interner {
 
     /// A shared view for resolving many symbols at once.
     pub fn reader(&self) -> Symbols<'_> {
-        Symbols {
-            guard: self.inner.read(),
-        }
+        Symbols { guard: self.inner.read() }
     }
 
     pub fn len(&self) -> usize {
@@ -87,10 +83,7 @@ impl Interner {
 
     /// Looks up many strings under one shared lock, interning the missing ones.
     fn lookup(&self) -> Lookup<'_> {
-        Lookup {
-            interner: self,
-            guard: Some(self.inner.read()),
-        }
+        Lookup { interner: self, guard: Some(self.inner.read()) }
     }
 }
 
@@ -167,6 +160,8 @@ pub struct Host {
     pub generation: u32,
     pub class: u16,
     pub ip_kind: IpKind,
+    /// This node owns the host on the ring (false: a failover copy).
+    pub owned: bool,
 }
 
 /// A slice of the store behind one lock.
@@ -182,11 +177,7 @@ pub struct Shard {
 impl Shard {
     /// Live hosts with their slot numbers.
     pub fn hosts(&self) -> impl Iterator<Item = (u32, &Host)> {
-        self.hosts
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| !h.name.is_empty())
-            .map(|(i, h)| (i as u32, h))
+        self.hosts.iter().enumerate().filter(|(_, h)| !h.name.is_empty()).map(|(i, h)| (i as u32, h))
     }
 
     /// The `lastError` an agent (by position) of the host in `slot` reported, if any.
@@ -207,9 +198,7 @@ impl Shard {
     }
 
     fn find(&self, hash: u64, name: &str) -> Option<u32> {
-        self.index
-            .find(hash, |&slot| self.hosts[slot as usize].name == name)
-            .copied()
+        self.index.find(hash, |&slot| self.hosts[slot as usize].name == name).copied()
     }
 
     fn remove_slot(&mut self, slot: u32, hasher: &DefaultHashBuilder) {
@@ -224,14 +213,7 @@ impl Shard {
     }
 
     /// Inserts or replaces a whole host record (snapshot load). Returns true if it was new.
-    fn put(
-        &mut self,
-        hash: u64,
-        host: Host,
-        errors: Vec<(u8, Box<str>)>,
-        other_ip: Option<Box<str>>,
-        hasher: &DefaultHashBuilder,
-    ) -> bool {
+    fn put(&mut self, hash: u64, host: Host, errors: Vec<(u8, Box<str>)>, other_ip: Option<Box<str>>, hasher: &DefaultHashBuilder) -> bool {
         let (slot, new) = match self.find(hash, &host.name) {
             Some(slot) => {
                 let old = &self.hosts[slot as usize];
@@ -262,19 +244,12 @@ impl Shard {
             }
         };
         let hosts = &self.hosts;
-        self.index.insert_unique(hash, slot, |&s| {
-            hasher.hash_one(hosts[s as usize].name.as_str())
-        });
+        self.index.insert_unique(hash, slot, |&s| hasher.hash_one(hosts[s as usize].name.as_str()));
         slot
     }
 }
 
-fn clear_side_tables(
-    errors: &mut HashMap<(u32, u8), Box<str>>,
-    other_ips: &mut HashMap<u32, Box<str>>,
-    slot: u32,
-    host: &Host,
-) {
+fn clear_side_tables(errors: &mut HashMap<(u32, u8), Box<str>>, other_ips: &mut HashMap<u32, Box<str>>, slot: u32, host: &Host) {
     let mut mask = host.err_mask;
     while mask != 0 {
         let i = mask.trailing_zeros() as u8;
@@ -315,6 +290,7 @@ impl Host {
             generation: 0,
             class: 0,
             ip_kind: IpKind::None,
+            owned: true,
         }
     }
 
@@ -377,8 +353,9 @@ impl Store {
     }
 
     /// Records a validated heartbeat received at `now`, resolved to `class` under config
-    /// generation `generation`. The heartbeat's agent count is at most 64 (validated).
-    pub fn upsert(&self, hb: &Heartbeat<'_>, now: u32, class: ClassId, generation: u32) {
+    /// generation `generation`. The newest report wins: one older than the stored one is
+    /// ignored (returns false). The heartbeat's agent count is at most 64 (validated).
+    pub fn upsert(&self, hb: &Heartbeat<'_>, now: u32, class: ClassId, generation: u32, owned: bool) -> bool {
         let n = hb.real_agents.len().min(MAX_AGENTS_PER_HOST);
         let mut agents = [AgentState::default(); MAX_AGENTS_PER_HOST];
         let (run_user, updater_version);
@@ -398,13 +375,8 @@ impl Store {
             updater_version = look.sym(&hb.updater_version);
         }
         let agents = &agents[..n];
-        let err_mask = hb
-            .real_agents
-            .iter()
-            .take(n)
-            .enumerate()
-            .filter(|(_, a)| !a.last_error.is_empty())
-            .fold(0u64, |m, (i, _)| m | (1 << i));
+        let err_mask =
+            hb.real_agents.iter().take(n).enumerate().filter(|(_, a)| !a.last_error.is_empty()).fold(0u64, |m, (i, _)| m | (1 << i));
         let (ip_kind, ip) = match hb.ip.parse::<Ipv4Addr>() {
             _ if hb.ip.is_empty() => (IpKind::None, 0),
             Ok(v4) => (IpKind::V4, u32::from(v4)),
@@ -417,6 +389,7 @@ impl Store {
         let mut guard = self.shard_of(hash).lock();
         let shard = &mut *guard;
         let slot = match shard.find(hash, name) {
+            Some(slot) if shard.hosts[slot as usize].last_seen > now => return false,
             Some(slot) => {
                 let host = &mut shard.hosts[slot as usize];
                 if host.err_mask != 0 || host.ip_kind == IpKind::Other {
@@ -435,6 +408,7 @@ impl Store {
                 host.updater_version = updater_version;
                 host.generation = generation;
                 host.class = class;
+                host.owned = owned;
                 slot
             }
             None => {
@@ -449,6 +423,7 @@ impl Store {
                     generation,
                     class,
                     ip_kind,
+                    owned,
                 };
                 self.hosts.fetch_add(1, Ordering::Relaxed);
                 shard.insert_new(hash, host, &self.hasher)
@@ -457,15 +432,14 @@ impl Store {
         if err_mask != 0 {
             for (i, a) in hb.real_agents.iter().take(n).enumerate() {
                 if !a.last_error.is_empty() {
-                    shard
-                        .errors
-                        .insert((slot, i as u8), a.last_error.as_ref().into());
+                    shard.errors.insert((slot, i as u8), a.last_error.as_ref().into());
                 }
             }
         }
         if ip_kind == IpKind::Other {
             shard.other_ips.insert(slot, hb.ip.as_ref().into());
         }
+        true
     }
 
     /// Inserts a record read from a snapshot (replacing a host of the same name).
@@ -493,14 +467,15 @@ impl Store {
         self.shards[i].lock()
     }
 
-    /// Drops hosts last seen before `cutoff`; returns how many.
-    pub fn forget_before(&self, cutoff: u32) -> usize {
+    /// Drops hosts last seen before `cutoff`, and failover copies (not owned) last seen
+    /// before `copies_cutoff`; returns how many.
+    pub fn forget_before(&self, cutoff: u32, copies_cutoff: u32) -> usize {
         let mut dropped = 0;
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             let old: Vec<u32> = shard
                 .hosts()
-                .filter(|(_, h)| h.last_seen < cutoff)
+                .filter(|(_, h)| h.last_seen < cutoff || (!h.owned && h.last_seen < copies_cutoff))
                 .map(|(slot, _)| slot)
                 .collect();
             for slot in old {
@@ -524,23 +499,20 @@ mod tests {
     #[test]
     fn host_record_stays_small() {
         assert_eq!(std::mem::size_of::<AgentState>(), 24);
-        assert!(
-            std::mem::size_of::<Host>() <= 72,
-            "{}",
-            std::mem::size_of::<Host>()
-        );
+        assert!(std::mem::size_of::<Host>() <= 72, "{}", std::mem::size_of::<Host>());
     }
 
     #[test]
     fn newest_report_replaces_the_last() {
         let store = Store::new();
-        store.upsert(&hb(r#"{"hostname":"h1","ip":"10.0.0.1","realAgents":[{"name":"a","version":"1","status":"started","lastError":"boom"}]}"#), 100, ClassId(0), 1);
         store.upsert(
-            &hb(r#"{"hostname":"h2","ip":"::1","realAgents":[]}"#),
+            &hb(r#"{"hostname":"h1","ip":"10.0.0.1","realAgents":[{"name":"a","version":"1","status":"started","lastError":"boom"}]}"#),
             100,
             ClassId(0),
             1,
+            true,
         );
+        store.upsert(&hb(r#"{"hostname":"h2","ip":"::1","realAgents":[]}"#), 100, ClassId(0), 1, true);
         assert_eq!(store.len(), 2);
         let (ver, err, ip) = store
             .with_host("h1", |shard, slot, h| {
@@ -552,47 +524,39 @@ mod tests {
                 )
             })
             .unwrap();
-        assert_eq!(
-            (ver.as_str(), err.as_deref(), ip.as_str()),
-            ("1", Some("boom"), "10.0.0.1")
-        );
+        assert_eq!((ver.as_str(), err.as_deref(), ip.as_str()), ("1", Some("boom"), "10.0.0.1"));
 
-        store.upsert(&hb(r#"{"hostname":"h1","realAgents":[{"name":"a","version":"2","status":" stopped\n"},{"name":"b","version":"9"}]}"#), 200, ClassId(3), 2);
+        store.upsert(
+            &hb(r#"{"hostname":"h1","realAgents":[{"name":"a","version":"2","status":" stopped\n"},{"name":"b","version":"9"}]}"#),
+            200,
+            ClassId(3),
+            2,
+            true,
+        );
         assert_eq!(store.len(), 2);
         store
             .with_host("h1", |shard, slot, h| {
                 let syms = store.symbols().reader();
                 assert_eq!(h.agents.len(), 2);
                 assert_eq!(syms.resolve(h.agents[0].version), "2");
-                assert_eq!(
-                    syms.resolve(h.agents[0].status),
-                    "stopped",
-                    "status is trimmed"
-                );
+                assert_eq!(syms.resolve(h.agents[0].status), "stopped", "status is trimmed");
                 assert_eq!(shard.last_error(slot, h, 0), None);
                 assert_eq!(shard.ip(slot, h).to_string(), "");
                 assert_eq!((h.last_seen, h.class, h.generation), (200, 3, 2));
                 assert!(shard.errors.is_empty());
             })
             .unwrap();
-        assert_eq!(
-            store
-                .with_host("h2", |s, slot, h| s.ip(slot, h).to_string())
-                .unwrap(),
-            "::1"
-        );
+        assert_eq!(store.with_host("h2", |s, slot, h| s.ip(slot, h).to_string()).unwrap(), "::1");
     }
 
     #[test]
     fn forgetting_frees_slots_and_side_tables() {
         let store = Store::new();
         for i in 0..1000 {
-            let body = format!(
-                r#"{{"hostname":"host-{i}","ip":"name-{i}","realAgents":[{{"name":"a","lastError":"e"}}]}}"#
-            );
-            store.upsert(&hb(&body), if i % 2 == 0 { 10 } else { 20 }, ClassId(0), 1);
+            let body = format!(r#"{{"hostname":"host-{i}","ip":"name-{i}","realAgents":[{{"name":"a","lastError":"e"}}]}}"#);
+            store.upsert(&hb(&body), if i % 2 == 0 { 10 } else { 20 }, ClassId(0), 1, true);
         }
-        assert_eq!(store.forget_before(15), 500);
+        assert_eq!(store.forget_before(15, 0), 500);
         assert_eq!(store.len(), 500);
         assert!(store.with_host("host-0", |_, _, _| ()).is_none());
         assert!(store.with_host("host-1", |_, _, _| ()).is_some());
@@ -605,12 +569,7 @@ mod tests {
         assert_eq!(side, 1000);
         // Freed slots are reused (names come back to the shard they left).
         for i in (0..1000).step_by(2) {
-            store.upsert(
-                &hb(&format!(r#"{{"hostname":"host-{i}"}}"#)),
-                30,
-                ClassId(0),
-                1,
-            );
+            store.upsert(&hb(&format!(r#"{{"hostname":"host-{i}"}}"#)), 30, ClassId(0), 1, true);
         }
         let slots: usize = (0..SHARDS).map(|i| store.shard(i).hosts.len()).sum();
         assert_eq!(slots, 1000);

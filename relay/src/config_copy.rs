@@ -133,7 +133,8 @@ impl ConfigCopy {
 mod tests {
     use super::*;
 
-    const GOOD: &str = "[[agent]]\nname = \"a\"\ntarball = \"http://f/r\"\nrun_user = \"u\"\nwork_dir = \"/w\"\ndefault = { version = \"1\" }\n";
+    const GOOD: &str =
+        "[[agent]]\nname = \"a\"\ntarball = \"http://f/r\"\nrun_user = \"u\"\nwork_dir = \"/w\"\ndefault = { version = \"1\" }\n";
 
     #[test]
     fn installed_copy_survives_a_restart_and_bad_text_changes_nothing() {

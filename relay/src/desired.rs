@@ -23,20 +23,11 @@ impl Loaded {
     pub fn new(config: DesiredConfig, generation: u32) -> Self {
         let replies = (0..config.class_count())
             .map(|c| {
-                let reply = HeartbeatReply {
-                    error_message: String::new(),
-                    desired_agents: config.class(ClassId(c as u32)).to_vec(),
-                };
-                Bytes::from(
-                    serde_json::to_vec(&reply).expect("a reply of strings always serializes"),
-                )
+                let reply = HeartbeatReply { error_message: String::new(), desired_agents: config.class(ClassId(c as u32)).to_vec() };
+                Bytes::from(serde_json::to_vec(&reply).expect("a reply of strings always serializes"))
             })
             .collect();
-        Loaded {
-            config,
-            generation,
-            replies,
-        }
+        Loaded { config, generation, replies }
     }
 
     /// The serialized heartbeat reply for hosts of `class`.
@@ -54,11 +45,7 @@ pub struct Desired {
 
 impl Desired {
     pub fn new(config: DesiredConfig, path: PathBuf) -> Self {
-        Desired {
-            current: ArcSwap::from_pointee(Loaded::new(config, 1)),
-            path,
-            reload_lock: Mutex::new(()),
-        }
+        Desired { current: ArcSwap::from_pointee(Loaded::new(config, 1)), path, reload_lock: Mutex::new(()) }
     }
 
     pub fn current(&self) -> Arc<Loaded> {

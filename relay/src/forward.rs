@@ -124,11 +124,19 @@ impl Forwarder {
     /// Describes the forwarder's metrics (once per process).
     pub fn describe(component: &'static str) {
         use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-        describe_counter!(format!("ops_{component}_batches_total"), Unit::Count, "Batches sent to meta nodes, by node and result (ok, error).");
+        describe_counter!(
+            format!("ops_{component}_batches_total"),
+            Unit::Count,
+            "Batches sent to meta nodes, by node and result (ok, error)."
+        );
         describe_gauge!(format!("ops_{component}_pending_hosts"), Unit::Count, "Hosts waiting to be sent, by owning node.");
         describe_gauge!(format!("ops_{component}_node_up"), Unit::Count, "1 while a meta node takes batches, 0 while it is failed over.");
         describe_histogram!(format!("ops_{component}_batch_hosts"), Unit::Count, "Hosts per batch sent.");
-        describe_counter!(format!("ops_{component}_failover_hosts_total"), Unit::Count, "Host reports sent to a node other than their owner.");
+        describe_counter!(
+            format!("ops_{component}_failover_hosts_total"),
+            Unit::Count,
+            "Host reports sent to a node other than their owner."
+        );
     }
 
     pub fn ring(&self) -> &Ring {

@@ -62,7 +62,11 @@ async fn handle(relay: &Relay, body: Body) -> Result<Bytes, Refused> {
     let bytes = read_heartbeat(body).await?;
     let hb = parse_heartbeat(&bytes)?;
     let Some(loaded) = relay.config.current() else {
-        return Err(Refused(StatusCode::SERVICE_UNAVAILABLE, "no_config", "relay has no desired config yet: no meta node reached and no local copy".into()));
+        return Err(Refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_config",
+            "relay has no desired config yet: no meta node reached and no local copy".into(),
+        ));
     };
     let reply = loaded.reply(loaded.config.class_of(&hb.hostname));
     relay.forwarder.push(&hb.hostname, unix_now(), bytes.clone());

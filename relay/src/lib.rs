@@ -143,7 +143,8 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
 
     let app = relay.router().into_make_service_with_connect_info::<SocketAddr>();
     let serve_token = shutdown.clone();
-    let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(async move { serve_token.cancelled().await }).await });
+    let server =
+        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(async move { serve_token.cancelled().await }).await });
     shutdown.cancelled().await;
     match tokio::time::timeout(relay.settings.shutdown_grace, server).await {
         Ok(Ok(Ok(()))) => {}

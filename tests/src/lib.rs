@@ -16,10 +16,7 @@ static BUILD: Once = Once::new();
 /// The workspace's target dir for this profile (where the test binary itself lives).
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/..")
-        .to_path_buf()
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/..").to_path_buf()
 }
 
 /// Path of a workspace binary, built once per test process with the same profile.
@@ -28,8 +25,7 @@ pub fn binary(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let release = bin_dir().ends_with("release");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--bins", "--workspace", "--quiet"])
-            .current_dir(workspace_root());
+        cmd.args(["build", "--bins", "--workspace", "--quiet"]).current_dir(workspace_root());
         if release {
             cmd.arg("--release");
         }
@@ -43,10 +39,7 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
 /// A running process of ours; killed (SIGKILL) and reaped on drop.
@@ -78,11 +71,7 @@ impl Proc {
                 l.push('\n');
             }
         });
-        Proc {
-            name: bin.to_owned(),
-            child,
-            log,
-        }
+        Proc { name: bin.to_owned(), child, log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -102,29 +91,16 @@ impl Proc {
                 return line.to_owned();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} exited ({status}) before logging {needle:?}:\n{}",
-                    self.name,
-                    self.log()
-                );
+                panic!("{} exited ({status}) before logging {needle:?}:\n{}", self.name, self.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not log {needle:?} in time:\n{}",
-                self.name,
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "{} did not log {needle:?} in time:\n{}", self.name, self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// Sends a signal with the system's `kill`.
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill");
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("run kill");
         assert!(status.success(), "kill -{sig} {}", self.pid());
     }
 
@@ -137,12 +113,7 @@ impl Proc {
                 std::thread::sleep(Duration::from_millis(50));
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit in time:\n{}",
-                self.name,
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "{} did not exit in time:\n{}", self.name, self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -165,15 +136,10 @@ impl Drop for Proc {
 /// Parses `addr=127.0.0.1:PORT` out of a log line.
 pub fn addr_in(line: &str) -> SocketAddr {
     let plain = strip_ansi(line);
-    let start = plain
-        .find("addr=")
-        .unwrap_or_else(|| panic!("no addr= in {line:?}"))
-        + 5;
+    let start = plain.find("addr=").unwrap_or_else(|| panic!("no addr= in {line:?}")) + 5;
     let rest = &plain[start..];
     let end = rest.find(|c: char| c.is_whitespace()).unwrap_or(rest.len());
-    rest[..end]
-        .parse()
-        .unwrap_or_else(|e| panic!("bad addr in {line:?}: {e}"))
+    rest[..end].parse().unwrap_or_else(|e| panic!("bad addr in {line:?}: {e}"))
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -209,10 +175,7 @@ impl Meta {
         let meta = Meta { proc, addr };
         let deadline = Instant::now() + START_TIMEOUT;
         while get(&meta.url("/health")).map(|r| r.status().is_success()) != Ok(true) {
-            assert!(
-                Instant::now() < deadline,
-                "meta node /health never answered"
-            );
+            assert!(Instant::now() < deadline, "meta node /health never answered");
             std::thread::sleep(Duration::from_millis(20));
         }
         meta
@@ -225,13 +188,7 @@ impl Meta {
 
 fn client() -> &'static reqwest::blocking::Client {
     static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .no_proxy()
-            .build()
-            .expect("http client")
-    })
+    CLIENT.get_or_init(|| reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).no_proxy().build().expect("http client"))
 }
 
 pub fn get(url: &str) -> Result<reqwest::blocking::Response, String> {
@@ -243,10 +200,7 @@ pub fn get_json(url: &str) -> (u16, serde_json::Value) {
     let r = get(url).unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = r.status().as_u16();
     let text = r.text().expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {text}")),
-    )
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {text}")))
 }
 
 pub fn get_text(url: &str) -> (u16, String) {
@@ -256,26 +210,17 @@ pub fn get_text(url: &str) -> (u16, String) {
 
 /// POST a body with no Content-Type (as the Go updater does); (status, body JSON).
 pub fn post_json(url: &str, body: impl Into<Vec<u8>>) -> (u16, serde_json::Value) {
-    let r = client()
-        .post(url)
-        .body(body.into())
-        .send()
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let r = client().post(url).body(body.into()).send().unwrap_or_else(|e| panic!("POST {url}: {e}"));
     let status = r.status().as_u16();
     let text = r.text().expect("body");
-    (
-        status,
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("POST {url}: not JSON ({e}): {text}")),
-    )
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {url}: not JSON ({e}): {text}")))
 }
 
 /// Sends raw bytes on a fresh connection and reads one response (headers and a
 /// Content-Length body); returns it as text.
 pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     s.write_all(request).expect("write");
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
@@ -284,11 +229,7 @@ pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
         if let Some(end) = text.find("\r\n\r\n") {
             let len = text[..end]
                 .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                })
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
                 .unwrap_or(0);
             if out.len() >= end + 4 + len {
                 return text;

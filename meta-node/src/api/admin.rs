@@ -4,14 +4,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::{ApiError, authorize};
 use crate::Node;
-use crate::metrics::{CONFIG_INFO, CONFIG_RELOADS};
+use crate::metrics::{CONFIG_DIVERGED, CONFIG_INFO, CONFIG_RELOADS, PEER_ERRORS};
+
+#[derive(serde::Deserialize)]
+pub(super) struct ReloadParams {
+    #[serde(default)]
+    all: Option<String>,
+}
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -29,8 +35,102 @@ pub(super) async fn reload(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
+    Query(params): Query<ReloadParams>,
 ) -> Result<Response, ApiError> {
     authorize(&node, peer, &headers)?;
+    if matches!(params.all.as_deref(), Some("1" | "true")) {
+        return Ok(reload_all(node).await);
+    }
+    reload_local(node).await
+}
+
+#[derive(Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeReload {
+    id: String,
+    ok: bool,
+    #[serde(default)]
+    hash: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+async fn reload_all(node: Arc<Node>) -> Response {
+    let mut results = Vec::new();
+    let local = match reload_local(node.clone()).await {
+        Ok(_) => {
+            NodeReload { id: node.settings.id.clone(), ok: true, hash: Some(node.desired.current().config.hash().to_owned()), error: None }
+        }
+        Err(e) => NodeReload {
+            id: node.settings.id.clone(),
+            ok: false,
+            hash: Some(node.desired.current().config.hash().to_owned()),
+            error: Some(e.to_string()),
+        },
+    };
+    results.push(local);
+    if let Some(c) = &node.cluster {
+        let peers = futures_util::future::join_all(c.peers().map(|i| {
+            let spec = c.map.nodes[i].clone();
+            let mut req = c.client.get(format!("http://{}/config/reload", spec.addr)).timeout(node.settings.peer_timeout);
+            if let Some(token) = &node.settings.token {
+                req = req.bearer_auth(token);
+            }
+            async move {
+                match req.send().await {
+                    Ok(r) => {
+                        let ok = r.status().is_success();
+                        let v: serde_json::Value = r.json().await.unwrap_or_default();
+                        NodeReload {
+                            id: spec.id,
+                            ok,
+                            hash: v["hash"].as_str().map(str::to_owned),
+                            error: v["errorMessage"].as_str().map(str::to_owned),
+                        }
+                    }
+                    Err(e) => {
+                        metrics::counter!(PEER_ERRORS, "query" => "reload").increment(1);
+                        NodeReload { id: spec.id, ok: false, hash: None, error: Some(e.to_string()) }
+                    }
+                }
+            }
+        }))
+        .await;
+        results.extend(peers);
+    }
+    let hashes: std::collections::BTreeSet<&str> = results.iter().filter_map(|r| r.hash.as_deref()).collect();
+    let all_ok = results.iter().all(|r| r.ok);
+    let body = serde_json::json!({
+        "errorMessage": if all_ok { String::new() } else { "some nodes did not reload; see nodes".to_owned() },
+        "diverged": hashes.len() > 1,
+        "nodes": results,
+    });
+    let status = if all_ok { StatusCode::OK } else { StatusCode::BAD_REQUEST };
+    (status, Json(body)).into_response()
+}
+
+/// Compares this node's config hash with every peer's (`/health`) and sets the divergence
+/// gauge.
+pub(crate) async fn check_peers(node: &Node) {
+    let Some(c) = &node.cluster else { return };
+    let mine = node.desired.current().config.hash().to_owned();
+    let mut diverged = false;
+    for i in c.peers() {
+        let url = format!("http://{}/health", c.map.nodes[i].addr);
+        match c.client.get(url).timeout(node.settings.peer_timeout).send().await {
+            Ok(r) => {
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                if v["configHash"].as_str().is_some_and(|h| h != mine) {
+                    diverged = true;
+                }
+            }
+            Err(_) => metrics::counter!(PEER_ERRORS, "query" => "health").increment(1),
+        }
+    }
+    metrics::gauge!(CONFIG_DIVERGED).set(if diverged { 1.0 } else { 0.0 });
+}
+
+async fn reload_local(node: Arc<Node>) -> Result<Response, ApiError> {
     let previous = node.desired.current();
     let n = node.clone();
     let result = tokio::task::spawn_blocking(move || n.desired.reload())
@@ -62,10 +162,7 @@ pub(super) async fn reload(
         Err(e) => {
             metrics::counter!(CONFIG_RELOADS, "result" => "error").increment(1);
             tracing::error!(error = %e, kept = previous.config.hash(), "config reload refused, old config kept");
-            Err(ApiError::BadRequest(format!(
-                "{e} (config {} kept)",
-                previous.config.hash()
-            )))
+            Err(ApiError::BadRequest(format!("{e} (config {} kept)", previous.config.hash())))
         }
     }
 }
@@ -83,13 +180,7 @@ pub(super) async fn desired(State(node): State<Arc<Node>>, headers: HeaderMap) -
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
     }
     (
-        [
-            (header::ETAG, etag_value),
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/toml; charset=utf-8"),
-            ),
-        ],
+        [(header::ETAG, etag_value), (header::CONTENT_TYPE, HeaderValue::from_static("application/toml; charset=utf-8"))],
         loaded.config.source().to_owned(),
     )
         .into_response()
@@ -120,17 +211,6 @@ pub(super) async fn health(State(node): State<Arc<Node>>) -> Json<impl Serialize
 
 pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
     node.refresh_gauges();
-    let text = node
-        .prometheus
-        .as_ref()
-        .map(|h| h.render())
-        .unwrap_or_default();
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
-        )],
-        text,
-    )
-        .into_response()
+    let text = node.prometheus.as_ref().map(|h| h.render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
 }

@@ -11,8 +11,9 @@ use axum::routing::{get, post};
 
 use crate::Node;
 
-mod admin;
+pub(crate) mod admin;
 mod heartbeat;
+mod internal;
 mod status;
 
 /// Every way a request is refused.
@@ -27,6 +28,8 @@ pub enum ApiError {
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -37,6 +40,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -65,32 +69,27 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/config/desired", get(admin::desired))
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
+        .route("/internal/batch", post(internal::batch))
+        .route("/internal/foreign/{agent}", get(internal::foreign))
+        .route("/internal/seen", post(internal::seen))
+        .route("/internal/owned/{agent}", post(internal::owned))
+        .route("/internal/summary/{agent}", post(internal::summary))
+        .route("/internal/host/{hostname}", get(internal::host))
         .fallback(not_found)
         .with_state(node)
 }
 
-/// Loopback peers are trusted for admin calls; others must present the cluster token.
-fn authorize(
-    node: &Node,
-    peer: SocketAddr,
-    headers: &axum::http::HeaderMap,
-) -> Result<(), ApiError> {
-    if peer.ip().is_loopback() {
-        return Ok(());
-    }
-    let presented = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+/// Admin and internal calls: when the cluster has a token, every caller must present it
+/// (`Authorization: Bearer ...`), loopback included, since peers on one machine are loopback
+/// too; without a token only loopback callers are trusted (seed 000's reload).
+fn authorize(node: &Node, peer: SocketAddr, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let presented =
+        headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
     match (&node.settings.token, presented) {
         (Some(token), Some(p)) if constant_time_eq(token.as_bytes(), p.as_bytes()) => Ok(()),
-        (None, _) => Err(ApiError::Forbidden(
-            "admin calls come from loopback only (no cluster token configured)".into(),
-        )),
-        _ => Err(ApiError::Forbidden(
-            "missing or wrong cluster token (Authorization: Bearer ...)".into(),
-        )),
+        (Some(_), _) => Err(ApiError::Unauthorized("missing or wrong cluster token (Authorization: Bearer ...)".into())),
+        (None, _) if peer.ip().is_loopback() => Ok(()),
+        (None, _) => Err(ApiError::Forbidden("admin calls come from loopback only (no cluster token configured)".into())),
     }
 }
 

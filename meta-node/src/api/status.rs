@@ -1,8 +1,14 @@
-//! `GET /status/{json,text,summary}/{agent}` and `GET /status/host/{hostname}`.
+//! `GET /status/{json,text,summary}/{agent}` and `GET /status/host/{hostname}`, from any node.
 //!
 //! Listings are streamed: a blocking task formats one shard at a time into a chunk and hands
 //! it to the response through a small channel, so a million-host listing is never built whole
-//! in memory and a slow client only holds a few chunks.
+//! in memory. In a cluster the node asked gathers from every node in parallel:
+//! 1. every node's failover copies (hosts it holds but does not own: few, usually none);
+//! 2. for each copy, the owner's `lastSeen` of that host: the newest report wins, the owner on
+//!    a tie, and a copy wins outright when its owner does not answer;
+//! 3. every node streams the hosts it owns, minus the ones whose copy won; the winning copies
+//!    follow. A node that does not answer makes the reply partial (`partial`/`missingNodes` in
+//!    JSON, `X-Ops-Partial`/`X-Ops-Missing-Nodes` headers and a `#partial` line in text).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,171 +19,502 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures_util::StreamExt;
+use hashbrown::{HashMap, HashSet};
 use ops_config::wire::{valid_agent_name, valid_hostname};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use super::ApiError;
-use crate::fleet::{self, AgentQuery, Filter, State as RowState};
-use crate::metrics::STATUS_REQUESTS;
+use crate::fleet::{self, AgentQuery, Filter, OwnedRow, Scope, State as RowState, Summary};
+use crate::metrics::{PEER_ERRORS, STATUS_REQUESTS};
 use crate::{Node, unix_now};
 
-#[derive(Debug, Deserialize)]
-pub(super) struct FilterParams {
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+pub(crate) struct FilterParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     state: Option<String>,
+    /// Internal: the format a peer streams in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) format: Option<String>,
 }
 
 impl FilterParams {
-    fn into_filter(self) -> Result<Filter, ApiError> {
+    pub(crate) fn to_filter(&self) -> Result<Filter, ApiError> {
         let state = match self.state.as_deref().filter(|s| !s.is_empty()) {
             None => None,
-            Some(s) => Some(RowState::parse(s).ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "unknown state {s:?}: want ok, upgrading, stale or error"
-                ))
-            })?),
+            Some(s) => Some(
+                RowState::parse(s)
+                    .ok_or_else(|| ApiError::BadRequest(format!("unknown state {s:?}: want ok, upgrading, stale or error")))?,
+            ),
         };
-        let nonempty = |o: Option<String>| o.filter(|s| !s.is_empty());
-        Ok(Filter {
-            version: nonempty(self.version),
-            status: nonempty(self.status),
-            prefix: nonempty(self.prefix),
-            state,
-        })
+        let nonempty = |o: &Option<String>| o.clone().filter(|s| !s.is_empty());
+        Ok(Filter { version: nonempty(&self.version), status: nonempty(&self.status), prefix: nonempty(&self.prefix), state })
     }
 }
 
-fn check_agent(agent: &str) -> Result<(), ApiError> {
-    if valid_agent_name(agent) {
-        Ok(())
-    } else {
-        Err(ApiError::BadRequest(format!("bad agent name {agent:?}")))
-    }
+pub(crate) fn check_agent(agent: &str) -> Result<(), ApiError> {
+    if valid_agent_name(agent) { Ok(()) } else { Err(ApiError::BadRequest(format!("bad agent name {agent:?}"))) }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Format {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Format {
     Json,
     Text,
 }
 
-fn listing(node: Arc<Node>, agent: String, filter: Filter, format: Format) -> Body {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    tokio::task::spawn_blocking(move || {
-        let loaded = node.desired.current();
-        let q = AgentQuery::new(
-            &agent,
-            &loaded,
-            unix_now(),
-            node.settings.stale_after_seconds,
-        );
+impl Format {
+    pub(crate) fn parse(s: Option<&str>) -> Format {
+        if s == Some("text") { Format::Text } else { Format::Json }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Text => "text",
+        }
+    }
+}
+
+/// Streams this node's rows in `scope` into `tx` (blocking: run it off the runtime).
+pub(crate) fn stream_local_rows(
+    node: &Node,
+    agent: &str,
+    scope: Scope<'_>,
+    filter: &Filter,
+    format: Format,
+    tx: &mpsc::Sender<Bytes>,
+) -> bool {
+    let loaded = node.desired.current();
+    let q = AgentQuery::new(agent, &loaded, unix_now(), node.settings.stale_after_seconds);
+    let mut open = true;
+    fleet::scan_rows(
+        &node.store,
+        &q,
+        scope,
+        filter,
+        |row, buf| match format {
+            Format::Json => fleet::write_json_row(row, buf),
+            Format::Text => fleet::write_text_row(row, buf),
+        },
+        |buf| {
+            open = tx.blocking_send(Bytes::from(buf)).is_ok();
+            open
+        },
+    );
+    open
+}
+
+/// This node's failover copies of `agent`, unfiltered (blocking).
+pub(crate) fn local_foreign(node: &Node, agent: &str) -> Vec<OwnedRow> {
+    let loaded = node.desired.current();
+    let q = AgentQuery::new(agent, &loaded, unix_now(), node.settings.stale_after_seconds);
+    let mut rows = Vec::new();
+    // Rows are collected, not formatted: the buffer stays empty and nothing is emitted.
+    fleet::scan_rows(&node.store, &q, Scope::Foreign, &Filter::default(), |row, _| rows.push(OwnedRow::from_row(row)), |_| true);
+    rows
+}
+
+/// `lastSeen` of the given hosts that this node holds (blocking).
+pub(crate) fn local_seen(node: &Node, hosts: &[String]) -> HashMap<String, u32> {
+    // (hashbrown map; the peer endpoint converts to std for serde)
+    hosts.iter().filter_map(|h| node.store.with_host(h, |_, _, host| (h.clone(), host.last_seen))).collect()
+}
+
+/// This node's summary of `agent` in `scope` (blocking).
+pub(crate) fn local_summary(node: &Node, agent: &str, scope: Scope<'_>) -> Summary {
+    let loaded = node.desired.current();
+    fleet::summarize(&node.store, &AgentQuery::new(agent, &loaded, unix_now(), node.settings.stale_after_seconds), scope)
+}
+
+/// What the gathering node decided before asking for owned rows.
+struct Plan {
+    missing: Vec<usize>,
+    /// Failover copies that won, in hostname order.
+    winners: Vec<OwnedRow>,
+    /// Per node: owned hosts to leave out (their copy elsewhere won).
+    exclude: Vec<HashSet<String>>,
+}
+
+fn peer_request(node: &Node, method: reqwest::Method, peer: usize, path: &str) -> reqwest::RequestBuilder {
+    let c = node.cluster.as_ref().expect("peers exist only in a cluster");
+    let url = format!("http://{}{}", c.map.nodes[peer].addr, path);
+    let mut req = c.client.request(method, url).timeout(node.settings.peer_timeout);
+    if let Some(token) = &node.settings.token {
+        req = req.bearer_auth(token);
+    }
+    req
+}
+
+fn peer_failed(node: &Node, peer: usize, what: &str, error: impl std::fmt::Display) {
+    let id = node.cluster.as_ref().map_or("", |c| c.map.nodes[peer].id.as_str());
+    metrics::counter!(PEER_ERRORS, "query" => what.to_owned()).increment(1);
+    tracing::warn!(peer = id, query = what, %error, "peer did not answer a status query");
+}
+
+async fn peer_json<T: serde::de::DeserializeOwned>(node: &Node, req: reqwest::RequestBuilder, peer: usize, what: &str) -> Option<T> {
+    match req.send().await {
+        Ok(r) if r.status().is_success() => match r.json::<T>().await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                peer_failed(node, peer, what, e);
+                None
+            }
+        },
+        Ok(r) => {
+            peer_failed(node, peer, what, r.status());
+            None
+        }
+        Err(e) => {
+            peer_failed(node, peer, what, e);
+            None
+        }
+    }
+}
+
+async fn plan(node: &Arc<Node>, agent: &str) -> Plan {
+    let Some(cluster) = &node.cluster else {
+        return Plan { missing: Vec::new(), winners: Vec::new(), exclude: vec![HashSet::new()] };
+    };
+    let n = cluster.map.nodes.len();
+    // 1. failover copies from every node.
+    let foreign = futures_util::future::join_all((0..n).map(|i| {
+        let node = node.clone();
+        let agent = agent.to_owned();
+        async move {
+            if i == cluster.me {
+                let n2 = node.clone();
+                tokio::task::spawn_blocking(move || local_foreign(&n2, &agent)).await.ok()
+            } else {
+                let req = peer_request(&node, reqwest::Method::GET, i, &format!("/internal/foreign/{agent}"));
+                peer_json::<Vec<OwnedRow>>(&node, req, i, "foreign").await
+            }
+        }
+    }))
+    .await;
+    let mut missing: Vec<usize> = Vec::new();
+    let mut best: HashMap<String, OwnedRow> = HashMap::new();
+    for (i, rows) in foreign.into_iter().enumerate() {
+        let Some(rows) = rows else {
+            missing.push(i);
+            continue;
+        };
+        for row in rows {
+            match best.get(&row.hostname) {
+                Some(b) if b.last_seen >= row.last_seen => {}
+                _ => {
+                    best.insert(row.hostname.clone(), row);
+                }
+            }
+        }
+    }
+    // 2. the owners' lastSeen of those hosts.
+    let mut by_owner: Vec<Vec<String>> = vec![Vec::new(); n];
+    for host in best.keys() {
+        by_owner[cluster.ring.owner(host)].push(host.clone());
+    }
+    let seen = futures_util::future::join_all(by_owner.iter().enumerate().map(|(i, hosts)| {
+        let node = node.clone();
+        let hosts = hosts.clone();
+        let skip = hosts.is_empty() || missing.contains(&i);
+        async move {
+            if skip {
+                None
+            } else if i == cluster.me {
+                let n2 = node.clone();
+                tokio::task::spawn_blocking(move || local_seen(&n2, &hosts)).await.ok()
+            } else {
+                let req = peer_request(&node, reqwest::Method::POST, i, "/internal/seen").json(&hosts);
+                peer_json::<std::collections::HashMap<String, u32>>(&node, req, i, "seen")
+                    .await
+                    .map(|m| m.into_iter().collect::<HashMap<String, u32>>())
+            }
+        }
+    }))
+    .await;
+    let mut exclude = vec![HashSet::new(); n];
+    let mut winners = Vec::new();
+    for (i, (hosts, seen)) in by_owner.into_iter().zip(seen).enumerate() {
+        if !hosts.is_empty() && seen.is_none() && !missing.contains(&i) {
+            missing.push(i);
+        }
+        for host in hosts {
+            let Some(copy) = best.remove(&host) else { continue };
+            let owner_seen = seen.as_ref().and_then(|s| s.get(&host).copied());
+            match owner_seen {
+                Some(t) if t >= copy.last_seen => {}
+                _ => {
+                    exclude[i].insert(host);
+                    winners.push(copy);
+                }
+            }
+        }
+    }
+    winners.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+    missing.sort_unstable();
+    Plan { missing, winners, exclude }
+}
+
+fn missing_ids(node: &Node, missing: &[usize]) -> Vec<String> {
+    node.cluster.as_ref().map_or_else(Vec::new, |c| missing.iter().map(|&i| c.map.nodes[i].id.clone()).collect())
+}
+
+/// Counts rows in a stream of formatted chunks, across chunk boundaries.
+struct RowCounter {
+    needle: &'static [u8],
+    carry: Vec<u8>,
+    rows: u64,
+}
+
+impl RowCounter {
+    fn new(format: Format) -> Self {
+        RowCounter { needle: if format == Format::Json { b",{\"hostname\":" } else { b"\n" }, carry: Vec::new(), rows: 0 }
+    }
+    fn feed(&mut self, chunk: &[u8]) {
+        let mut joined = std::mem::take(&mut self.carry);
+        joined.extend_from_slice(chunk);
+        self.rows += joined.windows(self.needle.len()).filter(|w| *w == self.needle).count() as u64;
+        let keep = (self.needle.len() - 1).min(joined.len());
+        self.carry = joined[joined.len() - keep..].to_vec();
+    }
+}
+
+/// Sends row chunks to the client: drops the first comma of a JSON array and counts rows.
+struct RowSink {
+    tx: mpsc::Sender<Bytes>,
+    format: Format,
+    first: bool,
+    counter: RowCounter,
+}
+
+impl RowSink {
+    async fn send(&mut self, chunk: Bytes) -> bool {
+        if chunk.is_empty() {
+            return true;
+        }
+        self.counter.feed(&chunk);
+        let chunk = if self.first && self.format == Format::Json && chunk[0] == b',' { chunk.slice(1..) } else { chunk };
+        self.first = false;
+        self.tx.send(chunk).await.is_ok()
+    }
+}
+
+async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: Format) -> Result<Response, ApiError> {
+    let filter = params.to_filter()?;
+    let plan = plan(&node, &agent).await;
+    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+    let initially_missing = missing_ids(&node, &plan.missing);
+    tokio::spawn(async move {
         let head = match format {
-            Format::Json => format!(
-                "{{\"agent\":{},\"hosts\":[",
-                serde_json::Value::from(agent.as_str())
-            ),
+            Format::Json => format!("{{\"agent\":{},\"hosts\":[", serde_json::Value::from(agent.as_str())),
             Format::Text => fleet::TEXT_HEADER.to_owned(),
         };
-        if tx.blocking_send(Bytes::from(head)).is_err() {
+        if tx.send(Bytes::from(head)).await.is_err() {
             return;
         }
-        let mut first = true;
-        let count = fleet::scan_rows(
-            &node.store,
-            &q,
-            &filter,
-            |row, buf| match format {
-                Format::Json => {
-                    fleet::write_json_row(row, first, buf);
-                    first = false;
+        let mut sink = RowSink { tx: tx.clone(), format, first: true, counter: RowCounter::new(format) };
+        let mut missing = plan.missing.clone();
+        let nodes = node.cluster.as_ref().map_or(1, |c| c.map.nodes.len());
+        let me = node.cluster.as_ref().map_or(0, |c| c.me);
+        for i in 0..nodes {
+            if missing.contains(&i) {
+                continue;
+            }
+            let exclude = plan.exclude[i].clone();
+            if i == me {
+                let (ltx, mut lrx) = mpsc::channel::<Bytes>(4);
+                let (n2, a2, f2) = (node.clone(), agent.clone(), filter.clone());
+                let producer = tokio::task::spawn_blocking(move || {
+                    let scope = if n2.cluster.is_some() { Scope::Owned { exclude: &exclude } } else { Scope::All };
+                    stream_local_rows(&n2, &a2, scope, &f2, format, &ltx)
+                });
+                while let Some(chunk) = lrx.recv().await {
+                    if !sink.send(chunk).await {
+                        return;
+                    }
                 }
-                Format::Text => fleet::write_text_row(row, buf),
-            },
-            |buf| tx.blocking_send(Bytes::from(buf)).is_ok(),
-        );
-        if format == Format::Json {
-            let tail = format!("],\"count\":{count},\"partial\":false,\"missingNodes\":[]}}");
-            let _ = tx.blocking_send(Bytes::from(tail));
+                let _ = producer.await;
+            } else {
+                let mut query = params.clone();
+                query.format = Some(format.name().to_owned());
+                let qs = serde_urlencoded_pairs(&query);
+                let body = serde_json::json!({ "exclude": exclude.iter().collect::<Vec<_>>() });
+                let req = peer_request(&node, reqwest::Method::POST, i, &format!("/internal/owned/{agent}?{qs}")).json(&body);
+                // Per chunk, not per stream: a large listing may take longer than the timeout.
+                let req = req.timeout(std::time::Duration::from_secs(3600));
+                match req.send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let mut stream = r.bytes_stream();
+                        loop {
+                            match tokio::time::timeout(node.settings.peer_timeout, stream.next()).await {
+                                Ok(Some(Ok(chunk))) => {
+                                    if !sink.send(chunk).await {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Ok(Some(Err(e))) => {
+                                    peer_failed(&node, i, "owned", e);
+                                    missing.push(i);
+                                    break;
+                                }
+                                Err(_) => {
+                                    peer_failed(&node, i, "owned", "timed out mid-stream");
+                                    missing.push(i);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Ok(r) => {
+                        peer_failed(&node, i, "owned", r.status());
+                        missing.push(i);
+                    }
+                    Err(e) => {
+                        peer_failed(&node, i, "owned", e);
+                        missing.push(i);
+                    }
+                }
+            }
         }
+        let mut buf = Vec::new();
+        for copy in &plan.winners {
+            if let Some(row) = copy.as_row()
+                && filter.matches(&row)
+            {
+                match format {
+                    Format::Json => fleet::write_json_row(&row, &mut buf),
+                    Format::Text => fleet::write_text_row(&row, &mut buf),
+                }
+            }
+        }
+        if !sink.send(Bytes::from(buf)).await {
+            return;
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let ids = missing_ids(&node, &missing);
+        let tail = match format {
+            Format::Json => format!(
+                "],\"count\":{},\"partial\":{},\"missingNodes\":{}}}",
+                sink.counter.rows,
+                !ids.is_empty(),
+                serde_json::Value::from(ids.clone())
+            ),
+            Format::Text if !ids.is_empty() => format!("#partial: missing {}\n", ids.join(",")),
+            Format::Text => String::new(),
+        };
+        let _ = tx.send(Bytes::from(tail)).await;
     });
-    Body::from_stream(futures_util::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx).map(|chunk| chunk.map(Ok::<_, Infallible>))
-    }))
+    let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|c| c.map(Ok::<_, Infallible>))));
+    let content_type = match format {
+        Format::Json => "application/json",
+        Format::Text => "text/plain; charset=utf-8",
+    };
+    let mut response = ([(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], body).into_response();
+    let h = response.headers_mut();
+    h.insert("x-ops-partial", HeaderValue::from_static(if initially_missing.is_empty() { "false" } else { "true" }));
+    if let Ok(v) = HeaderValue::from_str(&initially_missing.join(",")) {
+        h.insert("x-ops-missing-nodes", v);
+    }
+    Ok(response)
+}
+
+/// `version=..&state=..` from the filter params (values are plain tokens or percent-encoded).
+fn serde_urlencoded_pairs(p: &FilterParams) -> String {
+    let value = serde_json::to_value(p).unwrap_or_default();
+    let mut out = Vec::new();
+    if let Some(map) = value.as_object() {
+        for (k, v) in map {
+            if let Some(s) = v.as_str() {
+                let enc: String = s
+                    .bytes()
+                    .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+                    .collect();
+                out.push(format!("{k}={enc}"));
+            }
+        }
+    }
+    out.join("&")
 }
 
 pub(super) async fn json(
-    state: State<Arc<Node>>,
-    agent: Path<String>,
-    params: Query<FilterParams>,
-) -> Result<Response, ApiError> {
-    listing_response(state, agent, params, Format::Json)
-}
-
-pub(super) async fn text(
-    state: State<Arc<Node>>,
-    agent: Path<String>,
-    params: Query<FilterParams>,
-) -> Result<Response, ApiError> {
-    listing_response(state, agent, params, Format::Text)
-}
-
-fn listing_response(
     State(node): State<Arc<Node>>,
     Path(agent): Path<String>,
     Query(params): Query<FilterParams>,
-    format: Format,
 ) -> Result<Response, ApiError> {
     check_agent(&agent)?;
-    let filter = params.into_filter()?;
-    let (kind, content_type) = match format {
-        Format::Json => ("json", "application/json"),
-        Format::Text => ("text", "text/plain; charset=utf-8"),
-    };
-    metrics::counter!(STATUS_REQUESTS, "kind" => kind).increment(1);
-    let body = listing(node, agent, filter, format);
-    Ok((
-        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
-        body,
-    )
-        .into_response())
+    metrics::counter!(STATUS_REQUESTS, "kind" => "json").increment(1);
+    listing(node, agent, params, Format::Json).await
+}
+
+pub(super) async fn text(
+    State(node): State<Arc<Node>>,
+    Path(agent): Path<String>,
+    Query(params): Query<FilterParams>,
+) -> Result<Response, ApiError> {
+    check_agent(&agent)?;
+    metrics::counter!(STATUS_REQUESTS, "kind" => "text").increment(1);
+    listing(node, agent, params, Format::Text).await
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct SummaryReply {
     #[serde(flatten)]
-    summary: fleet::Summary,
+    summary: Summary,
     partial: bool,
     missing_nodes: Vec<String>,
 }
 
-pub(super) async fn summary(
-    State(node): State<Arc<Node>>,
-    Path(agent): Path<String>,
-) -> Result<Json<impl Serialize>, ApiError> {
+pub(super) async fn summary(State(node): State<Arc<Node>>, Path(agent): Path<String>) -> Result<Json<impl Serialize>, ApiError> {
     check_agent(&agent)?;
     metrics::counter!(STATUS_REQUESTS, "kind" => "summary").increment(1);
-    let summary = tokio::task::spawn_blocking(move || {
-        let loaded = node.desired.current();
-        fleet::summarize(
-            &node.store,
-            &AgentQuery::new(
-                &agent,
-                &loaded,
-                unix_now(),
-                node.settings.stale_after_seconds,
-            ),
-        )
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("summary task failed: {e}")))?;
-    Ok(Json(SummaryReply {
-        summary,
-        partial: false,
-        missing_nodes: Vec::new(),
+    let plan = plan(&node, &agent).await;
+    let nodes = node.cluster.as_ref().map_or(1, |c| c.map.nodes.len());
+    let me = node.cluster.as_ref().map_or(0, |c| c.me);
+    let parts = futures_util::future::join_all((0..nodes).map(|i| {
+        let node = node.clone();
+        let agent = agent.clone();
+        let exclude = plan.exclude[i].clone();
+        let skip = plan.missing.contains(&i);
+        async move {
+            if skip {
+                None
+            } else if i == me {
+                tokio::task::spawn_blocking(move || {
+                    let scope = if node.cluster.is_some() { Scope::Owned { exclude: &exclude } } else { Scope::All };
+                    local_summary(&node, &agent, scope)
+                })
+                .await
+                .ok()
+            } else {
+                let body = serde_json::json!({ "exclude": exclude.iter().collect::<Vec<_>>() });
+                let req = peer_request(&node, reqwest::Method::POST, i, &format!("/internal/summary/{agent}")).json(&body);
+                peer_json::<Summary>(&node, req, i, "summary").await
+            }
+        }
     }))
+    .await;
+    let mut missing = plan.missing.clone();
+    let mut total = Summary::empty(&agent);
+    for (i, part) in parts.into_iter().enumerate() {
+        match part {
+            Some(s) => total.merge(&s),
+            None if !missing.contains(&i) => missing.push(i),
+            None => {}
+        }
+    }
+    for copy in &plan.winners {
+        total.add_row(copy);
+    }
+    missing.sort_unstable();
+    Ok(Json(SummaryReply { summary: total, partial: !missing.is_empty(), missing_nodes: missing_ids(&node, &missing) }))
 }
 
 #[derive(Serialize)]
@@ -200,9 +537,9 @@ struct AgentView {
     work_dir: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct HostView {
+pub(crate) struct HostView {
     hostname: String,
     ip: String,
     run_user: String,
@@ -210,27 +547,17 @@ struct HostView {
     last_seen: u32,
     age_seconds: u32,
     stale: bool,
-    agents: Vec<AgentView>,
+    agents: Vec<serde_json::Value>,
 }
 
-pub(super) async fn host(
-    State(node): State<Arc<Node>>,
-    Path(hostname): Path<String>,
-) -> Result<Json<impl Serialize>, ApiError> {
-    if !valid_hostname(&hostname) {
-        return Err(ApiError::BadRequest(format!("bad hostname {hostname:?}")));
-    }
-    metrics::counter!(STATUS_REQUESTS, "kind" => "host").increment(1);
+/// This node's view of one host, if it holds it.
+pub(crate) fn local_host(node: &Node, hostname: &str) -> Option<HostView> {
     let loaded = node.desired.current();
     let now = unix_now();
     let stale_after = node.settings.stale_after_seconds;
-    let view = node.store.with_host(&hostname, |shard, slot, h| {
+    node.store.with_host(hostname, |shard, slot, h| {
         let syms = node.store.symbols().reader();
-        let mut names: Vec<String> = h
-            .agents
-            .iter()
-            .map(|a| syms.resolve(a.name).to_owned())
-            .collect();
+        let mut names: Vec<String> = h.agents.iter().map(|a| syms.resolve(a.name).to_owned()).collect();
         for a in loaded.config.agents() {
             if !names.contains(&a.name) {
                 names.push(a.name.clone());
@@ -243,7 +570,7 @@ pub(super) async fn host(
                 let sym = syms.get(name);
                 let real = sym.and_then(|s| h.agent(s)).map(|p| h.agents[p]);
                 let row = q.row(shard, slot, h, sym, &syms)?;
-                Some(AgentView {
+                let view = AgentView {
                     name: name.clone(),
                     version: row.version.to_owned(),
                     status: row.status.to_owned(),
@@ -255,7 +582,8 @@ pub(super) async fn host(
                     timestamp: real.map(|a| a.timestamp),
                     run_user: real.map(|a| syms.resolve(a.run_user).to_owned()),
                     work_dir: real.map(|a| syms.resolve(a.work_dir).to_owned()),
-                })
+                };
+                serde_json::to_value(view).ok()
             })
             .collect();
         let age = now.saturating_sub(h.last_seen);
@@ -269,7 +597,28 @@ pub(super) async fn host(
             stale: age > stale_after,
             agents,
         }
-    });
-    view.map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("host {hostname} has not reported to this node")))
+    })
+}
+
+/// One host: the newest copy among every node that holds it.
+pub(super) async fn host(State(node): State<Arc<Node>>, Path(hostname): Path<String>) -> Result<Json<impl Serialize>, ApiError> {
+    if !valid_hostname(&hostname) {
+        return Err(ApiError::BadRequest(format!("bad hostname {hostname:?}")));
+    }
+    metrics::counter!(STATUS_REQUESTS, "kind" => "host").increment(1);
+    let mut best = local_host(&node, &hostname);
+    if let Some(c) = &node.cluster {
+        let peers = futures_util::future::join_all(c.peers().map(|i| {
+            let node = node.clone();
+            let req = peer_request(&node, reqwest::Method::GET, i, &format!("/internal/host/{hostname}"));
+            async move { peer_json::<Option<HostView>>(&node, req, i, "host").await.flatten() }
+        }))
+        .await;
+        for v in peers.into_iter().flatten() {
+            if best.as_ref().is_none_or(|b| v.last_seen > b.last_seen) {
+                best = Some(v);
+            }
+        }
+    }
+    best.map(Json).ok_or_else(|| ApiError::NotFound(format!("host {hostname} has not reported")))
 }
