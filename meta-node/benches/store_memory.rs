@@ -70,17 +70,10 @@ fn main() {
 
     let start = Instant::now();
     let mut bytes = 0usize;
-    let rows = fleet::scan_rows(
-        &store,
-        &q,
-        Scope::All,
-        &Filter::default(),
-        fleet::write_json_row,
-        |buf| {
-            bytes += buf.len();
-            true
-        },
-    );
+    let rows = fleet::scan_rows(&store, &q, Scope::All, &Filter::default(), fleet::write_json_row, |buf| {
+        bytes += buf.len();
+        true
+    });
     println!("full JSON listing formatted: {rows} rows, {} MiB in {:.2} s", bytes >> 20, start.elapsed().as_secs_f64());
 
     let dir = std::env::temp_dir().join(format!("ops-bench-snap-{}", std::process::id()));

@@ -168,22 +168,54 @@ pub struct Meta {
 impl Meta {
     /// Starts `meta-node --listen 127.0.0.1:0` plus `args`, and waits until `/health` answers.
     pub fn start(args: &[&str]) -> Meta {
-        let mut all = vec!["--listen", "127.0.0.1:0"];
-        all.extend_from_slice(args);
-        let mut proc = Proc::start("meta-node", &all);
-        let addr = addr_in(&proc.wait_for_log("meta node listening"));
-        let meta = Meta { proc, addr };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while get(&meta.url("/health")).map(|r| r.status().is_success()) != Ok(true) {
-            assert!(Instant::now() < deadline, "meta node /health never answered");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        meta
+        Meta::start_at("127.0.0.1:0", args)
+    }
+
+    /// Starts `meta-node --listen <listen>` plus `args`, and waits until `/health` answers.
+    pub fn start_at(listen: &str, args: &[&str]) -> Meta {
+        let (proc, addr) = start_server("meta-node", listen, args, "meta node listening");
+        Meta { proc, addr }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
+}
+
+/// A running relay.
+pub struct Relay {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Relay {
+    /// Starts `relay --listen 127.0.0.1:0` plus `args`, and waits until `/health` answers.
+    pub fn start(args: &[&str]) -> Relay {
+        let (proc, addr) = start_server("relay", "127.0.0.1:0", args, "relay listening");
+        Relay { proc, addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+fn start_server(bin: &str, listen: &str, args: &[&str], ready: &str) -> (Proc, SocketAddr) {
+    let mut all = vec!["--listen", listen];
+    all.extend_from_slice(args);
+    let mut proc = Proc::start(bin, &all);
+    let addr = addr_in(&proc.wait_for_log(ready));
+    let deadline = Instant::now() + START_TIMEOUT;
+    while get(&format!("http://{addr}/health")).map(|r| r.status().is_success()) != Ok(true) {
+        assert!(Instant::now() < deadline, "{bin} /health never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (proc, addr)
+}
+
+/// A loopback port that was free a moment ago (for cluster maps, which need fixed addresses).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 fn client() -> &'static reqwest::blocking::Client {
@@ -193,6 +225,26 @@ fn client() -> &'static reqwest::blocking::Client {
 
 pub fn get(url: &str) -> Result<reqwest::blocking::Response, String> {
     client().get(url).send().map_err(|e| e.to_string())
+}
+
+/// GET with a bearer token, returning (status, body as JSON).
+pub fn get_json_auth(url: &str, token: &str) -> (u16, serde_json::Value) {
+    let r = client().get(url).bearer_auth(token).send().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = r.status().as_u16();
+    let text = r.text().expect("body");
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {text}")))
+}
+
+/// POST with an optional bearer token; (status, body JSON).
+pub fn post_json_auth(url: &str, token: Option<&str>, body: impl Into<Vec<u8>>) -> (u16, serde_json::Value) {
+    let mut req = client().post(url).body(body.into());
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = r.status().as_u16();
+    let text = r.text().expect("body");
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {url}: not JSON ({e}): {text}")))
 }
 
 /// GET returning (status, body as JSON).

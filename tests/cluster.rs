@@ -1,0 +1,359 @@
+//! End-to-end tests of the sharded cluster: real meta nodes and relays on loopback.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ops_config::ClusterMap;
+use ops_e2e::{Meta, Relay, eventually, free_port, get, get_json, get_json_auth, post_json, post_json_auth};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "test-cluster-token-0123456789abcdef";
+
+const AGENTS: &str = r#"
+[[agent]]
+name = "falcon-agent"
+tarball = "http://files.example/releases/falcon"
+run_user = "falcon"
+work_dir = "/home/falcon/open-falcon"
+default = { version = "5.1.3", md5 = "490ac172dabecc867289079d48e84a66", cmd = "start" }
+
+  [[agent.others]]
+  prefix = "bj-web-"
+  version = "5.1.4"
+  md5 = ""
+
+[[agent]]
+name = "mysql-monitor"
+tarball = "http://files.example/releases/falcon"
+run_user = "falcon"
+work_dir = "/home/falcon/open-falcon"
+default = { version = "0.0.5", md5 = "5f9ab5e81c386cde72c022d1b6d061d9", cmd = "start" }
+"#;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    ports: Vec<u16>,
+    metas: Vec<Option<Meta>>,
+    relays: Vec<Relay>,
+}
+
+impl Cluster {
+    fn cluster_file(&self) -> PathBuf {
+        self.dir.path().join("cluster.toml")
+    }
+
+    fn agents_file(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("agents-{}.toml", i + 1))
+    }
+
+    /// Writes the files for `metas` meta nodes (not started).
+    fn files(metas: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cluster.token"), format!("{TOKEN}\n")).unwrap();
+        let ports: Vec<u16> = (0..metas).map(|_| free_port()).collect();
+        let mut toml = String::from("vnodes = 1000\ntoken_file = \"cluster.token\"\n");
+        for (i, p) in ports.iter().enumerate() {
+            toml.push_str(&format!("[[node]]\nid = \"meta-{}\"\naddr = \"127.0.0.1:{p}\"\n", i + 1));
+            std::fs::write(dir.path().join(format!("agents-{}.toml", i + 1)), AGENTS).unwrap();
+        }
+        std::fs::write(dir.path().join("cluster.toml"), toml).unwrap();
+        Cluster { dir, ports, metas: (0..metas).map(|_| None).collect(), relays: Vec::new() }
+    }
+
+    fn start_meta(&mut self, i: usize) {
+        let listen = format!("127.0.0.1:{}", self.ports[i]);
+        let id = format!("meta-{}", i + 1);
+        let (cluster, agents) = (self.cluster_file().display().to_string(), self.agents_file(i).display().to_string());
+        let data = self.dir.path().join(format!("data-{id}")).display().to_string();
+        let meta = Meta::start_at(
+            &listen,
+            &[
+                "--cluster",
+                &cluster,
+                "--id",
+                &id,
+                "--agents",
+                &agents,
+                "--data-dir",
+                &data,
+                "--flush-ms",
+                "100",
+                "--snapshot-interval-seconds",
+                "1",
+                "--sweep-interval-seconds",
+                "1",
+                "--peer-timeout-ms",
+                "2000",
+            ],
+        );
+        self.metas[i] = Some(meta);
+    }
+
+    fn start_relay(&mut self, i: usize) -> usize {
+        let (cluster, data) =
+            (self.cluster_file().display().to_string(), self.dir.path().join(format!("relay-{}", i + 1)).display().to_string());
+        let id = format!("relay-{}", i + 1);
+        let relay = Relay::start(&[
+            "--cluster",
+            &cluster,
+            "--id",
+            &id,
+            "--data-dir",
+            &data,
+            "--flush-ms",
+            "100",
+            "--config-poll-ms",
+            "200",
+            "--request-timeout-ms",
+            "1000",
+        ]);
+        self.relays.push(relay);
+        self.relays.len() - 1
+    }
+
+    fn meta(&self, i: usize) -> &Meta {
+        self.metas[i].as_ref().expect("meta running")
+    }
+
+    fn running(&self) -> impl Iterator<Item = &Meta> {
+        self.metas.iter().flatten()
+    }
+
+    /// Starts `metas` meta nodes and `relays` relays and waits for the relays' config.
+    fn up(metas: usize, relays: usize) -> Cluster {
+        let mut c = Cluster::files(metas);
+        for i in 0..metas {
+            c.start_meta(i);
+        }
+        for i in 0..relays {
+            c.start_relay(i);
+        }
+        for r in &c.relays {
+            let got = eventually(Duration::from_secs(20), || get_json(&r.url("/health")).1["configHash"].as_str().map(str::to_owned));
+            assert_eq!(got.as_deref(), Some(ops_config::content_hash(AGENTS.as_bytes()).as_str()), "relay got the config");
+        }
+        c
+    }
+
+    fn ring_counts(&self, hosts: &[String]) -> Vec<u64> {
+        let map = ClusterMap::load(&self.cluster_file()).unwrap();
+        let ring = map.ring();
+        let mut counts = vec![0u64; map.nodes.len()];
+        for h in hosts {
+            counts[ring.owner(h)] += 1;
+        }
+        counts
+    }
+}
+
+fn hostnames(n: usize) -> Vec<String> {
+    (0..n).map(|i| if i % 4 == 0 { format!("bj-web-{i:05}") } else { format!("sh-app-{i:05}") }).collect()
+}
+
+/// Sends one heartbeat per host through the relays in turn and checks every reply.
+fn sweep(c: &Cluster, hosts: &[String], version: &str) {
+    for (i, h) in hosts.iter().enumerate() {
+        let relay = &c.relays[i % c.relays.len()];
+        let body = json!({"hostname": h, "ip": "10.0.0.1", "realAgents": [
+            {"name": "falcon-agent", "version": version, "status": "started", "timestamp": 1}]});
+        let (status, reply) = post_json(&relay.url("/heartbeat"), body.to_string());
+        assert_eq!(status, 200, "{h}: {reply}");
+        let want = if h.starts_with("bj-web-") { "5.1.4" } else { "5.1.3" };
+        assert_eq!(reply["desiredAgents"][0]["version"], want, "{h}");
+        assert_eq!(reply["desiredAgents"][1]["name"], "mysql-monitor");
+    }
+}
+
+fn held(m: &Meta) -> u64 {
+    get_json(&m.url("/health")).1["hosts"].as_u64().unwrap()
+}
+
+fn listed_once(m: &Meta, hosts: &[String]) -> Result<(), String> {
+    let r = get(&m.url("/status/text/falcon-agent")).map_err(|e| e.to_string())?;
+    let partial = r.headers().get("x-ops-partial").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let text = r.text().map_err(|e| e.to_string())?;
+    let mut names: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).map(|l| l.split('\t').next().unwrap()).collect();
+    names.sort();
+    let mut want: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    want.sort();
+    if partial.as_deref() != Some("false") {
+        return Err(format!("partial: {partial:?}"));
+    }
+    if names != want {
+        return Err(format!("listed {} hosts, want {}", names.len(), want.len()));
+    }
+    Ok(())
+}
+
+fn summary_without_partial(m: &Meta) -> Value {
+    get_json(&m.url("/status/summary/falcon-agent")).1
+}
+
+#[test]
+fn relays_shard_hosts_by_ring_and_every_node_answers_the_same() {
+    let c = Cluster::up(3, 2);
+    let hosts = hostnames(3000);
+    sweep(&c, &hosts, "5.1.3");
+    // A few heartbeats straight to meta-1, for hosts it mostly does not own: forwarded.
+    let direct: Vec<String> = (0..30).map(|i| format!("direct-{i}")).collect();
+    for h in &direct {
+        let (status, reply) = post_json(&c.meta(0).url("/heartbeat"), json!({"hostname": h, "realAgents": []}).to_string());
+        assert_eq!((status, reply["desiredAgents"][0]["version"].as_str()), (200, Some("5.1.3")));
+    }
+    let all: Vec<String> = hosts.iter().chain(&direct).cloned().collect();
+    let want = c.ring_counts(&all);
+    let got = eventually(Duration::from_secs(20), || {
+        let got: Vec<u64> = c.running().map(held).collect();
+        (got == want).then_some(got)
+    });
+    assert_eq!(got, Some(want.clone()), "each node holds exactly the hosts the ring gives it");
+    assert!(want.iter().all(|&n| n > 500), "the ring spreads hosts: {want:?}");
+
+    let summaries: Vec<Value> = c.running().map(summary_without_partial).collect();
+    assert_eq!(summaries[0]["hosts"], all.len());
+    assert_eq!(summaries[0]["partial"], false);
+    assert!(summaries.iter().all(|s| *s == summaries[0]), "{summaries:#?}");
+    for m in c.running() {
+        listed_once(m, &all).unwrap();
+        let (_, list) = get_json(&m.url("/status/json/falcon-agent?prefix=bj-web-"));
+        assert_eq!(list["count"], hosts.iter().filter(|h| h.starts_with("bj-web-")).count());
+        assert_eq!(list["partial"], false);
+        assert!(list["hosts"].as_array().unwrap().iter().all(|h| h["desiredVersion"] == "5.1.4"));
+        let (status, host) = get_json(&m.url("/status/host/sh-app-00001"));
+        assert_eq!((status, host["agents"][0]["version"].as_str()), (200, Some("5.1.3")));
+    }
+    let (_, metrics) = ops_e2e::get_text(&c.relays[0].url("/metrics"));
+    assert!(metrics.contains("ops_relay_batches_total{node=\"meta-1\",result=\"ok\"}"), "{metrics}");
+    assert!(metrics.contains("ops_relay_heartbeats_total{result=\"ok\"} 1500"), "{metrics}");
+}
+
+#[test]
+fn killed_meta_node_fails_over_and_takes_its_hosts_back() {
+    let mut c = Cluster::up(3, 2);
+    let hosts = hostnames(900);
+    sweep(&c, &hosts, "5.1.3");
+    let want = c.ring_counts(&hosts);
+    assert!(eventually(Duration::from_secs(20), || (c.running().map(held).collect::<Vec<_>>() == want).then_some(())).is_some());
+    // Let meta-2 write a snapshot holding its hosts, then kill it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut dead = c.metas[1].take().unwrap();
+    dead.proc.signal("KILL");
+    dead.proc.wait_exit(Duration::from_secs(10));
+
+    // No updater sees an error while meta-2 is down.
+    sweep(&c, &hosts, "5.1.4");
+    let s = summary_without_partial(c.meta(0));
+    assert_eq!(s["partial"], true);
+    assert_eq!(s["missingNodes"], json!(["meta-2"]));
+    // After the next flush every host is listed again, meta-2's from their failover copies.
+    let listed = eventually(Duration::from_secs(20), || {
+        let (_, list) = get_json(&c.meta(0).url("/status/json/falcon-agent?version=5.1.4"));
+        (list["count"] == hosts.len()).then_some(list)
+    });
+    let list = listed.expect("every host listed via failover");
+    assert_eq!(list["partial"], true);
+    assert_eq!(list["missingNodes"], json!(["meta-2"]));
+    let (_, metrics) = ops_e2e::get_text(&c.relays[0].url("/metrics"));
+    let failed_over: f64 =
+        metrics.lines().find_map(|l| l.strip_prefix("ops_relay_failover_hosts_total ").map(|v| v.parse().unwrap())).unwrap_or(0.0);
+    assert!(failed_over > 0.0, "meta-2's hosts went to their next candidate: {metrics}");
+    assert!(metrics.contains("ops_relay_node_up{node=\"meta-2\"} 0"), "{metrics}");
+    let r = get(&c.meta(2).url("/status/text/falcon-agent")).unwrap();
+    assert_eq!(r.headers()["x-ops-partial"], "true");
+    assert_eq!(r.headers()["x-ops-missing-nodes"], "meta-2");
+
+    // meta-2 comes back with its snapshot; relays send its hosts home.
+    c.start_meta(1);
+    let back = eventually(Duration::from_secs(30), || {
+        sweep(&c, &hosts[..30], "5.1.5");
+        let nodes = get_json(&c.relays[0].url("/health")).1["nodes"].clone();
+        nodes.as_array().unwrap().iter().all(|n| n["up"] == true).then_some(())
+    });
+    assert!(back.is_some(), "relays never saw meta-2 back");
+    sweep(&c, &hosts, "5.1.5");
+    let all_home = eventually(Duration::from_secs(20), || {
+        let (_, s) = get_json(&c.meta(1).url("/status/summary/falcon-agent"));
+        let v: BTreeMap<String, u64> = s["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| (g["version"].as_str().unwrap().to_owned(), g["hosts"].as_u64().unwrap()))
+            .collect();
+        (s["partial"] == false && v.get("5.1.5") == Some(&(hosts.len() as u64))).then_some(())
+    });
+    assert!(all_home.is_some(), "every host reports 5.1.5 through the cluster");
+    // Failover copies never show twice, from any node; summaries agree.
+    for m in c.running() {
+        listed_once(m, &hosts).unwrap();
+    }
+    let summaries: Vec<Value> = c.running().map(summary_without_partial).collect();
+    assert!(summaries.iter().all(|s| *s == summaries[0] && s["hosts"] == hosts.len()), "{summaries:#?}");
+    // The owner holds its hosts again, newest report included.
+    let owned = c.ring_counts(&hosts)[1];
+    assert!(held(c.meta(1)) >= owned);
+}
+
+#[test]
+fn relay_answers_from_its_disk_copy_with_every_meta_node_down() {
+    let mut c = Cluster::up(2, 1);
+    for i in 0..2 {
+        let mut m = c.metas[i].take().unwrap();
+        m.proc.signal("KILL");
+        m.proc.wait_exit(Duration::from_secs(10));
+    }
+    let mut relay = c.relays.pop().unwrap();
+    relay.proc.signal("TERM");
+    assert!(relay.proc.wait_exit(Duration::from_secs(20)).success(), "{}", relay.proc.log());
+    drop(relay);
+    let i = c.start_relay(0);
+    let relay = &c.relays[i];
+    relay.proc.log().contains("desired config loaded from the local copy").then_some(()).expect("loaded from disk");
+    let (status, reply) = post_json(&relay.url("/heartbeat"), r#"{"hostname":"bj-web-9","realAgents":[]}"#);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["desiredAgents"][0]["version"], "5.1.4");
+    let (_, health) = get_json(&relay.url("/health"));
+    assert_eq!(health["configHash"], ops_config::content_hash(AGENTS.as_bytes()));
+    assert!(health["pendingHosts"].as_u64().unwrap() >= 1, "the report waits for a meta node: {health}");
+}
+
+#[test]
+fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
+    let mut c = Cluster::files(2);
+    // meta-2 gets a different file: divergence must show.
+    std::fs::write(c.agents_file(1), AGENTS.replace("5.1.3", "5.9.9")).unwrap();
+    c.start_meta(0);
+    c.start_meta(1);
+    let m = c.meta(0);
+    let batch = r#"{"hosts":[{"seen":1,"hb":{"hostname":"sneaky","realAgents":[]}}]}"#;
+    let (status, reply) = post_json_auth(&m.url("/internal/batch"), None, batch);
+    assert_eq!(status, 401, "{reply}");
+    assert!(reply["errorMessage"].as_str().unwrap().contains("token"));
+    let (status, _) = post_json_auth(&m.url("/internal/batch"), Some("wrong-token-wrong-token"), batch);
+    assert_eq!(status, 401);
+    assert_eq!(held(m), 0, "nothing stored from a refused batch");
+    let (status, _) = get_json(&m.url("/config/reload"));
+    assert_eq!(status, 401, "reload without the token");
+    let (status, _) = get_json(&m.url("/internal/foreign/falcon-agent"));
+    assert_eq!(status, 401);
+
+    let (status, reply) = post_json_auth(&m.url("/internal/batch"), Some(TOKEN), batch);
+    assert_eq!((status, reply["stored"].as_u64()), (200, Some(1)), "{reply}");
+
+    let (status, reply) = get_json_auth(&m.url("/config/reload?all=1"), TOKEN);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["diverged"], true);
+    let hashes: Vec<&str> = reply["nodes"].as_array().unwrap().iter().map(|n| n["hash"].as_str().unwrap()).collect();
+    assert_eq!(hashes.len(), 2);
+    assert_ne!(hashes[0], hashes[1]);
+    let diverged = eventually(Duration::from_secs(10), || {
+        ops_e2e::get_text(&m.url("/metrics")).1.contains("ops_meta_config_diverged 1").then_some(())
+    });
+    assert!(diverged.is_some(), "divergence metric");
+
+    // Same file everywhere again: no divergence.
+    std::fs::write(c.agents_file(1), AGENTS).unwrap();
+    let (_, reply) = get_json_auth(&m.url("/config/reload?all=1"), TOKEN);
+    assert_eq!(reply["diverged"], false, "{reply}");
+    assert!(Path::new(&c.cluster_file()).exists());
+}
