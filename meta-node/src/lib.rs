@@ -151,6 +151,23 @@ impl Node {
         }
     }
 
+    /// Parses and stores a batch of host reports (blocking): `(stored, older)`. The newest
+    /// report of a host wins; an older one is counted and ignored.
+    pub fn ingest_batch(&self, bytes: &[u8]) -> Result<(u64, u64), ops_config::WireError> {
+        let batch = ops_config::Batch::parse(bytes)?;
+        let loaded = self.desired.guard();
+        let (mut stored, mut older) = (0, 0);
+        for e in &batch.hosts {
+            let class = loaded.config.class_of(&e.hb.hostname);
+            if self.store.upsert(&e.hb, e.seen, class, loaded.generation, self.owns(&e.hb.hostname)) {
+                stored += 1;
+            } else {
+                older += 1;
+            }
+        }
+        Ok((stored, older))
+    }
+
     /// Whether this node owns `hostname` on the ring (always, standalone).
     pub fn owns(&self, hostname: &str) -> bool {
         self.cluster.as_ref().is_none_or(|c| c.ring.owner(hostname) == c.me)

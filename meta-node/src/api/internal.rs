@@ -10,7 +10,6 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use hashbrown::HashSet;
-use ops_config::Batch;
 use serde::Deserialize;
 
 use super::status::{FilterParams, Format, HostView, check_agent, local_foreign, local_host, local_seen, local_summary, stream_local_rows};
@@ -52,20 +51,8 @@ pub(super) async fn batch(
     }
 }
 
-/// Parses and stores a batch (blocking): `(stored, older)`.
-pub fn ingest(node: &Node, bytes: &[u8]) -> Result<(u64, u64), ApiError> {
-    let batch = Batch::parse(bytes).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let loaded = node.desired.guard();
-    let (mut stored, mut older) = (0, 0);
-    for e in &batch.hosts {
-        let class = loaded.config.class_of(&e.hb.hostname);
-        if node.store.upsert(&e.hb, e.seen, class, loaded.generation, node.owns(&e.hb.hostname)) {
-            stored += 1;
-        } else {
-            older += 1;
-        }
-    }
-    Ok((stored, older))
+fn ingest(node: &Node, bytes: &[u8]) -> Result<(u64, u64), ApiError> {
+    node.ingest_batch(bytes).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 pub(super) async fn foreign(
