@@ -357,3 +357,27 @@ fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
     assert_eq!(reply["diverged"], false, "{reply}");
     assert!(Path::new(&c.cluster_file()).exists());
 }
+
+#[test]
+fn relay_drains_its_buffers_on_sigterm() {
+    let mut c = Cluster::files(1);
+    c.start_meta(0);
+    let (cluster, data) = (c.cluster_file().display().to_string(), c.dir.path().join("relay-drain").display().to_string());
+    // A flush period far longer than the test: only the drain can deliver these reports.
+    let mut relay = Relay::start(&["--cluster", &cluster, "--data-dir", &data, "--flush-ms", "600000", "--config-poll-ms", "100"]);
+    let hash = ops_config::content_hash(AGENTS.as_bytes());
+    assert!(
+        eventually(Duration::from_secs(20), || (get_json(&relay.url("/health")).1["configHash"] == hash.as_str()).then_some(())).is_some()
+    );
+    let (_, metrics) = ops_e2e::get_text(&relay.url("/metrics"));
+    assert!(metrics.contains(&format!("ops_relay_config_info{{hash=\"{hash}\"}} 1")), "{metrics}");
+    for i in 0..200 {
+        let (status, _) = post_json(&relay.url("/heartbeat"), json!({"hostname": format!("drain-{i}"), "realAgents": []}).to_string());
+        assert_eq!(status, 200);
+    }
+    assert_eq!(get_json(&relay.url("/health")).1["pendingHosts"], 200);
+    assert_eq!(held(c.meta(0)), 0);
+    relay.proc.signal("TERM");
+    assert!(relay.proc.wait_exit(Duration::from_secs(20)).success(), "{}", relay.proc.log());
+    assert_eq!(held(c.meta(0)), 200, "the relay drained its buffer on SIGTERM");
+}

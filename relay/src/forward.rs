@@ -355,3 +355,38 @@ impl Forwarder {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreachable_cluster() -> ClusterMap {
+        // Port 9 on loopback: nothing listens, connections are refused at once.
+        ClusterMap::single("127.0.0.1:9".parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn buffers_keep_one_report_per_host_newest_first_and_requeue_when_no_node_takes_them() {
+        let settings = ForwardSettings { request_timeout: Duration::from_millis(500), ..ForwardSettings::default() };
+        let f = Forwarder::new(&unreachable_cluster(), settings, CancellationToken::new());
+        for seen in [5, 7, 6] {
+            for h in 0..100 {
+                f.push(&format!("host-{h}"), seen, Bytes::from(format!(r#"{{"hostname":"host-{h}","n":{seen}}}"#)));
+            }
+        }
+        assert_eq!(f.pending(), vec![100], "one entry per host, however often it reports");
+        let out = f.flush().await;
+        assert_eq!((out.sent, out.requeued), (0, 100));
+        assert_eq!(f.pending(), vec![100], "nothing lost while no node is up");
+        assert_eq!(f.nodes_up(), vec![("meta-1".to_owned(), false)]);
+        let kept = f.buffers[0].lock().get("host-3").map(|p| (p.seen, p.body.clone())).unwrap();
+        assert_eq!(kept.0, 7, "the newest report wins, not the last pushed");
+        assert!(std::str::from_utf8(&kept.1).unwrap().contains("\"n\":7"));
+        // A report older than the one held is ignored; a newer one replaces it.
+        f.push("host-3", 6, Bytes::from_static(b"{}"));
+        assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 7);
+        f.push("host-3", 8, Bytes::from_static(b"{}"));
+        assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 8);
+        f.stop.cancel();
+    }
+}
