@@ -1,0 +1,345 @@
+//! One cycle of the updater: read the real state from disk and `./control status`, send the
+//! heartbeat, apply the reply.
+//!
+//! Install rules (DESIGN.md, seed 003 made safe): `{workDir}/{name}/{version}/` is created only
+//! by renaming a fully extracted and verified temporary sibling into place, so its existence
+//! means it is complete; `.version` is switched by an atomic rename and only ever names such a
+//! directory; leftovers of a killed run (`.tmp-*`, `.download-*`) are removed and redone.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use ops_config::wire::{valid_agent_name, valid_version};
+use ops_config::{DesiredAgent, Heartbeat, HeartbeatReply, RealAgent};
+
+use crate::control;
+use crate::fetch::{self, Fetcher};
+use crate::unpack;
+
+/// What a cycle needs to know.
+#[derive(Debug, Clone)]
+pub struct CycleSettings {
+    pub servers: Vec<String>,
+    pub hostname: String,
+    pub ip: String,
+    pub control_timeout: Duration,
+    pub heartbeat_timeout: Duration,
+}
+
+/// The updater's state between cycles: the last desired list (which agents to report) and the
+/// last error per agent. Real state is never remembered: it is read again every cycle.
+pub struct Updater {
+    pub settings: CycleSettings,
+    fetcher: Fetcher,
+    client: reqwest::Client,
+    arch: String,
+    known: Vec<DesiredAgent>,
+    errors: HashMap<String, String>,
+}
+
+/// What one cycle saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// A server answered.
+    pub answered: bool,
+    /// Every desired agent is at its version and run state, with no error.
+    pub converged: bool,
+    pub errors: Vec<String>,
+}
+
+fn checked_dirs(d: &DesiredAgent) -> Result<(PathBuf, PathBuf), String> {
+    if !valid_agent_name(&d.name) {
+        return Err(format!("refused agent name {:?}", d.name));
+    }
+    if !valid_version(&d.version) {
+        return Err(format!("agent {}: refused version {:?}", d.name, d.version));
+    }
+    let work = Path::new(&d.work_dir);
+    if !work.is_absolute() || work.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!("agent {}: refused workDir {:?} (must be absolute, without ..)", d.name, d.work_dir));
+    }
+    if d.cmd != "start" && d.cmd != "stop" {
+        return Err(format!("agent {}: refused cmd {:?}", d.name, d.cmd));
+    }
+    let agent_dir = work.join(&d.name);
+    let version_dir = agent_dir.join(&d.version);
+    Ok((agent_dir, version_dir))
+}
+
+fn read_version(agent_dir: &Path) -> String {
+    std::fs::read_to_string(agent_dir.join(".version")).map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+/// Writes `.version` by rename: a reader sees the old or the new content, never half.
+fn write_version(agent_dir: &Path, version: &str) -> std::io::Result<()> {
+    let tmp = agent_dir.join(".version.tmp");
+    std::fs::write(&tmp, format!("{version}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, agent_dir.join(".version"))?;
+    std::fs::File::open(agent_dir)?.sync_all()
+}
+
+fn sudo_available() -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("sudo").is_file()))
+}
+
+impl Updater {
+    pub fn new(settings: CycleSettings, fetcher: Fetcher) -> Self {
+        let client = reqwest::Client::builder().no_proxy().timeout(settings.heartbeat_timeout).build().expect("http client");
+        Updater { settings, fetcher, client, arch: fetch::arch(), known: Vec::new(), errors: HashMap::new() }
+    }
+
+    /// The real state of the agents last desired, read from disk and `./control status`.
+    pub async fn real_state(&self) -> Vec<RealAgent<'static>> {
+        let mut out = Vec::new();
+        for d in &self.known {
+            let Ok((agent_dir, _)) = checked_dirs(d) else { continue };
+            let version = read_version(&agent_dir);
+            let dir = agent_dir.join(&version);
+            let status = if !version.is_empty() && dir.join("control").is_file() {
+                match control::run(&dir, "status", &d.run_user, self.settings.control_timeout).await {
+                    Ok(s) => s.chars().take(ops_config::wire::MAX_STATUS).collect(),
+                    Err(e) => {
+                        tracing::warn!(agent = %d.name, error = %e, "control status failed");
+                        String::new()
+                    }
+                }
+            } else {
+                String::new()
+            };
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_secs() as i64);
+            out.push(RealAgent {
+                name: d.name.clone().into(),
+                version: version.into(),
+                status: status.into(),
+                timestamp: now,
+                run_user: d.run_user.clone().into(),
+                work_dir: d.work_dir.clone().into(),
+                last_error: self
+                    .errors
+                    .get(&d.name)
+                    .map(|e| e.chars().take(ops_config::wire::MAX_LAST_ERROR).collect::<String>())
+                    .unwrap_or_default()
+                    .into(),
+            });
+        }
+        out
+    }
+
+    /// Sends a heartbeat to the first server that answers (local relay first).
+    async fn send(&self, hb: &Heartbeat<'_>) -> Result<HeartbeatReply, String> {
+        let body = serde_json::to_vec(hb).map_err(|e| e.to_string())?;
+        let mut errors = Vec::new();
+        for server in &self.settings.servers {
+            let url = if server.starts_with("http://") || server.starts_with("https://") {
+                format!("{}/heartbeat", server.trim_end_matches('/'))
+            } else {
+                format!("http://{server}/heartbeat")
+            };
+            match self.client.post(&url).body(body.clone()).send().await {
+                Ok(r) => {
+                    let status = r.status();
+                    match r.json::<HeartbeatReply>().await {
+                        Ok(reply) if status.is_success() => return Ok(reply),
+                        Ok(reply) => errors.push(format!("{url}: HTTP {status}: {}", reply.error_message)),
+                        Err(e) => errors.push(format!("{url}: HTTP {status}: {e}")),
+                    }
+                }
+                Err(e) => errors.push(format!("{url}: {e}")),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    /// One cycle. Never panics on what the server or the disk says.
+    pub async fn cycle(&mut self) -> Outcome {
+        let real = self.real_state().await;
+        let hb = Heartbeat {
+            hostname: self.settings.hostname.clone().into(),
+            ip: self.settings.ip.clone().into(),
+            run_user: control::current_user().into(),
+            updater_version: env!("CARGO_PKG_VERSION").into(),
+            real_agents: real,
+        };
+        let reply = match self.send(&hb).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "no server answered the heartbeat");
+                return Outcome { answered: false, converged: false, errors: vec![e] };
+            }
+        };
+        if !reply.error_message.is_empty() {
+            tracing::error!(error = %reply.error_message, "server refused the heartbeat");
+            return Outcome { answered: true, converged: false, errors: vec![reply.error_message] };
+        }
+        self.known = reply.desired_agents;
+        let mut errors = Vec::new();
+        for d in self.known.clone() {
+            match self.apply(&d).await {
+                Ok(()) => {
+                    self.errors.remove(&d.name);
+                }
+                Err(e) => {
+                    tracing::error!(agent = %d.name, version = %d.version, error = %e, "agent not converged");
+                    errors.push(e.clone());
+                    self.errors.insert(d.name.clone(), e);
+                }
+            }
+        }
+        let converged = errors.is_empty() && self.check_converged().await;
+        Outcome { answered: true, converged, errors }
+    }
+
+    /// Reads the state again and compares it with the desired one.
+    async fn check_converged(&self) -> bool {
+        let real = self.real_state().await;
+        self.known.iter().all(|d| {
+            real.iter()
+                .any(|r| r.name == d.name && r.version == d.version && r.is_started() == (d.cmd == "start") && r.last_error.is_empty())
+        })
+    }
+
+    /// Brings one agent to its desired version and run state.
+    pub async fn apply(&self, d: &DesiredAgent) -> Result<(), String> {
+        let (agent_dir, version_dir) = checked_dirs(d)?;
+        if !d.run_user.is_empty() && d.run_user != control::current_user() && !sudo_available() {
+            return Err(format!("agent {}: runs as {:?} but sudo is not installed", d.name, d.run_user));
+        }
+        std::fs::create_dir_all(&agent_dir).map_err(|e| format!("cannot create {}: {e}", agent_dir.display()))?;
+        self.ensure_installed(d, &agent_dir, &version_dir).await?;
+        let timeout = self.settings.control_timeout;
+        let current = read_version(&agent_dir);
+        if current != d.version {
+            let old = agent_dir.join(&current);
+            if !current.is_empty() && valid_version(&current) && old.join("control").is_file() {
+                control::run(&old, "stop", &d.run_user, timeout).await.map_err(|e| format!("stopping {} {current}: {e}", d.name))?;
+            }
+            write_version(&agent_dir, &d.version).map_err(|e| format!("writing {}/.version: {e}", agent_dir.display()))?;
+            tracing::info!(agent = %d.name, from = %current, to = %d.version, "switched version");
+            if d.cmd == "start" {
+                control::run(&version_dir, "start", &d.run_user, timeout).await.map_err(|e| e.to_string())?;
+            }
+            return Ok(());
+        }
+        let status = control::run(&version_dir, "status", &d.run_user, timeout).await.map_err(|e| e.to_string())?;
+        let started = status.contains("started");
+        match (d.cmd.as_str(), started) {
+            ("start", false) => control::run(&version_dir, "start", &d.run_user, timeout).await.map(drop).map_err(|e| e.to_string()),
+            ("stop", true) => control::run(&version_dir, "stop", &d.run_user, timeout).await.map(drop).map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes `{agent_dir}/{version}` exist, complete: download, verify, extract into a
+    /// temporary sibling, rename into place.
+    async fn ensure_installed(&self, d: &DesiredAgent, agent_dir: &Path, version_dir: &Path) -> Result<(), String> {
+        if version_dir.join("control").is_file() {
+            return Ok(());
+        }
+        let tmp = agent_dir.join(format!(".tmp-{}", d.version));
+        let download = agent_dir.join(format!(".download-{}.tar.gz", d.version));
+        // Leftovers of a killed run are never trusted.
+        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = std::fs::remove_file(&download);
+        if version_dir.exists() {
+            // Not made by us (we only rename complete trees into place): move it aside.
+            let aside = agent_dir.join(format!(".broken-{}-{}", d.version, std::process::id()));
+            std::fs::rename(version_dir, &aside).map_err(|e| format!("moving aside incomplete {}: {e}", version_dir.display()))?;
+        }
+        let url = fetch::tarball_url(d, &self.arch);
+        let expected = self.fetcher.expected_md5(d, &url, &self.arch).await.map_err(|e| e.to_string())?;
+        let got = self.fetcher.download(&url, &download).await.map_err(|e| {
+            let _ = std::fs::remove_file(&download);
+            e.to_string()
+        })?;
+        if got.md5 != expected {
+            let _ = std::fs::remove_file(&download);
+            return Err(format!("md5 mismatch for {url}: expected {expected}, got {}", got.md5));
+        }
+        if !d.sha256.is_empty() && !got.sha256.eq_ignore_ascii_case(d.sha256.trim()) {
+            let _ = std::fs::remove_file(&download);
+            return Err(format!("sha256 mismatch for {url}: expected {}, got {}", d.sha256, got.sha256));
+        }
+        std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        let (archive, dest) = (download.clone(), tmp.clone());
+        let unpacked = tokio::task::spawn_blocking(move || unpack::unpack(&archive, &dest)).await.map_err(|e| e.to_string())?;
+        if let Err(e) = unpacked {
+            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = std::fs::remove_file(&download);
+            return Err(format!("{url}: {e}"));
+        }
+        std::fs::rename(&tmp, version_dir).map_err(|e| format!("renaming into {}: {e}", version_dir.display()))?;
+        if let Ok(dir) = std::fs::File::open(agent_dir) {
+            let _ = dir.sync_all();
+        }
+        let _ = std::fs::remove_file(&download);
+        tracing::info!(agent = %d.name, version = %d.version, bytes = got.bytes, "installed");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(name: &str, version: &str, work_dir: &str) -> DesiredAgent {
+        DesiredAgent {
+            name: name.into(),
+            version: version.into(),
+            tarball: "http://127.0.0.1:9/releases".into(),
+            md5: String::new(),
+            cmd: "start".into(),
+            run_user: String::new(),
+            work_dir: work_dir.into(),
+            config_file_name: String::new(),
+            config_remote_url: String::new(),
+            sha256: String::new(),
+        }
+    }
+
+    fn updater() -> Updater {
+        let settings = CycleSettings {
+            servers: vec!["127.0.0.1:9".into()],
+            hostname: "h".into(),
+            ip: String::new(),
+            control_timeout: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(1),
+        };
+        Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20))
+    }
+
+    #[tokio::test]
+    async fn hostile_desired_states_are_refused_and_write_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let work = root.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let w = work.display().to_string();
+        let u = updater();
+        for (what, d) in [
+            ("name ../../etc", desired("../../etc", "1.0", &w)),
+            ("name with /", desired("a/b", "1.0", &w)),
+            ("name ..", desired("..", "1.0", &w)),
+            ("version ../../etc", desired("agent", "../../etc", &w)),
+            ("version ..", desired("agent", "..", &w)),
+            ("relative work dir", desired("agent", "1.0", "relative/dir")),
+            ("work dir with ..", desired("agent", "1.0", &format!("{w}/../escape"))),
+        ] {
+            let e = u.apply(&d).await.unwrap_err();
+            assert!(e.contains("refused"), "{what}: {e}");
+        }
+        let mut bad_cmd = desired("agent", "1.0", &w);
+        bad_cmd.cmd = "rm -rf /".into();
+        assert!(u.apply(&bad_cmd).await.unwrap_err().contains("refused cmd"));
+        assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "nothing written in the work dir");
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1, "nothing written beside it");
+    }
+
+    #[tokio::test]
+    async fn unreachable_servers_are_an_outcome_not_a_panic() {
+        let mut u = updater();
+        let out = u.cycle().await;
+        assert!(!out.answered && !out.converged);
+        assert!(out.errors[0].contains("127.0.0.1:9"), "{:?}", out.errors);
+    }
+}

@@ -1,0 +1,54 @@
+//! The ops fleet updater: keeps this host's company agents at the version and run state the
+//! operators want.
+//!
+//! It does little, and does it safely: it never trusts its memory for real state (read again
+//! from disk and `./control status` every cycle), never runs a script from an unverified
+//! tarball, never writes outside an agent's directory, never names an incomplete version in
+//! `.version`, and never kills a control script halfway on its own shutdown.
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod cycle;
+pub mod fetch;
+pub mod unpack;
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+pub use cycle::{CycleSettings, Outcome, Updater};
+
+/// The first cycle's delay: spread over `interval`, seeded by hostname and time so a fleet
+/// started together does not hit the relays together.
+pub fn first_delay(hostname: &str, interval: Duration) -> Duration {
+    let mut h = DefaultHasher::new();
+    hostname.hash(&mut h);
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos()).hash(&mut h);
+    let ms = interval.as_millis().max(1) as u64;
+    Duration::from_millis(h.finish() % ms)
+}
+
+/// Runs cycles every `interval` until `shutdown`; a cycle in progress always finishes.
+pub async fn run(mut updater: Updater, interval: Duration, first: Duration, shutdown: CancellationToken) {
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = tokio::time::sleep(first) => {}
+    }
+    loop {
+        let outcome = updater.cycle().await;
+        tracing::info!(answered = outcome.answered, converged = outcome.converged, errors = outcome.errors.len(), "cycle done");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// What the updater needs from the machine; Err names what is missing.
+pub fn check_environment() -> Result<(), String> {
+    if !std::path::Path::new("/bin/sh").exists() {
+        return Err("/bin/sh is missing: control scripts cannot run".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! `ops-updater`: flags compatible with seed 003 (`--interval=300 --debug=false
+//! --server=127.0.0.1:2200`), an optional TOML file with the same settings, then cycles.
+//! `--once` runs one cycle and exits 0 when the host converged, 1 when it did not.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use updater::fetch::Fetcher;
+use updater::{CycleSettings, Updater};
+
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "ops-updater", version, about = "ops fleet updater: keeps this host's agents at their desired versions")]
+struct Cli {
+    /// Relay or meta node addresses, local relay first: host:port[,host:port...].
+    #[arg(long, value_delimiter = ',')]
+    server: Vec<String>,
+    /// Seconds between cycles.
+    #[arg(long)]
+    interval: Option<u64>,
+    /// Debug logging (`--debug`, `--debug=true`, `--debug=false`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    debug: Option<bool>,
+    /// One cycle, no first delay; exit 0 when converged, 1 when not.
+    #[arg(long)]
+    once: bool,
+    /// Hostname to report (default: the system's).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// IP to report (default: none).
+    #[arg(long)]
+    ip: Option<String>,
+    /// Seconds a control call may take before its process group is killed.
+    #[arg(long)]
+    control_timeout_seconds: Option<u64>,
+    /// Seconds a tarball download may take in all.
+    #[arg(long)]
+    download_timeout_seconds: Option<u64>,
+    /// Largest tarball accepted, in bytes.
+    #[arg(long)]
+    max_download_bytes: Option<u64>,
+    /// A TOML file with the same settings (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// The TOML file's shape: every key optional, unknown keys refused.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    server: Option<Vec<String>>,
+    interval: Option<u64>,
+    debug: Option<bool>,
+    hostname: Option<String>,
+    ip: Option<String>,
+    control_timeout_seconds: Option<u64>,
+    download_timeout_seconds: Option<u64>,
+    max_download_bytes: Option<u64>,
+}
+
+struct Resolved {
+    cycle: CycleSettings,
+    interval: Duration,
+    debug: bool,
+    download_timeout: Duration,
+    max_download_bytes: u64,
+}
+
+fn system_hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
+}
+
+fn resolve(cli: &Cli) -> Result<Resolved, String> {
+    let file = match &cli.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            toml::from_str::<FileConfig>(&text).map_err(|e| format!("{}: {}", p.display(), e.to_string().trim()))?
+        }
+        None => FileConfig::default(),
+    };
+    let servers = if cli.server.is_empty() { file.server.unwrap_or_else(|| vec!["127.0.0.1:2200".into()]) } else { cli.server.clone() };
+    let servers: Vec<String> = servers.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+    if servers.is_empty() {
+        return Err("--server needs at least one address".into());
+    }
+    let hostname = cli.hostname.clone().or(file.hostname).unwrap_or_else(system_hostname);
+    if !ops_config::wire::valid_hostname(&hostname) {
+        return Err(format!("hostname {hostname:?} is not 1-255 of [A-Za-z0-9._-]; pass --hostname"));
+    }
+    let interval = cli.interval.or(file.interval).unwrap_or(300);
+    if interval == 0 {
+        return Err("--interval must be > 0".into());
+    }
+    Ok(Resolved {
+        cycle: CycleSettings {
+            servers,
+            hostname,
+            ip: cli.ip.clone().or(file.ip).unwrap_or_default(),
+            control_timeout: Duration::from_secs(cli.control_timeout_seconds.or(file.control_timeout_seconds).unwrap_or(30).max(1)),
+            heartbeat_timeout: Duration::from_secs(10),
+        },
+        interval: Duration::from_secs(interval),
+        debug: cli.debug.or(file.debug).unwrap_or(false),
+        download_timeout: Duration::from_secs(cli.download_timeout_seconds.or(file.download_timeout_seconds).unwrap_or(600).max(1)),
+        max_download_bytes: cli.max_download_bytes.or(file.max_download_bytes).unwrap_or(1 << 30),
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match resolve(&cli) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ops-updater: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let level = if r.debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if let Err(e) = updater::check_environment() {
+        eprintln!("ops-updater: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ops-updater: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let fetcher = Fetcher::new(Duration::from_secs(10), r.download_timeout, r.max_download_bytes);
+        let hostname = r.cycle.hostname.clone();
+        let mut updater = Updater::new(r.cycle, fetcher);
+        tracing::info!(hostname = %hostname, servers = ?updater.settings.servers, "ops-updater starting");
+        if cli.once {
+            let outcome = updater.cycle().await;
+            for e in &outcome.errors {
+                eprintln!("ops-updater: {e}");
+            }
+            return if outcome.converged { ExitCode::SUCCESS } else { ExitCode::from(1) };
+        }
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("stopping after the cycle in progress");
+            s.cancel();
+        });
+        let first = updater::first_delay(&hostname, r.interval);
+        updater::run(updater, r.interval, first, shutdown).await;
+        ExitCode::SUCCESS
+    })
+}
