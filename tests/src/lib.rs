@@ -50,16 +50,22 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `bin` with `args`, capturing its stderr log.
+    /// Starts the workspace binary `bin` with `args`, capturing its stderr log.
     pub fn start(bin: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(binary(bin))
+        Proc::start_path(&binary(bin), args)
+    }
+
+    /// Starts the program at `path` with `args`, capturing its stderr log.
+    pub fn start_path(path: &Path, args: &[&str]) -> Proc {
+        let bin = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut child = Command::new(path)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+            .unwrap_or_else(|e| panic!("start {}: {e}", path.display()));
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
@@ -71,7 +77,7 @@ impl Proc {
                 l.push('\n');
             }
         });
-        Proc { name: bin.to_owned(), child, log }
+        Proc { name: bin, child, log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -305,5 +311,49 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
             return None;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A real nginx serving `root` on a loopback port, started with its own config in a temp dir;
+/// `/slow/` is rate-limited (for the kill test). Killed on drop.
+pub struct Nginx {
+    _proc: Proc,
+    pub port: u16,
+    pub root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    pub fn start(root: &Path, slow_bytes_per_second: u64) -> Nginx {
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("nginx is not installed: apt-get install -y nginx-light (see README)");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().display().to_string();
+        let port = free_port();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+               uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  default_type application/octet-stream;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    location /slow/ {{ limit_rate {slow_bytes_per_second}; }}\n  }}\n}}\n",
+            root = root.display()
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("write nginx.conf");
+        let c = conf_path.display().to_string();
+        let proc = Proc::start_path(&nginx, &["-c", &c, "-p", &d]);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start: {}", proc.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { _proc: proc, port, root: root.to_path_buf(), _dir: dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
     }
 }

@@ -152,16 +152,26 @@ impl Updater {
         Err(errors.join("; "))
     }
 
-    /// One cycle. Never panics on what the server or the disk says.
-    pub async fn cycle(&mut self) -> Outcome {
-        let real = self.real_state().await;
-        let hb = Heartbeat {
+    async fn heartbeat(&self) -> Heartbeat<'static> {
+        Heartbeat {
             hostname: self.settings.hostname.clone().into(),
             ip: self.settings.ip.clone().into(),
             run_user: control::current_user().into(),
             updater_version: env!("CARGO_PKG_VERSION").into(),
-            real_agents: real,
-        };
+            real_agents: self.real_state().await,
+        }
+    }
+
+    /// Sends the state as it is now, without applying the reply (the last step of `--once`,
+    /// so the meta node sees what the cycle achieved, errors included, at once).
+    pub async fn report(&self) -> Result<(), String> {
+        let hb = self.heartbeat().await;
+        self.send(&hb).await.map(drop)
+    }
+
+    /// One cycle. Never panics on what the server or the disk says.
+    pub async fn cycle(&mut self) -> Outcome {
+        let hb = self.heartbeat().await;
         let reply = match self.send(&hb).await {
             Ok(r) => r,
             Err(e) => {

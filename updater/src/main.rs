@@ -26,7 +26,8 @@ struct Cli {
     /// Debug logging (`--debug`, `--debug=true`, `--debug=false`).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     debug: Option<bool>,
-    /// One cycle, no first delay; exit 0 when converged, 1 when not.
+    /// One cycle, no first delay, then one report of the result; exit 0 when converged, 1 when
+    /// not.
     #[arg(long)]
     once: bool,
     /// Hostname to report (default: the system's).
@@ -141,6 +142,11 @@ fn main() -> ExitCode {
         tracing::info!(hostname = %hostname, servers = ?updater.settings.servers, "ops-updater starting");
         if cli.once {
             let outcome = updater.cycle().await;
+            if outcome.answered
+                && let Err(e) = updater.report().await
+            {
+                tracing::warn!(error = %e, "final report not delivered");
+            }
             for e in &outcome.errors {
                 eprintln!("ops-updater: {e}");
             }

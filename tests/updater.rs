@@ -1,0 +1,380 @@
+//! End-to-end tests of `ops-updater`: real nginx serving real tarballs (each with a real
+//! `control` shell script), a real meta node, real processes killed with real signals.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use md5::{Digest, Md5};
+use ops_e2e::{Meta, Nginx, Proc, free_port, get_json};
+
+/// A control script of seed 003's contract: start runs a long-lived process and writes its pid;
+/// status prints started or stoped; stop kills it.
+const CONTROL: &str = r#"#!/bin/sh
+cd "$(dirname "$0")" || exit 1
+case "$1" in
+  start)
+    if [ -f app.pid ] && kill -0 "$(cat app.pid)" 2>/dev/null; then exit 0; fi
+    nohup sleep 100000 >/dev/null 2>&1 &
+    echo $! > app.pid
+    ;;
+  stop)
+    if [ -f app.pid ]; then kill "$(cat app.pid)" 2>/dev/null; rm -f app.pid; fi
+    ;;
+  status)
+    if [ -f app.pid ] && kill -0 "$(cat app.pid)" 2>/dev/null; then echo started; else echo stoped; fi
+    ;;
+esac
+"#;
+
+/// A control script whose start never returns (and records the pid of what it runs).
+const CONTROL_HANGS: &str = r#"#!/bin/sh
+cd "$(dirname "$0")" || exit 1
+case "$1" in
+  start) sleep 100000 & echo $! > hang.pid; wait ;;
+  status) echo stoped ;;
+esac
+"#;
+
+fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().expect("id -un");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn md5_hex(bytes: &[u8]) -> String {
+    Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deterministic incompressible filler, so large tarballs really are large.
+fn filler(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    nginx: Nginx,
+    meta: Meta,
+    user: String,
+}
+
+impl Fleet {
+    fn new() -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let files = dir.path().join("files");
+        std::fs::create_dir_all(&files).unwrap();
+        std::fs::create_dir_all(dir.path().join("work")).unwrap();
+        // 1 MiB/s on /slow/: a 2 MiB tarball takes about two seconds to download.
+        let nginx = Nginx::start(&files, 1 << 20);
+        let user = current_user();
+        let fleet_agents = dir.path().join("agents.toml");
+        std::fs::write(&fleet_agents, "").unwrap();
+        let (a, d) = (fleet_agents.display().to_string(), dir.path().join("meta-data").display().to_string());
+        let meta = Meta::start(&["--agents", &a, "--data-dir", &d]);
+        Fleet { dir, nginx, meta, user }
+    }
+
+    fn work(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    fn agent_dir(&self) -> PathBuf {
+        self.work().join("demo")
+    }
+
+    /// Builds `{base}/{arch}/demo-{version}.tar.gz` (+ `.md5`) under nginx's root; returns md5.
+    fn tarball(&self, base: &str, version: &str, control: &str, filler_bytes: usize) -> String {
+        let dir = self.nginx.root.join(base).join(updater::fetch::arch());
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = format!("demo-{version}.tar.gz");
+        let path = dir.join(&name);
+        {
+            let gz = flate2::write::GzEncoder::new(File::create(&path).unwrap(), flate2::Compression::fast());
+            let mut b = tar::Builder::new(gz);
+            let mut add = |name: &str, body: &[u8], mode: u32| {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(body.len() as u64);
+                h.set_mode(mode);
+                h.set_cksum();
+                b.append_data(&mut h, name, body).unwrap();
+            };
+            add("control", control.as_bytes(), 0o755);
+            add("VERSION", version.as_bytes(), 0o644);
+            if filler_bytes > 0 {
+                add("payload.bin", &filler(filler_bytes, version.len() as u64 * 7919), 0o644);
+            }
+            b.into_inner().unwrap().finish().unwrap();
+        }
+        let md5 = md5_hex(&std::fs::read(&path).unwrap());
+        std::fs::write(dir.join(format!("{name}.md5")), format!("{md5}  {name}\n")).unwrap();
+        md5
+    }
+
+    /// Writes agents.toml for `demo` and reloads the meta node.
+    fn desire(&self, base: &str, version: &str, md5: &str, cmd: &str, others: &str) {
+        let toml = format!(
+            "[[agent]]\nname = \"demo\"\ntarball = \"{}\"\nrun_user = \"{}\"\nwork_dir = \"{}\"\n\
+             default = {{ version = \"{version}\", md5 = \"{md5}\", cmd = \"{cmd}\" }}\n{others}",
+            self.nginx.url(&format!("/{base}")),
+            self.user,
+            self.work().display()
+        );
+        std::fs::write(self.dir.path().join("agents.toml"), toml).unwrap();
+        let (status, reply) = get_json(&self.meta.url("/config/reload"));
+        assert_eq!(status, 200, "{reply}");
+    }
+
+    fn servers(&self) -> String {
+        format!("--server=127.0.0.1:{}", self.meta.addr.port())
+    }
+
+    /// `ops-updater --once`: (exit code, log).
+    fn once(&self, host: &str, extra: &[&str]) -> (i32, String) {
+        let servers = self.servers();
+        let hostname = format!("--hostname={host}");
+        let mut args = vec!["--once", &servers, &hostname, "--control-timeout-seconds=2", "--interval=300", "--debug=false"];
+        args.extend_from_slice(extra);
+        let (status, log) = Proc::run_to_exit("ops-updater", &args);
+        (status.code().unwrap_or(-1), log)
+    }
+
+    fn version_file(&self) -> Option<String> {
+        std::fs::read_to_string(self.agent_dir().join(".version")).ok().map(|s| s.trim().to_owned())
+    }
+
+    fn pid_alive(&self, version: &str) -> bool {
+        let Ok(pid) = std::fs::read_to_string(self.agent_dir().join(version).join("app.pid")) else { return false };
+        let pid = pid.trim();
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    }
+
+    fn host(&self, host: &str) -> serde_json::Value {
+        get_json(&self.meta.url(&format!("/status/host/{host}"))).1
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        std::fs::read_dir(self.agent_dir())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(".tmp-") || n.starts_with(".download-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Fleet {
+    /// Kills every process the agents' control scripts left running.
+    fn drop(&mut self) {
+        let Ok(versions) = std::fs::read_dir(self.agent_dir()) else { return };
+        for v in versions.flatten() {
+            for pidfile in ["app.pid", "hang.pid"] {
+                if let Ok(pid) = std::fs::read_to_string(v.path().join(pidfile)) {
+                    let _ = Command::new("kill").arg("-KILL").arg(pid.trim()).status();
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn install_start_stop_and_upgrade() {
+    let f = Fleet::new();
+    let md5_1 = f.tarball("releases", "1.0", CONTROL, 0);
+    f.tarball("releases", "2.0", CONTROL, 0);
+    f.desire("releases", "1.0", &md5_1, "start", "");
+
+    // First install: downloaded, verified, extracted, .version written, started.
+    let (code, log) = f.once("host-a", &[]);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"));
+    assert!(f.pid_alive("1.0"));
+    assert!(f.leftovers().is_empty());
+    // The next heartbeat reports it, and the meta node shows the host converged.
+    assert_eq!(f.once("host-a", &[]).0, 0);
+    let host = f.host("host-a");
+    assert_eq!(host["agents"][0]["version"], "1.0");
+    assert_eq!(host["agents"][0]["status"], "started");
+    assert_eq!(host["agents"][0]["state"], "ok");
+
+    // Stop.
+    f.desire("releases", "1.0", &md5_1, "stop", "");
+    assert_eq!(f.once("host-a", &[]).0, 0);
+    assert!(!f.pid_alive("1.0"));
+    // Start again (applied only when needed: one process, not two).
+    f.desire("releases", "1.0", &md5_1, "start", "");
+    assert_eq!(f.once("host-a", &[]).0, 0);
+    let first_pid = std::fs::read_to_string(f.agent_dir().join("1.0/app.pid")).unwrap();
+    assert_eq!(f.once("host-a", &[]).0, 0);
+    assert_eq!(std::fs::read_to_string(f.agent_dir().join("1.0/app.pid")).unwrap(), first_pid, "running agent left alone");
+
+    // Upgrade, with an empty md5: the updater reads {url}.md5. Old stopped, new started.
+    f.desire("releases", "2.0", "", "start", "");
+    let (code, log) = f.once("host-a", &[]);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("2.0"));
+    assert!(!f.pid_alive("1.0"), "old version stopped");
+    assert!(f.pid_alive("2.0"), "new version started");
+    assert_eq!(std::fs::read_to_string(f.agent_dir().join("2.0/VERSION")).unwrap(), "2.0");
+    f.once("host-a", &[]);
+    assert_eq!(f.host("host-a")["agents"][0]["version"], "2.0");
+}
+
+#[test]
+fn prefix_override_gets_the_other_version() {
+    let f = Fleet::new();
+    let md5_1 = f.tarball("releases", "1.0", CONTROL, 0);
+    let md5_2 = f.tarball("releases", "2.0", CONTROL, 0);
+    f.desire(
+        "releases",
+        "1.0",
+        &md5_1,
+        "start",
+        &format!("[[agent.others]]\nprefix = \"canary-\"\nversion = \"2.0\"\nmd5 = \"{md5_2}\"\n"),
+    );
+    assert_eq!(f.once("canary-1", &[]).0, 0);
+    assert_eq!(f.version_file().as_deref(), Some("2.0"));
+}
+
+#[test]
+fn md5_mismatch_and_404_keep_the_old_version_and_report_last_error() {
+    let f = Fleet::new();
+    let md5_1 = f.tarball("releases", "1.0", CONTROL, 0);
+    f.tarball("releases", "2.0", CONTROL, 0);
+    f.desire("releases", "1.0", &md5_1, "start", "");
+    assert_eq!(f.once("host-b", &[]).0, 0);
+
+    // Wrong digest for 2.0.
+    f.desire("releases", "2.0", "0123456789abcdef0123456789abcdef", "start", "");
+    let (code, log) = f.once("host-b", &[]);
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("md5 mismatch"), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"), "old version kept");
+    assert!(f.pid_alive("1.0"), "old version still running");
+    assert!(!f.agent_dir().join("2.0").exists(), "nothing half-installed");
+    assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
+    // Each heartbeat carries the error of the previous cycle: a second run reports it.
+    f.once("host-b", &[]);
+    let host = f.host("host-b");
+    assert!(host["agents"][0]["lastError"].as_str().unwrap_or("").contains("md5 mismatch"), "{host}");
+    assert_eq!(host["agents"][0]["state"], "error");
+
+    // A version nginx does not have.
+    f.desire("releases", "3.0", "", "start", "");
+    let (code, log) = f.once("host-b", &[]);
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("404"), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"));
+    assert!(f.pid_alive("1.0"));
+    f.once("host-b", &[]);
+    assert!(f.host("host-b")["agents"][0]["lastError"].as_str().unwrap_or("").contains("404"));
+
+    // Back to a good config: the error clears.
+    f.desire("releases", "1.0", &md5_1, "start", "");
+    assert_eq!(f.once("host-b", &[]).0, 0);
+    f.once("host-b", &[]);
+    let host = f.host("host-b");
+    assert!(host["agents"][0].get("lastError").is_none(), "{host}");
+    assert_eq!(host["agents"][0]["state"], "ok");
+}
+
+#[test]
+fn hanging_control_script_is_killed_at_the_timeout() {
+    let f = Fleet::new();
+    let md5 = f.tarball("releases", "1.0", CONTROL_HANGS, 0);
+    f.desire("releases", "1.0", &md5, "start", "");
+    let started = std::time::Instant::now();
+    let (code, log) = f.once("host-c", &[]);
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("timed out after 2s"), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let pid = std::fs::read_to_string(f.agent_dir().join("1.0/hang.pid")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let alive = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).is_ok_and(|s| !s.contains(") Z "));
+    assert!(!alive, "the hanging script's process group was killed");
+    f.once("host-c", &[]);
+    assert!(f.host("host-c")["agents"][0]["lastError"].as_str().unwrap_or("").contains("timed out"));
+}
+
+#[test]
+fn fails_over_from_a_dead_first_server() {
+    let f = Fleet::new();
+    let md5 = f.tarball("releases", "1.0", CONTROL, 0);
+    f.desire("releases", "1.0", &md5, "start", "");
+    let servers = format!("--server=127.0.0.1:{},127.0.0.1:{}", free_port(), f.meta.addr.port());
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-d", "--control-timeout-seconds=2"]);
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"));
+    assert!(get_json(&f.meta.url("/status/host/host-d")).0 == 200);
+}
+
+#[test]
+fn bad_flags_and_config_files_exit_64() {
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", "--hostname=../etc"]);
+    assert_eq!(status.code(), Some(64), "{log}");
+    assert!(log.contains("hostname"), "{log}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("updater.toml");
+    std::fs::write(&cfg, "interval = 300\nsrever = [\"x\"]\n").unwrap();
+    let c = cfg.display().to_string();
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", "--config", &c]);
+    assert_eq!(status.code(), Some(64), "{log}");
+    assert!(log.contains("unknown field `srever`"), "{log}");
+}
+
+/// SIGKILL the updater at many moments (download, extraction, control calls): after each kill
+/// `.version` names only a complete version, and the next `--once` converges and cleans up.
+#[test]
+fn killed_at_any_moment_the_next_run_converges() {
+    let f = Fleet::new();
+    let runs = 20;
+    let mut md5s = Vec::new();
+    for i in 0..runs {
+        md5s.push(f.tarball("slow/releases", &format!("{i}.0"), CONTROL, 2 << 20));
+    }
+    let servers = f.servers();
+    let mut phases = std::collections::BTreeSet::new();
+    for i in 0..runs {
+        let version = format!("{i}.0");
+        f.desire("slow/releases", &version, &md5s[i], "start", "");
+        let mut p = Proc::start("ops-updater", &["--once", &servers, "--hostname=host-k", "--control-timeout-seconds=5"]);
+        // Spread the kills from the start of the download (~2 s at 1 MiB/s) past its end.
+        std::thread::sleep(Duration::from_millis(100 + (i as u64 * 2600) / runs as u64));
+        p.signal("KILL");
+        p.wait_exit(Duration::from_secs(10));
+        if let Some(v) = f.version_file() {
+            assert!(f.agent_dir().join(&v).join("control").is_file(), "run {i}: .version names {v}, which is not completely installed");
+        }
+        let left = f.leftovers();
+        phases.insert(if left.iter().any(|n| n.starts_with(".download-")) {
+            "downloading"
+        } else if left.iter().any(|n| n.starts_with(".tmp-")) {
+            "extracting"
+        } else if f.version_file().as_deref() == Some(version.as_str()) {
+            "switched"
+        } else if f.agent_dir().join(&version).exists() {
+            "installed, not switched"
+        } else {
+            "before download"
+        });
+        let (code, log) = f.once("host-k", &[]);
+        assert_eq!(code, 0, "run {i}: {log}");
+        assert_eq!(f.version_file().as_deref(), Some(version.as_str()), "run {i}");
+        assert!(f.pid_alive(&version), "run {i}: new version running");
+        assert!(f.leftovers().is_empty(), "run {i}: {:?}", f.leftovers());
+        if i > 0 {
+            assert!(!f.pid_alive(&format!("{}.0", i - 1)), "run {i}: old version stopped");
+        }
+    }
+    assert!(phases.contains("downloading") && phases.len() >= 2, "kills landed in too few phases: {phases:?}");
+    eprintln!("kill phases seen: {phases:?}");
+}
