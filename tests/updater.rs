@@ -343,9 +343,9 @@ fn killed_at_any_moment_the_next_run_converges() {
     }
     let servers = f.servers();
     let mut phases = std::collections::BTreeSet::new();
-    for i in 0..runs {
+    for (i, md5) in md5s.iter().enumerate() {
         let version = format!("{i}.0");
-        f.desire("slow/releases", &version, &md5s[i], "start", "");
+        f.desire("slow/releases", &version, md5, "start", "");
         let mut p = Proc::start("ops-updater", &["--once", &servers, "--hostname=host-k", "--control-timeout-seconds=5"]);
         // Spread the kills from the start of the download (~2 s at 1 MiB/s) past its end.
         std::thread::sleep(Duration::from_millis(100 + (i as u64 * 2600) / runs as u64));
