@@ -136,11 +136,16 @@ impl Fleet {
         format!("--server=127.0.0.1:{}", self.meta.addr.port())
     }
 
+    fn state_dir(&self) -> String {
+        format!("--state-dir={}", self.dir.path().join("updater-state").display())
+    }
+
     /// `ops-updater --once`: (exit code, log).
     fn once(&self, host: &str, extra: &[&str]) -> (i32, String) {
         let servers = self.servers();
         let hostname = format!("--hostname={host}");
-        let mut args = vec!["--once", &servers, &hostname, "--control-timeout-seconds=2", "--interval=300", "--debug=false"];
+        let state = self.state_dir();
+        let mut args = vec!["--once", &servers, &hostname, "--control-timeout-seconds=2", "--interval=300", "--debug=false", &state];
         args.extend_from_slice(extra);
         let (status, log) = Proc::run_to_exit("ops-updater", &args);
         (status.code().unwrap_or(-1), log)
@@ -230,6 +235,41 @@ fn install_start_stop_and_upgrade() {
 }
 
 #[test]
+fn a_restarted_updater_reports_its_agents_in_its_first_heartbeat() {
+    let f = Fleet::new();
+    let md5 = f.tarball("releases", "1.0", CONTROL, 0);
+    f.desire("releases", "1.0", &md5, "start", "");
+    assert_eq!(f.once("host-r", &[]).0, 0);
+    // A server that records what it is sent and wants nothing: only kept state can make the
+    // first heartbeat of a new process name the agent.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(2) {
+            let Ok(mut stream) = stream else { return };
+            let body = ops_e2e::read_http_request_body(&mut stream);
+            sink.lock().unwrap().push(body);
+            let reply = r#"{"errorMessage":"","desiredAgents":[]}"#;
+            let _ = std::io::Write::write_all(
+                &mut stream,
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}", reply.len()).as_bytes(),
+            );
+        }
+    });
+    let servers = format!("--server=127.0.0.1:{port}");
+    let state = f.state_dir();
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-r", &state]);
+    assert_eq!(status.code(), Some(0), "{log}");
+    let first: serde_json::Value = serde_json::from_str(&bodies.lock().unwrap()[0]).unwrap();
+    assert_eq!(first["hostname"], "host-r");
+    assert_eq!(first["realAgents"][0]["name"], "demo");
+    assert_eq!(first["realAgents"][0]["version"], "1.0");
+    assert_eq!(first["realAgents"][0]["status"], "started");
+}
+
+#[test]
 fn prefix_override_gets_the_other_version() {
     let f = Fleet::new();
     let md5_1 = f.tarball("releases", "1.0", CONTROL, 0);
@@ -311,7 +351,8 @@ fn fails_over_from_a_dead_first_server() {
     let md5 = f.tarball("releases", "1.0", CONTROL, 0);
     f.desire("releases", "1.0", &md5, "start", "");
     let servers = format!("--server=127.0.0.1:{},127.0.0.1:{}", free_port(), f.meta.addr.port());
-    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-d", "--control-timeout-seconds=2"]);
+    let state = f.state_dir();
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-d", "--control-timeout-seconds=2", &state]);
     assert_eq!(status.code(), Some(0), "{log}");
     assert_eq!(f.version_file().as_deref(), Some("1.0"));
     assert!(get_json(&f.meta.url("/status/host/host-d")).0 == 200);
@@ -346,7 +387,8 @@ fn killed_at_any_moment_the_next_run_converges() {
     for (i, md5) in md5s.iter().enumerate() {
         let version = format!("{i}.0");
         f.desire("slow/releases", &version, md5, "start", "");
-        let mut p = Proc::start("ops-updater", &["--once", &servers, "--hostname=host-k", "--control-timeout-seconds=5"]);
+        let state = f.state_dir();
+        let mut p = Proc::start("ops-updater", &["--once", &servers, "--hostname=host-k", "--control-timeout-seconds=5", &state]);
         // Spread the kills from the start of the download (~2 s at 1 MiB/s) past its end.
         std::thread::sleep(Duration::from_millis(100 + (i as u64 * 2600) / runs as u64));
         p.signal("KILL");

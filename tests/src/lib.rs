@@ -300,6 +300,27 @@ pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
     }
 }
 
+/// Reads one HTTP/1.1 request with a Content-Length body from `stream`; returns the body.
+pub fn read_http_request_body(stream: &mut TcpStream) -> String {
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut data = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+            let len =
+                head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))).unwrap_or(0);
+            if data.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&data[end + 4..end + 4 + len]).into_owned();
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return String::new(),
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// Polls `f` until it returns Some or `timeout` passes.
 pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

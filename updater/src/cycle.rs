@@ -25,7 +25,19 @@ pub struct CycleSettings {
     pub ip: String,
     pub control_timeout: Duration,
     pub heartbeat_timeout: Duration,
+    /// Where the last desired list and errors are kept across restarts (None: memory only).
+    pub state_dir: Option<PathBuf>,
 }
+
+/// What is kept across restarts: which agents to report at the first heartbeat, and their
+/// last errors. Never the real state, which is read again every cycle.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Kept {
+    desired: Vec<DesiredAgent>,
+    errors: HashMap<String, String>,
+}
+
+const STATE_FILE: &str = "state.json";
 
 /// The updater's state between cycles: the last desired list (which agents to report) and the
 /// last error per agent. Real state is never remembered: it is read again every cycle.
@@ -87,7 +99,32 @@ fn sudo_available() -> bool {
 impl Updater {
     pub fn new(settings: CycleSettings, fetcher: Fetcher) -> Self {
         let client = reqwest::Client::builder().no_proxy().timeout(settings.heartbeat_timeout).build().expect("http client");
-        Updater { settings, fetcher, client, arch: fetch::arch(), known: Vec::new(), errors: HashMap::new() }
+        let kept = settings.state_dir.as_deref().map(Self::load_kept).unwrap_or_default();
+        Updater { settings, fetcher, client, arch: fetch::arch(), known: kept.desired, errors: kept.errors }
+    }
+
+    fn load_kept(dir: &Path) -> Kept {
+        let path = dir.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %path.display(), error = %e, "kept state unreadable, starting without it");
+                Kept::default()
+            }),
+            Err(_) => Kept::default(),
+        }
+    }
+
+    /// Keeps the desired list and errors for the next start (temporary file + rename).
+    fn save_kept(&self) {
+        let Some(dir) = &self.settings.state_dir else { return };
+        let kept = Kept { desired: self.known.clone(), errors: self.errors.clone() };
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let result = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&kept).unwrap_or_default()))
+            .and_then(|()| std::fs::rename(&tmp, dir.join(STATE_FILE)));
+        if let Err(e) = result {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot keep state across restarts");
+        }
     }
 
     /// The real state of the agents last desired, read from disk and `./control status`.
@@ -197,6 +234,7 @@ impl Updater {
                 }
             }
         }
+        self.save_kept();
         let converged = errors.is_empty() && self.check_converged().await;
         Outcome { answered: true, converged, errors }
     }
@@ -315,6 +353,7 @@ mod tests {
             ip: String::new(),
             control_timeout: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(1),
+            state_dir: None,
         };
         Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20))
     }
@@ -343,6 +382,24 @@ mod tests {
         assert!(u.apply(&bad_cmd).await.unwrap_err().contains("refused cmd"));
         assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "nothing written in the work dir");
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1, "nothing written beside it");
+    }
+
+    #[tokio::test]
+    async fn kept_state_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = updater();
+        u.settings.state_dir = Some(dir.path().to_path_buf());
+        u.known = vec![desired("agent", "1.0", "/w")];
+        u.errors.insert("agent".into(), "md5 mismatch".into());
+        u.save_kept();
+        let mut settings = u.settings.clone();
+        settings.hostname = "again".into();
+        let again = Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20));
+        assert_eq!(again.known, u.known);
+        assert_eq!(again.errors.get("agent").map(String::as_str), Some("md5 mismatch"));
+        std::fs::write(dir.path().join(STATE_FILE), b"garbage").unwrap();
+        let fresh = Updater::new(u.settings.clone(), Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20));
+        assert!(fresh.known.is_empty(), "an unreadable file is ignored, not fatal");
     }
 
     #[tokio::test]

@@ -45,6 +45,9 @@ struct Cli {
     /// Largest tarball accepted, in bytes.
     #[arg(long)]
     max_download_bytes: Option<u64>,
+    /// Where the last desired list and errors are kept across restarts.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// A TOML file with the same settings (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -62,6 +65,7 @@ struct FileConfig {
     control_timeout_seconds: Option<u64>,
     download_timeout_seconds: Option<u64>,
     max_download_bytes: Option<u64>,
+    state_dir: Option<PathBuf>,
 }
 
 struct Resolved {
@@ -104,6 +108,7 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
             ip: cli.ip.clone().or(file.ip).unwrap_or_default(),
             control_timeout: Duration::from_secs(cli.control_timeout_seconds.or(file.control_timeout_seconds).unwrap_or(30).max(1)),
             heartbeat_timeout: Duration::from_secs(10),
+            state_dir: Some(cli.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/ops-updater"))),
         },
         interval: Duration::from_secs(interval),
         debug: cli.debug.or(file.debug).unwrap_or(false),
