@@ -1,0 +1,177 @@
+//! Starting a cluster of the real binaries (built beside ops-bench) on loopback, and stopping
+//! it again: on drop, so also on ctrl-c and on errors.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// One process the bench started.
+pub struct Started {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Started {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // SIGTERM first so relays drain and meta nodes snapshot, then make sure.
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cluster the bench owns.
+pub struct Cluster {
+    pub metas: Vec<Started>,
+    pub relays: Vec<Started>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The binaries built beside this one (`target/release/`).
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().context("exe dir")?.join(name);
+    if !path.exists() {
+        bail!("{} not found: build it with `cargo build --release -p meta-node -p relay`", path.display());
+    }
+    Ok(path)
+}
+
+fn wait_health(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            use std::io::{Read, Write};
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            if s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_ok() {
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                if out.starts_with("HTTP/1.1 200") {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{addr} did not answer /health within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawn(bin: &Path, name: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(log)?;
+    Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("start {name}"))
+}
+
+impl Cluster {
+    /// Writes configs into `dir` and starts `metas` meta nodes and `relays` relays.
+    pub fn start(dir: &Path, metas: usize, relays: usize, agents_toml: &str, flush_ms: u64) -> anyhow::Result<Cluster> {
+        std::fs::create_dir_all(dir)?;
+        let (meta_bin, relay_bin) = (sibling("meta-node")?, sibling("relay")?);
+        let token: String = format!("bench-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()) + "-0123456789abcdef";
+        std::fs::write(dir.join("cluster.token"), token)?;
+        let agents_file = dir.join("agents.toml");
+        std::fs::write(&agents_file, agents_toml)?;
+        let mut ports = Vec::new();
+        let mut toml = String::from("vnodes = 1000\ntoken_file = \"cluster.token\"\n");
+        for i in 0..metas {
+            let port = free_port()?;
+            ports.push(port);
+            toml.push_str(&format!("[[node]]\nid = \"meta-{}\"\naddr = \"127.0.0.1:{port}\"\n", i + 1));
+        }
+        let cluster_file = dir.join("cluster.toml");
+        std::fs::write(&cluster_file, toml)?;
+        let mut out = Cluster { metas: Vec::new(), relays: Vec::new() };
+        for (i, port) in ports.iter().enumerate() {
+            let id = format!("meta-{}", i + 1);
+            let args: Vec<String> = vec![
+                "--id".into(),
+                id.clone(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--cluster".into(),
+                cluster_file.display().to_string(),
+                "--agents".into(),
+                agents_file.display().to_string(),
+                "--data-dir".into(),
+                dir.join(&id).display().to_string(),
+                "--snapshot-interval-seconds".into(),
+                "3600".into(),
+            ];
+            let child = spawn(&meta_bin, &id, &args, &dir.join(format!("{id}.log")))?;
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+            out.metas.push(Started { name: id, addr, child });
+        }
+        for m in &out.metas {
+            wait_health(m.addr)?;
+        }
+        for i in 0..relays {
+            let id = format!("relay-{}", i + 1);
+            let port = free_port()?;
+            let args: Vec<String> = vec![
+                "--id".into(),
+                id.clone(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--cluster".into(),
+                cluster_file.display().to_string(),
+                "--data-dir".into(),
+                dir.join(&id).display().to_string(),
+                "--flush-ms".into(),
+                flush_ms.to_string(),
+                "--config-poll-ms".into(),
+                "500".into(),
+            ];
+            let child = spawn(&relay_bin, &id, &args, &dir.join(format!("{id}.log")))?;
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+            out.relays.push(Started { name: id, addr, child });
+        }
+        for r in &out.relays {
+            wait_health(r.addr)?;
+        }
+        Ok(out)
+    }
+
+    pub fn processes(&self) -> impl Iterator<Item = &Started> {
+        self.metas.iter().chain(&self.relays)
+    }
+}
+
+/// RSS (bytes) and CPU seconds (user + system) of a process, from /proc.
+pub fn usage(pid: u32) -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some((rss_kb * 1024, ticks / 100.0))
+}

@@ -1,0 +1,158 @@
+//! The simulated fleet's heartbeats: `connections` concurrent keep-alive clients, each host a
+//! distinct hostname with its own agents, in the Go wire format (no Content-Type).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A simulated host's name: every tenth matches the bench config's `bj-web-` prefix.
+pub fn hostname(i: u64) -> String {
+    if i % 10 == 0 { format!("bj-web-{i:07}") } else { format!("dc{}-host-{i:07}", i % 4) }
+}
+
+/// The heartbeat of host `i`, reporting `version` for its agents.
+pub fn body(i: u64, agents: usize, version: &str) -> Vec<u8> {
+    let mut s = format!(
+        r#"{{"hostname":"{}","ip":"10.{}.{}.{}","runUser":"root","updaterVersion":"0.1.0","realAgents":["#,
+        hostname(i),
+        i >> 16 & 255,
+        i >> 8 & 255,
+        i & 255
+    );
+    for a in 0..agents {
+        if a > 0 {
+            s.push(',');
+        }
+        let name = ["falcon-agent", "mysql-monitor", "naming-agent", "deploy-agent"][a % 4];
+        s.push_str(&format!(
+            r#"{{"name":"{name}{}","version":"{version}","status":"started","timestamp":1700000000,"runUser":"root","workDir":"/opt/ops"}}"#,
+            if a >= 4 { format!("-{a}") } else { String::new() }
+        ));
+    }
+    s.push_str("]}");
+    s.into_bytes()
+}
+
+/// What a run of requests gave.
+#[derive(Debug, Clone, Default)]
+pub struct Run {
+    pub requests: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    /// Sorted latencies in microseconds.
+    pub latencies_us: Vec<u32>,
+}
+
+impl Run {
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.seconds.max(1e-9)
+    }
+
+    pub fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let idx = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.latencies_us[idx]) / 1000.0
+    }
+}
+
+/// Sends one heartbeat per host `0..hosts` to `targets` (host i to target i % len), with
+/// `connections` requests in flight, showing a progress bar.
+pub async fn sweep(targets: &[SocketAddr], hosts: u64, agents: usize, version: &str, connections: usize, label: &str) -> Run {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(connections)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client");
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let bar = ProgressBar::new(hosts);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_owned());
+    let urls: Arc<Vec<String>> = Arc::new(targets.iter().map(|a| format!("http://{a}/heartbeat")).collect());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..connections as u64 {
+        let (client, done, errors, urls, version) = (client.clone(), done.clone(), errors.clone(), urls.clone(), version.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity((hosts / connections as u64 + 1) as usize);
+            let mut i = t;
+            while i < hosts {
+                let url = &urls[(i % urls.len() as u64) as usize];
+                let t0 = Instant::now();
+                let ok = match client.post(url).body(body(i, agents, &version)).send().await {
+                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                lat.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                i += connections as u64;
+            }
+            lat
+        }));
+    }
+    let ticker = {
+        let (bar, done) = (bar.clone(), done.clone());
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(done.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut latencies = Vec::with_capacity(hosts as usize);
+    for t in tasks {
+        latencies.extend(t.await.unwrap_or_default());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    ticker.abort();
+    bar.set_position(done.load(Ordering::Relaxed));
+    bar.finish();
+    latencies.sort_unstable();
+    Run { requests: done.load(Ordering::Relaxed), errors: errors.load(Ordering::Relaxed), seconds, latencies_us: latencies }
+}
+
+/// A minimal hyper server answering every request with a canned heartbeat reply: the
+/// machine's ceiling for this client.
+pub async fn ceiling_server() -> anyhow::Result<SocketAddr> {
+    use http_body_util::{BodyExt, Full};
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let reply = bytes::Bytes::from_static(
+        br#"{"errorMessage":"","desiredAgents":[{"name":"falcon-agent","version":"5.1.3","tarball":"http://files/releases/falcon","md5":"","cmd":"start","runUser":"root","workDir":"/opt/ops","configFileName":"","configRemoteUrl":""}]}"#,
+    );
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let reply = reply.clone();
+                    async move {
+                        // Read the body, as a real server must.
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(reply)))
+                    }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    Ok(addr)
+}
