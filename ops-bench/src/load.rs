@@ -63,12 +63,6 @@ impl Run {
 /// Sends one heartbeat per host `0..hosts` to `targets` (host i to target i % len), with
 /// `connections` requests in flight, showing a progress bar.
 pub async fn sweep(targets: &[SocketAddr], hosts: u64, agents: usize, version: &str, connections: usize, label: &str) -> Run {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(connections)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("http client");
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let bar = ProgressBar::new(hosts);
@@ -78,21 +72,20 @@ pub async fn sweep(targets: &[SocketAddr], hosts: u64, agents: usize, version: &
             .progress_chars("=> "),
     );
     bar.set_prefix(label.to_owned());
-    let urls: Arc<Vec<String>> = Arc::new(targets.iter().map(|a| format!("http://{a}/heartbeat")).collect());
+    let targets: Arc<Vec<SocketAddr>> = Arc::new(targets.to_vec());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..connections as u64 {
-        let (client, done, errors, urls, version) = (client.clone(), done.clone(), errors.clone(), urls.clone(), version.to_owned());
+        let (done, errors, targets, version) = (done.clone(), errors.clone(), targets.clone(), version.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity((hosts / connections as u64 + 1) as usize);
+            // One keep-alive connection per target, reopened after an error.
+            let mut conns: Vec<Option<Conn>> = targets.iter().map(|_| None).collect();
             let mut i = t;
             while i < hosts {
-                let url = &urls[(i % urls.len() as u64) as usize];
+                let k = (i % targets.len() as u64) as usize;
                 let t0 = Instant::now();
-                let ok = match client.post(url).body(body(i, agents, &version)).send().await {
-                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                };
+                let ok = post(&mut conns[k], targets[k], body(i, agents, &version)).await;
                 lat.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
@@ -122,6 +115,48 @@ pub async fn sweep(targets: &[SocketAddr], hosts: u64, agents: usize, version: &
     bar.finish();
     latencies.sort_unstable();
     Run { requests: done.load(Ordering::Relaxed), errors: errors.load(Ordering::Relaxed), seconds, latencies_us: latencies }
+}
+
+type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// One heartbeat over a keep-alive HTTP/1.1 connection (opened if needed); true on a 2xx
+/// reply read whole. The bench uses hyper's client directly: it is the load generator, and a
+/// heavier client would measure itself.
+async fn post(conn: &mut Option<Conn>, addr: SocketAddr, body: Vec<u8>) -> bool {
+    use http_body_util::BodyExt;
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        *conn = connect(addr).await;
+    }
+    let Some(sender) = conn.as_mut() else { return false };
+    if sender.ready().await.is_err() {
+        *conn = None;
+        return false;
+    }
+    let req = hyper::Request::post("/heartbeat")
+        .header(hyper::header::HOST, addr.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .expect("a valid request");
+    let work = async {
+        let res = sender.send_request(req).await.ok()?;
+        let ok = res.status().is_success();
+        res.into_body().collect().await.ok()?;
+        Some(ok)
+    };
+    match tokio::time::timeout(Duration::from_secs(30), work).await {
+        Ok(Some(ok)) => ok,
+        _ => {
+            *conn = None;
+            false
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Option<Conn> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
+    tokio::spawn(connection);
+    Some(sender)
 }
 
 /// A minimal hyper server answering every request with a canned heartbeat reply: the
