@@ -1,5 +1,5 @@
 //! `ops-bench` end to end, small: it starts its own cluster from the binaries beside it, runs
-//! its phases, writes its JSON, and stops everything it started.
+//! its phases (register, rollout, query, ceiling), writes its JSON, and stops everything it started.
 
 use ops_e2e::Proc;
 
@@ -17,6 +17,10 @@ fn small_bench_runs_every_phase_and_cleans_up() {
     assert_eq!(report["query"]["listed_hosts"], 3000, "the listing lists every simulated host");
     assert!(report["register"]["heartbeats_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["ceiling"]["requests_per_s"].as_f64().unwrap() > 0.0);
+    for p in ["50", "90", "99", "100"] {
+        assert!(report["rollout"]["converged_s"][p].as_f64().is_some(), "rollout reached {p}%: {report}");
+    }
+    assert_eq!(report["rollout"]["errors"], 0);
     let procs = report["processes"].as_array().unwrap();
     assert_eq!(procs.len(), 3);
     // Everything it started is gone.

@@ -41,6 +41,9 @@ impl Drop for Started {
 pub struct Cluster {
     pub metas: Vec<Started>,
     pub relays: Vec<Started>,
+    /// The desired config every meta node reads (the rollout phase rewrites it).
+    pub agents_file: PathBuf,
+    pub token_file: PathBuf,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -108,7 +111,8 @@ impl Cluster {
         }
         let cluster_file = dir.join("cluster.toml");
         std::fs::write(&cluster_file, toml)?;
-        let mut out = Cluster { metas: Vec::new(), relays: Vec::new() };
+        let mut out =
+            Cluster { metas: Vec::new(), relays: Vec::new(), agents_file: agents_file.clone(), token_file: dir.join("cluster.token") };
         for (i, port) in ports.iter().enumerate() {
             let id = format!("meta-{}", i + 1);
             let args: Vec<String> = vec![

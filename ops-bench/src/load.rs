@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -13,7 +13,8 @@ pub fn hostname(i: u64) -> String {
     if i % 10 == 0 { format!("bj-web-{i:07}") } else { format!("dc{}-host-{i:07}", i % 4) }
 }
 
-/// The heartbeat of host `i`, reporting `version` for its agents.
+/// The heartbeat of host `i`: `falcon-agent` at `version`, its other agents at the version the
+/// bench's config gives them.
 pub fn body(i: u64, agents: usize, version: &str) -> Vec<u8> {
     let mut s = format!(
         r#"{{"hostname":"{}","ip":"10.{}.{}.{}","runUser":"root","updaterVersion":"0.1.0","realAgents":["#,
@@ -28,12 +29,44 @@ pub fn body(i: u64, agents: usize, version: &str) -> Vec<u8> {
         }
         let name = ["falcon-agent", "mysql-monitor", "naming-agent", "deploy-agent"][a % 4];
         s.push_str(&format!(
-            r#"{{"name":"{name}{}","version":"{version}","status":"started","timestamp":1700000000,"runUser":"root","workDir":"/opt/ops"}}"#,
-            if a >= 4 { format!("-{a}") } else { String::new() }
+            r#"{{"name":"{name}{}","version":"{}","status":"started","timestamp":1700000000,"runUser":"root","workDir":"/opt/ops"}}"#,
+            if a >= 4 { format!("-{a}") } else { String::new() },
+            if a == 0 { version } else { VERSIONS[0] }
         ));
     }
     s.push_str("]}");
     s.into_bytes()
+}
+
+/// The versions of `falcon-agent` the bench's config names (default, prefix override, rollout).
+pub const VERSIONS: [&str; 3] = ["5.1.3", "5.1.4", "5.1.5"];
+
+/// The simulated fleet: each host runs the `falcon-agent` version it was last told
+/// ("installed" at once), as an index into [`VERSIONS`].
+pub struct Fleet {
+    pub hosts: u64,
+    pub agents: usize,
+    running: Vec<AtomicU8>,
+}
+
+impl Fleet {
+    pub fn new(hosts: u64, agents: usize) -> Arc<Fleet> {
+        Arc::new(Fleet { hosts, agents, running: (0..hosts).map(|_| AtomicU8::new(0)).collect() })
+    }
+
+    fn body(&self, i: u64) -> Vec<u8> {
+        body(i, self.agents, VERSIONS[usize::from(self.running[i as usize].load(Ordering::Relaxed))])
+    }
+
+    /// Installs what the reply says host `i` should run (a real reply parsed whole).
+    fn adopt(&self, i: u64, reply: &[u8]) {
+        let Ok(reply) = serde_json::from_slice::<ops_config::HeartbeatReply>(reply) else { return };
+        if let Some(d) = reply.desired_agents.iter().find(|d| d.name == "falcon-agent")
+            && let Some(v) = VERSIONS.iter().position(|v| *v == d.version)
+        {
+            self.running[i as usize].store(v as u8, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What a run of requests gave.
@@ -60,9 +93,11 @@ impl Run {
     }
 }
 
-/// Sends one heartbeat per host `0..hosts` to `targets` (host i to target i % len), with
-/// `connections` requests in flight, showing a progress bar.
-pub async fn sweep(targets: &[SocketAddr], hosts: u64, agents: usize, version: &str, connections: usize, label: &str) -> Run {
+/// Sends one heartbeat per host of `fleet` to `targets` (host i to target i % len), with
+/// `connections` requests in flight, showing a progress bar; each host installs what it is told.
+/// Stops early when `stop` is set.
+pub async fn sweep(targets: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize, label: &str, stop: &Arc<AtomicBool>) -> Run {
+    let hosts = fleet.hosts;
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let bar = ProgressBar::new(hosts);
@@ -76,16 +111,20 @@ pub async fn sweep(targets: &[SocketAddr], hosts: u64, agents: usize, version: &
     let started = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..connections as u64 {
-        let (done, errors, targets, version) = (done.clone(), errors.clone(), targets.clone(), version.to_owned());
+        let (done, errors, targets, fleet, stop) = (done.clone(), errors.clone(), targets.clone(), fleet.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity((hosts / connections as u64 + 1) as usize);
             // One keep-alive connection per target, reopened after an error.
             let mut conns: Vec<Option<Conn>> = targets.iter().map(|_| None).collect();
             let mut i = t;
-            while i < hosts {
+            while i < hosts && !stop.load(Ordering::Relaxed) {
                 let k = (i % targets.len() as u64) as usize;
                 let t0 = Instant::now();
-                let ok = post(&mut conns[k], targets[k], body(i, agents, &version)).await;
+                let reply = post(&mut conns[k], targets[k], fleet.body(i)).await;
+                let ok = reply.as_ref().is_some_and(|r| {
+                    fleet.adopt(i, r);
+                    true
+                });
                 lat.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
@@ -119,18 +158,18 @@ pub async fn sweep(targets: &[SocketAddr], hosts: u64, agents: usize, version: &
 
 type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
 
-/// One heartbeat over a keep-alive HTTP/1.1 connection (opened if needed); true on a 2xx
-/// reply read whole. The bench uses hyper's client directly: it is the load generator, and a
+/// One heartbeat over a keep-alive HTTP/1.1 connection (opened if needed); the body of a 2xx
+/// reply, read whole. The bench uses hyper's client directly: it is the load generator, and a
 /// heavier client would measure itself.
-async fn post(conn: &mut Option<Conn>, addr: SocketAddr, body: Vec<u8>) -> bool {
+async fn post(conn: &mut Option<Conn>, addr: SocketAddr, body: Vec<u8>) -> Option<bytes::Bytes> {
     use http_body_util::BodyExt;
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         *conn = connect(addr).await;
     }
-    let Some(sender) = conn.as_mut() else { return false };
+    let sender = conn.as_mut()?;
     if sender.ready().await.is_err() {
         *conn = None;
-        return false;
+        return None;
     }
     let req = hyper::Request::post("/heartbeat")
         .header(hyper::header::HOST, addr.to_string())
@@ -139,14 +178,14 @@ async fn post(conn: &mut Option<Conn>, addr: SocketAddr, body: Vec<u8>) -> bool 
     let work = async {
         let res = sender.send_request(req).await.ok()?;
         let ok = res.status().is_success();
-        res.into_body().collect().await.ok()?;
-        Some(ok)
+        let body = res.into_body().collect().await.ok()?.to_bytes();
+        Some(ok.then_some(body))
     };
     match tokio::time::timeout(Duration::from_secs(30), work).await {
-        Ok(Some(ok)) => ok,
+        Ok(Some(reply)) => reply,
         _ => {
             *conn = None;
-            false
+            None
         }
     }
 }

@@ -8,6 +8,8 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -42,6 +44,9 @@ struct Cli {
     /// ...and its meta nodes.
     #[arg(long = "meta-addr", value_delimiter = ',')]
     meta_addr: Vec<SocketAddr>,
+    /// Skip the rollout phase.
+    #[arg(long)]
+    no_rollout: bool,
     /// Write every figure to this JSON file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -128,7 +133,9 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         .unwrap_or_default();
 
     // 1. register: one sweep of every host.
-    let register = load::sweep(&relays, cli.hosts, cli.agents, "5.1.3", cli.connections, "register").await;
+    let fleet = load::Fleet::new(cli.hosts, cli.agents);
+    let never = Arc::new(AtomicBool::new(false));
+    let register = load::sweep(&relays, &fleet, cli.connections, "register", &never).await;
     println!(
         "register: {} heartbeats in {:.1} s = {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, errors {}",
         register.requests,
@@ -152,6 +159,13 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!("settled: {held} hosts held by the cluster {:.1} s after the sweep", settle.elapsed().as_secs_f64());
+
+    // 3. rollout: a new default version on every meta node; sweeps until every host runs what
+    // it should, the convergence read from /status/summary.
+    let rollout = match &cluster {
+        Some(c) if !cli.no_rollout => Some(rollout(c, &relays, &fleet, &client, &summary_url, cli.connections).await?),
+        _ => None,
+    };
 
     // 4. query: summary from every meta node, then the whole text listing.
     let mut summary_ms = Vec::new();
@@ -201,15 +215,16 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     // 5. ceiling: the same client against a minimal hyper server.
     let ceiling_addr = load::ceiling_server().await?;
     let ceiling_n = cli.hosts.min(300_000);
-    let ceiling = load::sweep(&[ceiling_addr], ceiling_n, cli.agents, "5.1.3", cli.connections, "ceiling").await;
+    let ceiling = load::sweep(&[ceiling_addr], &load::Fleet::new(ceiling_n, cli.agents), cli.connections, "ceiling", &never).await;
     println!(
         "ceiling: {:.0} requests/s (minimal hyper server, same client); relay rate = {:.2} x ceiling",
         ceiling.rate(),
         register.rate() / ceiling.rate().max(1.0)
     );
 
-    let errors = register.errors;
-    let ok = errors == 0 && listed == cli.hosts;
+    let errors = register.errors + rollout.as_ref().map_or(0, |r| r.errors);
+    let rollout_done = rollout.as_ref().is_none_or(|r| r.converged_s.iter().all(|(_, t)| t.is_some()));
+    let ok = errors == 0 && listed == cli.hosts && rollout_done;
     println!();
     println!("{:<28} {:>14}", "figure", "value");
     println!("{:<28} {:>14}", "hosts", cli.hosts);
@@ -217,6 +232,11 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     println!("{:<28} {:>14.0}", "register heartbeats/s", register.rate());
     println!("{:<28} {:>14.2}", "register p99 ms", register.percentile_ms(0.99));
     println!("{:<28} {:>14.0}", "ceiling requests/s", ceiling.rate());
+    if let Some(r) = &rollout {
+        for (p, t) in &r.converged_s {
+            println!("{:<28} {:>14}", format!("rollout {p}% converged s"), t.map_or("-".to_owned(), |t| format!("{t:.1}")));
+        }
+    }
     println!("{:<28} {:>14.1}", "summary p99 ms", pct(&summary_ms, 0.99));
     println!("{:<28} {:>14.2}", "listing s", listing_s);
     println!("{:<28} {:>14}", "listed hosts", listed);
@@ -246,6 +266,11 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
                 "errors": register.errors,
             },
             "ceiling": { "requests_per_s": ceiling.rate(), "requests": ceiling.requests },
+            "rollout": rollout.as_ref().map(|r| json!({
+                "converged_s": r.converged_s.iter().map(|(p, t)| (p.to_string(), json!(t))).collect::<serde_json::Map<_, _>>(),
+                "heartbeats": r.heartbeats,
+                "errors": r.errors,
+            })),
             "query": {
                 "summary_p50_ms": pct(&summary_ms, 0.5),
                 "summary_p99_ms": pct(&summary_ms, 0.99),
@@ -260,4 +285,79 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ok)
+}
+
+struct Rollout {
+    /// Seconds from the reload to 50/90/99/100 % of the fleet converged (None: not reached).
+    converged_s: Vec<(u32, Option<f64>)>,
+    heartbeats: u64,
+    errors: u64,
+}
+
+/// Changes falcon-agent's default version in the config every meta node reads, reloads all,
+/// and sweeps the fleet until the summary shows every host converged (or two minutes pass).
+async fn rollout(
+    c: &cluster::Cluster,
+    relays: &[SocketAddr],
+    fleet: &Arc<load::Fleet>,
+    client: &reqwest::Client,
+    summary_url: &str,
+    connections: usize,
+) -> anyhow::Result<Rollout> {
+    let new = AGENTS_TOML.replacen(
+        &format!("version = \"{}\", md5 = \"490ac172dabecc867289079d48e84a66\"", load::VERSIONS[0]),
+        &format!("version = \"{}\", md5 = \"\"", load::VERSIONS[2]),
+        1,
+    );
+    std::fs::write(&c.agents_file, new)?;
+    let token = std::fs::read_to_string(&c.token_file)?;
+    let start = Instant::now();
+    let reload = client.get(format!("http://{}/config/reload?all=1", c.metas[0].addr)).bearer_auth(token.trim()).send().await?;
+    anyhow::ensure!(reload.status().is_success(), "reload all: {}", reload.text().await.unwrap_or_default());
+    let targets = [50u32, 90, 99, 100];
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (client, url, stop) = (client.clone(), summary_url.to_owned(), stop.clone());
+        tokio::spawn(async move {
+            let mut reached: Vec<(u32, Option<f64>)> = targets.iter().map(|&p| (p, None)).collect();
+            while start.elapsed() < Duration::from_secs(120) {
+                if let Ok(r) = client.get(&url).send().await
+                    && let Ok(v) = r.json::<serde_json::Value>().await
+                {
+                    let ratio = v["convergedRatio"].as_f64().unwrap_or(0.0);
+                    // The ratio counts hosts already told the new version only after the
+                    // desired side changed: wait until the summary shows the new version desired.
+                    let new_desired = v["desired"].as_array().is_some_and(|d| d.iter().any(|x| x["version"] == load::VERSIONS[2]));
+                    for (p, t) in reached.iter_mut() {
+                        if t.is_none() && new_desired && ratio * 100.0 >= f64::from(*p) - 1e-9 {
+                            *t = Some(start.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+                if reached.iter().all(|(_, t)| t.is_some()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            stop.store(true, Ordering::Relaxed);
+            reached
+        })
+    };
+    // Relays pick the new config up within their poll period; sweeps run until convergence.
+    let (mut heartbeats, mut errors) = (0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        let run = load::sweep(relays, fleet, connections, "rollout", &stop).await;
+        heartbeats += run.requests;
+        errors += run.errors;
+    }
+    let converged_s = poller.await?;
+    let show: Vec<String> =
+        converged_s.iter().map(|(p, t)| format!("{p}%: {}", t.map_or("-".to_owned(), |t| format!("{t:.1} s")))).collect();
+    println!(
+        "rollout: {} -> {} converged {} ({heartbeats} heartbeats, {errors} errors)",
+        load::VERSIONS[0],
+        load::VERSIONS[2],
+        show.join(", ")
+    );
+    Ok(Rollout { converged_s, heartbeats, errors })
 }
