@@ -337,7 +337,8 @@ async fn rollout(
                 if reached.iter().all(|(_, t)| t.is_some()) {
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                // A summary of a million hosts takes a core for tens of ms: poll gently.
+                tokio::time::sleep(Duration::from_millis(1000)).await;
             }
             stop.store(true, Ordering::Relaxed);
             reached
