@@ -14,7 +14,7 @@ pub mod store;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use ops_config::{ClusterMap, DesiredConfig, Ring};
@@ -119,11 +119,9 @@ pub struct Node {
     pub hot: HotMetrics,
 }
 
-/// Server time in unix seconds (fits u32 until 2106).
-pub fn unix_now() -> u32 {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    u32::try_from(secs).unwrap_or(u32::MAX)
-}
+/// Server time in unix seconds (fits u32 until 2106): the relay's clock, so relays and meta
+/// nodes stamp reports the same way.
+pub use relay::unix_now;
 
 impl Node {
     /// Builds a node; `stop` ends the forwarder's probers (cancel it after `run` returns).

@@ -113,49 +113,33 @@ impl Cluster {
         std::fs::write(&cluster_file, toml)?;
         let mut out =
             Cluster { metas: Vec::new(), relays: Vec::new(), agents_file: agents_file.clone(), token_file: dir.join("cluster.token") };
-        for (i, port) in ports.iter().enumerate() {
-            let id = format!("meta-{}", i + 1);
-            let args: Vec<String> = vec![
+        // Common flags of both binaries; each gets its own id, port, data dir and log.
+        let start_one = |bin: &Path, id: String, port: u16, extra: &[String]| -> anyhow::Result<Started> {
+            let mut args: Vec<String> = vec![
                 "--id".into(),
                 id.clone(),
                 "--listen".into(),
                 format!("127.0.0.1:{port}"),
                 "--cluster".into(),
                 cluster_file.display().to_string(),
-                "--agents".into(),
-                agents_file.display().to_string(),
                 "--data-dir".into(),
                 dir.join(&id).display().to_string(),
-                "--snapshot-interval-seconds".into(),
-                "3600".into(),
             ];
-            let child = spawn(&meta_bin, &id, &args, &dir.join(format!("{id}.log")))?;
-            let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-            out.metas.push(Started { name: id, addr, child });
+            args.extend_from_slice(extra);
+            let child = spawn(bin, &id, &args, &dir.join(format!("{id}.log")))?;
+            Ok(Started { addr: format!("127.0.0.1:{port}").parse()?, name: id, child })
+        };
+        let meta_extra: Vec<String> =
+            vec!["--agents".into(), agents_file.display().to_string(), "--snapshot-interval-seconds".into(), "3600".into()];
+        for (i, port) in ports.iter().enumerate() {
+            out.metas.push(start_one(&meta_bin, format!("meta-{}", i + 1), *port, &meta_extra)?);
         }
         for m in &out.metas {
             wait_health(m.addr)?;
         }
+        let relay_extra: Vec<String> = vec!["--flush-ms".into(), flush_ms.to_string(), "--config-poll-ms".into(), "500".into()];
         for i in 0..relays {
-            let id = format!("relay-{}", i + 1);
-            let port = free_port()?;
-            let args: Vec<String> = vec![
-                "--id".into(),
-                id.clone(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--cluster".into(),
-                cluster_file.display().to_string(),
-                "--data-dir".into(),
-                dir.join(&id).display().to_string(),
-                "--flush-ms".into(),
-                flush_ms.to_string(),
-                "--config-poll-ms".into(),
-                "500".into(),
-            ];
-            let child = spawn(&relay_bin, &id, &args, &dir.join(format!("{id}.log")))?;
-            let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-            out.relays.push(Started { name: id, addr, child });
+            out.relays.push(start_one(&relay_bin, format!("relay-{}", i + 1), free_port()?, &relay_extra)?);
         }
         for r in &out.relays {
             wait_health(r.addr)?;
