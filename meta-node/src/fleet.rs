@@ -77,6 +77,11 @@ impl Scope<'_> {
             Scope::Foreign => !host.owned,
         }
     }
+
+    /// Whether a shard may hold hosts in scope: a scan of the copies skips shards with none.
+    pub fn may_include(&self, shard: &Shard) -> bool {
+        !matches!(self, Scope::Foreign) || shard.foreign() > 0
+    }
 }
 
 /// What a query needs of the config for one agent, resolved once per query.
@@ -199,6 +204,9 @@ pub fn scan_rows(
         let mut buf = Vec::new();
         {
             let shard = store.shard(i);
+            if !scope.may_include(&shard) {
+                continue;
+            }
             let syms = store.symbols().reader();
             for (slot, host) in shard.hosts() {
                 if !scope.includes(host) {
@@ -276,6 +284,9 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>) -> Summary
         let mut started_cache: Vec<(Sym, bool)> = Vec::new();
         for i in (t..SHARDS).step_by(threads) {
             let shard = store.shard(i);
+            if !scope.may_include(&shard) {
+                continue;
+            }
             let syms = store.symbols().reader();
             for (_, host) in shard.hosts().filter(|(_, h)| scope.includes(h)) {
                 let pos = agent_sym.and_then(|s| host.agent(s));

@@ -172,9 +172,27 @@ pub struct Shard {
     free: Vec<u32>,
     errors: HashMap<(u32, u8), Box<str>>,
     other_ips: HashMap<u32, Box<str>>,
+    /// Live hosts here that this node does not own (failover copies). Usually 0, so a scan of
+    /// the copies skips the shard without walking it.
+    foreign: u32,
 }
 
 impl Shard {
+    /// Failover copies held in this shard.
+    pub fn foreign(&self) -> u32 {
+        self.foreign
+    }
+
+    /// Keeps `foreign` right when a live host's `owned` goes from `was` to `now`.
+    fn count_owned(&mut self, was: Option<bool>, now: Option<bool>) {
+        if was == Some(false) {
+            self.foreign -= 1;
+        }
+        if now == Some(false) {
+            self.foreign += 1;
+        }
+    }
+
     /// Live hosts with their slot numbers.
     pub fn hosts(&self) -> impl Iterator<Item = (u32, &Host)> {
         self.hosts.iter().enumerate().filter(|(_, h)| !h.name.is_empty()).map(|(i, h)| (i as u32, h))
@@ -208,8 +226,10 @@ impl Shard {
             entry.remove();
         }
         clear_side_tables(&mut self.errors, &mut self.other_ips, slot, host);
+        let was = host.owned;
         *host = Host::free();
         self.free.push(slot);
+        self.count_owned(Some(was), None);
     }
 
     /// Inserts or replaces a whole host record (snapshot load). Returns true if it was new.
@@ -218,7 +238,9 @@ impl Shard {
             Some(slot) => {
                 let old = &self.hosts[slot as usize];
                 clear_side_tables(&mut self.errors, &mut self.other_ips, slot, old);
+                let (was, now) = (old.owned, host.owned);
                 self.hosts[slot as usize] = host;
+                self.count_owned(Some(was), Some(now));
                 (slot, false)
             }
             None => (self.insert_new(hash, host, hasher), true),
@@ -233,6 +255,7 @@ impl Shard {
     }
 
     fn insert_new(&mut self, hash: u64, host: Host, hasher: &DefaultHashBuilder) -> u32 {
+        self.count_owned(None, Some(host.owned));
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.hosts[slot as usize] = host;
@@ -408,7 +431,8 @@ impl Store {
                 host.updater_version = updater_version;
                 host.generation = generation;
                 host.class = class;
-                host.owned = owned;
+                let was = std::mem::replace(&mut host.owned, owned);
+                shard.count_owned(Some(was), Some(owned));
                 slot
             }
             None => {
@@ -494,6 +518,30 @@ mod tests {
 
     fn hb(body: &str) -> Heartbeat<'_> {
         Heartbeat::parse(body.as_bytes()).unwrap()
+    }
+
+    fn foreign_total(store: &Store) -> u32 {
+        (0..SHARDS).map(|i| store.shard(i).foreign()).sum()
+    }
+
+    #[test]
+    fn foreign_count_follows_copies_in_and_out() {
+        let store = Store::new();
+        let a = hb(r#"{"hostname":"a","realAgents":[]}"#);
+        let b = hb(r#"{"hostname":"b","realAgents":[]}"#);
+        store.upsert(&a, 10, ClassId(0), 1, true);
+        assert_eq!(foreign_total(&store), 0);
+        store.upsert(&b, 10, ClassId(0), 1, false);
+        store.upsert(&b, 11, ClassId(0), 1, false);
+        assert_eq!(foreign_total(&store), 1, "a copy counts once however often it reports");
+        store.upsert(&a, 12, ClassId(0), 1, false);
+        assert_eq!(foreign_total(&store), 2);
+        store.upsert(&a, 13, ClassId(0), 1, true);
+        assert_eq!(foreign_total(&store), 1, "owned again");
+        // Copies are forgotten sooner than owned hosts.
+        assert_eq!(store.forget_before(0, 12), 1);
+        assert_eq!(foreign_total(&store), 0);
+        assert_eq!(store.len(), 1);
     }
 
     #[test]

@@ -13,11 +13,27 @@ pub struct Started {
     pub name: String,
     pub addr: SocketAddr,
     child: Child,
+    bin: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
 }
 
 impl Started {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL, as a crash would: no snapshot, no drain.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the process again with the same flags (after [`Started::kill`]) and waits until
+    /// it answers `/health`.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = spawn(&self.bin, &self.name, &self.args, &self.log)?;
+        wait_health(self.addr)
     }
 }
 
@@ -82,7 +98,7 @@ fn wait_health(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 fn spawn(bin: &Path, name: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(log)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     Command::new(bin)
         .args(args)
         .env("RUST_LOG", "warn")
@@ -126,8 +142,9 @@ impl Cluster {
                 dir.join(&id).display().to_string(),
             ];
             args.extend_from_slice(extra);
-            let child = spawn(bin, &id, &args, &dir.join(format!("{id}.log")))?;
-            Ok(Started { addr: format!("127.0.0.1:{port}").parse()?, name: id, child })
+            let log = dir.join(format!("{id}.log"));
+            let child = spawn(bin, &id, &args, &log)?;
+            Ok(Started { addr: format!("127.0.0.1:{port}").parse()?, name: id, child, bin: bin.to_path_buf(), args, log })
         };
         let meta_extra: Vec<String> =
             vec!["--agents".into(), agents_file.display().to_string(), "--snapshot-interval-seconds".into(), "3600".into()];

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -41,32 +41,90 @@ pub fn body(i: u64, agents: usize, version: &str) -> Vec<u8> {
 /// The versions of `falcon-agent` the bench's config names (default, prefix override, rollout).
 pub const VERSIONS: [&str; 3] = ["5.1.3", "5.1.4", "5.1.5"];
 
-/// The simulated fleet: each host runs the `falcon-agent` version it was last told
-/// ("installed" at once), as an index into [`VERSIONS`].
+/// The simulated fleet. Each host runs the `falcon-agent` version it was last told, as an index
+/// into [`VERSIONS`]; a host told a new version keeps reporting the old one until its install
+/// is done (`install_delay` after it was told), as a real updater does.
 pub struct Fleet {
     pub hosts: u64,
     pub agents: usize,
+    install_delay_ms: u32,
+    epoch: Instant,
     running: Vec<AtomicU8>,
+    /// The version being installed (equal to `running` when nothing is).
+    installing: Vec<AtomicU8>,
+    /// Milliseconds after `epoch` when the install in progress is done.
+    ready_ms: Vec<AtomicU32>,
 }
 
 impl Fleet {
-    pub fn new(hosts: u64, agents: usize) -> Arc<Fleet> {
-        Arc::new(Fleet { hosts, agents, running: (0..hosts).map(|_| AtomicU8::new(0)).collect() })
+    pub fn new(hosts: u64, agents: usize, install_delay: Duration) -> Arc<Fleet> {
+        let n = hosts as usize;
+        Arc::new(Fleet {
+            hosts,
+            agents,
+            install_delay_ms: u32::try_from(install_delay.as_millis()).unwrap_or(u32::MAX),
+            epoch: Instant::now(),
+            running: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            installing: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            ready_ms: (0..n).map(|_| AtomicU32::new(0)).collect(),
+        })
     }
 
+    fn now_ms(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u32::MAX)
+    }
+
+    /// The heartbeat host `i` sends now: its real state, with an install finished if its time
+    /// has come. Only one request of a host is in flight at a time, so plain loads and stores do.
     fn body(&self, i: u64) -> Vec<u8> {
-        body(i, self.agents, VERSIONS[usize::from(self.running[i as usize].load(Ordering::Relaxed))])
+        let i = i as usize;
+        let mut running = self.running[i].load(Ordering::Relaxed);
+        let installing = self.installing[i].load(Ordering::Relaxed);
+        if installing != running && self.now_ms() >= self.ready_ms[i].load(Ordering::Relaxed) {
+            self.running[i].store(installing, Ordering::Relaxed);
+            running = installing;
+        }
+        body(i as u64, self.agents, VERSIONS[usize::from(running)])
     }
 
-    /// Installs what the reply says host `i` should run (a real reply parsed whole).
-    fn adopt(&self, i: u64, reply: &[u8]) {
-        let Ok(reply) = serde_json::from_slice::<ops_config::HeartbeatReply>(reply) else { return };
+    /// Starts installing what the reply says host `i` should run (a real reply, parsed whole).
+    fn adopt(&self, i: u64, reply: &[u8]) -> bool {
+        let Ok(reply) = serde_json::from_slice::<Reply<'_>>(reply) else { return false };
+        let i = i as usize;
         if let Some(d) = reply.desired_agents.iter().find(|d| d.name == "falcon-agent")
             && let Some(v) = VERSIONS.iter().position(|v| *v == d.version)
         {
-            self.running[i as usize].store(v as u8, Ordering::Relaxed);
+            let v = v as u8;
+            if v != self.installing[i].load(Ordering::Relaxed) {
+                self.installing[i].store(v, Ordering::Relaxed);
+                if self.install_delay_ms == 0 {
+                    self.running[i].store(v, Ordering::Relaxed);
+                } else {
+                    self.ready_ms[i].store(self.now_ms().saturating_add(self.install_delay_ms), Ordering::Relaxed);
+                }
+            }
         }
+        reply.error_message.is_empty()
     }
+}
+
+/// The part of a heartbeat reply a simulated host acts on, borrowed from the body; every other
+/// field is still parsed (and skipped), so a malformed reply is an error.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Reply<'a> {
+    #[serde(borrow, default)]
+    error_message: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    desired_agents: Vec<DesiredRef<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct DesiredRef<'a> {
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    version: std::borrow::Cow<'a, str>,
 }
 
 /// What a run of requests gave.
@@ -93,44 +151,69 @@ impl Run {
     }
 }
 
-/// Sends one heartbeat per host of `fleet` to `targets` (host i to target i % len), with
-/// `connections` requests in flight, showing a progress bar; each host installs what it is told.
-/// Stops early when `stop` is set.
-pub async fn sweep(targets: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize, label: &str, stop: &Arc<AtomicBool>) -> Run {
+/// How a run spreads its heartbeats.
+#[derive(Debug, Clone, Copy)]
+pub enum Plan {
+    /// One heartbeat per host, as fast as the targets take them.
+    Sweep,
+    /// Hosts in turn (0, 1, …, wrapping) at a fixed rate, as updaters on their interval do,
+    /// until the stop flag is set.
+    Paced { per_second: f64 },
+}
+
+/// Sends heartbeats of `fleet` to `targets` (host i always to target i % len, as an updater
+/// keeps its local relay) following `plan`, with `connections` requests in flight, showing a
+/// progress bar; each host installs what it is told. Stops early when `stop` is set.
+pub async fn run(targets: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize, label: &str, plan: Plan, stop: &Arc<AtomicBool>) -> Run {
     let hosts = fleet.hosts;
+    let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let bar = ProgressBar::new(hosts);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
+    let bar = match plan {
+        Plan::Sweep => ProgressBar::new(hosts).with_style(
+            ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        ),
+        Plan::Paced { .. } => ProgressBar::no_length().with_style(
+            ProgressStyle::with_template("{prefix:>9} {spinner} {pos} heartbeats {per_sec} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    };
     bar.set_prefix(label.to_owned());
     let targets: Arc<Vec<SocketAddr>> = Arc::new(targets.to_vec());
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for t in 0..connections as u64 {
-        let (done, errors, targets, fleet, stop) = (done.clone(), errors.clone(), targets.clone(), fleet.clone(), stop.clone());
+    for _ in 0..connections {
+        let (next, done, errors, targets, fleet, stop) =
+            (next.clone(), done.clone(), errors.clone(), targets.clone(), fleet.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity((hosts / connections as u64 + 1) as usize);
+            let mut lat = Vec::new();
             // One keep-alive connection per target, reopened after an error.
             let mut conns: Vec<Option<Conn>> = targets.iter().map(|_| None).collect();
-            let mut i = t;
-            while i < hosts && !stop.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let i = match plan {
+                    Plan::Sweep if n >= hosts => break,
+                    Plan::Sweep => n,
+                    Plan::Paced { per_second } => {
+                        let due = started + Duration::from_secs_f64(n as f64 / per_second);
+                        tokio::time::sleep_until(due.into()).await;
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        n % hosts
+                    }
+                };
                 let k = (i % targets.len() as u64) as usize;
                 let t0 = Instant::now();
                 let reply = post(&mut conns[k], targets[k], fleet.body(i)).await;
-                let ok = reply.as_ref().is_some_and(|r| {
-                    fleet.adopt(i, r);
-                    true
-                });
+                let ok = reply.as_ref().is_some_and(|r| fleet.adopt(i, r));
                 lat.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
                 done.fetch_add(1, Ordering::Relaxed);
-                i += connections as u64;
             }
             lat
         }));
@@ -144,7 +227,7 @@ pub async fn sweep(targets: &[SocketAddr], fleet: &Arc<Fleet>, connections: usiz
             }
         })
     };
-    let mut latencies = Vec::with_capacity(hosts as usize);
+    let mut latencies = Vec::with_capacity(if matches!(plan, Plan::Sweep) { hosts as usize } else { 0 });
     for t in tasks {
         latencies.extend(t.await.unwrap_or_default());
     }

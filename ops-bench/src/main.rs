@@ -2,14 +2,16 @@
 //!
 //! With no target flags it starts its own cluster from the release binaries built beside it
 //! (`--meta 3 --relays 2`), runs the phases, prints a report and stops what it started (also on
-//! ctrl-c). Phases in this version: register (one sweep of every host), query (summary from
-//! every meta node, the full text listing), ceiling (the same client against a minimal hyper
-//! server). Exit status 1 when a heartbeat failed or the listing missed hosts.
+//! ctrl-c). Phases: register (one sweep of every host), steady (every host once per compressed
+//! interval; optionally a meta node SIGKILLed), rollout (a new default version, until every host
+//! runs it), query (summary from every meta node, the full text listing), ceiling (the same
+//! client against a minimal hyper server). Exit status 1 when a heartbeat failed, the listing
+//! missed hosts or a phase did not converge.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,6 +21,8 @@ use serde_json::json;
 
 mod cluster;
 mod load;
+mod rollout;
+mod steady;
 
 #[derive(Parser, Debug)]
 #[command(name = "ops-bench", version, about = "ops fleet bench: a simulated fleet against a real cluster")]
@@ -47,6 +51,27 @@ struct Cli {
     /// Skip the rollout phase.
     #[arg(long)]
     no_rollout: bool,
+    /// Give up on the rollout reaching 100 % after this long.
+    #[arg(long, default_value_t = 180)]
+    rollout_timeout_seconds: u64,
+    /// A simulated host told a new version reports the old one for this long (its install).
+    #[arg(long, default_value_t = 0)]
+    install_delay_ms: u64,
+    /// The simulated updaters' heartbeat interval (the Go updater's default is 300).
+    #[arg(long, default_value_t = 300)]
+    interval_seconds: u64,
+    /// Time compression of the steady phase: each host reports once per interval / speedup.
+    #[arg(long, default_value_t = 10.0)]
+    speedup: f64,
+    /// Length of the steady phase (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    steady_seconds: u64,
+    /// SIGKILL one meta node during the steady phase (own cluster only), then restart it.
+    #[arg(long)]
+    kill_meta: bool,
+    /// Requests of the ceiling phase (at most --hosts).
+    #[arg(long, default_value_t = 200_000)]
+    ceiling_requests: u64,
     /// Write every figure to this JSON file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -112,10 +137,13 @@ async fn get_json(client: &reqwest::Client, url: &str) -> anyhow::Result<serde_j
 }
 
 async fn bench(cli: Cli) -> anyhow::Result<bool> {
+    anyhow::ensure!(cli.hosts > 0, "--hosts must be > 0");
+    anyhow::ensure!(cli.connections > 0, "--connections must be > 0");
+    anyhow::ensure!(cli.speedup > 0.0 && cli.interval_seconds > 0, "--speedup and --interval-seconds must be > 0");
     let wall = Instant::now();
     let own = cli.relay.is_empty();
     let dir = std::env::temp_dir().join(format!("ops-bench-{}", std::process::id()));
-    let cluster = if own {
+    let mut cluster = if own {
         eprintln!("starting {} meta nodes and {} relays from the release binaries ...", cli.meta, cli.relays);
         let dir = dir.clone();
         let (m, r) = (cli.meta, cli.relays);
@@ -133,9 +161,9 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         .unwrap_or_default();
 
     // 1. register: one sweep of every host.
-    let fleet = load::Fleet::new(cli.hosts, cli.agents);
+    let fleet = load::Fleet::new(cli.hosts, cli.agents, Duration::from_millis(cli.install_delay_ms));
     let never = Arc::new(AtomicBool::new(false));
-    let register = load::sweep(&relays, &fleet, cli.connections, "register", &never).await;
+    let register = load::run(&relays, &fleet, cli.connections, "register", load::Plan::Sweep, &never).await;
     println!(
         "register: {} heartbeats in {:.1} s = {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, errors {}",
         register.requests,
@@ -148,22 +176,62 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     );
 
     // Every report reaches its owner within a flush or two.
-    let summary_url = format!("http://{}/status/summary/falcon-agent", metas[0]);
     let settle = Instant::now();
     let mut held = 0;
     while settle.elapsed() < Duration::from_secs(120) {
-        held = get_json(&client, &summary_url).await?["hosts"].as_u64().unwrap_or(0);
+        held = steady::summary_hosts(&client, metas[0]).await.map_or(0, |h| h.0);
         if held >= cli.hosts {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("settled: {held} hosts held by the cluster {:.1} s after the sweep", settle.elapsed().as_secs_f64());
+    let settled_s = settle.elapsed().as_secs_f64();
+    println!("settled: {held} hosts held by the cluster {settled_s:.1} s after the sweep");
+
+    // 2. steady: every host once per compressed interval.
+    let steady = if cli.steady_seconds > 0 {
+        let settings = steady::Settings {
+            interval: Duration::from_secs(cli.interval_seconds),
+            speedup: cli.speedup,
+            duration: Duration::from_secs(cli.steady_seconds),
+            connections: cli.connections,
+            kill_meta: cli.kill_meta,
+        };
+        let s = steady::run(&settings, &relays, &metas, &fleet, cluster.as_mut(), &client).await?;
+        println!(
+            "steady: {:.0}/s sustained of {:.0}/s asked ({} s interval / {}), p50 {:.2} ms, p99 {:.2} ms, errors {}; relays: pending at most {}, {:.0} hosts a batch",
+            s.run.rate(),
+            s.target_per_s,
+            cli.interval_seconds,
+            cli.speedup,
+            s.run.percentile_ms(0.5),
+            s.run.percentile_ms(0.99),
+            s.run.errors,
+            s.relay_pending_max,
+            s.batch_hosts_mean
+        );
+        if let Some(k) = &s.kill {
+            let show = |t: Option<f64>| t.map_or("never".to_owned(), |t| format!("{t:.1} s"));
+            println!(
+                "kill-meta: SIGKILL {}: {} updater-visible errors; status complete again after {}; restarted, whole again after {}",
+                k.node,
+                s.run.errors,
+                show(k.complete_again_s),
+                show(k.restored_s)
+            );
+        }
+        Some(s)
+    } else {
+        None
+    };
 
     // 3. rollout: a new default version on every meta node; sweeps until every host runs what
     // it should, the convergence read from /status/summary.
     let rollout = match &cluster {
-        Some(c) if !cli.no_rollout => Some(rollout(c, &relays, &fleet, &client, &summary_url, cli.connections).await?),
+        Some(c) if !cli.no_rollout => Some(
+            rollout::run(c, AGENTS_TOML, &relays, &fleet, &client, cli.connections, Duration::from_secs(cli.rollout_timeout_seconds))
+                .await?,
+        ),
         _ => None,
     };
 
@@ -210,52 +278,62 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         }
     }
     let base_rss: u64 = baseline.iter().map(|b| b.1).sum();
-    let bytes_per_host = if cluster.is_some() && cli.hosts > 0 { meta_rss.saturating_sub(base_rss) as f64 / cli.hosts as f64 } else { 0.0 };
+    let bytes_per_host = if cluster.is_some() { meta_rss.saturating_sub(base_rss) as f64 / cli.hosts as f64 } else { 0.0 };
 
     // 5. ceiling: the same client against a minimal hyper server.
     let ceiling_addr = load::ceiling_server().await?;
-    let ceiling_n = cli.hosts.min(300_000);
-    let ceiling = load::sweep(&[ceiling_addr], &load::Fleet::new(ceiling_n, cli.agents), cli.connections, "ceiling", &never).await;
-    println!(
-        "ceiling: {:.0} requests/s (minimal hyper server, same client); relay rate = {:.2} x ceiling",
-        ceiling.rate(),
-        register.rate() / ceiling.rate().max(1.0)
-    );
+    let ceiling_n = cli.hosts.min(cli.ceiling_requests.max(1));
+    let ceiling_fleet = load::Fleet::new(ceiling_n, cli.agents, Duration::ZERO);
+    let ceiling = load::run(&[ceiling_addr], &ceiling_fleet, cli.connections, "ceiling", load::Plan::Sweep, &never).await;
+    let ratio = register.rate() / ceiling.rate().max(1.0);
+    println!("ceiling: {:.0} requests/s (minimal hyper server, same client); relay rate = {ratio:.2} x ceiling", ceiling.rate());
 
-    let errors = register.errors + rollout.as_ref().map_or(0, |r| r.errors);
-    let rollout_done = rollout.as_ref().is_none_or(|r| r.converged_s.iter().all(|(_, t)| t.is_some()));
-    let ok = errors == 0 && listed == cli.hosts && rollout_done;
+    let steady_errors = steady.as_ref().map_or(0, |s| s.run.errors);
+    let errors = register.errors + steady_errors + rollout.as_ref().map_or(0, |r| r.errors);
+    let killed_ok = steady.as_ref().and_then(|s| s.kill.as_ref()).is_none_or(|k| k.complete_again_s.is_some() && k.restored_s.is_some());
+    let ok = errors == 0 && held >= cli.hosts && listed == cli.hosts && rollout.as_ref().is_none_or(|r| r.done()) && killed_ok;
+    let wall_s = wall.elapsed().as_secs_f64();
+
     println!();
-    println!("{:<28} {:>14}", "figure", "value");
-    println!("{:<28} {:>14}", "hosts", cli.hosts);
-    println!("{:<28} {:>14}", "errors", errors);
-    println!("{:<28} {:>14.0}", "register heartbeats/s", register.rate());
-    println!("{:<28} {:>14.2}", "register p99 ms", register.percentile_ms(0.99));
-    println!("{:<28} {:>14.0}", "ceiling requests/s", ceiling.rate());
-    if let Some(r) = &rollout {
-        for (p, t) in &r.converged_s {
-            println!("{:<28} {:>14}", format!("rollout {p}% converged s"), t.map_or("-".to_owned(), |t| format!("{t:.1}")));
+    let row = |name: &str, value: String| println!("{name:<30} {value:>14}");
+    row("hosts", cli.hosts.to_string());
+    row("errors", errors.to_string());
+    row("register heartbeats/s", format!("{:.0}", register.rate()));
+    row("register p50 / p99 ms", format!("{:.2} / {:.2}", register.percentile_ms(0.5), register.percentile_ms(0.99)));
+    row("ceiling requests/s", format!("{:.0}", ceiling.rate()));
+    row("relay / ceiling", format!("{ratio:.2}"));
+    if let Some(s) = &steady {
+        row("steady heartbeats/s (asked)", format!("{:.0} ({:.0})", s.run.rate(), s.target_per_s));
+        row("steady p99 ms", format!("{:.2}", s.run.percentile_ms(0.99)));
+        row("relay pending max", s.relay_pending_max.to_string());
+        row("relay hosts per batch", format!("{:.0}", s.batch_hosts_mean));
+        if let Some(k) = &s.kill {
+            row("kill-meta complete again s", k.complete_again_s.map_or("-".to_owned(), |t| format!("{t:.1}")));
         }
     }
-    println!("{:<28} {:>14.1}", "summary p99 ms", pct(&summary_ms, 0.99));
-    println!("{:<28} {:>14.2}", "listing s", listing_s);
-    println!("{:<28} {:>14}", "listed hosts", listed);
-    println!("{:<28} {:>14.1}", "meta bytes/host", bytes_per_host);
+    if let Some(r) = &rollout {
+        for (p, t) in &r.converged_s {
+            row(&format!("rollout {p}% converged s"), t.map_or("-".to_owned(), |t| format!("{t:.1}")));
+        }
+    }
+    row("summary p50 / p99 ms", format!("{:.1} / {:.1}", pct(&summary_ms, 0.5), pct(&summary_ms, 0.99)));
+    row("listing s", format!("{listing_s:.2}"));
+    row("listed hosts", listed.to_string());
+    row("meta bytes/host", format!("{bytes_per_host:.1}"));
     for p in &processes {
-        println!(
-            "{:<28} {:>9} MiB {:>6.1} cpu-s",
+        row(
             p["name"].as_str().unwrap_or(""),
-            p["rss_bytes"].as_u64().unwrap_or(0) >> 20,
-            p["cpu_s"].as_f64().unwrap_or(0.0)
+            format!("{} MiB {:.1} cpu-s", p["rss_bytes"].as_u64().unwrap_or(0) >> 20, p["cpu_s"].as_f64().unwrap_or(0.0)),
         );
     }
-    let wall_s = wall.elapsed().as_secs_f64();
-    println!("{:<28} {:>14.1}", "wall s", wall_s);
+    row("wall s", format!("{wall_s:.1}"));
+    row("result", if ok { "ok".to_owned() } else { "FAILED".to_owned() });
 
     if let Some(path) = &cli.json {
         let report = json!({
             "hosts": cli.hosts,
             "agents": cli.agents,
+            "ok": ok,
             "errors": errors,
             "wall_s": wall_s,
             "register": {
@@ -264,17 +342,17 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
                 "p99_ms": register.percentile_ms(0.99),
                 "max_ms": register.percentile_ms(1.0),
                 "errors": register.errors,
+                "held_hosts": held,
+                "settled_s": settled_s,
             },
-            "ceiling": { "requests_per_s": ceiling.rate(), "requests": ceiling.requests },
-            "rollout": rollout.as_ref().map(|r| json!({
-                "converged_s": r.converged_s.iter().map(|(p, t)| (p.to_string(), json!(t))).collect::<serde_json::Map<_, _>>(),
-                "heartbeats": r.heartbeats,
-                "errors": r.errors,
-            })),
+            "steady": steady.as_ref().map(steady::Steady::json),
+            "ceiling": { "requests_per_s": ceiling.rate(), "requests": ceiling.requests, "relay_ratio": ratio },
+            "rollout": rollout.as_ref().map(rollout::Rollout::json),
             "query": {
                 "summary_p50_ms": pct(&summary_ms, 0.5),
                 "summary_p99_ms": pct(&summary_ms, 0.99),
                 "listing_s": listing_s,
+                "listing_bytes": bytes,
                 "listed_hosts": listed,
             },
             "meta": { "bytes_per_host": bytes_per_host },
@@ -285,80 +363,4 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ok)
-}
-
-struct Rollout {
-    /// Seconds from the reload to 50/90/99/100 % of the fleet converged (None: not reached).
-    converged_s: Vec<(u32, Option<f64>)>,
-    heartbeats: u64,
-    errors: u64,
-}
-
-/// Changes falcon-agent's default version in the config every meta node reads, reloads all,
-/// and sweeps the fleet until the summary shows every host converged (or two minutes pass).
-async fn rollout(
-    c: &cluster::Cluster,
-    relays: &[SocketAddr],
-    fleet: &Arc<load::Fleet>,
-    client: &reqwest::Client,
-    summary_url: &str,
-    connections: usize,
-) -> anyhow::Result<Rollout> {
-    let new = AGENTS_TOML.replacen(
-        &format!("version = \"{}\", md5 = \"490ac172dabecc867289079d48e84a66\"", load::VERSIONS[0]),
-        &format!("version = \"{}\", md5 = \"\"", load::VERSIONS[2]),
-        1,
-    );
-    std::fs::write(&c.agents_file, new)?;
-    let token = std::fs::read_to_string(&c.token_file)?;
-    let start = Instant::now();
-    let reload = client.get(format!("http://{}/config/reload?all=1", c.metas[0].addr)).bearer_auth(token.trim()).send().await?;
-    anyhow::ensure!(reload.status().is_success(), "reload all: {}", reload.text().await.unwrap_or_default());
-    let targets = [50u32, 90, 99, 100];
-    let stop = Arc::new(AtomicBool::new(false));
-    let poller = {
-        let (client, url, stop) = (client.clone(), summary_url.to_owned(), stop.clone());
-        tokio::spawn(async move {
-            let mut reached: Vec<(u32, Option<f64>)> = targets.iter().map(|&p| (p, None)).collect();
-            while start.elapsed() < Duration::from_secs(120) {
-                if let Ok(r) = client.get(&url).send().await
-                    && let Ok(v) = r.json::<serde_json::Value>().await
-                {
-                    let ratio = v["convergedRatio"].as_f64().unwrap_or(0.0);
-                    // The ratio counts hosts already told the new version only after the
-                    // desired side changed: wait until the summary shows the new version desired.
-                    let new_desired = v["desired"].as_array().is_some_and(|d| d.iter().any(|x| x["version"] == load::VERSIONS[2]));
-                    for (p, t) in reached.iter_mut() {
-                        if t.is_none() && new_desired && ratio * 100.0 >= f64::from(*p) - 1e-9 {
-                            *t = Some(start.elapsed().as_secs_f64());
-                        }
-                    }
-                }
-                if reached.iter().all(|(_, t)| t.is_some()) {
-                    break;
-                }
-                // A summary of a million hosts takes a core for tens of ms: poll gently.
-                tokio::time::sleep(Duration::from_millis(1000)).await;
-            }
-            stop.store(true, Ordering::Relaxed);
-            reached
-        })
-    };
-    // Relays pick the new config up within their poll period; sweeps run until convergence.
-    let (mut heartbeats, mut errors) = (0, 0);
-    while !stop.load(Ordering::Relaxed) {
-        let run = load::sweep(relays, fleet, connections, "rollout", &stop).await;
-        heartbeats += run.requests;
-        errors += run.errors;
-    }
-    let converged_s = poller.await?;
-    let show: Vec<String> =
-        converged_s.iter().map(|(p, t)| format!("{p}%: {}", t.map_or("-".to_owned(), |t| format!("{t:.1} s")))).collect();
-    println!(
-        "rollout: {} -> {} converged {} ({heartbeats} heartbeats, {errors} errors)",
-        load::VERSIONS[0],
-        load::VERSIONS[2],
-        show.join(", ")
-    );
-    Ok(Rollout { converged_s, heartbeats, errors })
 }
