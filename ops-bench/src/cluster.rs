@@ -169,6 +169,46 @@ impl Cluster {
     }
 }
 
+/// The ceiling phase's minimal server: this binary again, in a process of its own. Killed on
+/// drop; it also exits by itself when the bench goes (its standard input closes).
+pub struct CeilingServer {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl CeilingServer {
+    pub fn start() -> anyhow::Result<CeilingServer> {
+        use std::io::BufRead;
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("--ceiling-server")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start the ceiling server")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("ceiling server stdout")?;
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let addr = match line.trim().parse() {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("ceiling server did not print its address (got {line:?})");
+            }
+        };
+        Ok(CeilingServer { addr, child })
+    }
+}
+
+impl Drop for CeilingServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// RSS (bytes) and CPU seconds (user + system) of a process, from /proc.
 pub fn usage(pid: u32) -> Option<(u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -281,6 +281,21 @@ async fn connect(addr: SocketAddr) -> Option<Conn> {
     Some(sender)
 }
 
+/// Serves [`ceiling_server`], prints its address on standard output, and returns when
+/// standard input closes: the ceiling process dies with the bench that started it.
+pub async fn serve_ceiling_until_stdin_closes() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let addr = ceiling_server().await?;
+    println!("{addr}");
+    std::io::stdout().flush()?;
+    tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+    })
+    .await?;
+    Ok(())
+}
+
 /// A minimal hyper server answering every request with a canned heartbeat reply: the
 /// machine's ceiling for this client.
 pub async fn ceiling_server() -> anyhow::Result<SocketAddr> {

@@ -72,6 +72,10 @@ struct Cli {
     /// Requests of the ceiling phase (at most --hosts).
     #[arg(long, default_value_t = 200_000)]
     ceiling_requests: u64,
+    /// Internal: serve the ceiling phase's minimal server in this process, print its address,
+    /// and exit when standard input closes (the bench starts itself this way).
+    #[arg(long, hide = true)]
+    ceiling_server: bool,
     /// Write every figure to this JSON file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -113,6 +117,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if cli.ceiling_server {
+        return rt.block_on(async {
+            match load::serve_ceiling_until_stdin_closes().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ops-bench --ceiling-server: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        });
+    }
     rt.block_on(async move {
         tokio::select! {
             r = bench(cli) => match r {
@@ -280,11 +295,14 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let base_rss: u64 = baseline.iter().map(|b| b.1).sum();
     let bytes_per_host = if cluster.is_some() { meta_rss.saturating_sub(base_rss) as f64 / cli.hosts as f64 } else { 0.0 };
 
-    // 5. ceiling: the same client against a minimal hyper server.
-    let ceiling_addr = load::ceiling_server().await?;
+    // 5. ceiling: the same client against a minimal hyper server in a process of its own,
+    // as the relays are (in the bench's own runtime it would share the client's threads).
+    let ceiling_server = tokio::task::spawn_blocking(cluster::CeilingServer::start).await??;
+    let ceiling_addr = ceiling_server.addr;
     let ceiling_n = cli.hosts.min(cli.ceiling_requests.max(1));
     let ceiling_fleet = load::Fleet::new(ceiling_n, cli.agents, Duration::ZERO);
     let ceiling = load::run(&[ceiling_addr], &ceiling_fleet, cli.connections, "ceiling", load::Plan::Sweep, &never).await;
+    drop(ceiling_server);
     let ratio = register.rate() / ceiling.rate().max(1.0);
     println!("ceiling: {:.0} requests/s (minimal hyper server, same client); relay rate = {ratio:.2} x ceiling", ceiling.rate());
 
