@@ -340,6 +340,43 @@ fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
     let (status, reply) = post_json_auth(&m.url("/internal/batch"), Some(TOKEN), batch);
     assert_eq!((status, reply["stored"].as_u64()), (200, Some(1)), "{reply}");
 
+    // The compact encoding relays send: a batch with one bad record is refused whole.
+    let compact = |hosts: &[&str]| {
+        let mut body = Vec::new();
+        ops_config::compact::begin(&mut body);
+        for h in hosts {
+            // Encoded without validation, as a broken or hostile sender could.
+            let hb = ops_config::Heartbeat {
+                hostname: (*h).into(),
+                ip: "".into(),
+                run_user: "".into(),
+                updater_version: "".into(),
+                real_agents: Vec::new(),
+            };
+            ops_config::compact::encode(7, &hb, &mut body);
+        }
+        body
+    };
+    let post_compact = |body: Vec<u8>| {
+        let r = reqwest::blocking::Client::new()
+            .post(m.url("/internal/batch"))
+            .bearer_auth(TOKEN)
+            .header("content-type", ops_config::compact::CONTENT_TYPE)
+            .body(body)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().unwrap())
+    };
+    let (status, reply) = post_compact(compact(&["compact-ok", "bad host!"]));
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply["errorMessage"].as_str().unwrap().contains("bad hostname"), "{reply}");
+    assert_eq!(held(m), 1, "nothing of a refused compact batch is stored");
+    let (status, reply) = post_compact(b"OPB1\x07".to_vec());
+    assert_eq!(status, 400, "truncated: {reply}");
+    let (status, reply) = post_compact(compact(&["compact-1", "compact-2"]));
+    assert_eq!((status, reply["stored"].as_u64()), (200, Some(2)), "{reply}");
+    assert_eq!(held(m), 3);
+
     let (status, reply) = get_json_auth(&m.url("/config/reload?all=1"), TOKEN);
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["diverged"], true);

@@ -11,6 +11,7 @@
 
 pub mod agents;
 pub mod cluster;
+pub mod compact;
 mod hash;
 mod location;
 pub mod wire;

@@ -149,21 +149,36 @@ impl Node {
         }
     }
 
-    /// Parses and stores a batch of host reports (blocking): `(stored, older)`. The newest
-    /// report of a host wins; an older one is counted and ignored.
+    /// Parses and stores a JSON batch of host reports (blocking): `(stored, older)`. The
+    /// newest report of a host wins; an older one is counted and ignored. A batch with any bad
+    /// entry is refused whole.
     pub fn ingest_batch(&self, bytes: &[u8]) -> Result<(u64, u64), ops_config::WireError> {
         let batch = ops_config::Batch::parse(bytes)?;
         let loaded = self.desired.guard();
         let (mut stored, mut older) = (0, 0);
         for e in &batch.hosts {
-            let class = loaded.config.class_of(&e.hb.hostname);
-            if self.store.upsert(&e.hb, e.seen, class, loaded.generation, self.owns(&e.hb.hostname)) {
-                stored += 1;
-            } else {
-                older += 1;
-            }
+            self.ingest_one(&loaded, &e.hb, e.seen, &mut stored, &mut older);
         }
         Ok((stored, older))
+    }
+
+    /// The same for a compact batch (`ops_config::compact`), what relays send: checked whole
+    /// first, so a bad record changes nothing, then decoded again straight into the store.
+    pub fn ingest_compact(&self, bytes: &[u8]) -> Result<(u64, u64), ops_config::WireError> {
+        ops_config::compact::check(bytes)?;
+        let loaded = self.desired.guard();
+        let (mut stored, mut older) = (0, 0);
+        ops_config::compact::decode_checked(bytes, |seen, hb| self.ingest_one(&loaded, hb, seen, &mut stored, &mut older))?;
+        Ok((stored, older))
+    }
+
+    fn ingest_one(&self, loaded: &relay::desired::Loaded, hb: &ops_config::Heartbeat<'_>, seen: u32, stored: &mut u64, older: &mut u64) {
+        let class = loaded.config.class_of(&hb.hostname);
+        if self.store.upsert(hb, seen, class, loaded.generation, self.owns(&hb.hostname)) {
+            *stored += 1;
+        } else {
+            *older += 1;
+        }
     }
 
     /// Whether this node owns `hostname` on the ring (always, standalone).

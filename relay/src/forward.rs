@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use compact_str::CompactString;
 use hashbrown::HashMap;
-use ops_config::{Batch, ClusterMap, NodeSpec, Ring};
+use ops_config::{ClusterMap, Heartbeat, NodeSpec, Ring, compact};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -143,10 +143,13 @@ impl Forwarder {
         &self.ring
     }
 
-    /// Queues a validated heartbeat body received at `seen` for the owner of `host`.
-    pub fn push(&self, host: &str, seen: u32, body: Bytes) {
-        let owner = self.ring.owner(host);
-        self.push_to(owner, host, seen, body);
+    /// Queues a validated heartbeat received at `seen` for the owner of its host, as a
+    /// compact record (see `ops_config::compact`).
+    pub fn push(&self, hb: &Heartbeat<'_>, seen: u32) {
+        let mut record = Vec::with_capacity(256);
+        compact::encode(seen, hb, &mut record);
+        let owner = self.ring.owner(&hb.hostname);
+        self.push_to(owner, &hb.hostname, seen, Bytes::from(record));
     }
 
     fn push_to(&self, owner: usize, host: &str, seen: u32, body: Bytes) {
@@ -286,9 +289,17 @@ impl Forwarder {
         let node = &self.nodes[target];
         let url = format!("http://{}{}", node.addr, BATCH_PATH);
         for chunk in entries.chunks(self.settings.batch_max.max(1)) {
-            let mut body = Vec::with_capacity(chunk.iter().map(|e| e.1.body.len() + 32).sum::<usize>() + 16);
-            Batch::encode_raw(chunk.iter().map(|(_, p)| (p.seen, &p.body[..])), &mut body);
-            let mut req = self.client.post(&url).timeout(self.settings.request_timeout).body(body);
+            let mut body = Vec::with_capacity(chunk.iter().map(|e| e.1.body.len()).sum::<usize>() + 4);
+            compact::begin(&mut body);
+            for (_, p) in chunk {
+                body.extend_from_slice(&p.body);
+            }
+            let mut req = self
+                .client
+                .post(&url)
+                .timeout(self.settings.request_timeout)
+                .header(reqwest::header::CONTENT_TYPE, compact::CONTENT_TYPE)
+                .body(body);
             if let Some(token) = &self.settings.token {
                 req = req.bearer_auth(token);
             }
@@ -369,9 +380,10 @@ mod tests {
     async fn buffers_keep_one_report_per_host_newest_first_and_requeue_when_no_node_takes_them() {
         let settings = ForwardSettings { request_timeout: Duration::from_millis(500), ..ForwardSettings::default() };
         let f = Forwarder::new(&unreachable_cluster(), settings, CancellationToken::new());
+        let hb = |h: u32, seen: u32| format!(r#"{{"hostname":"host-{h}","ip":"10.0.0.{seen}","realAgents":[]}}"#);
         for seen in [5, 7, 6] {
             for h in 0..100 {
-                f.push(&format!("host-{h}"), seen, Bytes::from(format!(r#"{{"hostname":"host-{h}","n":{seen}}}"#)));
+                f.push(&Heartbeat::parse(hb(h, seen).as_bytes()).unwrap(), seen);
             }
         }
         assert_eq!(f.pending(), vec![100], "one entry per host, however often it reports");
@@ -381,11 +393,16 @@ mod tests {
         assert_eq!(f.nodes_up(), vec![("meta-1".to_owned(), false)]);
         let kept = f.buffers[0].lock().get("host-3").map(|p| (p.seen, p.body.clone())).unwrap();
         assert_eq!(kept.0, 7, "the newest report wins, not the last pushed");
-        assert!(std::str::from_utf8(&kept.1).unwrap().contains("\"n\":7"));
+        let mut body = Vec::new();
+        compact::begin(&mut body);
+        body.extend_from_slice(&kept.1);
+        let mut ips = Vec::new();
+        compact::decode(&body, |seen, h| ips.push((seen, h.ip.to_string()))).unwrap();
+        assert_eq!(ips, vec![(7, "10.0.0.7".to_owned())], "the record held is the newest report");
         // A report older than the one held is ignored; a newer one replaces it.
-        f.push("host-3", 6, Bytes::from_static(b"{}"));
+        f.push(&Heartbeat::parse(hb(3, 6).as_bytes()).unwrap(), 6);
         assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 7);
-        f.push("host-3", 8, Bytes::from_static(b"{}"));
+        f.push(&Heartbeat::parse(hb(3, 8).as_bytes()).unwrap(), 8);
         assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 8);
         f.stop.cancel();
     }

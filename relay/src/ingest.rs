@@ -69,6 +69,6 @@ async fn handle(relay: &Relay, body: Body) -> Result<Bytes, Refused> {
         ));
     };
     let reply = loaded.reply(loaded.config.class_of(&hb.hostname));
-    relay.forwarder.push(&hb.hostname, unix_now(), bytes.clone());
+    relay.forwarder.push(&hb, unix_now());
     Ok(reply)
 }

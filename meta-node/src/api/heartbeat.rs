@@ -39,7 +39,7 @@ async fn handle(node: &Node, body: Body) -> Result<bytes::Bytes, Refused> {
     let class = loaded.config.class_of(&hb.hostname);
     let now = unix_now();
     match &node.cluster {
-        Some(c) if c.ring.owner(&hb.hostname) != c.me => c.forwarder.push(&hb.hostname, now, bytes.clone()),
+        Some(c) if c.ring.owner(&hb.hostname) != c.me => c.forwarder.push(&hb, now),
         _ => {
             node.store.upsert(&hb, now, class, loaded.generation, true);
         }

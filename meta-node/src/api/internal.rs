@@ -34,7 +34,10 @@ pub(super) async fn batch(
         .await
         .map_err(|_| ApiError::TooLarge(format!("batch body over the limit of {} bytes", ops_config::wire::MAX_BATCH_BYTES)))?;
     let n = node.clone();
-    let result = tokio::task::spawn_blocking(move || ingest(&n, &bytes))
+    let compact = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(ops_config::compact::CONTENT_TYPE.as_bytes()));
+    let result = tokio::task::spawn_blocking(move || ingest(&n, &bytes, compact))
         .await
         .map_err(|e| ApiError::Internal(format!("ingest task failed: {e}")))?;
     match result {
@@ -51,8 +54,9 @@ pub(super) async fn batch(
     }
 }
 
-fn ingest(node: &Node, bytes: &[u8]) -> Result<(u64, u64), ApiError> {
-    node.ingest_batch(bytes).map_err(|e| ApiError::BadRequest(e.to_string()))
+fn ingest(node: &Node, bytes: &[u8], compact: bool) -> Result<(u64, u64), ApiError> {
+    let result = if compact { node.ingest_compact(bytes) } else { node.ingest_batch(bytes) };
+    result.map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 pub(super) async fn foreign(

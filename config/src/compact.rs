@@ -1,0 +1,286 @@
+//! The compact batch encoding (relay → meta node, meta node → meta node).
+//!
+//! A relay has already parsed and validated every heartbeat it forwards; sending the JSON on
+//! made the owner parse all of it again (about 540 bytes of JSON per host state, most of it
+//! field names). This encoding carries the same fields with no names and no escapes, so the
+//! owner decodes with a few length reads and one UTF-8 check per string, and the relay's
+//! buffers hold less than half the bytes. It is internal: updaters never see it, and
+//! `POST /internal/batch` still takes the JSON [`Batch`](crate::Batch) (older relays).
+//!
+//! Layout (all integers little-endian; `str` = LEB128 length, then that many UTF-8 bytes):
+//! ```text
+//! batch   = "OPB1" record*
+//! record  = seen:u32 hostname:str ip:str runUser:str updaterVersion:str agents:u8 agent*
+//! agent   = name:str version:str status:str timestamp:i64 runUser:str workDir:str lastError:str
+//! ```
+//! Every decoded heartbeat is validated exactly as one that came alone.
+
+use std::borrow::Cow;
+
+use crate::wire::{Heartbeat, MAX_AGENTS_PER_HOST, MAX_BATCH_BYTES, RealAgent, WireError};
+
+/// `Content-Type` of a compact batch.
+pub const CONTENT_TYPE: &str = "application/x-ops-batch";
+const MAGIC: &[u8; 4] = b"OPB1";
+
+/// Starts a batch body.
+pub fn begin(out: &mut Vec<u8>) {
+    out.extend_from_slice(MAGIC);
+}
+
+/// Appends one host's record: its heartbeat and when it was received (unix seconds).
+/// The heartbeat must be valid (it came through [`Heartbeat::parse`]).
+pub fn encode(seen: u32, hb: &Heartbeat<'_>, out: &mut Vec<u8>) {
+    out.extend_from_slice(&seen.to_le_bytes());
+    for s in [&hb.hostname, &hb.ip, &hb.run_user, &hb.updater_version] {
+        put_str(out, s);
+    }
+    // Validation caps agents at 64; the cast cannot truncate a valid heartbeat.
+    out.push(hb.real_agents.len().min(usize::from(u8::MAX)) as u8);
+    for a in &hb.real_agents {
+        put_str(out, &a.name);
+        put_str(out, &a.version);
+        put_str(out, &a.status);
+        out.extend_from_slice(&a.timestamp.to_le_bytes());
+        put_str(out, &a.run_user);
+        put_str(out, &a.work_dir);
+        put_str(out, &a.last_error);
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let mut n = s.len();
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Decodes a batch, calling `f(seen, heartbeat)` for each record in order after validating it.
+/// The heartbeat borrows from `body`; its agent list is reused between calls. Stops at the
+/// first error; callers that must not act on half a batch use [`check`] and [`decode_checked`].
+pub fn decode<'a>(body: &'a [u8], f: impl FnMut(u32, &Heartbeat<'a>)) -> Result<usize, WireError> {
+    decode_inner(body, true, f)
+}
+
+/// [`decode`] of a body that [`check`] accepted: the wire rules are not checked again (the
+/// reads still are, so a body changed in between gives an error, never a wrong record).
+pub fn decode_checked<'a>(body: &'a [u8], f: impl FnMut(u32, &Heartbeat<'a>)) -> Result<usize, WireError> {
+    decode_inner(body, false, f)
+}
+
+fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, &Heartbeat<'a>)) -> Result<usize, WireError> {
+    if body.len() > MAX_BATCH_BYTES {
+        return Err(WireError::TooLarge { size: body.len(), limit: MAX_BATCH_BYTES });
+    }
+    let mut r = Reader { buf: body, at: 0 };
+    if r.take(4)? != MAGIC {
+        return Err(WireError::Malformed("compact batch: bad magic".into()));
+    }
+    let mut hb = Heartbeat {
+        hostname: Cow::Borrowed(""),
+        ip: Cow::Borrowed(""),
+        run_user: Cow::Borrowed(""),
+        updater_version: Cow::Borrowed(""),
+        real_agents: Vec::new(),
+    };
+    let mut n = 0;
+    while r.at < body.len() {
+        let seen = u32::from_le_bytes(r.array()?);
+        hb.hostname = Cow::Borrowed(r.str()?);
+        hb.ip = Cow::Borrowed(r.str()?);
+        hb.run_user = Cow::Borrowed(r.str()?);
+        hb.updater_version = Cow::Borrowed(r.str()?);
+        let agents = usize::from(r.take(1)?[0]);
+        if agents > MAX_AGENTS_PER_HOST {
+            return Err(WireError::TooManyAgents { host: hb.hostname.to_string(), count: agents });
+        }
+        hb.real_agents.clear();
+        for _ in 0..agents {
+            let name = r.str()?;
+            let version = r.str()?;
+            let status = r.str()?;
+            let timestamp = i64::from_le_bytes(r.array()?);
+            hb.real_agents.push(RealAgent {
+                name: Cow::Borrowed(name),
+                version: Cow::Borrowed(version),
+                status: Cow::Borrowed(status),
+                timestamp,
+                run_user: Cow::Borrowed(r.str()?),
+                work_dir: Cow::Borrowed(r.str()?),
+                last_error: Cow::Borrowed(r.str()?),
+            });
+        }
+        if validate {
+            hb.validate()?;
+        }
+        f(seen, &hb);
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Decodes and validates a whole batch without acting on it: the number of records.
+pub fn check(body: &[u8]) -> Result<usize, WireError> {
+    decode(body, |_, _| {})
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(truncated)?;
+        let out = &self.buf[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn str(&mut self) -> Result<&'a str, WireError> {
+        let mut len = 0usize;
+        for shift in (0..=21).step_by(7) {
+            let b = self.take(1)?[0];
+            len |= usize::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                let bytes = self.take(len)?;
+                return std::str::from_utf8(bytes).map_err(|_| WireError::Malformed("compact batch: a string is not UTF-8".into()));
+            }
+        }
+        Err(WireError::Malformed("compact batch: string length too long".into()))
+    }
+}
+
+fn truncated() -> WireError {
+    WireError::Malformed("compact batch: truncated record".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(json: &str) -> Heartbeat<'_> {
+        Heartbeat::parse(json.as_bytes()).unwrap()
+    }
+
+    fn batch(entries: &[(u32, &Heartbeat<'_>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        begin(&mut out);
+        for (seen, h) in entries {
+            encode(*seen, h, &mut out);
+        }
+        out
+    }
+
+    fn decoded(body: &[u8]) -> Result<Vec<(u32, Heartbeat<'static>)>, WireError> {
+        let mut out = Vec::new();
+        decode(body, |seen, h| out.push((seen, h.clone().into_owned())))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn round_trips_every_field() {
+        let long_error = "e".repeat(1000);
+        let a = hb(r#"{"hostname":"bj-web-001","ip":"10.1.2.3","runUser":"root","updaterVersion":"0.0.4",
+            "realAgents":[{"name":"falcon-agent","version":"5.1.3","status":"started","timestamp":1477380651,
+            "runUser":"falcon","workDir":"/home/falcon/open-falcon"},
+            {"name":"x","version":"","status":"stopped \u00e9","timestamp":-5,"runUser":"","workDir":"","lastError":"boom"}]}"#);
+        let text = format!(
+            r#"{{"hostname":"b","realAgents":[{{"name":"n","version":"1","status":"","timestamp":0,"lastError":"{long_error}"}}]}}"#
+        );
+        let b = hb(&text);
+        let c = hb(r#"{"hostname":"c","realAgents":null}"#);
+        let body = batch(&[(7, &a), (9, &b), (u32::MAX, &c)]);
+        let out = decoded(&body).unwrap();
+        assert_eq!(out.len(), 3);
+        assert_eq!((out[0].0, &out[0].1), (7, &a.clone().into_owned()));
+        assert_eq!((out[1].0, &out[1].1), (9, &b.clone().into_owned()));
+        assert_eq!((out[2].0, &out[2].1), (u32::MAX, &c.clone().into_owned()));
+        assert_eq!(check(&body), Ok(3));
+        let json: usize = [&a, &b, &c].iter().map(|h| serde_json::to_vec(h).unwrap().len()).sum();
+        assert!(body.len() < json, "compact {} bytes vs JSON {json}", body.len());
+    }
+
+    #[test]
+    fn empty_batch_is_just_the_magic() {
+        let body = batch(&[]);
+        assert_eq!(body, b"OPB1");
+        assert_eq!(check(&body), Ok(0));
+    }
+
+    #[test]
+    fn bad_input_is_refused_with_a_clear_error() {
+        let a = hb(r#"{"hostname":"a","realAgents":[{"name":"x","version":"1","status":"started","timestamp":1}]}"#);
+        let good = batch(&[(1, &a), (2, &a)]);
+        // Every truncation point is an error, never a panic.
+        for cut in 0..good.len() {
+            let r = check(&good[..cut]);
+            if cut == 4 + (good.len() - 4) / 2 {
+                assert_eq!(r, Ok(1), "a cut between records leaves whole records");
+            } else if cut == 4 {
+                assert_eq!(r, Ok(0));
+            } else {
+                assert!(r.is_err(), "cut at {cut} accepted");
+            }
+        }
+        assert!(matches!(check(b"{\"hosts\":[]}"), Err(WireError::Malformed(m)) if m.contains("magic")));
+        // A record whose hostname breaks the wire rules is refused like a lone heartbeat.
+        let mut bad = Vec::new();
+        begin(&mut bad);
+        bad.extend_from_slice(&1u32.to_le_bytes());
+        for s in ["bad host", "", "", ""] {
+            put_str(&mut bad, s);
+        }
+        bad.push(0);
+        assert!(matches!(check(&bad), Err(WireError::Hostname(_))));
+        // Invalid UTF-8, too many agents, an absurd length.
+        let mut utf = Vec::new();
+        begin(&mut utf);
+        utf.extend_from_slice(&1u32.to_le_bytes());
+        utf.extend_from_slice(&[2, 0xff, 0xfe]);
+        assert!(matches!(check(&utf), Err(WireError::Malformed(m)) if m.contains("UTF-8")));
+        let mut many = Vec::new();
+        begin(&mut many);
+        many.extend_from_slice(&1u32.to_le_bytes());
+        for s in ["h", "", "", ""] {
+            put_str(&mut many, s);
+        }
+        many.push(65);
+        assert!(matches!(check(&many), Err(WireError::TooManyAgents { .. })));
+        let mut huge = Vec::new();
+        begin(&mut huge);
+        huge.extend_from_slice(&1u32.to_le_bytes());
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x7f]);
+        assert!(check(&huge).is_err());
+    }
+
+    #[test]
+    fn duplicate_agents_and_long_fields_are_refused() {
+        let mut dup = Vec::new();
+        begin(&mut dup);
+        dup.extend_from_slice(&1u32.to_le_bytes());
+        for s in ["h", "", "", ""] {
+            put_str(&mut dup, s);
+        }
+        dup.push(2);
+        for _ in 0..2 {
+            for s in ["a", "1", "started"] {
+                put_str(&mut dup, s);
+            }
+            dup.extend_from_slice(&0i64.to_le_bytes());
+            for s in ["", "", ""] {
+                put_str(&mut dup, s);
+            }
+        }
+        assert!(matches!(check(&dup), Err(WireError::DuplicateAgent { .. })));
+    }
+}
