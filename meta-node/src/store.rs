@@ -164,11 +164,56 @@ pub struct Host {
     pub owned: bool,
 }
 
+/// Host records by slot, in fixed chunks of [`CHUNK`]: slots never move, and a shard has at
+/// most one chunk partly used. (A doubling `Vec` left about a quarter of a shard's records
+/// unused on average, and growing it by smaller steps fragmented the heap: measured with the
+/// `store_memory` bench.)
+#[derive(Default)]
+struct Slots {
+    chunks: Vec<Vec<Host>>,
+    len: usize,
+}
+
+const CHUNK: usize = 64;
+
+impl Slots {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, host: Host) {
+        if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.push(host);
+        }
+        self.len += 1;
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Host> {
+        self.chunks.iter().flatten()
+    }
+}
+
+impl std::ops::Index<usize> for Slots {
+    type Output = Host;
+    fn index(&self, i: usize) -> &Host {
+        &self.chunks[i / CHUNK][i % CHUNK]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Slots {
+    fn index_mut(&mut self, i: usize) -> &mut Host {
+        &mut self.chunks[i / CHUNK][i % CHUNK]
+    }
+}
+
 /// A slice of the store behind one lock.
 #[derive(Default)]
 pub struct Shard {
     index: HashTable<u32>,
-    hosts: Vec<Host>,
+    hosts: Slots,
     free: Vec<u32>,
     errors: HashMap<(u32, u8), Box<str>>,
     other_ips: HashMap<u32, Box<str>>,
