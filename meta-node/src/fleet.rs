@@ -139,7 +139,8 @@ impl<'c> AgentQuery<'c> {
         agent_sym: Option<Sym>,
         syms: &'a Symbols<'_>,
     ) -> Option<Row<'a>> {
-        let pos = agent_sym.and_then(|s| host.agent(s));
+        let agents = shard.agents(host);
+        let pos = agent_sym.and_then(|s| agents.iter().position(|a| a.name == s));
         let desired = self.agent_index.map(|i| {
             let d = &self.config.class(self.class_of(host))[i];
             Desired { version: d.version.as_str(), cmd: d.cmd.as_str() }
@@ -147,7 +148,7 @@ impl<'c> AgentQuery<'c> {
         if pos.is_none() && desired.is_none() {
             return None;
         }
-        let real: Option<&AgentState> = pos.map(|p| &host.agents[p]);
+        let real: Option<&AgentState> = pos.map(|p| &agents[p]);
         let version = real.map_or("", |a| syms.resolve(a.version));
         let status = real.map_or("", |a| syms.resolve(a.status));
         let run_state = if real.is_some() { run_state(status) } else { "absent" };
@@ -289,13 +290,14 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>) -> Summary
             }
             let syms = store.symbols().reader();
             for (_, host) in shard.hosts().filter(|(_, h)| scope.includes(h)) {
-                let pos = agent_sym.and_then(|s| host.agent(s));
+                let agents = shard.agents(host);
+                let pos = agent_sym.and_then(|s| agents.iter().position(|a| a.name == s));
                 let class = if q.agent_index.is_some() { q.class_of(host).0 as usize } else { 0 };
                 let desired = desired_syms.get(class).copied().flatten();
                 if pos.is_none() && desired.is_none() {
                     continue;
                 }
-                let real = pos.map(|p| host.agents[p]);
+                let real = pos.map(|p| agents[p]);
                 let run_state: u8 = match real {
                     None => 2,
                     Some(a) => {

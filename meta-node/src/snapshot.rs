@@ -80,13 +80,14 @@ fn encode_shard(store: &Store, i: usize, buf: &mut Vec<u8>) -> usize {
         for v in [h.last_seen, h.run_user.0, h.updater_version.0] {
             buf.extend_from_slice(&v.to_le_bytes());
         }
-        buf.push(h.agents.len() as u8);
-        for a in h.agents.iter() {
+        let agents = shard.agents(h);
+        buf.push(agents.len() as u8);
+        for a in agents {
             for v in [a.name.0, a.version.0, a.status.0, a.run_user.0, a.work_dir.0, a.timestamp] {
                 buf.extend_from_slice(&v.to_le_bytes());
             }
         }
-        let errors: Vec<(usize, &str)> = (0..h.agents.len()).filter_map(|i| shard.last_error(slot, h, i).map(|e| (i, e))).collect();
+        let errors: Vec<(usize, &str)> = (0..agents.len()).filter_map(|i| shard.last_error(slot, h, i).map(|e| (i, e))).collect();
         buf.push(errors.len() as u8);
         for (i, e) in errors {
             buf.push(i as u8);
@@ -249,7 +250,6 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
         }
         let host = Host {
             name: CompactString::from(name),
-            agents: agents.into(),
             err_mask,
             ip,
             last_seen,
@@ -260,8 +260,10 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
             class: 0,
             ip_kind,
             owned: owned(name),
+            agents_at: 0,
+            agents_len: 0,
         };
-        store.put(HostRecord { host, errors, other_ip });
+        store.put(HostRecord { host, agents, errors, other_ip });
         loaded += 1;
     }
     Ok(loaded)
@@ -298,8 +300,8 @@ mod tests {
         for i in 0..SHARDS {
             let shard = store.shard(i);
             for (slot, h) in shard.hosts() {
-                let agents: Vec<String> = h
-                    .agents
+                let agents: Vec<String> = shard
+                    .agents(h)
                     .iter()
                     .enumerate()
                     .map(|(ai, a)| {

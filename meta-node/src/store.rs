@@ -144,12 +144,12 @@ pub enum IpKind {
     Other = 2,
 }
 
-/// One host's last report. An empty `name` marks a free slot.
+/// One host's last report. An empty `name` marks a free slot. Its agents live in the shard's
+/// agent arena ([`Shard::agents`]).
 #[derive(Debug)]
 pub struct Host {
     pub name: CompactString,
-    pub agents: Box<[AgentState]>,
-    /// Bit i set: `agents[i]` reported a `lastError` (text in the shard's side table).
+    /// Bit i set: agent i reported a `lastError` (text in the shard's side table).
     pub err_mask: u64,
     pub ip: u32,
     /// Server time of the last report, unix seconds.
@@ -158,10 +158,13 @@ pub struct Host {
     pub updater_version: Sym,
     /// Config generation `class` was resolved under.
     pub generation: u32,
+    /// Where the host's agents start in the shard's arena (set by the shard).
+    pub(crate) agents_at: u32,
     pub class: u16,
     pub ip_kind: IpKind,
     /// This node owns the host on the ring (false: a failover copy).
     pub owned: bool,
+    pub(crate) agents_len: u8,
 }
 
 /// Host records by slot, in fixed chunks of [`CHUNK`]: slots never move, and a shard has at
@@ -209,11 +212,68 @@ impl std::ops::IndexMut<usize> for Slots {
     }
 }
 
+/// The agents of a shard's hosts, each host's in one contiguous run, in fixed chunks: no
+/// allocation per host (a boxed slice per host cost a pointer, a length and an allocator
+/// header, and a scan chased a pointer per host). A run left behind when a host's agent count
+/// changes or the host goes is counted as garbage; the shard compacts when it piles up.
+#[derive(Default)]
+struct AgentArena {
+    chunks: Vec<Vec<AgentState>>,
+    live: usize,
+    garbage: usize,
+}
+
+/// Agents per arena chunk (6 KiB); a host's run never spans two chunks (at most 64 agents).
+const ARENA_CHUNK: usize = 256;
+
+impl AgentArena {
+    fn get(&self, at: u32, len: u8) -> &[AgentState] {
+        if len == 0 {
+            return &[];
+        }
+        let (c, off) = (at as usize / ARENA_CHUNK, at as usize % ARENA_CHUNK);
+        &self.chunks[c][off..off + usize::from(len)]
+    }
+
+    fn get_mut(&mut self, at: u32, len: u8) -> &mut [AgentState] {
+        if len == 0 {
+            return &mut [];
+        }
+        let (c, off) = (at as usize / ARENA_CHUNK, at as usize % ARENA_CHUNK);
+        &mut self.chunks[c][off..off + usize::from(len)]
+    }
+
+    fn alloc(&mut self, agents: &[AgentState]) -> u32 {
+        if agents.is_empty() {
+            return 0;
+        }
+        if self.chunks.last().is_none_or(|c| c.len() + agents.len() > ARENA_CHUNK) {
+            self.chunks.push(Vec::with_capacity(ARENA_CHUNK));
+        }
+        let c = self.chunks.len() - 1;
+        let chunk = &mut self.chunks[c];
+        let at = c * ARENA_CHUNK + chunk.len();
+        chunk.extend_from_slice(agents);
+        self.live += agents.len();
+        at as u32
+    }
+
+    fn release(&mut self, len: u8) {
+        self.live -= usize::from(len);
+        self.garbage += usize::from(len);
+    }
+
+    fn wants_compaction(&self) -> bool {
+        self.garbage > ARENA_CHUNK && self.garbage > self.live / 2
+    }
+}
+
 /// A slice of the store behind one lock.
 #[derive(Default)]
 pub struct Shard {
     index: HashTable<u32>,
     hosts: Slots,
+    agents: AgentArena,
     free: Vec<u32>,
     errors: HashMap<(u32, u8), Box<str>>,
     other_ips: HashMap<u32, Box<str>>,
@@ -223,6 +283,51 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// The agents `host` (of this shard) reported, in its order.
+    pub fn agents(&self, host: &Host) -> &[AgentState] {
+        self.agents.get(host.agents_at, host.agents_len)
+    }
+
+    /// Position of an agent of `host` by interned name.
+    pub fn agent(&self, host: &Host, name: Sym) -> Option<usize> {
+        self.agents(host).iter().position(|a| a.name == name)
+    }
+
+    /// Gives the host in `slot` these agents: in place when the count is unchanged.
+    fn set_agents(&mut self, slot: u32, agents: &[AgentState]) {
+        let (at, len) = {
+            let h = &self.hosts[slot as usize];
+            (h.agents_at, h.agents_len)
+        };
+        if usize::from(len) == agents.len() {
+            self.agents.get_mut(at, len).copy_from_slice(agents);
+            return;
+        }
+        self.agents.release(len);
+        let at = self.agents.alloc(agents);
+        let h = &mut self.hosts[slot as usize];
+        h.agents_at = at;
+        h.agents_len = agents.len() as u8;
+        self.compact_agents_if_needed();
+    }
+
+    /// Copies every live host's agents into a fresh arena once garbage outweighs them.
+    fn compact_agents_if_needed(&mut self) {
+        if !self.agents.wants_compaction() {
+            return;
+        }
+        let mut fresh = AgentArena::default();
+        for i in 0..self.hosts.len() {
+            let h = &self.hosts[i];
+            if h.name.is_empty() {
+                continue;
+            }
+            let at = fresh.alloc(self.agents.get(h.agents_at, h.agents_len));
+            self.hosts[i].agents_at = at;
+        }
+        self.agents = fresh;
+    }
+
     /// Failover copies held in this shard.
     pub fn foreign(&self) -> u32 {
         self.foreign
@@ -272,23 +377,27 @@ impl Shard {
         }
         clear_side_tables(&mut self.errors, &mut self.other_ips, slot, host);
         let was = host.owned;
+        self.agents.release(host.agents_len);
         *host = Host::free();
         self.free.push(slot);
         self.count_owned(Some(was), None);
     }
 
     /// Inserts or replaces a whole host record (snapshot load). Returns true if it was new.
-    fn put(&mut self, hash: u64, host: Host, errors: Vec<(u8, Box<str>)>, other_ip: Option<Box<str>>, hasher: &DefaultHashBuilder) -> bool {
+    fn put(&mut self, hash: u64, rec: HostRecord, hasher: &DefaultHashBuilder) -> bool {
+        let HostRecord { mut host, agents, errors, other_ip } = rec;
         let (slot, new) = match self.find(hash, &host.name) {
             Some(slot) => {
                 let old = &self.hosts[slot as usize];
                 clear_side_tables(&mut self.errors, &mut self.other_ips, slot, old);
                 let (was, now) = (old.owned, host.owned);
+                (host.agents_at, host.agents_len) = (old.agents_at, old.agents_len);
                 self.hosts[slot as usize] = host;
                 self.count_owned(Some(was), Some(now));
+                self.set_agents(slot, &agents);
                 (slot, false)
             }
-            None => (self.insert_new(hash, host, hasher), true),
+            None => (self.insert_new(hash, host, &agents, hasher), true),
         };
         for (i, e) in errors {
             self.errors.insert((slot, i), e);
@@ -299,8 +408,10 @@ impl Shard {
         new
     }
 
-    fn insert_new(&mut self, hash: u64, host: Host, hasher: &DefaultHashBuilder) -> u32 {
+    fn insert_new(&mut self, hash: u64, mut host: Host, agents: &[AgentState], hasher: &DefaultHashBuilder) -> u32 {
         self.count_owned(None, Some(host.owned));
+        host.agents_at = self.agents.alloc(agents);
+        host.agents_len = agents.len() as u8;
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.hosts[slot as usize] = host;
@@ -349,7 +460,6 @@ impl Host {
     fn free() -> Host {
         Host {
             name: CompactString::default(),
-            agents: Box::default(),
             err_mask: 0,
             ip: 0,
             last_seen: 0,
@@ -359,18 +469,16 @@ impl Host {
             class: 0,
             ip_kind: IpKind::None,
             owned: true,
+            agents_at: 0,
+            agents_len: 0,
         }
-    }
-
-    /// Position of an agent by interned name.
-    pub fn agent(&self, name: Sym) -> Option<usize> {
-        self.agents.iter().position(|a| a.name == name)
     }
 }
 
 /// A host record with its side-table texts, as the snapshot reads and writes it.
 pub struct HostRecord {
     pub host: Host,
+    pub agents: Vec<AgentState>,
     pub errors: Vec<(u8, Box<str>)>,
     pub other_ip: Option<Box<str>>,
 }
@@ -463,11 +571,6 @@ impl Store {
                 if host.err_mask != 0 || host.ip_kind == IpKind::Other {
                     clear_side_tables(&mut shard.errors, &mut shard.other_ips, slot, host);
                 }
-                if host.agents.len() == n {
-                    host.agents.copy_from_slice(agents);
-                } else {
-                    host.agents = agents.into();
-                }
                 host.err_mask = err_mask;
                 host.ip = ip;
                 host.ip_kind = ip_kind;
@@ -478,12 +581,12 @@ impl Store {
                 host.class = class;
                 let was = std::mem::replace(&mut host.owned, owned);
                 shard.count_owned(Some(was), Some(owned));
+                shard.set_agents(slot, agents);
                 slot
             }
             None => {
                 let host = Host {
                     name: CompactString::from(name),
-                    agents: agents.into(),
                     err_mask,
                     ip,
                     last_seen: now,
@@ -493,9 +596,11 @@ impl Store {
                     class,
                     ip_kind,
                     owned,
+                    agents_at: 0,
+                    agents_len: 0,
                 };
                 self.hosts.fetch_add(1, Ordering::Relaxed);
-                shard.insert_new(hash, host, &self.hasher)
+                shard.insert_new(hash, host, agents, &self.hasher)
             }
         };
         if err_mask != 0 {
@@ -518,7 +623,7 @@ impl Store {
         }
         let hash = self.hasher.hash_one(rec.host.name.as_str());
         let mut shard = self.shard_of(hash).lock();
-        if shard.put(hash, rec.host, rec.errors, rec.other_ip, &self.hasher) {
+        if shard.put(hash, rec, &self.hasher) {
             self.hosts.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -592,7 +697,51 @@ mod tests {
     #[test]
     fn host_record_stays_small() {
         assert_eq!(std::mem::size_of::<AgentState>(), 24);
-        assert!(std::mem::size_of::<Host>() <= 72, "{}", std::mem::size_of::<Host>());
+        assert!(std::mem::size_of::<Host>() <= 64, "{}", std::mem::size_of::<Host>());
+    }
+
+    /// Hosts whose agent count keeps changing leave runs behind in the arena; compaction must
+    /// keep every host's agents, and the arena must stay bounded.
+    #[test]
+    fn agent_arena_keeps_every_host_right_through_compaction() {
+        let store = Store::new();
+        let body = |h: u32, n: u32, round: u32| {
+            let agents: Vec<String> = (0..n).map(|a| format!(r#"{{"name":"a{a}","version":"{round}.{h}","status":"started"}}"#)).collect();
+            format!(r#"{{"hostname":"h{h}","realAgents":[{}]}}"#, agents.join(","))
+        };
+        for round in 0..40u32 {
+            for h in 0..2000u32 {
+                let n = (h + round) % 5;
+                store.upsert(&hb(&body(h, n, round)), round, ClassId(0), 1, true);
+            }
+        }
+        let syms = store.symbols().reader();
+        let mut arena_agents = 0;
+        for h in 0..2000u32 {
+            let n = (h + 39) % 5;
+            store
+                .with_host(&format!("h{h}"), |shard, _, host| {
+                    let agents = shard.agents(host);
+                    assert_eq!(agents.len(), n as usize, "h{h}");
+                    for (a, st) in agents.iter().enumerate() {
+                        assert_eq!(syms.resolve(st.name), format!("a{a}"));
+                        assert_eq!(syms.resolve(st.version), format!("39.{h}"));
+                    }
+                })
+                .unwrap();
+        }
+        for i in 0..SHARDS {
+            let shard = store.shard(i);
+            let held: usize = shard.agents.chunks.iter().map(Vec::len).sum();
+            assert_eq!(held, shard.agents.live + shard.agents.garbage);
+            arena_agents += held;
+        }
+        let live: usize = (0..2000u32).map(|h| ((h + 39) % 5) as usize).sum();
+        assert!(arena_agents < live * 3 + SHARDS * ARENA_CHUNK * 2, "arena bounded: {arena_agents} for {live} live agents");
+        // Forgetting hosts releases their runs too.
+        assert_eq!(store.forget_before(100, 0), 2000);
+        let live_left: usize = (0..SHARDS).map(|i| store.shard(i).agents.live).sum();
+        assert_eq!(live_left, 0);
     }
 
     #[test]
@@ -611,7 +760,7 @@ mod tests {
             .with_host("h1", |shard, slot, h| {
                 let syms = store.symbols().reader();
                 (
-                    syms.resolve(h.agents[0].version).to_owned(),
+                    syms.resolve(shard.agents(h)[0].version).to_owned(),
                     shard.last_error(slot, h, 0).map(str::to_owned),
                     shard.ip(slot, h).to_string(),
                 )
@@ -630,9 +779,9 @@ mod tests {
         store
             .with_host("h1", |shard, slot, h| {
                 let syms = store.symbols().reader();
-                assert_eq!(h.agents.len(), 2);
-                assert_eq!(syms.resolve(h.agents[0].version), "2");
-                assert_eq!(syms.resolve(h.agents[0].status), "stopped", "status is trimmed");
+                assert_eq!(shard.agents(h).len(), 2);
+                assert_eq!(syms.resolve(shard.agents(h)[0].version), "2");
+                assert_eq!(syms.resolve(shard.agents(h)[0].status), "stopped", "status is trimmed");
                 assert_eq!(shard.last_error(slot, h, 0), None);
                 assert_eq!(shard.ip(slot, h).to_string(), "");
                 assert_eq!((h.last_seen, h.class, h.generation), (200, 3, 2));

@@ -557,7 +557,7 @@ pub(crate) fn local_host(node: &Node, hostname: &str) -> Option<HostView> {
     let stale_after = node.settings.stale_after_seconds;
     node.store.with_host(hostname, |shard, slot, h| {
         let syms = node.store.symbols().reader();
-        let mut names: Vec<String> = h.agents.iter().map(|a| syms.resolve(a.name).to_owned()).collect();
+        let mut names: Vec<String> = shard.agents(h).iter().map(|a| syms.resolve(a.name).to_owned()).collect();
         for a in loaded.config.agents() {
             if !names.contains(&a.name) {
                 names.push(a.name.clone());
@@ -568,7 +568,7 @@ pub(crate) fn local_host(node: &Node, hostname: &str) -> Option<HostView> {
             .filter_map(|name| {
                 let q = AgentQuery::new(name, &loaded, now, stale_after);
                 let sym = syms.get(name);
-                let real = sym.and_then(|s| h.agent(s)).map(|p| h.agents[p]);
+                let real = sym.and_then(|s| shard.agent(h, s)).map(|p| shard.agents(h)[p]);
                 let row = q.row(shard, slot, h, sym, &syms)?;
                 let view = AgentView {
                     name: name.clone(),
