@@ -53,6 +53,10 @@ struct Cli {
     /// Heartbeats of hosts owned by another node: flush period (milliseconds).
     #[arg(long, default_value_t = 1000)]
     flush_ms: u64,
+    /// Runtime worker threads (default: one per core). Lower it when several servers share
+    /// a few cores, as in `ops-bench`'s one-box cluster.
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -111,7 +115,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads.filter(|&n| n > 0) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meta-node: cannot start runtime: {e}");

@@ -111,7 +111,14 @@ fn spawn(bin: &Path, name: &str, args: &[String], log: &Path) -> anyhow::Result<
 
 impl Cluster {
     /// Writes configs into `dir` and starts `metas` meta nodes and `relays` relays.
-    pub fn start(dir: &Path, metas: usize, relays: usize, agents_toml: &str, flush_ms: u64) -> anyhow::Result<Cluster> {
+    pub fn start(
+        dir: &Path,
+        metas: usize,
+        relays: usize,
+        agents_toml: &str,
+        flush_ms: u64,
+        threads: Option<usize>,
+    ) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(dir)?;
         let (meta_bin, relay_bin) = (sibling("meta-node")?, sibling("relay")?);
         let token: String = format!("bench-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()) + "-0123456789abcdef";
@@ -142,6 +149,9 @@ impl Cluster {
                 dir.join(&id).display().to_string(),
             ];
             args.extend_from_slice(extra);
+            if let Some(n) = threads {
+                args.extend(["--worker-threads".to_owned(), n.to_string()]);
+            }
             let log = dir.join(format!("{id}.log"));
             let child = spawn(bin, &id, &args, &log)?;
             Ok(Started { addr: format!("127.0.0.1:{port}").parse()?, name: id, child, bin: bin.to_path_buf(), args, log })

@@ -43,6 +43,10 @@ struct Cli {
     /// Seconds in-flight requests and the final flush get on shutdown.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_seconds: u64,
+    /// Runtime worker threads (default: one per core). Lower it when several servers share
+    /// a few cores, as in `ops-bench`'s one-box cluster.
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -87,7 +91,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads.filter(|&n| n > 0) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("relay: cannot start runtime: {e}");
