@@ -37,10 +37,16 @@ impl Started {
     }
 }
 
+impl Started {
+    fn terminate(&self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+    }
+}
+
 impl Drop for Started {
     fn drop(&mut self) {
         // SIGTERM first so relays drain and meta nodes snapshot, then make sure.
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.terminate();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -107,6 +113,19 @@ fn spawn(bin: &Path, name: &str, args: &[String], log: &Path) -> anyhow::Result<
         .stderr(log)
         .spawn()
         .with_context(|| format!("start {name}"))
+}
+
+impl Drop for Cluster {
+    /// Relays first, so their last reports reach the meta nodes before those snapshot; each
+    /// group is signalled at once, then waited for.
+    fn drop(&mut self) {
+        for group in [&mut self.relays, &mut self.metas] {
+            for p in group.iter() {
+                p.terminate();
+            }
+            group.clear();
+        }
+    }
 }
 
 impl Cluster {

@@ -163,6 +163,13 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     anyhow::ensure!(cli.connections > 0, "--connections must be > 0");
     anyhow::ensure!(cli.speedup > 0.0 && cli.interval_seconds > 0, "--speedup and --interval-seconds must be > 0");
     let wall = Instant::now();
+    // Seconds each phase took, in order, for the report.
+    let mut phases: Vec<(&str, f64)> = Vec::new();
+    let mut mark = Instant::now();
+    let mut lap = |name: &'static str, phases: &mut Vec<(&str, f64)>| {
+        phases.push((name, mark.elapsed().as_secs_f64()));
+        mark = Instant::now();
+    };
     let own = cli.relay.is_empty();
     let dir = std::env::temp_dir().join(format!("ops-bench-{}", std::process::id()));
     let mut cluster = if own {
@@ -181,6 +188,8 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         .as_ref()
         .map(|c| c.metas.iter().map(|m| (m.name.clone(), cluster::usage(m.pid()).map_or(0, |u| u.0))).collect())
         .unwrap_or_default();
+
+    lap("start", &mut phases);
 
     // 1. register: one sweep of every host.
     let fleet = load::Fleet::new(cli.hosts, cli.agents, Duration::from_millis(cli.install_delay_ms));
@@ -209,6 +218,8 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     }
     let settled_s = settle.elapsed().as_secs_f64();
     println!("settled: {held} hosts held by the cluster {settled_s:.1} s after the sweep");
+
+    lap("register", &mut phases);
 
     // 2. steady: every host once per compressed interval.
     let steady = if cli.steady_seconds > 0 {
@@ -247,6 +258,8 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         None
     };
 
+    lap("steady", &mut phases);
+
     // 3. rollout: a new default version on every meta node; sweeps until every host runs what
     // it should, the convergence read from /status/summary.
     let rollout = match &cluster {
@@ -256,6 +269,8 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         ),
         _ => None,
     };
+
+    lap("rollout", &mut phases);
 
     // 4. query: summary from every meta node, then the whole text listing.
     let mut summary_ms = Vec::new();
@@ -287,7 +302,9 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         bytes >> 20
     );
 
-    // Resources, before the ceiling phase adds its own load.
+    lap("query", &mut phases);
+
+    // Resources, then stop what was started (meta nodes snapshot, relays drain).
     let mut processes = Vec::new();
     let mut meta_rss = 0u64;
     if let Some(c) = &cluster {
@@ -303,6 +320,9 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let base_rss: u64 = baseline.iter().map(|b| b.1).sum();
     let bytes_per_host = if cluster.is_some() { meta_rss.saturating_sub(base_rss) as f64 / cli.hosts as f64 } else { 0.0 };
 
+    drop(cluster.take());
+    lap("stop", &mut phases);
+
     // 5. ceiling: the same client against a minimal hyper server in a process of its own,
     // as the relays are (in the bench's own runtime it would share the client's threads).
     let ceiling_server = tokio::task::spawn_blocking(cluster::CeilingServer::start).await??;
@@ -314,11 +334,16 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let ratio = register.rate() / ceiling.rate().max(1.0);
     println!("ceiling: {:.0} requests/s (minimal hyper server, same client); relay rate = {ratio:.2} x ceiling", ceiling.rate());
 
+    lap("ceiling", &mut phases);
     let steady_errors = steady.as_ref().map_or(0, |s| s.run.errors);
     let errors = register.errors + steady_errors + rollout.as_ref().map_or(0, |r| r.errors);
     let killed_ok = steady.as_ref().and_then(|s| s.kill.as_ref()).is_none_or(|k| k.complete_again_s.is_some() && k.restored_s.is_some());
     let ok = errors == 0 && held >= cli.hosts && listed == cli.hosts && rollout.as_ref().is_none_or(|r| r.done()) && killed_ok;
     let wall_s = wall.elapsed().as_secs_f64();
+    // The end-to-end figure: start, register, rollout, query, stop (steady and
+    // ceiling are extra phases, shown apart).
+    let extra: f64 = phases.iter().filter(|(n, _)| matches!(*n, "steady" | "ceiling")).map(|p| p.1).sum();
+    let wall_core_s = wall_s - extra;
 
     println!();
     let row = |name: &str, value: String| println!("{name:<30} {value:>14}");
@@ -353,7 +378,8 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         );
     }
     row("ops-bench (client)", format!("{} MiB {:.1} cpu-s", client.0 >> 20, client.1));
-    row("wall s", format!("{wall_s:.1}"));
+    row("phases s", phases.iter().map(|(n, t)| format!("{n} {t:.1}")).collect::<Vec<_>>().join(", "));
+    row("wall s (without steady, ceiling)", format!("{wall_s:.1} ({wall_core_s:.1})"));
     row("result", if ok { "ok".to_owned() } else { "FAILED".to_owned() });
 
     if let Some(path) = &cli.json {
@@ -363,6 +389,8 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
             "ok": ok,
             "errors": errors,
             "wall_s": wall_s,
+            "wall_core_s": wall_core_s,
+            "phases_s": phases.iter().map(|(n, t)| (n.to_string(), json!(t))).collect::<serde_json::Map<_, _>>(),
             "register": {
                 "heartbeats_per_s": register.rate(),
                 "p50_ms": register.percentile_ms(0.5),
@@ -389,7 +417,6 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("write {}", path.display()))?;
     }
-    drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ok)
 }
