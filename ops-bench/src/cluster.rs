@@ -206,6 +206,12 @@ pub struct CeilingServer {
 }
 
 impl CeilingServer {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl CeilingServer {
     pub fn start() -> anyhow::Result<CeilingServer> {
         use std::io::BufRead;
         let exe = std::env::current_exe()?;

@@ -317,6 +317,11 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         }
     }
     let client = cluster::usage(std::process::id()).unwrap_or((0, 0.0));
+    // CPU the relays spent per heartbeat they answered, for comparison with the ceiling
+    // server's per request (both from /proc).
+    let relay_cpu_s: f64 =
+        processes.iter().filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("relay"))).filter_map(|p| p["cpu_s"].as_f64()).sum();
+    let relayed = register.requests + steady.as_ref().map_or(0, |s| s.run.requests) + rollout.as_ref().map_or(0, |r| r.heartbeats);
     let base_rss: u64 = baseline.iter().map(|b| b.1).sum();
     let bytes_per_host = if cluster.is_some() { meta_rss.saturating_sub(base_rss) as f64 / cli.hosts as f64 } else { 0.0 };
 
@@ -330,6 +335,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let ceiling_n = cli.hosts.min(cli.ceiling_requests.max(1));
     let ceiling_fleet = load::Fleet::new(ceiling_n, cli.agents, Duration::ZERO);
     let ceiling = load::run(&[ceiling_addr], &ceiling_fleet, cli.connections, "ceiling", load::Plan::Sweep, &never).await;
+    let ceiling_cpu_s = cluster::usage(ceiling_server.pid()).map_or(0.0, |u| u.1);
     drop(ceiling_server);
     let ratio = register.rate() / ceiling.rate().max(1.0);
     println!("ceiling: {:.0} requests/s (minimal hyper server, same client); relay rate = {ratio:.2} x ceiling", ceiling.rate());
@@ -353,6 +359,8 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     row("register p50 / p99 ms", format!("{:.2} / {:.2}", register.percentile_ms(0.5), register.percentile_ms(0.99)));
     row("ceiling requests/s", format!("{:.0}", ceiling.rate()));
     row("relay / ceiling", format!("{ratio:.2}"));
+    let per = |cpu: f64, n: u64| if n == 0 { 0.0 } else { cpu * 1e6 / n as f64 };
+    row("cpu us: relay / ceiling srv", format!("{:.1} / {:.1}", per(relay_cpu_s, relayed), per(ceiling_cpu_s, ceiling.requests)));
     if let Some(s) = &steady {
         row("steady heartbeats/s (asked)", format!("{:.0} ({:.0})", s.run.rate(), s.target_per_s));
         row("steady p99 ms", format!("{:.2}", s.run.percentile_ms(0.99)));
@@ -401,7 +409,13 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
                 "settled_s": settled_s,
             },
             "steady": steady.as_ref().map(steady::Steady::json),
-            "ceiling": { "requests_per_s": ceiling.rate(), "requests": ceiling.requests, "relay_ratio": ratio },
+            "ceiling": {
+                "requests_per_s": ceiling.rate(),
+                "requests": ceiling.requests,
+                "relay_ratio": ratio,
+                "server_cpu_us_per_request": per(ceiling_cpu_s, ceiling.requests),
+                "relay_cpu_us_per_heartbeat": per(relay_cpu_s, relayed),
+            },
             "rollout": rollout.as_ref().map(rollout::Rollout::json),
             "query": {
                 "summary_p50_ms": pct(&summary_ms, 0.5),
