@@ -234,53 +234,50 @@ mod tests {
         }
         assert!(matches!(check(b"{\"hosts\":[]}"), Err(WireError::Malformed(m)) if m.contains("magic")));
         // A record whose hostname breaks the wire rules is refused like a lone heartbeat.
-        let mut bad = Vec::new();
-        begin(&mut bad);
-        bad.extend_from_slice(&1u32.to_le_bytes());
-        for s in ["bad host", "", "", ""] {
-            put_str(&mut bad, s);
-        }
-        bad.push(0);
-        assert!(matches!(check(&bad), Err(WireError::Hostname(_))));
+        assert!(matches!(check(&raw_record("bad host", 0)), Err(WireError::Hostname(_))));
         // Invalid UTF-8, too many agents, an absurd length.
-        let mut utf = Vec::new();
-        begin(&mut utf);
-        utf.extend_from_slice(&1u32.to_le_bytes());
+        let mut utf = raw_record("h", 1);
         utf.extend_from_slice(&[2, 0xff, 0xfe]);
         assert!(matches!(check(&utf), Err(WireError::Malformed(m)) if m.contains("UTF-8")));
-        let mut many = Vec::new();
-        begin(&mut many);
-        many.extend_from_slice(&1u32.to_le_bytes());
-        for s in ["h", "", "", ""] {
-            put_str(&mut many, s);
-        }
-        many.push(65);
-        assert!(matches!(check(&many), Err(WireError::TooManyAgents { .. })));
-        let mut huge = Vec::new();
-        begin(&mut huge);
-        huge.extend_from_slice(&1u32.to_le_bytes());
+        assert!(matches!(check(&raw_record("h", 65)), Err(WireError::TooManyAgents { .. })));
+        let mut huge = raw_record("h", 1);
         huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x7f]);
         assert!(check(&huge).is_err());
     }
 
+    /// A batch of one record's head, written without validation: `agents` agents follow.
+    fn raw_record(host: &str, agents: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        begin(&mut out);
+        out.extend_from_slice(&1u32.to_le_bytes());
+        for s in [host, "", "", ""] {
+            put_str(&mut out, s);
+        }
+        out.push(agents);
+        out
+    }
+
+    fn raw_agent(out: &mut Vec<u8>, name: &str, status: &str) {
+        for s in [name, "1", status] {
+            put_str(out, s);
+        }
+        out.extend_from_slice(&0i64.to_le_bytes());
+        for s in ["", "", ""] {
+            put_str(out, s);
+        }
+    }
+
     #[test]
     fn duplicate_agents_and_long_fields_are_refused() {
-        let mut dup = Vec::new();
-        begin(&mut dup);
-        dup.extend_from_slice(&1u32.to_le_bytes());
-        for s in ["h", "", "", ""] {
-            put_str(&mut dup, s);
-        }
-        dup.push(2);
-        for _ in 0..2 {
-            for s in ["a", "1", "started"] {
-                put_str(&mut dup, s);
-            }
-            dup.extend_from_slice(&0i64.to_le_bytes());
-            for s in ["", "", ""] {
-                put_str(&mut dup, s);
-            }
-        }
+        let mut dup = raw_record("h", 2);
+        raw_agent(&mut dup, "a", "started");
+        raw_agent(&mut dup, "a", "started");
         assert!(matches!(check(&dup), Err(WireError::DuplicateAgent { .. })));
+        let mut long = raw_record("h", 1);
+        raw_agent(&mut long, "a", &"s".repeat(crate::wire::MAX_STATUS + 1));
+        assert!(check(&long).is_err(), "a status over the limit");
+        let mut fine = raw_record("h", 1);
+        raw_agent(&mut fine, "a", &"s".repeat(crate::wire::MAX_STATUS));
+        assert_eq!(check(&fine), Ok(1));
     }
 }
