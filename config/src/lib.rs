@@ -12,6 +12,7 @@
 pub mod agents;
 pub mod cluster;
 pub mod compact;
+pub mod rollout;
 mod hash;
 mod location;
 pub mod wire;
