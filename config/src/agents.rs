@@ -64,6 +64,20 @@ pub struct AgentSpec {
     pub config_remote_url: String,
     pub default: Block,
     pub others: Vec<Override>,
+    /// A staged rollout from `rollout.from` to `default` (`[agent.rollout]`), if any.
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// An agent's `[agent.rollout]`, validated: hosts outside the `others` groups keep `from`
+/// until their wave opens (see [`crate::rollout`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RolloutSpec {
+    /// What hosts run until their wave opens (cmd: the default's).
+    pub from: Block,
+    pub policy: crate::rollout::Policy,
+    pub window: Option<crate::rollout::Window>,
+    /// Hosts one relay may have told the target and not yet seen converged (None: no limit).
+    pub max_in_flight_per_relay: Option<u32>,
 }
 
 /// Index of a resolution class in a [`DesiredConfig`]; 0 is "no prefix matched".
@@ -112,6 +126,46 @@ struct RawAgent {
     default: Spanned<RawBlock>,
     #[serde(default)]
     others: Vec<Spanned<RawOther>>,
+    rollout: Option<Spanned<RawRollout>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    from: Spanned<RawFrom>,
+    waves: Spanned<Vec<Spanned<i64>>>,
+    soak: Option<Spanned<String>>,
+    advance_at: Option<Spanned<f64>>,
+    deadline: Option<Spanned<String>>,
+    halt_when: Option<Spanned<RawHalt>>,
+    max_in_flight_per_relay: Option<Spanned<i64>>,
+    window: Option<Spanned<RawWindow>>,
+    #[serde(default)]
+    paused: bool,
+    #[serde(default)]
+    abort: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrom {
+    version: Spanned<String>,
+    md5: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHalt {
+    failed_ratio: Option<Spanned<f64>>,
+    min_sample: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    days: Spanned<String>,
+    hours: Spanned<String>,
+    tz: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +259,70 @@ impl Checker<'_> {
         self.check(v, ok, "config_file_name must be a plain file name of [A-Za-z0-9._-]")
     }
 
+    fn ratio(&self, v: Option<&Spanned<f64>>, default: u16) -> Result<u16, ConfigError> {
+        v.map_or(Ok(default), |v| crate::rollout::ratio_bp(*v.get_ref()).map_err(|e| self.err(v.span(), e)))
+    }
+
+    fn duration(&self, v: Option<&Spanned<String>>, default: u64) -> Result<u64, ConfigError> {
+        v.map_or(Ok(default), |v| crate::rollout::parse_duration(v.get_ref()).map_err(|e| self.err(v.span(), e)))
+    }
+
+    fn rollout(&self, raw: &Spanned<RawRollout>, default: &Block) -> Result<RolloutSpec, ConfigError> {
+        let r = raw.get_ref();
+        let from = r.from.get_ref();
+        let from = Block { version: self.version(&from.version)?, md5: self.md5(from.md5.as_ref())?, cmd: default.cmd };
+        if from.version == default.version {
+            return Err(
+                self.err(r.from.span(), format_args!("rollout.from is the default version {:?}: nothing to roll out", from.version))
+            );
+        }
+        let mut waves = Vec::with_capacity(r.waves.get_ref().len());
+        for w in r.waves.get_ref() {
+            let p = *w.get_ref();
+            if !(1..=100).contains(&p) || waves.last().is_some_and(|&last: &u8| i64::from(last) >= p) {
+                return Err(self.err(w.span(), format_args!("waves are percents of the fleet, 1-100, strictly increasing; got {p}")));
+            }
+            waves.push(p as u8);
+        }
+        if waves.last() != Some(&100) {
+            return Err(self.err(r.waves.span(), "waves must end at 100"));
+        }
+        let halt = r.halt_when.as_ref().map(Spanned::get_ref);
+        let min_sample = match halt.and_then(|h| h.min_sample.as_ref()) {
+            None => 20,
+            Some(v) if *v.get_ref() >= 1 => *v.get_ref() as u64,
+            Some(v) => return Err(self.err(v.span(), format_args!("min_sample must be at least 1, got {}", v.get_ref()))),
+        };
+        let max_in_flight_per_relay = match &r.max_in_flight_per_relay {
+            None => None,
+            Some(v) if (1..=i64::from(u32::MAX)).contains(v.get_ref()) => Some(*v.get_ref() as u32),
+            Some(v) => return Err(self.err(v.span(), format_args!("max_in_flight_per_relay must be at least 1, got {}", v.get_ref()))),
+        };
+        let window = match &r.window {
+            None => None,
+            Some(w) => {
+                let raw = w.get_ref();
+                let tz = raw.tz.as_ref().map_or("UTC", |t| t.get_ref().as_str());
+                Some(crate::rollout::Window::parse(raw.days.get_ref(), raw.hours.get_ref(), tz).map_err(|e| self.err(w.span(), e))?)
+            }
+        };
+        Ok(RolloutSpec {
+            from,
+            policy: crate::rollout::Policy {
+                waves,
+                soak_seconds: self.duration(r.soak.as_ref(), 15 * 60)?,
+                advance_at_bp: self.ratio(r.advance_at.as_ref(), 9500)?,
+                deadline_seconds: self.duration(r.deadline.as_ref(), 20 * 60)?,
+                failed_ratio_bp: self.ratio(halt.and_then(|h| h.failed_ratio.as_ref()), 500)?,
+                min_sample,
+                paused: r.paused,
+                abort: r.abort,
+            },
+            window,
+            max_in_flight_per_relay,
+        })
+    }
+
     fn agent(&self, raw: &RawAgent) -> Result<AgentSpec, ConfigError> {
         let default_block = raw.default.get_ref();
         let default = Block {
@@ -245,6 +363,7 @@ impl Checker<'_> {
                 .map(|u| if u.get_ref().is_empty() { Ok(String::new()) } else { self.url(u, "config_remote_url") })
                 .transpose()?
                 .unwrap_or_default(),
+            rollout: raw.rollout.as_ref().map(|r| self.rollout(r, &default)).transpose()?,
             default,
             others,
         })
@@ -257,7 +376,14 @@ impl AgentSpec {
     /// starts with wins, else `default`.
     fn resolve(&self, longest: Option<&str>) -> DesiredAgent {
         let chosen = longest.and_then(|l| self.others.iter().filter(|o| l.starts_with(o.prefix.as_str())).max_by_key(|o| o.prefix.len()));
-        let block = chosen.map_or(&self.default, |o| &o.block);
+        // `others` groups keep precedence over a rollout. Outside them, a rollout holds every
+        // host at `from` while the fleet is at wave 0; the waves themselves are opened by the
+        // rollout controller (not wired into the servers yet: see README, staged rollouts).
+        let block = match (chosen, &self.rollout) {
+            (Some(o), _) => &o.block,
+            (None, Some(r)) => &r.from,
+            (None, None) => &self.default,
+        };
         DesiredAgent {
             name: self.name.clone(),
             version: block.version.clone(),
@@ -550,7 +676,7 @@ default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "
         );
         check(
             agent_with(r#"colour = "blue""#),
-            "agents.toml:2:1: unknown field `colour`, expected one of `name`, `tarball`, `run_user`, `work_dir`, `config_file_name`, `config_remote_url`, `default`, `others`",
+            "agents.toml:2:1: unknown field `colour`, expected one of `name`, `tarball`, `run_user`, `work_dir`, `config_file_name`, `config_remote_url`, `default`, `others`, `rollout`",
         );
         check("[[agent]]\nname = \"a\"\n".to_string(), "agents.toml:1:1: missing field `tarball`");
         check("[[agent]\n".to_string(), "agents.toml:1:9: unclosed array table, expected `]`");
@@ -565,6 +691,81 @@ default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "
         assert_eq!(error_of(&dup), r#"agents.toml:11:10: duplicate prefix "p" in this agent"#);
         let bad_prefix = format!("{one}[[agent.others]]\nprefix = \"a b\"\nversion = \"2\"\n");
         assert_eq!(error_of(&bad_prefix), r#"agents.toml:8:10: prefix must be 1-255 of [A-Za-z0-9._-], got "a b""#);
+    }
+
+    const ROLLOUT: &str = r#"[[agent]]
+name = "falcon-agent"
+tarball = "http://f/r"
+run_user = "u"
+work_dir = "/w"
+default = { version = "5.1.5", md5 = "" }
+  [[agent.others]]
+  prefix = "bj-web-"
+  version = "5.1.4"
+  [agent.rollout]
+  from = { version = "5.1.3", md5 = "490ac172dabecc867289079d48e84a66" }
+  waves = [1, 5, 25, 100]
+  soak = "15m"
+  advance_at = 0.95
+  deadline = "20m"
+  halt_when = { failed_ratio = 0.05, min_sample = 20 }
+  max_in_flight_per_relay = 200
+  window = { days = "mon-fri", hours = "09:00-17:00", tz = "UTC" }
+"#;
+
+    #[test]
+    fn rollout_block_parses_and_holds_hosts_at_from_outside_the_groups() {
+        let c = DesiredConfig::parse(ROLLOUT, "agents.toml").unwrap();
+        let r = c.agents()[0].rollout.as_ref().unwrap();
+        assert_eq!((r.from.version.as_str(), r.from.cmd), ("5.1.3", Cmd::Start));
+        assert_eq!(r.policy.waves, vec![1, 5, 25, 100]);
+        assert_eq!((r.policy.soak_seconds, r.policy.deadline_seconds), (900, 1200));
+        assert_eq!((r.policy.advance_at_bp, r.policy.failed_ratio_bp, r.policy.min_sample), (9500, 500, 20));
+        assert_eq!(r.max_in_flight_per_relay, Some(200));
+        assert!(r.window.is_some() && !r.policy.paused && !r.policy.abort);
+        // Wave 0 (no controller has opened a wave): the default hosts keep `from`, the
+        // explicit test group keeps its own block.
+        let d = &c.desired_ref("dc1-host-1")[0];
+        assert_eq!((d.version.as_str(), d.md5.as_str()), ("5.1.3", "490ac172dabecc867289079d48e84a66"));
+        assert_eq!(c.desired_ref("bj-web-7")[0].version, "5.1.4");
+        // Defaults for everything but `from` and `waves`.
+        let minimal = ROLLOUT.split("  soak").next().unwrap();
+        let r = DesiredConfig::parse(minimal, "agents.toml").unwrap().agents()[0].rollout.clone().unwrap();
+        assert_eq!((r.policy.soak_seconds, r.policy.deadline_seconds, r.max_in_flight_per_relay, r.window), (900, 1200, None, None));
+    }
+
+    #[test]
+    fn bad_rollout_blocks_name_line_and_column() {
+        let with = |from: &str, to: &str| error_of(&ROLLOUT.replace(from, to));
+        assert_eq!(with("waves = [1, 5, 25, 100]", "waves = [1, 5, 25, 90]"), "agents.toml:12:11: waves must end at 100");
+        assert_eq!(
+            with("waves = [1, 5, 25, 100]", "waves = [1, 5, 5, 100]"),
+            "agents.toml:12:18: waves are percents of the fleet, 1-100, strictly increasing; got 5"
+        );
+        assert_eq!(
+            with("waves = [1, 5, 25, 100]", "waves = [0, 100]"),
+            "agents.toml:12:12: waves are percents of the fleet, 1-100, strictly increasing; got 0"
+        );
+        assert_eq!(with("advance_at = 0.95", "advance_at = 1.5"), "agents.toml:14:16: must be a ratio in (0, 1], got 1.5");
+        assert_eq!(
+            with("soak = \"15m\"", "soak = \"15 minutes\""),
+            r#"agents.toml:13:10: duration must be a number with s, m, h or d ("15m"), got "15 minutes""#
+        );
+        assert_eq!(with("min_sample = 20", "min_sample = 0"), "agents.toml:16:51: min_sample must be at least 1, got 0");
+        assert_eq!(
+            with("max_in_flight_per_relay = 200", "max_in_flight_per_relay = 0"),
+            "agents.toml:17:29: max_in_flight_per_relay must be at least 1, got 0"
+        );
+        assert_eq!(
+            with("tz = \"UTC\"", "tz = \"CET\""),
+            r#"agents.toml:18:12: tz must be "UTC" or a fixed offset like "+08:00", got "CET""#
+        );
+        assert_eq!(
+            with("version = \"5.1.3\"", "version = \"5.1.5\""),
+            r#"agents.toml:11:10: rollout.from is the default version "5.1.5": nothing to roll out"#
+        );
+        let unknown = with("  soak", "  speed = 3\n  soak");
+        assert!(unknown.starts_with("agents.toml:13:3: unknown field `speed`"), "{unknown}");
     }
 
     #[test]

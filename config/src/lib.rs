@@ -12,9 +12,9 @@
 pub mod agents;
 pub mod cluster;
 pub mod compact;
-pub mod rollout;
 mod hash;
 mod location;
+pub mod rollout;
 pub mod wire;
 
 pub use agents::{AgentSpec, Block, ClassId, Cmd, ConfigError, DesiredConfig, Override};

@@ -92,7 +92,10 @@ pub struct NodeRollout {
 pub enum Verdict {
     /// The first wave opened (or the next one did).
     Opened(usize),
-    Halted { failed: u64, decided: u64 },
+    Halted {
+        failed: u64,
+        decided: u64,
+    },
     Waiting(&'static str),
     Done,
 }
@@ -162,7 +165,7 @@ impl Window {
     /// Parses `days` ("mon-fri", "sat,sun", "fri-mon", "all"), `hours` ("09:00-17:00",
     /// "22:00-06:00", "00:00-00:00" for all day) and `tz` ("UTC", "+08:00", "-05:30").
     pub fn parse(days: &str, hours: &str, tz: &str) -> Result<Window, String> {
-        Ok(Window { days: parse_days(days)?, start_minute: 0, end_minute: 0, offset_minutes: parse_tz(tz)? }.with_hours(hours)?)
+        Window { days: parse_days(days)?, start_minute: 0, end_minute: 0, offset_minutes: parse_tz(tz)? }.with_hours(hours)
     }
 
     fn with_hours(mut self, hours: &str) -> Result<Window, String> {
