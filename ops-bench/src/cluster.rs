@@ -82,6 +82,24 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Under `cargo run` (cargo passes its own path in `CARGO`), builds the meta node and relay
+/// binaries beside this one with the same profile first, so `cargo run --release -p ops-bench`
+/// works on a fresh clone and never starts stale servers. A no-op when they are up to date.
+fn build_siblings() -> anyhow::Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else { return Ok(()) };
+    let exe = std::env::current_exe()?;
+    let release = exe.parent().is_some_and(|d| d.ends_with("release"));
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", "meta-node", "-p", "relay"]).current_dir(workspace);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("run cargo build for the meta node and relay")?;
+    anyhow::ensure!(status.success(), "cargo build -p meta-node -p relay failed");
+    Ok(())
+}
+
 fn wait_health(addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -139,6 +157,7 @@ impl Cluster {
         threads: Option<usize>,
     ) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(dir)?;
+        build_siblings()?;
         let (meta_bin, relay_bin) = (sibling("meta-node")?, sibling("relay")?);
         let token: String = format!("bench-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()) + "-0123456789abcdef";
         std::fs::write(dir.join("cluster.token"), token)?;
