@@ -418,3 +418,89 @@ fn relay_drains_its_buffers_on_sigterm() {
     assert!(relay.proc.wait_exit(Duration::from_secs(20)).success(), "{}", relay.proc.log());
     assert_eq!(held(c.meta(0)), 200, "the relay drained its buffer on SIGTERM");
 }
+
+/// Headless Chromium (Debian's `chromium`; `.ci/run` installs it), as the probes here run it.
+fn chromium(args: &[&str]) -> String {
+    let bin = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .expect("chromium is not installed: apt-get install -y chromium (see README)");
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--virtual-time-budget=5000")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().expect("start chromium");
+    // Bound its time: a hung browser must not hang the suite.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chromium did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    out
+}
+
+/// The text of the first element carrying `marker` (an attribute or class), up to its close.
+fn figure_after<'a>(dom: &'a str, marker: &str, inner: &str) -> &'a str {
+    let at = dom.find(marker).unwrap_or_else(|| panic!("{marker} not in the page:\n{dom}"));
+    let rest = &dom[at..];
+    let open = rest.find(inner).unwrap_or_else(|| panic!("{inner} after {marker}")) + inner.len();
+    let close = rest[open..].find('<').unwrap();
+    &rest[open..open + close]
+}
+
+#[test]
+fn fleet_page_shows_the_gathered_figures_and_a_partial_banner() {
+    let mut c = Cluster::files(2);
+    c.start_meta(0);
+    c.start_meta(1);
+    let m = c.meta(0);
+    // 30 hosts straight to meta-1 (those meta-2 owns are forwarded): 20 converged, 6 on the
+    // old version, 4 of those with a lastError.
+    for i in 0..30 {
+        let version = if i < 20 { "5.1.3" } else { "5.1.2" };
+        let error = if i >= 26 { r#","lastError":"md5 mismatch""# } else { "" };
+        let body = format!(
+            r#"{{"hostname":"dc1-host-{i}","realAgents":[{{"name":"falcon-agent","version":"{version}","status":"started","timestamp":1{error}}}]}}"#
+        );
+        assert_eq!(post_json(&m.url("/heartbeat"), body).0, 200);
+    }
+    let all = eventually(Duration::from_secs(10), || (get_json(&m.url("/status/summary/falcon-agent")).1["hosts"] == 30).then_some(()));
+    assert!(all.is_some(), "both nodes hold their hosts");
+
+    let (status, agents) = get_json(&m.url("/status/agents"));
+    assert_eq!(status, 200);
+    assert_eq!(agents["agents"][0], json!({"name": "falcon-agent", "version": "5.1.3", "cmd": "start"}));
+
+    let dom = chromium(&["--dump-dom", &m.url("/ui/")]);
+    assert!(dom.contains(r#"<body data-loaded="1">"#), "the page's script ran:\n{dom}");
+    let falcon = &dom[dom.find(r#"data-agent="falcon-agent""#).expect("falcon-agent card")..];
+    assert_eq!(figure_after(falcon, r#"class="hosts""#, ">"), "30");
+    assert_eq!(figure_after(falcon, r#"data-state="ok""#, r#"class="count">"#), "20");
+    assert_eq!(figure_after(falcon, r#"data-state="upgrading""#, r#"class="count">"#), "6");
+    assert_eq!(figure_after(falcon, r#"data-state="error""#, r#"class="count">"#), "4");
+    assert_eq!(figure_after(falcon, r#"class="converged""#, ">"), "66.7 %");
+    assert!(dom.contains(r#"data-agent="mysql-monitor""#));
+    assert!(!dom.contains(r#"id="partial""#), "nothing missing yet");
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet-page.png");
+    chromium(&["--window-size=1200,800", &format!("--screenshot={}", shot.display()), &m.url("/ui/")]);
+    assert!(std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0) > 10_000, "a screenshot at {}", shot.display());
+
+    // meta-2 dies: the page says whose hosts are missing.
+    c.metas[1] = None;
+    let dom = chromium(&["--dump-dom", &c.meta(0).url("/ui/")]);
+    let banner = figure_after(&dom, r#"id="partial""#, ">");
+    assert!(banner.contains("meta-2"), "{banner}");
+}

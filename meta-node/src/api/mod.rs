@@ -15,6 +15,7 @@ pub(crate) mod admin;
 mod heartbeat;
 mod internal;
 mod status;
+mod ui;
 
 /// Every way a request is refused.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/status/text/{agent}", get(status::text))
         .route("/status/summary/{agent}", get(status::summary))
         .route("/status/host/{hostname}", get(status::host))
+        .route("/status/agents", get(ui::agents))
+        .route("/ui", get(ui::page))
+        .route("/ui/", get(ui::page))
         .route("/config/reload", get(admin::reload))
         .route("/config/desired", get(admin::desired))
         .route("/health", get(admin::health))

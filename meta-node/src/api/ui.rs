@@ -1,0 +1,36 @@
+//! `GET /ui/`: the fleet page, one self-contained HTML file (`meta-node/ui/fleet.html`)
+//! embedded in the binary, and `GET /status/agents`, the agent list it starts from.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::Node;
+
+const PAGE: &str = include_str!("../../ui/fleet.html");
+
+pub(super) async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+/// The agents of the config this node serves, in file order, with their default version.
+pub(super) async fn agents(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let loaded = node.desired.current();
+    let agents: Vec<serde_json::Value> = loaded
+        .config
+        .agents()
+        .iter()
+        .map(|a| serde_json::json!({ "name": a.name, "version": a.default.version, "cmd": a.default.cmd }))
+        .collect();
+    Json(serde_json::json!({ "agents": agents }))
+}
