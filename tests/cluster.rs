@@ -468,7 +468,13 @@ fn fleet_page_shows_the_gathered_figures_and_a_partial_banner() {
     c.start_meta(1);
     let m = c.meta(0);
     // 30 hosts straight to meta-1 (those meta-2 owns are forwarded): 20 converged, 6 on the
-    // old version, 4 of those with a lastError.
+    // old version, 4 of those with a lastError; and 4 of the bj-web- group, converged on 5.1.4.
+    for i in 0..4 {
+        let body = format!(
+            r#"{{"hostname":"bj-web-{i}","realAgents":[{{"name":"falcon-agent","version":"5.1.4","status":"started","timestamp":1}}]}}"#
+        );
+        assert_eq!(post_json(&m.url("/heartbeat"), body).0, 200);
+    }
     for i in 0..30 {
         let version = if i < 20 { "5.1.3" } else { "5.1.2" };
         let error = if i >= 26 { r#","lastError":"md5 mismatch""# } else { "" };
@@ -477,21 +483,27 @@ fn fleet_page_shows_the_gathered_figures_and_a_partial_banner() {
         );
         assert_eq!(post_json(&m.url("/heartbeat"), body).0, 200);
     }
-    let all = eventually(Duration::from_secs(10), || (get_json(&m.url("/status/summary/falcon-agent")).1["hosts"] == 30).then_some(()));
+    let all = eventually(Duration::from_secs(10), || (get_json(&m.url("/status/summary/falcon-agent")).1["hosts"] == 34).then_some(()));
     assert!(all.is_some(), "both nodes hold their hosts");
+    let (_, group) = get_json(&m.url("/status/summary/falcon-agent?prefix=bj-web-"));
+    assert_eq!((group["hosts"].as_u64(), group["converged"].as_u64()), (Some(4), Some(4)), "{group}");
+    assert_eq!(get_json(&m.url("/status/summary/falcon-agent?prefix=a%20b")).0, 400);
 
     let (status, agents) = get_json(&m.url("/status/agents"));
     assert_eq!(status, 200);
-    assert_eq!(agents["agents"][0], json!({"name": "falcon-agent", "version": "5.1.3", "cmd": "start"}));
+    assert_eq!(agents["agents"][0], json!({"name": "falcon-agent", "version": "5.1.3", "cmd": "start", "prefixes": ["bj-web-"]}));
 
     let dom = chromium(&["--dump-dom", &m.url("/ui/")]);
     assert!(dom.contains(r#"<body data-loaded="1">"#), "the page's script ran:\n{dom}");
     let falcon = &dom[dom.find(r#"data-agent="falcon-agent""#).expect("falcon-agent card")..];
-    assert_eq!(figure_after(falcon, r#"class="hosts""#, ">"), "30");
-    assert_eq!(figure_after(falcon, r#"data-state="ok""#, r#"class="count">"#), "20");
+    assert_eq!(figure_after(falcon, r#"class="hosts""#, ">"), "34");
+    assert_eq!(figure_after(falcon, r#"data-state="ok""#, r#"class="count">"#), "24");
     assert_eq!(figure_after(falcon, r#"data-state="upgrading""#, r#"class="count">"#), "6");
     assert_eq!(figure_after(falcon, r#"data-state="error""#, r#"class="count">"#), "4");
-    assert_eq!(figure_after(falcon, r#"class="converged""#, ">"), "66.7 %");
+    assert_eq!(figure_after(falcon, r#"class="converged""#, ">"), "70.6 %");
+    let group = &falcon[falcon.find(r#"data-prefix="bj-web-""#).expect("the prefix table")..];
+    assert_eq!(figure_after(group, r#"class="n hosts""#, ">"), "4");
+    assert_eq!(figure_after(group, r#"data-state="ok""#, ">"), "4");
     assert!(dom.contains(r#"data-agent="mysql-monitor""#));
     assert!(!dom.contains(r#"id="partial""#), "nothing missing yet");
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet-page.png");

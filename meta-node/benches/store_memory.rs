@@ -61,7 +61,7 @@ fn main() {
     let mut samples = Vec::new();
     for _ in 0..7 {
         let start = Instant::now();
-        let s = fleet::summarize(&store, &q, Scope::All);
+        let s = fleet::summarize(&store, &q, Scope::All, None);
         assert_eq!(s.hosts, u64::from(hosts));
         samples.push(start.elapsed().as_secs_f64() * 1000.0);
     }

@@ -263,8 +263,9 @@ pub struct DesiredCount {
     pub hosts: u64,
 }
 
-/// Counts by version × run state × state, without resolving a string per host.
-pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>) -> Summary {
+/// Counts by version × run state × state, without resolving a string per host; with
+/// `prefix`, of the hosts whose name starts with it only.
+pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Option<&str>) -> Summary {
     // The per-host work avoids strings: versions compare as symbols (the desired version of
     // each class interned once), run states come from a per-thread cache keyed by status
     // symbol, and the shards are split over the machine's cores.
@@ -289,7 +290,7 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>) -> Summary
                 continue;
             }
             let syms = store.symbols().reader();
-            for (_, host) in shard.hosts().filter(|(_, h)| scope.includes(h)) {
+            for (_, host) in shard.hosts().filter(|(_, h)| scope.includes(h) && prefix.is_none_or(|p| h.name.starts_with(p))) {
                 let agents = shard.agents(host);
                 let pos = agent_sym.and_then(|s| agents.iter().position(|a| a.name == s));
                 let class = if q.agent_index.is_some() { q.class_of(host).0 as usize } else { 0 };
@@ -592,10 +593,17 @@ mod tests {
             store.upsert(&hb, seen, loaded.config.class_of(&host), if i % 2 == 0 { 1 } else { 0 }, true);
         }
         let q = AgentQuery::new("a", &loaded, now, 900);
-        let fast = summarize(&store, &q, Scope::All);
+        let fast = summarize(&store, &q, Scope::All, None);
         let mut slow = Summary::empty("a");
         scan_rows(&store, &q, Scope::All, &Filter::default(), |row, _| slow.add_row(&OwnedRow::from_row(row)), |_| true);
         assert_eq!(fast, slow);
+        // The same for one prefix group.
+        let only_p = summarize(&store, &q, Scope::All, Some("p-"));
+        let mut slow_p = Summary::empty("a");
+        let filter = Filter { prefix: Some("p-".into()), ..Filter::default() };
+        scan_rows(&store, &q, Scope::All, &filter, |row, _| slow_p.add_row(&OwnedRow::from_row(row)), |_| true);
+        assert_eq!(only_p, slow_p);
+        assert_eq!(only_p.hosts, 1667);
         assert_eq!(fast.hosts, 5000);
         assert!(fast.by_state.values().all(|&n| n > 0), "{:?}", fast.by_state);
     }

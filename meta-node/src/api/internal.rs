@@ -86,6 +86,9 @@ pub(super) async fn seen(
 pub(super) struct Exclude {
     #[serde(default)]
     exclude: Vec<String>,
+    /// Summaries only: count the hosts whose name starts with this.
+    #[serde(default)]
+    prefix: Option<String>,
 }
 
 pub(super) async fn owned(
@@ -121,7 +124,7 @@ pub(super) async fn summary(
     check_agent(&agent)?;
     let s = tokio::task::spawn_blocking(move || {
         let exclude: HashSet<String> = body.exclude.into_iter().collect();
-        local_summary(&node, &agent, Scope::Owned { exclude: &exclude })
+        local_summary(&node, &agent, Scope::Owned { exclude: &exclude }, body.prefix.as_deref())
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -127,9 +127,9 @@ pub(crate) fn local_seen(node: &Node, hosts: &[String]) -> HashMap<String, u32> 
 }
 
 /// This node's summary of `agent` in `scope` (blocking).
-pub(crate) fn local_summary(node: &Node, agent: &str, scope: Scope<'_>) -> Summary {
+pub(crate) fn local_summary(node: &Node, agent: &str, scope: Scope<'_>, prefix: Option<&str>) -> Summary {
     let loaded = node.desired.current();
-    fleet::summarize(&node.store, &AgentQuery::new(agent, &loaded, unix_now(), node.settings.stale_after_seconds), scope)
+    fleet::summarize(&node.store, &AgentQuery::new(agent, &loaded, unix_now(), node.settings.stale_after_seconds), scope, prefix)
 }
 
 /// What the gathering node decided before asking for owned rows.
@@ -472,8 +472,23 @@ struct SummaryReply {
     missing_nodes: Vec<String>,
 }
 
-pub(super) async fn summary(State(node): State<Arc<Node>>, Path(agent): Path<String>) -> Result<Json<impl Serialize>, ApiError> {
+#[derive(serde::Deserialize, Default)]
+pub(super) struct SummaryParams {
+    prefix: Option<String>,
+}
+
+pub(super) async fn summary(
+    State(node): State<Arc<Node>>,
+    Path(agent): Path<String>,
+    Query(params): Query<SummaryParams>,
+) -> Result<Json<impl Serialize>, ApiError> {
     check_agent(&agent)?;
+    let prefix = params.prefix.filter(|p| !p.is_empty());
+    if let Some(p) = &prefix
+        && !ops_config::wire::valid_hostname(p)
+    {
+        return Err(ApiError::BadRequest(format!("prefix must be 1-255 of [A-Za-z0-9._-], got {p:?}")));
+    }
     metrics::counter!(STATUS_REQUESTS, "kind" => "summary").increment(1);
     let plan = plan(&node, &agent).await;
     let nodes = node.cluster.as_ref().map_or(1, |c| c.map.nodes.len());
@@ -483,18 +498,19 @@ pub(super) async fn summary(State(node): State<Arc<Node>>, Path(agent): Path<Str
         let agent = agent.clone();
         let exclude = plan.exclude[i].clone();
         let skip = plan.missing.contains(&i);
+        let prefix = prefix.clone();
         async move {
             if skip {
                 None
             } else if i == me {
                 tokio::task::spawn_blocking(move || {
                     let scope = if node.cluster.is_some() { Scope::Owned { exclude: &exclude } } else { Scope::All };
-                    local_summary(&node, &agent, scope)
+                    local_summary(&node, &agent, scope, prefix.as_deref())
                 })
                 .await
                 .ok()
             } else {
-                let body = serde_json::json!({ "exclude": exclude.iter().collect::<Vec<_>>() });
+                let body = serde_json::json!({ "exclude": exclude.iter().collect::<Vec<_>>(), "prefix": prefix });
                 let req = peer_request(&node, reqwest::Method::POST, i, &format!("/internal/summary/{agent}")).json(&body);
                 peer_json::<Summary>(&node, req, i, "summary").await
             }
@@ -510,7 +526,7 @@ pub(super) async fn summary(State(node): State<Arc<Node>>, Path(agent): Path<Str
             None => {}
         }
     }
-    for copy in &plan.winners {
+    for copy in plan.winners.iter().filter(|c| prefix.as_deref().is_none_or(|p| c.hostname.starts_with(p))) {
         total.add_row(copy);
     }
     missing.sort_unstable();

@@ -23,14 +23,18 @@ pub(super) async fn page() -> Response {
         .into_response()
 }
 
-/// The agents of the config this node serves, in file order, with their default version.
+/// The agents of the config this node serves, in file order, with their default version and
+/// the prefixes of their `others` groups.
 pub(super) async fn agents(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     let loaded = node.desired.current();
     let agents: Vec<serde_json::Value> = loaded
         .config
         .agents()
         .iter()
-        .map(|a| serde_json::json!({ "name": a.name, "version": a.default.version, "cmd": a.default.cmd }))
+        .map(|a| {
+            let prefixes: Vec<&str> = a.others.iter().map(|o| o.prefix.as_str()).collect();
+            serde_json::json!({ "name": a.name, "version": a.default.version, "cmd": a.default.cmd, "prefixes": prefixes })
+        })
         .collect();
     Json(serde_json::json!({ "agents": agents }))
 }
