@@ -105,7 +105,16 @@ pub struct DesiredConfig {
     prefix_class: HashMap<String, ClassId>,
     /// Distinct prefix lengths, longest first.
     prefix_lens: Vec<usize>,
+    /// Indexes (in `agents`) of the agents with a rollout; rollout r is `agents[rollouts[r]]`.
+    rollouts: Vec<usize>,
+    /// Per class: for each rollout that applies there (no `others` block of its agent
+    /// matched), `(r, the agent's desired state once the host's wave is open)`.
+    class_targets: Vec<Vec<(usize, DesiredAgent)>>,
 }
+
+/// Most agents with a rollout in one config: a host's rollout state is a bit mask of this
+/// many bits, and every class has a reply per mask.
+pub const MAX_ROLLOUTS: usize = 8;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -375,14 +384,24 @@ impl AgentSpec {
     /// whole file) is `longest`: the longest of this agent's own prefixes that `longest`
     /// starts with wins, else `default`.
     fn resolve(&self, longest: Option<&str>) -> DesiredAgent {
-        let chosen = longest.and_then(|l| self.others.iter().filter(|o| l.starts_with(o.prefix.as_str())).max_by_key(|o| o.prefix.len()));
-        // `others` groups keep precedence over a rollout. Outside them, a rollout holds every
-        // host at `from` while the fleet is at wave 0; the waves themselves are opened by the
-        // rollout controller (not wired into the servers yet: see README, staged rollouts).
+        self.resolve_at(longest, false)
+    }
+
+    /// The `others` block of this agent that a host of longest prefix `longest` gets.
+    fn chosen(&self, longest: Option<&str>) -> Option<&Override> {
+        longest.and_then(|l| self.others.iter().filter(|o| l.starts_with(o.prefix.as_str())).max_by_key(|o| o.prefix.len()))
+    }
+
+    /// [`resolve`](Self::resolve), with `at_target`: the host's rollout wave is open.
+    fn resolve_at(&self, longest: Option<&str>, at_target: bool) -> DesiredAgent {
+        let chosen = self.chosen(longest);
+        // `others` groups keep precedence over a rollout. Outside them, a rollout holds a host
+        // at `from` until its wave is open (the waves are opened by the rollout controller,
+        // not wired into the servers yet: see README, staged rollouts).
         let block = match (chosen, &self.rollout) {
             (Some(o), _) => &o.block,
-            (None, Some(r)) => &r.from,
-            (None, None) => &self.default,
+            (None, Some(r)) if !at_target => &r.from,
+            (None, _) => &self.default,
         };
         DesiredAgent {
             name: self.name.clone(),
@@ -408,10 +427,17 @@ impl DesiredConfig {
             None => ConfigError::File { file: file.to_owned(), message: e.message().to_owned() },
         })?;
         let mut agents: Vec<AgentSpec> = Vec::with_capacity(raw.agent.len());
+        let mut rollouts = Vec::new();
         for a in &raw.agent {
             let spec = checker.agent(a.get_ref())?;
             if agents.iter().any(|b| b.name == spec.name) {
                 return Err(checker.err(a.get_ref().name.span(), format_args!("duplicate agent name {:?}", spec.name)));
+            }
+            if let Some(r) = &a.get_ref().rollout {
+                if rollouts.len() == MAX_ROLLOUTS {
+                    return Err(checker.err(r.span(), format_args!("at most {MAX_ROLLOUTS} agents may have a rollout at once")));
+                }
+                rollouts.push(agents.len());
             }
             agents.push(spec);
         }
@@ -429,6 +455,18 @@ impl DesiredConfig {
         let mut prefix_lens: Vec<usize> = prefix_class.keys().map(String::len).collect();
         prefix_lens.sort_unstable_by(|a, b| b.cmp(a));
         prefix_lens.dedup();
+        let class_targets = classes
+            .iter()
+            .map(|(prefix, _)| {
+                let longest = prefix.as_deref();
+                rollouts
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &ai)| agents[ai].chosen(longest).is_none())
+                    .map(|(r, &ai)| (r, agents[ai].resolve_at(longest, true)))
+                    .collect()
+            })
+            .collect();
 
         Ok(DesiredConfig {
             agents,
@@ -437,7 +475,46 @@ impl DesiredConfig {
             classes,
             prefix_class,
             prefix_lens,
+            rollouts,
+            class_targets,
         })
+    }
+
+    /// The agents with a rollout, by rollout number r (the bit of [`rollout_mask`](Self::rollout_mask)).
+    pub fn rollouts(&self) -> impl Iterator<Item = &AgentSpec> {
+        self.rollouts.iter().map(|&i| &self.agents[i])
+    }
+
+    /// Bit r set: host `hostname` (of `class`) runs rollout r's target, because its wave is
+    /// among the `fleet_waves[r]` the fleet has opened (0 or missing: none) and the rollout is
+    /// not aborted. A host of an `others` group is never in a rollout of that agent.
+    pub fn rollout_mask(&self, hostname: &str, class: ClassId, fleet_waves: &[usize]) -> u8 {
+        let mut mask = 0u8;
+        for (r, _) in &self.class_targets[class.0 as usize] {
+            let agent = &self.agents[self.rollouts[*r]];
+            let Some(spec) = &agent.rollout else { continue };
+            let wave = fleet_waves.get(*r).copied().unwrap_or(0);
+            if wave == 0 || spec.policy.abort {
+                continue;
+            }
+            let bucket = crate::rollout::bucket(&agent.name, &agent.default.version, hostname);
+            if crate::rollout::is_member(&spec.policy.waves, wave, bucket) {
+                mask |= 1 << r;
+            }
+        }
+        mask
+    }
+
+    /// Every agent's desired state for the hosts of `class` whose rollout mask is `mask`
+    /// (mask 0 is [`class`](Self::class)).
+    pub fn variant(&self, class: ClassId, mask: u8) -> Vec<DesiredAgent> {
+        let mut desired = self.class(class).to_vec();
+        for (r, target) in &self.class_targets[class.0 as usize] {
+            if mask & (1 << r) != 0 {
+                desired[self.rollouts[*r]] = target.clone();
+            }
+        }
+        desired
     }
 
     /// Reads and parses a file.
@@ -732,6 +809,54 @@ default = { version = "5.1.5", md5 = "" }
         let minimal = ROLLOUT.split("  soak").next().unwrap();
         let r = DesiredConfig::parse(minimal, "agents.toml").unwrap().agents()[0].rollout.clone().unwrap();
         assert_eq!((r.policy.soak_seconds, r.policy.deadline_seconds, r.max_in_flight_per_relay, r.window), (900, 1200, None, None));
+    }
+
+    #[test]
+    fn hosts_get_the_target_once_their_wave_is_open() {
+        let c = DesiredConfig::parse(ROLLOUT, "agents.toml").unwrap();
+        assert_eq!(c.rollouts().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["falcon-agent"]);
+        let hosts: Vec<String> = (0..2000).map(|i| format!("dc1-host-{i}")).collect();
+        let version = |h: &str, fleet: &[usize]| {
+            let class = c.class_of(h);
+            c.variant(class, c.rollout_mask(h, class, fleet))[0].version.clone()
+        };
+        // Wave 0: everybody keeps `from`; the last wave open: everybody has the target.
+        assert!(hosts.iter().all(|h| version(h, &[0]) == "5.1.3" && version(h, &[]) == "5.1.3"));
+        assert!(hosts.iter().all(|h| version(h, &[4]) == "5.1.5"));
+        // Wave 1 (1 %): exactly the hosts whose bucket is under 100, by the documented rule.
+        for h in &hosts {
+            let in_first = crate::rollout::bucket("falcon-agent", "5.1.5", h) < 100;
+            assert_eq!(version(h, &[1]) == "5.1.5", in_first, "{h}");
+        }
+        let first = hosts.iter().filter(|h| version(h, &[1]) == "5.1.5").count();
+        let second = hosts.iter().filter(|h| version(h, &[2]) == "5.1.5").count();
+        assert!(first > 0 && first < second && second < 2000, "{first} {second}");
+        // The target carries the default's digest; `from` its own.
+        let h = hosts.iter().find(|h| version(h, &[1]) == "5.1.5").unwrap();
+        let class = c.class_of(h);
+        assert_eq!(c.variant(class, c.rollout_mask(h, class, &[1]))[0].md5, "");
+        assert_eq!(c.variant(class, 0)[0].md5, "490ac172dabecc867289079d48e84a66");
+        // The others group is outside the waves, whatever the fleet's wave.
+        let web = c.class_of("bj-web-7");
+        assert_eq!(c.rollout_mask("bj-web-7", web, &[4]), 0);
+        assert_eq!(c.variant(web, 0xff)[0].version, "5.1.4");
+        // abort: everybody back to `from`.
+        let aborted = DesiredConfig::parse(&ROLLOUT.replace("  soak", "  abort = true\n  soak"), "a.toml").unwrap();
+        assert!(hosts.iter().all(|h| aborted.rollout_mask(h, aborted.class_of(h), &[4]) == 0));
+    }
+
+    #[test]
+    fn at_most_eight_rollouts() {
+        let agent = |i: usize| {
+            format!(
+                "[[agent]]\nname = \"a{i}\"\ntarball = \"http://f/r\"\nrun_user = \"u\"\nwork_dir = \"/w\"\n\
+                 default = {{ version = \"2\" }}\n[agent.rollout]\nfrom = {{ version = \"1\" }}\nwaves = [100]\n"
+            )
+        };
+        let eight: String = (0..8).map(agent).collect();
+        assert_eq!(DesiredConfig::parse(&eight, "x").unwrap().rollouts().count(), 8);
+        let nine = format!("{eight}{}", agent(8));
+        assert_eq!(error_of(&nine), "agents.toml:79:1: at most 8 agents may have a rollout at once");
     }
 
     #[test]
