@@ -113,8 +113,8 @@ pub struct DesiredConfig {
 }
 
 /// Most agents with a rollout in one config: a host's rollout state is a bit mask of this
-/// many bits, and every class has a reply per mask.
-pub const MAX_ROLLOUTS: usize = 8;
+/// many bits, and servers keep a reply per class and mask (16 per class).
+pub const MAX_ROLLOUTS: usize = 4;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -839,24 +839,24 @@ default = { version = "5.1.5", md5 = "" }
         // The others group is outside the waves, whatever the fleet's wave.
         let web = c.class_of("bj-web-7");
         assert_eq!(c.rollout_mask("bj-web-7", web, &[4]), 0);
-        assert_eq!(c.variant(web, 0xff)[0].version, "5.1.4");
+        assert_eq!(c.variant(web, 0xf)[0].version, "5.1.4");
         // abort: everybody back to `from`.
         let aborted = DesiredConfig::parse(&ROLLOUT.replace("  soak", "  abort = true\n  soak"), "a.toml").unwrap();
         assert!(hosts.iter().all(|h| aborted.rollout_mask(h, aborted.class_of(h), &[4]) == 0));
     }
 
     #[test]
-    fn at_most_eight_rollouts() {
+    fn at_most_four_rollouts() {
         let agent = |i: usize| {
             format!(
                 "[[agent]]\nname = \"a{i}\"\ntarball = \"http://f/r\"\nrun_user = \"u\"\nwork_dir = \"/w\"\n\
                  default = {{ version = \"2\" }}\n[agent.rollout]\nfrom = {{ version = \"1\" }}\nwaves = [100]\n"
             )
         };
-        let eight: String = (0..8).map(agent).collect();
-        assert_eq!(DesiredConfig::parse(&eight, "x").unwrap().rollouts().count(), 8);
-        let nine = format!("{eight}{}", agent(8));
-        assert_eq!(error_of(&nine), "agents.toml:79:1: at most 8 agents may have a rollout at once");
+        let four: String = (0..4).map(agent).collect();
+        assert_eq!(DesiredConfig::parse(&four, "x").unwrap().rollouts().count(), 4);
+        let five = format!("{four}{}", agent(4));
+        assert_eq!(error_of(&five), "agents.toml:43:1: at most 4 agents may have a rollout at once");
     }
 
     #[test]

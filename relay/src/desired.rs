@@ -11,28 +11,81 @@ use bytes::Bytes;
 use ops_config::{ClassId, ConfigError, DesiredConfig, HeartbeatReply};
 use parking_lot::Mutex;
 
-/// A config as served: the model, its generation on this node, and the replies per class.
+/// A config as served: the model, its generation on this node, and the replies per class
+/// and rollout mask.
 pub struct Loaded {
     pub config: DesiredConfig,
     /// Starts at 1 and grows by one per successful reload (0 means "none" in the store).
     pub generation: u32,
-    replies: Vec<Bytes>,
+    /// `replies[class][mask]`: one per combination of the config's rollouts (1 without any).
+    replies: Vec<Vec<Bytes>>,
 }
 
 impl Loaded {
     pub fn new(config: DesiredConfig, generation: u32) -> Self {
+        let masks = 1usize << config.rollouts().count();
         let replies = (0..config.class_count())
             .map(|c| {
-                let reply = HeartbeatReply { error_message: String::new(), desired_agents: config.class(ClassId(c as u32)).to_vec() };
-                Bytes::from(serde_json::to_vec(&reply).expect("a reply of strings always serializes"))
+                (0..masks)
+                    .map(|mask| {
+                        let desired_agents = config.variant(ClassId(c as u32), mask as u8);
+                        let reply = HeartbeatReply { error_message: String::new(), desired_agents };
+                        Bytes::from(serde_json::to_vec(&reply).expect("a reply of strings always serializes"))
+                    })
+                    .collect()
             })
             .collect();
         Loaded { config, generation, replies }
     }
 
-    /// The serialized heartbeat reply for hosts of `class`.
+    /// The serialized heartbeat reply for hosts of `class` outside every open rollout wave.
     pub fn reply(&self, class: ClassId) -> Bytes {
-        self.replies[class.0 as usize].clone()
+        self.reply_for(class, 0)
+    }
+
+    /// The serialized heartbeat reply for hosts of `class` with rollout mask `mask`
+    /// (`DesiredConfig::rollout_mask`).
+    pub fn reply_for(&self, class: ClassId, mask: u8) -> Bytes {
+        let per_class = &self.replies[class.0 as usize];
+        per_class.get(usize::from(mask)).unwrap_or(&per_class[0]).clone()
+    }
+
+    /// The reply for `hostname` given the fleet's open wave of each rollout (`fleet_waves[r]`,
+    /// 0 or missing: none), with its class.
+    pub fn reply_for_host(&self, hostname: &str, fleet_waves: &[usize]) -> (ClassId, Bytes) {
+        let class = self.config.class_of(hostname);
+        let mask = if fleet_waves.iter().any(|&w| w > 0) { self.config.rollout_mask(hostname, class, fleet_waves) } else { 0 };
+        (class, self.reply_for(class, mask))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_follow_the_fleet_wave() {
+        let text = r#"[[agent]]
+name = "falcon-agent"
+tarball = "http://f/r"
+run_user = "u"
+work_dir = "/w"
+default = { version = "5.1.5" }
+[agent.rollout]
+from = { version = "5.1.3" }
+waves = [50, 100]
+"#;
+        let loaded = Loaded::new(DesiredConfig::parse(text, "t").unwrap(), 1);
+        let version = |reply: Bytes| serde_json::from_slice::<HeartbeatReply>(&reply).unwrap().desired_agents[0].version.clone();
+        let hosts: Vec<String> = (0..200).map(|i| format!("h{i}")).collect();
+        assert!(hosts.iter().all(|h| version(loaded.reply_for_host(h, &[]).1) == "5.1.3"));
+        assert!(hosts.iter().all(|h| version(loaded.reply_for_host(h, &[2]).1) == "5.1.5"));
+        let half = hosts.iter().filter(|h| version(loaded.reply_for_host(h, &[1]).1) == "5.1.5").count();
+        assert!((60..140).contains(&half), "wave 1 is about half the hosts: {half}");
+        for h in &hosts {
+            let in_wave = ops_config::rollout::bucket("falcon-agent", "5.1.5", h) < 5000;
+            assert_eq!(version(loaded.reply_for_host(h, &[1]).1) == "5.1.5", in_wave, "{h}");
+        }
     }
 }
 
