@@ -59,36 +59,6 @@ impl Loaded {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replies_follow_the_fleet_wave() {
-        let text = r#"[[agent]]
-name = "falcon-agent"
-tarball = "http://f/r"
-run_user = "u"
-work_dir = "/w"
-default = { version = "5.1.5" }
-[agent.rollout]
-from = { version = "5.1.3" }
-waves = [50, 100]
-"#;
-        let loaded = Loaded::new(DesiredConfig::parse(text, "t").unwrap(), 1);
-        let version = |reply: Bytes| serde_json::from_slice::<HeartbeatReply>(&reply).unwrap().desired_agents[0].version.clone();
-        let hosts: Vec<String> = (0..200).map(|i| format!("h{i}")).collect();
-        assert!(hosts.iter().all(|h| version(loaded.reply_for_host(h, &[]).1) == "5.1.3"));
-        assert!(hosts.iter().all(|h| version(loaded.reply_for_host(h, &[2]).1) == "5.1.5"));
-        let half = hosts.iter().filter(|h| version(loaded.reply_for_host(h, &[1]).1) == "5.1.5").count();
-        assert!((60..140).contains(&half), "wave 1 is about half the hosts: {half}");
-        for h in &hosts {
-            let in_wave = ops_config::rollout::bucket("falcon-agent", "5.1.5", h) < 5000;
-            assert_eq!(version(loaded.reply_for_host(h, &[1]).1) == "5.1.5", in_wave, "{h}");
-        }
-    }
-}
-
 /// The current config and where it is reloaded from.
 pub struct Desired {
     current: ArcSwap<Loaded>,
@@ -122,5 +92,35 @@ impl Desired {
         let loaded = Arc::new(Loaded::new(config, generation));
         self.current.store(loaded.clone());
         Ok(loaded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_follow_the_fleet_wave() {
+        let text = r#"[[agent]]
+name = "falcon-agent"
+tarball = "http://f/r"
+run_user = "u"
+work_dir = "/w"
+default = { version = "5.1.5" }
+[agent.rollout]
+from = { version = "5.1.3" }
+waves = [50, 100]
+"#;
+        let loaded = Loaded::new(DesiredConfig::parse(text, "t").unwrap(), 1);
+        let version = |reply: Bytes| serde_json::from_slice::<HeartbeatReply>(&reply).unwrap().desired_agents[0].version.clone();
+        let hosts: Vec<String> = (0..200).map(|i| format!("h{i}")).collect();
+        assert!(hosts.iter().all(|h| version(loaded.reply_for_host(h, &[]).1) == "5.1.3"));
+        assert!(hosts.iter().all(|h| version(loaded.reply_for_host(h, &[2]).1) == "5.1.5"));
+        let half = hosts.iter().filter(|h| version(loaded.reply_for_host(h, &[1]).1) == "5.1.5").count();
+        assert!((60..140).contains(&half), "wave 1 is about half the hosts: {half}");
+        for h in &hosts {
+            let in_wave = ops_config::rollout::bucket("falcon-agent", "5.1.5", h) < 5000;
+            assert_eq!(version(loaded.reply_for_host(h, &[1]).1) == "5.1.5", in_wave, "{h}");
+        }
     }
 }
