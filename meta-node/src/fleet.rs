@@ -140,7 +140,7 @@ impl<'c> AgentQuery<'c> {
         syms: &'a Symbols<'_>,
     ) -> Option<Row<'a>> {
         let agents = shard.agents(host);
-        let pos = agent_sym.and_then(|s| agents.iter().position(|a| a.name == s));
+        let pos = agent_sym.and_then(|s| shard.agent(host, s));
         let desired = self.agent_index.map(|i| {
             let d = &self.config.class(self.class_of(host))[i];
             Desired { version: d.version.as_str(), cmd: d.cmd.as_str() }
@@ -292,7 +292,7 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
             let syms = store.symbols().reader();
             for (_, host) in shard.hosts().filter(|(_, h)| scope.includes(h) && prefix.is_none_or(|p| h.name.starts_with(p))) {
                 let agents = shard.agents(host);
-                let pos = agent_sym.and_then(|s| agents.iter().position(|a| a.name == s));
+                let pos = agent_sym.and_then(|s| shard.agent(host, s));
                 let class = if q.agent_index.is_some() { q.class_of(host).0 as usize } else { 0 };
                 let desired = desired_syms.get(class).copied().flatten();
                 if pos.is_none() && desired.is_none() {

@@ -227,20 +227,26 @@ struct AgentArena {
 const ARENA_CHUNK: usize = 256;
 
 impl AgentArena {
+    /// The chunk and the range in it of the run at `at` of `len` agents.
+    fn locate(at: u32, len: u8) -> (usize, std::ops::Range<usize>) {
+        let (c, off) = (at as usize / ARENA_CHUNK, at as usize % ARENA_CHUNK);
+        (c, off..off + usize::from(len))
+    }
+
     fn get(&self, at: u32, len: u8) -> &[AgentState] {
         if len == 0 {
             return &[];
         }
-        let (c, off) = (at as usize / ARENA_CHUNK, at as usize % ARENA_CHUNK);
-        &self.chunks[c][off..off + usize::from(len)]
+        let (c, range) = Self::locate(at, len);
+        &self.chunks[c][range]
     }
 
     fn get_mut(&mut self, at: u32, len: u8) -> &mut [AgentState] {
         if len == 0 {
             return &mut [];
         }
-        let (c, off) = (at as usize / ARENA_CHUNK, at as usize % ARENA_CHUNK);
-        &mut self.chunks[c][off..off + usize::from(len)]
+        let (c, range) = Self::locate(at, len);
+        &mut self.chunks[c][range]
     }
 
     fn alloc(&mut self, agents: &[AgentState]) -> u32 {

@@ -158,18 +158,26 @@ async fn get_json(client: &reqwest::Client, url: &str) -> anyhow::Result<serde_j
     Ok(client.get(url).send().await.with_context(|| format!("GET {url}"))?.json().await?)
 }
 
+/// Seconds each phase took, in order, for the report.
+struct Phases {
+    mark: Instant,
+    done: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    /// Ends the phase `name` now; the next one starts.
+    fn lap(&mut self, name: &'static str) {
+        self.done.push((name, self.mark.elapsed().as_secs_f64()));
+        self.mark = Instant::now();
+    }
+}
+
 async fn bench(cli: Cli) -> anyhow::Result<bool> {
     anyhow::ensure!(cli.hosts > 0, "--hosts must be > 0");
     anyhow::ensure!(cli.connections > 0, "--connections must be > 0");
     anyhow::ensure!(cli.speedup > 0.0 && cli.interval_seconds > 0, "--speedup and --interval-seconds must be > 0");
     let wall = Instant::now();
-    // Seconds each phase took, in order, for the report.
-    let mut phases: Vec<(&str, f64)> = Vec::new();
-    let mut mark = Instant::now();
-    let mut lap = |name: &'static str, phases: &mut Vec<(&str, f64)>| {
-        phases.push((name, mark.elapsed().as_secs_f64()));
-        mark = Instant::now();
-    };
+    let mut phases = Phases { mark: Instant::now(), done: Vec::new() };
     let own = cli.relay.is_empty();
     let dir = std::env::temp_dir().join(format!("ops-bench-{}", std::process::id()));
     let mut cluster = if own {
@@ -189,7 +197,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         .map(|c| c.metas.iter().map(|m| (m.name.clone(), cluster::usage(m.pid()).map_or(0, |u| u.0))).collect())
         .unwrap_or_default();
 
-    lap("start", &mut phases);
+    phases.lap("start");
 
     // 1. register: one sweep of every host.
     let fleet = load::Fleet::new(cli.hosts, cli.agents, Duration::from_millis(cli.install_delay_ms));
@@ -219,7 +227,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let settled_s = settle.elapsed().as_secs_f64();
     println!("settled: {held} hosts held by the cluster {settled_s:.1} s after the sweep");
 
-    lap("register", &mut phases);
+    phases.lap("register");
 
     // 2. steady: every host once per compressed interval.
     let steady = if cli.steady_seconds > 0 {
@@ -258,7 +266,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         None
     };
 
-    lap("steady", &mut phases);
+    phases.lap("steady");
 
     // 3. rollout: a new default version on every meta node; sweeps until every host runs what
     // it should, the convergence read from /status/summary.
@@ -270,7 +278,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         _ => None,
     };
 
-    lap("rollout", &mut phases);
+    phases.lap("rollout");
 
     // 4. query: summary from every meta node, then the whole text listing.
     let mut summary_ms = Vec::new();
@@ -302,7 +310,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         bytes >> 20
     );
 
-    lap("query", &mut phases);
+    phases.lap("query");
 
     // Resources, then stop what was started (meta nodes snapshot, relays drain).
     let mut processes = Vec::new();
@@ -326,7 +334,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let bytes_per_host = if cluster.is_some() { meta_rss.saturating_sub(base_rss) as f64 / cli.hosts as f64 } else { 0.0 };
 
     drop(cluster.take());
-    lap("stop", &mut phases);
+    phases.lap("stop");
 
     // 5. ceiling: the same client against a minimal hyper server in a process of its own,
     // as the relays are (in the bench's own runtime it would share the client's threads).
@@ -340,7 +348,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let ratio = register.rate() / ceiling.rate().max(1.0);
     println!("ceiling: {:.0} requests/s (minimal hyper server, same client); relay rate = {ratio:.2} x ceiling", ceiling.rate());
 
-    lap("ceiling", &mut phases);
+    phases.lap("ceiling");
     let steady_errors = steady.as_ref().map_or(0, |s| s.run.errors);
     let errors = register.errors + steady_errors + rollout.as_ref().map_or(0, |r| r.errors);
     let killed_ok = steady.as_ref().and_then(|s| s.kill.as_ref()).is_none_or(|k| k.complete_again_s.is_some() && k.restored_s.is_some());
@@ -348,7 +356,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let wall_s = wall.elapsed().as_secs_f64();
     // The end-to-end figure: start, register, rollout, query, stop (steady and
     // ceiling are extra phases, shown apart).
-    let extra: f64 = phases.iter().filter(|(n, _)| matches!(*n, "steady" | "ceiling")).map(|p| p.1).sum();
+    let extra: f64 = phases.done.iter().filter(|(n, _)| matches!(*n, "steady" | "ceiling")).map(|p| p.1).sum();
     let wall_core_s = wall_s - extra;
 
     println!();
@@ -386,7 +394,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         );
     }
     row("ops-bench (client)", format!("{} MiB {:.1} cpu-s", client.0 >> 20, client.1));
-    row("phases s", phases.iter().map(|(n, t)| format!("{n} {t:.1}")).collect::<Vec<_>>().join(", "));
+    row("phases s", phases.done.iter().map(|(n, t)| format!("{n} {t:.1}")).collect::<Vec<_>>().join(", "));
     row("wall s (without steady, ceiling)", format!("{wall_s:.1} ({wall_core_s:.1})"));
     row("result", if ok { "ok".to_owned() } else { "FAILED".to_owned() });
 
@@ -398,7 +406,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
             "errors": errors,
             "wall_s": wall_s,
             "wall_core_s": wall_core_s,
-            "phases_s": phases.iter().map(|(n, t)| (n.to_string(), json!(t))).collect::<serde_json::Map<_, _>>(),
+            "phases_s": phases.done.iter().map(|(n, t)| (n.to_string(), json!(t))).collect::<serde_json::Map<_, _>>(),
             "register": {
                 "heartbeats_per_s": register.rate(),
                 "p50_ms": register.percentile_ms(0.5),
