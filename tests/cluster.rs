@@ -353,7 +353,7 @@ fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
                 updater_version: "".into(),
                 real_agents: Vec::new(),
             };
-            ops_config::compact::encode(7, &hb, &mut body);
+            ops_config::compact::encode(7, 0, &hb, &mut body);
         }
         body
     };

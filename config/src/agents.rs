@@ -81,7 +81,7 @@ pub struct RolloutSpec {
 }
 
 /// Index of a resolution class in a [`DesiredConfig`]; 0 is "no prefix matched".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ClassId(pub u32);
 
 /// A refused config file (`agents.toml` or `cluster.toml`). `Display` gives
@@ -296,6 +296,9 @@ impl Checker<'_> {
         if waves.last() != Some(&100) {
             return Err(self.err(r.waves.span(), "waves must end at 100"));
         }
+        if waves.len() > crate::rollout::MAX_WAVES {
+            return Err(self.err(r.waves.span(), format_args!("at most {} waves", crate::rollout::MAX_WAVES)));
+        }
         let halt = r.halt_when.as_ref().map(Spanned::get_ref);
         let min_sample = match halt.and_then(|h| h.min_sample.as_ref()) {
             None => 20,
@@ -489,20 +492,49 @@ impl DesiredConfig {
     /// among the `fleet_waves[r]` the fleet has opened (0 or missing: none) and the rollout is
     /// not aborted. A host of an `others` group is never in a rollout of that agent.
     pub fn rollout_mask(&self, hostname: &str, class: ClassId, fleet_waves: &[usize]) -> u8 {
+        if !fleet_waves.iter().any(|&w| w > 0) {
+            return 0;
+        }
+        self.mask_of_waves(self.rollout_waves(hostname, class), fleet_waves)
+    }
+
+    /// [`rollout_mask`](Self::rollout_mask) from a host's [`rollout_waves`](Self::rollout_waves).
+    pub fn mask_of_waves(&self, waves: u16, fleet_waves: &[usize]) -> u8 {
         let mut mask = 0u8;
-        for (r, _) in &self.class_targets[class.0 as usize] {
-            let agent = &self.agents[self.rollouts[*r]];
-            let Some(spec) = &agent.rollout else { continue };
-            let wave = fleet_waves.get(*r).copied().unwrap_or(0);
-            if wave == 0 || spec.policy.abort {
-                continue;
-            }
-            let bucket = crate::rollout::bucket(&agent.name, &agent.default.version, hostname);
-            if crate::rollout::is_member(&spec.policy.waves, wave, bucket) {
+        for (r, &i) in self.rollouts.iter().enumerate() {
+            let wave = usize::from((waves >> (4 * r)) & 0xf);
+            let open = fleet_waves.get(r).copied().unwrap_or(0);
+            let aborted = self.agents[i].rollout.as_ref().is_none_or(|s| s.policy.abort);
+            if wave > 0 && wave <= open && !aborted {
                 mask |= 1 << r;
             }
         }
         mask
+    }
+
+    /// The wave of `hostname` (of `class`) in each rollout, 4 bits per rollout (bits 4r..4r+4):
+    /// 1..=15 its wave, 0 when the rollout does not apply to its class (an `others` group).
+    /// Needs one md5 per rollout; stores keep it per host.
+    pub fn rollout_waves(&self, hostname: &str, class: ClassId) -> u16 {
+        let mut waves = 0u16;
+        for (r, target) in &self.class_targets[class.0 as usize] {
+            let agent = &self.agents[self.rollouts[*r]];
+            let Some(spec) = &agent.rollout else { continue };
+            let bucket = crate::rollout::bucket(&agent.name, &target.version, hostname);
+            waves |= (crate::rollout::wave_of(&spec.policy.waves, bucket) as u16 & 0xf) << (4 * r);
+        }
+        waves
+    }
+
+    /// Rollout r's target for the hosts of `class`, or None when an `others` group of its agent
+    /// keeps them out of it.
+    pub fn class_target(&self, class: ClassId, r: usize) -> Option<&DesiredAgent> {
+        self.class_targets[class.0 as usize].iter().find(|(x, _)| *x == r).map(|(_, d)| d)
+    }
+
+    /// The rollout number of agent `name`, if it has a rollout.
+    pub fn rollout_of(&self, name: &str) -> Option<usize> {
+        self.rollouts.iter().position(|&i| self.agents[i].name == name)
     }
 
     /// Every agent's desired state for the hosts of `class` whose rollout mask is `mask`

@@ -9,11 +9,14 @@
 //!
 //! Layout (all integers little-endian; `str` = LEB128 length, then that many UTF-8 bytes):
 //! ```text
-//! batch   = "OPB1" record*
-//! record  = seen:u32 hostname:str ip:str runUser:str updaterVersion:str agents:u8 agent*
+//! batch   = "OPB2" record*
+//! record  = seen:u32 told:u8 hostname:str ip:str runUser:str updaterVersion:str agents:u8 agent*
 //! agent   = name:str version:str status:str timestamp:i64 runUser:str workDir:str lastError:str
 //! ```
-//! Every decoded heartbeat is validated exactly as one that came alone.
+//! `told` is the rollout mask the relay answered the host with (bit r: it was told rollout r's
+//! target, see `DesiredConfig::rollout_mask`). A batch starting `OPB1` (relays before staged
+//! rollouts) has no `told` byte and decodes with `told` = 0. Every decoded heartbeat is
+//! validated exactly as one that came alone.
 
 use std::borrow::Cow;
 
@@ -21,17 +24,20 @@ use crate::wire::{Heartbeat, MAX_AGENTS_PER_HOST, MAX_BATCH_BYTES, RealAgent, Wi
 
 /// `Content-Type` of a compact batch.
 pub const CONTENT_TYPE: &str = "application/x-ops-batch";
-const MAGIC: &[u8; 4] = b"OPB1";
+const MAGIC: &[u8; 4] = b"OPB2";
+const MAGIC_V1: &[u8; 4] = b"OPB1";
 
 /// Starts a batch body.
 pub fn begin(out: &mut Vec<u8>) {
     out.extend_from_slice(MAGIC);
 }
 
-/// Appends one host's record: its heartbeat and when it was received (unix seconds).
-/// The heartbeat must be valid (it came through [`Heartbeat::parse`]).
-pub fn encode(seen: u32, hb: &Heartbeat<'_>, out: &mut Vec<u8>) {
+/// Appends one host's record: its heartbeat, when it was received (unix seconds) and the
+/// rollout mask it was answered with. The heartbeat must be valid (it came through
+/// [`Heartbeat::parse`]).
+pub fn encode(seen: u32, told: u8, hb: &Heartbeat<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(&seen.to_le_bytes());
+    out.push(told);
     for s in [&hb.hostname, &hb.ip, &hb.run_user, &hb.updater_version] {
         put_str(out, s);
     }
@@ -58,27 +64,29 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// Decodes a batch, calling `f(seen, heartbeat)` for each record in order after validating it.
+/// Decodes a batch, calling `f(seen, told, heartbeat)` for each record in order after validating it.
 /// The heartbeat borrows from `body`; its agent list is reused between calls. Stops at the
 /// first error; callers that must not act on half a batch use [`check`] and [`decode_checked`].
-pub fn decode<'a>(body: &'a [u8], f: impl FnMut(u32, &Heartbeat<'a>)) -> Result<usize, WireError> {
+pub fn decode<'a>(body: &'a [u8], f: impl FnMut(u32, u8, &Heartbeat<'a>)) -> Result<usize, WireError> {
     decode_inner(body, true, f)
 }
 
 /// [`decode`] of a body that [`check`] accepted: the wire rules are not checked again (the
 /// reads still are, so a body changed in between gives an error, never a wrong record).
-pub fn decode_checked<'a>(body: &'a [u8], f: impl FnMut(u32, &Heartbeat<'a>)) -> Result<usize, WireError> {
+pub fn decode_checked<'a>(body: &'a [u8], f: impl FnMut(u32, u8, &Heartbeat<'a>)) -> Result<usize, WireError> {
     decode_inner(body, false, f)
 }
 
-fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, &Heartbeat<'a>)) -> Result<usize, WireError> {
+fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, u8, &Heartbeat<'a>)) -> Result<usize, WireError> {
     if body.len() > MAX_BATCH_BYTES {
         return Err(WireError::TooLarge { size: body.len(), limit: MAX_BATCH_BYTES });
     }
     let mut r = Reader { buf: body, at: 0 };
-    if r.take(4)? != MAGIC {
-        return Err(WireError::Malformed("compact batch: bad magic".into()));
-    }
+    let has_told = match r.take(4)? {
+        m if m == MAGIC => true,
+        m if m == MAGIC_V1 => false,
+        _ => return Err(WireError::Malformed("compact batch: bad magic".into())),
+    };
     let mut hb = Heartbeat {
         hostname: Cow::Borrowed(""),
         ip: Cow::Borrowed(""),
@@ -89,6 +97,7 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, &Hear
     let mut n = 0;
     while r.at < body.len() {
         let seen = u32::from_le_bytes(r.array()?);
+        let told = if has_told { r.take(1)?[0] } else { 0 };
         hb.hostname = Cow::Borrowed(r.str()?);
         hb.ip = Cow::Borrowed(r.str()?);
         hb.run_user = Cow::Borrowed(r.str()?);
@@ -116,7 +125,7 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, &Hear
         if validate {
             hb.validate()?;
         }
-        f(seen, &hb);
+        f(seen, told, &hb);
         n += 1;
     }
     Ok(n)
@@ -124,7 +133,7 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, &Hear
 
 /// Decodes and validates a whole batch without acting on it: the number of records.
 pub fn check(body: &[u8]) -> Result<usize, WireError> {
-    decode(body, |_, _| {})
+    decode(body, |_, _, _| {})
 }
 
 struct Reader<'a> {
@@ -175,15 +184,20 @@ mod tests {
     fn batch(entries: &[(u32, &Heartbeat<'_>)]) -> Vec<u8> {
         let mut out = Vec::new();
         begin(&mut out);
-        for (seen, h) in entries {
-            encode(*seen, h, &mut out);
+        for (i, (seen, h)) in entries.iter().enumerate() {
+            encode(*seen, i as u8, h, &mut out);
         }
         out
     }
 
     fn decoded(body: &[u8]) -> Result<Vec<(u32, Heartbeat<'static>)>, WireError> {
         let mut out = Vec::new();
-        decode(body, |seen, h| out.push((seen, h.clone().into_owned())))?;
+        let mut n = 0u8;
+        decode(body, |seen, told, h| {
+            assert_eq!(told, n, "told is the record's index in these tests");
+            n += 1;
+            out.push((seen, h.clone().into_owned()))
+        })?;
         Ok(out)
     }
 
@@ -213,8 +227,22 @@ mod tests {
     #[test]
     fn empty_batch_is_just_the_magic() {
         let body = batch(&[]);
-        assert_eq!(body, b"OPB1");
+        assert_eq!(body, b"OPB2");
         assert_eq!(check(&body), Ok(0));
+    }
+
+    #[test]
+    fn a_batch_of_an_older_relay_decodes_with_nothing_told() {
+        let a = hb(r#"{"hostname":"a","realAgents":[]}"#);
+        let mut body = b"OPB1".to_vec();
+        body.extend_from_slice(&5u32.to_le_bytes());
+        for s in ["a", "", "", ""] {
+            put_str(&mut body, s);
+        }
+        body.push(0);
+        let mut got = Vec::new();
+        decode(&body, |seen, told, h| got.push((seen, told, h.clone().into_owned()))).unwrap();
+        assert_eq!(got, vec![(5, 0, a.into_owned())]);
     }
 
     #[test]
@@ -250,6 +278,7 @@ mod tests {
         let mut out = Vec::new();
         begin(&mut out);
         out.extend_from_slice(&1u32.to_le_bytes());
+        out.push(0);
         for s in [host, "", "", ""] {
             put_str(&mut out, s);
         }

@@ -17,7 +17,7 @@ mod location;
 pub mod rollout;
 pub mod wire;
 
-pub use agents::{AgentSpec, Block, ClassId, Cmd, ConfigError, DesiredConfig, Override};
+pub use agents::{AgentSpec, Block, ClassId, Cmd, ConfigError, DesiredConfig, MAX_ROLLOUTS, Override};
 pub use cluster::{ClusterError, ClusterMap, NodeSpec, Ring};
 pub use hash::content_hash;
 pub use wire::{Batch, BatchEntry, DesiredAgent, Heartbeat, HeartbeatReply, RealAgent, WireError};

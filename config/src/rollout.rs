@@ -13,10 +13,15 @@
 //! true ([`NodeRollout::judge`]); the fleet's wave is the minimum over all nodes and the fleet is
 //! halted if any node is ([`fleet_state`]).
 
+use std::fmt;
+
 use md5::{Digest, Md5};
 
 /// Buckets per rollout: a wave's percent × 100 buckets.
 pub const BUCKETS: u16 = 10_000;
+
+/// Most waves in one rollout: a host's wave is kept in 4 bits.
+pub const MAX_WAVES: usize = 15;
 
 /// The bucket of `hostname` in the rollout of `agent` to `target` (0..10000).
 pub fn bucket(agent: &str, target: &str, hostname: &str) -> u16 {
@@ -30,6 +35,11 @@ pub fn bucket(agent: &str, target: &str, hostname: &str) -> u16 {
     let mut head = [0u8; 8];
     head.copy_from_slice(&digest[..8]);
     (u64::from_be_bytes(head) % u64::from(BUCKETS)) as u16
+}
+
+/// Whether an agent's `./control status` text says it runs (seed 003: "started").
+pub fn is_started(status: &str) -> bool {
+    status.contains("started")
 }
 
 /// The wave (1-based) a bucket belongs to, given the cumulative wave percents (ending at 100).
@@ -145,6 +155,88 @@ impl NodeRollout {
 pub fn fleet_state(nodes: &[Option<NodeRollout>]) -> (usize, bool) {
     let wave = nodes.iter().map(|n| n.map_or(0, |n| n.approved_wave)).min().unwrap_or(0);
     (wave, nodes.iter().any(|n| n.is_some_and(|n| n.halted)))
+}
+
+/// What a node counted for one wave of a rollout, as published (`/internal/rollout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaveReport {
+    /// The wave's cumulative percent of the fleet.
+    pub percent: u8,
+    pub targeted: u64,
+    /// Hosts whose last report says they were answered the target.
+    pub told: u64,
+    pub converged: u64,
+    pub failed: u64,
+    pub silent: u64,
+}
+
+impl WaveReport {
+    pub fn counts(&self) -> WaveCounts {
+        WaveCounts { targeted: self.targeted, converged: self.converged, failed: self.failed, silent: self.silent }
+    }
+
+    /// Adds another node's counts of the same wave.
+    pub fn add(&mut self, o: &WaveReport) {
+        self.targeted += o.targeted;
+        self.told += o.told;
+        self.converged += o.converged;
+        self.failed += o.failed;
+        self.silent += o.silent;
+    }
+}
+
+/// One node's published state of one rollout (agent + target version).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutReport {
+    pub agent: String,
+    pub target: String,
+    #[serde(default)]
+    pub from: String,
+    pub approved_wave: usize,
+    #[serde(default)]
+    pub wave_opened_at: u64,
+    pub halted: bool,
+    /// Why it halted (empty while not halted).
+    #[serde(default)]
+    pub halt_reason: String,
+    /// The node's last decision in words ("soaking", "wave 2 opened", …).
+    #[serde(default)]
+    pub verdict: String,
+    /// The fleet's wave as this node sees it.
+    #[serde(default)]
+    pub fleet_wave: usize,
+    /// Per wave, this node's shard.
+    #[serde(default)]
+    pub waves: Vec<WaveReport>,
+}
+
+impl RolloutReport {
+    pub fn state(&self) -> NodeRollout {
+        NodeRollout { approved_wave: self.approved_wave, wave_opened_at: self.wave_opened_at, halted: self.halted }
+    }
+}
+
+/// A meta node's `/internal/rollout`: every rollout of the config it has loaded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReport {
+    pub node: String,
+    /// Unix seconds of the judgement these figures come from.
+    pub at: u64,
+    pub rollouts: Vec<RolloutReport>,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Opened(k) => write!(f, "wave {k} opened"),
+            Verdict::Halted { failed, decided } => write!(f, "halted: {failed} of {decided} decided hosts failed"),
+            Verdict::Waiting(why) => f.write_str(why),
+            Verdict::Done => f.write_str("every wave open"),
+        }
+    }
 }
 
 /// Days and hours in which waves may open, in a fixed offset from UTC.

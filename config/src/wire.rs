@@ -110,8 +110,15 @@ pub struct DesiredAgent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchEntry<'a> {
     pub seen: u32,
+    /// The rollout mask the host was answered with (see `compact`); absent = 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub told: u8,
     #[serde(borrow)]
     pub hb: Heartbeat<'a>,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }
 
 /// The body of `POST /internal/batch`: `{"hosts":[{"seen":N,"hb":{...}},...]}`.

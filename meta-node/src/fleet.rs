@@ -44,7 +44,7 @@ impl State {
 /// `started` when `./control status` said so (seed 003), else `stopped`; `absent` when the host
 /// does not report the agent at all.
 pub fn run_state(status: &str) -> &'static str {
-    if status.contains("started") { "started" } else { "stopped" }
+    if ops_config::rollout::is_started(status) { "started" } else { "stopped" }
 }
 
 /// Filters of `/status/json|text`: every given one must match.
@@ -90,6 +90,8 @@ pub struct AgentQuery<'c> {
     config: &'c DesiredConfig,
     generation: u32,
     agent_index: Option<usize>,
+    /// The agent's rollout number, if it has a rollout: hosts told its target want that.
+    rollout: Option<usize>,
     now: u32,
     stale_after: u32,
 }
@@ -121,6 +123,7 @@ impl<'c> AgentQuery<'c> {
             config: &loaded.config,
             generation: loaded.generation,
             agent_index: loaded.config.agent_index(agent),
+            rollout: loaded.config.rollout_of(agent),
             now,
             stale_after,
         }
@@ -142,7 +145,9 @@ impl<'c> AgentQuery<'c> {
         let agents = shard.agents(host);
         let pos = agent_sym.and_then(|s| shard.agent(host, s));
         let desired = self.agent_index.map(|i| {
-            let d = &self.config.class(self.class_of(host))[i];
+            let class = self.class_of(host);
+            let target = self.rollout.filter(|&r| host.told & (1 << r) != 0).and_then(|r| self.config.class_target(class, r));
+            let d = target.unwrap_or(&self.config.class(class)[i]);
             Desired { version: d.version.as_str(), cmd: d.cmd.as_str() }
         });
         if pos.is_none() && desired.is_none() {

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod fleet;
 pub mod metrics;
+pub mod rollout;
 pub mod snapshot;
 pub mod store;
 
@@ -48,6 +49,8 @@ pub struct Settings {
     pub peer_timeout: Duration,
     /// How heartbeats of hosts this node does not own are forwarded to their owner.
     pub forward: ForwardSettings,
+    /// How often rollouts are judged and the peers' rollout states polled.
+    pub rollout_interval: Duration,
 }
 
 impl Settings {
@@ -66,6 +69,7 @@ impl Settings {
             cluster: None,
             peer_timeout: Duration::from_secs(5),
             forward: ForwardSettings { component: "meta_forward", ..ForwardSettings::default() },
+            rollout_interval: Duration::from_secs(5),
         }
     }
 }
@@ -114,6 +118,10 @@ pub struct Node {
     pub cluster: Option<Cluster>,
     pub store: Store,
     pub desired: Desired,
+    /// Every node's published rollout state (this node's own included) and the in-flight
+    /// counts of the heartbeats answered here.
+    pub rollouts: Arc<relay::rollout::FleetView>,
+    pub controller: rollout::Controller,
     pub started: Instant,
     pub prometheus: Option<PrometheusHandle>,
     pub hot: HotMetrics,
@@ -138,7 +146,12 @@ impl Node {
                 map: map.clone(),
             }
         });
+        let ids = cluster.as_ref().map_or_else(|| vec![settings.id.clone()], |c| c.map.nodes.iter().map(|n| n.id.clone()).collect());
+        let rollouts = Arc::new(relay::rollout::FleetView::open(ids, Some(&settings.data_dir), crate::metrics::ROLLOUT_IN_FLIGHT));
+        let controller = rollout::Controller::open(&settings.id, &settings.data_dir);
         Node {
+            rollouts,
+            controller,
             settings,
             cluster,
             store: Store::new(),
@@ -157,7 +170,7 @@ impl Node {
         let loaded = self.desired.guard();
         let (mut stored, mut older) = (0, 0);
         for e in &batch.hosts {
-            self.ingest_one(&loaded, &e.hb, e.seen, &mut stored, &mut older);
+            self.ingest_one(&loaded, &e.hb, e.seen, e.told, &mut stored, &mut older);
         }
         Ok((stored, older))
     }
@@ -168,17 +181,32 @@ impl Node {
         ops_config::compact::check(bytes)?;
         let loaded = self.desired.guard();
         let (mut stored, mut older) = (0, 0);
-        ops_config::compact::decode_checked(bytes, |seen, hb| self.ingest_one(&loaded, hb, seen, &mut stored, &mut older))?;
+        ops_config::compact::decode_checked(bytes, |seen, told, hb| self.ingest_one(&loaded, hb, seen, told, &mut stored, &mut older))?;
         Ok((stored, older))
     }
 
-    fn ingest_one(&self, loaded: &relay::desired::Loaded, hb: &ops_config::Heartbeat<'_>, seen: u32, stored: &mut u64, older: &mut u64) {
-        let class = loaded.config.class_of(&hb.hostname);
-        if self.store.upsert(hb, seen, class, loaded.generation, self.owns(&hb.hostname)) {
+    fn ingest_one(
+        &self,
+        loaded: &relay::desired::Loaded,
+        hb: &ops_config::Heartbeat<'_>,
+        seen: u32,
+        told: u8,
+        stored: &mut u64,
+        older: &mut u64,
+    ) {
+        if self.store.upsert_tagged(hb, seen, Self::tags(loaded, &hb.hostname, told), self.owns(&hb.hostname)) {
             *stored += 1;
         } else {
             *older += 1;
         }
+    }
+
+    /// How a host's report is stored under `loaded`: its class, and its waves when the config
+    /// has rollouts (one md5 per rollout).
+    pub fn tags(loaded: &relay::desired::Loaded, hostname: &str, told: u8) -> store::Tags {
+        let class = loaded.config.class_of(hostname);
+        let waves = if loaded.config.rollouts().next().is_some() { loaded.config.rollout_waves(hostname, class) } else { 0 };
+        store::Tags { class, generation: loaded.generation, told, waves }
     }
 
     /// Whether this node owns `hostname` on the ring (always, standalone).
@@ -274,6 +302,35 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
         }));
         if let Some(handle) = node.prometheus.clone() {
             tracker.spawn(every(Duration::from_secs(5), background.clone(), move || handle.run_upkeep()));
+        }
+    }
+
+    // Judge once before serving, so the first answer to a relay is what this node published
+    // before it stopped (read back from disk), never less.
+    {
+        let n = node.clone();
+        tokio::task::spawn_blocking(move || n.controller.judge(&n)).await?;
+        let n = node.clone();
+        tracker.spawn(every(node.settings.rollout_interval, background.clone(), move || {
+            let n = n.clone();
+            drop(tokio::task::spawn_blocking(move || n.controller.judge(&n)));
+        }));
+        if let Some(c) = &node.cluster {
+            let n = node.clone();
+            tracker.spawn(node.rollouts.clone().poll(
+                c.client.clone(),
+                c.map.nodes.iter().map(|n| n.addr).collect(),
+                Some(c.me),
+                node.settings.token.clone(),
+                node.settings.rollout_interval,
+                move || Some(n.desired.current()),
+                background.clone(),
+            ));
+        } else {
+            let n = node.clone();
+            tracker.spawn(every(node.settings.rollout_interval, background.clone(), move || {
+                n.rollouts.prune(&n.desired.current(), unix_now())
+            }));
         }
     }
 

@@ -44,6 +44,9 @@ struct Cli {
     /// Seconds between sweeps for stale and forgotten hosts.
     #[arg(long, default_value_t = 30)]
     sweep_interval_seconds: u64,
+    /// How often staged rollouts are judged and the peers' rollout states polled (milliseconds).
+    #[arg(long, default_value_t = 5000)]
+    rollout_interval_ms: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_seconds: u64,
@@ -95,9 +98,10 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig), String> {
     s.snapshot_interval = Duration::from_secs(cli.snapshot_interval_seconds);
     s.sweep_interval = Duration::from_secs(cli.sweep_interval_seconds);
     s.shutdown_grace = Duration::from_secs(cli.shutdown_grace_seconds);
-    if cli.peer_timeout_ms == 0 || cli.flush_ms == 0 {
-        return Err("--peer-timeout-ms and --flush-ms must be > 0".into());
+    if cli.peer_timeout_ms == 0 || cli.flush_ms == 0 || cli.rollout_interval_ms == 0 {
+        return Err("--peer-timeout-ms, --flush-ms and --rollout-interval-ms must be > 0".into());
     }
+    s.rollout_interval = Duration::from_millis(cli.rollout_interval_ms);
     s.peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
     s.forward.flush = Duration::from_millis(cli.flush_ms);
     Ok((s, config))

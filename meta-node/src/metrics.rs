@@ -18,6 +18,10 @@ pub const BATCHES_RECEIVED: &str = "ops_meta_batches_received_total";
 pub const BATCH_HOSTS_RECEIVED: &str = "ops_meta_batch_hosts_received_total";
 pub const PEER_ERRORS: &str = "ops_meta_peer_errors_total";
 pub const CONFIG_DIVERGED: &str = "ops_meta_config_diverged";
+pub const ROLLOUT_HOSTS: &str = "ops_meta_rollout_hosts";
+pub const ROLLOUT_WAVE: &str = "ops_meta_rollout_wave";
+pub const ROLLOUT_HALTED: &str = "ops_meta_rollout_halted";
+pub const ROLLOUT_IN_FLIGHT: &str = "ops_meta_rollout_in_flight";
 
 /// Histogram buckets for request latencies, in seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
@@ -26,6 +30,18 @@ pub fn describe() {
     describe_counter!(HEARTBEATS, Unit::Count, "Heartbeats received, by result (ok, bad_request, too_large).");
     describe_histogram!(HEARTBEAT_DURATION, Unit::Seconds, "Time to handle one heartbeat, body read to reply.");
     describe_gauge!(HOSTS, Unit::Count, "Hosts whose real state this node holds.");
+    describe_gauge!(
+        ROLLOUT_HOSTS,
+        Unit::Count,
+        "Owned hosts of a rollout's wave, by agent, wave and state (targeted, told, converged, failed, silent)."
+    );
+    describe_gauge!(ROLLOUT_WAVE, Unit::Count, "The fleet's open wave of an agent's rollout as this node sees it (0: none).");
+    describe_gauge!(ROLLOUT_HALTED, Unit::Count, "1 when an agent's rollout is halted.");
+    describe_gauge!(
+        ROLLOUT_IN_FLIGHT,
+        Unit::Count,
+        "Hosts this node answered directly and told a rollout's target that have not converged yet, by agent."
+    );
     describe_gauge!(HOSTS_STALE, Unit::Count, "Hosts held but not heard from for stale_after.");
     describe_counter!(HOSTS_FORGOTTEN, Unit::Count, "Hosts dropped after forget_after without a report.");
     describe_counter!(CONFIG_RELOADS, Unit::Count, "Desired-config reloads, by result (ok, error).");

@@ -2,7 +2,7 @@
 //! stopped reporting.
 //!
 //! Format (little endian), written shard by shard without stopping heartbeats:
-//! `OPSSNAP1`, then host records, a zero byte, then the symbol table (taken after the hosts,
+//! `OPSSNAP2`, then host records, a zero byte, then the symbol table (taken after the hosts,
 //! so it holds every symbol they name: the interner only grows), then a trailer of the symbol
 //! table's offset (u64) and a CRC-32 of everything before the CRC. Written to a temporary
 //! file, synced and renamed over the last one: a crash leaves the old snapshot or the new one,
@@ -16,7 +16,9 @@ use compact_str::CompactString;
 
 use crate::store::{AgentState, Host, HostRecord, IpKind, SHARDS, Store, Sym};
 
-const MAGIC: &[u8; 8] = b"OPSSNAP1";
+const MAGIC: &[u8; 8] = b"OPSSNAP2";
+/// Before staged rollouts: no `told` byte in host records.
+const MAGIC_V1: &[u8; 8] = b"OPSSNAP1";
 const FILE_NAME: &str = "state.snap";
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,7 @@ fn encode_shard(store: &Store, i: usize, buf: &mut Vec<u8>) -> usize {
         for v in [h.last_seen, h.run_user.0, h.updater_version.0] {
             buf.extend_from_slice(&v.to_le_bytes());
         }
+        buf.push(h.told);
         let agents = shard.agents(h);
         buf.push(agents.len() as u8);
         for a in agents {
@@ -178,9 +181,10 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
         Err(source) => return Err(SnapshotError::Io { path, source }),
     };
     let corrupt = |what| SnapshotError::Corrupt { path: path.clone(), what };
-    if bytes.len() < MAGIC.len() + 12 || &bytes[..8] != MAGIC {
+    if bytes.len() < MAGIC.len() + 12 || (&bytes[..8] != MAGIC && &bytes[..8] != MAGIC_V1) {
         return Err(corrupt("not a snapshot (bad magic)"));
     }
+    let v1 = &bytes[..8] == MAGIC_V1;
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
         return Err(corrupt("checksum mismatch (truncated or damaged)"));
@@ -220,6 +224,7 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
         let last_seen = r.u32().ok_or_else(bad)?;
         let run_user = map(r.u32().ok_or_else(bad)?)?;
         let updater_version = map(r.u32().ok_or_else(bad)?)?;
+        let told = if v1 { 0 } else { r.u8().ok_or_else(bad)? };
         let n = r.u8().ok_or_else(bad)? as usize;
         let mut agents = Vec::with_capacity(n);
         for _ in 0..n {
@@ -262,6 +267,8 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
             owned: owned(name),
             agents_at: 0,
             agents_len: 0,
+            told,
+            waves: 0,
         };
         store.put(HostRecord { host, agents, errors, other_ip });
         loaded += 1;
@@ -290,7 +297,8 @@ mod tests {
                 r#"{{"hostname":"host-{i}","ip":"{ip}","runUser":"root","updaterVersion":"0.1.0","realAgents":[{{"name":"falcon-agent","version":"5.1.{v}","status":"started","timestamp":{i},"runUser":"falcon","workDir":"/home/falcon"{err}}},{{"name":"b","version":"1"}}]}}"#,
                 v = i % 3
             );
-            store.upsert(&Heartbeat::parse(body.as_bytes()).unwrap(), 1000 + i as u32, ClassId(0), 1, true);
+            let tags = crate::store::Tags { class: ClassId(0), generation: 1, told: (i % 4) as u8, waves: 0 };
+            store.upsert_tagged(&Heartbeat::parse(body.as_bytes()).unwrap(), 1000 + i as u32, tags, true);
         }
     }
 
@@ -318,13 +326,14 @@ mod tests {
                     })
                     .collect();
                 out.push(format!(
-                    "{} {} {} {} {} {}",
+                    "{} {} {} {} {} {} told={}",
                     h.name,
                     shard.ip(slot, h),
                     h.last_seen,
                     syms.resolve(h.run_user),
                     syms.resolve(h.updater_version),
-                    agents.join(",")
+                    agents.join(","),
+                    h.told
                 ));
             }
         }

@@ -165,6 +165,21 @@ pub struct Host {
     /// This node owns the host on the ring (false: a failover copy).
     pub owned: bool,
     pub(crate) agents_len: u8,
+    /// Rollout mask of the last answer (bit r: told rollout r's target), as the relay said.
+    pub told: u8,
+    /// The host's wave in each rollout, 4 bits per rollout (`DesiredConfig::rollout_waves`),
+    /// valid for `generation` like `class`.
+    pub waves: u16,
+}
+
+/// How a report was answered and resolved, stored with it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tags {
+    pub class: ClassId,
+    /// Config generation `class` and `waves` were resolved under.
+    pub generation: u32,
+    pub told: u8,
+    pub waves: u16,
 }
 
 /// Host records by slot, in fixed chunks of [`CHUNK`]: slots never move, and a shard has at
@@ -283,6 +298,9 @@ pub struct Shard {
     free: Vec<u32>,
     errors: HashMap<(u32, u8), Box<str>>,
     other_ips: HashMap<u32, Box<str>>,
+    /// `(slot, rollout)` → when a rollout judgement first saw the host told the target and not
+    /// converged (for the deadline). Holds only hosts in flight or failing.
+    told_at: HashMap<(u32, u8), u32>,
     /// Live hosts here that this node does not own (failover copies). Usually 0, so a scan of
     /// the copies skips the shard without walking it.
     foreign: u32,
@@ -354,6 +372,12 @@ impl Shard {
         self.hosts.iter().enumerate().filter(|(_, h)| !h.name.is_empty()).map(|(i, h)| (i as u32, h))
     }
 
+    /// When hosts of this shard were first seen told a rollout's target and not converged,
+    /// by `(slot, rollout)`: kept by the rollout judge, cleared when a slot is freed.
+    pub fn told_at_mut(&mut self) -> &mut HashMap<(u32, u8), u32> {
+        &mut self.told_at
+    }
+
     /// The `lastError` an agent (by position) of the host in `slot` reported, if any.
     pub fn last_error(&self, slot: u32, host: &Host, agent: usize) -> Option<&str> {
         if host.err_mask & (1 << agent) == 0 {
@@ -382,6 +406,11 @@ impl Shard {
             entry.remove();
         }
         clear_side_tables(&mut self.errors, &mut self.other_ips, slot, host);
+        if !self.told_at.is_empty() {
+            for r in 0..ops_config::MAX_ROLLOUTS as u8 {
+                self.told_at.remove(&(slot, r));
+            }
+        }
         let was = host.owned;
         self.agents.release(host.agents_len);
         *host = Host::free();
@@ -477,6 +506,8 @@ impl Host {
             owned: true,
             agents_at: 0,
             agents_len: 0,
+            told: 0,
+            waves: 0,
         }
     }
 }
@@ -535,9 +566,16 @@ impl Store {
     }
 
     /// Records a validated heartbeat received at `now`, resolved to `class` under config
-    /// generation `generation`. The newest report wins: one older than the stored one is
-    /// ignored (returns false). The heartbeat's agent count is at most 64 (validated).
+    /// generation `generation`, outside any rollout.
     pub fn upsert(&self, hb: &Heartbeat<'_>, now: u32, class: ClassId, generation: u32, owned: bool) -> bool {
+        self.upsert_tagged(hb, now, Tags { class, generation, told: 0, waves: 0 }, owned)
+    }
+
+    /// Records a validated heartbeat received at `now` with how it was answered and resolved.
+    /// The newest report wins: one older than the stored one is ignored (returns false). The
+    /// heartbeat's agent count is at most 64 (validated).
+    pub fn upsert_tagged(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool) -> bool {
+        let Tags { class, generation, told, waves } = tags;
         let n = hb.real_agents.len().min(MAX_AGENTS_PER_HOST);
         let mut agents = [AgentState::default(); MAX_AGENTS_PER_HOST];
         let (run_user, updater_version);
@@ -585,6 +623,8 @@ impl Store {
                 host.updater_version = updater_version;
                 host.generation = generation;
                 host.class = class;
+                host.told = told;
+                host.waves = waves;
                 let was = std::mem::replace(&mut host.owned, owned);
                 shard.count_owned(Some(was), Some(owned));
                 shard.set_agents(slot, agents);
@@ -604,6 +644,8 @@ impl Store {
                     owned,
                     agents_at: 0,
                     agents_len: 0,
+                    told,
+                    waves,
                 };
                 self.hosts.fetch_add(1, Ordering::Relaxed);
                 shard.insert_new(hash, host, agents, &self.hasher)

@@ -145,9 +145,9 @@ impl Forwarder {
 
     /// Queues a validated heartbeat received at `seen` for the owner of its host, as a
     /// compact record (see `ops_config::compact`).
-    pub fn push(&self, hb: &Heartbeat<'_>, seen: u32) {
+    pub fn push(&self, hb: &Heartbeat<'_>, seen: u32, told: u8) {
         let mut record = Vec::with_capacity(256);
-        compact::encode(seen, hb, &mut record);
+        compact::encode(seen, told, hb, &mut record);
         let owner = self.ring.owner(&hb.hostname);
         self.push_to(owner, &hb.hostname, seen, Bytes::from(record));
     }
@@ -383,7 +383,7 @@ mod tests {
         let hb = |h: u32, seen: u32| format!(r#"{{"hostname":"host-{h}","ip":"10.0.0.{seen}","realAgents":[]}}"#);
         for seen in [5, 7, 6] {
             for h in 0..100 {
-                f.push(&Heartbeat::parse(hb(h, seen).as_bytes()).unwrap(), seen);
+                f.push(&Heartbeat::parse(hb(h, seen).as_bytes()).unwrap(), seen, 0);
             }
         }
         assert_eq!(f.pending(), vec![100], "one entry per host, however often it reports");
@@ -397,12 +397,12 @@ mod tests {
         compact::begin(&mut body);
         body.extend_from_slice(&kept.1);
         let mut ips = Vec::new();
-        compact::decode(&body, |seen, h| ips.push((seen, h.ip.to_string()))).unwrap();
+        compact::decode(&body, |seen, _, h| ips.push((seen, h.ip.to_string()))).unwrap();
         assert_eq!(ips, vec![(7, "10.0.0.7".to_owned())], "the record held is the newest report");
         // A report older than the one held is ignored; a newer one replaces it.
-        f.push(&Heartbeat::parse(hb(3, 6).as_bytes()).unwrap(), 6);
+        f.push(&Heartbeat::parse(hb(3, 6).as_bytes()).unwrap(), 6, 0);
         assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 7);
-        f.push(&Heartbeat::parse(hb(3, 8).as_bytes()).unwrap(), 8);
+        f.push(&Heartbeat::parse(hb(3, 8).as_bytes()).unwrap(), 8, 0);
         assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 8);
         f.stop.cancel();
     }

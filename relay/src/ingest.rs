@@ -68,7 +68,8 @@ async fn handle(relay: &Relay, body: Body) -> Result<Bytes, Refused> {
             "relay has no desired config yet: no meta node reached and no local copy".into(),
         ));
     };
-    let reply = loaded.reply(loaded.config.class_of(&hb.hostname));
-    relay.forwarder.push(&hb, unix_now());
-    Ok(reply)
+    let now = unix_now();
+    let answer = relay.rollouts.answer(&loaded, &hb, now);
+    relay.forwarder.push(&hb, now, answer.told);
+    Ok(answer.reply)
 }

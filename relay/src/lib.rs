@@ -11,6 +11,7 @@ pub mod desired;
 pub mod forward;
 pub mod ingest;
 pub mod metrics;
+pub mod rollout;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +59,8 @@ pub struct Relay {
     pub settings: Settings,
     pub config: Arc<ConfigCopy>,
     pub forwarder: Arc<Forwarder>,
+    /// The meta nodes' published rollout states.
+    pub rollouts: Arc<crate::rollout::FleetView>,
     pub started: Instant,
     pub prometheus: Option<PrometheusHandle>,
     pub(crate) hot: HotMetrics,
@@ -72,7 +75,10 @@ impl Relay {
         if let Some(hash) = config.hash() {
             ::metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => hash).set(1.0);
         }
+        let ids = settings.cluster.nodes.iter().map(|n| n.id.clone()).collect();
+        let rollouts = Arc::new(crate::rollout::FleetView::open(ids, Some(&settings.data_dir), crate::metrics::ROLLOUT_IN_FLIGHT));
         Arc::new(Relay {
+            rollouts,
             hot: HotMetrics {
                 ok: ::metrics::counter!(crate::metrics::HEARTBEATS, "result" => "ok"),
                 duration: ::metrics::histogram!(crate::metrics::HEARTBEAT_DURATION),
@@ -102,7 +108,25 @@ async fn health(State(relay): State<Arc<Relay>>) -> Response {
     let pending: usize = relay.forwarder.pending().iter().sum();
     let nodes: Vec<serde_json::Value> =
         relay.forwarder.nodes_up().into_iter().map(|(id, up)| serde_json::json!({"id": id, "up": up})).collect();
+    let rollouts: Vec<serde_json::Value> = relay
+        .config
+        .current()
+        .map(|loaded| {
+            let fleet = relay.rollouts.fleet(&loaded);
+            let in_flight = relay.rollouts.in_flight(&loaded);
+            loaded
+                .config
+                .rollouts()
+                .enumerate()
+                .map(|(r, a)| {
+                    serde_json::json!({"agent": a.name, "target": a.default.version, "fleetWave": fleet.wave[r],
+                        "halted": fleet.halted[r], "inFlight": in_flight[r].1})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     axum::Json(serde_json::json!({
+        "rollouts": rollouts,
         "status": if relay.config.current().is_some() { "ok" } else { "no_config" },
         "id": relay.settings.id,
         "configHash": relay.config.hash(),
@@ -124,7 +148,17 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
     let tracker = TaskTracker::new();
     let client = reqwest::Client::builder().no_proxy().build()?;
     let addrs: Vec<SocketAddr> = relay.settings.cluster.nodes.iter().map(|n| n.addr).collect();
-    tracker.spawn(relay.config.clone().poll(client, addrs, relay.settings.config_poll, relay.stop.clone()));
+    tracker.spawn(relay.config.clone().poll(client.clone(), addrs.clone(), relay.settings.config_poll, relay.stop.clone()));
+    let config = relay.config.clone();
+    tracker.spawn(relay.rollouts.clone().poll(
+        client,
+        addrs,
+        None,
+        relay.settings.forward.token.clone(),
+        relay.settings.config_poll,
+        move || config.current(),
+        relay.stop.clone(),
+    ));
     if let Some(handle) = relay.prometheus.clone() {
         let stop = relay.stop.clone();
         tracker.spawn(async move {

@@ -7,6 +7,7 @@ pub const HEARTBEATS: &str = "ops_relay_heartbeats_total";
 pub const HEARTBEAT_DURATION: &str = "ops_relay_heartbeat_duration_seconds";
 pub const CONFIG_POLLS: &str = "ops_relay_config_polls_total";
 pub const CONFIG_INFO: &str = "ops_relay_config_info";
+pub const ROLLOUT_IN_FLIGHT: &str = "ops_relay_rollout_in_flight";
 
 /// Histogram buckets for latencies, in seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
@@ -18,5 +19,6 @@ pub fn describe() {
     describe_histogram!(HEARTBEAT_DURATION, Unit::Seconds, "Time to answer one heartbeat.");
     describe_counter!(CONFIG_POLLS, Unit::Count, "Desired-config polls of the meta nodes, by result (changed, unchanged, error).");
     describe_gauge!(CONFIG_INFO, Unit::Count, "Always 1; the hash label is the content hash of the config served.");
+    describe_gauge!(ROLLOUT_IN_FLIGHT, Unit::Count, "Hosts this relay told a rollout's target that have not converged yet, by agent.");
     crate::forward::Forwarder::describe("relay");
 }

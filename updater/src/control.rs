@@ -45,7 +45,18 @@ pub async fn run(dir: &Path, action: &'static str, run_user: &str, timeout: Dura
         .stderr(Stdio::null())
         .process_group(0)
         .kill_on_drop(false);
-    let mut child = cmd.spawn().map_err(|source| ControlError::Spawn { action, dir: dir.display().to_string(), source })?;
+    // ETXTBSY: a script just written can stay open for writing in a child another thread
+    // forked in between (until that child execs); it clears within milliseconds.
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            r => break r.map_err(|source| ControlError::Spawn { action, dir: dir.display().to_string(), source })?,
+        }
+    };
     let pgid = child.id().map(|id| Pid::from_raw(id as i32));
     let mut stdout = child.stdout.take();
     let work = async {

@@ -36,13 +36,15 @@ async fn handle(node: &Node, body: Body) -> Result<bytes::Bytes, Refused> {
     let bytes = read_heartbeat(body).await?;
     let hb = parse_heartbeat(&bytes)?;
     let loaded = node.desired.guard();
-    let class = loaded.config.class_of(&hb.hostname);
     let now = unix_now();
+    let answer = node.rollouts.answer(&loaded, &hb, now);
     match &node.cluster {
-        Some(c) if c.ring.owner(&hb.hostname) != c.me => c.forwarder.push(&hb, now),
+        Some(c) if c.ring.owner(&hb.hostname) != c.me => c.forwarder.push(&hb, now, answer.told),
         _ => {
-            node.store.upsert(&hb, now, class, loaded.generation, true);
+            let waves = if loaded.config.rollouts().next().is_some() { loaded.config.rollout_waves(&hb.hostname, answer.class) } else { 0 };
+            let tags = crate::store::Tags { class: answer.class, generation: loaded.generation, told: answer.told, waves };
+            node.store.upsert_tagged(&hb, now, tags, true);
         }
     }
-    Ok(loaded.reply(class))
+    Ok(answer.reply)
 }

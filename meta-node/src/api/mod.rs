@@ -14,6 +14,7 @@ use crate::Node;
 pub(crate) mod admin;
 mod heartbeat;
 mod internal;
+mod rollout;
 mod status;
 mod ui;
 
@@ -67,6 +68,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/status/summary/{agent}", get(status::summary))
         .route("/status/host/{hostname}", get(status::host))
         .route("/status/agents", get(ui::agents))
+        .route("/rollout/{agent}", get(rollout::gathered))
         .route("/ui", get(ui::page))
         .route("/ui/", get(ui::page))
         .route("/config/reload", get(admin::reload))
@@ -79,6 +81,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/internal/owned/{agent}", post(internal::owned))
         .route("/internal/summary/{agent}", post(internal::summary))
         .route("/internal/host/{hostname}", get(internal::host))
+        .route("/internal/rollout", get(rollout::internal))
         .fallback(not_found)
         .with_state(node)
 }

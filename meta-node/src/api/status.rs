@@ -141,7 +141,7 @@ struct Plan {
     exclude: Vec<HashSet<String>>,
 }
 
-fn peer_request(node: &Node, method: reqwest::Method, peer: usize, path: &str) -> reqwest::RequestBuilder {
+pub(super) fn peer_request(node: &Node, method: reqwest::Method, peer: usize, path: &str) -> reqwest::RequestBuilder {
     let c = node.cluster.as_ref().expect("peers exist only in a cluster");
     let url = format!("http://{}{}", c.map.nodes[peer].addr, path);
     let mut req = c.client.request(method, url).timeout(node.settings.peer_timeout);
@@ -157,7 +157,12 @@ fn peer_failed(node: &Node, peer: usize, what: &str, error: impl std::fmt::Displ
     tracing::warn!(peer = id, query = what, %error, "peer did not answer a status query");
 }
 
-async fn peer_json<T: serde::de::DeserializeOwned>(node: &Node, req: reqwest::RequestBuilder, peer: usize, what: &str) -> Option<T> {
+pub(super) async fn peer_json<T: serde::de::DeserializeOwned>(
+    node: &Node,
+    req: reqwest::RequestBuilder,
+    peer: usize,
+    what: &str,
+) -> Option<T> {
     match req.send().await {
         Ok(r) if r.status().is_success() => match r.json::<T>().await {
             Ok(v) => Some(v),

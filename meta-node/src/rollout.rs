@@ -1,0 +1,271 @@
+//! The rollout controller of one meta node: it judges only the hosts it owns (a uniform sample
+//! of the fleet, thanks to the ring) and publishes per rollout an `approved_wave` that only
+//! grows and a `halted` flag that only goes from false to true (`GET /internal/rollout`).
+//! Relays and the other nodes merge what every node publishes ([`relay::rollout::FleetView`]).
+//! The published state is kept on disk beside the snapshot and read back at start, so a
+//! restarted node publishes what it published before, never less.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use ops_config::rollout::{NodeReport, RolloutReport, Verdict, WaveCounts, WaveReport, is_started};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::store::SHARDS;
+use crate::{Node, unix_now};
+
+const FILE_NAME: &str = "rollout-state.json";
+
+/// What a node keeps of one rollout across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Saved {
+    agent: String,
+    target: String,
+    approved_wave: usize,
+    wave_opened_at: u64,
+    halted: bool,
+    #[serde(default)]
+    halt_reason: String,
+}
+
+/// A node's rollout decisions and what it last published.
+pub struct Controller {
+    node_id: String,
+    states: Mutex<BTreeMap<(String, String), Saved>>,
+    report: ArcSwap<NodeReport>,
+    path: PathBuf,
+}
+
+impl Controller {
+    /// Reads the states kept in `data_dir` (a damaged file is moved aside: the node then starts
+    /// every rollout at wave 0, which holds the fleet at the other nodes' lowest wave).
+    pub fn open(node_id: &str, data_dir: &Path) -> Self {
+        let path = data_dir.join(FILE_NAME);
+        let mut states = BTreeMap::new();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match serde_json::from_str::<Vec<Saved>>(&text) {
+                Ok(saved) => {
+                    for s in saved {
+                        states.insert((s.agent.clone(), s.target.clone()), s);
+                    }
+                    tracing::info!(rollouts = states.len(), file = %path.display(), "rollout states loaded");
+                }
+                Err(error) => {
+                    let aside = path.with_extension(format!("damaged-{}", unix_now()));
+                    let _ = std::fs::rename(&path, &aside);
+                    tracing::error!(%error, moved_to = %aside.display(), "rollout states unreadable; starting every rollout at wave 0");
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => tracing::error!(%error, file = %path.display(), "cannot read the rollout states"),
+        }
+        Controller {
+            node_id: node_id.to_owned(),
+            states: Mutex::new(states),
+            report: ArcSwap::from_pointee(NodeReport { node: node_id.to_owned(), at: 0, rollouts: Vec::new() }),
+            path,
+        }
+    }
+
+    /// What this node publishes now.
+    pub fn report(&self) -> Arc<NodeReport> {
+        self.report.load_full()
+    }
+
+    /// One judgement of every rollout of the loaded config over the hosts this node owns, then
+    /// publishes it (and hands it to the node's own fleet view). Blocking: it scans the store.
+    pub fn judge(&self, node: &Node) {
+        let loaded = node.desired.current();
+        let config = &loaded.config;
+        let now = u64::from(unix_now());
+        let fleet = node.rollouts.fleet(&loaded);
+        let counts = count(node, &loaded);
+        let mut reports = Vec::new();
+        let mut changed = false;
+        {
+            let mut states = self.states.lock();
+            for (r, agent) in config.rollouts().enumerate() {
+                let Some(spec) = &agent.rollout else { continue };
+                let key = (agent.name.clone(), agent.default.version.clone());
+                let saved =
+                    states.entry(key.clone()).or_insert_with(|| Saved { agent: key.0.clone(), target: key.1.clone(), ..Saved::default() });
+                let before = saved.clone();
+                let waves = &counts[r];
+                let state = ops_config::rollout::NodeRollout {
+                    approved_wave: saved.approved_wave,
+                    wave_opened_at: saved.wave_opened_at,
+                    halted: saved.halted,
+                };
+                let window_open = spec.window.is_none_or(|w| w.contains(now));
+                let wave_counts: Vec<WaveCounts> = waves.iter().map(WaveReport::counts).collect();
+                // A node that holds no host at all (a lost snapshot, before the first batches)
+                // knows nothing of its shard: it may open the first wave, never a later one.
+                let (next, verdict) = if node.store.is_empty() && state.approved_wave > 0 && !state.halted {
+                    (state, Verdict::Waiting("no hosts held yet"))
+                } else {
+                    state.judge(&spec.policy, &wave_counts, now, window_open)
+                };
+                match &verdict {
+                    Verdict::Opened(k) => {
+                        tracing::info!(agent = %agent.name, target = %key.1, wave = k, "rollout: this node approves a wave")
+                    }
+                    Verdict::Halted { failed, decided } => {
+                        saved.halt_reason = format!(
+                            "{failed} of {decided} decided hosts failed ({:.1} %, halt at {:.1} %) on {}",
+                            *failed as f64 * 100.0 / *decided as f64,
+                            f64::from(spec.policy.failed_ratio_bp) / 100.0,
+                            self.node_id
+                        );
+                        tracing::warn!(agent = %agent.name, target = %key.1, reason = %saved.halt_reason, "rollout halted");
+                    }
+                    _ => {}
+                }
+                (saved.approved_wave, saved.wave_opened_at, saved.halted) = (next.approved_wave, next.wave_opened_at, next.halted);
+                changed |= *saved != before;
+                reports.push(RolloutReport {
+                    agent: agent.name.clone(),
+                    target: key.1.clone(),
+                    from: spec.from.version.clone(),
+                    approved_wave: saved.approved_wave,
+                    wave_opened_at: saved.wave_opened_at,
+                    halted: saved.halted,
+                    halt_reason: saved.halt_reason.clone(),
+                    verdict: verdict.to_string(),
+                    fleet_wave: fleet.wave[r],
+                    waves: waves.clone(),
+                });
+                gauges(&agent.name, waves, fleet.wave[r], fleet.halted[r] || saved.halted);
+            }
+            if changed {
+                let all: Vec<&Saved> = states.values().collect();
+                if let Err(error) =
+                    relay::rollout::write_atomically(&self.path, &serde_json::to_vec_pretty(&all).expect("plain data serializes"))
+                {
+                    tracing::error!(%error, file = %self.path.display(), "cannot keep the rollout states");
+                }
+            }
+        }
+        if let Some(c) = &node.cluster {
+            node.rollouts.update(c.me, reports.clone());
+        } else {
+            node.rollouts.update(0, reports.clone());
+        }
+        self.report.store(Arc::new(NodeReport { node: self.node_id.clone(), at: now, rollouts: reports }));
+    }
+}
+
+fn gauges(agent: &str, waves: &[WaveReport], fleet_wave: usize, halted: bool) {
+    use crate::metrics::{ROLLOUT_HALTED, ROLLOUT_HOSTS, ROLLOUT_WAVE};
+    for (k, w) in waves.iter().enumerate() {
+        let wave = (k + 1).to_string();
+        for (state, v) in
+            [("targeted", w.targeted), ("told", w.told), ("converged", w.converged), ("failed", w.failed), ("silent", w.silent)]
+        {
+            ::metrics::gauge!(ROLLOUT_HOSTS, "agent" => agent.to_owned(), "wave" => wave.clone(), "state" => state).set(v as f64);
+        }
+    }
+    ::metrics::gauge!(ROLLOUT_WAVE, "agent" => agent.to_owned()).set(fleet_wave as f64);
+    ::metrics::gauge!(ROLLOUT_HALTED, "agent" => agent.to_owned()).set(if halted { 1.0 } else { 0.0 });
+}
+
+/// Per rollout of the loaded config, per wave: this node's owned hosts counted as the judge
+/// needs them. Keeps each shard's table of when hosts were first seen told and not converged.
+fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
+    let config = &loaded.config;
+    let specs: Vec<_> = config.rollouts().collect();
+    let mut out: Vec<Vec<WaveReport>> = specs
+        .iter()
+        .map(|a| {
+            a.rollout
+                .as_ref()
+                .map_or_else(Vec::new, |s| s.policy.waves.iter().map(|&p| WaveReport { percent: p, ..WaveReport::default() }).collect())
+        })
+        .collect();
+    if specs.is_empty() {
+        return out;
+    }
+    let now = unix_now();
+    let stale_after = node.settings.stale_after_seconds;
+    let store = &node.store;
+    let (names, targets): (Vec<_>, Vec<_>) = {
+        let syms = store.symbols().reader();
+        specs.iter().map(|a| (syms.get(&a.name), syms.get(&a.default.version))).unzip()
+    };
+    for i in 0..SHARDS {
+        let mut guard = store.shard(i);
+        let shard = &mut *guard;
+        let syms = store.symbols().reader();
+        // What the judge needs of each (host, rollout), read first: the deadline table is
+        // updated after, under the same lock.
+        let mut rows: Vec<Row> = Vec::new();
+        for (slot, h) in shard.hosts() {
+            if !h.owned {
+                continue;
+            }
+            let (class, waves) = if h.generation == loaded.generation {
+                (ops_config::ClassId(u32::from(h.class)), h.waves)
+            } else {
+                let class = config.class_of(&h.name);
+                (class, config.rollout_waves(&h.name, class))
+            };
+            for (r, _) in specs.iter().enumerate() {
+                let wave = usize::from((waves >> (4 * r)) & 0xf);
+                if wave == 0 || config.class_target(class, r).is_none() {
+                    continue;
+                }
+                let agents = shard.agents(h);
+                let real = names[r].and_then(|n| agents.iter().position(|a| a.name == n)).map(|p| (agents[p], h.err_mask & (1 << p) != 0));
+                rows.push(Row { slot, r: r as u8, class, last_seen: h.last_seen, told: h.told & (1 << r) != 0, real, wave });
+            }
+        }
+        if rows.is_empty() {
+            continue;
+        }
+        let table = shard.told_at_mut();
+        for &Row { slot, r, class, last_seen, told, real, wave } in &rows {
+            let target = config.class_target(class, usize::from(r)).expect("checked above");
+            let c = &mut out[usize::from(r)][wave - 1];
+            c.targeted += 1;
+            if told {
+                c.told += 1;
+            }
+            let on_target = real.is_some_and(|(a, _)| targets[usize::from(r)] == Some(a.version));
+            let has_error = real.is_some_and(|(_, e)| e);
+            let started_right = real.is_some_and(|(a, _)| is_started(syms.resolve(a.status)) == (target.cmd == "start"));
+            let key = (slot, r);
+            if on_target && started_right && !has_error {
+                c.converged += 1;
+                if !table.is_empty() {
+                    table.remove(&key);
+                }
+            } else if now.saturating_sub(last_seen) > stale_after {
+                c.silent += 1;
+            } else if told {
+                let since = *table.entry(key).or_insert(now);
+                let deadline = specs[usize::from(r)].rollout.as_ref().map_or(u64::MAX, |s| s.policy.deadline_seconds);
+                if has_error || on_target || u64::from(now.saturating_sub(since)) >= deadline {
+                    c.failed += 1;
+                }
+            } else if !table.is_empty() {
+                table.remove(&key);
+            }
+        }
+    }
+    out
+}
+
+/// One owned host's state as one rollout's judge needs it.
+struct Row {
+    slot: u32,
+    r: u8,
+    class: ops_config::ClassId,
+    last_seen: u32,
+    told: bool,
+    /// The agent as reported, and whether it reported a `lastError`.
+    real: Option<(crate::store::AgentState, bool)>,
+    wave: usize,
+}
