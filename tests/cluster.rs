@@ -1,14 +1,12 @@
 //! End-to-end tests of the sharded cluster: real meta nodes and relays on loopback.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use ops_config::ClusterMap;
-use ops_e2e::{Meta, Relay, eventually, free_port, get, get_json, get_json_auth, post_json, post_json_auth};
+use ops_e2e::cluster::{Cluster, TOKEN, chromium, figure_after};
+use ops_e2e::{Meta, Relay, eventually, get, get_json, get_json_auth, post_json, post_json_auth};
 use serde_json::{Value, json};
-
-const TOKEN: &str = "test-cluster-token-0123456789abcdef";
 
 const AGENTS: &str = r#"
 [[agent]]
@@ -30,122 +28,6 @@ run_user = "falcon"
 work_dir = "/home/falcon/open-falcon"
 default = { version = "0.0.5", md5 = "5f9ab5e81c386cde72c022d1b6d061d9", cmd = "start" }
 "#;
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    ports: Vec<u16>,
-    metas: Vec<Option<Meta>>,
-    relays: Vec<Relay>,
-}
-
-impl Cluster {
-    fn cluster_file(&self) -> PathBuf {
-        self.dir.path().join("cluster.toml")
-    }
-
-    fn agents_file(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("agents-{}.toml", i + 1))
-    }
-
-    /// Writes the files for `metas` meta nodes (not started).
-    fn files(metas: usize) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("cluster.token"), format!("{TOKEN}\n")).unwrap();
-        let ports: Vec<u16> = (0..metas).map(|_| free_port()).collect();
-        let mut toml = String::from("vnodes = 1000\ntoken_file = \"cluster.token\"\n");
-        for (i, p) in ports.iter().enumerate() {
-            toml.push_str(&format!("[[node]]\nid = \"meta-{}\"\naddr = \"127.0.0.1:{p}\"\n", i + 1));
-            std::fs::write(dir.path().join(format!("agents-{}.toml", i + 1)), AGENTS).unwrap();
-        }
-        std::fs::write(dir.path().join("cluster.toml"), toml).unwrap();
-        Cluster { dir, ports, metas: (0..metas).map(|_| None).collect(), relays: Vec::new() }
-    }
-
-    fn start_meta(&mut self, i: usize) {
-        let listen = format!("127.0.0.1:{}", self.ports[i]);
-        let id = format!("meta-{}", i + 1);
-        let (cluster, agents) = (self.cluster_file().display().to_string(), self.agents_file(i).display().to_string());
-        let data = self.dir.path().join(format!("data-{id}")).display().to_string();
-        let meta = Meta::start_at(
-            &listen,
-            &[
-                "--cluster",
-                &cluster,
-                "--id",
-                &id,
-                "--agents",
-                &agents,
-                "--data-dir",
-                &data,
-                "--flush-ms",
-                "100",
-                "--snapshot-interval-seconds",
-                "1",
-                "--sweep-interval-seconds",
-                "1",
-                "--peer-timeout-ms",
-                "2000",
-            ],
-        );
-        self.metas[i] = Some(meta);
-    }
-
-    fn start_relay(&mut self, i: usize) -> usize {
-        let (cluster, data) =
-            (self.cluster_file().display().to_string(), self.dir.path().join(format!("relay-{}", i + 1)).display().to_string());
-        let id = format!("relay-{}", i + 1);
-        let relay = Relay::start(&[
-            "--cluster",
-            &cluster,
-            "--id",
-            &id,
-            "--data-dir",
-            &data,
-            "--flush-ms",
-            "100",
-            "--config-poll-ms",
-            "200",
-            "--request-timeout-ms",
-            "1000",
-        ]);
-        self.relays.push(relay);
-        self.relays.len() - 1
-    }
-
-    fn meta(&self, i: usize) -> &Meta {
-        self.metas[i].as_ref().expect("meta running")
-    }
-
-    fn running(&self) -> impl Iterator<Item = &Meta> {
-        self.metas.iter().flatten()
-    }
-
-    /// Starts `metas` meta nodes and `relays` relays and waits for the relays' config.
-    fn up(metas: usize, relays: usize) -> Cluster {
-        let mut c = Cluster::files(metas);
-        for i in 0..metas {
-            c.start_meta(i);
-        }
-        for i in 0..relays {
-            c.start_relay(i);
-        }
-        for r in &c.relays {
-            let got = eventually(Duration::from_secs(20), || get_json(&r.url("/health")).1["configHash"].as_str().map(str::to_owned));
-            assert_eq!(got.as_deref(), Some(ops_config::content_hash(AGENTS.as_bytes()).as_str()), "relay got the config");
-        }
-        c
-    }
-
-    fn ring_counts(&self, hosts: &[String]) -> Vec<u64> {
-        let map = ClusterMap::load(&self.cluster_file()).unwrap();
-        let ring = map.ring();
-        let mut counts = vec![0u64; map.nodes.len()];
-        for h in hosts {
-            counts[ring.owner(h)] += 1;
-        }
-        counts
-    }
-}
 
 fn hostnames(n: usize) -> Vec<String> {
     (0..n).map(|i| if i % 4 == 0 { format!("bj-web-{i:05}") } else { format!("sh-app-{i:05}") }).collect()
@@ -192,7 +74,7 @@ fn summary_without_partial(m: &Meta) -> Value {
 
 #[test]
 fn relays_shard_hosts_by_ring_and_every_node_answers_the_same() {
-    let c = Cluster::up(3, 2);
+    let c = Cluster::up(3, 2, AGENTS);
     let hosts = hostnames(3000);
     sweep(&c, &hosts, "5.1.3");
     // A few heartbeats straight to meta-1, for hosts it mostly does not own: forwarded.
@@ -230,7 +112,7 @@ fn relays_shard_hosts_by_ring_and_every_node_answers_the_same() {
 
 #[test]
 fn killed_meta_node_fails_over_and_takes_its_hosts_back() {
-    let mut c = Cluster::up(3, 2);
+    let mut c = Cluster::up(3, 2, AGENTS);
     let hosts = hostnames(900);
     sweep(&c, &hosts, "5.1.3");
     let want = c.ring_counts(&hosts);
@@ -296,7 +178,7 @@ fn killed_meta_node_fails_over_and_takes_its_hosts_back() {
 
 #[test]
 fn relay_answers_from_its_disk_copy_with_every_meta_node_down() {
-    let mut c = Cluster::up(2, 1);
+    let mut c = Cluster::up(2, 1, AGENTS);
     for i in 0..2 {
         let mut m = c.metas[i].take().unwrap();
         m.proc.signal("KILL");
@@ -319,7 +201,7 @@ fn relay_answers_from_its_disk_copy_with_every_meta_node_down() {
 
 #[test]
 fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
-    let mut c = Cluster::files(2);
+    let mut c = Cluster::files(2, AGENTS);
     // meta-2 gets a different file: divergence must show.
     std::fs::write(c.agents_file(1), AGENTS.replace("5.1.3", "5.9.9")).unwrap();
     c.start_meta(0);
@@ -397,7 +279,7 @@ fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
 
 #[test]
 fn relay_drains_its_buffers_on_sigterm() {
-    let mut c = Cluster::files(1);
+    let mut c = Cluster::files(1, AGENTS);
     c.start_meta(0);
     let (cluster, data) = (c.cluster_file().display().to_string(), c.dir.path().join("relay-drain").display().to_string());
     // A flush period far longer than the test: only the drain can deliver these reports.
@@ -419,51 +301,9 @@ fn relay_drains_its_buffers_on_sigterm() {
     assert_eq!(held(c.meta(0)), 200, "the relay drained its buffer on SIGTERM");
 }
 
-/// Headless Chromium (Debian's `chromium`; `.ci/run` installs it), as the probes here run it.
-fn chromium(args: &[&str]) -> String {
-    let bin = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .find(|p| Path::new(p).exists())
-        .expect("chromium is not installed: apt-get install -y chromium (see README)");
-    let profile = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(bin);
-    cmd.args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
-        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("--virtual-time-budget=5000")
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().expect("start chromium");
-    // Bound its time: a hung browser must not hang the suite.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("chromium did not finish within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
-    out
-}
-
-/// The text of the first element carrying `marker` (an attribute or class), up to its close.
-fn figure_after<'a>(dom: &'a str, marker: &str, inner: &str) -> &'a str {
-    let at = dom.find(marker).unwrap_or_else(|| panic!("{marker} not in the page:\n{dom}"));
-    let rest = &dom[at..];
-    let open = rest.find(inner).unwrap_or_else(|| panic!("{inner} after {marker}")) + inner.len();
-    let close = rest[open..].find('<').unwrap();
-    &rest[open..open + close]
-}
-
 #[test]
 fn fleet_page_shows_the_gathered_figures_and_a_partial_banner() {
-    let mut c = Cluster::files(2);
+    let mut c = Cluster::files(2, AGENTS);
     c.start_meta(0);
     c.start_meta(1);
     let m = c.meta(0);

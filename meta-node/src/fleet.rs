@@ -129,6 +129,26 @@ impl<'c> AgentQuery<'c> {
         }
     }
 
+    /// Number of [`variant`](Self::variant)s: each class, told its rollout's target or not.
+    fn variants(&self) -> usize {
+        self.config.class_count() * 2
+    }
+
+    /// What decides a host's desired state of the agent: its class, and whether its last
+    /// answer told it the target of the agent's rollout.
+    fn variant(&self, host: &Host) -> usize {
+        let told = self.rollout.is_some_and(|r| host.told & (1 << r) != 0);
+        self.class_of(host).0 as usize * 2 + usize::from(told)
+    }
+
+    /// The agent's desired state for hosts of a variant (None when the config lacks the agent).
+    fn desired_of(&self, variant: usize) -> Option<&'c ops_config::DesiredAgent> {
+        let i = self.agent_index?;
+        let class = ClassId((variant / 2) as u32);
+        let target = if variant % 2 == 1 { self.rollout.and_then(|r| self.config.class_target(class, r)) } else { None };
+        Some(target.unwrap_or(&self.config.class(class)[i]))
+    }
+
     fn class_of(&self, host: &Host) -> ClassId {
         if host.generation == self.generation { ClassId(u32::from(host.class)) } else { self.config.class_of(&host.name) }
     }
@@ -144,12 +164,7 @@ impl<'c> AgentQuery<'c> {
     ) -> Option<Row<'a>> {
         let agents = shard.agents(host);
         let pos = agent_sym.and_then(|s| shard.agent(host, s));
-        let desired = self.agent_index.map(|i| {
-            let class = self.class_of(host);
-            let target = self.rollout.filter(|&r| host.told & (1 << r) != 0).and_then(|r| self.config.class_target(class, r));
-            let d = target.unwrap_or(&self.config.class(class)[i]);
-            Desired { version: d.version.as_str(), cmd: d.cmd.as_str() }
-        });
+        let desired = self.desired_of(self.variant(host)).map(|d| Desired { version: d.version.as_str(), cmd: d.cmd.as_str() });
         if pos.is_none() && desired.is_none() {
             return None;
         }
@@ -278,16 +293,14 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
     let agent_sym = store.symbols().reader().get(q.agent);
     let desired_syms: Vec<Option<(Option<Sym>, bool)>> = {
         let syms = store.symbols().reader();
-        (0..q.config.class_count())
-            .map(|c| q.agent_index.map(|ai| &q.config.class(ClassId(c as u32))[ai]).map(|d| (syms.get(&d.version), d.cmd == "start")))
-            .collect()
+        (0..q.variants()).map(|v| q.desired_of(v).map(|d| (syms.get(&d.version), d.cmd == "start"))).collect()
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
     // Groups and distinct statuses are few: small vectors searched linearly beat hashing.
     type Partial = (Vec<((Sym, u8, State), u64)>, Vec<u64>);
     let scan = |t: usize| -> Partial {
         let mut groups: Vec<((Sym, u8, State), u64)> = Vec::new();
-        let mut by_class = vec![0u64; q.config.class_count()];
+        let mut by_class = vec![0u64; q.variants()];
         let mut started_cache: Vec<(Sym, bool)> = Vec::new();
         for i in (t..SHARDS).step_by(threads) {
             let shard = store.shard(i);
@@ -298,7 +311,7 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
             for (_, host) in shard.hosts().filter(|(_, h)| scope.includes(h) && prefix.is_none_or(|p| h.name.starts_with(p))) {
                 let agents = shard.agents(host);
                 let pos = agent_sym.and_then(|s| shard.agent(host, s));
-                let class = if q.agent_index.is_some() { q.class_of(host).0 as usize } else { 0 };
+                let class = if q.agent_index.is_some() { q.variant(host) } else { 0 };
                 let desired = desired_syms.get(class).copied().flatten();
                 if pos.is_none() && desired.is_none() {
                     continue;
@@ -348,7 +361,7 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
         out
     });
     let mut groups: hashbrown::HashMap<(Sym, u8, State), u64> = hashbrown::HashMap::new();
-    let mut desired_by_class = vec![0u64; q.config.class_count()];
+    let mut desired_by_class = vec![0u64; q.variants()];
     for (g, c) in partials {
         for (k, n) in g {
             *groups.entry(k).or_default() += n;
@@ -358,12 +371,9 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
         }
     }
     let mut desired: hashbrown::HashMap<(String, String), u64> = hashbrown::HashMap::new();
-    if let Some(ai) = q.agent_index {
-        for (c, n) in desired_by_class.iter().enumerate() {
-            if *n > 0 {
-                let d = &q.config.class(ClassId(c as u32))[ai];
-                *desired.entry((d.version.clone(), d.cmd.clone())).or_default() += n;
-            }
+    for (v, n) in desired_by_class.iter().enumerate() {
+        if let Some(d) = q.desired_of(v).filter(|_| *n > 0) {
+            *desired.entry((d.version.clone(), d.cmd.clone())).or_default() += n;
         }
     }
     let syms = store.symbols().reader();

@@ -317,11 +317,14 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
         }));
         if let Some(c) = &node.cluster {
             let n = node.clone();
+            let nodes = relay::rollout::Nodes {
+                client: c.client.clone(),
+                addrs: c.map.nodes.iter().map(|n| n.addr).collect(),
+                skip: Some(c.me),
+                token: node.settings.token.clone(),
+            };
             tracker.spawn(node.rollouts.clone().poll(
-                c.client.clone(),
-                c.map.nodes.iter().map(|n| n.addr).collect(),
-                Some(c.me),
-                node.settings.token.clone(),
+                nodes,
                 node.settings.rollout_interval,
                 move || Some(n.desired.current()),
                 background.clone(),

@@ -115,10 +115,9 @@ impl Controller {
                     }
                     Verdict::Halted { failed, decided } => {
                         saved.halt_reason = format!(
-                            "{failed} of {decided} decided hosts failed ({:.1} %, halt at {:.1} %) on {}",
+                            "{failed} of {decided} decided hosts failed ({:.1} %, halt at {:.1} %)",
                             *failed as f64 * 100.0 / *decided as f64,
                             f64::from(spec.policy.failed_ratio_bp) / 100.0,
-                            self.node_id
                         );
                         tracing::warn!(agent = %agent.name, target = %key.1, reason = %saved.halt_reason, "rollout halted");
                     }

@@ -151,10 +151,7 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
     tracker.spawn(relay.config.clone().poll(client.clone(), addrs.clone(), relay.settings.config_poll, relay.stop.clone()));
     let config = relay.config.clone();
     tracker.spawn(relay.rollouts.clone().poll(
-        client,
-        addrs,
-        None,
-        relay.settings.forward.token.clone(),
+        crate::rollout::Nodes { client, addrs, skip: None, token: relay.settings.forward.token.clone() },
         relay.settings.config_poll,
         move || config.current(),
         relay.stop.clone(),

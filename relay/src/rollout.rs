@@ -284,18 +284,16 @@ impl FleetView {
         Ok(())
     }
 
-    /// Polls the nodes at `addrs` (skipping `skip`, a meta node's own index) every `period`
-    /// until `stop`; `current` gives the config to prune in-flight hosts against.
+    /// Polls `nodes` every `period` until `stop`; `current` gives the config to prune
+    /// in-flight hosts against.
     pub async fn poll(
         self: Arc<Self>,
-        client: reqwest::Client,
-        addrs: Vec<SocketAddr>,
-        skip: Option<usize>,
-        token: Option<String>,
+        nodes: Nodes,
         period: Duration,
         current: impl Fn() -> Option<Arc<Loaded>> + Send + 'static,
         stop: CancellationToken,
     ) {
+        let Nodes { client, addrs, skip, token } = nodes;
         let mut failing = vec![false; addrs.len()];
         loop {
             let polls = addrs.iter().enumerate().filter(|(i, _)| Some(*i) != skip).map(|(i, addr)| {
@@ -322,6 +320,17 @@ impl FleetView {
             }
         }
     }
+}
+
+/// The meta nodes a [`FleetView`] polls.
+pub struct Nodes {
+    pub client: reqwest::Client,
+    /// Cluster map order.
+    pub addrs: Vec<SocketAddr>,
+    /// A meta node's own index: it hands its state over directly.
+    pub skip: Option<usize>,
+    /// The cluster token (`/internal/rollout` is an internal call).
+    pub token: Option<String>,
 }
 
 /// Writes `bytes` to a temporary file, syncs it and renames it over `path`.

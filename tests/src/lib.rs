@@ -8,6 +8,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
+
 /// Longest a test waits for a process to come up or go down.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 

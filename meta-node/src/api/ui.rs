@@ -24,7 +24,7 @@ pub(super) async fn page() -> Response {
 }
 
 /// The agents of the config this node serves, in file order, with their default version and
-/// the prefixes of their `others` groups.
+/// the prefixes of their `others` groups, and whether they have a staged rollout.
 pub(super) async fn agents(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     let loaded = node.desired.current();
     let agents: Vec<serde_json::Value> = loaded
@@ -33,7 +33,8 @@ pub(super) async fn agents(State(node): State<Arc<Node>>) -> Json<serde_json::Va
         .iter()
         .map(|a| {
             let prefixes: Vec<&str> = a.others.iter().map(|o| o.prefix.as_str()).collect();
-            serde_json::json!({ "name": a.name, "version": a.default.version, "cmd": a.default.cmd, "prefixes": prefixes })
+            serde_json::json!({ "name": a.name, "version": a.default.version, "cmd": a.default.cmd, "prefixes": prefixes,
+                "rollout": a.rollout.is_some() })
         })
         .collect();
     Json(serde_json::json!({ "agents": agents }))

@@ -1,0 +1,355 @@
+//! End-to-end tests of staged rollouts: 3 real meta nodes, 2 real relays, simulated updaters
+//! (each host reports its version, installs what it is told, or fails to).
+
+use std::time::{Duration, Instant};
+
+use ops_e2e::cluster::{Cluster, TOKEN, chromium};
+use ops_e2e::{eventually, get_json, get_json_auth, get_text, post_json};
+use serde_json::{Value, json};
+
+const FROM: &str = "5.1.3";
+const TARGET: &str = "5.1.5";
+/// Meta-node flags: judge and poll the peers often, so a wave takes about a second.
+const FAST: &[&str] = &["--rollout-interval-ms", "200"];
+
+/// agents.toml with a rollout of falcon-agent from 5.1.3 to 5.1.5 over 10/50/100 %, plus
+/// `extra` lines in `[agent.rollout]`.
+fn agents(extra: &str) -> String {
+    format!(
+        r#"
+[[agent]]
+name = "falcon-agent"
+tarball = "http://files.example/releases/falcon"
+run_user = "falcon"
+work_dir = "/home/falcon/open-falcon"
+default = {{ version = "{TARGET}", md5 = "", cmd = "start" }}
+
+  [[agent.others]]
+  prefix = "canary-"
+  version = "5.1.9"
+  md5 = ""
+
+  [agent.rollout]
+  from = {{ version = "{FROM}", md5 = "" }}
+  waves = [10, 50, 100]
+  advance_at = 0.9
+  deadline = "10m"
+  halt_when = {{ failed_ratio = 0.2, min_sample = 4 }}
+{extra}
+"#
+    )
+}
+
+/// A host's wave by the membership rule (waves 10/50/100).
+fn wave_of(host: &str) -> usize {
+    wave_in(&[10, 50, 100], host)
+}
+
+fn wave_in(waves: &[u8], host: &str) -> usize {
+    ops_config::rollout::wave_of(waves, ops_config::rollout::bucket("falcon-agent", TARGET, host))
+}
+
+/// How a simulated host takes being told a new version.
+#[derive(Clone, Copy, PartialEq)]
+enum Install {
+    Works,
+    /// Hosts whose name hashes odd fail the target: `lastError`, old version kept.
+    HalfFail,
+    /// Never gets anywhere (no error either): stays in flight.
+    Hangs,
+}
+
+struct Host {
+    name: String,
+    version: String,
+    error: String,
+    /// Ever answered the target version.
+    told: bool,
+}
+
+struct Sim {
+    hosts: Vec<Host>,
+    install: Install,
+    /// The rollout's waves (for the membership checks).
+    waves: Vec<u8>,
+}
+
+impl Sim {
+    fn new(n: usize) -> Sim {
+        let hosts = (0..n)
+            .map(|i| Host {
+                name: if i % 20 == 0 { format!("canary-{i:04}") } else { format!("host-{i:04}") },
+                version: FROM.into(),
+                error: String::new(),
+                told: false,
+            })
+            .collect();
+        Sim { hosts, install: Install::Works, waves: vec![10, 50, 100] }
+    }
+
+    fn fails(name: &str) -> bool {
+        ops_config::rollout::bucket("bad", "build", name) % 2 == 1
+    }
+
+    /// One heartbeat per host (host i through relay i % 2); returns the hosts told the target
+    /// in this round.
+    fn round(&mut self, c: &Cluster) -> Vec<String> {
+        let mut told = Vec::new();
+        for (i, h) in self.hosts.iter_mut().enumerate() {
+            let relay = &c.relays[i % c.relays.len()];
+            let mut agent = json!({"name": "falcon-agent", "version": h.version, "status": "started", "timestamp": 1});
+            if !h.error.is_empty() {
+                agent["lastError"] = json!(h.error);
+            }
+            let (status, reply) = post_json(&relay.url("/heartbeat"), json!({"hostname": h.name, "realAgents": [agent]}).to_string());
+            assert_eq!(status, 200, "{}: {reply}", h.name);
+            let desired = reply["desiredAgents"][0]["version"].as_str().unwrap().to_owned();
+            if desired == TARGET {
+                h.told = true;
+                told.push(h.name.clone());
+            }
+            if desired == h.version {
+                h.error.clear();
+                continue;
+            }
+            match self.install {
+                Install::HalfFail if desired == TARGET && Sim::fails(&h.name) => h.error = format!("install {desired}: md5 mismatch"),
+                Install::Hangs => {}
+                _ => {
+                    h.version = desired;
+                    h.error.clear();
+                }
+            }
+        }
+        told
+    }
+
+    fn on(&self, version: &str) -> usize {
+        self.hosts.iter().filter(|h| h.version == version && h.error.is_empty()).count()
+    }
+
+    fn rollout_hosts(&self) -> impl Iterator<Item = &Host> {
+        self.hosts.iter().filter(|h| !h.name.starts_with("canary-"))
+    }
+}
+
+/// The highest fleet wave any relay serves.
+fn relay_wave(c: &Cluster) -> usize {
+    c.relays.iter().map(|r| get_json(&r.url("/health")).1["rollouts"][0]["fleetWave"].as_u64().unwrap_or(0) as usize).max().unwrap_or(0)
+}
+
+fn rollout(c: &Cluster, i: usize) -> Value {
+    let (status, v) = get_json(&c.meta(i).url("/rollout/falcon-agent"));
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+/// Runs rounds until `done` or `limit`; after each round checks that no host outside the
+/// waves the relays serve was told the target.
+fn run_until(c: &Cluster, sim: &mut Sim, limit: Duration, mut done: impl FnMut(&Sim, &Cluster) -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let told = sim.round(c);
+        let wave = relay_wave(c);
+        for h in &told {
+            let k = wave_in(&sim.waves, h);
+            assert!(k <= wave.max(1), "{h} (wave {k}) told while the relays serve wave {wave}");
+        }
+        if done(sim, c) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// Rewrites every node's agents.toml and reloads them all.
+fn reconfigure(c: &Cluster, text: &str) {
+    for i in 0..c.metas.len() {
+        std::fs::write(c.agents_file(i), text).unwrap();
+    }
+    let (status, reply) = get_json_auth(&c.meta(0).url("/config/reload?all=1"), TOKEN);
+    assert_eq!(status, 200, "{reply}");
+    let hash = ops_config::content_hash(text.as_bytes());
+    for r in &c.relays {
+        eventually(Duration::from_secs(20), || (get_json(&r.url("/health")).1["configHash"] == hash.as_str()).then_some(()))
+            .expect("relays take the new config");
+    }
+}
+
+#[test]
+fn a_rollout_advances_wave_by_wave_to_every_host() {
+    let c = Cluster::up_with(3, 2, &agents(r#"  soak = "1s""#), FAST);
+    let mut sim = Sim::new(240);
+    let done = run_until(&c, &mut sim, Duration::from_secs(90), |s, _| s.rollout_hosts().all(|h| h.version == TARGET));
+    assert!(done, "every host reached {TARGET}: {} did", sim.on(TARGET));
+    sim.round(&c); // the last installs are reported
+    // Canaries (an others group) stay outside the rollout.
+    assert!(sim.hosts.iter().filter(|h| h.name.starts_with("canary-")).all(|h| h.version == "5.1.9" && !h.told));
+
+    let r = eventually(Duration::from_secs(10), || {
+        let r = rollout(&c, 1);
+        let converged: u64 = r["waves"].as_array().unwrap().iter().map(|w| w["converged"].as_u64().unwrap()).sum();
+        (converged == 228).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("the gathered rollout counts every converged host: {}", rollout(&c, 1)));
+    assert_eq!(r["fleetWave"], 3, "{r}");
+    assert_eq!(r["halted"], false);
+    assert_eq!(r["partial"], false);
+    assert_eq!(r["estimatedSecondsToFull"], 0);
+    let targeted: Vec<u64> = r["waves"].as_array().unwrap().iter().map(|w| w["targeted"].as_u64().unwrap()).collect();
+    let want: Vec<u64> = (1..=3).map(|k| sim.rollout_hosts().filter(|h| wave_of(&h.name) == k).count() as u64).collect();
+    assert_eq!(targeted, want, "per-wave targeted = membership by the md5 rule");
+    assert!(r["nodes"].as_array().unwrap().iter().all(|n| n["approvedWave"] == 3 && n["reachable"] == true), "{r}");
+
+    let metrics = get_text(&c.meta(0).url("/metrics")).1;
+    assert!(metrics.contains(r#"ops_meta_rollout_wave{agent="falcon-agent"} 3"#), "{metrics}");
+    assert!(metrics.contains(r#"ops_meta_rollout_halted{agent="falcon-agent"} 0"#));
+    assert!(metrics.contains(r#"ops_meta_rollout_hosts{agent="falcon-agent",wave="1",state="converged"}"#));
+    // Status queries know what each host should run now.
+    let summary = get_json(&c.meta(2).url("/status/summary/falcon-agent")).1;
+    assert_eq!(summary["converged"], 240, "{summary}");
+}
+
+#[test]
+fn a_bad_build_halts_in_wave_1_and_abort_brings_every_host_back() {
+    let text = agents(r#"  soak = "1s""#);
+    let c = Cluster::up_with(3, 2, &text, FAST);
+    let mut sim = Sim::new(240);
+    sim.install = Install::HalfFail;
+    let halted = run_until(&c, &mut sim, Duration::from_secs(60), |_, c| rollout(c, 0)["halted"] == true);
+    assert!(halted, "the rollout halts: {}", rollout(&c, 0));
+    // Keep going: a halted rollout tells nobody new, and nothing outside wave 1 ever hears of it.
+    run_until(&c, &mut sim, Duration::from_secs(3), |_, _| false);
+    let outside: Vec<&str> = sim.hosts.iter().filter(|h| h.told && wave_of(&h.name) > 1).map(|h| h.name.as_str()).collect();
+    assert!(outside.is_empty(), "hosts outside wave 1 received the bad build: {outside:?}");
+    let r = rollout(&c, 2);
+    assert_eq!(r["fleetWave"], 1, "{r}");
+    let by = r["haltedBy"].as_array().unwrap();
+    assert!(!by.is_empty() && by[0].as_str().unwrap().contains("decided hosts failed"), "{r}");
+    assert!(r["estimatedSecondsToFull"].is_null());
+    assert!(c.relays.iter().all(|x| get_json(&x.url("/health")).1["rollouts"][0]["halted"] == true));
+    let changed = sim.on(TARGET);
+    assert!(changed > 0, "some wave-1 hosts installed it before the halt");
+    assert!(get_text(&c.meta(0).url("/metrics")).1.contains(r#"ops_meta_rollout_halted{agent="falcon-agent"} 1"#));
+
+    // The fleet page shows the halt and the waves (headless Chromium).
+    let dom = chromium(&["--dump-dom", &c.meta(1).url("/ui/")]);
+    assert!(dom.contains(r#"data-halted="falcon-agent""#) && dom.contains("HALTED at wave 1"), "{dom}");
+    assert!(dom.contains(r#"data-wave="3""#) && dom.contains("wave 1 of 3"), "{dom}");
+    let shot = ops_e2e::workspace_root().join("target/tmp/fleet-page-halted.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    chromium(&["--window-size=1200,800", &format!("--screenshot={}", shot.display()), &c.meta(1).url("/ui/")]);
+    assert!(std::fs::metadata(&shot).map(|m| m.len() > 1000).unwrap_or(false), "screenshot written");
+
+    // Abort: every host goes back to `from`.
+    reconfigure(&c, &agents("  soak = \"1s\"\n  abort = true"));
+    let back = run_until(&c, &mut sim, Duration::from_secs(30), |s, _| s.rollout_hosts().all(|h| h.version == FROM && h.error.is_empty()));
+    assert!(back, "every host back on {FROM}: {} are", sim.on(FROM));
+    let again = sim.round(&c);
+    assert!(again.is_empty(), "nobody is told the target after an abort: {again:?}");
+}
+
+#[test]
+fn a_killed_meta_node_holds_the_wave_and_a_restarted_relay_serves_the_same_wave() {
+    let mut c = Cluster::up_with(3, 2, &agents(r#"  soak = "1s""#), FAST);
+    let mut sim = Sim::new(240);
+    assert!(run_until(&c, &mut sim, Duration::from_secs(30), |_, c| relay_wave(c) >= 1), "wave 1 opens");
+    // The surviving nodes have heard meta-3 approve wave 1 (they poll it like relays do).
+    for i in 0..2 {
+        let seen = eventually(Duration::from_secs(10), || {
+            get_text(&c.meta(i).url("/metrics")).1.contains(r#"ops_meta_rollout_wave{agent="falcon-agent"} 1"#).then_some(())
+        });
+        assert!(seen.is_some(), "meta-{} sees fleet wave 1", i + 1);
+    }
+    c.metas[2].as_ref().unwrap().proc.signal("KILL");
+    c.metas[2] = None;
+    // Others approve waves 2 and 3 on their own; the fleet stays at meta-3's last word.
+    run_until(&c, &mut sim, Duration::from_secs(6), |_, _| false);
+    assert_eq!(relay_wave(&c), 1);
+    let r = rollout(&c, 0);
+    assert_eq!(r["fleetWave"], 1, "{r}");
+    assert_eq!(r["partial"], true);
+    assert_eq!(r["missingNodes"], json!(["meta-3"]));
+    assert!(r["nodes"][0]["approvedWave"].as_u64().unwrap() > 1, "the live nodes went on: {r}");
+    assert!(sim.hosts.iter().all(|h| !h.told || wave_of(&h.name) == 1));
+
+    // A relay restarted now (meta-3 still down) serves wave 1 from its copy on disk.
+    c.restart_relay(0);
+    let wave1 = sim.hosts.iter().position(|h| wave_of(&h.name) == 1 && !h.name.starts_with("canary-")).unwrap();
+    let host = &sim.hosts[wave1].name;
+    let (_, reply) = post_json(
+        &c.relays[0].url("/heartbeat"),
+        json!({"hostname": host, "realAgents": [{"name": "falcon-agent", "version": TARGET, "status": "started", "timestamp": 1}]})
+            .to_string(),
+    );
+    assert_eq!(reply["desiredAgents"][0]["version"], TARGET, "restarted relay still serves wave 1");
+    assert_eq!(get_json(&c.relays[0].url("/health")).1["rollouts"][0]["fleetWave"], 1);
+
+    // meta-3 back: it reads its state from disk and the rollout goes on to the end.
+    c.start_meta(2);
+    let done = run_until(&c, &mut sim, Duration::from_secs(60), |s, _| s.rollout_hosts().all(|h| h.version == TARGET));
+    assert!(done, "rollout completes once meta-3 is back: {} on {TARGET}", sim.on(TARGET));
+}
+
+#[test]
+fn pause_and_the_window_hold_the_rollout() {
+    let c = Cluster::up_with(3, 2, &agents("  soak = \"3s\"\n  paused = true"), FAST);
+    let mut sim = Sim::new(120);
+    run_until(&c, &mut sim, Duration::from_secs(3), |_, _| false);
+    assert!(sim.hosts.iter().all(|h| !h.told), "paused from the start: nobody told");
+    let r = rollout(&c, 0);
+    assert_eq!(r["fleetWave"], 0);
+    assert!(r["nodes"].as_array().unwrap().iter().all(|n| n["verdict"] == "paused"), "{r}");
+
+    reconfigure(&c, &agents(r#"  soak = "3s""#));
+    assert!(run_until(&c, &mut sim, Duration::from_secs(20), |_, c| relay_wave(c) >= 1), "unpaused: wave 1 opens");
+    reconfigure(&c, &agents("  soak = \"3s\"\n  paused = true"));
+    run_until(&c, &mut sim, Duration::from_secs(6), |_, _| false);
+    assert_eq!(relay_wave(&c), 1, "paused at wave 1: {}", rollout(&c, 0));
+    assert!(sim.hosts.iter().all(|h| !h.told || wave_of(&h.name) == 1));
+
+    // A window that is closed now (it opens two hours from now) holds it too.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let hour = (now / 3600 + 2) % 24;
+    let window =
+        format!("  soak = \"3s\"\n  window = {{ days = \"all\", hours = \"{hour:02}:00-{:02}:00\", tz = \"UTC\" }}", (hour + 1) % 24);
+    reconfigure(&c, &agents(&window));
+    run_until(&c, &mut sim, Duration::from_secs(6), |_, _| false);
+    assert_eq!(relay_wave(&c), 1, "outside the window: {}", rollout(&c, 0));
+    let r = rollout(&c, 1);
+    assert!(r["nodes"].as_array().unwrap().iter().all(|n| n["verdict"] == "outside the window"), "{r}");
+    assert!(r["estimatedSecondsToFull"].is_null());
+
+    reconfigure(&c, &agents(r#"  soak = "1s""#));
+    let done = run_until(&c, &mut sim, Duration::from_secs(60), |s, _| s.rollout_hosts().all(|h| h.version == TARGET));
+    assert!(done, "released, the rollout completes");
+}
+
+#[test]
+fn the_in_flight_limit_holds_per_relay() {
+    let text = agents("  soak = \"1s\"\n  max_in_flight_per_relay = 4").replace("waves = [10, 50, 100]", "waves = [100]");
+    let c = Cluster::up_with(3, 2, &text, FAST);
+    let mut sim = Sim::new(80);
+    sim.install = Install::Hangs;
+    sim.waves = vec![100];
+    run_until(&c, &mut sim, Duration::from_secs(30), |s, _| s.hosts.iter().filter(|h| h.told).count() >= 8);
+    run_until(&c, &mut sim, Duration::from_secs(2), |_, _| false);
+    // Hosts that hang stay in flight: 4 per relay, no more (hosts are tied to relay i % 2).
+    for (k, relay) in c.relays.iter().enumerate() {
+        let told = sim.hosts.iter().enumerate().filter(|(i, h)| i % 2 == k && h.told).count();
+        assert_eq!(told, 4, "relay {k} told {told}");
+        assert_eq!(get_json(&relay.url("/health")).1["rollouts"][0]["inFlight"], 4);
+        assert!(get_text(&relay.url("/metrics")).1.contains(r#"ops_relay_rollout_in_flight{agent="falcon-agent"} 4"#));
+    }
+    // Installs work again: slots free up as hosts converge, and everybody gets there.
+    sim.install = Install::Works;
+    let done = run_until(&c, &mut sim, Duration::from_secs(90), |s, _| {
+        for k in 0..2 {
+            let pending = s.hosts.iter().enumerate().filter(|(i, h)| i % 2 == k && h.told && h.version != TARGET).count();
+            assert!(pending <= 4, "relay {k} has {pending} hosts told and not there");
+        }
+        s.rollout_hosts().all(|h| h.version == TARGET)
+    });
+    assert!(done, "the rollout completes under the limit: {} on {TARGET}", sim.on(TARGET));
+}

@@ -1,0 +1,197 @@
+//! A cluster of real meta nodes and relays for the end-to-end tests, and headless Chromium.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ops_config::ClusterMap;
+
+use crate::{Meta, Relay, eventually, free_port, get_json};
+
+/// The cluster token every test cluster uses.
+pub const TOKEN: &str = "test-cluster-token-0123456789abcdef";
+
+/// Meta nodes and relays of one test on loopback, with their files in a temporary dir.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub ports: Vec<u16>,
+    pub metas: Vec<Option<Meta>>,
+    pub relays: Vec<Relay>,
+    /// The agents.toml every node starts with.
+    pub agents: String,
+    /// Extra flags of every meta node started.
+    pub meta_args: Vec<String>,
+}
+
+impl Cluster {
+    pub fn cluster_file(&self) -> PathBuf {
+        self.dir.path().join("cluster.toml")
+    }
+
+    pub fn agents_file(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("agents-{}.toml", i + 1))
+    }
+
+    /// Writes the files for `metas` meta nodes (not started).
+    pub fn files(metas: usize, agents: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cluster.token"), format!("{TOKEN}\n")).unwrap();
+        let ports: Vec<u16> = (0..metas).map(|_| free_port()).collect();
+        let mut toml = String::from("vnodes = 1000\ntoken_file = \"cluster.token\"\n");
+        for (i, p) in ports.iter().enumerate() {
+            toml.push_str(&format!("[[node]]\nid = \"meta-{}\"\naddr = \"127.0.0.1:{p}\"\n", i + 1));
+            std::fs::write(dir.path().join(format!("agents-{}.toml", i + 1)), agents).unwrap();
+        }
+        std::fs::write(dir.path().join("cluster.toml"), toml).unwrap();
+        Cluster {
+            dir,
+            ports,
+            metas: (0..metas).map(|_| None).collect(),
+            relays: Vec::new(),
+            agents: agents.to_owned(),
+            meta_args: Vec::new(),
+        }
+    }
+
+    pub fn start_meta(&mut self, i: usize) {
+        let listen = format!("127.0.0.1:{}", self.ports[i]);
+        let id = format!("meta-{}", i + 1);
+        let (cluster, agents) = (self.cluster_file().display().to_string(), self.agents_file(i).display().to_string());
+        let data = self.dir.path().join(format!("data-{id}")).display().to_string();
+        let mut args: Vec<&str> = vec![
+            "--cluster",
+            &cluster,
+            "--id",
+            &id,
+            "--agents",
+            &agents,
+            "--data-dir",
+            &data,
+            "--flush-ms",
+            "100",
+            "--snapshot-interval-seconds",
+            "1",
+            "--sweep-interval-seconds",
+            "1",
+            "--peer-timeout-ms",
+            "2000",
+        ];
+        args.extend(self.meta_args.iter().map(String::as_str));
+        self.metas[i] = Some(Meta::start_at(&listen, &args));
+    }
+
+    fn new_relay(&self, i: usize) -> Relay {
+        let (cluster, data) =
+            (self.cluster_file().display().to_string(), self.dir.path().join(format!("relay-{}", i + 1)).display().to_string());
+        let id = format!("relay-{}", i + 1);
+        Relay::start(&[
+            "--cluster",
+            &cluster,
+            "--id",
+            &id,
+            "--data-dir",
+            &data,
+            "--flush-ms",
+            "100",
+            "--config-poll-ms",
+            "200",
+            "--request-timeout-ms",
+            "1000",
+        ])
+    }
+
+    /// Starts relay `i` (numbered from 0, id `relay-{i+1}`, data in `relay-{i+1}/`).
+    pub fn start_relay(&mut self, i: usize) -> usize {
+        let relay = self.new_relay(i);
+        self.relays.push(relay);
+        self.relays.len() - 1
+    }
+
+    /// Kills relay `i` (SIGKILL) and starts it again on its data dir (a new port).
+    pub fn restart_relay(&mut self, i: usize) {
+        self.relays[i].proc.signal("KILL");
+        let _ = self.relays[i].proc.wait_exit(Duration::from_secs(10));
+        self.relays[i] = self.new_relay(i);
+    }
+
+    pub fn meta(&self, i: usize) -> &Meta {
+        self.metas[i].as_ref().expect("meta running")
+    }
+
+    pub fn running(&self) -> impl Iterator<Item = &Meta> {
+        self.metas.iter().flatten()
+    }
+
+    /// Starts `metas` meta nodes and `relays` relays and waits for the relays' config.
+    pub fn up(metas: usize, relays: usize, agents: &str) -> Cluster {
+        Cluster::up_with(metas, relays, agents, &[])
+    }
+
+    /// [`up`](Self::up) with extra meta-node flags.
+    pub fn up_with(metas: usize, relays: usize, agents: &str, meta_args: &[&str]) -> Cluster {
+        let mut c = Cluster::files(metas, agents);
+        c.meta_args = meta_args.iter().map(|s| s.to_string()).collect();
+        for i in 0..metas {
+            c.start_meta(i);
+        }
+        for i in 0..relays {
+            c.start_relay(i);
+        }
+        for r in &c.relays {
+            let got = eventually(Duration::from_secs(20), || get_json(&r.url("/health")).1["configHash"].as_str().map(str::to_owned));
+            assert_eq!(got.as_deref(), Some(ops_config::content_hash(agents.as_bytes()).as_str()), "relay got the config");
+        }
+        c
+    }
+
+    pub fn ring_counts(&self, hosts: &[String]) -> Vec<u64> {
+        let map = ClusterMap::load(&self.cluster_file()).unwrap();
+        let ring = map.ring();
+        let mut counts = vec![0u64; map.nodes.len()];
+        for h in hosts {
+            counts[ring.owner(h)] += 1;
+        }
+        counts
+    }
+}
+
+/// Headless Chromium (Debian's `chromium`; `.ci/run` installs it), as the probes here run it.
+pub fn chromium(args: &[&str]) -> String {
+    let bin = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .expect("chromium is not installed: apt-get install -y chromium (see README)");
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--virtual-time-budget=5000")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().expect("start chromium");
+    // Bound its time: a hung browser must not hang the suite.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chromium did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    out
+}
+
+/// The text of the first element carrying `marker` (an attribute or class), up to its close.
+pub fn figure_after<'a>(dom: &'a str, marker: &str, inner: &str) -> &'a str {
+    let at = dom.find(marker).unwrap_or_else(|| panic!("{marker} not in the page:\n{dom}"));
+    let rest = &dom[at..];
+    let open = rest.find(inner).unwrap_or_else(|| panic!("{inner} after {marker}")) + inner.len();
+    let close = rest[open..].find('<').unwrap();
+    &rest[open..open + close]
+}
