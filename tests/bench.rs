@@ -53,3 +53,44 @@ fn small_bench_runs_every_phase_and_cleans_up() {
     let left = std::process::Command::new("pgrep").arg("-f").arg("ops-bench-").output().map(|o| o.stdout).unwrap_or_default();
     assert!(left.is_empty(), "processes of the bench's cluster survived: {}", String::from_utf8_lossy(&left));
 }
+
+/// Runs ops-bench with `args` and a JSON report; returns the report.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let j = json.display().to_string();
+    let mut all = vec!["--json", &j];
+    all.extend_from_slice(args);
+    let mut p = Proc::start("ops-bench", &all);
+    let status = p.wait_exit(std::time::Duration::from_secs(300));
+    assert!(status.success(), "{}", p.log());
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
+#[test]
+fn staged_bench_halts_a_bad_build_in_wave_1_and_takes_a_good_one_to_everybody() {
+    // Soak 15 min / 300 = 3 s, deadline 4 s: the waves open within seconds.
+    #[rustfmt::skip]
+    let common = ["--hosts", "20000", "--connections", "16", "--steady-seconds", "0", "--speedup", "300", "--ceiling-requests", "10000"];
+    let mut bad = common.to_vec();
+    bad.extend(["--bad-build-rate", "0.3"]);
+    let report = bench_json(&bad);
+    let r = &report["rollout"];
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(r["halted"], true, "{r}");
+    assert_eq!(r["waves_opened"], 1, "halted in wave 1: {r}");
+    // Wave 1 is 1 % of the 90 % of hosts outside the bj-web- group.
+    let blast = r["blast_radius"].as_u64().unwrap();
+    assert!(blast > 0 && blast <= 240, "blast radius {blast} hosts of 20000: {r}");
+    assert!(r["halted_by"][0].as_str().unwrap().contains("decided hosts failed"), "{r}");
+
+    let mut good = common.to_vec();
+    good.extend(["--bad-build-rate", "0"]);
+    let report = bench_json(&good);
+    let r = &report["rollout"];
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(r["halted"], false, "{r}");
+    assert_eq!(r["waves_opened"], 4, "{r}");
+    assert_eq!(r["blast_radius"], 18000, "every host outside bj-web- got it: {r}");
+    assert!(r["converged_s"]["100"].is_number(), "{r}");
+}

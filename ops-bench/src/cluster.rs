@@ -194,8 +194,14 @@ impl Cluster {
             let child = spawn(bin, &id, &args, &log)?;
             Ok(Started { addr: format!("127.0.0.1:{port}").parse()?, name: id, child, bin: bin.to_path_buf(), args, log })
         };
-        let meta_extra: Vec<String> =
-            vec!["--agents".into(), agents_file.display().to_string(), "--snapshot-interval-seconds".into(), "3600".into()];
+        let meta_extra: Vec<String> = vec![
+            "--agents".into(),
+            agents_file.display().to_string(),
+            "--snapshot-interval-seconds".into(),
+            "3600".into(),
+            "--rollout-interval-ms".into(),
+            "1000".into(),
+        ];
         for (i, port) in ports.iter().enumerate() {
             out.metas.push(start_one(&meta_bin, format!("meta-{}", i + 1), *port, &meta_extra)?);
         }

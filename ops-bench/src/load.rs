@@ -13,9 +13,9 @@ pub fn hostname(i: u64) -> String {
     if i % 10 == 0 { format!("bj-web-{i:07}") } else { format!("dc{}-host-{i:07}", i % 4) }
 }
 
-/// The heartbeat of host `i`: `falcon-agent` at `version`, its other agents at the version the
-/// bench's config gives them.
-pub fn body(i: u64, agents: usize, version: &str) -> Vec<u8> {
+/// The heartbeat of host `i`: `falcon-agent` at `version` (with `lastError` when `failed`), its
+/// other agents at the version the bench's config gives them.
+pub fn body(i: u64, agents: usize, version: &str, failed: bool) -> Vec<u8> {
     let mut s = format!(
         r#"{{"hostname":"{}","ip":"10.{}.{}.{}","runUser":"root","updaterVersion":"0.1.0","realAgents":["#,
         hostname(i),
@@ -29,9 +29,14 @@ pub fn body(i: u64, agents: usize, version: &str) -> Vec<u8> {
         }
         let name = ["falcon-agent", "mysql-monitor", "naming-agent", "deploy-agent"][a % 4];
         s.push_str(&format!(
-            r#"{{"name":"{name}{}","version":"{}","status":"started","timestamp":1700000000,"runUser":"root","workDir":"/opt/ops"}}"#,
+            r#"{{"name":"{name}{}","version":"{}","status":"started","timestamp":1700000000,"runUser":"root","workDir":"/opt/ops"{}}}"#,
             if a >= 4 { format!("-{a}") } else { String::new() },
-            if a == 0 { version } else { VERSIONS[0] }
+            if a == 0 { version } else { VERSIONS[0] },
+            if a == 0 && failed {
+                format!(r#","lastError":"install {}: md5 mismatch, kept {version}""#, VERSIONS[2])
+            } else {
+                String::new()
+            }
         ));
     }
     s.push_str("]}");
@@ -54,10 +59,21 @@ pub struct Fleet {
     installing: Vec<AtomicU8>,
     /// Milliseconds after `epoch` when the install in progress is done.
     ready_ms: Vec<AtomicU32>,
+    /// Per host: [`FAILED`] and [`TOUCHED`].
+    flags: Vec<AtomicU8>,
+    /// Hosts whose install of the rollout version fails, in basis points of the fleet.
+    bad_build_bp: u64,
 }
 
+/// The host's last install failed: it reports `lastError` and keeps its version.
+const FAILED: u8 = 1;
+/// The host was told the rollout version (`VERSIONS[2]`) at least once.
+const TOUCHED: u8 = 2;
+
 impl Fleet {
-    pub fn new(hosts: u64, agents: usize, install_delay: Duration) -> Arc<Fleet> {
+    /// A fleet of `hosts` at the first version; a share `bad_build_rate` of them (chosen by a
+    /// hash of the host number) fail to install the rollout version.
+    pub fn new(hosts: u64, agents: usize, install_delay: Duration, bad_build_rate: f64) -> Arc<Fleet> {
         let n = hosts as usize;
         Arc::new(Fleet {
             hosts,
@@ -67,7 +83,23 @@ impl Fleet {
             running: (0..n).map(|_| AtomicU8::new(0)).collect(),
             installing: (0..n).map(|_| AtomicU8::new(0)).collect(),
             ready_ms: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            flags: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            bad_build_bp: (bad_build_rate.clamp(0.0, 1.0) * 10_000.0).round() as u64,
         })
+    }
+
+    /// Whether host `i` fails the rollout version's install (a fixed pseudo-random choice).
+    fn fails(&self, i: usize) -> bool {
+        // splitmix64: host numbers are sequential, their hashes are not.
+        let mut z = (i as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % 10_000 < self.bad_build_bp
+    }
+
+    /// Hosts told the rollout version at least once (the blast radius of a bad build).
+    pub fn touched(&self) -> u64 {
+        self.flags.iter().filter(|f| f.load(Ordering::Relaxed) & TOUCHED != 0).count() as u64
     }
 
     fn now_ms(&self) -> u32 {
@@ -84,7 +116,7 @@ impl Fleet {
             self.running[i].store(installing, Ordering::Relaxed);
             running = installing;
         }
-        body(i as u64, self.agents, VERSIONS[usize::from(running)])
+        body(i as u64, self.agents, VERSIONS[usize::from(running)], self.flags[i].load(Ordering::Relaxed) & FAILED != 0)
     }
 
     /// Starts installing what the reply says host `i` should run (a real reply, parsed whole).
@@ -95,6 +127,14 @@ impl Fleet {
             && let Some(v) = VERSIONS.iter().position(|v| *v == d.version)
         {
             let v = v as u8;
+            if v == 2 {
+                self.flags[i].fetch_or(TOUCHED, Ordering::Relaxed);
+                if self.fails(i) {
+                    self.flags[i].fetch_or(FAILED, Ordering::Relaxed);
+                    return reply.error_message.is_empty();
+                }
+            }
+            self.flags[i].fetch_and(!FAILED, Ordering::Relaxed);
             if v != self.installing[i].load(Ordering::Relaxed) {
                 self.installing[i].store(v, Ordering::Relaxed);
                 if self.install_delay_ms == 0 {

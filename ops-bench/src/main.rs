@@ -51,7 +51,12 @@ struct Cli {
     /// Skip the rollout phase.
     #[arg(long)]
     no_rollout: bool,
-    /// Give up on the rollout reaching 100 % after this long.
+    /// Run the rollout staged (`[agent.rollout]`: waves 1/5/25/100 %, soak 15 min and deadline
+    /// 20 min divided by --speedup) with this share of hosts failing the new version's install
+    /// (they report `lastError` and keep the old one). 0: a good build, staged.
+    #[arg(long)]
+    bad_build_rate: Option<f64>,
+    /// Give up on the rollout reaching 100 % after this long (staged: at least 20 soaks).
     #[arg(long, default_value_t = 180)]
     rollout_timeout_seconds: u64,
     /// A simulated host told a new version reports the old one for this long (its install).
@@ -200,7 +205,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     phases.lap("start");
 
     // 1. register: one sweep of every host.
-    let fleet = load::Fleet::new(cli.hosts, cli.agents, Duration::from_millis(cli.install_delay_ms));
+    let fleet = load::Fleet::new(cli.hosts, cli.agents, Duration::from_millis(cli.install_delay_ms), cli.bad_build_rate.unwrap_or(0.0));
     let never = Arc::new(AtomicBool::new(false));
     let register = load::run(&relays, &fleet, cli.connections, "register", load::Plan::Sweep, &never).await;
     println!(
@@ -270,11 +275,16 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
 
     // 3. rollout: a new default version on every meta node; sweeps until every host runs what
     // it should, the convergence read from /status/summary.
+    let staged = cli.bad_build_rate.map(|bad_build_rate| rollout::Staged {
+        bad_build_rate,
+        soak_s: ((15.0 * 60.0 / cli.speedup).round() as u64).max(1),
+        deadline_s: ((20.0 * 60.0 / cli.speedup).round() as u64).max(1),
+    });
+    let rollout_limit = Duration::from_secs(cli.rollout_timeout_seconds.max(staged.map_or(0, |s| 20 * s.soak_s)));
     let rollout = match &cluster {
-        Some(c) if !cli.no_rollout => Some(
-            rollout::run(c, AGENTS_TOML, &relays, &fleet, &client, cli.connections, Duration::from_secs(cli.rollout_timeout_seconds))
-                .await?,
-        ),
+        Some(c) if !cli.no_rollout => {
+            Some(rollout::run(c, AGENTS_TOML, &relays, &fleet, &client, cli.connections, rollout_limit, staged).await?)
+        }
         _ => None,
     };
 
@@ -341,7 +351,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let ceiling_server = tokio::task::spawn_blocking(cluster::CeilingServer::start).await??;
     let ceiling_addr = ceiling_server.addr;
     let ceiling_n = cli.hosts.min(cli.ceiling_requests.max(1));
-    let ceiling_fleet = load::Fleet::new(ceiling_n, cli.agents, Duration::ZERO);
+    let ceiling_fleet = load::Fleet::new(ceiling_n, cli.agents, Duration::ZERO, 0.0);
     let ceiling = load::run(&[ceiling_addr], &ceiling_fleet, cli.connections, "ceiling", load::Plan::Sweep, &never).await;
     let ceiling_cpu_s = cluster::usage(ceiling_server.pid()).map_or(0.0, |u| u.1);
     drop(ceiling_server);
@@ -381,6 +391,14 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     if let Some(r) = &rollout {
         for (p, t) in &r.converged_s {
             row(&format!("rollout {p}% converged s"), t.map_or("-".to_owned(), |t| format!("{t:.1}")));
+        }
+        if let Some(s) = &r.staged {
+            row("staged: waves opened", s.waves_opened.to_string());
+            row("staged: halted after s", s.halt_s.map_or("-".to_owned(), |t| format!("{t:.1}")));
+            row(
+                "staged: blast radius hosts",
+                format!("{} ({:.2} %)", s.blast_radius, 100.0 * s.blast_radius as f64 / cli.hosts.max(1) as f64),
+            );
         }
     }
     row("summary p50 / p99 ms", format!("{:.1} / {:.1}", pct(&summary_ms, 0.5), pct(&summary_ms, 0.99)));
