@@ -67,6 +67,8 @@ pub struct FleetView {
 pub struct Answer {
     pub class: ClassId,
     pub told: u8,
+    /// The host's wave per rollout (`DesiredConfig::rollout_waves`; 0 without rollouts).
+    pub waves: u16,
     pub reply: Bytes,
 }
 
@@ -187,11 +189,15 @@ impl FleetView {
     pub fn answer(&self, loaded: &Loaded, hb: &Heartbeat<'_>, now: u32) -> Answer {
         let config = &loaded.config;
         let class = config.class_of(&hb.hostname);
-        let fleet = self.fleet(loaded);
-        if !fleet.active {
-            return Answer { class, told: 0, reply: loaded.reply(class) };
+        // Without rollouts (the usual case) nothing more is looked at.
+        if config.rollouts().next().is_none() {
+            return Answer { class, told: 0, waves: 0, reply: loaded.reply(class) };
         }
         let waves = config.rollout_waves(&hb.hostname, class);
+        let fleet = self.fleet(loaded);
+        if !fleet.active {
+            return Answer { class, told: 0, waves, reply: loaded.reply(class) };
+        }
         let mut told = 0u8;
         for (r, agent) in config.rollouts().enumerate() {
             let wave = usize::from((waves >> (4 * r)) & 0xf);
@@ -214,7 +220,7 @@ impl FleetView {
                 told |= 1 << r;
             }
         }
-        Answer { class, told, reply: loaded.reply_for(class, told) }
+        Answer { class, told, waves, reply: loaded.reply_for(class, told) }
     }
 
     /// Whether a wave member may be told the target under the in-flight limit.

@@ -41,8 +41,7 @@ async fn handle(node: &Node, body: Body) -> Result<bytes::Bytes, Refused> {
     match &node.cluster {
         Some(c) if c.ring.owner(&hb.hostname) != c.me => c.forwarder.push(&hb, now, answer.told),
         _ => {
-            let waves = if loaded.config.rollouts().next().is_some() { loaded.config.rollout_waves(&hb.hostname, answer.class) } else { 0 };
-            let tags = crate::store::Tags { class: answer.class, generation: loaded.generation, told: answer.told, waves };
+            let tags = crate::store::Tags { class: answer.class, generation: loaded.generation, told: answer.told, waves: answer.waves };
             node.store.upsert_tagged(&hb, now, tags, true);
         }
     }
