@@ -331,7 +331,10 @@ fn fleet_page_shows_the_gathered_figures_and_a_partial_banner() {
 
     let (status, agents) = get_json(&m.url("/status/agents"));
     assert_eq!(status, 200);
-    assert_eq!(agents["agents"][0], json!({"name": "falcon-agent", "version": "5.1.3", "cmd": "start", "prefixes": ["bj-web-"]}));
+    assert_eq!(
+        agents["agents"][0],
+        json!({"name": "falcon-agent", "version": "5.1.3", "cmd": "start", "prefixes": ["bj-web-"], "rollout": false})
+    );
 
     let dom = chromium(&["--dump-dom", &m.url("/ui/")]);
     assert!(dom.contains(r#"<body data-loaded="1">"#), "the page's script ran:\n{dom}");

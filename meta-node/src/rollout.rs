@@ -268,3 +268,89 @@ struct Row {
     real: Option<(crate::store::AgentState, bool)>,
     wave: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Tags;
+    use crate::{Node, Settings};
+    use ops_config::{DesiredConfig, Heartbeat};
+
+    const CONFIG: &str = r#"[[agent]]
+name = "a"
+tarball = "http://f/r"
+run_user = "u"
+work_dir = "/w"
+default = { version = "2", cmd = "start" }
+[agent.rollout]
+from = { version = "1" }
+waves = [100]
+deadline = "10m"
+halt_when = { failed_ratio = 0.5, min_sample = 4 }
+"#;
+
+    fn report(version: &str, status: &str, error: &str) -> String {
+        format!(
+            r#"{{"hostname":"h","realAgents":[{{"name":"a","version":"{version}","status":"{status}","timestamp":1,"lastError":"{error}"}}]}}"#
+        )
+    }
+
+    #[test]
+    fn hosts_are_counted_as_the_rules_say_and_the_state_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = DesiredConfig::parse(CONFIG, "t").unwrap();
+        let node = Node::new(
+            Settings::standalone("agents.toml".into(), dir.path().to_path_buf()),
+            config,
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let loaded = node.desired.current();
+        let now = unix_now();
+        // (host, version, status, lastError, told, seconds ago)
+        let hosts = [
+            ("conv", "2", "started", "", 1, 0),
+            ("stopped", "2", "stopped", "", 1, 0),
+            ("error", "1", "started", "md5 mismatch", 1, 0),
+            ("waiting", "1", "started", "", 1, 0),
+            ("untold", "1", "started", "", 0, 0),
+            ("silent", "1", "started", "", 1, 3600),
+        ];
+        for (name, version, status, error, told, ago) in hosts {
+            let body = report(version, status, error).replace("\"h\"", &format!("\"{name}\""));
+            let hb = Heartbeat::parse(body.as_bytes()).unwrap();
+            let tags = Tags { told, ..Node::tags(&loaded, name, told) };
+            node.store.upsert_tagged(&hb, now - ago, tags, true);
+        }
+        node.controller.judge(&node);
+        let r = &node.controller.report().rollouts[0];
+        let w = r.waves[0];
+        assert_eq!((w.targeted, w.told, w.converged, w.silent), (6, 5, 1, 1), "{w:?}");
+        // Failed: the target not running, and a lastError; "waiting" is within its deadline.
+        assert_eq!(w.failed, 2, "{w:?}");
+        assert_eq!(r.approved_wave, 1, "the first wave opens at once");
+        // 2 failed of 3 decided is over 50 % but under min_sample 4: not halted yet.
+        assert!(!r.halted);
+        // One more failure makes 4 decided: halted, for good, and it is saved.
+        let hb = report("1", "started", "boom").replace("\"h\"", "\"error2\"");
+        node.store.upsert_tagged(
+            &Heartbeat::parse(hb.as_bytes()).unwrap(),
+            now,
+            Tags { told: 1, ..Node::tags(&loaded, "error2", 1) },
+            true,
+        );
+        node.controller.judge(&node);
+        let r = &node.controller.report().rollouts[0];
+        assert!(r.halted && r.halt_reason.contains("3 of 4 decided hosts failed"), "{r:?}");
+        // Told an hour ago and still not there: past the deadline, failed.
+        for i in 0..SHARDS {
+            for t in node.store.shard(i).told_at_mut().values_mut() {
+                *t = now - 3600;
+            }
+        }
+        node.controller.judge(&node);
+        assert_eq!(node.controller.report().rollouts[0].waves[0].failed, 4, "the deadline counts \"waiting\" as failed");
+        let again = Controller::open("meta-1", dir.path());
+        assert_eq!(again.states.lock().values().next().map(|s| (s.approved_wave, s.halted)), Some((1, true)));
+    }
+}
