@@ -903,6 +903,8 @@ default = { version = "5.1.5", md5 = "" }
             with("waves = [1, 5, 25, 100]", "waves = [0, 100]"),
             "agents.toml:12:12: waves are percents of the fleet, 1-100, strictly increasing; got 0"
         );
+        let sixteen: Vec<String> = (85..=100).map(|p| p.to_string()).collect();
+        assert_eq!(with("waves = [1, 5, 25, 100]", &format!("waves = [{}]", sixteen.join(", "))), "agents.toml:12:11: at most 15 waves");
         assert_eq!(with("advance_at = 0.95", "advance_at = 1.5"), "agents.toml:14:16: must be a ratio in (0, 1], got 1.5");
         assert_eq!(
             with("soak = \"15m\"", "soak = \"15 minutes\""),
