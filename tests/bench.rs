@@ -16,20 +16,14 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn small_bench_runs_every_phase_and_cleans_up() {
     let _one = one_at_a_time();
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("report.json");
-    let j = json.display().to_string();
     #[rustfmt::skip]
     let args = [
-        "--hosts", "20000", "--connections", "16", "--json", &j,
+        "--hosts", "20000", "--connections", "16",
         // steady: every host once per 30 s / 10 = 3 s, for 6 s, meta-3 killed 2 s in.
         "--interval-seconds", "30", "--speedup", "10", "--steady-seconds", "6", "--kill-meta",
         "--install-delay-ms", "200", "--rollout-timeout-seconds", "120",
     ];
-    let mut p = Proc::start("ops-bench", &args);
-    let status = p.wait_exit(std::time::Duration::from_secs(300));
-    assert!(status.success(), "{}", p.log());
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let report = bench_json(&args);
     assert_eq!(report["ok"], true);
     assert_eq!(report["hosts"], 20000);
     assert_eq!(report["errors"], 0);

@@ -42,6 +42,12 @@ pub fn is_started(status: &str) -> bool {
     status.contains("started")
 }
 
+/// Converged for a rollout: the host reports the target version (`on_target`), runs as the
+/// target's `cmd` wants (`started` for "start") and reported no `lastError`.
+pub fn is_converged(on_target: bool, status: &str, cmd: &str, has_error: bool) -> bool {
+    on_target && !has_error && is_started(status) == (cmd == "start")
+}
+
 /// The wave (1-based) a bucket belongs to, given the cumulative wave percents (ending at 100).
 pub fn wave_of(waves: &[u8], bucket: u16) -> usize {
     waves.iter().position(|&p| bucket < u16::from(p) * 100).map_or(waves.len(), |i| i + 1)

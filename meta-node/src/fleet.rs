@@ -323,7 +323,7 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
                         let started = match started_cache.iter().find(|(s, _)| *s == a.status) {
                             Some(&(_, started)) => started,
                             None => {
-                                let started = syms.resolve(a.status).contains("started");
+                                let started = ops_config::rollout::is_started(syms.resolve(a.status));
                                 started_cache.push((a.status, started));
                                 started
                             }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use ops_config::rollout::{NodeReport, RolloutReport, Verdict, WaveCounts, WaveReport, is_started};
+use ops_config::rollout::{NodeReport, RolloutReport, Verdict, WaveCounts, WaveReport, is_converged};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -141,18 +141,12 @@ impl Controller {
             }
             if changed {
                 let all: Vec<&Saved> = states.values().collect();
-                if let Err(error) =
-                    relay::rollout::write_atomically(&self.path, &serde_json::to_vec_pretty(&all).expect("plain data serializes"))
-                {
+                if let Err(error) = relay::write_atomically(&self.path, &serde_json::to_vec_pretty(&all).expect("plain data serializes")) {
                     tracing::error!(%error, file = %self.path.display(), "cannot keep the rollout states");
                 }
             }
         }
-        if let Some(c) = &node.cluster {
-            node.rollouts.update(c.me, reports.clone());
-        } else {
-            node.rollouts.update(0, reports.clone());
-        }
+        node.rollouts.update(node.cluster.as_ref().map_or(0, |c| c.me), reports.clone());
         self.report.store(Arc::new(NodeReport { node: self.node_id.clone(), at: now, rollouts: reports }));
     }
 }
@@ -194,59 +188,59 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
         let syms = store.symbols().reader();
         specs.iter().map(|a| (syms.get(&a.name), syms.get(&a.default.version))).unzip()
     };
+    let deadlines: Vec<u64> = specs.iter().map(|a| a.rollout.as_ref().map_or(u64::MAX, |s| s.policy.deadline_seconds)).collect();
     for i in 0..SHARDS {
         let mut guard = store.shard(i);
         let shard = &mut *guard;
-        let syms = store.symbols().reader();
         // What the judge needs of each (host, rollout), read first: the deadline table is
         // updated after, under the same lock.
         let mut rows: Vec<Row> = Vec::new();
-        for (slot, h) in shard.hosts() {
-            if !h.owned {
-                continue;
-            }
-            let (class, waves) = if h.generation == loaded.generation {
-                (ops_config::ClassId(u32::from(h.class)), h.waves)
-            } else {
-                let class = config.class_of(&h.name);
-                (class, config.rollout_waves(&h.name, class))
-            };
-            for (r, _) in specs.iter().enumerate() {
-                let wave = usize::from((waves >> (4 * r)) & 0xf);
-                if wave == 0 || config.class_target(class, r).is_none() {
-                    continue;
+        {
+            let syms = store.symbols().reader();
+            for (slot, h) in shard.hosts().filter(|(_, h)| h.owned) {
+                let (class, waves) = if h.generation == loaded.generation {
+                    (ops_config::ClassId(u32::from(h.class)), h.waves)
+                } else {
+                    let class = config.class_of(&h.name);
+                    (class, config.rollout_waves(&h.name, class))
+                };
+                for r in 0..specs.len() {
+                    let wave = usize::from((waves >> (4 * r)) & 0xf);
+                    let Some(target) = config.class_target(class, r).filter(|_| wave > 0) else { continue };
+                    let agents = shard.agents(h);
+                    let real = names[r].and_then(|n| agents.iter().position(|a| a.name == n));
+                    let on_target = real.is_some_and(|p| targets[r] == Some(agents[p].version));
+                    let has_error = real.is_some_and(|p| h.err_mask & (1 << p) != 0);
+                    let converged = real.is_some_and(|p| is_converged(on_target, syms.resolve(agents[p].status), &target.cmd, has_error));
+                    rows.push(Row {
+                        slot,
+                        r: r as u8,
+                        wave,
+                        told: h.told & (1 << r) != 0,
+                        stale: now.saturating_sub(h.last_seen) > stale_after,
+                        on_target,
+                        has_error,
+                        converged,
+                    });
                 }
-                let agents = shard.agents(h);
-                let real = names[r].and_then(|n| agents.iter().position(|a| a.name == n)).map(|p| (agents[p], h.err_mask & (1 << p) != 0));
-                rows.push(Row { slot, r: r as u8, class, last_seen: h.last_seen, told: h.told & (1 << r) != 0, real, wave });
             }
-        }
-        if rows.is_empty() {
-            continue;
         }
         let table = shard.told_at_mut();
-        for &Row { slot, r, class, last_seen, told, real, wave } in &rows {
-            let target = config.class_target(class, usize::from(r)).expect("checked above");
-            let c = &mut out[usize::from(r)][wave - 1];
+        for row in &rows {
+            let c = &mut out[usize::from(row.r)][row.wave - 1];
+            let key = (row.slot, row.r);
             c.targeted += 1;
-            if told {
-                c.told += 1;
-            }
-            let on_target = real.is_some_and(|(a, _)| targets[usize::from(r)] == Some(a.version));
-            let has_error = real.is_some_and(|(_, e)| e);
-            let started_right = real.is_some_and(|(a, _)| is_started(syms.resolve(a.status)) == (target.cmd == "start"));
-            let key = (slot, r);
-            if on_target && started_right && !has_error {
+            c.told += u64::from(row.told);
+            if row.converged {
                 c.converged += 1;
                 if !table.is_empty() {
                     table.remove(&key);
                 }
-            } else if now.saturating_sub(last_seen) > stale_after {
+            } else if row.stale {
                 c.silent += 1;
-            } else if told {
+            } else if row.told {
                 let since = *table.entry(key).or_insert(now);
-                let deadline = specs[usize::from(r)].rollout.as_ref().map_or(u64::MAX, |s| s.policy.deadline_seconds);
-                if has_error || on_target || u64::from(now.saturating_sub(since)) >= deadline {
+                if row.has_error || row.on_target || u64::from(now.saturating_sub(since)) >= deadlines[usize::from(row.r)] {
                     c.failed += 1;
                 }
             } else if !table.is_empty() {
@@ -261,12 +255,14 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
 struct Row {
     slot: u32,
     r: u8,
-    class: ops_config::ClassId,
-    last_seen: u32,
-    told: bool,
-    /// The agent as reported, and whether it reported a `lastError`.
-    real: Option<(crate::store::AgentState, bool)>,
     wave: usize,
+    /// Its last report was answered with the target.
+    told: bool,
+    stale: bool,
+    /// Reports the target version.
+    on_target: bool,
+    has_error: bool,
+    converged: bool,
 }
 
 #[cfg(test)]

@@ -124,79 +124,99 @@ pub async fn run(
     let start = Instant::now();
     let reload = client.get(format!("http://{}/config/reload?all=1", c.metas[0].addr)).bearer_auth(token.trim()).send().await?;
     anyhow::ensure!(reload.status().is_success(), "reload all: {}", reload.text().await.unwrap_or_default());
-    let targets = [50u32, 90, 99, 100];
     let stop = Arc::new(AtomicBool::new(false));
-    if let Some(staged) = staged {
-        let poller = tokio::spawn(follow_staged(client.clone(), c.metas[0].addr, start, limit, stop.clone(), staged));
-        let (mut heartbeats, mut errors) = (0, 0);
-        while !stop.load(Ordering::Relaxed) {
-            let run = load::run(relays, fleet, connections, "rollout", Plan::Sweep, &stop).await;
-            heartbeats += run.requests;
-            errors += run.errors;
-        }
-        let (converged_s, mut result) = poller.await??;
-        result.blast_radius = fleet.touched();
-        result.hosts = fleet.hosts;
-        let show: Vec<String> =
-            converged_s.iter().map(|(p, t)| format!("{p}%: {}", t.map_or("-".to_owned(), |t| format!("{t:.1} s")))).collect();
-        let opened: Vec<String> = result.wave_open_s.iter().map(|t| format!("{t:.1} s")).collect();
-        println!(
-            "rollout (staged, bad build rate {}): {} -> {} waves {} opened at [{}]; {}; converged {}; blast radius {} hosts ({:.2} % of the fleet); {heartbeats} heartbeats, {errors} errors",
-            staged.bad_build_rate,
-            VERSIONS[0],
-            VERSIONS[2],
-            result.waves_opened,
-            opened.join(", "),
-            match result.halt_s {
-                Some(t) => format!("HALTED {t:.1} s after the reload ({})", result.halted_by.join("; ")),
-                None => "not halted".to_owned(),
-            },
-            show.join(", "),
-            result.blast_radius,
-            100.0 * result.blast_radius as f64 / fleet.hosts.max(1) as f64
-        );
-        return Ok(Rollout { converged_s, heartbeats, errors, staged: Some(result) });
-    }
-    let poller = {
-        let (client, url, stop) = (client.clone(), format!("http://{}/status/summary/falcon-agent", c.metas[0].addr), stop.clone());
-        tokio::spawn(async move {
-            let mut reached: Vec<(u32, Option<f64>)> = targets.iter().map(|&p| (p, None)).collect();
-            while start.elapsed() < limit {
-                if let Ok(r) = client.get(&url).send().await
-                    && let Ok(v) = r.json::<Value>().await
-                {
-                    let ratio = v["convergedRatio"].as_f64().unwrap_or(0.0);
-                    // The ratio counts hosts already told the new version only after the
-                    // desired side changed: wait until the summary shows the new version desired.
-                    let new_desired = v["desired"].as_array().is_some_and(|d| d.iter().any(|x| x["version"] == VERSIONS[2]));
-                    for (p, t) in reached.iter_mut() {
-                        if t.is_none() && new_desired && ratio * 100.0 >= f64::from(*p) - 1e-9 {
-                            *t = Some(start.elapsed().as_secs_f64());
-                        }
-                    }
-                }
-                if reached.iter().all(|(_, t)| t.is_some()) {
-                    break;
-                }
-                // A summary of a million hosts takes a core for tens of ms: poll gently.
-                tokio::time::sleep(Duration::from_millis(1000)).await;
-            }
-            stop.store(true, Ordering::Relaxed);
-            reached
-        })
+    let meta = c.metas[0].addr;
+    let Some(staged) = staged else {
+        let poller = tokio::spawn(follow_summary(client.clone(), meta, start, limit, stop.clone()));
+        // Relays pick the new config up within their poll period; sweeps run until convergence.
+        let (heartbeats, errors) = sweep_until(relays, fleet, connections, &stop).await;
+        let converged_s = poller.await?;
+        println!("rollout: {} -> {} converged {} ({heartbeats} heartbeats, {errors} errors)", VERSIONS[0], VERSIONS[2], show(&converged_s));
+        return Ok(Rollout { converged_s, heartbeats, errors, staged: None });
     };
-    // Relays pick the new config up within their poll period; sweeps run until convergence.
+    let poller = tokio::spawn(follow_staged(client.clone(), meta, start, limit, stop.clone(), staged));
+    let (heartbeats, errors) = sweep_until(relays, fleet, connections, &stop).await;
+    let (converged_s, mut result) = poller.await??;
+    result.blast_radius = fleet.touched();
+    result.hosts = fleet.hosts;
+    let opened: Vec<String> = result.wave_open_s.iter().map(|t| format!("{t:.1} s")).collect();
+    println!(
+        "rollout (staged, bad build rate {}): {} -> {} waves {} opened at [{}]; {}; converged {}; blast radius {} hosts ({:.2} % of the fleet); {heartbeats} heartbeats, {errors} errors",
+        staged.bad_build_rate,
+        VERSIONS[0],
+        VERSIONS[2],
+        result.waves_opened,
+        opened.join(", "),
+        match result.halt_s {
+            Some(t) => format!("HALTED {t:.1} s after the reload ({})", result.halted_by.join("; ")),
+            None => "not halted".to_owned(),
+        },
+        show(&converged_s),
+        result.blast_radius,
+        100.0 * result.blast_radius as f64 / fleet.hosts.max(1) as f64
+    );
+    Ok(Rollout { converged_s, heartbeats, errors, staged: Some(result) })
+}
+
+/// Sweeps of the whole fleet until `stop`: (heartbeats, errors).
+async fn sweep_until(relays: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize, stop: &Arc<AtomicBool>) -> (u64, u64) {
     let (mut heartbeats, mut errors) = (0, 0);
     while !stop.load(Ordering::Relaxed) {
-        let run = load::run(relays, fleet, connections, "rollout", Plan::Sweep, &stop).await;
+        let run = load::run(relays, fleet, connections, "rollout", Plan::Sweep, stop).await;
         heartbeats += run.requests;
         errors += run.errors;
     }
-    let converged_s = poller.await?;
-    let show: Vec<String> =
-        converged_s.iter().map(|(p, t)| format!("{p}%: {}", t.map_or("-".to_owned(), |t| format!("{t:.1} s")))).collect();
-    println!("rollout: {} -> {} converged {} ({heartbeats} heartbeats, {errors} errors)", VERSIONS[0], VERSIONS[2], show.join(", "));
-    Ok(Rollout { converged_s, heartbeats, errors, staged: None })
+    (heartbeats, errors)
+}
+
+/// The convergence milestones (percent, seconds from the reload once reached).
+fn milestones() -> Vec<(u32, Option<f64>)> {
+    [50u32, 90, 99, 100].iter().map(|&p| (p, None)).collect()
+}
+
+/// Marks the milestones `percent` (of 100) has reached, at `start.elapsed()`.
+fn mark(reached: &mut [(u32, Option<f64>)], percent: f64, start: Instant) {
+    for (p, t) in reached.iter_mut() {
+        if t.is_none() && percent >= f64::from(*p) - 1e-9 {
+            *t = Some(start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn show(reached: &[(u32, Option<f64>)]) -> String {
+    let parts: Vec<String> = reached.iter().map(|(p, t)| format!("{p}%: {}", t.map_or("-".to_owned(), |t| format!("{t:.1} s")))).collect();
+    parts.join(", ")
+}
+
+/// Follows `/status/summary/falcon-agent` on one meta node once a second until the fleet is
+/// converged or `limit`; sets `stop` at the end.
+async fn follow_summary(
+    client: reqwest::Client,
+    meta: SocketAddr,
+    start: Instant,
+    limit: Duration,
+    stop: Arc<AtomicBool>,
+) -> Vec<(u32, Option<f64>)> {
+    let url = format!("http://{meta}/status/summary/falcon-agent");
+    let mut reached = milestones();
+    while start.elapsed() < limit {
+        if let Ok(r) = client.get(&url).send().await
+            && let Ok(v) = r.json::<Value>().await
+        {
+            // The ratio counts hosts already told the new version only after the desired side
+            // changed: wait until the summary shows the new version desired.
+            if v["desired"].as_array().is_some_and(|d| d.iter().any(|x| x["version"] == VERSIONS[2])) {
+                mark(&mut reached, v["convergedRatio"].as_f64().unwrap_or(0.0) * 100.0, start);
+            }
+        }
+        if reached.iter().all(|(_, t)| t.is_some()) {
+            break;
+        }
+        // A summary of a million hosts takes a core for tens of ms: poll gently.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    reached
 }
 
 /// Follows `/rollout/falcon-agent` on one meta node once a second until every wave converged,
@@ -211,7 +231,7 @@ async fn follow_staged(
     staged: Staged,
 ) -> anyhow::Result<(Vec<(u32, Option<f64>)>, StagedResult)> {
     let url = format!("http://{meta}/rollout/falcon-agent");
-    let mut reached: Vec<(u32, Option<f64>)> = [50u32, 90, 99, 100].iter().map(|&p| (p, None)).collect();
+    let mut reached = milestones();
     let mut r = StagedResult {
         bad_build_rate: staged.bad_build_rate,
         soak_s: staged.soak_s,
@@ -237,10 +257,8 @@ async fn follow_staged(
             let waves = v["waves"].as_array().cloned().unwrap_or_default();
             let sum = |k: &str| waves.iter().filter_map(|w| w[k].as_u64()).sum::<u64>();
             let (converged, targeted) = (sum("converged"), sum("targeted"));
-            for (p, t) in reached.iter_mut() {
-                if t.is_none() && targeted > 0 && converged * 100 >= u64::from(*p) * targeted {
-                    *t = Some(start.elapsed().as_secs_f64());
-                }
+            if targeted > 0 {
+                mark(&mut reached, converged as f64 * 100.0 / targeted as f64, start);
             }
             if v["halted"] == true && !r.halted {
                 r.halted = true;

@@ -56,12 +56,7 @@ impl ConfigCopy {
     /// (temporary file + rename) so the disk copy is never newer than what is served... nor torn.
     pub fn install(&self, text: &str, source: &str) -> Result<Arc<Loaded>, String> {
         let config = DesiredConfig::parse(text, source).map_err(|e| e.to_string())?;
-        let path = self.dir.join(FILE_NAME);
-        let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
-        std::fs::create_dir_all(&self.dir)
-            .and_then(|()| std::fs::write(&tmp, text))
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path))
+        crate::write_atomically(&self.dir.join(FILE_NAME), text.as_bytes())
             .map_err(|e| format!("cannot keep config copy in {}: {e}", self.dir.display()))?;
         let generation = self.current.load().as_ref().map_or(1, |l| l.generation.wrapping_add(1).max(1));
         let loaded = Arc::new(Loaded::new(config, generation));

@@ -49,14 +49,6 @@ impl Loaded {
         let per_class = &self.replies[class.0 as usize];
         per_class.get(usize::from(mask)).unwrap_or(&per_class[0]).clone()
     }
-
-    /// The reply for `hostname` given the fleet's open wave of each rollout (`fleet_waves[r]`,
-    /// 0 or missing: none), with its class.
-    pub fn reply_for_host(&self, hostname: &str, fleet_waves: &[usize]) -> (ClassId, Bytes) {
-        let class = self.config.class_of(hostname);
-        let mask = if fleet_waves.iter().any(|&w| w > 0) { self.config.rollout_mask(hostname, class, fleet_waves) } else { 0 };
-        (class, self.reply_for(class, mask))
-    }
 }
 
 /// The current config and where it is reloaded from.
@@ -113,14 +105,19 @@ waves = [50, 100]
 "#;
         let loaded = Loaded::new(DesiredConfig::parse(text, "t").unwrap(), 1);
         let version = |reply: Bytes| serde_json::from_slice::<HeartbeatReply>(&reply).unwrap().desired_agents[0].version.clone();
+        // The reply a host gets when the fleet has opened `waves` of each rollout.
+        let reply_for_host = |h: &str, waves: &[usize]| {
+            let class = loaded.config.class_of(h);
+            (class, loaded.reply_for(class, loaded.config.rollout_mask(h, class, waves)))
+        };
         let hosts: Vec<String> = (0..200).map(|i| format!("h{i}")).collect();
-        assert!(hosts.iter().all(|h| version(loaded.reply_for_host(h, &[]).1) == "5.1.3"));
-        assert!(hosts.iter().all(|h| version(loaded.reply_for_host(h, &[2]).1) == "5.1.5"));
-        let half = hosts.iter().filter(|h| version(loaded.reply_for_host(h, &[1]).1) == "5.1.5").count();
+        assert!(hosts.iter().all(|h| version(reply_for_host(h, &[]).1) == "5.1.3"));
+        assert!(hosts.iter().all(|h| version(reply_for_host(h, &[2]).1) == "5.1.5"));
+        let half = hosts.iter().filter(|h| version(reply_for_host(h, &[1]).1) == "5.1.5").count();
         assert!((60..140).contains(&half), "wave 1 is about half the hosts: {half}");
         for h in &hosts {
             let in_wave = ops_config::rollout::bucket("falcon-agent", "5.1.5", h) < 5000;
-            assert_eq!(version(loaded.reply_for_host(h, &[1]).1) == "5.1.5", in_wave, "{h}");
+            assert_eq!(version(reply_for_host(h, &[1]).1) == "5.1.5", in_wave, "{h}");
         }
     }
 }

@@ -22,7 +22,7 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use compact_str::CompactString;
 use hashbrown::HashMap;
-use ops_config::rollout::{NodeReport, RolloutReport, is_started};
+use ops_config::rollout::{NodeReport, RolloutReport, is_converged};
 use ops_config::{ClassId, Heartbeat, MAX_ROLLOUTS};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -111,7 +111,7 @@ impl FleetView {
             r.verdict.clear();
             r.fleet_wave = 0;
         }
-        let saved = {
+        let bytes = {
             let mut nodes = self.nodes.lock();
             if nodes[i].as_ref() == Some(&rollouts) {
                 return;
@@ -126,16 +126,12 @@ impl FleetView {
             }
             nodes[i] = Some(rollouts);
             self.epoch.fetch_add(1, Ordering::Release);
-            self.file.as_ref().map(|_| {
-                self.ids
-                    .iter()
-                    .zip(nodes.iter())
-                    .filter_map(|(id, n)| n.clone().map(|n| (id.clone(), n)))
-                    .collect::<std::collections::BTreeMap<_, _>>()
-            })
+            let saved: std::collections::BTreeMap<&str, &Vec<RolloutReport>> =
+                self.ids.iter().zip(nodes.iter()).filter_map(|(id, n)| n.as_ref().map(|n| (id.as_str(), n))).collect();
+            serde_json::to_vec_pretty(&saved).expect("plain data serializes")
         };
-        if let (Some(path), Some(saved)) = (&self.file, saved)
-            && let Err(error) = write_atomically(path, &serde_json::to_vec_pretty(&saved).expect("plain data serializes"))
+        if let Some(path) = &self.file
+            && let Err(error) = crate::write_atomically(path, &bytes)
         {
             tracing::error!(%error, file = %path.display(), "cannot keep the rollout state on disk");
         }
@@ -198,16 +194,20 @@ impl FleetView {
         if !fleet.active {
             return Answer { class, told: 0, waves, reply: loaded.reply(class) };
         }
+        // Wave members of open waves; after a halt, members of any wave (only those already on
+        // the target keep it). Aborted rollouts and `others` groups are in neither.
+        let open = config.mask_of_waves(waves, &fleet.wave);
+        let members = config.mask_of_waves(waves, &[ops_config::rollout::MAX_WAVES; MAX_ROLLOUTS]);
         let mut told = 0u8;
         for (r, agent) in config.rollouts().enumerate() {
-            let wave = usize::from((waves >> (4 * r)) & 0xf);
+            let candidates = if fleet.halted[r] { members } else { open };
             let (Some(spec), Some(target)) = (&agent.rollout, config.class_target(class, r)) else { continue };
-            if wave == 0 || spec.policy.abort || (!fleet.halted[r] && wave > fleet.wave[r]) {
+            if candidates & (1 << r) == 0 {
                 continue;
             }
             let real = hb.real_agents.iter().find(|a| a.name == agent.name);
             let on_target = real.is_some_and(|a| a.version == target.version);
-            let converged = on_target && real.is_some_and(|a| a.last_error.is_empty() && is_started(&a.status) == (target.cmd == "start"));
+            let converged = real.is_some_and(|a| is_converged(on_target, &a.status, &target.cmd, !a.last_error.is_empty()));
             let yes = if fleet.halted[r] {
                 on_target
             } else {
@@ -337,17 +337,6 @@ pub struct Nodes {
     pub skip: Option<usize>,
     /// The cluster token (`/internal/rollout` is an internal call).
     pub token: Option<String>,
-}
-
-/// Writes `bytes` to a temporary file, syncs it and renames it over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&tmp, bytes)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
