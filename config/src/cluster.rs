@@ -19,6 +19,10 @@ use crate::location::line_col;
 /// keeps max/mean load ≤ 1.05 on 3 and on 10 nodes over a million hostnames (see the tests).
 pub const DEFAULT_VNODES: u32 = 1000;
 
+/// Most meta nodes a cluster map may list: sets of nodes travel as one `u64` bit mask
+/// ([`Ring::first_in`], the status gather).
+pub const MAX_NODES: usize = 64;
+
 /// One meta node of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSpec {
@@ -81,6 +85,9 @@ impl ClusterMap {
         };
         if raw.node.is_empty() {
             return Err(ClusterError::File { file: name, message: "no [[node]]: a cluster needs at least one meta node".into() });
+        }
+        if raw.node.len() > MAX_NODES {
+            return Err(at(raw.node[MAX_NODES].span(), format!("at most {MAX_NODES} meta nodes, got {}", raw.node.len())));
         }
         let mut nodes: Vec<NodeSpec> = Vec::with_capacity(raw.node.len());
         for n in &raw.node {
@@ -225,6 +232,25 @@ impl Ring {
     pub fn candidates<'r>(&'r self, hostname: &str) -> impl Iterator<Item = usize> + 'r {
         self.ring.calc_candidates(&hostname).map(|n| n.value)
     }
+
+    /// The first node of `hostname`'s failover order that is in `nodes` (bit i: node i), with
+    /// no allocation: the walk over the ring's points that `candidates` does, stopped at the
+    /// first point of a node in the set. `None` when the set names no node of the ring.
+    ///
+    /// This one function decides who holds and who lists a host while nodes are down, on
+    /// every relay and meta node alike (see `meta-node`'s `api::status`).
+    pub fn first_in(&self, hostname: &str, nodes: u64) -> Option<usize> {
+        let all = if self.len() >= 64 { u64::MAX } else { (1u64 << self.len()) - 1 };
+        if nodes & all == 0 {
+            return None;
+        }
+        let h = DefaultHash.hash_item(&hostname);
+        let b = (h >> (64 - BUCKET_BITS)) as usize;
+        let (lo, hi) = (self.first[b] as usize, self.first[b + 1] as usize);
+        let start = lo + self.points[lo..hi].partition_point(|p| p.0 < h);
+        let n = self.points.len();
+        (0..n).map(|k| self.points[(start + k) % n].1 as usize).find(|&i| nodes & (1 << i) != 0)
+    }
 }
 
 #[cfg(test)]
@@ -347,6 +373,30 @@ mod tests {
             sorted.sort();
             assert_eq!(sorted, vec![0, 1, 2]);
         }
+    }
+
+    /// `first_in` is the crate's failover order filtered by the set, for every set of 3 nodes
+    /// and a few of a weighted 4-node ring.
+    #[test]
+    fn first_in_is_the_first_candidate_in_the_set() {
+        for ring in [three(), Ring::new([("meta-1", 1), ("meta-2", 3), ("x", 2), ("meta-10", 1)], 50)] {
+            let all = (1u64 << ring.len()) - 1;
+            for i in 0..20_000u32 {
+                let h = hostname(i);
+                let order: Vec<usize> = ring.candidates(&h).collect();
+                for set in 0..=all {
+                    let want = order.iter().copied().find(|&c| set & (1 << c) != 0);
+                    assert_eq!(ring.first_in(&h, set), want, "{h} set {set:b}");
+                }
+                assert_eq!(ring.first_in(&h, u64::MAX), Some(ring.owner(&h)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_cluster_of_more_than_64_nodes_is_refused() {
+        let nodes: String = (0..65).map(|i| format!("[[node]]\nid = \"m{i}\"\naddr = \"127.0.0.1:{}\"\n", 1000 + i)).collect();
+        assert_eq!(parse(&nodes).unwrap_err(), "/etc/ops/cluster.toml:193:1: at most 64 meta nodes, got 65");
     }
 
     #[test]

@@ -57,30 +57,37 @@ pub struct Filter {
     pub state: Option<State>,
 }
 
-/// Which of the hosts held a scan looks at. In a cluster, owned hosts are listed by their
-/// owner and failover copies are merged by the node that gathers (see `api::status`).
+/// Which of the hosts held a scan looks at.
 #[derive(Debug, Clone, Copy)]
 pub enum Scope<'s> {
     /// Every host held (standalone).
     All,
-    /// Hosts this node owns, except those whose failover copy elsewhere is newer.
-    Owned { exclude: &'s hashbrown::HashSet<String> },
-    /// Failover copies: hosts held here but owned by another node.
-    Foreign,
+    /// In a cluster: the hosts this node answers for in a gather by the nodes in `present`
+    /// (bit i: node i, this one included). Those are the hosts it owns, and the failover
+    /// copies whose first candidate in `present` it is, which happens only while their owner
+    /// is not in `present`. Every node scanning with the same `present` thus takes each host
+    /// at most once, and once the cluster is whole each host exactly once, from its owner.
+    Held {
+        ring: &'s ops_config::Ring,
+        me: usize,
+        present: u64,
+        /// Whether any node is missing from `present` (if none is, no copy is ever taken).
+        copies: bool,
+    },
 }
 
-impl Scope<'_> {
-    pub fn includes(&self, host: &Host) -> bool {
-        match self {
-            Scope::All => true,
-            Scope::Owned { exclude } => host.owned && (exclude.is_empty() || !exclude.contains(host.name.as_str())),
-            Scope::Foreign => !host.owned,
-        }
+impl<'s> Scope<'s> {
+    /// The scope of node `me` in a gather by the nodes in `present`.
+    pub fn held(ring: &'s ops_config::Ring, me: usize, present: u64) -> Self {
+        let all = if ring.len() >= 64 { u64::MAX } else { (1u64 << ring.len()) - 1 };
+        Scope::Held { ring, me, present, copies: present & all != all }
     }
 
-    /// Whether a shard may hold hosts in scope: a scan of the copies skips shards with none.
-    pub fn may_include(&self, shard: &Shard) -> bool {
-        !matches!(self, Scope::Foreign) || shard.foreign() > 0
+    pub fn includes(&self, host: &Host) -> bool {
+        match *self {
+            Scope::All => true,
+            Scope::Held { ring, me, present, copies } => host.owned || (copies && ring.first_in(&host.name, present) == Some(me)),
+        }
     }
 }
 
@@ -225,9 +232,6 @@ pub fn scan_rows(
         let mut buf = Vec::new();
         {
             let shard = store.shard(i);
-            if !scope.may_include(&shard) {
-                continue;
-            }
             let syms = store.symbols().reader();
             for (slot, host) in shard.hosts() {
                 if !scope.includes(host) {
@@ -304,9 +308,6 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
         let mut started_cache: Vec<(Sym, bool)> = Vec::new();
         for i in (t..SHARDS).step_by(threads) {
             let shard = store.shard(i);
-            if !scope.may_include(&shard) {
-                continue;
-            }
             let syms = store.symbols().reader();
             for (_, host) in shard.hosts().filter(|(_, h)| scope.includes(h) && prefix.is_none_or(|p| h.name.starts_with(p))) {
                 let agents = shard.agents(host);

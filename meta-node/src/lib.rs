@@ -8,7 +8,9 @@
 
 pub mod api;
 pub mod fleet;
+pub mod handoff;
 pub mod metrics;
+pub mod peers;
 pub mod rollout;
 pub mod snapshot;
 pub mod store;
@@ -51,6 +53,10 @@ pub struct Settings {
     pub forward: ForwardSettings,
     /// How often rollouts are judged and the peers' rollout states polled.
     pub rollout_interval: Duration,
+    /// How often every peer's `/health` is probed (also the probe's timeout).
+    pub probe_interval: Duration,
+    /// How often failover copies are offered back to the node that should hold them.
+    pub handoff_interval: Duration,
 }
 
 impl Settings {
@@ -70,6 +76,8 @@ impl Settings {
             peer_timeout: Duration::from_secs(5),
             forward: ForwardSettings { component: "meta_forward", ..ForwardSettings::default() },
             rollout_interval: Duration::from_secs(5),
+            probe_interval: Duration::from_millis(1000),
+            handoff_interval: Duration::from_millis(1000),
         }
     }
 }
@@ -102,6 +110,8 @@ pub struct Cluster {
     pub me: usize,
     pub forwarder: Arc<Forwarder>,
     pub client: reqwest::Client,
+    /// Which nodes answer now.
+    pub alive: peers::Peers,
 }
 
 impl Cluster {
@@ -138,9 +148,11 @@ impl Node {
         let cluster = settings.cluster.as_ref().map(|map| {
             let mut forward = settings.forward.clone();
             forward.token = settings.token.clone();
+            let me = map.index_of(&settings.id).expect("main checks the id is in the cluster map");
             Cluster {
                 ring: map.ring(),
-                me: map.index_of(&settings.id).expect("main checks the id is in the cluster map"),
+                me,
+                alive: peers::Peers::new(map.nodes.len(), me),
                 forwarder: Forwarder::new(map, forward, stop),
                 client: reqwest::Client::builder().no_proxy().build().expect("http client"),
                 map: map.clone(),
@@ -340,11 +352,8 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
     let forward_stop = CancellationToken::new();
     let forwarder = node.cluster.as_ref().map(|c| tokio::spawn(c.forwarder.clone().run(forward_stop.clone())));
     if node.cluster.is_some() {
-        let n = node.clone();
-        tracker.spawn(every(node.settings.sweep_interval, background.clone(), move || {
-            let n = n.clone();
-            drop(tokio::spawn(async move { api::admin::check_peers(&n).await }));
-        }));
+        tracker.spawn(peers::probe(node.clone(), node.settings.probe_interval, background.clone()));
+        tracker.spawn(handoff::run(node.clone(), node.settings.handoff_interval, background.clone()));
     }
 
     let app = api::router(node.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();

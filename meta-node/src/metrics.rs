@@ -18,6 +18,9 @@ pub const BATCHES_RECEIVED: &str = "ops_meta_batches_received_total";
 pub const BATCH_HOSTS_RECEIVED: &str = "ops_meta_batch_hosts_received_total";
 pub const PEER_ERRORS: &str = "ops_meta_peer_errors_total";
 pub const CONFIG_DIVERGED: &str = "ops_meta_config_diverged";
+pub const PEERS_UP: &str = "ops_meta_peers_up";
+pub const FAILOVER_COPIES: &str = "ops_meta_failover_copies";
+pub const HANDOFF_HOSTS: &str = "ops_meta_handoff_hosts_total";
 pub const ROLLOUT_HOSTS: &str = "ops_meta_rollout_hosts";
 pub const ROLLOUT_WAVE: &str = "ops_meta_rollout_wave";
 pub const ROLLOUT_HALTED: &str = "ops_meta_rollout_halted";
@@ -41,6 +44,13 @@ pub fn describe() {
         ROLLOUT_IN_FLIGHT,
         Unit::Count,
         "Hosts this node answered directly and told a rollout's target that have not converged yet, by agent."
+    );
+    describe_gauge!(PEERS_UP, Unit::Count, "Meta nodes of the cluster map that answer this node's probe, itself included.");
+    describe_gauge!(FAILOVER_COPIES, Unit::Count, "Hosts held here for another node while it was down (failover copies).");
+    describe_counter!(
+        HANDOFF_HOSTS,
+        Unit::Count,
+        "Failover copies handed back to the node that should hold them (the owner once back), by node."
     );
     describe_gauge!(HOSTS_STALE, Unit::Count, "Hosts held but not heard from for stale_after.");
     describe_counter!(HOSTS_FORGOTTEN, Unit::Count, "Hosts dropped after forget_after without a report.");

@@ -689,6 +689,68 @@ impl Store {
         self.shards[i].lock()
     }
 
+    /// Failover copies held (hosts held here that another node owns).
+    pub fn copies(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().foreign as usize).sum()
+    }
+
+    /// Calls `f(target, hostname, last_seen, record)` for each failover copy of shard `i`
+    /// (0..SHARDS) that `dest` sends elsewhere, `record` being the copy as a compact record
+    /// (`ops_config::compact`): what a relay would have sent, so the receiver stores it the
+    /// way it stores any report (newest wins). The shard stays locked meanwhile: keep `f` short.
+    pub fn encode_copies(&self, i: usize, dest: impl Fn(&str) -> Option<usize>, mut f: impl FnMut(usize, &str, u32, Vec<u8>)) {
+        let shard = self.shards[i].lock();
+        if shard.foreign == 0 {
+            return;
+        }
+        let syms = self.syms.reader();
+        let mut agents = Vec::new();
+        for (slot, h) in shard.hosts().filter(|(_, h)| !h.owned) {
+            let Some(target) = dest(&h.name) else { continue };
+            agents.clear();
+            agents.extend(shard.agents(h).iter().enumerate().map(|(k, a)| ops_config::wire::RealAgent {
+                name: syms.resolve(a.name).into(),
+                version: syms.resolve(a.version).into(),
+                status: syms.resolve(a.status).into(),
+                timestamp: i64::from(a.timestamp),
+                run_user: syms.resolve(a.run_user).into(),
+                work_dir: syms.resolve(a.work_dir).into(),
+                last_error: shard.last_error(slot, h, k).unwrap_or("").into(),
+            }));
+            let ip = match shard.ip(slot, h) {
+                IpText::V4(v4) => std::borrow::Cow::Owned(v4.to_string()),
+                IpText::Str(s) => std::borrow::Cow::Borrowed(s),
+            };
+            let hb = Heartbeat {
+                hostname: h.name.as_str().into(),
+                ip,
+                run_user: syms.resolve(h.run_user).into(),
+                updater_version: syms.resolve(h.updater_version).into(),
+                real_agents: std::mem::take(&mut agents),
+            };
+            let mut record = Vec::with_capacity(256);
+            ops_config::compact::encode(h.last_seen, h.told, &hb, &mut record);
+            f(target, &h.name, h.last_seen, record);
+            agents = hb.real_agents;
+        }
+    }
+
+    /// Drops the failover copy of `name` if it is still a copy last seen at `seen` (one that
+    /// reported again meanwhile stays, to go home with the next hand-back). Returns whether
+    /// it was dropped.
+    pub fn drop_copy(&self, name: &str, seen: u32) -> bool {
+        let hash = self.hasher.hash_one(name);
+        let mut shard = self.shard_of(hash).lock();
+        let Some(slot) = shard.find(hash, name) else { return false };
+        let h = &shard.hosts[slot as usize];
+        if h.owned || h.last_seen != seen {
+            return false;
+        }
+        shard.remove_slot(slot, &self.hasher);
+        self.hosts.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
     /// Drops hosts last seen before `cutoff`, and failover copies (not owned) last seen
     /// before `copies_cutoff`; returns how many.
     pub fn forget_before(&self, cutoff: u32, copies_cutoff: u32) -> usize {
@@ -740,6 +802,37 @@ mod tests {
         assert_eq!(store.forget_before(0, 12), 1);
         assert_eq!(foreign_total(&store), 0);
         assert_eq!(store.len(), 1);
+    }
+
+    /// A copy goes out as the compact record of its last report, and is dropped only if it
+    /// did not report again meanwhile.
+    #[test]
+    fn copies_are_encoded_as_their_report_and_dropped_only_when_unchanged() {
+        let store = Store::new();
+        let copy = r#"{"hostname":"c1","ip":"10.1.2.3","runUser":"root","updaterVersion":"0.1","realAgents":[{"name":"a","version":"1","status":"started","timestamp":7,"runUser":"u","workDir":"/w","lastError":"boom"}]}"#;
+        store.upsert_tagged(&hb(copy), 50, Tags { told: 3, ..Tags::default() }, false);
+        store.upsert(&hb(r#"{"hostname":"mine","realAgents":[]}"#), 50, ClassId(0), 1, true);
+        store.upsert(&hb(r#"{"hostname":"stays","realAgents":[]}"#), 50, ClassId(0), 1, false);
+        assert_eq!(store.copies(), 2);
+        let mut out = Vec::new();
+        for i in 0..SHARDS {
+            store.encode_copies(i, |h| (h != "stays").then_some(4), |t, h, seen, rec| out.push((t, h.to_owned(), seen, rec)));
+        }
+        assert_eq!(out.len(), 1, "owned hosts and copies that stay are not sent");
+        let (target, host, seen, record) = out.pop().unwrap();
+        assert_eq!((target, host.as_str(), seen), (4, "c1", 50));
+        let mut body = Vec::new();
+        ops_config::compact::begin(&mut body);
+        body.extend_from_slice(&record);
+        let mut decoded = Vec::new();
+        ops_config::compact::decode(&body, |seen, told, h| decoded.push((seen, told, h.clone().into_owned()))).unwrap();
+        assert_eq!(decoded, vec![(50, 3, hb(copy).into_owned())]);
+        // Reported again since: stays.
+        store.upsert(&hb(r#"{"hostname":"c1","realAgents":[]}"#), 51, ClassId(0), 1, false);
+        assert!(!store.drop_copy("c1", 50));
+        assert!(!store.drop_copy("mine", 50), "an owned host is never dropped as a copy");
+        assert!(store.drop_copy("c1", 51));
+        assert_eq!((store.copies(), store.len()), (1, 2));
     }
 
     #[test]

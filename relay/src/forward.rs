@@ -49,12 +49,14 @@ impl Default for ForwardSettings {
     }
 }
 
-struct Pending {
-    seen: u32,
-    body: Bytes,
+/// One host's report on its way: when it was received, and its compact record.
+pub struct Pending {
+    pub seen: u32,
+    pub body: Bytes,
 }
 
-type Entry = (CompactString, Pending);
+/// A hostname with its report.
+pub type Entry = (CompactString, Pending);
 
 #[derive(Clone)]
 struct NodeMetrics {
@@ -169,6 +171,11 @@ impl Forwarder {
         }
     }
 
+    /// The nodes that take batches now, as a bit mask (bit i: node i).
+    pub fn up_mask(&self) -> u64 {
+        self.up.iter().enumerate().filter(|(_, u)| u.load(Ordering::Relaxed)).fold(0, |m, (i, _)| m | (1 << i))
+    }
+
     /// Hosts waiting, per node.
     pub fn pending(&self) -> Vec<usize> {
         self.buffers.iter().map(|b| b.lock().len()).collect()
@@ -256,9 +263,10 @@ impl Forwarder {
             routed.entry(owner).or_default().extend(entries);
             return;
         }
+        let up = self.up_mask();
         let mut homeless = Vec::new();
         for e in entries {
-            match self.ring.candidates(&e.0).find(|&c| self.up[c].load(Ordering::Relaxed)) {
+            match self.ring.first_in(&e.0, up) {
                 Some(target) => {
                     out.failed_over += 1;
                     self.failover_hosts.increment(1);
@@ -285,7 +293,10 @@ impl Forwarder {
         }
     }
 
-    async fn send(&self, target: usize, entries: &[Entry]) -> bool {
+    /// Sends `entries` to node `target` in batches of at most `batch_max` hosts: true when
+    /// every batch was taken (a batch refused as malformed is dropped and logged: it would
+    /// never be taken). Meta nodes also hand failover copies back through this.
+    pub async fn send(&self, target: usize, entries: &[Entry]) -> bool {
         let node = &self.nodes[target];
         let url = format!("http://{}{}", node.addr, BATCH_PATH);
         for chunk in entries.chunks(self.settings.batch_max.max(1)) {

@@ -139,17 +139,26 @@ async fn health(State(relay): State<Arc<Relay>>) -> Response {
                 .collect()
         })
         .unwrap_or_default();
-    axum::Json(serde_json::json!({
-        "rollouts": rollouts,
-        "status": if relay.config.current().is_some() { "ok" } else { "no_config" },
-        "id": relay.settings.id,
-        "configHash": relay.config.hash(),
-        "pendingHosts": pending,
-        "nodes": nodes,
-        "uptimeSeconds": relay.started.elapsed().as_secs(),
-        "version": env!("CARGO_PKG_VERSION"),
-    }))
-    .into_response()
+    // Ready means ready: until the relay holds a desired config (from a meta node or its disk
+    // copy) it cannot answer a heartbeat, so it is not healthy either.
+    let ready = relay.config.current().is_some();
+    let code = if ready { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    let reason = (!ready).then_some("no desired config yet: no meta node reached and no local copy; heartbeats get 503");
+    (
+        code,
+        axum::Json(serde_json::json!({
+            "reason": reason,
+            "rollouts": rollouts,
+            "status": if ready { "ok" } else { "no_config" },
+            "id": relay.settings.id,
+            "configHash": relay.config.hash(),
+            "pendingHosts": pending,
+            "nodes": nodes,
+            "uptimeSeconds": relay.started.elapsed().as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+        })),
+    )
+        .into_response()
 }
 
 async fn metrics_text(State(relay): State<Arc<Relay>>) -> Response {

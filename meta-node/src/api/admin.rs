@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{ApiError, authorize};
 use crate::Node;
-use crate::metrics::{CONFIG_DIVERGED, CONFIG_INFO, CONFIG_RELOADS, PEER_ERRORS};
+use crate::metrics::{CONFIG_INFO, CONFIG_RELOADS, PEER_ERRORS};
 
 #[derive(serde::Deserialize)]
 pub(super) struct ReloadParams {
@@ -107,27 +107,6 @@ async fn reload_all(node: Arc<Node>) -> Response {
     });
     let status = if all_ok { StatusCode::OK } else { StatusCode::BAD_REQUEST };
     (status, Json(body)).into_response()
-}
-
-/// Compares this node's config hash with every peer's (`/health`) and sets the divergence
-/// gauge.
-pub(crate) async fn check_peers(node: &Node) {
-    let Some(c) = &node.cluster else { return };
-    let mine = node.desired.current().config.hash().to_owned();
-    let mut diverged = false;
-    for i in c.peers() {
-        let url = format!("http://{}/health", c.map.nodes[i].addr);
-        match c.client.get(url).timeout(node.settings.peer_timeout).send().await {
-            Ok(r) => {
-                let v: serde_json::Value = r.json().await.unwrap_or_default();
-                if v["configHash"].as_str().is_some_and(|h| h != mine) {
-                    diverged = true;
-                }
-            }
-            Err(_) => metrics::counter!(PEER_ERRORS, "query" => "health").increment(1),
-        }
-    }
-    metrics::gauge!(CONFIG_DIVERGED).set(if diverged { 1.0 } else { 0.0 });
 }
 
 async fn reload_local(node: Arc<Node>) -> Result<Response, ApiError> {

@@ -1,5 +1,6 @@
-//! Internal endpoints, token-protected: batch ingest from relays and peers, and the shard
-//! queries a gathering node sends its peers (see `status`).
+//! Internal endpoints, token-protected: batch ingest from relays and peers (failover copies
+//! handed back come this way too), and the queries a gathering node sends its peers (see
+//! `status`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,13 +10,12 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use hashbrown::HashSet;
 use serde::Deserialize;
 
-use super::status::{FilterParams, Format, HostView, check_agent, local_foreign, local_host, local_seen, local_summary, stream_local_rows};
+use super::status::{FilterParams, Format, HostView, check_agent, local_host, local_summary, scope_of, stream_local_rows};
 use super::{ApiError, authorize};
 use crate::Node;
-use crate::fleet::{OwnedRow, Scope, Summary};
+use crate::fleet::Summary;
 use crate::metrics::{BATCH_HOSTS_RECEIVED, BATCHES_RECEIVED};
 
 /// `POST /internal/batch`: host reports forwarded by a relay or a peer. The newest report of a
@@ -59,45 +59,24 @@ fn ingest(node: &Node, bytes: &[u8], compact: bool) -> Result<(u64, u64), ApiErr
     result.map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-pub(super) async fn foreign(
-    State(node): State<Arc<Node>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(agent): Path<String>,
-) -> Result<Json<Vec<OwnedRow>>, ApiError> {
-    authorize(&node, peer, &headers)?;
-    check_agent(&agent)?;
-    let rows = tokio::task::spawn_blocking(move || local_foreign(&node, &agent)).await.map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(rows))
-}
-
-pub(super) async fn seen(
-    State(node): State<Arc<Node>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Json(hosts): Json<Vec<String>>,
-) -> Result<Json<std::collections::HashMap<String, u32>>, ApiError> {
-    authorize(&node, peer, &headers)?;
-    let seen = tokio::task::spawn_blocking(move || local_seen(&node, &hosts)).await.map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(seen.into_iter().collect()))
-}
-
+/// What a gathering node asks of a peer: the nodes taking part, and for summaries a prefix.
 #[derive(Deserialize, Default)]
-pub(super) struct Exclude {
-    #[serde(default)]
-    exclude: Vec<String>,
+pub(super) struct GatherBody {
+    /// Bit i: node i takes part (see `fleet::Scope::Held`).
+    present: u64,
     /// Summaries only: count the hosts whose name starts with this.
     #[serde(default)]
     prefix: Option<String>,
 }
 
-pub(super) async fn owned(
+/// `POST /internal/rows/{agent}`: this node's share of a listing, streamed.
+pub(super) async fn rows(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(agent): Path<String>,
     Query(params): Query<FilterParams>,
-    Json(body): Json<Exclude>,
+    Json(body): Json<GatherBody>,
 ) -> Result<Response, ApiError> {
     authorize(&node, peer, &headers)?;
     check_agent(&agent)?;
@@ -105,29 +84,26 @@ pub(super) async fn owned(
     let format = Format::parse(params.format.as_deref());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     tokio::task::spawn_blocking(move || {
-        let exclude: HashSet<String> = body.exclude.into_iter().collect();
-        stream_local_rows(&node, &agent, Scope::Owned { exclude: &exclude }, &filter, format, &tx);
+        stream_local_rows(&node, &agent, scope_of(&node, body.present), &filter, format, &tx);
     });
     let body =
         Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|c| c.map(Ok::<_, std::convert::Infallible>))));
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], body).into_response())
 }
 
+/// `POST /internal/summary/{agent}`: this node's share of a summary, as counts.
 pub(super) async fn summary(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(agent): Path<String>,
-    Json(body): Json<Exclude>,
+    Json(body): Json<GatherBody>,
 ) -> Result<Json<Summary>, ApiError> {
     authorize(&node, peer, &headers)?;
     check_agent(&agent)?;
-    let s = tokio::task::spawn_blocking(move || {
-        let exclude: HashSet<String> = body.exclude.into_iter().collect();
-        local_summary(&node, &agent, Scope::Owned { exclude: &exclude }, body.prefix.as_deref())
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let s = tokio::task::spawn_blocking(move || local_summary(&node, &agent, scope_of(&node, body.present), body.prefix.as_deref()))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(s))
 }
 

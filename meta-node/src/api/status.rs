@@ -2,13 +2,14 @@
 //!
 //! Listings are streamed: a blocking task formats one shard at a time into a chunk and hands
 //! it to the response through a small channel, so a million-host listing is never built whole
-//! in memory. In a cluster the node asked gathers from every node in parallel:
-//! 1. every node's failover copies (hosts it holds but does not own: few, usually none);
-//! 2. for each copy, the owner's `lastSeen` of that host: the newest report wins, the owner on
-//!    a tie, and a copy wins outright when its owner does not answer;
-//! 3. every node streams the hosts it owns, minus the ones whose copy won; the winning copies
-//!    follow. A node that does not answer makes the reply partial (`partial`/`missingNodes` in
-//!    JSON, `X-Ops-Partial`/`X-Ops-Missing-Nodes` headers and a `#partial` line in text).
+//! in memory. In a cluster the node asked gathers from every node it holds up
+//! (`peers::Peers`), passing that set along: each node answers for the hosts whose first ring
+//! candidate in the set it is (`fleet::Scope::Held`): its own hosts, and while their owner is
+//! missing, the failover copies it holds for it. Summaries travel as counts and listings as
+//! each node's own rows, so no per-host traffic crosses between nodes, and no host is counted
+//! twice. A node that is not up or does not answer makes the reply partial
+//! (`partial`/`missingNodes` in JSON, `X-Ops-Partial`/`X-Ops-Missing-Nodes` headers and a
+//! `#partial` line in text).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,13 +21,12 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use hashbrown::{HashMap, HashSet};
 use ops_config::wire::{valid_agent_name, valid_hostname};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::ApiError;
-use crate::fleet::{self, AgentQuery, Filter, OwnedRow, Scope, State as RowState, Summary};
+use crate::fleet::{self, AgentQuery, Filter, Scope, State as RowState, Summary};
 use crate::metrics::{PEER_ERRORS, STATUS_REQUESTS};
 use crate::{Node, unix_now};
 
@@ -110,35 +110,51 @@ pub(crate) fn stream_local_rows(
     open
 }
 
-/// This node's failover copies of `agent`, unfiltered (blocking).
-pub(crate) fn local_foreign(node: &Node, agent: &str) -> Vec<OwnedRow> {
-    let loaded = node.desired.current();
-    let q = AgentQuery::new(agent, &loaded, unix_now(), node.settings.stale_after_seconds);
-    let mut rows = Vec::new();
-    // Rows are collected, not formatted: the buffer stays empty and nothing is emitted.
-    fleet::scan_rows(&node.store, &q, Scope::Foreign, &Filter::default(), |row, _| rows.push(OwnedRow::from_row(row)), |_| true);
-    rows
-}
-
-/// `lastSeen` of the given hosts that this node holds (blocking).
-pub(crate) fn local_seen(node: &Node, hosts: &[String]) -> HashMap<String, u32> {
-    // (hashbrown map; the peer endpoint converts to std for serde)
-    hosts.iter().filter_map(|h| node.store.with_host(h, |_, _, host| (h.clone(), host.last_seen))).collect()
-}
-
 /// This node's summary of `agent` in `scope` (blocking).
 pub(crate) fn local_summary(node: &Node, agent: &str, scope: Scope<'_>, prefix: Option<&str>) -> Summary {
     let loaded = node.desired.current();
     fleet::summarize(&node.store, &AgentQuery::new(agent, &loaded, unix_now(), node.settings.stale_after_seconds), scope, prefix)
 }
 
-/// What the gathering node decided before asking for owned rows.
-struct Plan {
-    missing: Vec<usize>,
-    /// Failover copies that won, in hostname order.
-    winners: Vec<OwnedRow>,
-    /// Per node: owned hosts to leave out (their copy elsewhere won).
-    exclude: Vec<HashSet<String>>,
+/// Who takes part in a gather: the nodes held up now (this one included), as a mask, and
+/// the others, which make the answer partial.
+pub(crate) struct Gather {
+    pub present: u64,
+    pub missing: Vec<usize>,
+    pub nodes: usize,
+    pub me: usize,
+}
+
+impl Gather {
+    fn now(node: &Node) -> Gather {
+        match &node.cluster {
+            None => Gather { present: 1, missing: Vec::new(), nodes: 1, me: 0 },
+            Some(c) => {
+                let present = c.alive.mask();
+                let nodes = c.map.nodes.len();
+                Gather { present, missing: (0..nodes).filter(|i| present & (1 << i) == 0).collect(), nodes, me: c.me }
+            }
+        }
+    }
+
+    fn asks(&self, i: usize) -> bool {
+        self.present & (1 << i) != 0
+    }
+}
+
+/// What this node scans when a gather by the nodes in `present` asks it.
+pub(crate) fn scope_of(node: &Node, present: u64) -> Scope<'_> {
+    match &node.cluster {
+        Some(c) => Scope::held(&c.ring, c.me, present | (1 << c.me)),
+        None => Scope::All,
+    }
+}
+
+/// A peer did not answer a gather: it counts as down until the prober hears it again.
+fn peer_lost(node: &Node, peer: usize) {
+    if let Some(c) = &node.cluster {
+        c.alive.set(peer, &c.map.nodes[peer].id, false);
+    }
 }
 
 pub(super) fn peer_request(node: &Node, method: reqwest::Method, peer: usize, path: &str) -> reqwest::RequestBuilder {
@@ -153,6 +169,7 @@ pub(super) fn peer_request(node: &Node, method: reqwest::Method, peer: usize, pa
 
 fn peer_failed(node: &Node, peer: usize, what: &str, error: impl std::fmt::Display) {
     let id = node.cluster.as_ref().map_or("", |c| c.map.nodes[peer].id.as_str());
+    peer_lost(node, peer);
     metrics::counter!(PEER_ERRORS, "query" => what.to_owned()).increment(1);
     tracing::warn!(peer = id, query = what, %error, "peer did not answer a status query");
 }
@@ -180,89 +197,6 @@ pub(super) async fn peer_json<T: serde::de::DeserializeOwned>(
             None
         }
     }
-}
-
-async fn plan(node: &Arc<Node>, agent: &str) -> Plan {
-    let Some(cluster) = &node.cluster else {
-        return Plan { missing: Vec::new(), winners: Vec::new(), exclude: vec![HashSet::new()] };
-    };
-    let n = cluster.map.nodes.len();
-    // 1. failover copies from every node.
-    let foreign = futures_util::future::join_all((0..n).map(|i| {
-        let node = node.clone();
-        let agent = agent.to_owned();
-        async move {
-            if i == cluster.me {
-                let n2 = node.clone();
-                tokio::task::spawn_blocking(move || local_foreign(&n2, &agent)).await.ok()
-            } else {
-                let req = peer_request(&node, reqwest::Method::GET, i, &format!("/internal/foreign/{agent}"));
-                peer_json::<Vec<OwnedRow>>(&node, req, i, "foreign").await
-            }
-        }
-    }))
-    .await;
-    let mut missing: Vec<usize> = Vec::new();
-    let mut best: HashMap<String, OwnedRow> = HashMap::new();
-    for (i, rows) in foreign.into_iter().enumerate() {
-        let Some(rows) = rows else {
-            missing.push(i);
-            continue;
-        };
-        for row in rows {
-            match best.get(&row.hostname) {
-                Some(b) if b.last_seen >= row.last_seen => {}
-                _ => {
-                    best.insert(row.hostname.clone(), row);
-                }
-            }
-        }
-    }
-    // 2. the owners' lastSeen of those hosts.
-    let mut by_owner: Vec<Vec<String>> = vec![Vec::new(); n];
-    for host in best.keys() {
-        by_owner[cluster.ring.owner(host)].push(host.clone());
-    }
-    let seen = futures_util::future::join_all(by_owner.iter().enumerate().map(|(i, hosts)| {
-        let node = node.clone();
-        let hosts = hosts.clone();
-        let skip = hosts.is_empty() || missing.contains(&i);
-        async move {
-            if skip {
-                None
-            } else if i == cluster.me {
-                let n2 = node.clone();
-                tokio::task::spawn_blocking(move || local_seen(&n2, &hosts)).await.ok()
-            } else {
-                let req = peer_request(&node, reqwest::Method::POST, i, "/internal/seen").json(&hosts);
-                peer_json::<std::collections::HashMap<String, u32>>(&node, req, i, "seen")
-                    .await
-                    .map(|m| m.into_iter().collect::<HashMap<String, u32>>())
-            }
-        }
-    }))
-    .await;
-    let mut exclude = vec![HashSet::new(); n];
-    let mut winners = Vec::new();
-    for (i, (hosts, seen)) in by_owner.into_iter().zip(seen).enumerate() {
-        if !hosts.is_empty() && seen.is_none() && !missing.contains(&i) {
-            missing.push(i);
-        }
-        for host in hosts {
-            let Some(copy) = best.remove(&host) else { continue };
-            let owner_seen = seen.as_ref().and_then(|s| s.get(&host).copied());
-            match owner_seen {
-                Some(t) if t >= copy.last_seen => {}
-                _ => {
-                    exclude[i].insert(host);
-                    winners.push(copy);
-                }
-            }
-        }
-    }
-    winners.sort_by(|a, b| a.hostname.cmp(&b.hostname));
-    missing.sort_unstable();
-    Plan { missing, winners, exclude }
 }
 
 fn missing_ids(node: &Node, missing: &[usize]) -> Vec<String> {
@@ -311,9 +245,9 @@ impl RowSink {
 
 async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: Format) -> Result<Response, ApiError> {
     let filter = params.to_filter()?;
-    let plan = plan(&node, &agent).await;
+    let gather = Gather::now(&node);
     let (tx, mut rx) = mpsc::channel::<Bytes>(4);
-    let initially_missing = missing_ids(&node, &plan.missing);
+    let initially_missing = missing_ids(&node, &gather.missing);
     tokio::spawn(async move {
         let head = match format {
             Format::Json => format!("{{\"agent\":{},\"hosts\":[", serde_json::Value::from(agent.as_str())),
@@ -323,21 +257,13 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
             return;
         }
         let mut sink = RowSink { tx: tx.clone(), format, first: true, counter: RowCounter::new(format) };
-        let mut missing = plan.missing.clone();
-        let nodes = node.cluster.as_ref().map_or(1, |c| c.map.nodes.len());
-        let me = node.cluster.as_ref().map_or(0, |c| c.me);
-        for i in 0..nodes {
-            if missing.contains(&i) {
-                continue;
-            }
-            let exclude = plan.exclude[i].clone();
-            if i == me {
+        let mut missing = gather.missing.clone();
+        let present = gather.present;
+        for i in (0..gather.nodes).filter(|&i| gather.asks(i)) {
+            if i == gather.me {
                 let (ltx, mut lrx) = mpsc::channel::<Bytes>(4);
                 let (n2, a2, f2) = (node.clone(), agent.clone(), filter.clone());
-                let producer = tokio::task::spawn_blocking(move || {
-                    let scope = if n2.cluster.is_some() { Scope::Owned { exclude: &exclude } } else { Scope::All };
-                    stream_local_rows(&n2, &a2, scope, &f2, format, &ltx)
-                });
+                let producer = tokio::task::spawn_blocking(move || stream_local_rows(&n2, &a2, scope_of(&n2, present), &f2, format, &ltx));
                 while let Some(chunk) = lrx.recv().await {
                     if !sink.send(chunk).await {
                         return;
@@ -348,8 +274,8 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
                 let mut query = params.clone();
                 query.format = Some(format.name().to_owned());
                 let qs = serde_urlencoded_pairs(&query);
-                let body = serde_json::json!({ "exclude": exclude.iter().collect::<Vec<_>>() });
-                let req = peer_request(&node, reqwest::Method::POST, i, &format!("/internal/owned/{agent}?{qs}")).json(&body);
+                let body = serde_json::json!({ "present": present });
+                let req = peer_request(&node, reqwest::Method::POST, i, &format!("/internal/rows/{agent}?{qs}")).json(&body);
                 // Per chunk, not per stream: a large listing may take longer than the timeout.
                 let req = req.timeout(std::time::Duration::from_secs(3600));
                 match req.send().await {
@@ -364,12 +290,12 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
                                 }
                                 Ok(None) => break,
                                 Ok(Some(Err(e))) => {
-                                    peer_failed(&node, i, "owned", e);
+                                    peer_failed(&node, i, "rows", e);
                                     missing.push(i);
                                     break;
                                 }
                                 Err(_) => {
-                                    peer_failed(&node, i, "owned", "timed out mid-stream");
+                                    peer_failed(&node, i, "rows", "timed out mid-stream");
                                     missing.push(i);
                                     break;
                                 }
@@ -377,29 +303,15 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
                         }
                     }
                     Ok(r) => {
-                        peer_failed(&node, i, "owned", r.status());
+                        peer_failed(&node, i, "rows", r.status());
                         missing.push(i);
                     }
                     Err(e) => {
-                        peer_failed(&node, i, "owned", e);
+                        peer_failed(&node, i, "rows", e);
                         missing.push(i);
                     }
                 }
             }
-        }
-        let mut buf = Vec::new();
-        for copy in &plan.winners {
-            if let Some(row) = copy.as_row()
-                && filter.matches(&row)
-            {
-                match format {
-                    Format::Json => fleet::write_json_row(&row, &mut buf),
-                    Format::Text => fleet::write_text_row(&row, &mut buf),
-                }
-            }
-        }
-        if !sink.send(Bytes::from(buf)).await {
-            return;
         }
         missing.sort_unstable();
         missing.dedup();
@@ -495,44 +407,31 @@ pub(super) async fn summary(
         return Err(ApiError::BadRequest(format!("prefix must be 1-255 of [A-Za-z0-9._-], got {p:?}")));
     }
     metrics::counter!(STATUS_REQUESTS, "kind" => "summary").increment(1);
-    let plan = plan(&node, &agent).await;
-    let nodes = node.cluster.as_ref().map_or(1, |c| c.map.nodes.len());
-    let me = node.cluster.as_ref().map_or(0, |c| c.me);
-    let parts = futures_util::future::join_all((0..nodes).map(|i| {
+    let gather = Gather::now(&node);
+    let present = gather.present;
+    let parts = futures_util::future::join_all((0..gather.nodes).filter(|&i| gather.asks(i)).map(|i| {
         let node = node.clone();
         let agent = agent.clone();
-        let exclude = plan.exclude[i].clone();
-        let skip = plan.missing.contains(&i);
         let prefix = prefix.clone();
         async move {
-            if skip {
-                None
-            } else if i == me {
-                tokio::task::spawn_blocking(move || {
-                    let scope = if node.cluster.is_some() { Scope::Owned { exclude: &exclude } } else { Scope::All };
-                    local_summary(&node, &agent, scope, prefix.as_deref())
-                })
-                .await
-                .ok()
+            let part = if i == gather.me {
+                tokio::task::spawn_blocking(move || local_summary(&node, &agent, scope_of(&node, present), prefix.as_deref())).await.ok()
             } else {
-                let body = serde_json::json!({ "exclude": exclude.iter().collect::<Vec<_>>(), "prefix": prefix });
+                let body = serde_json::json!({ "present": present, "prefix": prefix });
                 let req = peer_request(&node, reqwest::Method::POST, i, &format!("/internal/summary/{agent}")).json(&body);
                 peer_json::<Summary>(&node, req, i, "summary").await
-            }
+            };
+            (i, part)
         }
     }))
     .await;
-    let mut missing = plan.missing.clone();
+    let mut missing = gather.missing.clone();
     let mut total = Summary::empty(&agent);
-    for (i, part) in parts.into_iter().enumerate() {
+    for (i, part) in parts {
         match part {
             Some(s) => total.merge(&s),
-            None if !missing.contains(&i) => missing.push(i),
-            None => {}
+            None => missing.push(i),
         }
-    }
-    for copy in plan.winners.iter().filter(|c| prefix.as_deref().is_none_or(|p| c.hostname.starts_with(p))) {
-        total.add_row(copy);
     }
     missing.sort_unstable();
     Ok(Json(SummaryReply { summary: total, partial: !missing.is_empty(), missing_nodes: missing_ids(&node, &missing) }))

@@ -1,0 +1,110 @@
+//! Hinted hand-off: failover copies go home.
+//!
+//! While a node is down, relays send its hosts' reports to the next ring candidate that is
+//! up, which keeps them as failover copies (`Host::owned == false`). Every `period`, a node
+//! holding copies sends each one to the first candidate of its host that is up now
+//! ([`ops_config::Ring::first_in`] over [`crate::peers::Peers::mask`]): the owner once it
+//! answers again, or a candidate before this node that came back first. The copies travel as
+//! compact batches through the ordinary `/internal/batch` (the receiver keeps the newest report
+//! per host), and a copy is dropped once taken unless it reported again meanwhile. Copies
+//! whose first up candidate is this node stay: they stand in for their owner in status.
+//!
+//! Cost while nothing failed: one count of the copies per period (0, nothing else). While a
+//! node is down: a scan of the copies when the view of the peers changes, after a round that
+//! sent something, and every [`RESCAN_TICKS`] periods otherwise.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use compact_str::CompactString;
+use relay::forward::{Entry, Pending};
+use tokio_util::sync::CancellationToken;
+
+use crate::Node;
+use crate::metrics::{FAILOVER_COPIES, HANDOFF_HOSTS};
+use crate::store::SHARDS;
+
+/// Periods between scans of the copies when nothing changed.
+const RESCAN_TICKS: u32 = 10;
+
+/// Shards scanned per blocking step: bounds the records built at once (a 1M-host fleet with a
+/// node down holds ~170k copies per survivor, ~11k of them per 16 shards).
+const SHARDS_PER_STEP: usize = 16;
+
+/// Runs the hand-back every `period` until `stop`.
+pub async fn run(node: Arc<Node>, period: Duration, stop: CancellationToken) {
+    if node.cluster.is_none() {
+        return;
+    }
+    let mut last_mask = 0u64;
+    let mut quiet = 0u32;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let n = node.clone();
+        let copies = tokio::task::spawn_blocking(move || n.store.copies()).await.unwrap_or(0);
+        metrics::gauge!(FAILOVER_COPIES).set(copies as f64);
+        if copies == 0 {
+            continue;
+        }
+        let mask = node.cluster.as_ref().map_or(0, |c| c.alive.mask());
+        quiet += 1;
+        if mask == last_mask && quiet < RESCAN_TICKS {
+            continue;
+        }
+        last_mask = mask;
+        let handed = hand_back(&node, mask).await;
+        quiet = if handed > 0 { RESCAN_TICKS } else { 0 };
+    }
+}
+
+/// One round: sends every copy whose first candidate up in `mask` is another node to that
+/// node, drops what was taken. Returns the hosts sent (some may stay, having reported again
+/// meanwhile: the next round takes them).
+pub async fn hand_back(node: &Arc<Node>, mask: u64) -> usize {
+    let Some(c) = &node.cluster else { return 0 };
+    let nodes = c.map.nodes.len();
+    let mut failed = 0u64;
+    let (mut sent, mut handed) = (0, 0);
+    for first in (0..SHARDS).step_by(SHARDS_PER_STEP) {
+        let n = node.clone();
+        let usable = mask & !failed;
+        let scanned = tokio::task::spawn_blocking(move || {
+            let c = n.cluster.as_ref().expect("checked above");
+            let mut out: Vec<Vec<Entry>> = (0..nodes).map(|_| Vec::new()).collect();
+            for i in first..(first + SHARDS_PER_STEP).min(SHARDS) {
+                n.store.encode_copies(
+                    i,
+                    |h| c.ring.first_in(h, usable).filter(|&t| t != c.me),
+                    |target, host, seen, record| out[target].push((CompactString::from(host), Pending { seen, body: record.into() })),
+                );
+            }
+            out
+        })
+        .await;
+        let Ok(by_target) = scanned else { return sent };
+        for (target, entries) in by_target.into_iter().enumerate() {
+            if entries.is_empty() {
+                continue;
+            }
+            if !c.forwarder.send(target, &entries).await {
+                failed |= 1 << target;
+                c.alive.set(target, &c.map.nodes[target].id, false);
+                continue;
+            }
+            sent += entries.len();
+            let n = node.clone();
+            let dropped = tokio::task::spawn_blocking(move || entries.iter().filter(|(h, p)| n.store.drop_copy(h, p.seen)).count())
+                .await
+                .unwrap_or(0);
+            handed += dropped;
+            metrics::counter!(HANDOFF_HOSTS, "node" => c.map.nodes[target].id.clone()).increment(dropped as u64);
+        }
+    }
+    if sent > 0 {
+        tracing::info!(sent, dropped = handed, "failover copies handed back");
+    }
+    sent
+}
