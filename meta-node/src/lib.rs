@@ -73,7 +73,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(10),
             token: None,
             cluster: None,
-            peer_timeout: Duration::from_secs(5),
+            peer_timeout: Duration::from_secs(2),
             forward: ForwardSettings { component: "meta_forward", ..ForwardSettings::default() },
             rollout_interval: Duration::from_secs(5),
             probe_interval: Duration::from_millis(1000),

@@ -50,9 +50,16 @@ struct Cli {
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_seconds: u64,
-    /// How long a status query waits for a peer (milliseconds).
-    #[arg(long, default_value_t = 5000)]
+    /// How long a status query waits for a peer (milliseconds; per chunk for listings). A peer
+    /// that does not answer in time is counted as down until its next probe answers, and the
+    /// reply is partial.
+    #[arg(long, default_value_t = 2000)]
     peer_timeout_ms: u64,
+    /// How often every peer's /health is probed, which is also the probe's timeout
+    /// (milliseconds). The status gather asks the peers that answered; failover copies go
+    /// back to a peer once it answers.
+    #[arg(long, default_value_t = 1000)]
+    probe_interval_ms: u64,
     /// Heartbeats of hosts owned by another node: flush period (milliseconds).
     #[arg(long, default_value_t = 1000)]
     flush_ms: u64,
@@ -98,9 +105,11 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig), String> {
     s.snapshot_interval = Duration::from_secs(cli.snapshot_interval_seconds);
     s.sweep_interval = Duration::from_secs(cli.sweep_interval_seconds);
     s.shutdown_grace = Duration::from_secs(cli.shutdown_grace_seconds);
-    if cli.peer_timeout_ms == 0 || cli.flush_ms == 0 || cli.rollout_interval_ms == 0 {
-        return Err("--peer-timeout-ms, --flush-ms and --rollout-interval-ms must be > 0".into());
+    if cli.peer_timeout_ms == 0 || cli.flush_ms == 0 || cli.rollout_interval_ms == 0 || cli.probe_interval_ms == 0 {
+        return Err("--peer-timeout-ms, --flush-ms, --rollout-interval-ms and --probe-interval-ms must be > 0".into());
     }
+    s.probe_interval = Duration::from_millis(cli.probe_interval_ms);
+    s.handoff_interval = Duration::from_millis(cli.probe_interval_ms);
     s.rollout_interval = Duration::from_millis(cli.rollout_interval_ms);
     s.peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
     s.forward.flush = Duration::from_millis(cli.flush_ms);

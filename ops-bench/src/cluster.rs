@@ -32,30 +32,54 @@ impl Started {
     /// Starts the process again with the same flags (after [`Started::kill`]) and waits until
     /// it answers `/health`.
     pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.respawn()?;
+        self.wait_ready()
+    }
+
+    /// Starts the process again with the same flags, without waiting.
+    pub fn respawn(&mut self) -> anyhow::Result<()> {
         self.child = spawn(&self.bin, &self.name, &self.args, &self.log)?;
+        Ok(())
+    }
+
+    /// Waits until the process answers `/health` with 200.
+    pub fn wait_ready(&self) -> anyhow::Result<()> {
         wait_health(self.addr)
     }
-}
 
-impl Started {
-    fn terminate(&self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+    /// Sends a signal by name (`STOP`, `CONT`, `TERM`...).
+    pub fn signal(&self, name: &str) {
+        let _ = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
     }
-}
 
-impl Drop for Started {
-    fn drop(&mut self) {
-        // SIGTERM first so relays drain and meta nodes snapshot, then make sure.
-        self.terminate();
-        let deadline = Instant::now() + Duration::from_secs(10);
+    /// SIGTERM, then waits for the exit (a meta node writes its snapshot, a relay drains);
+    /// SIGKILL after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        self.signal("TERM");
+        let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
+    }
+}
+
+impl Started {
+    fn terminate(&self) {
+        // A stopped process (SIGSTOP) would never see the TERM.
+        self.signal("CONT");
+        self.signal("TERM");
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // SIGTERM first so relays drain and meta nodes snapshot, then make sure.
+        self.signal("CONT");
+        self.stop(Duration::from_secs(10));
     }
 }
 

@@ -201,14 +201,40 @@ pub enum Plan {
     Paced { per_second: f64 },
 }
 
-/// Sends heartbeats of `fleet` to `targets` (host i always to target i % len, as an updater
-/// keeps its local relay) following `plan`, with `connections` requests in flight, showing a
-/// progress bar; each host installs what it is told. Stops early when `stop` is set.
-pub async fn run(targets: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize, label: &str, plan: Plan, stop: &Arc<AtomicBool>) -> Run {
+/// A run's counters, readable while it runs, and its stop flag.
+#[derive(Default)]
+pub struct Live {
+    /// Set to end a run early (a paced run ends only this way).
+    pub stop: AtomicBool,
+    pub done: AtomicU64,
+    /// Heartbeats no target answered: what an updater would see after its own failover.
+    pub errors: AtomicU64,
+    /// Heartbeats answered by another target than the host's own (its relay did not answer).
+    pub failovers: AtomicU64,
+}
+
+impl Live {
+    pub fn new() -> Arc<Live> {
+        Arc::new(Live::default())
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    pub fn failovers(&self) -> u64 {
+        self.failovers.load(Ordering::Relaxed)
+    }
+}
+
+/// Sends heartbeats of `fleet` to `targets` following `plan`, with `connections` requests in
+/// flight, showing a progress bar; each host installs what it is told. Host i goes to target
+/// i % len first, as an updater keeps its local relay, and to the next targets in turn when
+/// that one does not answer, as the updater's `--server` list does. Stops early when
+/// `live.stop` is set.
+pub async fn run(targets: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize, label: &str, plan: Plan, live: &Arc<Live>) -> Run {
     let hosts = fleet.hosts;
     let next = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
     let bar = match plan {
         Plan::Sweep => ProgressBar::new(hosts).with_style(
             ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
@@ -225,13 +251,12 @@ pub async fn run(targets: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize,
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let (next, done, errors, targets, fleet, stop) =
-            (next.clone(), done.clone(), errors.clone(), targets.clone(), fleet.clone(), stop.clone());
+        let (next, live, targets, fleet) = (next.clone(), live.clone(), targets.clone(), fleet.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             // One keep-alive connection per target, reopened after an error.
             let mut conns: Vec<Option<Conn>> = targets.iter().map(|_| None).collect();
-            while !stop.load(Ordering::Relaxed) {
+            while !live.stop.load(Ordering::Relaxed) {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let i = match plan {
                     Plan::Sweep if n >= hosts => break,
@@ -239,30 +264,42 @@ pub async fn run(targets: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize,
                     Plan::Paced { per_second } => {
                         let due = started + Duration::from_secs_f64(n as f64 / per_second);
                         tokio::time::sleep_until(due.into()).await;
-                        if stop.load(Ordering::Relaxed) {
+                        if live.stop.load(Ordering::Relaxed) {
                             break;
                         }
                         n % hosts
                     }
                 };
-                let k = (i % targets.len() as u64) as usize;
+                let own = (i % targets.len() as u64) as usize;
                 let t0 = Instant::now();
-                let reply = post(&mut conns[k], targets[k], fleet.body(i)).await;
+                let body = bytes::Bytes::from(fleet.body(i));
+                let mut reply = None;
+                for k in (0..targets.len()).map(|d| (own + d) % targets.len()) {
+                    reply = post(&mut conns[k], targets[k], body.clone()).await;
+                    if reply.is_some() {
+                        if k != own {
+                            live.failovers.fetch_add(1, Ordering::Relaxed);
+                        }
+                        break;
+                    }
+                }
                 let ok = reply.as_ref().is_some_and(|r| fleet.adopt(i, r));
                 lat.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 if !ok {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                    live.errors.fetch_add(1, Ordering::Relaxed);
                 }
-                done.fetch_add(1, Ordering::Relaxed);
+                live.done.fetch_add(1, Ordering::Relaxed);
             }
             lat
         }));
     }
+    let start_done = live.done.load(Ordering::Relaxed);
+    let start_errors = live.errors();
     let ticker = {
-        let (bar, done) = (bar.clone(), done.clone());
+        let (bar, live) = (bar.clone(), live.clone());
         tokio::spawn(async move {
             loop {
-                bar.set_position(done.load(Ordering::Relaxed));
+                bar.set_position(live.done.load(Ordering::Relaxed) - start_done);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -273,10 +310,11 @@ pub async fn run(targets: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize,
     }
     let seconds = started.elapsed().as_secs_f64();
     ticker.abort();
-    bar.set_position(done.load(Ordering::Relaxed));
+    let requests = live.done.load(Ordering::Relaxed) - start_done;
+    bar.set_position(requests);
     bar.finish();
     latencies.sort_unstable();
-    Run { requests: done.load(Ordering::Relaxed), errors: errors.load(Ordering::Relaxed), seconds, latencies_us: latencies }
+    Run { requests, errors: live.errors() - start_errors, seconds, latencies_us: latencies }
 }
 
 type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
@@ -284,7 +322,7 @@ type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::
 /// One heartbeat over a keep-alive HTTP/1.1 connection (opened if needed); the body of a 2xx
 /// reply, read whole. The bench uses hyper's client directly: it is the load generator, and a
 /// heavier client would measure itself.
-async fn post(conn: &mut Option<Conn>, addr: SocketAddr, body: Vec<u8>) -> Option<bytes::Bytes> {
+async fn post(conn: &mut Option<Conn>, addr: SocketAddr, body: bytes::Bytes) -> Option<bytes::Bytes> {
     use http_body_util::BodyExt;
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         *conn = connect(addr).await;
@@ -296,7 +334,7 @@ async fn post(conn: &mut Option<Conn>, addr: SocketAddr, body: Vec<u8>) -> Optio
     }
     let req = hyper::Request::post("/heartbeat")
         .header(hyper::header::HOST, addr.to_string())
-        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .body(http_body_util::Full::new(body))
         .expect("a valid request");
     let work = async {
         let res = sender.send_request(req).await.ok()?;

@@ -10,8 +10,6 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,6 +17,7 @@ use clap::Parser;
 use futures_util::StreamExt;
 use serde_json::json;
 
+mod chaos;
 mod cluster;
 mod load;
 mod rollout;
@@ -74,6 +73,16 @@ struct Cli {
     /// SIGKILL one meta node during the steady phase (own cluster only), then restart it.
     #[arg(long)]
     kill_meta: bool,
+    /// Under the steady load, one fault after the other (own cluster only): SIGKILL a meta node
+    /// and restart it; SIGSTOP one for --chaos-pause-seconds; SIGKILL a relay (the simulated
+    /// updaters fail over to the next); restart every meta node at once; every meta node but
+    /// one down. Each is a row of the report and of the JSON; exit status 1 if any loses a
+    /// host, lists one twice, or never becomes whole again.
+    #[arg(long)]
+    chaos: bool,
+    /// How long the chaos phase's SIGSTOP keeps its meta node stopped.
+    #[arg(long, default_value_t = 30)]
+    chaos_pause_seconds: u64,
     /// Worker threads of each meta node and relay it starts: the bench packs them all and its
     /// client on one box, where one each avoids most cross-thread wake-ups (measured: relay
     /// 54k -> 58k heartbeats/s at 500k hosts). 0: the servers' default, one per core.
@@ -206,7 +215,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
 
     // 1. register: one sweep of every host.
     let fleet = load::Fleet::new(cli.hosts, cli.agents, Duration::from_millis(cli.install_delay_ms), cli.bad_build_rate.unwrap_or(0.0));
-    let never = Arc::new(AtomicBool::new(false));
+    let never = load::Live::new();
     let register = load::run(&relays, &fleet, cli.connections, "register", load::Plan::Sweep, &never).await;
     println!(
         "register: {} heartbeats in {:.1} s = {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, errors {}",
@@ -236,14 +245,23 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
 
     // 2. steady: every host once per compressed interval.
     let steady = if cli.steady_seconds > 0 {
+        let scenarios = if cli.chaos {
+            chaos::Scenario::ALL.to_vec()
+        } else if cli.kill_meta {
+            vec![chaos::Scenario::KillMeta]
+        } else {
+            Vec::new()
+        };
+        anyhow::ensure!(scenarios.is_empty() || own, "--kill-meta and --chaos need the bench's own cluster");
         let settings = steady::Settings {
             interval: Duration::from_secs(cli.interval_seconds),
             speedup: cli.speedup,
             duration: Duration::from_secs(cli.steady_seconds),
             connections: cli.connections,
-            kill_meta: cli.kill_meta,
+            scenarios,
+            pause: Duration::from_secs(cli.chaos_pause_seconds),
         };
-        let s = steady::run(&settings, &relays, &metas, &fleet, cluster.as_mut(), &client).await?;
+        let s = steady::run(&settings, &relays, &fleet, cluster.as_mut(), &client).await?;
         println!(
             "steady: {:.0}/s sustained of {:.0}/s asked ({} s interval / {}), p50 {:.2} ms, p99 {:.2} ms, errors {}; relays: pending at most {}, {:.0} hosts a batch",
             s.run.rate(),
@@ -256,16 +274,6 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
             s.relay_pending_max,
             s.batch_hosts_mean
         );
-        if let Some(k) = &s.kill {
-            let show = |t: Option<f64>| t.map_or("never".to_owned(), |t| format!("{t:.1} s"));
-            println!(
-                "kill-meta: SIGKILL {}: {} updater-visible errors; status complete again after {}; restarted, whole again after {}",
-                k.node,
-                s.run.errors,
-                show(k.complete_again_s),
-                show(k.restored_s)
-            );
-        }
         Some(s)
     } else {
         None
@@ -361,8 +369,8 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     phases.lap("ceiling");
     let steady_errors = steady.as_ref().map_or(0, |s| s.run.errors);
     let errors = register.errors + steady_errors + rollout.as_ref().map_or(0, |r| r.errors);
-    let killed_ok = steady.as_ref().and_then(|s| s.kill.as_ref()).is_none_or(|k| k.complete_again_s.is_some() && k.restored_s.is_some());
-    let ok = errors == 0 && held >= cli.hosts && listed == cli.hosts && rollout.as_ref().is_none_or(|r| r.done()) && killed_ok;
+    let chaos_ok = steady.as_ref().is_none_or(|s| s.chaos.iter().all(chaos::Row::ok));
+    let ok = errors == 0 && held >= cli.hosts && listed == cli.hosts && rollout.as_ref().is_none_or(|r| r.done()) && chaos_ok;
     let wall_s = wall.elapsed().as_secs_f64();
     // The end-to-end figure: start, register, rollout, query, stop (steady and
     // ceiling are extra phases, shown apart).
@@ -384,8 +392,11 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         row("steady p99 ms", format!("{:.2}", s.run.percentile_ms(0.99)));
         row("relay pending max", s.relay_pending_max.to_string());
         row("relay hosts per batch", format!("{:.0}", s.batch_hosts_mean));
-        if let Some(k) = &s.kill {
-            row("kill-meta complete again s", k.complete_again_s.map_or("-".to_owned(), |t| format!("{t:.1}")));
+        for c in &s.chaos {
+            let t = |v: Option<f64>| v.map_or("never".to_owned(), |t| format!("{t:.1}"));
+            row(&format!("{}: whole again s", c.name), t(c.whole_s));
+            row(&format!("{}: errors/missing/twice", c.name), format!("{} / {} / {}", c.errors, c.missing, c.twice));
+            row(&format!("{}: summary p99 ms", c.name), c.summary_p99_ms.map_or("-".to_owned(), |t| format!("{t:.1}")));
         }
     }
     if let Some(r) = &rollout {

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -124,7 +124,7 @@ pub async fn run(
     let start = Instant::now();
     let reload = client.get(format!("http://{}/config/reload?all=1", c.metas[0].addr)).bearer_auth(token.trim()).send().await?;
     anyhow::ensure!(reload.status().is_success(), "reload all: {}", reload.text().await.unwrap_or_default());
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = load::Live::new();
     let meta = c.metas[0].addr;
     let Some(staged) = staged else {
         let poller = tokio::spawn(follow_summary(client.clone(), meta, start, limit, stop.clone()));
@@ -159,9 +159,9 @@ pub async fn run(
 }
 
 /// Sweeps of the whole fleet until `stop`: (heartbeats, errors).
-async fn sweep_until(relays: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize, stop: &Arc<AtomicBool>) -> (u64, u64) {
+async fn sweep_until(relays: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize, stop: &Arc<load::Live>) -> (u64, u64) {
     let (mut heartbeats, mut errors) = (0, 0);
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.stop.load(Ordering::Relaxed) {
         let run = load::run(relays, fleet, connections, "rollout", Plan::Sweep, stop).await;
         heartbeats += run.requests;
         errors += run.errors;
@@ -195,7 +195,7 @@ async fn follow_summary(
     meta: SocketAddr,
     start: Instant,
     limit: Duration,
-    stop: Arc<AtomicBool>,
+    stop: Arc<load::Live>,
 ) -> Vec<(u32, Option<f64>)> {
     let url = format!("http://{meta}/status/summary/falcon-agent");
     let mut reached = milestones();
@@ -215,7 +215,7 @@ async fn follow_summary(
         // A summary of a million hosts takes a core for tens of ms: poll gently.
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
-    stop.store(true, Ordering::Relaxed);
+    stop.stop.store(true, Ordering::Relaxed);
     reached
 }
 
@@ -227,7 +227,7 @@ async fn follow_staged(
     meta: SocketAddr,
     start: Instant,
     limit: Duration,
-    stop: Arc<AtomicBool>,
+    stop: Arc<load::Live>,
     staged: Staged,
 ) -> anyhow::Result<(Vec<(u32, Option<f64>)>, StagedResult)> {
     let url = format!("http://{meta}/rollout/falcon-agent");
@@ -277,7 +277,7 @@ async fn follow_staged(
         }
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
-    stop.store(true, Ordering::Relaxed);
+    stop.stop.store(true, Ordering::Relaxed);
     Ok((reached, r))
 }
 

@@ -1,25 +1,28 @@
 //! Phase *steady*: every host reports once per interval, the interval compressed by the
 //! speedup; relay pending hosts and batch sizes are read from the relays' `/metrics`. With
-//! `--kill-meta` one meta node is SIGKILLed a third of the way in: the updaters must see no
-//! error, and the phase measures how long until a surviving node's summary counts every host
-//! again (through the relays' failover), then restarts the node.
+//! `--kill-meta` or `--chaos`, faults are injected a third of the way in, one scenario after
+//! the other (`chaos`), while the load goes on; the phase lasts at least until they are done.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::chaos::{self, Scenario};
 use crate::cluster::Cluster;
-use crate::load::{self, Fleet, Plan};
+use crate::load::{self, Fleet, Live, Plan};
 
 pub struct Settings {
     pub interval: Duration,
     pub speedup: f64,
     pub duration: Duration,
     pub connections: usize,
-    pub kill_meta: bool,
+    /// Faults injected one after the other (`--kill-meta`, `--chaos`).
+    pub scenarios: Vec<Scenario>,
+    /// How long `stop-meta` keeps its node stopped.
+    pub pause: Duration,
 }
 
 pub struct Steady {
@@ -29,19 +32,12 @@ pub struct Steady {
     pub relay_pending_max: u64,
     /// Mean hosts per batch the relays sent during the phase.
     pub batch_hosts_mean: f64,
-    pub kill: Option<Kill>,
-}
-
-pub struct Kill {
-    pub node: String,
-    /// Seconds from the SIGKILL until a surviving node's summary counted every host.
-    pub complete_again_s: Option<f64>,
-    /// Seconds from the restart until the summary was complete and no longer partial.
-    pub restored_s: Option<f64>,
+    pub chaos: Vec<chaos::Row>,
 }
 
 impl Steady {
     pub fn json(&self) -> Value {
+        let kill = self.chaos.iter().find(|r| r.name == Scenario::KillMeta.name());
         json!({
             "target_per_s": self.target_per_s,
             "heartbeats_per_s": self.run.rate(),
@@ -52,12 +48,17 @@ impl Steady {
             "errors": self.run.errors,
             "relay_pending_max": self.relay_pending_max,
             "batch_hosts_mean": self.batch_hosts_mean,
-            "kill_meta": self.kill.as_ref().map(|k| json!({
-                "node": k.node,
-                "updater_errors": self.run.errors,
-                "complete_again_s": k.complete_again_s,
-                "restored_s": k.restored_s,
+            "kill_meta": kill.map(|k| json!({
+                "node": k.fault.trim_start_matches("SIGKILL "),
+                "updater_errors": k.errors,
+                "complete_again_s": k.complete_s,
+                "restored_s": k.whole_s,
+                "summary_p99_ms": k.summary_p99_ms,
+                "listed_hosts": k.listed,
+                "missing_hosts": k.missing,
+                "hosts_listed_twice": k.twice,
             })),
+            "chaos": self.chaos.iter().map(chaos::Row::json).collect::<Vec<_>>(),
         })
     }
 }
@@ -71,7 +72,7 @@ struct RelayFigures {
 }
 
 /// Reads one Prometheus text exposition: the sum of every sample of `name` (any labels).
-fn sum_metric(text: &str, name: &str) -> f64 {
+pub fn sum_metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -96,25 +97,9 @@ pub async fn summary_hosts(client: &reqwest::Client, meta: SocketAddr) -> Option
     Some((v["hosts"].as_u64()?, v["partial"].as_bool().unwrap_or(false)))
 }
 
-/// Polls `meta`'s summary until it counts `hosts` (and, with `whole`, is not partial).
-async fn until_complete(client: &reqwest::Client, meta: SocketAddr, hosts: u64, whole: bool, limit: Duration) -> Option<f64> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Some((n, partial)) = summary_hosts(client, meta).await
-            && n >= hosts
-            && (!whole || !partial)
-        {
-            return Some(start.elapsed().as_secs_f64());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    None
-}
-
 pub async fn run(
     s: &Settings,
     relays: &[SocketAddr],
-    metas: &[SocketAddr],
     fleet: &Arc<Fleet>,
     cluster: Option<&mut Cluster>,
     client: &reqwest::Client,
@@ -122,18 +107,18 @@ pub async fn run(
     let compressed = s.interval.as_secs_f64() / s.speedup;
     let target_per_s = fleet.hosts as f64 / compressed;
     let before = relay_figures(client, relays).await;
-    let stop = Arc::new(AtomicBool::new(false));
+    let live = Live::new();
     let load = {
-        let (relays, fleet, stop, connections) = (relays.to_vec(), fleet.clone(), stop.clone(), s.connections);
+        let (relays, fleet, live, connections) = (relays.to_vec(), fleet.clone(), live.clone(), s.connections);
         tokio::spawn(
-            async move { load::run(&relays, &fleet, connections, "steady", Plan::Paced { per_second: target_per_s }, &stop).await },
+            async move { load::run(&relays, &fleet, connections, "steady", Plan::Paced { per_second: target_per_s }, &live).await },
         )
     };
     let sampler = {
-        let (client, relays, stop) = (client.clone(), relays.to_vec(), stop.clone());
+        let (client, relays, live) = (client.clone(), relays.to_vec(), live.clone());
         tokio::spawn(async move {
             let mut max = 0f64;
-            while !stop.load(Ordering::Relaxed) {
+            while !live.stop.load(Ordering::Relaxed) {
                 max = max.max(relay_figures(&client, &relays).await.pending);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -141,40 +126,37 @@ pub async fn run(
         })
     };
     let start = Instant::now();
-    let mut kill = None;
+    let mut rows = Vec::new();
     match cluster {
-        Some(c) if s.kill_meta && c.metas.len() > 1 => {
+        Some(cluster) if !s.scenarios.is_empty() => {
+            // Faults start a third into the phase, once the load is steady.
             tokio::time::sleep(s.duration / 3).await;
-            let victim = c.metas.last_mut().expect("more than one meta node");
-            victim.kill();
-            let node = victim.name.clone();
-            // The survivors count every host again once each of the dead node's hosts has
-            // reported through a relay's failover: about one compressed interval.
-            let limit = Duration::from_secs_f64(3.0 * compressed + 10.0);
-            let complete_again_s = until_complete(client, metas[0], fleet.hosts, false, limit).await;
-            let rest = s.duration.saturating_sub(start.elapsed());
-            tokio::time::sleep(rest).await;
-            stop.store(true, Ordering::Relaxed);
-            let restart = Instant::now();
-            let victim = c.metas.last_mut().expect("more than one meta node");
-            victim.restart()?;
-            // Hosts the restarted node owns are held as failover copies by the others until
-            // the relays send them home; the summary is whole again once the node answers.
-            let restored_s =
-                until_complete(client, metas[0], fleet.hosts, true, Duration::from_secs(60)).await.map(|_| restart.elapsed().as_secs_f64());
-            kill = Some(Kill { node, complete_again_s, restored_s });
+            let summaries = chaos::Sampler::start(client.clone(), cluster.metas[0].addr);
+            let mut ctx = chaos::Ctx {
+                cluster,
+                client,
+                live: &live,
+                sampler: &summaries,
+                hosts: fleet.hosts,
+                interval: Duration::from_secs_f64(compressed),
+                pause: s.pause,
+            };
+            for &scenario in &s.scenarios {
+                let row = chaos::run(&mut ctx, scenario).await?;
+                println!("chaos: {}", row.line());
+                rows.push(row);
+            }
+            tokio::time::sleep(s.duration.saturating_sub(start.elapsed())).await;
         }
-        _ => {
-            tokio::time::sleep(s.duration).await;
-            stop.store(true, Ordering::Relaxed);
-        }
+        _ => tokio::time::sleep(s.duration).await,
     }
+    live.stop.store(true, Ordering::Relaxed);
     let run = load.await?;
     let relay_pending_max = sampler.await?;
     let after = relay_figures(client, relays).await;
     let batches = after.batch_count - before.batch_count;
     let batch_hosts_mean = if batches > 0.0 { (after.batch_sum - before.batch_sum) / batches } else { 0.0 };
-    Ok(Steady { target_per_s, run, relay_pending_max, batch_hosts_mean, kill })
+    Ok(Steady { target_per_s, run, relay_pending_max, batch_hosts_mean, chaos: rows })
 }
 
 #[cfg(test)]

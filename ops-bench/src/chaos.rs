@@ -1,0 +1,422 @@
+//! Faults injected under the steady load (`--chaos`, and `--kill-meta` for the first one
+//! alone), one scenario after the other, each measured the same way:
+//! - updater-visible errors (after the simulated updater's own failover to its next relay) and
+//!   the heartbeats that needed that failover;
+//! - seconds until a survivor's summary counts every host again during the fault, and seconds
+//!   until status is *whole* (every host counted, not partial) after the fault ends;
+//! - the summary's latency while the fault lasts (sampled from meta node 1 every 250 ms);
+//! - once whole, a full text listing: hosts missing and hosts listed more than once;
+//! - failover copies still held by the meta nodes, and the RSS of every process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use std::sync::Mutex;
+use serde_json::{Value, json};
+
+use crate::cluster::{self, Cluster};
+use crate::load::{self, Live};
+
+/// The scenarios, in the order `--chaos` runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// SIGKILL the last meta node; restart it after one interval.
+    KillMeta,
+    /// SIGSTOP the last meta node (hung, not dead) for `--chaos-pause-seconds`, then SIGCONT.
+    StopMeta,
+    /// SIGKILL the first relay; its updaters fail over to the next one; restart it after one
+    /// interval.
+    KillRelay,
+    /// SIGTERM every meta node at once (they snapshot), then start them all again.
+    RestartAllMeta,
+    /// SIGKILL every meta node but the first; restart them after one interval.
+    TwoMetaDown,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 5] =
+        [Scenario::KillMeta, Scenario::StopMeta, Scenario::KillRelay, Scenario::RestartAllMeta, Scenario::TwoMetaDown];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::KillMeta => "kill-meta",
+            Scenario::StopMeta => "stop-meta",
+            Scenario::KillRelay => "kill-relay",
+            Scenario::RestartAllMeta => "restart-all-meta",
+            Scenario::TwoMetaDown => "meta-down-all-but-one",
+        }
+    }
+}
+
+/// What one scenario measured.
+#[derive(Debug, Default, Clone)]
+pub struct Row {
+    pub name: &'static str,
+    /// What the fault did, in words (which process, which signal).
+    pub fault: String,
+    pub errors: u64,
+    pub failovers: u64,
+    /// Seconds from the fault until meta node 1's summary counted every host (partial or not).
+    pub complete_s: Option<f64>,
+    /// Seconds from the end of the fault (restart, SIGCONT) until the restarted processes
+    /// answered `/health`.
+    pub serving_s: Option<f64>,
+    /// Seconds from the end of the fault until the summary counted every host and was not
+    /// partial.
+    pub whole_s: Option<f64>,
+    pub summary_p99_ms: Option<f64>,
+    pub summary_max_ms: Option<f64>,
+    /// Summary requests during the fault that got no answer.
+    pub summary_failed: u64,
+    /// Whether any summary during the fault said it was partial.
+    pub partial_seen: bool,
+    pub listed: u64,
+    pub missing: u64,
+    pub twice: u64,
+    pub listing_partial: bool,
+    /// Failover copies the meta nodes still held at the end.
+    pub copies_left: u64,
+    /// RSS of every process at the height of the fault (before its end), and at the end.
+    pub rss_fault: Vec<(String, u64)>,
+    pub rss_end: Vec<(String, u64)>,
+    pub seconds: f64,
+}
+
+impl Row {
+    /// Nothing lost, nothing twice, whole again.
+    pub fn ok(&self) -> bool {
+        self.whole_s.is_some() && self.missing == 0 && self.twice == 0 && !self.listing_partial
+    }
+
+    pub fn json(&self) -> Value {
+        let rss = |v: &[(String, u64)]| v.iter().map(|(n, b)| (n.clone(), json!(b))).collect::<serde_json::Map<_, _>>();
+        json!({
+            "scenario": self.name,
+            "fault": self.fault,
+            "ok": self.ok(),
+            "updater_errors": self.errors,
+            "updater_failovers": self.failovers,
+            "complete_s": self.complete_s,
+            "serving_s": self.serving_s,
+            "whole_s": self.whole_s,
+            "summary_p99_ms": self.summary_p99_ms,
+            "summary_max_ms": self.summary_max_ms,
+            "summary_failed": self.summary_failed,
+            "partial_seen": self.partial_seen,
+            "listed_hosts": self.listed,
+            "missing_hosts": self.missing,
+            "hosts_listed_twice": self.twice,
+            "listing_partial": self.listing_partial,
+            "copies_left": self.copies_left,
+            "rss_fault_bytes": rss(&self.rss_fault),
+            "rss_end_bytes": rss(&self.rss_end),
+            "seconds": self.seconds,
+        })
+    }
+
+    /// One line of the report.
+    pub fn line(&self) -> String {
+        let s = |t: Option<f64>| t.map_or("never".to_owned(), |t| format!("{t:.1} s"));
+        let ms = |t: Option<f64>| t.map_or("-".to_owned(), |t| format!("{t:.0} ms"));
+        let meta_rss: Vec<String> =
+            self.rss_fault.iter().filter(|(n, _)| n.starts_with("meta")).map(|(n, b)| format!("{n} {}", b >> 20)).collect();
+        format!(
+            "{:<22} {}: errors {} (failovers {}), complete {}, serving {}, whole {}; summary p99 {} (max {}, {} unanswered{}); listed {} missing {} twice {}; copies left {}; meta RSS MiB at the fault: {}; {}",
+            self.name,
+            self.fault,
+            self.errors,
+            self.failovers,
+            s(self.complete_s),
+            s(self.serving_s),
+            s(self.whole_s),
+            ms(self.summary_p99_ms),
+            ms(self.summary_max_ms),
+            self.summary_failed,
+            if self.partial_seen { ", partial seen" } else { "" },
+            self.listed,
+            self.missing,
+            self.twice,
+            self.copies_left,
+            meta_rss.join(", "),
+            if self.ok() { "ok" } else { "FAILED" }
+        )
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Sample {
+    at: Instant,
+    ms: f64,
+    /// None: no answer.
+    hosts: Option<u64>,
+    partial: bool,
+}
+
+/// Polls meta node 1's summary every 250 ms while it runs: the scenarios' clock for
+/// "complete" and "whole", and their summary latencies.
+pub struct Sampler {
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Sampler {
+    pub fn start(client: reqwest::Client, meta: SocketAddr) -> Sampler {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (samples.clone(), stop.clone());
+        tokio::spawn(async move {
+            let url = format!("http://{meta}/status/summary/falcon-agent");
+            while !st.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let got: Option<Value> = async { client.get(&url).timeout(Duration::from_secs(10)).send().await.ok()?.json().await.ok() }.await;
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                let hosts = got.as_ref().and_then(|v| v["hosts"].as_u64());
+                let partial = got.as_ref().is_some_and(|v| v["partial"].as_bool() == Some(true));
+                s.lock().expect("sampler lock").push(Sample { at: t, ms, hosts, partial });
+                tokio::time::sleep(Duration::from_millis(250).saturating_sub(t.elapsed())).await;
+            }
+        });
+        Sampler { samples, stop }
+    }
+
+    /// Seconds from `since` until a sample taken after it satisfies `pred`, or None after
+    /// `limit`.
+    async fn wait_for(&self, since: Instant, limit: Duration, pred: impl Fn(&Sample) -> bool) -> Option<f64> {
+        loop {
+            if let Some(s) = self.samples.lock().expect("sampler lock").iter().find(|s| s.at >= since && pred(s)) {
+                return Some(s.at.duration_since(since).as_secs_f64());
+            }
+            if since.elapsed() > limit {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Latency figures of the samples taken between `from` and `to`.
+    fn window(&self, from: Instant, to: Instant, row: &mut Row) {
+        let samples = self.samples.lock().expect("sampler lock");
+        let mut ms: Vec<f64> = Vec::new();
+        for s in samples.iter().filter(|s| s.at >= from && s.at <= to) {
+            match s.hosts {
+                Some(_) => ms.push(s.ms),
+                None => row.summary_failed += 1,
+            }
+            row.partial_seen |= s.partial;
+        }
+        ms.sort_by(f64::total_cmp);
+        if !ms.is_empty() {
+            row.summary_p99_ms = Some(ms[((ms.len() as f64 - 1.0) * 0.99).round() as usize]);
+            row.summary_max_ms = ms.last().copied();
+        }
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What the scenarios work on.
+pub struct Ctx<'a> {
+    pub cluster: &'a mut Cluster,
+    pub client: &'a reqwest::Client,
+    pub live: &'a Arc<Live>,
+    pub sampler: &'a Sampler,
+    pub hosts: u64,
+    /// The compressed interval: every host reports once in it.
+    pub interval: Duration,
+    /// How long `stop-meta` keeps the node stopped.
+    pub pause: Duration,
+}
+
+impl Ctx<'_> {
+    fn meta_addr(&self) -> SocketAddr {
+        self.cluster.metas[0].addr
+    }
+
+    /// How long a scenario waits for "complete" or "whole" before it gives up.
+    fn limit(&self) -> Duration {
+        self.interval * 3 + Duration::from_secs(30)
+    }
+
+    fn rss(&self) -> Vec<(String, u64)> {
+        self.cluster.processes().map(|p| (p.name.clone(), cluster::usage(p.pid()).map_or(0, |u| u.0))).collect()
+    }
+}
+
+/// Runs `scenario` under the load that is running, and measures it.
+pub async fn run(ctx: &mut Ctx<'_>, scenario: Scenario) -> anyhow::Result<Row> {
+    let mut row = Row { name: scenario.name(), ..Row::default() };
+    let (errors0, failovers0) = (ctx.live.errors(), ctx.live.failovers());
+    let start = Instant::now();
+    let n = ctx.hosts;
+    let metas = ctx.cluster.metas.len();
+    let counts_all = move |s: &Sample| s.hosts.is_some_and(|h| h >= n);
+    let whole = move |s: &Sample| s.hosts.is_some_and(|h| h >= n) && !s.partial;
+    let fault_end = match scenario {
+        Scenario::KillMeta | Scenario::TwoMetaDown => {
+            anyhow::ensure!(metas >= 2, "{} needs at least 2 meta nodes", scenario.name());
+            let victims: Vec<usize> = if scenario == Scenario::KillMeta { vec![metas - 1] } else { (1..metas).collect() };
+            for &v in &victims {
+                ctx.cluster.metas[v].kill();
+            }
+            row.fault = format!(
+                "SIGKILL {}",
+                victims.iter().map(|&v| ctx.cluster.metas[v].name.clone()).collect::<Vec<_>>().join(" and ")
+            );
+            row.complete_s = ctx.sampler.wait_for(start, ctx.limit(), counts_all).await;
+            // Every host reports through the relays' failover at least once before the restart.
+            tokio::time::sleep((start + ctx.interval).saturating_duration_since(Instant::now())).await;
+            row.rss_fault = ctx.rss();
+            let end = Instant::now();
+            for &v in &victims {
+                ctx.cluster.metas[v].respawn()?;
+            }
+            for &v in &victims {
+                let m = &ctx.cluster.metas[v];
+                tokio::task::block_in_place(|| m.wait_ready())?;
+            }
+            row.serving_s = Some(end.elapsed().as_secs_f64());
+            end
+        }
+        Scenario::StopMeta => {
+            anyhow::ensure!(metas >= 2, "stop-meta needs at least 2 meta nodes");
+            let v = metas - 1;
+            ctx.cluster.metas[v].signal("STOP");
+            row.fault = format!("SIGSTOP {} for {} s, then SIGCONT", ctx.cluster.metas[v].name, ctx.pause.as_secs_f64());
+            row.complete_s = ctx.sampler.wait_for(start, ctx.pause, counts_all).await;
+            tokio::time::sleep((start + ctx.pause).saturating_duration_since(Instant::now())).await;
+            row.rss_fault = ctx.rss();
+            ctx.cluster.metas[v].signal("CONT");
+            let end = Instant::now();
+            let m = &ctx.cluster.metas[v];
+            tokio::task::block_in_place(|| m.wait_ready())?;
+            row.serving_s = Some(end.elapsed().as_secs_f64());
+            end
+        }
+        Scenario::KillRelay => {
+            anyhow::ensure!(ctx.cluster.relays.len() >= 2, "kill-relay needs at least 2 relays");
+            ctx.cluster.relays[0].kill();
+            row.fault = format!("SIGKILL {}", ctx.cluster.relays[0].name);
+            row.complete_s = ctx.sampler.wait_for(start, ctx.limit(), counts_all).await;
+            // One interval: every host of the dead relay reports through the next one.
+            tokio::time::sleep((start + ctx.interval).saturating_duration_since(Instant::now())).await;
+            row.rss_fault = ctx.rss();
+            let end = Instant::now();
+            let r = &mut ctx.cluster.relays[0];
+            tokio::task::block_in_place(|| r.restart())?;
+            row.serving_s = Some(end.elapsed().as_secs_f64());
+            end
+        }
+        Scenario::RestartAllMeta => {
+            row.fault = format!("SIGTERM all {metas} meta nodes (snapshot), then start them");
+            tokio::task::block_in_place(|| {
+                for m in ctx.cluster.metas.iter_mut() {
+                    m.signal("TERM");
+                }
+                for m in ctx.cluster.metas.iter_mut() {
+                    m.stop(Duration::from_secs(60));
+                }
+            });
+            row.rss_fault = ctx.rss();
+            let end = Instant::now();
+            for m in ctx.cluster.metas.iter_mut() {
+                m.respawn()?;
+            }
+            for m in &ctx.cluster.metas {
+                tokio::task::block_in_place(|| m.wait_ready())?;
+            }
+            row.serving_s = Some(end.elapsed().as_secs_f64());
+            end
+        }
+    };
+    row.whole_s = ctx.sampler.wait_for(fault_end, ctx.limit(), whole).await;
+    ctx.sampler.window(start, Instant::now(), &mut row);
+    // Give the hand-back gauge a tick, then check the listing and the copies.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let listing = check_listing(ctx.client, ctx.meta_addr(), n).await?;
+    (row.listed, row.missing, row.twice, row.listing_partial) = listing;
+    row.copies_left = copies_held(ctx.client, ctx.cluster).await;
+    row.rss_end = ctx.rss();
+    row.errors = ctx.live.errors() - errors0;
+    row.failovers = ctx.live.failovers() - failovers0;
+    row.seconds = start.elapsed().as_secs_f64();
+    Ok(row)
+}
+
+/// The bench's host number of a listed hostname (see `load::hostname`).
+fn host_number(name: &str) -> Option<u64> {
+    let i: u64 = name.rsplit('-').next()?.parse().ok()?;
+    (load::hostname(i) == name).then_some(i)
+}
+
+/// Streams meta node 1's whole text listing: (rows, hosts missing, hosts listed more than
+/// once, partial).
+pub async fn check_listing(client: &reqwest::Client, meta: SocketAddr, hosts: u64) -> anyhow::Result<(u64, u64, u64, bool)> {
+    let resp = client.get(format!("http://{meta}/status/text/falcon-agent")).send().await?;
+    let partial = resp.headers().get("x-ops-partial").is_some_and(|v| v == "true");
+    let mut seen = vec![0u8; hosts as usize];
+    let (mut rows, mut strange, mut partial_line) = (0u64, 0u64, false);
+    let mut stream = resp.bytes_stream();
+    let mut carry: Vec<u8> = Vec::new();
+    let mut line = |l: &[u8]| {
+        if l.is_empty() {
+            return;
+        }
+        if l[0] == b'#' {
+            partial_line |= l.starts_with(b"#partial");
+            return;
+        }
+        rows += 1;
+        let name = l.split(|&b| b == b'\t').next().and_then(|n| std::str::from_utf8(n).ok()).unwrap_or("");
+        match host_number(name).filter(|&i| i < hosts) {
+            Some(i) => seen[i as usize] = seen[i as usize].saturating_add(1),
+            None => strange += 1,
+        }
+    };
+    while let Some(chunk) = stream.next().await {
+        carry.extend_from_slice(&chunk?);
+        let mut start = 0;
+        while let Some(p) = carry[start..].iter().position(|&b| b == b'\n') {
+            line(&carry[start..start + p]);
+            start += p + 1;
+        }
+        carry.drain(..start);
+    }
+    line(&carry);
+    let missing = seen.iter().filter(|&&c| c == 0).count() as u64;
+    let twice = seen.iter().filter(|&&c| c > 1).count() as u64 + strange;
+    Ok((rows, missing, twice, partial || partial_line))
+}
+
+/// Failover copies every meta node holds now (`ops_meta_failover_copies`).
+async fn copies_held(client: &reqwest::Client, cluster: &Cluster) -> u64 {
+    let mut total = 0.0;
+    for m in &cluster.metas {
+        if let Ok(r) = client.get(format!("http://{}/metrics", m.addr)).send().await
+            && let Ok(text) = r.text().await
+        {
+            total += crate::steady::sum_metric(&text, "ops_meta_failover_copies");
+        }
+    }
+    total as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_numbers_come_back_only_from_the_bench_names() {
+        assert_eq!(host_number(&load::hostname(0)), Some(0));
+        assert_eq!(host_number(&load::hostname(1234567)), Some(1234567));
+        assert_eq!(host_number(&load::hostname(17)), Some(17));
+        assert_eq!(host_number("dc2-host-0000017"), None, "17 lives in dc1");
+        assert_eq!(host_number("other"), None);
+    }
+}
