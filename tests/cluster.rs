@@ -176,6 +176,111 @@ fn killed_meta_node_fails_over_and_takes_its_hosts_back() {
     assert!(held(c.meta(1)) >= owned);
 }
 
+/// Versions of `falcon-agent` in a summary, by version.
+fn versions(s: &Value) -> BTreeMap<String, u64> {
+    let mut v = BTreeMap::new();
+    for g in s["groups"].as_array().unwrap() {
+        *v.entry(g["version"].as_str().unwrap().to_owned()).or_default() += g["hosts"].as_u64().unwrap();
+    }
+    v
+}
+
+fn metric(m: &Meta, name: &str) -> f64 {
+    let (_, text) = ops_e2e::get_text(&m.url("/metrics"));
+    text.lines().filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok()).sum()
+}
+
+/// Hinted hand-off: the reports a dead node's hosts sent while it was down reach it once it is
+/// back, with no new heartbeat, and the holders drop their copies; status counts every host
+/// once throughout (from the copies while the owner is down, from the owner after).
+#[test]
+fn failover_copies_go_home_without_a_new_report_and_no_host_is_counted_twice() {
+    let mut c = Cluster::up(3, 2, AGENTS);
+    let hosts = hostnames(3000);
+    sweep(&c, &hosts, "5.1.3");
+    let want = c.ring_counts(&hosts);
+    assert!(eventually(Duration::from_secs(20), || (c.running().map(held).collect::<Vec<_>>() == want).then_some(())).is_some());
+    // meta-3 keeps a snapshot of its hosts at 5.1.3, then dies.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut dead = c.metas[2].take().unwrap();
+    dead.proc.signal("KILL");
+    dead.proc.wait_exit(Duration::from_secs(10));
+    drop(dead);
+
+    sweep(&c, &hosts, "5.1.4");
+    let during = eventually(Duration::from_secs(20), || {
+        let s = summary_without_partial(c.meta(0));
+        (versions(&s).get("5.1.4") == Some(&(hosts.len() as u64))).then_some(s)
+    })
+    .expect("every host counted at 5.1.4 while meta-3 is down, its own from the copies");
+    assert_eq!((during["hosts"].as_u64(), &during["partial"]), (Some(hosts.len() as u64), &json!(true)), "{during}");
+    assert_eq!(during["missingNodes"], json!(["meta-3"]));
+    for m in c.running() {
+        let (_, list) = get_json(&m.url("/status/json/falcon-agent"));
+        let mut names: Vec<&str> = list["hosts"].as_array().unwrap().iter().map(|h| h["hostname"].as_str().unwrap()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!((names.len(), list["count"].as_u64()), (hosts.len(), Some(hosts.len() as u64)), "each host once, partial");
+        assert_eq!(list["partial"], true);
+    }
+    let copies = eventually(Duration::from_secs(10), || {
+        let n: f64 = c.running().map(|m| metric(m, "ops_meta_failover_copies")).sum();
+        (n as u64 == want[2]).then_some(n)
+    });
+    assert!(copies.is_some(), "the survivors hold meta-3's {} hosts as copies", want[2]);
+
+    // meta-3 comes back with its old snapshot. No heartbeat is sent from here on.
+    c.start_meta(2);
+    let home = eventually(Duration::from_secs(20), || {
+        let s = summary_without_partial(c.meta(2));
+        (s["partial"] == false && versions(&s) == BTreeMap::from([("5.1.4".to_owned(), hosts.len() as u64)])).then_some(())
+    });
+    assert!(home.is_some(), "the copies' newer reports reached meta-3: {}", summary_without_partial(c.meta(2)));
+    let settled = eventually(Duration::from_secs(10), || (c.running().map(held).collect::<Vec<_>>() == want).then_some(()));
+    assert!(settled.is_some(), "each node holds its own hosts and nothing else: {:?}", c.running().map(held).collect::<Vec<_>>());
+    let handed: f64 = c.running().map(|m| metric(m, "ops_meta_handoff_hosts_total{node=\"meta-3\"}")).sum();
+    assert_eq!(handed as u64, want[2], "every copy was handed back once");
+    for m in c.running() {
+        listed_once(m, &hosts).unwrap();
+        assert_eq!(summary_without_partial(m)["hosts"], hosts.len());
+    }
+}
+
+/// A relay is ready when it can answer a heartbeat: with no meta node reached and no disk copy
+/// its `/health` says 503 and why; it fetches the config as soon as a meta node answers.
+#[test]
+fn relay_health_is_503_until_it_holds_a_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = ops_e2e::free_port();
+    let cluster = dir.path().join("cluster.toml");
+    std::fs::write(&cluster, format!("[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:{port}\"\n")).unwrap();
+    let data = dir.path().join("relay").display().to_string();
+    let cluster_arg = cluster.display().to_string();
+    let mut relay = ops_e2e::Proc::start(
+        "relay",
+        &["--listen", "127.0.0.1:0", "--cluster", &cluster_arg, "--data-dir", &data, "--config-poll-ms", "200"],
+    );
+    let addr = ops_e2e::addr_in(&relay.wait_for_log("relay listening"));
+    let (status, health) = get_json(&format!("http://{addr}/health"));
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["status"], "no_config");
+    assert!(health["reason"].as_str().unwrap().contains("no desired config yet"), "{health}");
+    let (status, reply) = post_json(&format!("http://{addr}/heartbeat"), r#"{"hostname":"h1","realAgents":[]}"#);
+    assert_eq!(status, 503, "{reply}");
+
+    let agents = dir.path().join("agents.toml");
+    std::fs::write(&agents, AGENTS).unwrap();
+    let meta_data = dir.path().join("meta").display().to_string();
+    let _meta = Meta::start_at(
+        &format!("127.0.0.1:{port}"),
+        &["--cluster", &cluster_arg, "--id", "meta-1", "--agents", &agents.display().to_string(), "--data-dir", &meta_data],
+    );
+    let ready = eventually(Duration::from_secs(20), || (get_json(&format!("http://{addr}/health")).0 == 200).then_some(()));
+    assert!(ready.is_some(), "{}", relay.log());
+    let (status, reply) = post_json(&format!("http://{addr}/heartbeat"), r#"{"hostname":"h1","realAgents":[]}"#);
+    assert_eq!((status, reply["desiredAgents"][0]["version"].as_str()), (200, Some("5.1.3")));
+}
+
 #[test]
 fn relay_answers_from_its_disk_copy_with_every_meta_node_down() {
     let mut c = Cluster::up(2, 1, AGENTS);
@@ -216,8 +321,8 @@ fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
     assert_eq!(held(m), 0, "nothing stored from a refused batch");
     let (status, _) = get_json(&m.url("/config/reload"));
     assert_eq!(status, 401, "reload without the token");
-    let (status, _) = get_json(&m.url("/internal/foreign/falcon-agent"));
-    assert_eq!(status, 401);
+    let (status, _) = post_json_auth(&m.url("/internal/summary/falcon-agent"), None, r#"{"present":3}"#);
+    assert_eq!(status, 401, "a gather query without the token");
 
     let (status, reply) = post_json_auth(&m.url("/internal/batch"), Some(TOKEN), batch);
     assert_eq!((status, reply["stored"].as_u64()), (200, Some(1)), "{reply}");

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use std::sync::Mutex;
 use serde_json::{Value, json};
+use std::sync::Mutex;
 
 use crate::cluster::{self, Cluster};
 use crate::load::{self, Live};
@@ -171,7 +171,8 @@ impl Sampler {
             let url = format!("http://{meta}/status/summary/falcon-agent");
             while !st.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let got: Option<Value> = async { client.get(&url).timeout(Duration::from_secs(10)).send().await.ok()?.json().await.ok() }.await;
+                let got: Option<Value> =
+                    async { client.get(&url).timeout(Duration::from_secs(10)).send().await.ok()?.json().await.ok() }.await;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 let hosts = got.as_ref().and_then(|v| v["hosts"].as_u64());
                 let partial = got.as_ref().is_some_and(|v| v["partial"].as_bool() == Some(true));
@@ -265,10 +266,7 @@ pub async fn run(ctx: &mut Ctx<'_>, scenario: Scenario) -> anyhow::Result<Row> {
             for &v in &victims {
                 ctx.cluster.metas[v].kill();
             }
-            row.fault = format!(
-                "SIGKILL {}",
-                victims.iter().map(|&v| ctx.cluster.metas[v].name.clone()).collect::<Vec<_>>().join(" and ")
-            );
+            row.fault = format!("SIGKILL {}", victims.iter().map(|&v| ctx.cluster.metas[v].name.clone()).collect::<Vec<_>>().join(" and "));
             row.complete_s = ctx.sampler.wait_for(start, ctx.limit(), counts_all).await;
             // Every host reports through the relays' failover at least once before the restart.
             tokio::time::sleep((start + ctx.interval).saturating_duration_since(Instant::now())).await;
