@@ -27,6 +27,7 @@ start() {
         start_one "relay-$i" "$bin/relay" --id "relay-$i" --listen "127.0.0.1:$((2199 + i))" \
             --cluster "$here/cluster.toml" --data-dir "$run/relay-$i"
     done
+    # A relay answers /health 200 only once it holds a desired config: ready means ready.
     for port in 2000 2001 2002 2200 2201; do wait_health "$port"; done
     echo "cluster up: meta 127.0.0.1:2000-2002, relays 127.0.0.1:2200-2201 (logs in $run)"
 }
@@ -41,11 +42,11 @@ start_one() {
 }
 
 wait_health() {
-    for _ in $(seq 100); do
+    for _ in $(seq 300); do
         curl -fs "127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    echo "nothing answers on 127.0.0.1:$1; see $run/*.log" >&2
+    echo "127.0.0.1:$1 is not ready (no answer, or 503 from a relay without a config); see $run/*.log" >&2
     return 1
 }
 

@@ -11,7 +11,8 @@
 //!
 //! Cost while nothing failed: one count of the copies per period (0, nothing else). While a
 //! node is down: a scan of the copies when the view of the peers changes, after a round that
-//! sent something, and every [`RESCAN_TICKS`] periods otherwise.
+//! sent something, every [`GROWN_TICKS`] periods while copies keep arriving, and every
+//! [`RESCAN_TICKS`] periods otherwise.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,9 @@ use crate::store::SHARDS;
 /// Periods between scans of the copies when nothing changed.
 const RESCAN_TICKS: u32 = 10;
 
+/// Periods between scans while the copies only grow.
+const GROWN_TICKS: u32 = 2;
+
 /// Shards scanned per blocking step: bounds the records built at once (a 1M-host fleet with a
 /// node down holds ~170k copies per survivor, ~11k of them per 16 shards).
 const SHARDS_PER_STEP: usize = 16;
@@ -37,7 +41,9 @@ pub async fn run(node: Arc<Node>, period: Duration, stop: CancellationToken) {
         return;
     }
     let mut last_mask = 0u64;
-    let mut quiet = 0u32;
+    let mut since_scan = 0u32;
+    let mut copies_at_scan = 0usize;
+    let mut sent = 0usize;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -50,13 +56,20 @@ pub async fn run(node: Arc<Node>, period: Duration, stop: CancellationToken) {
             continue;
         }
         let mask = node.cluster.as_ref().map_or(0, |c| c.alive.mask());
-        quiet += 1;
-        if mask == last_mask && quiet < RESCAN_TICKS {
+        since_scan += 1;
+        // New copies can be for a node this one already holds up (a relay that has not seen
+        // it back yet): look again soon, but not every period while a node is down and its
+        // hosts keep arriving here.
+        let grew = copies > copies_at_scan && since_scan >= GROWN_TICKS;
+        if mask == last_mask && sent == 0 && !grew && since_scan < RESCAN_TICKS {
             continue;
         }
         last_mask = mask;
-        let handed = hand_back(&node, mask).await;
-        quiet = if handed > 0 { RESCAN_TICKS } else { 0 };
+        since_scan = 0;
+        sent = hand_back(&node, mask).await;
+        let n = node.clone();
+        copies_at_scan = tokio::task::spawn_blocking(move || n.store.copies()).await.unwrap_or(0);
+        metrics::gauge!(FAILOVER_COPIES).set(copies_at_scan as f64);
     }
 }
 

@@ -6,7 +6,7 @@
 //!   until status is *whole* (every host counted, not partial) after the fault ends;
 //! - the summary's latency while the fault lasts (sampled from meta node 1 every 250 ms);
 //! - once whole, a full text listing: hosts missing and hosts listed more than once;
-//! - failover copies still held by the meta nodes, and the RSS of every process.
+//! - seconds until no meta node holds a failover copy any more, and the RSS of every process.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +79,9 @@ pub struct Row {
     pub listing_partial: bool,
     /// Failover copies the meta nodes still held at the end.
     pub copies_left: u64,
+    /// Seconds from the end of the fault until no meta node held a failover copy (their
+    /// `ops_meta_failover_copies`, updated every probe interval).
+    pub copies_gone_s: Option<f64>,
     /// RSS of every process at the height of the fault (before its end), and at the end.
     pub rss_fault: Vec<(String, u64)>,
     pub rss_end: Vec<(String, u64)>,
@@ -86,9 +89,9 @@ pub struct Row {
 }
 
 impl Row {
-    /// Nothing lost, nothing twice, whole again.
+    /// Nothing lost, nothing twice, whole again, no copy left behind.
     pub fn ok(&self) -> bool {
-        self.whole_s.is_some() && self.missing == 0 && self.twice == 0 && !self.listing_partial
+        self.whole_s.is_some() && self.missing == 0 && self.twice == 0 && !self.listing_partial && self.copies_left == 0
     }
 
     pub fn json(&self) -> Value {
@@ -111,6 +114,7 @@ impl Row {
             "hosts_listed_twice": self.twice,
             "listing_partial": self.listing_partial,
             "copies_left": self.copies_left,
+            "copies_gone_s": self.copies_gone_s,
             "rss_fault_bytes": rss(&self.rss_fault),
             "rss_end_bytes": rss(&self.rss_end),
             "seconds": self.seconds,
@@ -124,7 +128,7 @@ impl Row {
         let meta_rss: Vec<String> =
             self.rss_fault.iter().filter(|(n, _)| n.starts_with("meta")).map(|(n, b)| format!("{n} {}", b >> 20)).collect();
         format!(
-            "{:<22} {}: errors {} (failovers {}), complete {}, serving {}, whole {}; summary p99 {} (max {}, {} unanswered{}); listed {} missing {} twice {}; copies left {}; meta RSS MiB at the fault: {}; {}",
+            "{:<22} {}: errors {} (failovers {}), complete {}, serving {}, whole {}; summary p99 {} (max {}, {} unanswered{}); listed {} missing {} twice {}; copies gone {}; meta RSS MiB at the fault: {}; {}",
             self.name,
             self.fault,
             self.errors,
@@ -139,7 +143,10 @@ impl Row {
             self.listed,
             self.missing,
             self.twice,
-            self.copies_left,
+            match self.copies_gone_s {
+                Some(t) => format!("after {t:.1} s"),
+                None => format!("never ({} left)", self.copies_left),
+            },
             meta_rss.join(", "),
             if self.ok() { "ok" } else { "FAILED" }
         )
@@ -335,11 +342,20 @@ pub async fn run(ctx: &mut Ctx<'_>, scenario: Scenario) -> anyhow::Result<Row> {
     };
     row.whole_s = ctx.sampler.wait_for(fault_end, ctx.limit(), whole).await;
     ctx.sampler.window(start, Instant::now(), &mut row);
-    // Give the hand-back gauge a tick, then check the listing and the copies.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Whole counts every host once; the copies behind may still be on their way home.
+    loop {
+        row.copies_left = copies_held(ctx.client, ctx.cluster).await;
+        if row.copies_left == 0 {
+            row.copies_gone_s = Some(fault_end.elapsed().as_secs_f64());
+            break;
+        }
+        if fault_end.elapsed() > ctx.limit() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let listing = check_listing(ctx.client, ctx.meta_addr(), n).await?;
     (row.listed, row.missing, row.twice, row.listing_partial) = listing;
-    row.copies_left = copies_held(ctx.client, ctx.cluster).await;
     row.rss_end = ctx.rss();
     row.errors = ctx.live.errors() - errors0;
     row.failovers = ctx.live.failovers() - failovers0;

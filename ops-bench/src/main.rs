@@ -392,6 +392,11 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         row("steady p99 ms", format!("{:.2}", s.run.percentile_ms(0.99)));
         row("relay pending max", s.relay_pending_max.to_string());
         row("relay hosts per batch", format!("{:.0}", s.batch_hosts_mean));
+        let growth: Vec<String> =
+            s.rss_growth().into_iter().filter_map(|(n, g)| g.map(|g| format!("{n} {:+.1}%", (g - 1.0) * 100.0))).collect();
+        if !growth.is_empty() {
+            row("rss growth after 1st interval", growth.join(", "));
+        }
         for c in &s.chaos {
             let t = |v: Option<f64>| v.map_or("never".to_owned(), |t| format!("{t:.1}"));
             row(&format!("{}: whole again s", c.name), t(c.whole_s));

@@ -33,9 +33,28 @@ pub struct Steady {
     /// Mean hosts per batch the relays sent during the phase.
     pub batch_hosts_mean: f64,
     pub chaos: Vec<chaos::Row>,
+    /// Each process's RSS at the end of every interval of the phase.
+    pub rss: Vec<(String, Vec<u64>)>,
 }
 
 impl Steady {
+    /// Per process: the largest RSS after the first interval over the RSS at the end of it
+    /// (None before two intervals, or for a process restarted meanwhile).
+    pub fn rss_growth(&self) -> Vec<(String, Option<f64>)> {
+        self.rss
+            .iter()
+            .map(|(name, v)| {
+                let growth = match v.as_slice() {
+                    [first, rest @ ..] if *first > 0 && !rest.is_empty() && rest.iter().all(|&b| b > 0) => {
+                        Some(*rest.iter().max().unwrap_or(first) as f64 / *first as f64)
+                    }
+                    _ => None,
+                };
+                (name.clone(), growth)
+            })
+            .collect()
+    }
+
     pub fn json(&self) -> Value {
         let kill = self.chaos.iter().find(|r| r.name == Scenario::KillMeta.name());
         json!({
@@ -59,6 +78,8 @@ impl Steady {
                 "hosts_listed_twice": k.twice,
             })),
             "chaos": self.chaos.iter().map(chaos::Row::json).collect::<Vec<_>>(),
+            "rss_per_interval_bytes": self.rss.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "rss_growth_after_first_interval": self.rss_growth().into_iter().map(|(n, g)| (n, json!(g))).collect::<serde_json::Map<_, _>>(),
         })
     }
 }
@@ -125,6 +146,24 @@ pub async fn run(
             max as u64
         })
     };
+    // RSS of every process once per interval: a long run (the soak) shows whether memory stays
+    // flat after the first interval.
+    let procs: Vec<(String, u32)> =
+        cluster.as_ref().map(|c| c.processes().map(|p| (p.name.clone(), p.pid())).collect()).unwrap_or_default();
+    let rss_task = {
+        let live = live.clone();
+        let every = Duration::from_secs_f64(compressed);
+        tokio::spawn(async move {
+            let mut samples: Vec<Vec<u64>> = vec![Vec::new(); procs.len()];
+            while !live.stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(every).await;
+                for ((_, pid), v) in procs.iter().zip(samples.iter_mut()) {
+                    v.push(crate::cluster::usage(*pid).map_or(0, |u| u.0));
+                }
+            }
+            procs.into_iter().map(|p| p.0).zip(samples).collect::<Vec<_>>()
+        })
+    };
     let start = Instant::now();
     let mut rows = Vec::new();
     match cluster {
@@ -153,10 +192,11 @@ pub async fn run(
     live.stop.store(true, Ordering::Relaxed);
     let run = load.await?;
     let relay_pending_max = sampler.await?;
+    let rss = rss_task.await?;
     let after = relay_figures(client, relays).await;
     let batches = after.batch_count - before.batch_count;
     let batch_hosts_mean = if batches > 0.0 { (after.batch_sum - before.batch_sum) / batches } else { 0.0 };
-    Ok(Steady { target_per_s, run, relay_pending_max, batch_hosts_mean, chaos: rows })
+    Ok(Steady { target_per_s, run, relay_pending_max, batch_hosts_mean, chaos: rows, rss })
 }
 
 #[cfg(test)]
