@@ -114,9 +114,9 @@ fn staged_bench_halts_a_bad_build_in_wave_1_and_takes_a_good_one_to_everybody() 
     let _one = one_at_a_time();
     // Soak 15 min / 300 = 3 s, deadline 4 s: the waves open within seconds.
     #[rustfmt::skip]
-    let common = ["--hosts", "20000", "--connections", "16", "--steady-seconds", "0", "--speedup", "300", "--ceiling-requests", "10000"];
+    let common = ["--hosts", "20000", "--connections", "16", "--speedup", "300", "--ceiling-requests", "10000"];
     let mut bad = common.to_vec();
-    bad.extend(["--bad-build-rate", "0.3"]);
+    bad.extend(["--steady-seconds", "0", "--bad-build-rate", "0.3"]);
     let report = bench_json(&bad);
     let r = &report["rollout"];
     assert_eq!(report["ok"], true, "{report}");
@@ -127,11 +127,14 @@ fn staged_bench_halts_a_bad_build_in_wave_1_and_takes_a_good_one_to_everybody() 
     assert!(blast > 0 && blast <= 240, "blast radius {blast} hosts of 20000: {r}");
     assert!(r["halted_by"][0].as_str().unwrap().contains("decided hosts failed"), "{r}");
 
+    // The good build comes after meta-3 was killed and restarted (steady: every host once a
+    // second, 3 s), so it also shows a staged rollout going to everybody across a restart.
     let mut good = common.to_vec();
-    good.extend(["--bad-build-rate", "0"]);
+    good.extend(["--steady-seconds", "3", "--bad-build-rate", "0", "--kill-meta"]);
     let report = bench_json(&good);
     let r = &report["rollout"];
     assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["steady"]["chaos"][0]["missing_hosts"], 0, "{report}");
     assert_eq!(r["halted"], false, "{r}");
     assert_eq!(r["waves_opened"], 4, "{r}");
     assert_eq!(r["blast_radius"], 18000, "every host outside bj-web- got it: {r}");

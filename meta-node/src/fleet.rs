@@ -432,7 +432,8 @@ impl Summary {
         self.finish();
     }
 
-    /// Adds one host's row (a failover copy that won the merge).
+    /// Adds one host's row: the slow way the tests check `summarize` against.
+    #[cfg(test)]
     pub fn add_row(&mut self, row: &OwnedRow) {
         self.add_group(&row.version, &row.run_state, &row.state, 1);
         if !row.desired_version.is_empty() {
@@ -469,7 +470,8 @@ impl Summary {
     }
 }
 
-/// A row with its own strings: how failover copies travel between nodes.
+/// A row with its own strings (the tests' reference for summaries).
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OwnedRow {
@@ -486,6 +488,7 @@ pub struct OwnedRow {
     pub last_error: Option<String>,
 }
 
+#[cfg(test)]
 impl OwnedRow {
     pub fn from_row(row: &Row<'_>) -> OwnedRow {
         OwnedRow {
@@ -500,25 +503,6 @@ impl OwnedRow {
             state: row.state.as_str().to_owned(),
             last_error: row.last_error.map(str::to_owned),
         }
-    }
-
-    /// A borrowed view for filtering and formatting. None if the row names an unknown state.
-    pub fn as_row(&self) -> Option<Row<'_>> {
-        Some(Row {
-            hostname: &self.hostname,
-            ip: crate::store::IpText::Str(&self.ip),
-            version: &self.version,
-            status: &self.status,
-            run_state: match self.run_state.as_str() {
-                "started" => "started",
-                "absent" => "absent",
-                _ => "stopped",
-            },
-            desired: (!self.desired_version.is_empty()).then_some(Desired { version: &self.desired_version, cmd: &self.desired_cmd }),
-            last_seen: self.last_seen,
-            last_error: self.last_error.as_deref(),
-            state: State::parse(&self.state)?,
-        })
     }
 }
 
@@ -622,5 +606,48 @@ mod tests {
         assert_eq!(only_p.hosts, 1667);
         assert_eq!(fast.hosts, 5000);
         assert!(fast.by_state.values().all(|&n| n > 0), "{:?}", fast.by_state);
+    }
+
+    /// Three nodes that each hold every host (the owner its own, the others as copies), as
+    /// after failovers in every direction: for every set of nodes answering a gather, the
+    /// held scopes of the nodes in the set count each host exactly once, from its owner when
+    /// the owner is in the set.
+    #[test]
+    fn held_scopes_count_each_host_once_for_every_set_of_nodes() {
+        let loaded = Loaded::new(DesiredConfig::parse(AGENTS, "t").unwrap(), 1);
+        let ring = ops_config::Ring::new([("meta-1", 1), ("meta-2", 1), ("meta-3", 1)], 100);
+        let stores: Vec<Store> = (0..3).map(|_| Store::new()).collect();
+        let hosts: Vec<String> = (0..3000).map(|i| format!("h-{i}")).collect();
+        for h in &hosts {
+            let hb = Heartbeat::parse(format!(r#"{{"hostname":"{h}","realAgents":[{{"name":"a","version":"1"}}]}}"#).as_bytes()).unwrap();
+            for (i, store) in stores.iter().enumerate() {
+                store.upsert(&hb, 100, loaded.config.class_of(h), 1, ring.owner(h) == i);
+            }
+        }
+        let q = AgentQuery::new("a", &loaded, 100, 900);
+        for present in 1u64..8 {
+            let mut counted = vec![0u32; hosts.len()];
+            let mut total = 0;
+            for (i, store) in stores.iter().enumerate().filter(|(i, _)| present & (1 << i) != 0) {
+                let scope = Scope::held(&ring, i, present);
+                total += summarize(store, &q, scope, None).hosts;
+                scan_rows(
+                    store,
+                    &q,
+                    scope,
+                    &Filter::default(),
+                    |row, _| {
+                        let k: usize = row.hostname[2..].parse().unwrap();
+                        counted[k] += 1;
+                        if present & (1 << ring.owner(row.hostname)) != 0 {
+                            assert_eq!(ring.owner(row.hostname), i, "{} listed by its owner while the owner answers", row.hostname);
+                        }
+                    },
+                    |_| true,
+                );
+            }
+            assert_eq!(total, hosts.len() as u64, "set {present:b}");
+            assert!(counted.iter().all(|&c| c == 1), "set {present:b}: every host listed exactly once");
+        }
     }
 }

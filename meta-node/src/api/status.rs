@@ -528,7 +528,8 @@ pub(super) async fn host(State(node): State<Arc<Node>>, Path(hostname): Path<Str
     metrics::counter!(STATUS_REQUESTS, "kind" => "host").increment(1);
     let mut best = local_host(&node, &hostname);
     if let Some(c) = &node.cluster {
-        let peers = futures_util::future::join_all(c.peers().map(|i| {
+        let up = c.alive.mask();
+        let peers = futures_util::future::join_all(c.peers().filter(|i| up & (1 << i) != 0).map(|i| {
             let node = node.clone();
             let req = peer_request(&node, reqwest::Method::GET, i, &format!("/internal/host/{hostname}"));
             async move { peer_json::<Option<HostView>>(&node, req, i, "host").await.flatten() }
