@@ -86,28 +86,15 @@ pub async fn hand_back(node: &Arc<Node>, mask: u64) -> usize {
         let usable = mask & !failed;
         let scanned = tokio::task::spawn_blocking(move || {
             let c = n.cluster.as_ref().expect("checked above");
-            // Per target: the records back to back in one buffer, and each host's range in
-            // it; the entries then share that buffer (a copy costs no allocation of its own).
-            let mut bufs: Vec<(Vec<u8>, Vec<(CompactString, u32, std::ops::Range<usize>)>)> =
-                (0..nodes).map(|_| (Vec::new(), Vec::new())).collect();
+            let mut out: Vec<Vec<Entry>> = (0..nodes).map(|_| Vec::new()).collect();
             for i in first..(first + SHARDS_PER_STEP).min(SHARDS) {
                 n.store.encode_copies(
                     i,
                     |h| c.ring.first_in(h, usable).filter(|&t| t != c.me),
-                    |target, host, seen, record| {
-                        let (buf, hosts) = &mut bufs[target];
-                        let at = buf.len();
-                        buf.extend_from_slice(record);
-                        hosts.push((CompactString::from(host), seen, at..buf.len()));
-                    },
+                    |target, host, seen, record| out[target].push((CompactString::from(host), Pending { seen, body: record.into() })),
                 );
             }
-            bufs.into_iter()
-                .map(|(buf, hosts)| {
-                    let buf = bytes::Bytes::from(buf);
-                    hosts.into_iter().map(|(h, seen, r)| (h, Pending { seen, body: buf.slice(r) })).collect::<Vec<Entry>>()
-                })
-                .collect::<Vec<_>>()
+            out
         })
         .await;
         let Ok(by_target) = scanned else { return sent };

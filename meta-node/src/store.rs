@@ -697,16 +697,14 @@ impl Store {
     /// Calls `f(target, hostname, last_seen, record)` for each failover copy of shard `i`
     /// (0..SHARDS) that `dest` sends elsewhere, `record` being the copy as a compact record
     /// (`ops_config::compact`): what a relay would have sent, so the receiver stores it the
-    /// way it stores any report (newest wins). `record` is reused between calls (no allocation
-    /// per copy). The shard stays locked meanwhile: keep `f` short.
-    pub fn encode_copies(&self, i: usize, dest: impl Fn(&str) -> Option<usize>, mut f: impl FnMut(usize, &str, u32, &[u8])) {
+    /// way it stores any report (newest wins). The shard stays locked meanwhile: keep `f` short.
+    pub fn encode_copies(&self, i: usize, dest: impl Fn(&str) -> Option<usize>, mut f: impl FnMut(usize, &str, u32, Vec<u8>)) {
         let shard = self.shards[i].lock();
         if shard.foreign == 0 {
             return;
         }
         let syms = self.syms.reader();
         let mut agents = Vec::new();
-        let mut record = Vec::with_capacity(512);
         for (slot, h) in shard.hosts().filter(|(_, h)| !h.owned) {
             let Some(target) = dest(&h.name) else { continue };
             agents.clear();
@@ -730,9 +728,9 @@ impl Store {
                 updater_version: syms.resolve(h.updater_version).into(),
                 real_agents: std::mem::take(&mut agents),
             };
-            record.clear();
+            let mut record = Vec::with_capacity(256);
             ops_config::compact::encode(h.last_seen, h.told, &hb, &mut record);
-            f(target, &h.name, h.last_seen, &record);
+            f(target, &h.name, h.last_seen, record);
             agents = hb.real_agents;
         }
     }
@@ -818,7 +816,7 @@ mod tests {
         assert_eq!(store.copies(), 2);
         let mut out = Vec::new();
         for i in 0..SHARDS {
-            store.encode_copies(i, |h| (h != "stays").then_some(4), |t, h, seen, rec| out.push((t, h.to_owned(), seen, rec.to_vec())));
+            store.encode_copies(i, |h| (h != "stays").then_some(4), |t, h, seen, rec| out.push((t, h.to_owned(), seen, rec)));
         }
         assert_eq!(out.len(), 1, "owned hosts and copies that stay are not sent");
         let (target, host, seen, record) = out.pop().unwrap();
