@@ -619,7 +619,8 @@ mod tests {
         let stores: Vec<Store> = (0..3).map(|_| Store::new()).collect();
         let hosts: Vec<String> = (0..3000).map(|i| format!("h-{i}")).collect();
         for h in &hosts {
-            let hb = Heartbeat::parse(format!(r#"{{"hostname":"{h}","realAgents":[{{"name":"a","version":"1"}}]}}"#).as_bytes()).unwrap();
+            let body = format!(r#"{{"hostname":"{h}","realAgents":[{{"name":"a","version":"1"}}]}}"#);
+            let hb = Heartbeat::parse(body.as_bytes()).unwrap();
             for (i, store) in stores.iter().enumerate() {
                 store.upsert(&hb, 100, loaded.config.class_of(h), 1, ring.owner(h) == i);
             }
