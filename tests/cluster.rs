@@ -164,7 +164,12 @@ fn killed_meta_node_fails_over_and_takes_its_hosts_back() {
             .collect();
         (s["partial"] == false && v.get("5.1.5") == Some(&(hosts.len() as u64))).then_some(())
     });
-    assert!(all_home.is_some(), "every host reports 5.1.5 through the cluster");
+    assert!(
+        all_home.is_some(),
+        "every host reports 5.1.5 through the cluster: {:?} {}",
+        c.running().map(|m| (summary_without_partial(m), metric(m, "ops_meta_failover_copies"))).collect::<Vec<_>>(),
+        c.running().map(|m| m.proc.log()).collect::<Vec<_>>().join("\n----\n")
+    );
     // Failover copies never show twice, from any node; summaries agree.
     for m in c.running() {
         listed_once(m, &hosts).unwrap();

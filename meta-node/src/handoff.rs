@@ -5,8 +5,10 @@
 //! holding copies sends each one to the first candidate of its host that is up now
 //! ([`ops_config::Ring::first_in`] over [`crate::peers::Peers::mask`]): the owner once it
 //! answers again, or a candidate before this node that came back first. The copies travel as
-//! compact batches through the ordinary `/internal/batch` (the receiver keeps the newest report
-//! per host), and a copy is dropped once taken unless it reported again meanwhile. Copies
+//! compact batches through the ordinary `/internal/batch`, marked as handed back: the receiver
+//! keeps a copy only where it is strictly newer than what it holds (on a tie within the same
+//! second its own report wins), and a copy is dropped once taken unless it reported again
+//! meanwhile. Copies
 //! whose first up candidate is this node stay: they stand in for their owner in status.
 //!
 //! Cost while nothing failed: one count of the copies per period (0, nothing else). While a
@@ -102,7 +104,7 @@ pub async fn hand_back(node: &Arc<Node>, mask: u64) -> usize {
             if entries.is_empty() {
                 continue;
             }
-            if !c.forwarder.send(target, &entries).await {
+            if !c.forwarder.send_handoff(target, &entries).await {
                 failed |= 1 << target;
                 c.alive.set(target, &c.map.nodes[target].id, false);
                 continue;

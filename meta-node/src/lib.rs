@@ -190,10 +190,31 @@ impl Node {
     /// The same for a compact batch (`ops_config::compact`), what relays send: checked whole
     /// first, so a bad record changes nothing, then decoded again straight into the store.
     pub fn ingest_compact(&self, bytes: &[u8]) -> Result<(u64, u64), ops_config::WireError> {
+        self.ingest_compact_as(bytes, false)
+    }
+
+    /// A compact batch of failover copies a peer hands back (`handoff`): each is kept only
+    /// where it is strictly newer than what this node holds.
+    pub fn ingest_handed_back(&self, bytes: &[u8]) -> Result<(u64, u64), ops_config::WireError> {
+        self.ingest_compact_as(bytes, true)
+    }
+
+    fn ingest_compact_as(&self, bytes: &[u8], handed_back: bool) -> Result<(u64, u64), ops_config::WireError> {
         ops_config::compact::check(bytes)?;
         let loaded = self.desired.guard();
         let (mut stored, mut older) = (0, 0);
-        ops_config::compact::decode_checked(bytes, |seen, told, hb| self.ingest_one(&loaded, hb, seen, told, &mut stored, &mut older))?;
+        ops_config::compact::decode_checked(bytes, |seen, told, hb| {
+            if handed_back {
+                let tags = Self::tags(&loaded, &hb.hostname, told);
+                if self.store.upsert_handed_back(hb, seen, tags, self.owns(&hb.hostname)) {
+                    stored += 1;
+                } else {
+                    older += 1;
+                }
+            } else {
+                self.ingest_one(&loaded, hb, seen, told, &mut stored, &mut older);
+            }
+        })?;
         Ok((stored, older))
     }
 

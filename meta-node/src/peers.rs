@@ -69,9 +69,14 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
         let mine = node.desired.current().config.hash().to_owned();
         let answers = futures_util::future::join_all(c.peers().map(|i| {
             let req = c.client.get(format!("http://{}/health", c.map.nodes[i].addr)).timeout(period);
+            let id = c.map.nodes[i].id.as_str();
             async move {
+                // Only the node itself counts: whatever else answers on its address (a process
+                // that took the port of a dead node) does not.
                 let hash = match req.send().await {
-                    Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok().map(|v| v["configHash"].clone()),
+                    Ok(r) if r.status().is_success() => {
+                        r.json::<serde_json::Value>().await.ok().filter(|v| v["id"] == id).map(|v| v["configHash"].clone())
+                    }
                     _ => None,
                 };
                 (i, hash)

@@ -575,6 +575,18 @@ impl Store {
     /// The newest report wins: one older than the stored one is ignored (returns false). The
     /// heartbeat's agent count is at most 64 (validated).
     pub fn upsert_tagged(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool) -> bool {
+        self.upsert_inner(hb, now, tags, owned, false)
+    }
+
+    /// Records a failover copy handed back by another node: like [`Store::upsert_tagged`], but
+    /// only when strictly newer than what is held. Times are whole seconds, and on a tie the
+    /// report this node took itself wins (it came straight from a relay; the copy may be the
+    /// older of the two within that second).
+    pub fn upsert_handed_back(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool) -> bool {
+        self.upsert_inner(hb, now, tags, owned, true)
+    }
+
+    fn upsert_inner(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool, strictly_newer: bool) -> bool {
         let Tags { class, generation, told, waves } = tags;
         let n = hb.real_agents.len().min(MAX_AGENTS_PER_HOST);
         let mut agents = [AgentState::default(); MAX_AGENTS_PER_HOST];
@@ -610,6 +622,7 @@ impl Store {
         let shard = &mut *guard;
         let slot = match shard.find(hash, name) {
             Some(slot) if shard.hosts[slot as usize].last_seen > now => return false,
+            Some(slot) if strictly_newer && shard.hosts[slot as usize].last_seen == now => return false,
             Some(slot) => {
                 let host = &mut shard.hosts[slot as usize];
                 if host.err_mask != 0 || host.ip_kind == IpKind::Other {
@@ -833,6 +846,22 @@ mod tests {
         assert!(!store.drop_copy("mine", 50), "an owned host is never dropped as a copy");
         assert!(store.drop_copy("c1", 51));
         assert_eq!((store.copies(), store.len()), (1, 2));
+    }
+
+    /// A copy handed back never replaces what the owner took in the same second.
+    #[test]
+    fn a_handed_back_copy_wins_only_when_strictly_newer() {
+        let store = Store::new();
+        let v = |ver: &str| format!(r#"{{"hostname":"h","realAgents":[{{"name":"a","version":"{ver}"}}]}}"#);
+        let version = |store: &Store| store.with_host("h", |s, _, h| store.symbols().reader().resolve(s.agents(h)[0].version).to_owned());
+        store.upsert(&hb(&v("new")), 10, ClassId(0), 1, true);
+        assert!(!store.upsert_handed_back(&hb(&v("copy")), 10, Tags::default(), true), "a tie keeps the owner's");
+        assert!(!store.upsert_handed_back(&hb(&v("copy")), 9, Tags::default(), true));
+        assert_eq!(version(&store).as_deref(), Some("new"));
+        assert!(store.upsert_handed_back(&hb(&v("copy")), 11, Tags::default(), true));
+        assert_eq!(version(&store).as_deref(), Some("copy"));
+        assert!(store.upsert_tagged(&hb(&v("relay")), 11, Tags::default(), true), "a relay's report of the same second still wins");
+        assert_eq!(version(&store).as_deref(), Some("relay"));
     }
 
     #[test]

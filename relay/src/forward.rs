@@ -22,6 +22,10 @@ use tokio_util::sync::CancellationToken;
 /// Path of the batch ingest endpoint on meta nodes.
 pub const BATCH_PATH: &str = "/internal/batch";
 
+/// Header (value `1`) of a batch of failover copies a meta node hands back: the receiver keeps
+/// a copy only where it is strictly newer than what it holds.
+pub const HANDOFF_HEADER: &str = "x-ops-handoff";
+
 /// How a forwarder batches and gives up.
 #[derive(Debug, Clone)]
 pub struct ForwardSettings {
@@ -297,6 +301,15 @@ impl Forwarder {
     /// every batch was taken (a batch refused as malformed is dropped and logged: it would
     /// never be taken). Meta nodes also hand failover copies back through this.
     pub async fn send(&self, target: usize, entries: &[Entry]) -> bool {
+        self.send_batches(target, entries, false).await
+    }
+
+    /// [`Forwarder::send`] of failover copies handed back ([`HANDOFF_HEADER`]).
+    pub async fn send_handoff(&self, target: usize, entries: &[Entry]) -> bool {
+        self.send_batches(target, entries, true).await
+    }
+
+    async fn send_batches(&self, target: usize, entries: &[Entry], handoff: bool) -> bool {
         let node = &self.nodes[target];
         let url = format!("http://{}{}", node.addr, BATCH_PATH);
         for chunk in entries.chunks(self.settings.batch_max.max(1)) {
@@ -313,6 +326,9 @@ impl Forwarder {
                 .body(body);
             if let Some(token) = &self.settings.token {
                 req = req.bearer_auth(token);
+            }
+            if handoff {
+                req = req.header(HANDOFF_HEADER, "1");
             }
             let result = req.send().await;
             match result {

@@ -37,7 +37,8 @@ pub(super) async fn batch(
     let compact = headers
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(ops_config::compact::CONTENT_TYPE.as_bytes()));
-    let result = tokio::task::spawn_blocking(move || ingest(&n, &bytes, compact))
+    let handed_back = headers.get(relay::forward::HANDOFF_HEADER).is_some_and(|v| v == "1");
+    let result = tokio::task::spawn_blocking(move || ingest(&n, &bytes, compact, handed_back))
         .await
         .map_err(|e| ApiError::Internal(format!("ingest task failed: {e}")))?;
     match result {
@@ -54,8 +55,12 @@ pub(super) async fn batch(
     }
 }
 
-fn ingest(node: &Node, bytes: &[u8], compact: bool) -> Result<(u64, u64), ApiError> {
-    let result = if compact { node.ingest_compact(bytes) } else { node.ingest_batch(bytes) };
+fn ingest(node: &Node, bytes: &[u8], compact: bool, handed_back: bool) -> Result<(u64, u64), ApiError> {
+    let result = match (compact, handed_back) {
+        (true, true) => node.ingest_handed_back(bytes),
+        (true, false) => node.ingest_compact(bytes),
+        (false, _) => node.ingest_batch(bytes),
+    };
     result.map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
@@ -69,6 +74,13 @@ pub(super) struct GatherBody {
     prefix: Option<String>,
 }
 
+impl GatherBody {
+    /// Parsed after the token is checked, whatever the Content-Type.
+    fn parse(bytes: &[u8]) -> Result<GatherBody, ApiError> {
+        serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("bad gather body: {e}")))
+    }
+}
+
 /// `POST /internal/rows/{agent}`: this node's share of a listing, streamed.
 pub(super) async fn rows(
     State(node): State<Arc<Node>>,
@@ -76,10 +88,11 @@ pub(super) async fn rows(
     headers: HeaderMap,
     Path(agent): Path<String>,
     Query(params): Query<FilterParams>,
-    Json(body): Json<GatherBody>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&node, peer, &headers)?;
     check_agent(&agent)?;
+    let body = GatherBody::parse(&body)?;
     let filter = params.to_filter()?;
     let format = Format::parse(params.format.as_deref());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
@@ -97,10 +110,11 @@ pub(super) async fn summary(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(agent): Path<String>,
-    Json(body): Json<GatherBody>,
+    body: Bytes,
 ) -> Result<Json<Summary>, ApiError> {
     authorize(&node, peer, &headers)?;
     check_agent(&agent)?;
+    let body = GatherBody::parse(&body)?;
     let s = tokio::task::spawn_blocking(move || local_summary(&node, &agent, scope_of(&node, body.present), body.prefix.as_deref()))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;

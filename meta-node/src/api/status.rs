@@ -246,8 +246,50 @@ impl RowSink {
 async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: Format) -> Result<Response, ApiError> {
     let filter = params.to_filter()?;
     let gather = Gather::now(&node);
+    let present = gather.present;
+    // Every peer's stream is opened before the reply's headers go out, so they already say
+    // which nodes did not answer; the peers start scanning meanwhile (each blocks on its
+    // small channel until its rows are read).
+    let mut query = params.clone();
+    query.format = Some(format.name().to_owned());
+    let qs = serde_urlencoded_pairs(&query);
+    let opened = futures_util::future::join_all((0..gather.nodes).filter(|&i| gather.asks(i) && i != gather.me).map(|i| {
+        let body = serde_json::json!({ "present": present });
+        // Per chunk, not per stream: a large listing may take longer than the timeout.
+        let req = peer_request(&node, reqwest::Method::POST, i, &format!("/internal/rows/{agent}?{qs}"))
+            .json(&body)
+            .timeout(std::time::Duration::from_secs(3600));
+        let node = node.clone();
+        async move {
+            match tokio::time::timeout(node.settings.peer_timeout, req.send()).await {
+                Ok(Ok(r)) if r.status().is_success() => (i, Some(r)),
+                Ok(Ok(r)) => {
+                    peer_failed(&node, i, "rows", r.status());
+                    (i, None)
+                }
+                Ok(Err(e)) => {
+                    peer_failed(&node, i, "rows", e);
+                    (i, None)
+                }
+                Err(_) => {
+                    peer_failed(&node, i, "rows", "no answer within the peer timeout");
+                    (i, None)
+                }
+            }
+        }
+    }))
+    .await;
+    let mut missing = gather.missing.clone();
+    let mut streams: Vec<Option<reqwest::Response>> = (0..gather.nodes).map(|_| None).collect();
+    for (i, r) in opened {
+        match r {
+            Some(r) => streams[i] = Some(r),
+            None => missing.push(i),
+        }
+    }
+    missing.sort_unstable();
     let (tx, mut rx) = mpsc::channel::<Bytes>(4);
-    let initially_missing = missing_ids(&node, &gather.missing);
+    let initially_missing = missing_ids(&node, &missing);
     tokio::spawn(async move {
         let head = match format {
             Format::Json => format!("{{\"agent\":{},\"hosts\":[", serde_json::Value::from(agent.as_str())),
@@ -257,8 +299,6 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
             return;
         }
         let mut sink = RowSink { tx: tx.clone(), format, first: true, counter: RowCounter::new(format) };
-        let mut missing = gather.missing.clone();
-        let present = gather.present;
         for i in (0..gather.nodes).filter(|&i| gather.asks(i)) {
             if i == gather.me {
                 let (ltx, mut lrx) = mpsc::channel::<Bytes>(4);
@@ -270,45 +310,26 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
                     }
                 }
                 let _ = producer.await;
-            } else {
-                let mut query = params.clone();
-                query.format = Some(format.name().to_owned());
-                let qs = serde_urlencoded_pairs(&query);
-                let body = serde_json::json!({ "present": present });
-                let req = peer_request(&node, reqwest::Method::POST, i, &format!("/internal/rows/{agent}?{qs}")).json(&body);
-                // Per chunk, not per stream: a large listing may take longer than the timeout.
-                let req = req.timeout(std::time::Duration::from_secs(3600));
-                match req.send().await {
-                    Ok(r) if r.status().is_success() => {
-                        let mut stream = r.bytes_stream();
-                        loop {
-                            match tokio::time::timeout(node.settings.peer_timeout, stream.next()).await {
-                                Ok(Some(Ok(chunk))) => {
-                                    if !sink.send(chunk).await {
-                                        return;
-                                    }
-                                }
-                                Ok(None) => break,
-                                Ok(Some(Err(e))) => {
-                                    peer_failed(&node, i, "rows", e);
-                                    missing.push(i);
-                                    break;
-                                }
-                                Err(_) => {
-                                    peer_failed(&node, i, "rows", "timed out mid-stream");
-                                    missing.push(i);
-                                    break;
-                                }
+            } else if let Some(r) = streams[i].take() {
+                let mut stream = r.bytes_stream();
+                loop {
+                    match tokio::time::timeout(node.settings.peer_timeout, stream.next()).await {
+                        Ok(Some(Ok(chunk))) => {
+                            if !sink.send(chunk).await {
+                                return;
                             }
                         }
-                    }
-                    Ok(r) => {
-                        peer_failed(&node, i, "rows", r.status());
-                        missing.push(i);
-                    }
-                    Err(e) => {
-                        peer_failed(&node, i, "rows", e);
-                        missing.push(i);
+                        Ok(None) => break,
+                        Ok(Some(Err(e))) => {
+                            peer_failed(&node, i, "rows", e);
+                            missing.push(i);
+                            break;
+                        }
+                        Err(_) => {
+                            peer_failed(&node, i, "rows", "timed out mid-stream");
+                            missing.push(i);
+                            break;
+                        }
                     }
                 }
             }
