@@ -110,18 +110,25 @@ fn relays_shard_hosts_by_ring_and_every_node_answers_the_same() {
     assert!(metrics.contains("ops_relay_heartbeats_total{result=\"ok\"} 1500"), "{metrics}");
 }
 
-#[test]
-fn killed_meta_node_fails_over_and_takes_its_hosts_back() {
+/// 3 metas and 2 relays holding `n` hosts at 5.1.3, each node exactly its ring share; then
+/// meta `dead` (from 0), after writing a snapshot of its hosts, is SIGKILLed. Returns the
+/// cluster, the hosts and each node's share.
+fn cluster_with_a_dead_node(n: usize, dead: usize) -> (Cluster, Vec<String>, Vec<u64>) {
     let mut c = Cluster::up(3, 2, AGENTS);
-    let hosts = hostnames(900);
+    let hosts = hostnames(n);
     sweep(&c, &hosts, "5.1.3");
     let want = c.ring_counts(&hosts);
     assert!(eventually(Duration::from_secs(20), || (c.running().map(held).collect::<Vec<_>>() == want).then_some(())).is_some());
-    // Let meta-2 write a snapshot holding its hosts, then kill it.
     std::thread::sleep(Duration::from_millis(1500));
-    let mut dead = c.metas[1].take().unwrap();
-    dead.proc.signal("KILL");
-    dead.proc.wait_exit(Duration::from_secs(10));
+    let mut m = c.metas[dead].take().unwrap();
+    m.proc.signal("KILL");
+    m.proc.wait_exit(Duration::from_secs(10));
+    (c, hosts, want)
+}
+
+#[test]
+fn killed_meta_node_fails_over_and_takes_its_hosts_back() {
+    let (mut c, hosts, _) = cluster_with_a_dead_node(900, 1);
 
     // No updater sees an error while meta-2 is down.
     sweep(&c, &hosts, "5.1.4");
@@ -200,17 +207,7 @@ fn metric(m: &Meta, name: &str) -> f64 {
 /// once throughout (from the copies while the owner is down, from the owner after).
 #[test]
 fn failover_copies_go_home_without_a_new_report_and_no_host_is_counted_twice() {
-    let mut c = Cluster::up(3, 2, AGENTS);
-    let hosts = hostnames(3000);
-    sweep(&c, &hosts, "5.1.3");
-    let want = c.ring_counts(&hosts);
-    assert!(eventually(Duration::from_secs(20), || (c.running().map(held).collect::<Vec<_>>() == want).then_some(())).is_some());
-    // meta-3 keeps a snapshot of its hosts at 5.1.3, then dies.
-    std::thread::sleep(Duration::from_millis(1500));
-    let mut dead = c.metas[2].take().unwrap();
-    dead.proc.signal("KILL");
-    dead.proc.wait_exit(Duration::from_secs(10));
-    drop(dead);
+    let (mut c, hosts, want) = cluster_with_a_dead_node(3000, 2);
 
     sweep(&c, &hosts, "5.1.4");
     let during = eventually(Duration::from_secs(20), || {
