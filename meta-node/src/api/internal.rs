@@ -65,7 +65,7 @@ fn ingest(node: &Node, bytes: &[u8], compact: bool, handed_back: bool) -> Result
 }
 
 /// What a gathering node asks of a peer: the nodes taking part, and for summaries a prefix.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 pub(super) struct GatherBody {
     /// Bit i: node i takes part (see `fleet::Scope::Held`).
     present: u64,
