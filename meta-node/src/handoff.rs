@@ -8,8 +8,8 @@
 //! compact batches through the ordinary `/internal/batch`, marked as handed back: the receiver
 //! keeps a copy only where it is strictly newer than what it holds (on a tie within the same
 //! second its own report wins), and a copy is dropped once taken unless it reported again
-//! meanwhile. Copies
-//! whose first up candidate is this node stay: they stand in for their owner in status.
+//! meanwhile. Copies whose first up candidate is this node stay: they stand in for their
+//! owner in status.
 //!
 //! Cost while nothing failed: one count of the copies per period (0, nothing else). While a
 //! node is down: a scan of the copies when the view of the peers changes, after a round that

@@ -33,7 +33,7 @@ impl Peers {
 
     /// The nodes up now, this one always included (bit i: node i).
     pub fn mask(&self) -> u64 {
-        self.up.iter().enumerate().filter(|(i, u)| *i == self.me || u.load(Ordering::Relaxed)).fold(0, |m, (i, _)| m | (1 << i))
+        relay::forward::mask_of(&self.up) | (1 << self.me)
     }
 
     /// Records what a probe or a query found; logs a change.

@@ -86,6 +86,11 @@ pub struct Forwarder {
     failover_hosts: metrics::Counter,
 }
 
+/// A set of flags as a bit mask (bit i: flag i set), the form `Ring::first_in` takes.
+pub fn mask_of(flags: &[AtomicBool]) -> u64 {
+    flags.iter().enumerate().filter(|(_, f)| f.load(Ordering::Relaxed)).fold(0, |m, (i, _)| m | (1 << i))
+}
+
 /// Result of one flush.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Flushed {
@@ -177,7 +182,7 @@ impl Forwarder {
 
     /// The nodes that take batches now, as a bit mask (bit i: node i).
     pub fn up_mask(&self) -> u64 {
-        self.up.iter().enumerate().filter(|(_, u)| u.load(Ordering::Relaxed)).fold(0, |m, (i, _)| m | (1 << i))
+        mask_of(&self.up)
     }
 
     /// Hosts waiting, per node.
