@@ -40,6 +40,9 @@ pub struct Block {
     pub version: String,
     /// 32 lowercase hex digits, or empty: the updater then reads `{url}.md5`.
     pub md5: String,
+    /// 64 lowercase hex digits, or empty. Required where the config is signed and checked by
+    /// updaters (`crate::trust`); the Go updater ignores it and checks `md5`.
+    pub sha256: String,
     pub cmd: Cmd,
 }
 
@@ -160,6 +163,7 @@ struct RawRollout {
 struct RawFrom {
     version: Spanned<String>,
     md5: Option<Spanned<String>>,
+    sha256: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -182,6 +186,7 @@ struct RawWindow {
 struct RawBlock {
     version: Spanned<String>,
     md5: Option<Spanned<String>>,
+    sha256: Option<Spanned<String>>,
     cmd: Option<Spanned<String>>,
 }
 
@@ -191,6 +196,7 @@ struct RawOther {
     prefix: Spanned<String>,
     version: Spanned<String>,
     md5: Option<Spanned<String>>,
+    sha256: Option<Spanned<String>>,
     cmd: Option<Spanned<String>>,
     tarball: Option<Spanned<String>>,
     run_user: Option<Spanned<String>>,
@@ -222,10 +228,18 @@ impl Checker<'_> {
     }
 
     fn md5(&self, v: Option<&Spanned<String>>) -> Result<String, ConfigError> {
+        self.hex_digest(v, 32, "md5 must be empty or 32 hex digits")
+    }
+
+    fn sha256(&self, v: Option<&Spanned<String>>) -> Result<String, ConfigError> {
+        self.hex_digest(v, 64, "sha256 must be empty or 64 hex digits")
+    }
+
+    fn hex_digest(&self, v: Option<&Spanned<String>>, len: usize, what: &str) -> Result<String, ConfigError> {
         let Some(v) = v else { return Ok(String::new()) };
         let s = v.get_ref();
-        let ok = s.is_empty() || (s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()));
-        Ok(self.check(v, ok, "md5 must be empty or 32 hex digits")?.to_ascii_lowercase())
+        let ok = s.is_empty() || (s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()));
+        Ok(self.check(v, ok, what)?.to_ascii_lowercase())
     }
 
     fn cmd(&self, v: Option<&Spanned<String>>, inherited: Cmd) -> Result<Cmd, ConfigError> {
@@ -279,7 +293,12 @@ impl Checker<'_> {
     fn rollout(&self, raw: &Spanned<RawRollout>, default: &Block) -> Result<RolloutSpec, ConfigError> {
         let r = raw.get_ref();
         let from = r.from.get_ref();
-        let from = Block { version: self.version(&from.version)?, md5: self.md5(from.md5.as_ref())?, cmd: default.cmd };
+        let from = Block {
+            version: self.version(&from.version)?,
+            md5: self.md5(from.md5.as_ref())?,
+            sha256: self.sha256(from.sha256.as_ref())?,
+            cmd: default.cmd,
+        };
         if from.version == default.version {
             return Err(
                 self.err(r.from.span(), format_args!("rollout.from is the default version {:?}: nothing to roll out", from.version))
@@ -340,6 +359,7 @@ impl Checker<'_> {
         let default = Block {
             version: self.version(&default_block.version)?,
             md5: self.md5(default_block.md5.as_ref())?,
+            sha256: self.sha256(default_block.sha256.as_ref())?,
             cmd: self.cmd(default_block.cmd.as_ref(), Cmd::Start)?,
         };
         let mut others = Vec::with_capacity(raw.others.len());
@@ -356,6 +376,7 @@ impl Checker<'_> {
                     version: self.version(&o.version)?,
                     // Never inherited: a digest belongs to one version (the Go ops-meta's fault).
                     md5: self.md5(o.md5.as_ref())?,
+                    sha256: self.sha256(o.sha256.as_ref())?,
                     cmd: self.cmd(o.cmd.as_ref(), default.cmd)?,
                 },
                 tarball: o.tarball.as_ref().map(|t| self.url(t, "tarball")).transpose()?,
@@ -416,7 +437,7 @@ impl AgentSpec {
             work_dir: chosen.and_then(|o| o.work_dir.clone()).unwrap_or_else(|| self.work_dir.clone()),
             config_file_name: self.config_file_name.clone(),
             config_remote_url: self.config_remote_url.clone(),
-            sha256: String::new(),
+            sha256: block.sha256.clone(),
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod compact;
 mod hash;
 mod location;
 pub mod rollout;
+pub mod trust;
 pub mod wire;
 
 pub use agents::{AgentSpec, Block, ClassId, Cmd, ConfigError, DesiredConfig, MAX_ROLLOUTS, Override};

@@ -76,6 +76,10 @@ pub struct HeartbeatReply {
     pub error_message: String,
     #[serde(default, deserialize_with = "null_as_empty")]
     pub desired_agents: Vec<DesiredAgent>,
+    /// Extension: the content hash of the `agents.toml` this reply was resolved from, so an
+    /// updater that checks signatures knows when to fetch the signed config again.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub config_hash: String,
 }
 
 /// What one host should run of one agent.
@@ -301,7 +305,7 @@ impl RealAgent<'_> {
 impl HeartbeatReply {
     /// The reply a server sends when it refuses a request.
     pub fn error(message: impl Into<String>) -> Self {
-        HeartbeatReply { error_message: message.into(), desired_agents: Vec::new() }
+        HeartbeatReply { error_message: message.into(), desired_agents: Vec::new(), config_hash: String::new() }
     }
 }
 
@@ -416,6 +420,7 @@ mod tests {
                 config_remote_url: "http://files/falcon/conf/falcon-agent-cfg.json".into(),
                 sha256: String::new(),
             }],
+            config_hash: String::new(),
         };
         let json = serde_json::to_string(&reply).unwrap();
         assert_eq!(

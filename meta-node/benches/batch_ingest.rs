@@ -83,5 +83,5 @@ fn main() {
 
 fn fresh_node(config: &DesiredConfig, agents: &std::path::Path) -> Arc<Node> {
     let settings = Settings::standalone(agents.to_path_buf(), std::env::temp_dir().join("ops-bench-ingest"));
-    Arc::new(Node::new(settings, config.clone(), None, CancellationToken::new()))
+    Arc::new(Node::new(settings, config.clone(), None, None, CancellationToken::new()))
 }

@@ -57,6 +57,9 @@ pub struct Settings {
     pub probe_interval: Duration,
     /// How often failover copies are offered back to the node that should hold them.
     pub handoff_interval: Duration,
+    /// The operators' public keys: when any is set, `agents.toml` must carry a valid
+    /// `agents.toml.sig` by one of them, at start and on every reload.
+    pub trusted_keys: ops_config::trust::TrustedKeys,
 }
 
 impl Settings {
@@ -78,6 +81,7 @@ impl Settings {
             rollout_interval: Duration::from_secs(5),
             probe_interval: Duration::from_millis(1000),
             handoff_interval: Duration::from_millis(1000),
+            trusted_keys: ops_config::trust::TrustedKeys::default(),
         }
     }
 }
@@ -142,9 +146,17 @@ pub struct Node {
 pub use relay::unix_now;
 
 impl Node {
-    /// Builds a node; `stop` ends the forwarder's probers (cancel it after `run` returns).
-    pub fn new(settings: Settings, config: DesiredConfig, prometheus: Option<PrometheusHandle>, stop: CancellationToken) -> Self {
+    /// Builds a node serving `config` (with its `signature`, as `ops_config::trust::load_signed`
+    /// read them); `stop` ends the forwarder's probers (cancel it after `run` returns).
+    pub fn new(
+        settings: Settings,
+        config: DesiredConfig,
+        signature: Option<String>,
+        prometheus: Option<PrometheusHandle>,
+        stop: CancellationToken,
+    ) -> Self {
         let path = settings.agents_path.clone();
+        let desired = Desired::new(config, signature, path, settings.trusted_keys.clone());
         let cluster = settings.cluster.as_ref().map(|map| {
             let mut forward = settings.forward.clone();
             forward.token = settings.token.clone();
@@ -167,7 +179,7 @@ impl Node {
             settings,
             cluster,
             store: Store::new(),
-            desired: Desired::new(config, path),
+            desired,
             started: Instant::now(),
             prometheus,
             hot: HotMetrics::register(),

@@ -67,6 +67,8 @@ struct Cli {
     /// a few cores, as in `ops-bench`'s one-box cluster.
     #[arg(long)]
     worker_threads: Option<usize>,
+    #[command(flatten)]
+    trust: relay::cli::TrustArgs,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -77,10 +79,12 @@ fn default_agents() -> PathBuf {
     if main.exists() { main.to_path_buf() } else { PathBuf::from("config/examples/agents.toml") }
 }
 
-fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig), String> {
+fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), String> {
     let agents_path = cli.agents.clone().unwrap_or_else(default_agents);
-    let config = DesiredConfig::load(&agents_path).map_err(|e| e.to_string())?;
+    let keys = cli.trust.keys()?;
+    let (config, signature) = ops_config::trust::load_signed(&agents_path, &keys).map_err(|e| e.to_string())?;
     let mut s = Settings::standalone(agents_path, cli.data_dir.clone());
+    s.trusted_keys = keys;
     if let Some(path) = &cli.cluster {
         let cluster = ClusterMap::load(path).map_err(|e| e.to_string())?;
         let id = cli.id.clone().ok_or_else(|| format!("--cluster {} needs --id (one of the [[node]] ids)", path.display()))?;
@@ -113,7 +117,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig), String> {
     s.rollout_interval = Duration::from_millis(cli.rollout_interval_ms);
     s.peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
     s.forward.flush = Duration::from_millis(cli.flush_ms);
-    Ok((s, config))
+    Ok((s, config, signature))
 }
 
 fn main() -> ExitCode {
@@ -121,7 +125,7 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
-    let (settings, config) = match settings(&cli) {
+    let (settings, config, signature) = match settings(&cli) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("meta-node: {e}");
@@ -139,7 +143,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(cli.listen, settings, config)) {
+    match runtime.block_on(serve(cli.listen, settings, config, signature)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meta-node: {e:#}");
@@ -148,7 +152,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(listen: String, settings: Settings, config: DesiredConfig) -> anyhow::Result<()> {
+async fn serve(listen: String, settings: Settings, config: DesiredConfig, signature: Option<String>) -> anyhow::Result<()> {
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), meta_node::metrics::LATENCY_BUCKETS)?
         .install_recorder()?;
@@ -156,7 +160,7 @@ async fn serve(listen: String, settings: Settings, config: DesiredConfig) -> any
     ::metrics::gauge!(meta_node::metrics::CONFIG_INFO, "hash" => config.hash().to_owned()).set(1.0);
 
     let forward_stop = CancellationToken::new();
-    let node = Arc::new(Node::new(settings, config, Some(prometheus), forward_stop.clone()));
+    let node = Arc::new(Node::new(settings, config, signature, Some(prometheus), forward_stop.clone()));
     let n = node.clone();
     tokio::task::spawn_blocking(move || n.restore()).await?;
 

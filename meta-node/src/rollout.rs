@@ -299,6 +299,7 @@ halt_when = { failed_ratio = 0.5, min_sample = 4 }
             Settings::standalone("agents.toml".into(), dir.path().to_path_buf()),
             config,
             None,
+            None,
             tokio_util::sync::CancellationToken::new(),
         );
         let loaded = node.desired.current();

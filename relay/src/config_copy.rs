@@ -9,39 +9,44 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use ops_config::DesiredConfig;
+use ops_config::trust::{SIGNATURE_HEADER, TrustedKeys, parse_signed};
 use tokio_util::sync::CancellationToken;
 
 use crate::desired::Loaded;
 
 const FILE_NAME: &str = "agents.toml";
+const SIG_NAME: &str = "agents.toml.sig";
 
 /// The config a relay serves, if it has one yet.
 pub struct ConfigCopy {
     current: ArcSwapOption<Loaded>,
     dir: PathBuf,
+    /// When set, a copy (fetched or on disk) must be signed by one of these keys.
+    keys: TrustedKeys,
     /// Index of the meta node that answered last (tried first next time).
     last_good: AtomicUsize,
 }
 
 impl ConfigCopy {
-    /// Loads the copy kept in `dir`, if any. A damaged copy is logged and ignored.
-    pub fn open(dir: &Path) -> Self {
+    /// Loads the copy kept in `dir`, if any. A damaged or badly signed copy is logged and
+    /// ignored.
+    pub fn open(dir: &Path, keys: TrustedKeys) -> Self {
         let path = dir.join(FILE_NAME);
-        let current = match std::fs::read_to_string(&path) {
-            Ok(text) => match DesiredConfig::parse(&text, &path.display().to_string()) {
-                Ok(config) => {
-                    tracing::info!(hash = config.hash(), file = %path.display(), "desired config loaded from the local copy");
-                    Some(Arc::new(Loaded::new(config, 1)))
-                }
-                Err(error) => {
-                    tracing::error!(%error, "local config copy unreadable, waiting for a meta node");
-                    None
-                }
-            },
-            Err(_) => None,
+        let current = match ops_config::trust::load_signed(&path, &keys) {
+            Ok((config, signature)) => {
+                tracing::info!(hash = config.hash(), file = %path.display(), "desired config loaded from the local copy");
+                Some(Arc::new(Loaded::signed(config, signature, 1)))
+            }
+            Err(ops_config::ConfigError::File { message, .. }) if !path.exists() => {
+                tracing::debug!(%message, "no local config copy");
+                None
+            }
+            Err(error) => {
+                tracing::error!(%error, "local config copy refused, waiting for a meta node");
+                None
+            }
         };
-        ConfigCopy { current: ArcSwapOption::new(current), dir: dir.to_path_buf(), last_good: AtomicUsize::new(0) }
+        ConfigCopy { current: ArcSwapOption::new(current), dir: dir.to_path_buf(), keys, last_good: AtomicUsize::new(0) }
     }
 
     pub fn current(&self) -> Option<Arc<Loaded>> {
@@ -52,14 +57,24 @@ impl ConfigCopy {
         self.current.load().as_ref().map(|l| l.config.hash().to_owned())
     }
 
-    /// Validates and installs a config text fetched from `source`; writes it to disk first
-    /// (temporary file + rename) so the disk copy is never newer than what is served... nor torn.
-    pub fn install(&self, text: &str, source: &str) -> Result<Arc<Loaded>, String> {
-        let config = DesiredConfig::parse(text, source).map_err(|e| e.to_string())?;
-        crate::write_atomically(&self.dir.join(FILE_NAME), text.as_bytes())
-            .map_err(|e| format!("cannot keep config copy in {}: {e}", self.dir.display()))?;
+    /// Validates (and checks the signature of, with keys set) a config text fetched from
+    /// `source`, then installs it; writes it to disk first (signature, then text; each a
+    /// temporary file + rename) so the disk copy is never newer than what is served, nor torn.
+    pub fn install(&self, text: &str, signature: Option<&str>, source: &str) -> Result<Arc<Loaded>, String> {
+        let config = parse_signed(text, signature, &self.keys, source).map_err(|e| e.to_string())?;
+        let keep = |name: &str, bytes: &[u8]| {
+            crate::write_atomically(&self.dir.join(name), bytes).map_err(|e| format!("cannot keep config copy in {}: {e}", self.dir.display()))
+        };
+        match signature {
+            Some(sig) => keep(SIG_NAME, format!("{}\n", sig.replace(',', "\n")).as_bytes())?,
+            None => match std::fs::remove_file(self.dir.join(SIG_NAME)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("cannot remove the old signature: {e}")),
+                _ => {}
+            },
+        }
+        keep(FILE_NAME, text.as_bytes())?;
         let generation = self.current.load().as_ref().map_or(1, |l| l.generation.wrapping_add(1).max(1));
-        let loaded = Arc::new(Loaded::new(config, generation));
+        let loaded = Arc::new(Loaded::signed(config, signature.map(str::to_owned), generation));
         self.current.store(Some(loaded.clone()));
         Ok(loaded)
     }
@@ -82,9 +97,10 @@ impl ConfigCopy {
                 }
                 Ok(r) if r.status().is_success() => {
                     self.last_good.store(i, Ordering::Relaxed);
+                    let signature = r.headers().get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
                     let text = r.text().await.map_err(|e| format!("{url}: {e}"))?;
                     let old = self.hash();
-                    let loaded = self.install(&text, &url)?;
+                    let loaded = self.install(&text, signature.as_deref(), &url)?;
                     if let Some(old) = old {
                         metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => old).set(0.0);
                     }
@@ -134,13 +150,32 @@ mod tests {
     #[test]
     fn installed_copy_survives_a_restart_and_bad_text_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let copy = ConfigCopy::open(dir.path());
+        let copy = ConfigCopy::open(dir.path(), TrustedKeys::default());
         assert!(copy.current().is_none());
-        copy.install(GOOD, "test").unwrap();
-        assert!(copy.install("[[agent]]\nname = 1\n", "test").is_err());
+        copy.install(GOOD, None, "test").unwrap();
+        assert!(copy.install("[[agent]]\nname = 1\n", None, "test").is_err());
         assert_eq!(copy.hash().unwrap(), ops_config::content_hash(GOOD.as_bytes()));
-        let again = ConfigCopy::open(dir.path());
+        let again = ConfigCopy::open(dir.path(), TrustedKeys::default());
         assert_eq!(again.hash(), copy.hash());
         assert!(!dir.path().join("agents.toml.tmp").exists());
+    }
+
+    #[test]
+    fn with_keys_only_a_signed_copy_is_taken_or_reloaded_from_disk() {
+        let key = ops_config::trust::SecretKey::from_seed([3; 32]);
+        let keys = TrustedKeys::load(&[key.public_text()], &[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let copy = ConfigCopy::open(dir.path(), keys.clone());
+        let e = copy.install(GOOD, None, "m1").err().unwrap();
+        assert!(e.contains("no signature"), "{e}");
+        let other = ops_config::trust::SecretKey::from_seed([4; 32]);
+        assert!(copy.install(GOOD, Some(&other.sign(GOOD.as_bytes())), "m1").err().unwrap().contains("not trusted"));
+        assert!(copy.current().is_none() && !dir.path().join(FILE_NAME).exists(), "a refused copy changes nothing");
+        let sig = ops_config::trust::signature_header(&key.sign(GOOD.as_bytes()));
+        copy.install(GOOD, Some(&sig), "m1").unwrap();
+        assert_eq!(ConfigCopy::open(dir.path(), keys.clone()).hash(), copy.hash());
+        // A copy edited on disk is refused at the next start.
+        std::fs::write(dir.path().join(FILE_NAME), GOOD.replace("\"1\"", "\"2\"")).unwrap();
+        assert!(ConfigCopy::open(dir.path(), keys).current().is_none());
     }
 }

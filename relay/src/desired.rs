@@ -8,6 +8,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ops_config::trust::{SIGNATURE_HEADER, TrustedKeys};
 use ops_config::{ClassId, ConfigError, DesiredConfig, HeartbeatReply};
 use parking_lot::Mutex;
 
@@ -17,6 +20,8 @@ pub struct Loaded {
     pub config: DesiredConfig,
     /// Starts at 1 and grows by one per successful reload (0 means "none" in the store).
     pub generation: u32,
+    /// The operator's signature lines over the file (`agents.toml.sig`), when it has one.
+    pub signature: Option<String>,
     /// `replies[class][mask]`: one per combination of the config's rollouts (1 without any).
     replies: Vec<Vec<Bytes>>,
 }
@@ -29,13 +34,45 @@ impl Loaded {
                 (0..masks)
                     .map(|mask| {
                         let desired_agents = config.variant(ClassId(c as u32), mask as u8);
-                        let reply = HeartbeatReply { error_message: String::new(), desired_agents };
+                        let reply = HeartbeatReply {
+                            error_message: String::new(),
+                            desired_agents,
+                            config_hash: config.hash().to_owned(),
+                        };
                         Bytes::from(serde_json::to_vec(&reply).expect("a reply of strings always serializes"))
                     })
                     .collect()
             })
             .collect();
-        Loaded { config, generation, replies }
+        Loaded { config, generation, signature: None, replies }
+    }
+
+    /// The same, with the signature read beside the file.
+    pub fn signed(config: DesiredConfig, signature: Option<String>, generation: u32) -> Self {
+        Loaded { signature, ..Loaded::new(config, generation) }
+    }
+
+    /// `GET /config/desired` on meta nodes and relays: the file's exact text, `ETag` = its
+    /// content hash (`If-None-Match` gives 304), the signature lines in `x-ops-signature`.
+    pub fn serve(&self, request: &HeaderMap) -> Response {
+        let etag = format!("\"{}\"", self.config.hash());
+        let etag_value = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\""));
+        let matches = request
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        if matches {
+            return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
+        }
+        let mut response = (
+            [(header::ETAG, etag_value), (header::CONTENT_TYPE, HeaderValue::from_static("application/toml; charset=utf-8"))],
+            self.config.source().to_owned(),
+        )
+            .into_response();
+        if let Some(v) = self.signature.as_deref().and_then(|s| HeaderValue::from_str(&ops_config::trust::signature_header(s)).ok()) {
+            response.headers_mut().insert(SIGNATURE_HEADER, v);
+        }
+        response
     }
 
     /// The serialized heartbeat reply for hosts of `class` outside every open rollout wave.
@@ -51,16 +88,19 @@ impl Loaded {
     }
 }
 
-/// The current config and where it is reloaded from.
+/// The current config, where it is reloaded from and the keys its signature must verify
+/// under (none: not checked).
 pub struct Desired {
     current: ArcSwap<Loaded>,
     path: PathBuf,
+    keys: TrustedKeys,
     reload_lock: Mutex<()>,
 }
 
 impl Desired {
-    pub fn new(config: DesiredConfig, path: PathBuf) -> Self {
-        Desired { current: ArcSwap::from_pointee(Loaded::new(config, 1)), path, reload_lock: Mutex::new(()) }
+    /// `config` and `signature` as `ops_config::trust::load_signed` read them from `path`.
+    pub fn new(config: DesiredConfig, signature: Option<String>, path: PathBuf, keys: TrustedKeys) -> Self {
+        Desired { current: ArcSwap::from_pointee(Loaded::signed(config, signature, 1)), path, keys, reload_lock: Mutex::new(()) }
     }
 
     pub fn current(&self) -> Arc<Loaded> {
@@ -76,12 +116,13 @@ impl Desired {
         &self.path
     }
 
-    /// Reads the file again. On any error the served config is unchanged.
+    /// Reads the file (and its signature, checked when keys are set) again. On any error the
+    /// served config is unchanged.
     pub fn reload(&self) -> Result<Arc<Loaded>, ConfigError> {
         let _one_at_a_time = self.reload_lock.lock();
-        let config = DesiredConfig::load(&self.path)?;
+        let (config, signature) = ops_config::trust::load_signed(&self.path, &self.keys)?;
         let generation = self.current.load().generation.wrapping_add(1).max(1);
-        let loaded = Arc::new(Loaded::new(config, generation));
+        let loaded = Arc::new(Loaded::signed(config, signature, generation));
         self.current.store(loaded.clone());
         Ok(loaded)
     }

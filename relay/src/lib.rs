@@ -6,6 +6,7 @@
 //! buffers only hold reports on their way. It must never make an updater wait on a meta node.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config_copy;
 pub mod desired;
 pub mod forward;
@@ -61,6 +62,8 @@ pub struct Settings {
     pub forward: ForwardSettings,
     pub config_poll: Duration,
     pub shutdown_grace: Duration,
+    /// When set, config copies must be signed by one of these keys.
+    pub trusted_keys: ops_config::trust::TrustedKeys,
 }
 
 pub(crate) struct HotMetrics {
@@ -84,7 +87,7 @@ pub struct Relay {
 impl Relay {
     /// Builds a relay; `stop` ends its background tasks (child of the process shutdown token).
     pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>, stop: CancellationToken) -> Arc<Self> {
-        let config = Arc::new(ConfigCopy::open(&settings.data_dir));
+        let config = Arc::new(ConfigCopy::open(&settings.data_dir, settings.trusted_keys.clone()));
         let forwarder = Forwarder::new(&settings.cluster, settings.forward.clone(), stop.clone());
         if let Some(hash) = config.hash() {
             ::metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => hash).set(1.0);
@@ -110,6 +113,7 @@ impl Relay {
         Router::new()
             .route("/heartbeat", post(ingest::heartbeat))
             .route("/health", get(health))
+            .route("/config/desired", get(desired))
             .route("/metrics", get(metrics_text))
             .fallback(|uri: axum::http::Uri| async move {
                 (axum::http::StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"errorMessage": format!("no route for {}", uri.path())})))
@@ -159,6 +163,14 @@ async fn health(State(relay): State<Arc<Relay>>) -> Response {
         })),
     )
         .into_response()
+}
+
+/// The config copy as served (`Loaded::serve`): updaters that check signatures fetch it here.
+async fn desired(State(relay): State<Arc<Relay>>, headers: axum::http::HeaderMap) -> Response {
+    match relay.config.current() {
+        Some(loaded) => loaded.serve(&headers),
+        None => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no desired config yet\n").into_response(),
+    }
 }
 
 async fn metrics_text(State(relay): State<Arc<Relay>>) -> Response {

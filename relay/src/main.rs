@@ -47,6 +47,8 @@ struct Cli {
     /// a few cores, as in `ops-bench`'s one-box cluster.
     #[arg(long)]
     worker_threads: Option<usize>,
+    #[command(flatten)]
+    trust: relay::cli::TrustArgs,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -77,6 +79,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         },
         config_poll: Duration::from_millis(cli.config_poll_ms),
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
+        trusted_keys: cli.trust.keys()?,
     })
 }
 

@@ -146,23 +146,9 @@ async fn reload_local(node: Arc<Node>) -> Result<Response, ApiError> {
     }
 }
 
-/// The config file as served, with `ETag` = its content hash.
+/// The config file as served (`relay::desired::Loaded::serve`).
 pub(super) async fn desired(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    let loaded = node.desired.current();
-    let etag = format!("\"{}\"", loaded.config.hash());
-    let etag_value = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\""));
-    let matches = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
-    if matches {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
-    }
-    (
-        [(header::ETAG, etag_value), (header::CONTENT_TYPE, HeaderValue::from_static("application/toml; charset=utf-8"))],
-        loaded.config.source().to_owned(),
-    )
-        .into_response()
+    node.desired.current().serve(&headers)
 }
 
 #[derive(Serialize)]

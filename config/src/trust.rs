@@ -1,0 +1,340 @@
+//! The operator's signature over `agents.toml`: the root of trust of the fleet.
+//!
+//! An operator signs the file's exact bytes with an ed25519 key (`opsctl sign`), which writes a
+//! detached `agents.toml.sig` beside it. Meta nodes, relays and updaters given the public keys
+//! (`--trusted-key`, `--trusted-keys-file`) accept a config only when one of its signature lines
+//! verifies under one of those keys, so neither the network, a relay nor one meta node can make
+//! a host install what the operator did not sign (docs/security.md).
+//!
+//! Text forms (one line each, `#` comments and blank lines allowed in files):
+//! - public key: the 32-byte key in standard base64 (44 characters);
+//! - secret key file: the 32-byte seed in standard base64;
+//! - signature file: `ed25519 <public key> <64-byte signature in base64>`, one line per key
+//!   that signed (two during a key rotation). On the wire (`x-ops-signature`) the lines are
+//!   joined with `,`.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+
+use crate::agents::{ConfigError, DesiredConfig};
+use crate::wire::DesiredAgent;
+
+/// The HTTP header that carries a config's signature lines next to its text.
+pub const SIGNATURE_HEADER: &str = "x-ops-signature";
+
+/// Why a key, a signature or a signed config was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    #[error("{source_name}: {message}")]
+    BadKey { source_name: String, message: String },
+    #[error("no signature: a trusted key is configured, so the config must come with its .sig")]
+    Unsigned,
+    #[error("malformed signature line {line}: want `ed25519 <public key> <signature>` in base64")]
+    Malformed { line: usize },
+    #[error("signed only by keys that are not trusted here: {0}")]
+    UnknownKey(String),
+    #[error("the signature by {0} does not match the file's bytes (edited after signing?)")]
+    Mismatch(String),
+}
+
+fn decode_fixed<const N: usize>(text: &str) -> Option<[u8; N]> {
+    STANDARD.decode(text.trim()).ok()?.try_into().ok()
+}
+
+/// The lines of a key or signature text that carry something (no comments, no blanks);
+/// `,` also ends a line in a signature (its header form).
+fn content_lines<'a>(text: &'a str, separators: &'a [char]) -> impl Iterator<Item = (usize, &'a str)> {
+    text.split(separators)
+        .map(str::trim)
+        .enumerate()
+        .map(|(i, l)| (i + 1, l))
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+}
+
+/// Parses one public key in its text form.
+pub fn parse_public_key(text: &str) -> Option<VerifyingKey> {
+    VerifyingKey::from_bytes(&decode_fixed::<32>(text)?).ok()
+}
+
+/// The text form of a public key.
+pub fn public_key_text(key: &VerifyingKey) -> String {
+    STANDARD.encode(key.as_bytes())
+}
+
+/// The public keys a node, relay or updater accepts signatures from (several during a key
+/// rotation). Empty: nothing is checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedKeys {
+    keys: Vec<VerifyingKey>,
+}
+
+impl TrustedKeys {
+    /// Keys given on the command line and in key files (one key per line).
+    pub fn load(keys: &[String], files: &[PathBuf]) -> Result<Self, TrustError> {
+        let mut out = TrustedKeys::default();
+        for (i, k) in keys.iter().enumerate() {
+            out.add(k, &format!("--trusted-key #{}", i + 1), 1)?;
+        }
+        for f in files {
+            let name = f.display().to_string();
+            let text = std::fs::read_to_string(f).map_err(|e| TrustError::BadKey { source_name: name.clone(), message: e.to_string() })?;
+            let before = out.keys.len();
+            for (line, k) in content_lines(&text, &['\n']) {
+                out.add(k, &name, line)?;
+            }
+            if out.keys.len() == before {
+                return Err(TrustError::BadKey { source_name: name, message: "no key in the file".into() });
+            }
+        }
+        Ok(out)
+    }
+
+    fn add(&mut self, text: &str, source_name: &str, line: usize) -> Result<(), TrustError> {
+        let key = parse_public_key(text).ok_or_else(|| TrustError::BadKey {
+            source_name: source_name.to_owned(),
+            message: format!("line {line}: not an ed25519 public key (44 characters of base64): {:?}", text.trim()),
+        })?;
+        if !self.keys.contains(&key) {
+            self.keys.push(key);
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Ok when one line of `signature` is a valid signature of `file` by a trusted key.
+    pub fn verify(&self, file: &[u8], signature: Option<&str>) -> Result<(), TrustError> {
+        let Some(signature) = signature else { return Err(TrustError::Unsigned) };
+        let mut unknown = Vec::new();
+        let mut mismatch = None;
+        let mut any = false;
+        for (line, l) in content_lines(signature, &['\n', ',']) {
+            any = true;
+            let mut parts = l.split_ascii_whitespace();
+            let (Some("ed25519"), Some(key), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+                return Err(TrustError::Malformed { line });
+            };
+            let (Some(key), Some(sig)) = (parse_public_key(key), decode_fixed::<64>(sig)) else {
+                return Err(TrustError::Malformed { line });
+            };
+            if !self.keys.contains(&key) {
+                unknown.push(public_key_text(&key));
+                continue;
+            }
+            match key.verify_strict(file, &Signature::from_bytes(&sig)) {
+                Ok(()) => return Ok(()),
+                Err(_) => mismatch = Some(public_key_text(&key)),
+            }
+        }
+        match (any, mismatch) {
+            (false, _) => Err(TrustError::Unsigned),
+            (_, Some(key)) => Err(TrustError::Mismatch(key)),
+            (_, None) => Err(TrustError::UnknownKey(unknown.join(", "))),
+        }
+    }
+}
+
+/// An operator's secret signing key.
+pub struct SecretKey(SigningKey);
+
+impl SecretKey {
+    /// A key from 32 random bytes (the caller takes them from the OS).
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        SecretKey(SigningKey::from_bytes(&seed))
+    }
+
+    /// Parses a secret key file's text.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (_, line) = content_lines(text, &['\n']).next()?;
+        decode_fixed::<32>(line).map(Self::from_seed)
+    }
+
+    /// The secret key file's text.
+    pub fn to_text(&self) -> String {
+        format!(
+            "# ops fleet ed25519 signing key: keep it secret (mode 0600, offline when you can)\n# public key: {}\n{}\n",
+            self.public_text(),
+            STANDARD.encode(self.0.to_bytes())
+        )
+    }
+
+    pub fn public_key(&self) -> VerifyingKey {
+        self.0.verifying_key()
+    }
+
+    pub fn public_text(&self) -> String {
+        public_key_text(&self.public_key())
+    }
+
+    /// One signature line over `file`'s exact bytes.
+    pub fn sign(&self, file: &[u8]) -> String {
+        format!("ed25519 {} {}", self.public_text(), STANDARD.encode(self.0.sign(file).to_bytes()))
+    }
+}
+
+/// Where the signature of a config file lives: `{file}.sig`.
+pub fn signature_path(config: &Path) -> PathBuf {
+    let mut name = config.as_os_str().to_owned();
+    name.push(".sig");
+    PathBuf::from(name)
+}
+
+/// The signature lines of a `.sig` text joined for the `x-ops-signature` header.
+pub fn signature_header(signature: &str) -> String {
+    content_lines(signature, &['\n', ',']).map(|(_, l)| l).collect::<Vec<_>>().join(",")
+}
+
+/// Reads `path` and its `.sig` (if any), checks the signature when `keys` are given, then
+/// parses the config. Returns the config and the signature text as read.
+pub fn load_signed(path: &Path, keys: &TrustedKeys) -> Result<(DesiredConfig, Option<String>), ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { file: file.clone(), message: e.to_string() })?;
+    let sig_path = signature_path(path);
+    let signature = match std::fs::read_to_string(&sig_path) {
+        Ok(s) => Some(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(ConfigError::File { file: sig_path.display().to_string(), message: e.to_string() }),
+    };
+    let config = parse_signed(&text, signature.as_deref(), keys, &file)?;
+    Ok((config, signature))
+}
+
+/// Checks `signature` over `text` when `keys` are given, then parses the config.
+pub fn parse_signed(text: &str, signature: Option<&str>, keys: &TrustedKeys, file: &str) -> Result<DesiredConfig, ConfigError> {
+    if !keys.is_empty() {
+        keys.verify(text.as_bytes(), signature).map_err(|e| ConfigError::File { file: file.to_owned(), message: e.to_string() })?;
+    }
+    DesiredConfig::parse(text, file)
+}
+
+/// Ok when the signed `config` allows host `hostname` to be told `d`: exactly one of the
+/// states the config resolves for that host (its class's, or a rollout's `from` or target;
+/// which one is run-time state), and that state carries a sha256.
+pub fn allows(config: &DesiredConfig, hostname: &str, d: &DesiredAgent) -> Result<(), String> {
+    let Some(i) = config.agent_index(&d.name) else {
+        return Err(format!("agent {}: not in the signed config {}", d.name, config.hash()));
+    };
+    let class = config.class_of(hostname);
+    let mut allowed: Vec<&DesiredAgent> = vec![&config.class(class)[i]];
+    if let Some(r) = config.rollout_of(&d.name)
+        && let Some(target) = config.class_target(class, r)
+    {
+        allowed.push(target);
+    }
+    let Some(ok) = allowed.iter().find(|a| **a == d) else {
+        let versions: Vec<&str> = allowed.iter().map(|a| a.version.as_str()).collect();
+        return Err(format!(
+            "agent {}: {} {} (tarball {}, md5 {:?}, sha256 {:?}, user {:?}, dir {:?}) is not what the signed config {} allows \
+             this host (version {})",
+            d.name,
+            d.cmd,
+            d.version,
+            d.tarball,
+            d.md5,
+            d.sha256,
+            d.run_user,
+            d.work_dir,
+            config.hash(),
+            versions.join(" or ")
+        ));
+    };
+    if ok.sha256.is_empty() {
+        return Err(format!("agent {} {}: the signed config gives no sha256 for it; refused", d.name, d.version));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> SecretKey {
+        SecretKey::from_seed([n; 32])
+    }
+
+    #[test]
+    fn a_signature_verifies_only_for_its_bytes_and_a_trusted_key() {
+        let (k1, k2) = (key(1), key(2));
+        let file = b"[[agent]]\n";
+        let sig = k1.sign(file);
+        let trusted = TrustedKeys::load(&[k1.public_text()], &[]).unwrap();
+        assert_eq!(trusted.verify(file, Some(&sig)), Ok(()));
+        assert!(matches!(trusted.verify(b"[[agent]]\n\n", Some(&sig)), Err(TrustError::Mismatch(_))));
+        assert!(matches!(trusted.verify(file, Some(&k2.sign(file))), Err(TrustError::UnknownKey(_))));
+        assert_eq!(trusted.verify(file, None), Err(TrustError::Unsigned));
+        assert_eq!(trusted.verify(file, Some("# nothing\n")), Err(TrustError::Unsigned));
+        assert_eq!(trusted.verify(file, Some("ed25519 abc def")), Err(TrustError::Malformed { line: 1 }));
+        // Rotation: signed by the old and the new key; either one trusted is enough.
+        let both = format!("{}\n{}\n", k2.sign(file), k1.sign(file));
+        assert_eq!(trusted.verify(file, Some(&both)), Ok(()));
+        assert_eq!(trusted.verify(file, Some(&signature_header(&both))), Ok(()));
+    }
+
+    #[test]
+    fn secret_key_text_round_trips_and_bad_keys_are_named() {
+        let k = key(7);
+        let again = SecretKey::parse(&k.to_text()).unwrap();
+        assert_eq!(again.public_text(), k.public_text());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("keys");
+        std::fs::write(&f, format!("# ops\n{}\n\nnot-a-key\n", k.public_text())).unwrap();
+        let e = TrustedKeys::load(&[], &[f]).unwrap_err().to_string();
+        assert!(e.contains("line 4") && e.contains("not-a-key"), "{e}");
+    }
+
+    const SIGNED: &str = r#"[[agent]]
+name = "falcon-agent"
+tarball = "http://f/r"
+run_user = "u"
+work_dir = "/w"
+default = { version = "2", sha256 = "1111111111111111111111111111111111111111111111111111111111111111" }
+others = [{ prefix = "old-", version = "0", md5 = "0123456789abcdef0123456789abcdef" }]
+rollout = { from = { version = "1", sha256 = "2222222222222222222222222222222222222222222222222222222222222222" }, waves = [10, 100] }
+"#;
+
+    #[test]
+    fn allows_the_states_of_the_host_and_nothing_else() {
+        let config = DesiredConfig::parse(SIGNED, "t").unwrap();
+        let class = config.class_of("web-1");
+        let from = config.class(class)[0].clone();
+        let target = config.class_target(class, 0).unwrap().clone();
+        assert_eq!((from.version.as_str(), target.version.as_str()), ("1", "2"));
+        assert_eq!(allows(&config, "web-1", &from), Ok(()));
+        assert_eq!(allows(&config, "web-1", &target), Ok(()));
+        for change in [
+            |d: &mut DesiredAgent| d.version = "3".into(),
+            |d: &mut DesiredAgent| d.tarball = "http://evil/r".into(),
+            |d: &mut DesiredAgent| d.sha256 = "33".repeat(32),
+            |d: &mut DesiredAgent| d.work_dir = "/tmp".into(),
+            |d: &mut DesiredAgent| d.run_user = "root".into(),
+            |d: &mut DesiredAgent| d.cmd = "stop".into(),
+            |d: &mut DesiredAgent| d.name = "other".into(),
+        ] {
+            let mut d = target.clone();
+            change(&mut d);
+            assert!(allows(&config, "web-1", &d).is_err(), "{d:?}");
+        }
+        // The old- group's own version is allowed there only, and refused for lacking sha256.
+        let old = config.desired_for("old-1")[0].clone();
+        assert!(allows(&config, "web-1", &old).is_err());
+        assert!(allows(&config, "old-1", &old).unwrap_err().contains("no sha256"));
+        // An old- host is not in the rollout: the target is not allowed there.
+        assert!(allows(&config, "old-1", &target).is_err());
+    }
+
+    #[test]
+    fn a_bad_sha256_is_refused_with_its_place() {
+        let bad = SIGNED.replace("\"2222", "\"z222");
+        let e = DesiredConfig::parse(&bad, "agents.toml").unwrap_err().to_string();
+        assert!(e.starts_with("agents.toml:8:") && e.contains("sha256 must be empty or 64 hex digits"), "{e}");
+    }
+}

@@ -1,0 +1,142 @@
+//! `opsctl`: the operator's command line. Today: the signing keys and signatures that make
+//! `agents.toml` the fleet's root of trust (docs/security.md).
+//!
+//! Exit status: 0 done, 1 a signature or config was refused (`verify`), 64 bad usage, a file
+//! that cannot be read or written.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ops_config::trust::{SecretKey, TrustedKeys, parse_signed, signature_path};
+
+const EXIT_REFUSED: u8 = 1;
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "opsctl", version, about = "ops fleet operator's command line")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Creates an ed25519 signing key: KEY (secret, mode 0600) and KEY.pub (the public key
+    /// to give meta nodes, relays and updaters as --trusted-key). Never overwrites.
+    Keygen {
+        /// Path of the secret key file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Signs a config file's exact bytes into FILE.sig. During a key rotation sign with the
+    /// old key, then with the new one and --append: both lines are kept.
+    Sign {
+        /// The secret key file (from `opsctl keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Keep the signature lines already in FILE.sig (other keys) and add this one.
+        #[arg(long)]
+        append: bool,
+        /// The file to sign (agents.toml).
+        file: PathBuf,
+    },
+    /// Checks FILE.sig against trusted keys and parses FILE as a desired config, as meta
+    /// nodes, relays and updaters will. Exit 0 when accepted, 1 when refused.
+    Verify {
+        #[arg(long)]
+        trusted_key: Vec<String>,
+        #[arg(long)]
+        trusted_keys_file: Vec<PathBuf>,
+        file: PathBuf,
+    },
+}
+
+enum Failure {
+    Refused(String),
+    Usage(String),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+}
+
+/// Writes a new file that must not exist yet, with `mode`.
+fn create_new(path: &Path, mode: u32, text: &str) -> Result<(), Failure> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
+    f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+}
+
+fn keygen(out: &Path) -> Result<(), Failure> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| Failure::Usage(format!("no randomness from the OS: {e}")))?;
+    let key = SecretKey::from_seed(seed);
+    let public = PathBuf::from(format!("{}.pub", out.display()));
+    if public.exists() {
+        return Err(Failure::Usage(format!("{} exists: not overwriting a key", public.display())));
+    }
+    create_new(out, 0o600, &key.to_text())?;
+    create_new(&public, 0o644, &format!("# ops fleet trusted key (opsctl keygen)\n{}\n", key.public_text()))?;
+    println!("secret key: {} (keep it offline; it signs what every host installs)", out.display());
+    println!("public key: {} = {}", public.display(), key.public_text());
+    Ok(())
+}
+
+fn sign(key: &Path, append: bool, file: &Path) -> Result<(), Failure> {
+    let key_text = String::from_utf8(read(key)?).map_err(|_| Failure::Usage(format!("{}: not a key file", key.display())))?;
+    let key = SecretKey::parse(&key_text).ok_or_else(|| Failure::Usage(format!("{}: not an opsctl secret key", key.display())))?;
+    let bytes = read(file)?;
+    let sig_path = signature_path(file);
+    let mut lines: Vec<String> = Vec::new();
+    if append && let Ok(old) = std::fs::read_to_string(&sig_path) {
+        let mine = format!("ed25519 {} ", key.public_text());
+        lines.extend(old.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(&mine)).map(str::to_owned));
+    }
+    lines.push(key.sign(&bytes));
+    let text = format!("# signature of {} (opsctl sign)\n{}\n", file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), lines.join("\n"));
+    let tmp = PathBuf::from(format!("{}.tmp", sig_path.display()));
+    std::fs::write(&tmp, &text)
+        .and_then(|()| std::fs::rename(&tmp, &sig_path))
+        .map_err(|e| Failure::Usage(format!("{}: {e}", sig_path.display())))?;
+    println!("{}: signed by {} ({} signature line(s))", sig_path.display(), key.public_text(), lines.len());
+    Ok(())
+}
+
+fn verify(keys: &[String], files: &[PathBuf], file: &Path) -> Result<(), Failure> {
+    let keys = TrustedKeys::load(keys, files).map_err(|e| Failure::Usage(e.to_string()))?;
+    if keys.is_empty() {
+        return Err(Failure::Usage("give --trusted-key or --trusted-keys-file".into()));
+    }
+    let text = String::from_utf8(read(file)?).map_err(|_| Failure::Refused(format!("{}: not UTF-8 text", file.display())))?;
+    let sig = std::fs::read_to_string(signature_path(file)).ok();
+    let config = parse_signed(&text, sig.as_deref(), &keys, &file.display().to_string()).map_err(|e| Failure::Refused(e.to_string()))?;
+    println!("{}: signature good, config valid (hash {}, {} agents)", file.display(), config.hash(), config.agents().len());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Keygen { out } => keygen(out),
+        Command::Sign { key, append, file } => sign(key, *append, file),
+        Command::Verify { trusted_key, trusted_keys_file, file } => verify(trusted_key, trusted_keys_file, file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Refused(e)) => {
+            eprintln!("opsctl: refused: {e}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+        Err(Failure::Usage(e)) => {
+            eprintln!("opsctl: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}

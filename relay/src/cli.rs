@@ -1,0 +1,24 @@
+//! Flags the relay and the meta node share.
+
+use std::path::PathBuf;
+
+use ops_config::trust::TrustedKeys;
+
+/// Which operator keys the desired config must be signed by.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TrustArgs {
+    /// An operator's ed25519 public key (base64, from `opsctl keygen`): the desired config
+    /// must then carry a signature by one of the keys given (`agents.toml.sig`, `opsctl
+    /// sign`). Repeat it to trust an old and a new key during a rotation.
+    #[arg(long)]
+    pub trusted_key: Vec<String>,
+    /// A file of trusted public keys, one per line (`#` comments). Repeatable.
+    #[arg(long)]
+    pub trusted_keys_file: Vec<PathBuf>,
+}
+
+impl TrustArgs {
+    pub fn keys(&self) -> Result<TrustedKeys, String> {
+        TrustedKeys::load(&self.trusted_key, &self.trusted_keys_file).map_err(|e| e.to_string())
+    }
+}
