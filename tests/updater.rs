@@ -46,6 +46,17 @@ fn md5_hex(bytes: &[u8]) -> String {
     Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs `opsctl` and asserts it succeeded.
+fn opsctl(args: &[&str]) -> String {
+    let (status, log) = Proc::run_to_exit("opsctl", args);
+    assert!(status.success(), "opsctl {args:?}: {log}");
+    log
+}
+
 /// Deterministic incompressible filler, so large tarballs really are large.
 fn filler(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
@@ -64,10 +75,22 @@ struct Fleet {
     nginx: Nginx,
     meta: Meta,
     user: String,
+    /// The operator's secret key file, when the fleet's config is signed.
+    key: Option<PathBuf>,
 }
 
 impl Fleet {
     fn new() -> Fleet {
+        Fleet::start(false)
+    }
+
+    /// A fleet whose meta node trusts only a key made here (`opsctl keygen`), with its
+    /// empty config signed (`opsctl sign`).
+    fn signed() -> Fleet {
+        Fleet::start(true)
+    }
+
+    fn start(signed: bool) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let files = dir.path().join("files");
         std::fs::create_dir_all(&files).unwrap();
@@ -78,8 +101,48 @@ impl Fleet {
         let fleet_agents = dir.path().join("agents.toml");
         std::fs::write(&fleet_agents, "").unwrap();
         let (a, d) = (fleet_agents.display().to_string(), dir.path().join("meta-data").display().to_string());
-        let meta = Meta::start(&["--agents", &a, "--data-dir", &d]);
-        Fleet { dir, nginx, meta, user }
+        let mut args = vec!["--agents".to_owned(), a.clone(), "--data-dir".to_owned(), d];
+        let key = signed.then(|| {
+            let key = dir.path().join("operator.key");
+            opsctl(&["keygen", "--out", &key.display().to_string()]);
+            opsctl(&["sign", "--key", &key.display().to_string(), &a]);
+            args.extend(["--trusted-keys-file".to_owned(), format!("{}.pub", key.display())]);
+            key
+        });
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let meta = Meta::start(&args);
+        Fleet { dir, nginx, meta, user, key }
+    }
+
+    /// `--trusted-keys-file` of the fleet's key, for updaters.
+    fn trust_flag(&self) -> String {
+        format!("--trusted-keys-file={}.pub", self.key.as_ref().expect("a signed fleet").display())
+    }
+
+    /// Writes agents.toml, signs it when the fleet is signed, and reloads the meta node.
+    fn desire_toml(&self, toml: &str) {
+        let path = self.dir.path().join("agents.toml");
+        std::fs::write(&path, toml).unwrap();
+        if let Some(key) = &self.key {
+            opsctl(&["sign", "--key", &key.display().to_string(), &path.display().to_string()]);
+        }
+        let (status, reply) = get_json(&self.meta.url("/config/reload"));
+        assert_eq!(status, 200, "{reply}");
+    }
+
+    /// agents.toml for `demo` at `version` from `base`, with both digests of its tarball.
+    fn signed_toml(&self, base: &str, version: &str) -> String {
+        let path = self.nginx.root.join(base).join(updater::fetch::arch()).join(format!("demo-{version}.tar.gz"));
+        let bytes = std::fs::read(path).unwrap();
+        format!(
+            "[[agent]]\nname = \"demo\"\ntarball = \"{}\"\nrun_user = \"{}\"\nwork_dir = \"{}\"\n\
+             default = {{ version = \"{version}\", md5 = \"{}\", sha256 = \"{}\" }}\n",
+            self.nginx.url(&format!("/{base}")),
+            self.user,
+            self.work().display(),
+            md5_hex(&bytes),
+            sha256_hex(&bytes)
+        )
     }
 
     fn work(&self) -> PathBuf {
@@ -127,9 +190,7 @@ impl Fleet {
             self.user,
             self.work().display()
         );
-        std::fs::write(self.dir.path().join("agents.toml"), toml).unwrap();
-        let (status, reply) = get_json(&self.meta.url("/config/reload"));
-        assert_eq!(status, 200, "{reply}");
+        self.desire_toml(&toml);
     }
 
     fn servers(&self) -> String {
@@ -419,4 +480,229 @@ fn killed_at_any_moment_the_next_run_converges() {
     }
     assert!(phases.contains("downloading") && phases.len() >= 2, "kills landed in too few phases: {phases:?}");
     eprintln!("kill phases seen: {phases:?}");
+}
+
+/// Reads one HTTP/1.1 request: (request line, headers, body).
+fn read_request(stream: &mut std::net::TcpStream) -> Option<(String, String, Vec<u8>)> {
+    use std::io::Read;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut data = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).into_owned();
+            let len = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                .unwrap_or(0);
+            if data.len() >= end + 4 + len {
+                let (line, headers) = head.split_once("\r\n").unwrap_or((&head, ""));
+                return Some((line.to_owned(), headers.to_owned(), data[end + 4..end + 4 + len].to_vec()));
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+type Tamper = Box<dyn Fn(&mut serde_json::Value) + Send>;
+
+/// A hostile relay: passes heartbeats to the real meta node and `GET /config/desired` (with
+/// its signature) through, but rewrites each heartbeat reply with the current `tamper`.
+struct HostileRelay {
+    port: u16,
+    tamper: std::sync::Arc<std::sync::Mutex<Tamper>>,
+}
+
+impl HostileRelay {
+    fn start(meta: &Meta) -> HostileRelay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tamper: std::sync::Arc<std::sync::Mutex<Tamper>> = std::sync::Arc::new(std::sync::Mutex::new(Box::new(|_| {})));
+        let t = tamper.clone();
+        let upstream = format!("http://127.0.0.1:{}", meta.addr.port());
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let Some((line, _, body)) = read_request(&mut stream) else { continue };
+                let (code, extra, reply) = if line.starts_with("POST /heartbeat") {
+                    let r = client.post(format!("{upstream}/heartbeat")).body(body).send().unwrap();
+                    let mut v: serde_json::Value = r.json().unwrap();
+                    (t.lock().unwrap())(&mut v);
+                    (200, String::new(), serde_json::to_vec(&v).unwrap())
+                } else if line.starts_with("GET /config/desired") {
+                    let r = client.get(format!("{upstream}/config/desired")).send().unwrap();
+                    let sig = r.headers().get("x-ops-signature").map(|v| format!("x-ops-signature: {}\r\n", v.to_str().unwrap()));
+                    (r.status().as_u16(), sig.unwrap_or_default(), r.bytes().unwrap().to_vec())
+                } else {
+                    (404, String::new(), b"{}".to_vec())
+                };
+                let head = format!("HTTP/1.1 {code} X\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n", reply.len());
+                let _ = std::io::Write::write_all(&mut stream, head.as_bytes());
+                let _ = std::io::Write::write_all(&mut stream, &reply);
+            }
+        });
+        HostileRelay { port, tamper }
+    }
+
+    fn set(&self, tamper: impl Fn(&mut serde_json::Value) + Send + 'static) {
+        *self.tamper.lock().unwrap() = Box::new(tamper);
+    }
+}
+
+/// The operator's signature decides what a host installs, not the server that answers: a
+/// relay that answers another version, tarball or digest is refused (nothing downloaded,
+/// the old version keeps running, the refusal is reported); a tarball changed on the file
+/// server after signing fails its sha256 before extraction; the signed version installs.
+#[test]
+fn with_a_trusted_key_only_what_the_operator_signed_is_installed() {
+    let f = Fleet::signed();
+    f.tarball("releases", "1.0", CONTROL, 0);
+    f.tarball("releases", "2.0", CONTROL, 0);
+    f.tarball("releases", "3.0", CONTROL, 0);
+    f.tarball("evil", "2.0", CONTROL_HANGS, 0);
+    f.desire_toml(&f.signed_toml("releases", "1.0"));
+    let trust = f.trust_flag();
+    let (code, log) = f.once("host-s", &[&trust]);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"));
+    assert!(f.pid_alive("1.0"));
+
+    // The operator signs 2.0; a hostile relay in front of the meta node rewrites the answer.
+    f.desire_toml(&f.signed_toml("releases", "2.0"));
+    let hostile = HostileRelay::start(&f.meta);
+    let evil = std::fs::read(f.nginx.root.join("evil").join(updater::fetch::arch()).join("demo-2.0.tar.gz")).unwrap();
+    let (evil_md5, evil_sha) = (md5_hex(&evil), sha256_hex(&evil));
+    let three = std::fs::read(f.nginx.root.join("releases").join(updater::fetch::arch()).join("demo-3.0.tar.gz")).unwrap();
+    let (three_md5, three_sha) = (md5_hex(&three), sha256_hex(&three));
+    let evil_base = f.nginx.url("/evil");
+    let cases: Vec<(&str, Tamper)> = vec![
+        (
+            "another version",
+            Box::new(move |v| {
+                v["desiredAgents"][0]["version"] = "3.0".into();
+                v["desiredAgents"][0]["md5"] = three_md5.clone().into();
+                v["desiredAgents"][0]["sha256"] = three_sha.clone().into();
+            }),
+        ),
+        (
+            "another tarball base",
+            Box::new(move |v| {
+                v["desiredAgents"][0]["tarball"] = evil_base.clone().into();
+                v["desiredAgents"][0]["md5"] = evil_md5.clone().into();
+                v["desiredAgents"][0]["sha256"] = evil_sha.clone().into();
+            }),
+        ),
+        ("another digest", Box::new(|v| v["desiredAgents"][0]["sha256"] = "ab".repeat(32).into())),
+        ("no digest", Box::new(|v| v["desiredAgents"][0]["sha256"] = "".into())),
+        ("another work dir", Box::new(|v| v["desiredAgents"][0]["workDir"] = "/tmp".into())),
+    ];
+    let servers = format!("--server=127.0.0.1:{}", hostile.port);
+    let hostname = "--hostname=host-s".to_owned();
+    let state = f.state_dir();
+    for (what, tamper) in cases {
+        hostile.set(tamper);
+        let (status, log) =
+            Proc::run_to_exit("ops-updater", &["--once", &servers, &hostname, &state, &trust, "--control-timeout-seconds=2"]);
+        assert_eq!(status.code(), Some(1), "{what}: {log}");
+        assert!(log.contains("refused"), "{what}: {log}");
+        assert_eq!(f.version_file().as_deref(), Some("1.0"), "{what}: old version kept");
+        assert!(f.pid_alive("1.0"), "{what}: old version still running");
+        for v in ["2.0", "3.0"] {
+            assert!(!f.agent_dir().join(v).exists(), "{what}: {v} installed");
+        }
+        assert!(f.leftovers().is_empty(), "{what}: {:?}", f.leftovers());
+        // The refusal went out with the run's last report (through the hostile relay to the meta).
+        let host = f.host("host-s");
+        let error = host["agents"][0]["lastError"].as_str().unwrap_or("");
+        assert!(error.contains("refused") && error.contains("signed config"), "{what}: {host}");
+        assert_eq!(host["agents"][0]["version"], "1.0", "{what}");
+    }
+
+    // The file server's 2.0 replaced after signing (its .md5 too): refused before extraction.
+    let good = f.nginx.root.join("releases").join(updater::fetch::arch()).join("demo-2.0.tar.gz");
+    let kept = std::fs::read(&good).unwrap();
+    std::fs::write(&good, &evil).unwrap();
+    std::fs::write(good.with_extension("gz.md5"), format!("{}  demo-2.0.tar.gz\n", md5_hex(&evil))).unwrap();
+    let (code, log) = f.once("host-s", &[&trust]);
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("sha256 mismatch"), "{log}");
+    assert!(!f.agent_dir().join("2.0").exists() && f.leftovers().is_empty(), "nothing extracted");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"));
+
+    // The genuine file back: the signed 2.0 installs, through the (now honest) relay too.
+    std::fs::write(&good, &kept).unwrap();
+    hostile.set(|_| {});
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, &hostname, &state, &trust]);
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("2.0"));
+    assert!(f.pid_alive("2.0") && !f.pid_alive("1.0"));
+}
+
+/// A config edited after signing, signed by an unknown key or not signed: the meta node
+/// refuses the reload, keeps serving the signed one, and refuses to start with it.
+#[test]
+fn a_badly_signed_config_is_refused_and_the_old_one_kept() {
+    let f = Fleet::signed();
+    f.tarball("releases", "1.0", CONTROL, 0);
+    let good = f.signed_toml("releases", "1.0");
+    f.desire_toml(&good);
+    let (_, before) = ops_e2e::get_text(&f.meta.url("/config/desired"));
+    assert_eq!(before, good);
+    let agents = f.dir.path().join("agents.toml");
+    let sig = f.dir.path().join("agents.toml.sig");
+    let signature = std::fs::read_to_string(&sig).unwrap();
+    let other = f.dir.path().join("other.key");
+    opsctl(&["keygen", "--out", &other.display().to_string()]);
+    let edited = good.replace("1.0", "6.6");
+    let cases: Vec<(&str, Box<dyn Fn()>)> = vec![
+        ("does not match", Box::new(|| std::fs::write(&agents, &edited).unwrap())),
+        (
+            "not trusted",
+            Box::new(|| {
+                std::fs::write(&agents, &edited).unwrap();
+                opsctl(&["sign", "--key", &other.display().to_string(), &agents.display().to_string()]);
+            }),
+        ),
+        (
+            "no signature",
+            Box::new(|| {
+                std::fs::write(&agents, &edited).unwrap();
+                std::fs::remove_file(&sig).unwrap();
+            }),
+        ),
+    ];
+    for (expect, make) in cases {
+        std::fs::write(&agents, &good).unwrap();
+        std::fs::write(&sig, &signature).unwrap();
+        make();
+        let (status, reply) = get_json(&f.meta.url("/config/reload"));
+        assert_eq!(status, 400, "{expect}: {reply}");
+        assert!(reply["errorMessage"].as_str().unwrap().contains(expect), "{expect}: {reply}");
+        let (_, served) = ops_e2e::get_text(&f.meta.url("/config/desired"));
+        assert_eq!(served, good, "{expect}: the signed config is still served");
+        let (_, reply) = ops_e2e::post_json(&f.meta.url("/heartbeat"), r#"{"hostname":"h1","realAgents":[]}"#);
+        assert_eq!(reply["desiredAgents"][0]["version"], "1.0", "{expect}");
+        // A node started on these files refuses to start.
+        let a = agents.display().to_string();
+        let d = f.dir.path().join("data-2").display().to_string();
+        let k = format!("{}.pub", f.key.as_ref().unwrap().display());
+        let (status, log) =
+            Proc::run_to_exit("meta-node", &["--listen", "127.0.0.1:0", "--agents", &a, "--data-dir", &d, "--trusted-keys-file", &k]);
+        assert_eq!(status.code(), Some(64), "{expect}: {log}");
+        assert!(log.contains(expect), "{expect}: {log}");
+    }
+    // The Go updater's heartbeat gets its reply as before: every field it knows, plus the
+    // optional ones it ignores.
+    let (_, reply) = ops_e2e::post_json(&f.meta.url("/heartbeat"), r#"{"hostname":"h1","ip":"","realAgents":null}"#);
+    let d = reply["desiredAgents"][0].as_object().unwrap();
+    for k in ["name", "version", "tarball", "md5", "cmd", "runUser", "workDir", "configFileName", "configRemoteUrl"] {
+        assert!(d.contains_key(k), "{k}: {reply}");
+    }
+    assert_eq!(d.len(), 10, "{reply}");
+    assert_eq!(d["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(reply["configHash"].as_str().unwrap().len(), 32);
 }

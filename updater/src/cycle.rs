@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use ops_config::trust::{SIGNATURE_HEADER, TrustedKeys};
 use ops_config::wire::{valid_agent_name, valid_version};
-use ops_config::{DesiredAgent, Heartbeat, HeartbeatReply, RealAgent};
+use ops_config::{DesiredAgent, DesiredConfig, Heartbeat, HeartbeatReply, RealAgent};
 
 use crate::control;
 use crate::fetch::{self, Fetcher};
@@ -27,6 +28,9 @@ pub struct CycleSettings {
     pub heartbeat_timeout: Duration,
     /// Where the last desired list and errors are kept across restarts (None: memory only).
     pub state_dir: Option<PathBuf>,
+    /// The operators' public keys. When set, only what the signed config allows this host
+    /// is installed (`ops_config::trust::allows`), whatever the server answers.
+    pub trusted_keys: TrustedKeys,
 }
 
 /// What is kept across restarts: which agents to report at the first heartbeat, and their
@@ -38,6 +42,17 @@ struct Kept {
 }
 
 const STATE_FILE: &str = "state.json";
+/// The last signed config fetched and verified (with `.sig` beside it), kept across restarts.
+const SIGNED_FILE: &str = "signed-agents.toml";
+
+/// `http://host:port` (or the scheme given) of a `--server` entry.
+fn base_url(server: &str) -> String {
+    if server.starts_with("http://") || server.starts_with("https://") {
+        server.trim_end_matches('/').to_owned()
+    } else {
+        format!("http://{server}")
+    }
+}
 
 /// The updater's state between cycles: the last desired list (which agents to report) and the
 /// last error per agent. Real state is never remembered: it is read again every cycle.
@@ -48,6 +63,8 @@ pub struct Updater {
     arch: String,
     known: Vec<DesiredAgent>,
     errors: HashMap<String, String>,
+    /// The signed config last verified (only with trusted keys).
+    signed: Option<DesiredConfig>,
 }
 
 /// What one cycle saw.
@@ -100,7 +117,64 @@ impl Updater {
     pub fn new(settings: CycleSettings, fetcher: Fetcher) -> Self {
         let client = reqwest::Client::builder().no_proxy().timeout(settings.heartbeat_timeout).build().expect("http client");
         let kept = settings.state_dir.as_deref().map(Self::load_kept).unwrap_or_default();
-        Updater { settings, fetcher, client, arch: fetch::arch(), known: kept.desired, errors: kept.errors }
+        let signed = match (&settings.state_dir, settings.trusted_keys.is_empty()) {
+            (Some(dir), false) => match ops_config::trust::load_signed(&dir.join(SIGNED_FILE), &settings.trusted_keys) {
+                Ok((config, _)) => Some(config),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no signed config kept");
+                    None
+                }
+            },
+            _ => None,
+        };
+        Updater { settings, fetcher, client, arch: fetch::arch(), known: kept.desired, errors: kept.errors, signed }
+    }
+
+    /// Makes `self.signed` the signed config of hash `hash` if it is not already: fetched from
+    /// `server` (the one that answered), verified, then kept on disk. On failure the config
+    /// held (if any) stays, and the error says why.
+    async fn refresh_signed(&mut self, server: &str, hash: &str) -> Result<(), String> {
+        if self.signed.as_ref().is_some_and(|c| c.hash() == hash) {
+            return Ok(());
+        }
+        let url = format!("{}/config/desired", base_url(server));
+        let r = self.client.get(&url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!("GET {url}: HTTP {}", r.status()));
+        }
+        let signature = r.headers().get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let text = r.text().await.map_err(|e| format!("GET {url}: {e}"))?;
+        let config = ops_config::trust::parse_signed(&text, signature.as_deref(), &self.settings.trusted_keys, &url)
+            .map_err(|e| format!("signed config refused: {e}"))?;
+        if let (Some(dir), Some(sig)) = (&self.settings.state_dir, &signature) {
+            let keep = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
+                std::fs::create_dir_all(dir)?;
+                let tmp = dir.join(format!("{name}.tmp"));
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, dir.join(name))
+            };
+            let sig_name = format!("{SIGNED_FILE}.sig");
+            if let Err(e) = keep(&sig_name, sig.replace(',', "\n").as_bytes()).and_then(|()| keep(SIGNED_FILE, text.as_bytes())) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the signed config");
+            }
+        }
+        tracing::info!(hash = config.hash(), from = %url, "signed config verified");
+        if config.hash() != hash {
+            tracing::warn!(reply = hash, fetched = config.hash(), "the server's reply and its config differ (a reload in between?)");
+        }
+        self.signed = Some(config);
+        Ok(())
+    }
+
+    /// With trusted keys: Ok when the signed config allows `d` for this host.
+    fn check_signed(&self, d: &DesiredAgent) -> Result<(), String> {
+        if self.settings.trusted_keys.is_empty() {
+            return Ok(());
+        }
+        match &self.signed {
+            Some(config) => ops_config::trust::allows(config, &self.settings.hostname, d).map_err(|e| format!("refused: {e}")),
+            None => Err(format!("refused: agent {} {}: no verified signed config to check it against", d.name, d.version)),
+        }
     }
 
     fn load_kept(dir: &Path) -> Kept {
@@ -153,32 +227,44 @@ impl Updater {
                 timestamp: now,
                 run_user: d.run_user.clone().into(),
                 work_dir: d.work_dir.clone().into(),
-                last_error: self
-                    .errors
-                    .get(&d.name)
-                    .map(|e| e.chars().take(ops_config::wire::MAX_LAST_ERROR).collect::<String>())
-                    .unwrap_or_default()
-                    .into(),
+                last_error: self.error_text(&d.name).into(),
+            });
+        }
+        // An agent whose desired state was refused before anything of it was installed is
+        // still reported, so the operator sees why.
+        let mut refused: Vec<&String> =
+            self.errors.keys().filter(|n| valid_agent_name(n) && !self.known.iter().any(|d| &d.name == *n)).collect();
+        refused.sort();
+        for name in refused.into_iter().take(ops_config::wire::MAX_AGENTS_PER_HOST.saturating_sub(out.len())) {
+            out.push(RealAgent {
+                name: name.clone().into(),
+                version: "".into(),
+                status: "".into(),
+                timestamp: 0,
+                run_user: "".into(),
+                work_dir: "".into(),
+                last_error: self.error_text(name).into(),
             });
         }
         out
     }
 
-    /// Sends a heartbeat to the first server that answers (local relay first).
-    async fn send(&self, hb: &Heartbeat<'_>) -> Result<HeartbeatReply, String> {
+    fn error_text(&self, name: &str) -> String {
+        self.errors.get(name).map(|e| e.chars().take(ops_config::wire::MAX_LAST_ERROR).collect()).unwrap_or_default()
+    }
+
+    /// Sends a heartbeat to the first server that answers (local relay first): its reply
+    /// and which server it was.
+    async fn send(&self, hb: &Heartbeat<'_>) -> Result<(HeartbeatReply, usize), String> {
         let body = serde_json::to_vec(hb).map_err(|e| e.to_string())?;
         let mut errors = Vec::new();
-        for server in &self.settings.servers {
-            let url = if server.starts_with("http://") || server.starts_with("https://") {
-                format!("{}/heartbeat", server.trim_end_matches('/'))
-            } else {
-                format!("http://{server}/heartbeat")
-            };
+        for (i, server) in self.settings.servers.iter().enumerate() {
+            let url = format!("{}/heartbeat", base_url(server));
             match self.client.post(&url).body(body.clone()).send().await {
                 Ok(r) => {
                     let status = r.status();
                     match r.json::<HeartbeatReply>().await {
-                        Ok(reply) if status.is_success() => return Ok(reply),
+                        Ok(reply) if status.is_success() => return Ok((reply, i)),
                         Ok(reply) => errors.push(format!("{url}: HTTP {status}: {}", reply.error_message)),
                         Err(e) => errors.push(format!("{url}: HTTP {status}: {e}")),
                     }
@@ -209,7 +295,7 @@ impl Updater {
     /// One cycle. Never panics on what the server or the disk says.
     pub async fn cycle(&mut self) -> Outcome {
         let hb = self.heartbeat().await;
-        let reply = match self.send(&hb).await {
+        let (reply, server) = match self.send(&hb).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "no server answered the heartbeat");
@@ -220,9 +306,43 @@ impl Updater {
             tracing::error!(error = %reply.error_message, "server refused the heartbeat");
             return Outcome { answered: true, converged: false, errors: vec![reply.error_message] };
         }
-        self.known = reply.desired_agents;
         let mut errors = Vec::new();
+        let mut refused = HashMap::new();
+        if !self.settings.trusted_keys.is_empty() {
+            let server = self.settings.servers[server].clone();
+            let fetched = self.refresh_signed(&server, &reply.config_hash).await;
+            if let Err(e) = &fetched {
+                tracing::error!(error = %e, "cannot verify the signed config");
+            }
+            for d in &reply.desired_agents {
+                if let Err(e) = self.check_signed(d) {
+                    let e = match &fetched {
+                        Err(why) => format!("{e} ({why})"),
+                        Ok(()) => e,
+                    };
+                    refused.insert(d.name.clone(), e);
+                }
+            }
+        }
+        // A refused state is not taken: the agent stays as last verified (and reported).
+        let previous = std::mem::take(&mut self.known);
+        self.known = reply
+            .desired_agents
+            .into_iter()
+            .filter_map(|d| if refused.contains_key(&d.name) { previous.iter().find(|p| p.name == d.name).cloned() } else { Some(d) })
+            .collect();
+        let mut refused_names = Vec::new();
+        for (name, e) in refused {
+            tracing::error!(agent = %name, error = %e, "desired state refused: not in the signed config");
+            errors.push(e.clone());
+            self.errors.insert(name.clone(), e);
+            refused_names.push(name);
+        }
+        // A refused agent is left as it is this cycle: nothing downloaded, switched or started.
         for d in self.known.clone() {
+            if refused_names.contains(&d.name) {
+                continue;
+            }
             match self.apply(&d).await {
                 Ok(()) => {
                     self.errors.remove(&d.name);
@@ -296,18 +416,22 @@ impl Updater {
             std::fs::rename(version_dir, &aside).map_err(|e| format!("moving aside incomplete {}: {e}", version_dir.display()))?;
         }
         let url = fetch::tarball_url(d, &self.arch);
-        let expected = self.fetcher.expected_md5(d, &url, &self.arch).await.map_err(|e| e.to_string())?;
+        // A sha256 alone is enough (and stronger); without it the md5 is needed.
+        let expected =
+            if d.md5.is_empty() && !d.sha256.is_empty() { None } else { Some(self.fetcher.expected_md5(d, &url, &self.arch).await.map_err(|e| e.to_string())?) };
         let got = self.fetcher.download(&url, &download).await.map_err(|e| {
             let _ = std::fs::remove_file(&download);
             e.to_string()
         })?;
-        if got.md5 != expected {
-            let _ = std::fs::remove_file(&download);
-            return Err(format!("md5 mismatch for {url}: expected {expected}, got {}", got.md5));
-        }
         if !d.sha256.is_empty() && !got.sha256.eq_ignore_ascii_case(d.sha256.trim()) {
             let _ = std::fs::remove_file(&download);
             return Err(format!("sha256 mismatch for {url}: expected {}, got {}", d.sha256, got.sha256));
+        }
+        if let Some(expected) = expected
+            && got.md5 != expected
+        {
+            let _ = std::fs::remove_file(&download);
+            return Err(format!("md5 mismatch for {url}: expected {expected}, got {}", got.md5));
         }
         std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
         let (archive, dest) = (download.clone(), tmp.clone());
@@ -354,6 +478,7 @@ mod tests {
             control_timeout: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(1),
             state_dir: None,
+            trusted_keys: TrustedKeys::default(),
         };
         Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20))
     }

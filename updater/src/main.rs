@@ -48,6 +48,15 @@ struct Cli {
     /// Where the last desired list and errors are kept across restarts.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// An operator's ed25519 public key (base64, `opsctl keygen`). With one, the updater
+    /// installs only what the operators' signed config allows this host (fetched from its
+    /// server and verified), whatever a relay answers; a version without sha256 is refused.
+    /// Repeat it during a key rotation.
+    #[arg(long)]
+    trusted_key: Vec<String>,
+    /// A file of trusted public keys, one per line. Repeatable.
+    #[arg(long)]
+    trusted_keys_file: Vec<PathBuf>,
     /// A TOML file with the same settings (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -66,6 +75,8 @@ struct FileConfig {
     download_timeout_seconds: Option<u64>,
     max_download_bytes: Option<u64>,
     state_dir: Option<PathBuf>,
+    trusted_key: Option<Vec<String>>,
+    trusted_keys_file: Option<Vec<PathBuf>>,
 }
 
 struct Resolved {
@@ -97,6 +108,9 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
     if !ops_config::wire::valid_hostname(&hostname) {
         return Err(format!("hostname {hostname:?} is not 1-255 of [A-Za-z0-9._-]; pass --hostname"));
     }
+    let keys = if cli.trusted_key.is_empty() { file.trusted_key.unwrap_or_default() } else { cli.trusted_key.clone() };
+    let key_files = if cli.trusted_keys_file.is_empty() { file.trusted_keys_file.unwrap_or_default() } else { cli.trusted_keys_file.clone() };
+    let trusted_keys = ops_config::trust::TrustedKeys::load(&keys, &key_files).map_err(|e| e.to_string())?;
     let interval = cli.interval.or(file.interval).unwrap_or(300);
     if interval == 0 {
         return Err("--interval must be > 0".into());
@@ -109,6 +123,7 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
             control_timeout: Duration::from_secs(cli.control_timeout_seconds.or(file.control_timeout_seconds).unwrap_or(30).max(1)),
             heartbeat_timeout: Duration::from_secs(10),
             state_dir: Some(cli.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/ops-updater"))),
+            trusted_keys,
         },
         interval: Duration::from_secs(interval),
         debug: cli.debug.or(file.debug).unwrap_or(false),
