@@ -477,3 +477,33 @@ fn metrics_and_health_describe_the_node() {
     }
     assert!(!metrics.contains("liutian-01"), "never a hostname as a label");
 }
+
+/// A 2 MiB heartbeat always gets its 413, never a broken pipe: the server reads (and throws
+/// away) the body before it answers, as nginx's lingering close does.
+#[test]
+fn an_oversize_heartbeat_always_gets_its_413() {
+    use std::io::{Read, Write};
+    let setup = Setup::new();
+    let meta = setup.start(&[]);
+    let body = format!(r#"{{"hostname":"big","ip":"{}","realAgents":[]}}"#, "x".repeat(2 << 20));
+    for attempt in 0..8 {
+        let mut s = std::net::TcpStream::connect(meta.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = format!("POST /heartbeat HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len());
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body.as_bytes()).unwrap_or_else(|e| panic!("attempt {attempt}: the server closed before reading the body: {e}"));
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&reply).contains("over the limit") {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("attempt {attempt}: {e} after {:?}", String::from_utf8_lossy(&reply)),
+            }
+        }
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 413"), "attempt {attempt}: {reply}");
+    }
+    let (_, metrics) = get_text(&meta.url("/metrics"));
+    assert!(metrics.contains("ops_meta_heartbeats_total{result=\"too_large\"} 8"), "{metrics}");
+}
