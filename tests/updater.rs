@@ -706,3 +706,82 @@ fn a_badly_signed_config_is_refused_and_the_old_one_kept() {
     assert_eq!(d["sha256"].as_str().unwrap().len(), 64);
     assert_eq!(reply["configHash"].as_str().unwrap().len(), 32);
 }
+
+/// A test CA and a certificate for 127.0.0.1 signed by it, written to `dir`:
+/// (ca.pem, server.pem, server.key).
+fn test_ca(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "ops fleet test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// updater → relay → meta node, every hop over HTTPS with certificates of a CA made here:
+/// the relay takes its config and delivers its reports over TLS, the updater installs
+/// through the relay, and a client without the CA is refused.
+#[test]
+fn updater_relay_and_meta_talk_https_with_a_test_ca() {
+    let f = Fleet::new();
+    f.tarball("releases", "1.0", CONTROL, 0);
+    f.desire_toml(&f.signed_toml("releases", "1.0"));
+    let (ca, cert, key) = test_ca(f.dir.path());
+    let port = free_port();
+    std::fs::write(f.dir.path().join("cluster.token"), "tls-test-token-0123456789\n").unwrap();
+    let cluster = f.dir.path().join("cluster-tls.toml");
+    std::fs::write(
+        &cluster,
+        format!("tls = true\nca_file = \"ca.pem\"\ntoken_file = \"cluster.token\"\n[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let p = |p: &PathBuf| p.display().to_string();
+    let (c, a, cert, key) = (p(&cluster), p(&f.dir.path().join("agents.toml")), p(&cert), p(&key));
+    let (meta_data, relay_data) = (p(&f.dir.path().join("tls-meta")), p(&f.dir.path().join("tls-relay")));
+    let listen = format!("127.0.0.1:{port}");
+    let tls = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
+    let mut meta_args = vec!["--listen", &listen, "--cluster", &c, "--id", "meta-1", "--agents", &a, "--data-dir", &meta_data];
+    meta_args.extend(tls);
+    let mut meta = Proc::start("meta-node", &meta_args);
+    meta.wait_for_log("meta node listening");
+    let mut relay_args = vec!["--listen", "127.0.0.1:0", "--cluster", &c, "--data-dir", &relay_data, "--flush-ms", "100", "--config-poll-ms", "200"];
+    relay_args.extend(tls);
+    let mut relay = Proc::start("relay", &relay_args);
+    let relay_addr = ops_e2e::addr_in(&relay.wait_for_log("relay listening"));
+
+    let ca_pem = std::fs::read(&ca).unwrap();
+    let https = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca_pem).unwrap())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let get = |url: &str| https.get(url).send().ok().filter(|r| r.status().is_success()).and_then(|r| r.json::<serde_json::Value>().ok());
+    // The relay is ready once it has fetched the config from the meta node over HTTPS.
+    let health = ops_e2e::eventually(Duration::from_secs(20), || get(&format!("https://{relay_addr}/health")));
+    assert!(health.is_some(), "relay never got its config over HTTPS: {}\n{}", relay.log(), meta.log());
+    assert!(!ops_e2e::get(&format!("http://{relay_addr}/health")).is_ok_and(|r| r.status().is_success()), "plain HTTP is not served");
+
+    let servers = format!("--server=https://{relay_addr}");
+    let ca_flag = format!("--ca-file={}", ca.display());
+    let state = f.state_dir();
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-tls", &state, &ca_flag]);
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"));
+    // The report went relay → meta node over HTTPS.
+    let host = ops_e2e::eventually(Duration::from_secs(10), || {
+        get(&format!("https://127.0.0.1:{port}/status/host/host-tls")).filter(|h| h["agents"][0]["status"] == "started")
+    });
+    assert!(host.is_some(), "{}", relay.log());
+    // Without the CA the updater refuses the relay certificate.
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-tls", &state]);
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.to_lowercase().contains("certificate") || log.contains("UnknownIssuer"), "{log}");
+}

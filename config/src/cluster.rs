@@ -37,6 +37,11 @@ pub struct ClusterMap {
     pub vnodes: u32,
     /// Absolute, or relative to the working directory if the file itself was given so.
     pub token_file: Option<PathBuf>,
+    /// The meta nodes serve HTTPS: relays and peers reach them with `https://`.
+    pub tls: bool,
+    /// CA certificates (PEM) that the meta nodes' certificates chain to, besides the system's;
+    /// resolved like `token_file`.
+    pub ca_file: Option<PathBuf>,
     pub nodes: Vec<NodeSpec>,
     /// Content hash of the file text.
     pub hash: String,
@@ -51,6 +56,9 @@ pub type ClusterError = crate::ConfigError;
 struct RawCluster {
     vnodes: Option<Spanned<u32>>,
     token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    tls: bool,
+    ca_file: Option<Spanned<String>>,
     #[serde(default)]
     node: Vec<Spanned<RawNode>>,
 }
@@ -113,11 +121,16 @@ impl ClusterMap {
             };
             nodes.push(NodeSpec { id: id.clone(), addr, weight });
         }
-        let token_file = raw.token_file.map(|t| {
+        let beside = |t: Spanned<String>| {
             let p = PathBuf::from(t.into_inner());
             if p.is_absolute() { p } else { file.parent().unwrap_or(Path::new("")).join(p) }
-        });
-        Ok(ClusterMap { vnodes, token_file, nodes, hash: crate::content_hash(text.as_bytes()) })
+        };
+        if let Some(ca) = raw.ca_file.as_ref().filter(|_| !raw.tls) {
+            return Err(at(ca.span(), "ca_file is only used with tls = true".into()));
+        }
+        let token_file = raw.token_file.map(beside);
+        let ca_file = raw.ca_file.map(beside);
+        Ok(ClusterMap { vnodes, token_file, tls: raw.tls, ca_file, nodes, hash: crate::content_hash(text.as_bytes()) })
     }
 
     /// The map of a one-node set-up: `meta-1` at `addr`, no token.
@@ -125,9 +138,21 @@ impl ClusterMap {
         ClusterMap {
             vnodes: DEFAULT_VNODES,
             token_file: None,
+            tls: false,
+            ca_file: None,
             nodes: vec![NodeSpec { id: "meta-1".into(), addr, weight: 1 }],
             hash: String::new(),
         }
+    }
+
+    /// `http` or `https`: how the meta nodes are reached.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
+    /// The URL of `path` on meta node `i`.
+    pub fn url(&self, i: usize, path: &str) -> String {
+        format!("{}://{}{path}", self.scheme(), self.nodes[i].addr)
     }
 
     /// Reads and parses a file.

@@ -60,6 +60,8 @@ pub struct Settings {
     /// The operators' public keys: when any is set, `agents.toml` must carry a valid
     /// `agents.toml.sig` by one of them, at start and on every reload.
     pub trusted_keys: ops_config::trust::TrustedKeys,
+    /// Serve HTTPS with this (`--tls-cert`, `--tls-key`).
+    pub tls: Option<Arc<relay::tls::ServerConfig>>,
 }
 
 impl Settings {
@@ -82,6 +84,7 @@ impl Settings {
             probe_interval: Duration::from_millis(1000),
             handoff_interval: Duration::from_millis(1000),
             trusted_keys: ops_config::trust::TrustedKeys::default(),
+            tls: None,
         }
     }
 }
@@ -166,7 +169,9 @@ impl Node {
                 me,
                 alive: peers::Peers::new(map.nodes.len(), me),
                 forwarder: Forwarder::new(map, forward, stop),
-                client: reqwest::Client::builder().no_proxy().build().expect("http client"),
+                client: relay::tls::with_ca(reqwest::Client::builder().no_proxy(), map.ca_file.as_deref())
+                    .and_then(|b| b.build().map_err(|e| e.to_string()))
+                    .expect("the CA file is checked at start"),
                 map: map.clone(),
             }
         });
@@ -364,7 +369,7 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
             let n = node.clone();
             let nodes = relay::rollout::Nodes {
                 client: c.client.clone(),
-                addrs: c.map.nodes.iter().map(|n| n.addr).collect(),
+                bases: (0..c.map.nodes.len()).map(|i| c.map.url(i, "")).collect(),
                 skip: Some(c.me),
                 token: node.settings.token.clone(),
             };
@@ -389,10 +394,7 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
         tracker.spawn(handoff::run(node.clone(), node.settings.handoff_interval, background.clone()));
     }
 
-    let app = api::router(node.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let serve_token = shutdown.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move { serve_token.cancelled().await });
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(relay::tls::serve(listener, node.settings.tls.clone(), api::router(node.clone()), shutdown.clone()));
 
     shutdown.cancelled().await;
     tracker.close();

@@ -69,6 +69,8 @@ struct Cli {
     worker_threads: Option<usize>,
     #[command(flatten)]
     trust: relay::cli::TrustArgs,
+    #[command(flatten)]
+    tls: relay::cli::TlsArgs,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -85,6 +87,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
     let (config, signature) = ops_config::trust::load_signed(&agents_path, &keys).map_err(|e| e.to_string())?;
     let mut s = Settings::standalone(agents_path, cli.data_dir.clone());
     s.trusted_keys = keys;
+    s.tls = cli.tls.server_config()?;
     if let Some(path) = &cli.cluster {
         let cluster = ClusterMap::load(path).map_err(|e| e.to_string())?;
         let id = cli.id.clone().ok_or_else(|| format!("--cluster {} needs --id (one of the [[node]] ids)", path.display()))?;
@@ -93,6 +96,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
             return Err(format!("{}: no [[node]] with id {id:?} (have {})", path.display(), ids.join(", ")));
         }
         s.token = cluster.read_token().map_err(|e| e.to_string())?;
+        relay::tls::with_ca(reqwest::Client::builder(), cluster.ca_file.as_deref()).map(drop)?;
         s.id = id;
         s.cluster = Some(cluster);
     } else if let Some(id) = &cli.id {

@@ -63,7 +63,7 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
         }
         let mine = node.desired.current().config.hash().to_owned();
         let answers = futures_util::future::join_all(c.peers().map(|i| {
-            let req = c.client.get(format!("http://{}/health", c.map.nodes[i].addr)).timeout(period);
+            let req = c.client.get(c.map.url(i, "/health")).timeout(period);
             let id = c.map.nodes[i].id.as_str();
             async move {
                 // Only the node itself counts: whatever else answers on its address (a process

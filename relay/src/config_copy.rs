@@ -2,7 +2,6 @@
 //! `If-None-Match`, validated with the same parser the meta nodes use, and kept on disk so a
 //! restarted relay answers before any meta node is reachable.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,12 +79,13 @@ impl ConfigCopy {
     }
 
     /// One poll: asks the meta nodes in turn (last good first) until one answers.
-    pub async fn poll_once(&self, client: &reqwest::Client, nodes: &[SocketAddr]) -> Result<bool, String> {
+    /// `nodes`: `http[s]://addr` of each meta node.
+    pub async fn poll_once(&self, client: &reqwest::Client, nodes: &[String]) -> Result<bool, String> {
         let mut errors = Vec::new();
         let start = self.last_good.load(Ordering::Relaxed);
         for k in 0..nodes.len() {
             let i = (start + k) % nodes.len();
-            let url = format!("http://{}/config/desired", nodes[i]);
+            let url = format!("{}/config/desired", nodes[i]);
             let mut req = client.get(&url).timeout(Duration::from_secs(5));
             if let Some(hash) = self.hash() {
                 req = req.header(reqwest::header::IF_NONE_MATCH, format!("\"{hash}\""));
@@ -116,7 +116,7 @@ impl ConfigCopy {
     }
 
     /// Polls every `period` until `shutdown`.
-    pub async fn poll(self: Arc<Self>, client: reqwest::Client, nodes: Vec<SocketAddr>, period: Duration, shutdown: CancellationToken) {
+    pub async fn poll(self: Arc<Self>, client: reqwest::Client, nodes: Vec<String>, period: Duration, shutdown: CancellationToken) {
         let mut failing = false;
         loop {
             match self.poll_once(&client, &nodes).await {

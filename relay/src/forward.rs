@@ -73,6 +73,8 @@ struct NodeMetrics {
 /// Buffers and sends batches of real state.
 pub struct Forwarder {
     nodes: Vec<NodeSpec>,
+    /// `http[s]://addr` of each node.
+    bases: Vec<String>,
     ring: Ring,
     settings: ForwardSettings,
     buffers: Vec<Mutex<HashMap<CompactString, Pending>>>,
@@ -117,13 +119,16 @@ impl Forwarder {
             m.up.set(1.0);
         }
         Arc::new(Forwarder {
+            bases: (0..cluster.nodes.len()).map(|i| cluster.url(i, "")).collect(),
             nodes: cluster.nodes.clone(),
             ring: cluster.ring(),
             buffers: cluster.nodes.iter().map(|_| Mutex::new(HashMap::new())).collect(),
             up: cluster.nodes.iter().map(|_| AtomicBool::new(true)).collect(),
             probing: cluster.nodes.iter().map(|_| AtomicBool::new(false)).collect(),
             wake: Notify::new(),
-            client: reqwest::Client::builder().no_proxy().pool_max_idle_per_host(4).build().expect("http client"),
+            client: crate::tls::with_ca(reqwest::Client::builder().no_proxy().pool_max_idle_per_host(4), cluster.ca_file.as_deref())
+                .and_then(|b| b.build().map_err(|e| e.to_string()))
+                .expect("the CA file is checked at start"),
             stop,
             per_node,
             batch_hosts: metrics::histogram!(format!("ops_{c}_batch_hosts")),
@@ -316,7 +321,7 @@ impl Forwarder {
 
     async fn send_batches(&self, target: usize, entries: &[Entry], handoff: bool) -> bool {
         let node = &self.nodes[target];
-        let url = format!("http://{}{}", node.addr, BATCH_PATH);
+        let url = format!("{}{BATCH_PATH}", self.bases[target]);
         for chunk in entries.chunks(self.settings.batch_max.max(1)) {
             let mut body = Vec::with_capacity(chunk.iter().map(|e| e.1.body.len()).sum::<usize>() + 4);
             compact::begin(&mut body);
@@ -370,7 +375,7 @@ impl Forwarder {
         if self.probing[node].swap(true, Ordering::AcqRel) {
             return;
         }
-        let url = format!("http://{}/health", self.nodes[node].addr);
+        let url = format!("{}/health", self.bases[node]);
         let id = self.nodes[node].id.clone();
         let client = self.client.clone();
         let stop = self.stop.clone();

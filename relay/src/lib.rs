@@ -13,8 +13,8 @@ pub mod forward;
 pub mod ingest;
 pub mod metrics;
 pub mod rollout;
+pub mod tls;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -64,6 +64,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// When set, config copies must be signed by one of these keys.
     pub trusted_keys: ops_config::trust::TrustedKeys,
+    /// Serve HTTPS with this (`--tls-cert`, `--tls-key`).
+    pub tls: Option<Arc<crate::tls::ServerConfig>>,
 }
 
 pub(crate) struct HotMetrics {
@@ -181,12 +183,13 @@ async fn metrics_text(State(relay): State<Arc<Relay>>) -> Response {
 /// Serves until `shutdown`, then drains requests and the forwarder's buffers.
 pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
-    let client = reqwest::Client::builder().no_proxy().build()?;
-    let addrs: Vec<SocketAddr> = relay.settings.cluster.nodes.iter().map(|n| n.addr).collect();
-    tracker.spawn(relay.config.clone().poll(client.clone(), addrs.clone(), relay.settings.config_poll, relay.stop.clone()));
+    let cluster = &relay.settings.cluster;
+    let client = crate::tls::with_ca(reqwest::Client::builder().no_proxy(), cluster.ca_file.as_deref()).map_err(anyhow::Error::msg)?.build()?;
+    let bases: Vec<String> = (0..cluster.nodes.len()).map(|i| cluster.url(i, "")).collect();
+    tracker.spawn(relay.config.clone().poll(client.clone(), bases.clone(), relay.settings.config_poll, relay.stop.clone()));
     let config = relay.config.clone();
     tracker.spawn(relay.rollouts.clone().poll(
-        crate::rollout::Nodes { client, addrs, skip: None, token: relay.settings.forward.token.clone() },
+        crate::rollout::Nodes { client, bases, skip: None, token: relay.settings.forward.token.clone() },
         relay.settings.config_poll,
         move || config.current(),
         relay.stop.clone(),
@@ -207,10 +210,7 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
     let forwarder = tracker.spawn(relay.forwarder.clone().run(forwarder_stop.clone()));
     tracker.close();
 
-    let app = relay.router().into_make_service_with_connect_info::<SocketAddr>();
-    let serve_token = shutdown.clone();
-    let server =
-        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(async move { serve_token.cancelled().await }).await });
+    let server = tokio::spawn(crate::tls::serve(listener, relay.settings.tls.clone(), relay.router(), shutdown.clone()));
     shutdown.cancelled().await;
     match tokio::time::timeout(relay.settings.shutdown_grace, server).await {
         Ok(Ok(Ok(()))) => {}

@@ -49,6 +49,8 @@ struct Cli {
     worker_threads: Option<usize>,
     #[command(flatten)]
     trust: relay::cli::TrustArgs,
+    #[command(flatten)]
+    tls: relay::cli::TlsArgs,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -59,6 +61,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         Some(path) => {
             let c = ClusterMap::load(path).map_err(|e| e.to_string())?;
             let token = c.read_token().map_err(|e| e.to_string())?;
+            relay::tls::with_ca(reqwest::Client::builder(), c.ca_file.as_deref()).map(drop)?;
             (c, token)
         }
         None => (ClusterMap::single("127.0.0.1:2000".parse().expect("literal address")), None),
@@ -80,6 +83,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         config_poll: Duration::from_millis(cli.config_poll_ms),
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
         trusted_keys: cli.trust.keys()?,
+        tls: cli.tls.server_config()?,
     })
 }
 

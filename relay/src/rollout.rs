@@ -12,7 +12,6 @@
 //! On top of the waves, a server holds at most `max_in_flight_per_relay` hosts told the target
 //! and not converged yet; further wave members keep `from` until some converge.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -271,9 +270,9 @@ impl FleetView {
         }
     }
 
-    /// Asks node `i` at `addr` for its published state.
-    pub async fn poll_node(&self, i: usize, addr: SocketAddr, client: &reqwest::Client, token: Option<&str>) -> Result<(), String> {
-        let url = format!("http://{addr}/internal/rollout");
+    /// Asks node `i` at `base` (`http[s]://addr`) for its published state.
+    pub async fn poll_node(&self, i: usize, base: &str, client: &reqwest::Client, token: Option<&str>) -> Result<(), String> {
+        let url = format!("{base}/internal/rollout");
         let mut req = client.get(&url).timeout(Duration::from_secs(5));
         if let Some(token) = token {
             req = req.bearer_auth(token);
@@ -299,12 +298,12 @@ impl FleetView {
         current: impl Fn() -> Option<Arc<Loaded>> + Send + 'static,
         stop: CancellationToken,
     ) {
-        let Nodes { client, addrs, skip, token } = nodes;
-        let mut failing = vec![false; addrs.len()];
+        let Nodes { client, bases, skip, token } = nodes;
+        let mut failing = vec![false; bases.len()];
         loop {
-            let polls = addrs.iter().enumerate().filter(|(i, _)| Some(*i) != skip).map(|(i, addr)| {
+            let polls = bases.iter().enumerate().filter(|(i, _)| Some(*i) != skip).map(|(i, base)| {
                 let (view, client, token) = (&self, &client, token.as_deref());
-                async move { (i, view.poll_node(i, *addr, client, token).await) }
+                async move { (i, view.poll_node(i, base, client, token).await) }
             });
             for (i, result) in futures_util::future::join_all(polls).await {
                 match result {
@@ -331,8 +330,8 @@ impl FleetView {
 /// The meta nodes a [`FleetView`] polls.
 pub struct Nodes {
     pub client: reqwest::Client,
-    /// Cluster map order.
-    pub addrs: Vec<SocketAddr>,
+    /// `http[s]://addr` of each node, cluster map order.
+    pub bases: Vec<String>,
     /// A meta node's own index: it hands its state over directly.
     pub skip: Option<usize>,
     /// The cluster token (`/internal/rollout` is an internal call).

@@ -28,6 +28,16 @@ pub fn binary(name: &str) -> PathBuf {
         let release = bin_dir().ends_with("release");
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--bins", "--workspace", "--quiet"]).current_dir(workspace_root());
+        // As a shell's cargo would run: ring's build script tracks the CARGO_PKG_* and
+        // CARGO_MANIFEST_* variables that cargo sets for this test process, and would rebuild
+        // the TLS stack (and relink every binary) on each run otherwise.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            let set_for_tests = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"];
+            if set_for_tests.iter().any(|p| k.starts_with(p)) {
+                cmd.env_remove(&key);
+            }
+        }
         if release {
             cmd.arg("--release");
         }

@@ -31,6 +31,8 @@ pub struct CycleSettings {
     /// The operators' public keys. When set, only what the signed config allows this host
     /// is installed (`ops_config::trust::allows`), whatever the server answers.
     pub trusted_keys: TrustedKeys,
+    /// CA certificates trusted for `https://` servers besides the system's (`--ca-file`).
+    pub roots: Vec<reqwest::Certificate>,
 }
 
 /// What is kept across restarts: which agents to report at the first heartbeat, and their
@@ -115,7 +117,8 @@ fn sudo_available() -> bool {
 
 impl Updater {
     pub fn new(settings: CycleSettings, fetcher: Fetcher) -> Self {
-        let client = reqwest::Client::builder().no_proxy().timeout(settings.heartbeat_timeout).build().expect("http client");
+        let builder = reqwest::Client::builder().no_proxy().timeout(settings.heartbeat_timeout);
+        let client = crate::with_roots(builder, &settings.roots).build().expect("http client");
         let kept = settings.state_dir.as_deref().map(Self::load_kept).unwrap_or_default();
         let signed = match (&settings.state_dir, settings.trusted_keys.is_empty()) {
             (Some(dir), false) => match ops_config::trust::load_signed(&dir.join(SIGNED_FILE), &settings.trusted_keys) {
@@ -138,7 +141,7 @@ impl Updater {
             return Ok(());
         }
         let url = format!("{}/config/desired", base_url(server));
-        let r = self.client.get(&url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+        let r = self.client.get(&url).send().await.map_err(|e| format!("GET {url}: {}", crate::causes(&e)))?;
         if !r.status().is_success() {
             return Err(format!("GET {url}: HTTP {}", r.status()));
         }
@@ -269,7 +272,7 @@ impl Updater {
                         Err(e) => errors.push(format!("{url}: HTTP {status}: {e}")),
                     }
                 }
-                Err(e) => errors.push(format!("{url}: {e}")),
+                Err(e) => errors.push(format!("{url}: {}", crate::causes(&e))),
             }
         }
         Err(errors.join("; "))
@@ -479,8 +482,9 @@ mod tests {
             heartbeat_timeout: Duration::from_secs(1),
             state_dir: None,
             trusted_keys: TrustedKeys::default(),
+            roots: Vec::new(),
         };
-        Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20))
+        Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20, &[]))
     }
 
     #[tokio::test]
@@ -519,11 +523,11 @@ mod tests {
         u.save_kept();
         let mut settings = u.settings.clone();
         settings.hostname = "again".into();
-        let again = Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20));
+        let again = Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20, &[]));
         assert_eq!(again.known, u.known);
         assert_eq!(again.errors.get("agent").map(String::as_str), Some("md5 mismatch"));
         std::fs::write(dir.path().join(STATE_FILE), b"garbage").unwrap();
-        let fresh = Updater::new(u.settings.clone(), Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20));
+        let fresh = Updater::new(u.settings.clone(), Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20, &[]));
         assert!(fresh.known.is_empty(), "an unreadable file is ignored, not fatal");
     }
 

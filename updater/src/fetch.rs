@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("GET {url}: {source}")]
+    #[error("GET {url}: {}", crate::causes(source))]
     Http { url: String, source: reqwest::Error },
     #[error("GET {url}: HTTP {status}")]
     Status { url: String, status: u16 },
@@ -67,9 +67,10 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(connect_timeout: Duration, total_timeout: Duration, max_bytes: u64) -> Self {
-        let client =
-            reqwest::Client::builder().connect_timeout(connect_timeout).timeout(total_timeout).no_proxy().build().expect("http client");
+    /// `roots`: CA certificates trusted for HTTPS origins besides the system's.
+    pub fn new(connect_timeout: Duration, total_timeout: Duration, max_bytes: u64, roots: &[reqwest::Certificate]) -> Self {
+        let builder = reqwest::Client::builder().connect_timeout(connect_timeout).timeout(total_timeout).no_proxy();
+        let client = crate::with_roots(builder, roots).build().expect("http client");
         Fetcher { client, max_bytes }
     }
 

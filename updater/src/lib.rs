@@ -45,6 +45,38 @@ pub async fn run(mut updater: Updater, interval: Duration, first: Duration, shut
     }
 }
 
+/// An error with its causes (`error sending request: ...: invalid peer certificate:
+/// UnknownIssuer`): reqwest's own text stops at the first line.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
+
+/// The CA certificates of a PEM file (`--ca-file`), trusted for HTTPS servers and tarball
+/// origins besides the system's.
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
+/// `builder` trusting `roots` too.
+pub fn with_roots(builder: reqwest::ClientBuilder, roots: &[reqwest::Certificate]) -> reqwest::ClientBuilder {
+    roots.iter().cloned().fold(builder, reqwest::ClientBuilder::add_root_certificate)
+}
+
 /// What the updater needs from the machine; Err names what is missing.
 pub fn check_environment() -> Result<(), String> {
     if !std::path::Path::new("/bin/sh").exists() {

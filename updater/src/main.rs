@@ -57,6 +57,10 @@ struct Cli {
     /// A file of trusted public keys, one per line. Repeatable.
     #[arg(long)]
     trusted_keys_file: Vec<PathBuf>,
+    /// CA certificates (PEM) trusted for `https://` servers and tarball origins, besides the
+    /// system's.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// A TOML file with the same settings (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -77,6 +81,7 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     trusted_key: Option<Vec<String>>,
     trusted_keys_file: Option<Vec<PathBuf>>,
+    ca_file: Option<PathBuf>,
 }
 
 struct Resolved {
@@ -124,6 +129,10 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
             heartbeat_timeout: Duration::from_secs(10),
             state_dir: Some(cli.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/ops-updater"))),
             trusted_keys,
+            roots: match cli.ca_file.clone().or(file.ca_file) {
+                Some(path) => updater::read_ca_file(&path)?,
+                None => Vec::new(),
+            },
         },
         interval: Duration::from_secs(interval),
         debug: cli.debug.or(file.debug).unwrap_or(false),
@@ -156,7 +165,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let fetcher = Fetcher::new(Duration::from_secs(10), r.download_timeout, r.max_download_bytes);
+        let fetcher = Fetcher::new(Duration::from_secs(10), r.download_timeout, r.max_download_bytes, &r.cycle.roots);
         let hostname = r.cycle.hostname.clone();
         let mut updater = Updater::new(r.cycle, fetcher);
         tracing::info!(hostname = %hostname, servers = ?updater.settings.servers, "ops-updater starting");

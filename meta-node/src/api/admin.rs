@@ -72,7 +72,7 @@ async fn reload_all(node: Arc<Node>) -> Response {
     if let Some(c) = &node.cluster {
         let peers = futures_util::future::join_all(c.peers().map(|i| {
             let spec = c.map.nodes[i].clone();
-            let mut req = c.client.get(format!("http://{}/config/reload", spec.addr)).timeout(node.settings.peer_timeout);
+            let mut req = c.client.get(c.map.url(i, "/config/reload")).timeout(node.settings.peer_timeout);
             if let Some(token) = &node.settings.token {
                 req = req.bearer_auth(token);
             }

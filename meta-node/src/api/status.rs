@@ -159,7 +159,7 @@ fn peer_lost(node: &Node, peer: usize) {
 
 pub(super) fn peer_request(node: &Node, method: reqwest::Method, peer: usize, path: &str) -> reqwest::RequestBuilder {
     let c = node.cluster.as_ref().expect("peers exist only in a cluster");
-    let url = format!("http://{}{}", c.map.nodes[peer].addr, path);
+    let url = c.map.url(peer, path);
     let mut req = c.client.request(method, url).timeout(node.settings.peer_timeout);
     if let Some(token) = &node.settings.token {
         req = req.bearer_auth(token);

@@ -1,0 +1,134 @@
+//! HTTPS for relays and meta nodes (rustls with ring; no OpenSSL): the server side
+//! (`--tls-cert`, `--tls-key`) and the client side (`ca_file` of the cluster map, or
+//! `--ca-file`).
+//!
+//! Handshakes run in their own tasks, so a client that connects and says nothing holds only
+//! its own task (for at most [`HANDSHAKE_TIMEOUT`]), never the accept loop.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::serve::ListenerExt;
+pub use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+/// Longest a client may take to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server config of a certificate chain and its private key (PEM files).
+pub fn server_config(cert: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{} with {}: {e}", cert.display(), key_path.display()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts TCP connections and hands on those that complete a TLS handshake.
+pub struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl TlsListener {
+    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = mpsc::channel(256);
+        let stop = CancellationToken::new();
+        let acceptor = TlsAcceptor::from(config);
+        let token = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(v) => v,
+                        Err(e) => {
+                            // Out of file descriptors and the like: wait a little, as axum does.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { ready, local, _stop: stop.drop_guard() })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(v) => v,
+            // The accept task only ends with the listener itself.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Serves `app` on `listener` (HTTPS with `tls`, else plain HTTP), with the peer address as
+/// `ConnectInfo<SocketAddr>`, until `shutdown`.
+pub async fn serve(listener: TcpListener, tls: Option<Arc<ServerConfig>>, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    let stop = async move { shutdown.cancelled().await };
+    match tls {
+        None => {
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await
+        }
+        Some(config) => {
+            // `tap_io` gives the listener axum's `Connected` impl for its `SocketAddr`.
+            let listener = TlsListener::new(listener, config)?.tap_io(|_| {});
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await
+        }
+    }
+}
+
+/// `builder` trusting the CA certificates of the PEM file `ca` too (besides the system's).
+pub fn with_ca(builder: reqwest::ClientBuilder, ca: Option<&Path>) -> Result<reqwest::ClientBuilder, String> {
+    let Some(ca) = ca else { return Ok(builder) };
+    let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", ca.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", ca.display()));
+    }
+    Ok(certs.into_iter().fold(builder, reqwest::ClientBuilder::add_root_certificate))
+}
