@@ -161,6 +161,11 @@ impl<'a> Reader<'a> {
             let b = self.take(1)?[0];
             len |= usize::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
+                // One encoding per length (no trailing zero groups), so a batch that decodes
+                // re-encodes to the same bytes.
+                if b == 0 && shift > 0 {
+                    return Err(WireError::Malformed("compact batch: a string length is not in its shortest form".into()));
+                }
                 let bytes = self.take(len)?;
                 return std::str::from_utf8(bytes).map_err(|_| WireError::Malformed("compact batch: a string is not UTF-8".into()));
             }
@@ -308,5 +313,19 @@ mod tests {
         let mut fine = raw_record("h", 1);
         raw_agent(&mut fine, "a", &"s".repeat(crate::wire::MAX_STATUS));
         assert_eq!(check(&fine), Ok(1));
+    }
+
+    #[test]
+    fn a_length_not_in_its_shortest_form_is_refused() {
+        let h = hb(r#"{"hostname":"h"}"#);
+        let good = batch(&[(1, &h)]);
+        // The hostname's length 1 as two LEB128 groups (0x81 0x00) decodes to the same value.
+        let at = 4 + 4 + 1;
+        assert_eq!(good[at], 1);
+        let mut long = good.clone();
+        long.splice(at..at + 1, [0x81, 0x00]);
+        let e = check(&long).unwrap_err().to_string();
+        assert!(e.contains("shortest form"), "{e}");
+        assert!(check(&good).is_ok());
     }
 }

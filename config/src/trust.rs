@@ -111,20 +111,23 @@ impl TrustedKeys {
         self.keys.len()
     }
 
-    /// Ok when one line of `signature` is a valid signature of `file` by a trusted key.
+    /// Ok when one line of `signature` is a valid signature of `file` by a trusted key. Other
+    /// lines (other keys, other algorithms, damaged lines) are skipped; when none verifies, the
+    /// error names the most telling reason: a trusted key whose signature does not match, else
+    /// keys not trusted, else a damaged line, else no signature at all.
     pub fn verify(&self, file: &[u8], signature: Option<&str>) -> Result<(), TrustError> {
         let Some(signature) = signature else { return Err(TrustError::Unsigned) };
         let mut unknown = Vec::new();
-        let mut mismatch = None;
-        let mut any = false;
+        let (mut mismatch, mut malformed) = (None, None);
         for (line, l) in content_lines(signature, &['\n', ',']) {
-            any = true;
             let mut parts = l.split_ascii_whitespace();
-            let (Some("ed25519"), Some(key), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-                return Err(TrustError::Malformed { line });
+            let parsed = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some("ed25519"), Some(key), Some(sig), None) => parse_public_key(key).zip(decode_fixed::<64>(sig)),
+                _ => None,
             };
-            let (Some(key), Some(sig)) = (parse_public_key(key), decode_fixed::<64>(sig)) else {
-                return Err(TrustError::Malformed { line });
+            let Some((key, sig)) = parsed else {
+                malformed.get_or_insert(line);
+                continue;
             };
             if !self.keys.contains(&key) {
                 unknown.push(public_key_text(&key));
@@ -135,10 +138,15 @@ impl TrustedKeys {
                 Err(_) => mismatch = Some(public_key_text(&key)),
             }
         }
-        match (any, mismatch) {
-            (false, _) => Err(TrustError::Unsigned),
-            (_, Some(key)) => Err(TrustError::Mismatch(key)),
-            (_, None) => Err(TrustError::UnknownKey(unknown.join(", "))),
+        if let Some(key) = mismatch {
+            return Err(TrustError::Mismatch(key));
+        }
+        if !unknown.is_empty() {
+            return Err(TrustError::UnknownKey(unknown.join(", ")));
+        }
+        match malformed {
+            Some(line) => Err(TrustError::Malformed { line }),
+            None => Err(TrustError::Unsigned),
         }
     }
 }

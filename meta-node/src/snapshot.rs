@@ -200,11 +200,26 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
         let s = r.str(len).ok_or_else(|| corrupt("bad symbol"))?;
         syms.push(store.symbols().intern(s));
     }
-    let map = |old: u32| syms.get(old as usize).copied().ok_or_else(|| corrupt("unknown symbol"));
+    let map = |old: u32| syms.get(old as usize).copied().ok_or("unknown symbol");
 
-    let mut r = Reader { buf: &body[..sym_offset.min(body.len())], pos: MAGIC.len() };
+    // Every record is read and checked before the first is stored: a damaged snapshot
+    // changes nothing (then is quarantined), rather than leaving half a fleet loaded.
+    let records = &body[..sym_offset.min(body.len())];
+    read_records(records, v1, &map, &owned, |_| {}).map_err(corrupt)?;
+    read_records(records, v1, &map, &owned, |record| store.put(record)).map_err(corrupt)
+}
+
+/// Reads the host records of a snapshot body, handing each to `put`; Err names what is bad.
+fn read_records(
+    body: &[u8],
+    v1: bool,
+    map: &impl Fn(u32) -> Result<crate::store::Sym, &'static str>,
+    owned: &impl Fn(&str) -> bool,
+    mut put: impl FnMut(HostRecord),
+) -> Result<usize, &'static str> {
+    let mut r = Reader { buf: body, pos: MAGIC.len() };
     let mut loaded = 0;
-    let bad = || corrupt("bad host record");
+    let bad = || "bad host record";
     loop {
         let name_len = r.u8().ok_or_else(bad)? as usize;
         if name_len == 0 {
@@ -270,7 +285,7 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
             told,
             waves: 0,
         };
-        store.put(HostRecord { host, agents, errors, other_ip });
+        put(HostRecord { host, agents, errors, other_ip });
         loaded += 1;
     }
     Ok(loaded)
