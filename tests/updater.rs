@@ -724,21 +724,25 @@ fn test_ca(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
     paths
 }
 
-/// updater → relay → meta node, every hop over HTTPS with certificates of a CA made here:
-/// the relay takes its config and delivers its reports over TLS, the updater installs
-/// through the relay, and a client without the CA is refused.
+/// updater → relay → meta nodes, every hop over HTTPS with certificates of a CA made here:
+/// the relay takes its config and delivers its reports over TLS, the meta nodes probe and
+/// gather from each other over TLS, the updater installs through the relay, and a client
+/// without the CA is refused.
 #[test]
 fn updater_relay_and_meta_talk_https_with_a_test_ca() {
     let f = Fleet::new();
     f.tarball("releases", "1.0", CONTROL, 0);
     f.desire_toml(&f.signed_toml("releases", "1.0"));
     let (ca, cert, key) = test_ca(f.dir.path());
-    let port = free_port();
+    let (port, port2) = (free_port(), free_port());
     std::fs::write(f.dir.path().join("cluster.token"), "tls-test-token-0123456789\n").unwrap();
     let cluster = f.dir.path().join("cluster-tls.toml");
     std::fs::write(
         &cluster,
-        format!("tls = true\nca_file = \"ca.pem\"\ntoken_file = \"cluster.token\"\n[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:{port}\"\n"),
+        format!(
+            "tls = true\nca_file = \"ca.pem\"\ntoken_file = \"cluster.token\"\n[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:{port}\"\n\
+             [[node]]\nid = \"meta-2\"\naddr = \"127.0.0.1:{port2}\"\n"
+        ),
     )
     .unwrap();
     let p = |p: &PathBuf| p.display().to_string();
@@ -750,6 +754,11 @@ fn updater_relay_and_meta_talk_https_with_a_test_ca() {
     meta_args.extend(tls);
     let mut meta = Proc::start("meta-node", &meta_args);
     meta.wait_for_log("meta node listening");
+    let (listen2, meta2_data) = (format!("127.0.0.1:{port2}"), p(&f.dir.path().join("tls-meta-2")));
+    let mut meta2_args = vec!["--listen", &listen2, "--cluster", &c, "--id", "meta-2", "--agents", &a, "--data-dir", &meta2_data];
+    meta2_args.extend(tls);
+    let mut meta2 = Proc::start("meta-node", &meta2_args);
+    meta2.wait_for_log("meta node listening");
     let mut relay_args = vec!["--listen", "127.0.0.1:0", "--cluster", &c, "--data-dir", &relay_data, "--flush-ms", "100", "--config-poll-ms", "200"];
     relay_args.extend(tls);
     let mut relay = Proc::start("relay", &relay_args);
@@ -780,6 +789,19 @@ fn updater_relay_and_meta_talk_https_with_a_test_ca() {
         get(&format!("https://127.0.0.1:{port}/status/host/host-tls")).filter(|h| h["agents"][0]["status"] == "started")
     });
     assert!(host.is_some(), "{}", relay.log());
+    // Both nodes see each other up (probes over HTTPS), and a summary asked of either node
+    // gathers the other's share over HTTPS: the host counts once, whichever node owns it.
+    let peers_up = ops_e2e::eventually(Duration::from_secs(10), || {
+        let text = https.get(format!("https://127.0.0.1:{port}/metrics")).send().ok()?.text().ok()?;
+        text.lines().any(|l| l == "ops_meta_peers_up 2").then_some(())
+    });
+    assert!(peers_up.is_some(), "meta-1 never saw meta-2 up over HTTPS: {}", meta.log());
+    for p in [port, port2] {
+        let summary = get(&format!("https://127.0.0.1:{p}/status/summary/demo")).unwrap();
+        assert_eq!(summary["hosts"], 1, "{summary}");
+        assert_eq!(summary["partial"], false, "{summary}");
+    }
+    drop(meta2);
     // Without the CA the updater refuses the relay certificate.
     let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-tls", &state]);
     assert_eq!(status.code(), Some(1), "{log}");
