@@ -25,8 +25,8 @@ fn fuzz(name: &str, cases: u32, seeds: Vec<Vec<u8>>, check: impl FnMut(&[u8]) ->
     let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
     let seeds = Arc::new(seeds);
     let s = seeds.clone();
-    let mutated = (0..s.len(), prop::collection::vec((any::<u32>(), 0u8..6, any::<u8>()), 0..8))
-        .prop_map(move |(i, ops)| mutate(&s[i], &ops));
+    let mutated =
+        (0..s.len(), prop::collection::vec((any::<u32>(), 0u8..6, any::<u8>()), 0..8)).prop_map(move |(i, ops)| mutate(&s[i], &ops));
     let strategy = prop_oneof![8 => mutated, 1 => prop::collection::vec(any::<u8>(), 0..600)];
     let (ran, check) = (std::cell::Cell::new(0u64), std::cell::RefCell::new(check));
     let result = runner.run(&strategy, |input| {
@@ -132,7 +132,9 @@ fn held(node: &meta_node::Node) -> String {
             let agents: Vec<String> = shard
                 .agents(h)
                 .iter()
-                .map(|a| format!("{}={}/{}/{}", symbols.resolve(a.name), symbols.resolve(a.version), symbols.resolve(a.status), a.timestamp))
+                .map(|a| {
+                    format!("{}={}/{}/{}", symbols.resolve(a.name), symbols.resolve(a.version), symbols.resolve(a.status), a.timestamp)
+                })
                 .collect();
             out.push(format!("{} {} {}", h.name, h.last_seen, agents.join(",")));
         }

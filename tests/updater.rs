@@ -658,7 +658,8 @@ fn a_badly_signed_config_is_refused_and_the_old_one_kept() {
     let other = f.dir.path().join("other.key");
     opsctl(&["keygen", "--out", &other.display().to_string()]);
     let edited = good.replace("1.0", "6.6");
-    let cases: Vec<(&str, Box<dyn Fn()>)> = vec![
+    type Damage<'a> = Box<dyn Fn() + 'a>;
+    let cases: Vec<(&str, Damage)> = vec![
         ("does not match", Box::new(|| std::fs::write(&agents, &edited).unwrap())),
         (
             "not trusted",
@@ -759,7 +760,8 @@ fn updater_relay_and_meta_talk_https_with_a_test_ca() {
     meta2_args.extend(tls);
     let mut meta2 = Proc::start("meta-node", &meta2_args);
     meta2.wait_for_log("meta node listening");
-    let mut relay_args = vec!["--listen", "127.0.0.1:0", "--cluster", &c, "--data-dir", &relay_data, "--flush-ms", "100", "--config-poll-ms", "200"];
+    let mut relay_args =
+        vec!["--listen", "127.0.0.1:0", "--cluster", &c, "--data-dir", &relay_data, "--flush-ms", "100", "--config-poll-ms", "200"];
     relay_args.extend(tls);
     let mut relay = Proc::start("relay", &relay_args);
     let relay_addr = ops_e2e::addr_in(&relay.wait_for_log("relay listening"));

@@ -47,11 +47,7 @@ fn decode_fixed<const N: usize>(text: &str) -> Option<[u8; N]> {
 /// The lines of a key or signature text that carry something (no comments, no blanks);
 /// `,` also ends a line in a signature (its header form).
 fn content_lines<'a>(text: &'a str, separators: &'a [char]) -> impl Iterator<Item = (usize, &'a str)> {
-    text.split(separators)
-        .map(str::trim)
-        .enumerate()
-        .map(|(i, l)| (i + 1, l))
-        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+    text.split(separators).map(str::trim).enumerate().map(|(i, l)| (i + 1, l)).filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
 }
 
 /// Parses one public key in its text form.

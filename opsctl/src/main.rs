@@ -97,10 +97,16 @@ fn sign(key: &Path, append: bool, file: &Path) -> Result<(), Failure> {
     let mut lines: Vec<String> = Vec::new();
     if append && let Ok(old) = std::fs::read_to_string(&sig_path) {
         let mine = format!("ed25519 {} ", key.public_text());
-        lines.extend(old.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(&mine)).map(str::to_owned));
+        lines.extend(
+            old.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(&mine)).map(str::to_owned),
+        );
     }
     lines.push(key.sign(&bytes));
-    let text = format!("# signature of {} (opsctl sign)\n{}\n", file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), lines.join("\n"));
+    let text = format!(
+        "# signature of {} (opsctl sign)\n{}\n",
+        file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        lines.join("\n")
+    );
     let tmp = PathBuf::from(format!("{}.tmp", sig_path.display()));
     std::fs::write(&tmp, &text)
         .and_then(|()| std::fs::rename(&tmp, &sig_path))

@@ -62,7 +62,8 @@ impl ConfigCopy {
     pub fn install(&self, text: &str, signature: Option<&str>, source: &str) -> Result<Arc<Loaded>, String> {
         let config = parse_signed(text, signature, &self.keys, source).map_err(|e| e.to_string())?;
         let keep = |name: &str, bytes: &[u8]| {
-            crate::write_atomically(&self.dir.join(name), bytes).map_err(|e| format!("cannot keep config copy in {}: {e}", self.dir.display()))
+            crate::write_atomically(&self.dir.join(name), bytes)
+                .map_err(|e| format!("cannot keep config copy in {}: {e}", self.dir.display()))
         };
         match signature {
             Some(sig) => keep(SIG_NAME, format!("{}\n", sig.replace(',', "\n")).as_bytes())?,

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use ops_config::trust::{SIGNATURE_HEADER, TrustedKeys};
 use ops_config::{ClassId, ConfigError, DesiredConfig, HeartbeatReply};
 use parking_lot::Mutex;
@@ -34,11 +34,7 @@ impl Loaded {
                 (0..masks)
                     .map(|mask| {
                         let desired_agents = config.variant(ClassId(c as u32), mask as u8);
-                        let reply = HeartbeatReply {
-                            error_message: String::new(),
-                            desired_agents,
-                            config_hash: config.hash().to_owned(),
-                        };
+                        let reply = HeartbeatReply { error_message: String::new(), desired_agents, config_hash: config.hash().to_owned() };
                         Bytes::from(serde_json::to_vec(&reply).expect("a reply of strings always serializes"))
                     })
                     .collect()

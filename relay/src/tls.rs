@@ -26,9 +26,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server config of a certificate chain and its private key (PEM files).
 pub fn server_config(cert: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(cert).and_then(|it| it.collect::<Result<_, _>>()).map_err(|e| format!("{}: {e}", cert.display()))?;
     if certs.is_empty() {
         return Err(format!("{}: no certificate in it", cert.display()));
     }
@@ -111,9 +110,7 @@ impl axum::serve::Listener for TlsListener {
 pub async fn serve(listener: TcpListener, tls: Option<Arc<ServerConfig>>, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
     let stop = async move { shutdown.cancelled().await };
     match tls {
-        None => {
-            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await
-        }
+        None => axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await,
         Some(config) => {
             // `tap_io` gives the listener axum's `Connected` impl for its `SocketAddr`.
             let listener = TlsListener::new(listener, config)?.tap_io(|_| {});

@@ -33,7 +33,8 @@ pub fn binary(name: &str) -> PathBuf {
         // the TLS stack (and relink every binary) on each run otherwise.
         for (key, _) in std::env::vars_os() {
             let k = key.to_string_lossy();
-            let set_for_tests = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"];
+            let set_for_tests =
+                ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"];
             if set_for_tests.iter().any(|p| k.starts_with(p)) {
                 cmd.env_remove(&key);
             }

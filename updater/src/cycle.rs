@@ -420,8 +420,11 @@ impl Updater {
         }
         let url = fetch::tarball_url(d, &self.arch);
         // A sha256 alone is enough (and stronger); without it the md5 is needed.
-        let expected =
-            if d.md5.is_empty() && !d.sha256.is_empty() { None } else { Some(self.fetcher.expected_md5(d, &url, &self.arch).await.map_err(|e| e.to_string())?) };
+        let expected = if d.md5.is_empty() && !d.sha256.is_empty() {
+            None
+        } else {
+            Some(self.fetcher.expected_md5(d, &url, &self.arch).await.map_err(|e| e.to_string())?)
+        };
         let got = self.fetcher.download(&url, &download).await.map_err(|e| {
             let _ = std::fs::remove_file(&download);
             e.to_string()

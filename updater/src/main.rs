@@ -114,7 +114,8 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
         return Err(format!("hostname {hostname:?} is not 1-255 of [A-Za-z0-9._-]; pass --hostname"));
     }
     let keys = if cli.trusted_key.is_empty() { file.trusted_key.unwrap_or_default() } else { cli.trusted_key.clone() };
-    let key_files = if cli.trusted_keys_file.is_empty() { file.trusted_keys_file.unwrap_or_default() } else { cli.trusted_keys_file.clone() };
+    let key_files =
+        if cli.trusted_keys_file.is_empty() { file.trusted_keys_file.unwrap_or_default() } else { cli.trusted_keys_file.clone() };
     let trusted_keys = ops_config::trust::TrustedKeys::load(&keys, &key_files).map_err(|e| e.to_string())?;
     let interval = cli.interval.or(file.interval).unwrap_or(300);
     if interval == 0 {
