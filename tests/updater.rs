@@ -809,3 +809,46 @@ fn updater_relay_and_meta_talk_https_with_a_test_ca() {
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.to_lowercase().contains("certificate") || log.contains("UnknownIssuer"), "{log}");
 }
+
+/// `opsctl`: a key is never overwritten; verify says 0 for a good signature and 1 (with the
+/// reason) for an unknown key or an edited file; `--append` co-signs for a key rotation.
+#[test]
+fn opsctl_keys_signatures_and_a_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let (old, new, file) = (p("old.key"), p("new.key"), p("agents.toml"));
+    let (old_pub, new_pub) = (format!("{old}.pub"), format!("{new}.pub"));
+    std::fs::write(
+        &file,
+        "[[agent]]\nname = \"a\"\ntarball = \"http://f/r\"\nrun_user = \"u\"\nwork_dir = \"/w\"\ndefault = { version = \"1\" }\n",
+    )
+    .unwrap();
+    opsctl(&["keygen", "--out", &old]);
+    let secret = std::fs::read(&old).unwrap();
+    let (status, log) = Proc::run_to_exit("opsctl", &["keygen", "--out", &old]);
+    assert_eq!(status.code(), Some(64), "{log}");
+    assert_eq!(std::fs::read(&old).unwrap(), secret, "the key is not overwritten");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&old).unwrap().permissions().mode() & 0o777, 0o600);
+    opsctl(&["keygen", "--out", &new]);
+    let verify = |keys: &str| Proc::run_to_exit("opsctl", &["verify", "--trusted-keys-file", keys, &file]);
+
+    opsctl(&["sign", "--key", &old, &file]);
+    assert_eq!(verify(&old_pub).0.code(), Some(0));
+    let (status, log) = verify(&new_pub);
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("not trusted"), "{log}");
+    // Rotation: co-signed, either key verifies.
+    opsctl(&["sign", "--key", &new, "--append", &file]);
+    assert_eq!(std::fs::read_to_string(format!("{file}.sig")).unwrap().lines().filter(|l| l.starts_with("ed25519 ")).count(), 2);
+    assert_eq!(verify(&old_pub).0.code(), Some(0));
+    assert_eq!(verify(&new_pub).0.code(), Some(0));
+    // Signing again with the new key alone drops the old line.
+    opsctl(&["sign", "--key", &new, &file]);
+    assert_eq!(verify(&old_pub).0.code(), Some(1));
+    // An edit after signing.
+    std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace("\"1\"", "\"2\"")).unwrap();
+    let (status, log) = verify(&new_pub);
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("does not match"), "{log}");
+}

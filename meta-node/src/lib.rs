@@ -169,7 +169,7 @@ impl Node {
                 me,
                 alive: peers::Peers::new(map.nodes.len(), me),
                 forwarder: Forwarder::new(map, forward, stop),
-                client: relay::tls::with_ca(reqwest::Client::builder().no_proxy(), map.ca_file.as_deref())
+                client: relay::tls::for_cluster(reqwest::Client::builder().no_proxy(), map)
                     .and_then(|b| b.build().map_err(|e| e.to_string()))
                     .expect("the CA file is checked at start"),
                 map: map.clone(),

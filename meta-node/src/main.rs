@@ -96,7 +96,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
             return Err(format!("{}: no [[node]] with id {id:?} (have {})", path.display(), ids.join(", ")));
         }
         s.token = cluster.read_token().map_err(|e| e.to_string())?;
-        relay::tls::with_ca(reqwest::Client::builder(), cluster.ca_file.as_deref()).map(drop)?;
+        relay::tls::for_cluster(reqwest::Client::builder(), &cluster).map(drop)?;
         s.id = id;
         s.cluster = Some(cluster);
     } else if let Some(id) = &cli.id {

@@ -126,7 +126,7 @@ impl Forwarder {
             up: cluster.nodes.iter().map(|_| AtomicBool::new(true)).collect(),
             probing: cluster.nodes.iter().map(|_| AtomicBool::new(false)).collect(),
             wake: Notify::new(),
-            client: crate::tls::with_ca(reqwest::Client::builder().no_proxy().pool_max_idle_per_host(4), cluster.ca_file.as_deref())
+            client: crate::tls::for_cluster(reqwest::Client::builder().no_proxy().pool_max_idle_per_host(4), cluster)
                 .and_then(|b| b.build().map_err(|e| e.to_string()))
                 .expect("the CA file is checked at start"),
             stop,

@@ -184,8 +184,7 @@ async fn metrics_text(State(relay): State<Arc<Relay>>) -> Response {
 pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let cluster = &relay.settings.cluster;
-    let client =
-        crate::tls::with_ca(reqwest::Client::builder().no_proxy(), cluster.ca_file.as_deref()).map_err(anyhow::Error::msg)?.build()?;
+    let client = crate::tls::for_cluster(reqwest::Client::builder().no_proxy(), cluster).map_err(anyhow::Error::msg)?.build()?;
     let bases: Vec<String> = (0..cluster.nodes.len()).map(|i| cluster.url(i, "")).collect();
     tracker.spawn(relay.config.clone().poll(client.clone(), bases.clone(), relay.settings.config_poll, relay.stop.clone()));
     let config = relay.config.clone();

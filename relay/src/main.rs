@@ -61,7 +61,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         Some(path) => {
             let c = ClusterMap::load(path).map_err(|e| e.to_string())?;
             let token = c.read_token().map_err(|e| e.to_string())?;
-            relay::tls::with_ca(reqwest::Client::builder(), c.ca_file.as_deref()).map(drop)?;
+            relay::tls::for_cluster(reqwest::Client::builder(), &c).map(drop)?;
             (c, token)
         }
         None => (ClusterMap::single("127.0.0.1:2000".parse().expect("literal address")), None),
