@@ -293,6 +293,15 @@ fn install_start_stop_and_upgrade() {
     assert_eq!(std::fs::read_to_string(f.agent_dir().join("2.0/VERSION")).unwrap(), "2.0");
     f.once("host-a", &[]);
     assert_eq!(f.host("host-a")["agents"][0]["version"], "2.0");
+
+    // Bounded disk: after the switch to 3.0, 3.0 runs, 2.0 (the one it replaced) stays, 1.0 goes.
+    f.tarball("releases", "3.0", CONTROL, 0);
+    f.desire("releases", "3.0", "", "start", "");
+    let (code, log) = f.once("host-a", &[]);
+    assert_eq!(code, 0, "{log}");
+    assert!(f.pid_alive("3.0"));
+    assert!(f.agent_dir().join("2.0/control").is_file() && f.agent_dir().join("3.0/control").is_file());
+    assert!(!f.agent_dir().join("1.0").exists(), "{log}");
 }
 
 #[test]

@@ -111,6 +111,37 @@ fn write_version(agent_dir: &Path, version: &str) -> std::io::Result<()> {
     std::fs::File::open(agent_dir)?.sync_all()
 }
 
+/// Removes the version directories of `agent_dir` other than `keep` (and what a killed run
+/// moved aside, `.broken-*`), except any that a running process still uses (its working
+/// directory or executable is inside). Returns the versions removed.
+pub fn prune_versions(agent_dir: &Path, keep: &[&str]) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(agent_dir) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let old_version = valid_version(&name) && !name.starts_with('.') && !keep.contains(&name.as_str());
+        let path = entry.path();
+        if !(old_version || name.starts_with(".broken-")) || !entry.file_type().is_ok_and(|t| t.is_dir()) || in_use(&path) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => removed.push(name),
+            Err(e) => tracing::warn!(dir = %path.display(), error = %e, "cannot remove an old version"),
+        }
+    }
+    removed
+}
+
+/// Whether a process works in or runs a program from `dir` (read from `/proc`; when `/proc`
+/// cannot be read, assumed in use).
+fn in_use(dir: &Path) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return true };
+    let Ok(dir) = dir.canonicalize() else { return true };
+    procs.flatten().filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).any(|p| {
+        ["cwd", "exe"].iter().any(|link| std::fs::read_link(p.path().join(link)).is_ok_and(|target| target.starts_with(&dir)))
+    })
+}
+
 fn sudo_available() -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("sudo").is_file()))
 }
@@ -391,6 +422,11 @@ impl Updater {
             if d.cmd == "start" {
                 control::run(&version_dir, "start", &d.run_user, timeout).await.map_err(|e| e.to_string())?;
             }
+            // Bounded disk: the running version and the one it replaced stay, older ones go.
+            let keep = [d.version.as_str(), current.as_str()];
+            for removed in prune_versions(&agent_dir, &keep) {
+                tracing::info!(agent = %d.name, version = %removed, "removed an old version");
+            }
             return Ok(());
         }
         let status = control::run(&version_dir, "status", &d.run_user, timeout).await.map_err(|e| e.to_string())?;
@@ -514,6 +550,25 @@ mod tests {
         assert!(u.apply(&bad_cmd).await.unwrap_err().contains("refused cmd"));
         assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "nothing written in the work dir");
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1, "nothing written beside it");
+    }
+
+    #[test]
+    fn old_versions_go_but_the_kept_the_in_use_and_other_files_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        for v in ["1.0", "2.0", "3.0", "4.0", ".broken-2.0-7", ".tmp-5.0"] {
+            std::fs::create_dir(dir.path().join(v)).unwrap();
+        }
+        std::fs::write(dir.path().join(".version"), "4.0\n").unwrap();
+        let mut busy = std::process::Command::new("sleep").arg("30").current_dir(dir.path().join("1.0")).spawn().unwrap();
+        let mut removed = prune_versions(dir.path(), &["4.0", "3.0"]);
+        removed.sort();
+        busy.kill().unwrap();
+        busy.wait().unwrap();
+        assert_eq!(removed, [".broken-2.0-7", "2.0"]);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, [".tmp-5.0", ".version", "1.0", "3.0", "4.0"], "1.0 is in use");
+        assert_eq!(prune_versions(dir.path(), &["4.0", "3.0"]), ["1.0"]);
     }
 
     #[tokio::test]
