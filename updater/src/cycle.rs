@@ -137,9 +137,10 @@ pub fn prune_versions(agent_dir: &Path, keep: &[&str]) -> Vec<String> {
 fn in_use(dir: &Path) -> bool {
     let Ok(procs) = std::fs::read_dir("/proc") else { return true };
     let Ok(dir) = dir.canonicalize() else { return true };
-    procs.flatten().filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).any(|p| {
-        ["cwd", "exe"].iter().any(|link| std::fs::read_link(p.path().join(link)).is_ok_and(|target| target.starts_with(&dir)))
-    })
+    procs
+        .flatten()
+        .filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .any(|p| ["cwd", "exe"].iter().any(|link| std::fs::read_link(p.path().join(link)).is_ok_and(|target| target.starts_with(&dir))))
 }
 
 fn sudo_available() -> bool {
