@@ -206,7 +206,16 @@ impl Fleet {
         let servers = self.servers();
         let hostname = format!("--hostname={host}");
         let state = self.state_dir();
-        let mut args = vec!["--once", &servers, &hostname, "--control-timeout-seconds=2", "--interval=300", "--debug=false", &state];
+        let mut args = vec![
+            "--once",
+            "--health-window-seconds=1",
+            &servers,
+            &hostname,
+            "--control-timeout-seconds=2",
+            "--interval=300",
+            "--debug=false",
+            &state,
+        ];
         args.extend_from_slice(extra);
         let (status, log) = Proc::run_to_exit("ops-updater", &args);
         (status.code().unwrap_or(-1), log)
@@ -330,7 +339,7 @@ fn a_restarted_updater_reports_its_agents_in_its_first_heartbeat() {
     });
     let servers = format!("--server=127.0.0.1:{port}");
     let state = f.state_dir();
-    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-r", &state]);
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", "--health-window-seconds=1", &servers, "--hostname=host-r", &state]);
     assert_eq!(status.code(), Some(0), "{log}");
     let first: serde_json::Value = serde_json::from_str(&bodies.lock().unwrap()[0]).unwrap();
     assert_eq!(first["hostname"], "host-r");
@@ -422,7 +431,10 @@ fn fails_over_from_a_dead_first_server() {
     f.desire("releases", "1.0", &md5, "start", "");
     let servers = format!("--server=127.0.0.1:{},127.0.0.1:{}", free_port(), f.meta.addr.port());
     let state = f.state_dir();
-    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-d", "--control-timeout-seconds=2", &state]);
+    let (status, log) = Proc::run_to_exit(
+        "ops-updater",
+        &["--once", "--health-window-seconds=1", &servers, "--hostname=host-d", "--control-timeout-seconds=2", &state],
+    );
     assert_eq!(status.code(), Some(0), "{log}");
     assert_eq!(f.version_file().as_deref(), Some("1.0"));
     assert!(get_json(&f.meta.url("/status/host/host-d")).0 == 200);
@@ -430,14 +442,14 @@ fn fails_over_from_a_dead_first_server() {
 
 #[test]
 fn bad_flags_and_config_files_exit_64() {
-    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", "--hostname=../etc"]);
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", "--health-window-seconds=1", "--hostname=../etc"]);
     assert_eq!(status.code(), Some(64), "{log}");
     assert!(log.contains("hostname"), "{log}");
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("updater.toml");
     std::fs::write(&cfg, "interval = 300\nsrever = [\"x\"]\n").unwrap();
     let c = cfg.display().to_string();
-    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", "--config", &c]);
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", "--health-window-seconds=1", "--config", &c]);
     assert_eq!(status.code(), Some(64), "{log}");
     assert!(log.contains("unknown field `srever`"), "{log}");
 }
@@ -458,7 +470,10 @@ fn killed_at_any_moment_the_next_run_converges() {
         let version = format!("{i}.0");
         f.desire("slow/releases", &version, md5, "start", "");
         let state = f.state_dir();
-        let mut p = Proc::start("ops-updater", &["--once", &servers, "--hostname=host-k", "--control-timeout-seconds=5", &state]);
+        let mut p = Proc::start(
+            "ops-updater",
+            &["--once", "--health-window-seconds=1", &servers, "--hostname=host-k", "--control-timeout-seconds=5", &state],
+        );
         // Spread the kills from the start of the download (~2 s at 1 MiB/s) past its end.
         std::thread::sleep(Duration::from_millis(100 + (i as u64 * 2600) / runs as u64));
         p.signal("KILL");
@@ -614,8 +629,10 @@ fn with_a_trusted_key_only_what_the_operator_signed_is_installed() {
     let state = f.state_dir();
     for (what, tamper) in cases {
         hostile.set(tamper);
-        let (status, log) =
-            Proc::run_to_exit("ops-updater", &["--once", &servers, &hostname, &state, &trust, "--control-timeout-seconds=2"]);
+        let (status, log) = Proc::run_to_exit(
+            "ops-updater",
+            &["--once", "--health-window-seconds=1", &servers, &hostname, &state, &trust, "--control-timeout-seconds=2"],
+        );
         assert_eq!(status.code(), Some(1), "{what}: {log}");
         assert!(log.contains("refused"), "{what}: {log}");
         assert_eq!(f.version_file().as_deref(), Some("1.0"), "{what}: old version kept");
@@ -645,7 +662,7 @@ fn with_a_trusted_key_only_what_the_operator_signed_is_installed() {
     // The genuine file back: the signed 2.0 installs, through the (now honest) relay too.
     std::fs::write(&good, &kept).unwrap();
     hostile.set(|_| {});
-    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, &hostname, &state, &trust]);
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", "--health-window-seconds=1", &servers, &hostname, &state, &trust]);
     assert_eq!(status.code(), Some(0), "{log}");
     assert_eq!(f.version_file().as_deref(), Some("2.0"));
     assert!(f.pid_alive("2.0") && !f.pid_alive("1.0"));
@@ -792,7 +809,8 @@ fn updater_relay_and_meta_talk_https_with_a_test_ca() {
     let servers = format!("--server=https://{relay_addr}");
     let ca_flag = format!("--ca-file={}", ca.display());
     let state = f.state_dir();
-    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-tls", &state, &ca_flag]);
+    let (status, log) =
+        Proc::run_to_exit("ops-updater", &["--once", "--health-window-seconds=1", &servers, "--hostname=host-tls", &state, &ca_flag]);
     assert_eq!(status.code(), Some(0), "{log}");
     assert_eq!(f.version_file().as_deref(), Some("1.0"));
     // The report went relay → meta node over HTTPS.
@@ -814,7 +832,7 @@ fn updater_relay_and_meta_talk_https_with_a_test_ca() {
     }
     drop(meta2);
     // Without the CA the updater refuses the relay certificate.
-    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-tls", &state]);
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", "--health-window-seconds=1", &servers, "--hostname=host-tls", &state]);
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.to_lowercase().contains("certificate") || log.contains("UnknownIssuer"), "{log}");
 }
@@ -860,4 +878,107 @@ fn opsctl_keys_signatures_and_a_rotation() {
     let (status, log) = verify(&new_pub);
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("does not match"), "{log}");
+}
+
+/// A build that never reports `started` (its start does run a process, so a revert must stop
+/// it), and whose stop takes a second (room to kill the updater during a revert).
+const CONTROL_NEVER_STARTED: &str = r#"#!/bin/sh
+cd "$(dirname "$0")" || exit 1
+case "$1" in
+  start)
+    if [ -f app.pid ] && kill -0 "$(cat app.pid)" 2>/dev/null; then exit 0; fi
+    nohup sleep 100000 >/dev/null 2>&1 &
+    echo $! > app.pid
+    ;;
+  stop)
+    sleep 1
+    if [ -f app.pid ]; then kill "$(cat app.pid)" 2>/dev/null; rm -f app.pid; fi
+    ;;
+  status) echo stoped ;;
+esac
+"#;
+
+impl Fleet {
+    /// The versions whose process runs.
+    fn running(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.agent_dir())
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|v| self.pid_alive(v)).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+}
+
+/// A build that is not `started` within the health window is reverted: the old version runs
+/// again, the host reports `reverted`, the next cycles do not retry it, and a good build after
+/// it stays.
+#[test]
+fn a_build_that_never_starts_is_reverted_and_not_retried() {
+    let f = Fleet::new();
+    let md5_1 = f.tarball("releases", "1.0", CONTROL, 0);
+    let md5_2 = f.tarball("releases", "2.0", CONTROL_NEVER_STARTED, 0);
+    let md5_3 = f.tarball("releases", "3.0", CONTROL, 0);
+    f.desire("releases", "1.0", &md5_1, "start", "");
+    assert_eq!(f.once("host-v", &[]).0, 0);
+
+    f.desire("releases", "2.0", &md5_2, "start", "");
+    let (code, log) = f.once("host-v", &[]);
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("reverted: demo 2.0: not started within the 1 s health window"), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"));
+    assert_eq!(f.running(), ["1.0"], "the bad build was stopped, the old one started again");
+    let host = f.host("host-v");
+    assert_eq!(host["agents"][0]["version"], "1.0", "{host}");
+    assert!(host["agents"][0]["lastError"].as_str().unwrap_or("").starts_with("reverted: "), "{host}");
+    assert_eq!(host["agents"][0]["state"], "error", "{host}");
+
+    // Not tried again while 2.0 with this digest is desired: the old version keeps running.
+    let pid = std::fs::read_to_string(f.agent_dir().join("1.0/app.pid")).unwrap();
+    for _ in 0..2 {
+        let (code, log) = f.once("host-v", &[]);
+        assert_eq!(code, 1, "{log}");
+        assert!(log.contains("not retried"), "{log}");
+        assert!(!log.contains("switched version"), "{log}");
+    }
+    assert_eq!(std::fs::read_to_string(f.agent_dir().join("1.0/app.pid")).unwrap(), pid, "left alone");
+    assert_eq!(f.running(), ["1.0"]);
+
+    // A good build afterwards stays.
+    f.desire("releases", "3.0", &md5_3, "start", "");
+    let (code, log) = f.once("host-v", &[]);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("3.0"));
+    assert_eq!(f.running(), ["3.0"]);
+}
+
+/// SIGKILL the updater during the health window, then during the revert: the next run ends
+/// with exactly one version running and `.version` naming it.
+#[test]
+fn killed_in_the_window_or_the_revert_the_next_run_leaves_one_version_running() {
+    let f = Fleet::new();
+    let md5_1 = f.tarball("releases", "1.0", CONTROL, 0);
+    f.desire("releases", "1.0", &md5_1, "start", "");
+    assert_eq!(f.once("host-w", &[]).0, 0);
+    let (servers, state) = (f.servers(), f.state_dir());
+    let state_file = f.dir.path().join("updater-state/state.json");
+    for (bad, window, when) in
+        [("2.0", "--health-window-seconds=3", "\"reverting\":false"), ("4.0", "--health-window-seconds=1", "\"reverting\":true")]
+    {
+        let md5 = f.tarball("releases", bad, CONTROL_NEVER_STARTED, 0);
+        f.desire("releases", bad, &md5, "start", "");
+        let mut p = Proc::start("ops-updater", &["--once", window, &servers, "--hostname=host-w", &state]);
+        let reached = ops_e2e::eventually(Duration::from_secs(20), || {
+            std::fs::read_to_string(&state_file).ok().filter(|s| s.contains(when) && f.version_file().is_some()).map(drop)
+        });
+        assert!(reached.is_some(), "{bad}: never saw {when}: {}", p.log());
+        p.signal("KILL");
+        p.wait_exit(Duration::from_secs(10));
+        let (code, log) = f.once("host-w", &[]);
+        assert_eq!(code, 1, "{bad}: {log}");
+        assert!(log.contains(&format!("reverted: demo {bad}")), "{bad}: {log}");
+        assert_eq!(f.version_file().as_deref(), Some("1.0"), "{bad}");
+        assert_eq!(f.running(), ["1.0"], "{bad}: exactly one version runs");
+        let kept = std::fs::read_to_string(&state_file).unwrap();
+        assert!(kept.contains("\"watch\":{}"), "{bad}: nothing left half done: {kept}");
+    }
 }

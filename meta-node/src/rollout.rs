@@ -328,8 +328,10 @@ halt_when = { failed_ratio = 0.5, min_sample = 4 }
         assert_eq!(r.approved_wave, 1, "the first wave opens at once");
         // 2 failed of 3 decided is over 50 % but under min_sample 4: not halted yet.
         assert!(!r.halted);
-        // One more failure makes 4 decided: halted, for good, and it is saved.
-        let hb = report("1", "started", "boom").replace("\"h\"", "\"error2\"");
+        // One more failure makes 4 decided: halted, for good, and it is saved. It is a host whose
+        // updater reverted the target (back on `from`, saying why): a failure like any other.
+        let reverted = "reverted: a 2: not started within the 30 s health window (status stoped); back on 1";
+        let hb = report("1", "started", reverted).replace("\"h\"", "\"error2\"");
         node.store.upsert_tagged(
             &Heartbeat::parse(hb.as_bytes()).unwrap(),
             now,

@@ -33,6 +33,9 @@ pub struct CycleSettings {
     pub trusted_keys: TrustedKeys,
     /// CA certificates trusted for `https://` servers besides the system's (`--ca-file`).
     pub roots: Vec<reqwest::Certificate>,
+    /// How long a newly started version is watched before it counts as healthy (zero: not
+    /// watched); see `health`.
+    pub health_window: Duration,
 }
 
 /// What is kept across restarts: which agents to report at the first heartbeat, and their
@@ -41,6 +44,12 @@ pub struct CycleSettings {
 struct Kept {
     desired: Vec<DesiredAgent>,
     errors: HashMap<String, String>,
+    /// Switches in their health window or revert, per agent.
+    #[serde(default)]
+    watch: HashMap<String, crate::health::Watch>,
+    /// Versions reverted, per agent.
+    #[serde(default)]
+    reverted: HashMap<String, crate::health::Reverted>,
 }
 
 const STATE_FILE: &str = "state.json";
@@ -67,6 +76,8 @@ pub struct Updater {
     errors: HashMap<String, String>,
     /// The signed config last verified (only with trusted keys).
     signed: Option<DesiredConfig>,
+    pub(crate) watch: HashMap<String, crate::health::Watch>,
+    pub(crate) reverted: HashMap<String, crate::health::Reverted>,
 }
 
 /// What one cycle saw.
@@ -98,12 +109,12 @@ fn checked_dirs(d: &DesiredAgent) -> Result<(PathBuf, PathBuf), String> {
     Ok((agent_dir, version_dir))
 }
 
-fn read_version(agent_dir: &Path) -> String {
+pub(crate) fn read_version(agent_dir: &Path) -> String {
     std::fs::read_to_string(agent_dir.join(".version")).map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
 /// Writes `.version` by rename: a reader sees the old or the new content, never half.
-fn write_version(agent_dir: &Path, version: &str) -> std::io::Result<()> {
+pub(crate) fn write_version(agent_dir: &Path, version: &str) -> std::io::Result<()> {
     let tmp = agent_dir.join(".version.tmp");
     std::fs::write(&tmp, format!("{version}\n"))?;
     std::fs::File::open(&tmp)?.sync_all()?;
@@ -162,7 +173,17 @@ impl Updater {
             },
             _ => None,
         };
-        Updater { settings, fetcher, client, arch: fetch::arch(), known: kept.desired, errors: kept.errors, signed }
+        Updater {
+            settings,
+            fetcher,
+            client,
+            arch: fetch::arch(),
+            known: kept.desired,
+            errors: kept.errors,
+            signed,
+            watch: kept.watch,
+            reverted: kept.reverted,
+        }
     }
 
     /// Makes `self.signed` the signed config of hash `hash` if it is not already: fetched from
@@ -224,9 +245,10 @@ impl Updater {
     }
 
     /// Keeps the desired list and errors for the next start (temporary file + rename).
-    fn save_kept(&self) {
+    pub(crate) fn save_kept(&self) {
         let Some(dir) = &self.settings.state_dir else { return };
-        let kept = Kept { desired: self.known.clone(), errors: self.errors.clone() };
+        let kept =
+            Kept { desired: self.known.clone(), errors: self.errors.clone(), watch: self.watch.clone(), reverted: self.reverted.clone() };
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         let result = std::fs::create_dir_all(dir)
             .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&kept).unwrap_or_default()))
@@ -404,24 +426,56 @@ impl Updater {
     }
 
     /// Brings one agent to its desired version and run state.
-    pub async fn apply(&self, d: &DesiredAgent) -> Result<(), String> {
+    pub async fn apply(&mut self, d: &DesiredAgent) -> Result<(), String> {
         let (agent_dir, version_dir) = checked_dirs(d)?;
         if !d.run_user.is_empty() && d.run_user != control::current_user() && !sudo_available() {
             return Err(format!("agent {}: runs as {:?} but sudo is not installed", d.name, d.run_user));
         }
         std::fs::create_dir_all(&agent_dir).map_err(|e| format!("cannot create {}: {e}", agent_dir.display()))?;
+        // A switch a killed updater left in its health window or revert is finished first.
+        self.resume_watch(d, &agent_dir).await?;
+        // A version reverted here is not tried again until the desired version or digest
+        // changes; the version running is kept in its run state meanwhile.
+        match self.reverted.get(&d.name) {
+            Some(r) if r.version == d.version && r.digest == crate::health::digest(d) => {
+                let error = format!(
+                    "reverted: {} {} ({}); not retried until the desired version or its digest changes",
+                    d.name, r.version, r.reason
+                );
+                let current = read_version(&agent_dir);
+                let dir = agent_dir.join(&current);
+                if !current.is_empty() && valid_version(&current) && dir.join("control").is_file() {
+                    self.keep_run_state(d, &dir).await?;
+                }
+                return Err(error);
+            }
+            Some(_) => {
+                self.reverted.remove(&d.name);
+                self.save_kept();
+            }
+            None => {}
+        }
         self.ensure_installed(d, &agent_dir, &version_dir).await?;
         let timeout = self.settings.control_timeout;
         let current = read_version(&agent_dir);
         if current != d.version {
             let old = agent_dir.join(&current);
-            if !current.is_empty() && valid_version(&current) && old.join("control").is_file() {
+            let has_previous = !current.is_empty() && valid_version(&current) && old.join("control").is_file();
+            if has_previous {
                 control::run(&old, "stop", &d.run_user, timeout).await.map_err(|e| format!("stopping {} {current}: {e}", d.name))?;
             }
+            // Watched when there is a version to go back to.
+            let watch = (d.cmd == "start" && has_previous && !self.settings.health_window.is_zero()).then(|| self.begin_watch(d, &current));
             write_version(&agent_dir, &d.version).map_err(|e| format!("writing {}/.version: {e}", agent_dir.display()))?;
             tracing::info!(agent = %d.name, from = %current, to = %d.version, "switched version");
             if d.cmd == "start" {
-                control::run(&version_dir, "start", &d.run_user, timeout).await.map_err(|e| e.to_string())?;
+                let started = control::run(&version_dir, "start", &d.run_user, timeout).await;
+                match (started, watch) {
+                    (Ok(_), Some(w)) => self.watch_health(d, &agent_dir, w).await?,
+                    (Ok(_), None) => {}
+                    (Err(e), Some(w)) => self.revert(d, &agent_dir, w, format!("start failed: {e}")).await?,
+                    (Err(e), None) => return Err(e.to_string()),
+                }
             }
             // Bounded disk: the running version and the one it replaced stay, older ones go.
             let keep = [d.version.as_str(), current.as_str()];
@@ -430,11 +484,17 @@ impl Updater {
             }
             return Ok(());
         }
-        let status = control::run(&version_dir, "status", &d.run_user, timeout).await.map_err(|e| e.to_string())?;
+        self.keep_run_state(d, &version_dir).await
+    }
+
+    /// Applies `cmd` to the version in `dir`: start only if not started, stop only if started.
+    async fn keep_run_state(&self, d: &DesiredAgent, dir: &Path) -> Result<(), String> {
+        let timeout = self.settings.control_timeout;
+        let status = control::run(dir, "status", &d.run_user, timeout).await.map_err(|e| e.to_string())?;
         let started = status.contains("started");
         match (d.cmd.as_str(), started) {
-            ("start", false) => control::run(&version_dir, "start", &d.run_user, timeout).await.map(drop).map_err(|e| e.to_string()),
-            ("stop", true) => control::run(&version_dir, "stop", &d.run_user, timeout).await.map(drop).map_err(|e| e.to_string()),
+            ("start", false) => control::run(dir, "start", &d.run_user, timeout).await.map(drop).map_err(|e| e.to_string()),
+            ("stop", true) => control::run(dir, "stop", &d.run_user, timeout).await.map(drop).map_err(|e| e.to_string()),
             _ => Ok(()),
         }
     }
@@ -523,6 +583,7 @@ mod tests {
             state_dir: None,
             trusted_keys: TrustedKeys::default(),
             roots: Vec::new(),
+            health_window: Duration::ZERO,
         };
         Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20, &[]))
     }
@@ -533,7 +594,7 @@ mod tests {
         let work = root.path().join("work");
         std::fs::create_dir(&work).unwrap();
         let w = work.display().to_string();
-        let u = updater();
+        let mut u = updater();
         for (what, d) in [
             ("name ../../etc", desired("../../etc", "1.0", &w)),
             ("name with /", desired("a/b", "1.0", &w)),

@@ -61,6 +61,10 @@ struct Cli {
     /// system's.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Seconds a newly started version is watched (`./control status`): not `started` by then,
+    /// or stopped during it, and the version it replaced comes back. 0: not watched.
+    #[arg(long)]
+    health_window_seconds: Option<u64>,
     /// A TOML file with the same settings (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -82,6 +86,7 @@ struct FileConfig {
     trusted_key: Option<Vec<String>>,
     trusted_keys_file: Option<Vec<PathBuf>>,
     ca_file: Option<PathBuf>,
+    health_window_seconds: Option<u64>,
 }
 
 struct Resolved {
@@ -130,6 +135,7 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
             heartbeat_timeout: Duration::from_secs(10),
             state_dir: Some(cli.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/ops-updater"))),
             trusted_keys,
+            health_window: Duration::from_secs(cli.health_window_seconds.or(file.health_window_seconds).unwrap_or(30)),
             roots: match cli.ca_file.clone().or(file.ca_file) {
                 Some(path) => updater::read_ca_file(&path)?,
                 None => Vec::new(),
