@@ -506,31 +506,6 @@ fn killed_at_any_moment_the_next_run_converges() {
     eprintln!("kill phases seen: {phases:?}");
 }
 
-/// Reads one HTTP/1.1 request: (request line, headers, body).
-fn read_request(stream: &mut std::net::TcpStream) -> Option<(String, String, Vec<u8>)> {
-    use std::io::Read;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let mut data = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&data[..end]).into_owned();
-            let len = head
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
-                .unwrap_or(0);
-            if data.len() >= end + 4 + len {
-                let (line, headers) = head.split_once("\r\n").unwrap_or((&head, ""));
-                return Some((line.to_owned(), headers.to_owned(), data[end + 4..end + 4 + len].to_vec()));
-            }
-        }
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => data.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
 type Tamper = Box<dyn Fn(&mut serde_json::Value) + Send>;
 
 /// A hostile relay: passes heartbeats to the real meta node and `GET /config/desired` (with
@@ -551,7 +526,7 @@ impl HostileRelay {
             let client = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
-                let Some((line, _, body)) = read_request(&mut stream) else { continue };
+                let Some((line, body)) = ops_e2e::read_http_request(&mut stream) else { continue };
                 let (code, extra, reply) = if line.starts_with("POST /heartbeat") {
                     let r = client.post(format!("{upstream}/heartbeat")).body(body).send().unwrap();
                     let mut v: serde_json::Value = r.json().unwrap();
@@ -881,22 +856,13 @@ fn opsctl_keys_signatures_and_a_rotation() {
 }
 
 /// A build that never reports `started` (its start does run a process, so a revert must stop
-/// it), and whose stop takes a second (room to kill the updater during a revert).
-const CONTROL_NEVER_STARTED: &str = r#"#!/bin/sh
-cd "$(dirname "$0")" || exit 1
-case "$1" in
-  start)
-    if [ -f app.pid ] && kill -0 "$(cat app.pid)" 2>/dev/null; then exit 0; fi
-    nohup sleep 100000 >/dev/null 2>&1 &
-    echo $! > app.pid
-    ;;
-  stop)
-    sleep 1
-    if [ -f app.pid ]; then kill "$(cat app.pid)" 2>/dev/null; rm -f app.pid; fi
-    ;;
-  status) echo stoped ;;
-esac
-"#;
+/// it), and whose stop takes a second (room to kill the updater during a revert): `CONTROL`
+/// with those two changes.
+fn control_never_started() -> String {
+    let status = r#"if [ -f app.pid ] && kill -0 "$(cat app.pid)" 2>/dev/null; then echo started; else echo stoped; fi"#;
+    assert!(CONTROL.contains(status) && CONTROL.contains("  stop)\n"));
+    CONTROL.replace(status, "echo stoped").replace("  stop)\n", "  stop)\n    sleep 1\n")
+}
 
 impl Fleet {
     /// The versions whose process runs.
@@ -916,7 +882,7 @@ impl Fleet {
 fn a_build_that_never_starts_is_reverted_and_not_retried() {
     let f = Fleet::new();
     let md5_1 = f.tarball("releases", "1.0", CONTROL, 0);
-    let md5_2 = f.tarball("releases", "2.0", CONTROL_NEVER_STARTED, 0);
+    let md5_2 = f.tarball("releases", "2.0", &control_never_started(), 0);
     let md5_3 = f.tarball("releases", "3.0", CONTROL, 0);
     f.desire("releases", "1.0", &md5_1, "start", "");
     assert_eq!(f.once("host-v", &[]).0, 0);
@@ -964,7 +930,7 @@ fn killed_in_the_window_or_the_revert_the_next_run_leaves_one_version_running() 
     for (bad, window, when) in
         [("2.0", "--health-window-seconds=3", "\"reverting\":false"), ("4.0", "--health-window-seconds=1", "\"reverting\":true")]
     {
-        let md5 = f.tarball("releases", bad, CONTROL_NEVER_STARTED, 0);
+        let md5 = f.tarball("releases", bad, &control_never_started(), 0);
         f.desire("releases", bad, &md5, "start", "");
         let mut p = Proc::start("ops-updater", &["--once", window, &servers, "--hostname=host-w", &state]);
         let reached = ops_e2e::eventually(Duration::from_secs(20), || {

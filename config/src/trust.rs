@@ -197,6 +197,11 @@ pub fn signature_header(signature: &str) -> String {
     content_lines(signature, &['\n', ',']).map(|(_, l)| l).collect::<Vec<_>>().join(",")
 }
 
+/// The signature lines of a `.sig` text or of its header form, as a `.sig` file keeps them.
+pub fn signature_file(signature: &str) -> String {
+    content_lines(signature, &['\n', ',']).map(|(_, l)| format!("{l}\n")).collect()
+}
+
 /// Reads `path` and its `.sig` (if any), checks the signature when `keys` are given, then
 /// parses the config. Returns the config and the signature text as read.
 pub fn load_signed(path: &Path, keys: &TrustedKeys) -> Result<(DesiredConfig, Option<String>), ConfigError> {

@@ -66,7 +66,7 @@ impl ConfigCopy {
                 .map_err(|e| format!("cannot keep config copy in {}: {e}", self.dir.display()))
         };
         match signature {
-            Some(sig) => keep(SIG_NAME, format!("{}\n", sig.replace(',', "\n")).as_bytes())?,
+            Some(sig) => keep(SIG_NAME, ops_config::trust::signature_file(sig).as_bytes())?,
             None => match std::fs::remove_file(self.dir.join(SIG_NAME)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("cannot remove the old signature: {e}")),
                 _ => {}

@@ -315,20 +315,29 @@ pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
 
 /// Reads one HTTP/1.1 request with a Content-Length body from `stream`; returns the body.
 pub fn read_http_request_body(stream: &mut TcpStream) -> String {
+    read_http_request(stream).map(|(_, body)| String::from_utf8_lossy(&body).into_owned()).unwrap_or_default()
+}
+
+/// Reads one HTTP/1.1 request with a Content-Length body from `stream`: its request line and
+/// its body (None when the peer closed first).
+pub fn read_http_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
     stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let mut data = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
         if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
-            let len =
-                head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))).unwrap_or(0);
+            let head = String::from_utf8_lossy(&data[..end]).into_owned();
+            let len = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                .unwrap_or(0);
             if data.len() >= end + 4 + len {
-                return String::from_utf8_lossy(&data[end + 4..end + 4 + len]).into_owned();
+                let line = head.lines().next().unwrap_or("").to_owned();
+                return Some((line, data[end + 4..end + 4 + len].to_vec()));
             }
         }
         match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return String::new(),
+            Ok(0) | Err(_) => return None,
             Ok(n) => data.extend_from_slice(&buf[..n]),
         }
     }

@@ -56,6 +56,15 @@ const STATE_FILE: &str = "state.json";
 /// The last signed config fetched and verified (with `.sig` beside it), kept across restarts.
 const SIGNED_FILE: &str = "signed-agents.toml";
 
+/// Writes `{dir}/{name}` through a temporary file and a rename: a reader sees the old or the
+/// new content, never half.
+fn keep_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
 /// `http://host:port` (or the scheme given) of a `--server` entry.
 fn base_url(server: &str) -> String {
     if server.starts_with("http://") || server.starts_with("https://") {
@@ -203,14 +212,10 @@ impl Updater {
         let config = ops_config::trust::parse_signed(&text, signature.as_deref(), &self.settings.trusted_keys, &url)
             .map_err(|e| format!("signed config refused: {e}"))?;
         if let (Some(dir), Some(sig)) = (&self.settings.state_dir, &signature) {
-            let keep = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
-                std::fs::create_dir_all(dir)?;
-                let tmp = dir.join(format!("{name}.tmp"));
-                std::fs::write(&tmp, bytes)?;
-                std::fs::rename(&tmp, dir.join(name))
-            };
             let sig_name = format!("{SIGNED_FILE}.sig");
-            if let Err(e) = keep(&sig_name, sig.replace(',', "\n").as_bytes()).and_then(|()| keep(SIGNED_FILE, text.as_bytes())) {
+            let kept = keep_file(dir, &sig_name, ops_config::trust::signature_file(sig).as_bytes())
+                .and_then(|()| keep_file(dir, SIGNED_FILE, text.as_bytes()));
+            if let Err(e) = kept {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the signed config");
             }
         }
@@ -249,11 +254,7 @@ impl Updater {
         let Some(dir) = &self.settings.state_dir else { return };
         let kept =
             Kept { desired: self.known.clone(), errors: self.errors.clone(), watch: self.watch.clone(), reverted: self.reverted.clone() };
-        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-        let result = std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&kept).unwrap_or_default()))
-            .and_then(|()| std::fs::rename(&tmp, dir.join(STATE_FILE)));
-        if let Err(e) = result {
+        if let Err(e) = keep_file(dir, STATE_FILE, &serde_json::to_vec(&kept).unwrap_or_default()) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot keep state across restarts");
         }
     }
@@ -388,16 +389,14 @@ impl Updater {
             .into_iter()
             .filter_map(|d| if refused.contains_key(&d.name) { previous.iter().find(|p| p.name == d.name).cloned() } else { Some(d) })
             .collect();
-        let mut refused_names = Vec::new();
-        for (name, e) in refused {
+        for (name, e) in &refused {
             tracing::error!(agent = %name, error = %e, "desired state refused: not in the signed config");
             errors.push(e.clone());
-            self.errors.insert(name.clone(), e);
-            refused_names.push(name);
+            self.errors.insert(name.clone(), e.clone());
         }
         // A refused agent is left as it is this cycle: nothing downloaded, switched or started.
         for d in self.known.clone() {
-            if refused_names.contains(&d.name) {
+            if refused.contains_key(&d.name) {
                 continue;
             }
             match self.apply(&d).await {
