@@ -948,3 +948,305 @@ fn killed_in_the_window_or_the_revert_the_next_run_leaves_one_version_running() 
         assert!(kept.contains("\"watch\":{}"), "{bad}: nothing left half done: {kept}");
     }
 }
+
+// ---- The relay's package cache (issue 14) ----
+
+impl Fleet {
+    /// A relay in front of the fleet's meta node with a package cache in `cache` (a dir under
+    /// the fleet's temp dir) of at most `max_bytes`.
+    fn cached_relay(&self, name: &str, max_bytes: u64) -> ops_e2e::Relay {
+        let cluster = self.dir.path().join("cluster-cache.toml");
+        std::fs::write(&cluster, format!("[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:{}\"\n", self.meta.addr.port())).unwrap();
+        let p = |n: &str| self.dir.path().join(n).display().to_string();
+        let (c, data, cache, max) =
+            (cluster.display().to_string(), p(&format!("{name}-data")), p(&format!("{name}-cache")), max_bytes.to_string());
+        ops_e2e::Relay::start(&[
+            "--cluster",
+            &c,
+            "--data-dir",
+            &data,
+            "--cache-dir",
+            &cache,
+            "--cache-max-bytes",
+            &max,
+            "--config-poll-ms",
+            "100",
+            "--flush-ms",
+            "100",
+        ])
+    }
+
+    /// agents.toml for `demo` at `version`, cached by relays, with its sha256 (and, with
+    /// `md5_url`, the Go updater's URL-form md5 pointing at nginx).
+    fn cached_toml(&self, version: &str, md5_url: bool) -> String {
+        let signed = self.signed_toml("releases", version);
+        let md5 = if md5_url { format!("md5 = \"{}\", ", self.nginx.url("/releases")) } else { String::new() };
+        let digest = signed.split("sha256 = \"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+        signed
+            .replace("work_dir = ", "relay_cache = true\nwork_dir = ")
+            .lines()
+            .map(|l| {
+                if l.starts_with("default = ") {
+                    format!("default = {{ version = \"{version}\", {md5}sha256 = \"{digest}\" }}")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    }
+
+    /// `ops-updater --once` with `relay` as its only server: (exit code, log).
+    fn once_via(&self, relay: &ops_e2e::Relay, host: &str) -> (i32, String) {
+        let (servers, hostname, state) = (format!("--server={}", relay.addr), format!("--hostname={host}"), self.state_dir());
+        let args = ["--once", "--health-window-seconds=1", &servers, &hostname, "--control-timeout-seconds=2", "--debug=false", &state];
+        let (status, log) = Proc::run_to_exit("ops-updater", &args);
+        (status.code().unwrap_or(-1), log)
+    }
+
+    /// Waits until `relay` serves the config the meta node has now.
+    fn relay_caught_up(&self, relay: &ops_e2e::Relay) {
+        let want = get_json(&self.meta.url("/health")).1["configHash"].clone();
+        let ok = ops_e2e::eventually(Duration::from_secs(10), || (get_json(&relay.url("/health")).1["configHash"] == want).then_some(()));
+        assert!(ok.is_some(), "relay never took config {want}: {}", relay.proc.log());
+    }
+}
+
+/// `{tarball}` as the relay answers it for the first agent (its own `/pkg/{key}` base).
+fn relay_tarball(relay: &ops_e2e::Relay, host: &str) -> serde_json::Value {
+    let body = format!(r#"{{"hostname":"{host}","ip":"127.0.0.1","updaterVersion":"0.0.4","realAgents":[]}}"#);
+    let (status, reply) = ops_e2e::post_json(&relay.url("/heartbeat"), body);
+    assert_eq!(status, 200, "{reply}");
+    reply["desiredAgents"][0].clone()
+}
+
+/// 300 concurrent downloads of one file through one relay cost the origin one request; the
+/// file is whole for every one; Range and HEAD work; /health and /metrics count it.
+#[test]
+fn relay_cache_fetches_each_file_once_for_300_concurrent_downloads() {
+    let f = Fleet::new();
+    f.tarball("releases", "1.0", CONTROL, 4 << 20);
+    f.desire_toml(&f.cached_toml("1.0", false));
+    let relay = f.cached_relay("r1", 1 << 30);
+    f.relay_caught_up(&relay);
+    let desired = relay_tarball(&relay, "host-c1");
+    let base = desired["tarball"].as_str().unwrap().to_owned();
+    assert!(base.starts_with(&relay.url("/pkg/")), "the reply points at the relay: {desired}");
+    let file = format!("{base}/{}/demo-1.0.tar.gz", updater::fetch::arch());
+    let origin_path = format!("/releases/{}/demo-1.0.tar.gz", updater::fetch::arch());
+    let want = std::fs::read(f.nginx.root.join(&origin_path[1..])).unwrap();
+
+    let client = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().unwrap();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(300));
+    let threads: Vec<_> = (0..300)
+        .map(|_| {
+            let (client, file, barrier) = (client.clone(), file.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let r = client.get(&file).send().unwrap();
+                (r.status().as_u16(), r.bytes().unwrap().to_vec())
+            })
+        })
+        .collect();
+    for t in threads {
+        let (status, body) = t.join().unwrap();
+        assert_eq!(status, 200);
+        assert!(body == want, "a download differs from the origin's file");
+    }
+    assert_eq!(f.nginx.requests(&origin_path), 1, "one origin request: {:?}", f.nginx.requests_seen());
+
+    // Range and HEAD, from the cache.
+    let r = client.get(&file).header("Range", "bytes=100-199").send().unwrap();
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(r.bytes().unwrap().as_ref(), &want[100..200]);
+    let r = client.head(&file).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["content-length"].to_str().unwrap(), want.len().to_string());
+    assert_eq!(f.nginx.requests(&origin_path), 1);
+
+    let health = get_json(&relay.url("/health")).1;
+    let cache = &health["cache"];
+    assert_eq!(cache["files"], 1, "{health}");
+    assert_eq!(cache["misses"], 1, "{health}");
+    assert_eq!(cache["bytes"], want.len(), "{health}");
+    assert!(cache["hitRatio"].as_f64().unwrap() > 0.99, "{health}");
+    let metrics = ops_e2e::get_text(&relay.url("/metrics")).1;
+    let value = |name: &str| metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(value("ops_relay_cache_origin_bytes_total"), Some(want.len() as f64), "{metrics}");
+    assert!(value("ops_relay_cache_served_bytes_total").unwrap() >= (300 * want.len()) as f64);
+    assert!(metrics.contains("ops_relay_cache_requests_total{result=\"miss\"} 1"), "{metrics}");
+
+    // Our updater installs through the relay: no new origin request for the tarball.
+    let (code, log) = f.once_via(&relay, "host-c1");
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"));
+    assert_eq!(f.nginx.requests(&origin_path), 1, "{:?}", f.nginx.requests_seen());
+}
+
+/// Paths the config does not name are 404 without any origin request: the relay is not a
+/// proxy.
+#[test]
+fn relay_cache_refuses_paths_outside_the_configured_agents() {
+    let f = Fleet::new();
+    f.tarball("releases", "1.0", CONTROL, 0);
+    f.tarball("releases", "9.9", CONTROL, 0);
+    f.desire_toml(&f.cached_toml("1.0", false));
+    let relay = f.cached_relay("r2", 1 << 30);
+    f.relay_caught_up(&relay);
+    let base = relay_tarball(&relay, "host-c2")["tarball"].as_str().unwrap().to_owned();
+    let arch = updater::fetch::arch();
+    let other_key = ops_config::cache::origin_key(&f.nginx.url("/elsewhere"));
+    for url in [
+        format!("{base}/{arch}/demo-9.9.tar.gz"),
+        format!("{base}/{arch}/other-1.0.tar.gz"),
+        format!("{base}/{arch}/demo-1.0.tar"),
+        format!("{base}/x/y/demo-1.0.tar.gz"),
+        format!("{base}/{arch}/..%2f..%2fdemo-1.0.tar.gz"),
+        format!("{base}/{arch}/cluster.toml"),
+        relay.url(&format!("/pkg/{other_key}/{arch}/demo-1.0.tar.gz")),
+        relay.url("/pkg/../etc/passwd"),
+    ] {
+        let r = ops_e2e::get(&url).unwrap();
+        assert_eq!(r.status().as_u16(), 404, "{url}");
+    }
+    assert_eq!(f.nginx.requests_seen(), Vec::<String>::new(), "no origin request at all");
+    let metrics = ops_e2e::get_text(&relay.url("/metrics")).1;
+    assert!(metrics.contains("ops_relay_cache_requests_total{result=\"refused\"}"), "{metrics}");
+}
+
+/// A corrupted origin file is never served: the relay answers 502, counts it, does not fetch
+/// it again at once; an updater through the relay reports the failure and installs nothing.
+#[test]
+fn relay_cache_never_serves_a_file_that_fails_its_check() {
+    let f = Fleet::new();
+    f.tarball("releases", "1.0", CONTROL, 0);
+    f.desire_toml(&f.cached_toml("1.0", false));
+    let arch = updater::fetch::arch();
+    let origin_path = format!("/releases/{arch}/demo-1.0.tar.gz");
+    // The origin's file is damaged after the operator took its digest.
+    let path = f.nginx.root.join(&origin_path[1..]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let relay = f.cached_relay("r3", 1 << 30);
+    f.relay_caught_up(&relay);
+    let base = relay_tarball(&relay, "host-c3")["tarball"].as_str().unwrap().to_owned();
+    let r = ops_e2e::get(&format!("{base}/{arch}/demo-1.0.tar.gz")).unwrap();
+    assert_eq!(r.status().as_u16(), 502);
+    let text = r.text().unwrap();
+    assert!(text.contains("sha256") && text.contains("not served"), "{text}");
+
+    let (code, log) = f.once_via(&relay, "host-c3");
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("HTTP 502"), "{log}");
+    assert_eq!(f.version_file(), None, "nothing installed");
+    assert!(!f.agent_dir().join("1.0").exists() && f.leftovers().is_empty(), "nothing half-installed");
+    let host = ops_e2e::eventually(Duration::from_secs(10), || {
+        let h = f.host("host-c3");
+        h["agents"][0]["lastError"].as_str().is_some_and(|e| e.contains("502")).then_some(h)
+    });
+    assert!(host.is_some(), "the failure reaches the meta node: {}", f.host("host-c3"));
+    assert_eq!(f.nginx.requests(&origin_path), 1, "not fetched again within the failure TTL");
+    let metrics = ops_e2e::get_text(&relay.url("/metrics")).1;
+    assert!(metrics.contains("ops_relay_cache_failed_checks_total 1"), "{metrics}");
+    assert_eq!(get_json(&relay.url("/health")).1["cache"]["files"], 0);
+}
+
+/// A full cache evicts the least recently used file; a restarted relay keeps what it held.
+#[test]
+fn relay_cache_evicts_the_least_recently_used_and_survives_a_restart() {
+    let f = Fleet::new();
+    let arch = updater::fetch::arch();
+    let mut toml = String::new();
+    for v in ["1", "2", "3"] {
+        f.tarball("releases", v, CONTROL, 1 << 20);
+        toml.push_str(&f.cached_toml(v, false).replace("name = \"demo\"", &format!("name = \"demo{v}\"")));
+    }
+    // cached_toml names the agent demo; the tarball of agent demoN is demoN-N.tar.gz.
+    for v in ["1", "2", "3"] {
+        let dir = f.nginx.root.join("releases").join(&arch);
+        std::fs::copy(dir.join(format!("demo-{v}.tar.gz")), dir.join(format!("demo{v}-{v}.tar.gz"))).unwrap();
+    }
+    f.desire_toml(&toml);
+    // Room for two of the three ~1 MiB files.
+    let relay = f.cached_relay("r4", (2 << 20) + (512 << 10));
+    f.relay_caught_up(&relay);
+    let base = relay_tarball(&relay, "host-c4")["tarball"].as_str().unwrap().to_owned();
+    let fetch = |v: &str| {
+        let r = ops_e2e::get(&format!("{base}/{arch}/demo{v}-{v}.tar.gz")).unwrap();
+        assert_eq!(r.status().as_u16(), 200, "demo{v}");
+    };
+    let origin = |v: &str| f.nginx.requests(&format!("/releases/{arch}/demo{v}-{v}.tar.gz"));
+    fetch("1");
+    fetch("2");
+    fetch("1"); // 1 is now more recently used than 2
+    fetch("3"); // over the limit: 2 goes
+    assert_eq!((origin("1"), origin("2"), origin("3")), (1, 1, 1));
+    let health = get_json(&relay.url("/health")).1;
+    assert_eq!(health["cache"]["files"], 2, "{health}");
+    assert!(health["cache"]["bytes"].as_u64().unwrap() <= (2 << 20) + (512 << 10), "{health}");
+    fetch("1");
+    fetch("3");
+    assert_eq!((origin("1"), origin("3")), (1, 1), "1 and 3 kept");
+    let metrics = ops_e2e::get_text(&relay.url("/metrics")).1;
+    assert!(metrics.contains("ops_relay_cache_evictions_total 1"), "{metrics}");
+
+    // Restart (SIGKILL, so nothing is flushed on the way out): the cache is still there.
+    relay.proc.signal("KILL");
+    drop(relay);
+    let relay = f.cached_relay("r4", (2 << 20) + (512 << 10));
+    let base = relay_tarball(&relay, "host-c4")["tarball"].as_str().unwrap().to_owned();
+    for v in ["1", "3"] {
+        let r = ops_e2e::get(&format!("{base}/{arch}/demo{v}-{v}.tar.gz")).unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    assert_eq!((origin("1"), origin("2"), origin("3")), (1, 1, 1), "served from the kept cache: {:?}", f.nginx.requests_seen());
+    assert_eq!(get_json(&relay.url("/health")).1["cache"]["hits"], 2);
+}
+
+/// The Go updater installs through the cache, unchanged: its heartbeat (no Content-Type), then
+/// the exact commands its install runs (`wget -q {tarball}/{name}-{version}.tar.gz`, `wget -q
+/// {md5}/{name}-{version}.tar.gz.md5`, `md5sum`, `tar zxf`, `./control start`), against the
+/// URLs the relay answered. The origin sees one request per file.
+#[test]
+fn the_go_updaters_install_steps_work_through_the_cache() {
+    let f = Fleet::new();
+    f.tarball("releases", "1.0", CONTROL, 1 << 20);
+    // The Go updater's layout: no {arch} directory.
+    let arch_dir = f.nginx.root.join("releases").join(updater::fetch::arch());
+    for n in ["demo-1.0.tar.gz", "demo-1.0.tar.gz.md5"] {
+        std::fs::copy(arch_dir.join(n), f.nginx.root.join("releases").join(n)).unwrap();
+    }
+    f.desire_toml(&f.cached_toml("1.0", true));
+    let relay = f.cached_relay("r5", 1 << 30);
+    f.relay_caught_up(&relay);
+    let body = r#"{"hostname":"go-host","ip":"127.0.0.1","updaterVersion":"0.0.4","runUser":"root","realAgents":[]}"#;
+    let reply = ops_e2e::raw_http(relay.addr, format!(
+        "POST /heartbeat HTTP/1.1\r\nHost: {}\r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: {}\r\nAccept-Encoding: gzip\r\n\r\n{body}",
+        relay.addr,
+        body.len()
+    ).as_bytes());
+    let json: serde_json::Value = serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let d = &json["desiredAgents"][0];
+    let (tarball, md5) = (d["tarball"].as_str().unwrap(), d["md5"].as_str().unwrap());
+    assert!(tarball.starts_with(&relay.url("/pkg/")) && md5.starts_with(&relay.url("/pkg/")), "{d}");
+    let dir = f.dir.path().join("go-work/demo/1.0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sh = |cmd: String| {
+        let out = Command::new("sh").arg("-c").arg(&cmd).current_dir(&dir).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for _ in 0..2 {
+        sh(format!("wget -q {tarball}/demo-1.0.tar.gz -O demo-1.0.tar.gz"));
+        sh(format!("wget -q {md5}/demo-1.0.tar.gz.md5 -O demo-1.0.tar.gz.md5"));
+    }
+    let actual = sh("md5sum demo-1.0.tar.gz".into());
+    let expected = std::fs::read_to_string(dir.join("demo-1.0.tar.gz.md5")).unwrap();
+    assert_eq!(actual.split_whitespace().next(), expected.split_whitespace().next());
+    sh("tar zxf demo-1.0.tar.gz -C . && ./control start && sleep 0.2 && ./control status | grep -q started && ./control stop".into());
+    assert_eq!(f.nginx.requests("/releases/demo-1.0.tar.gz"), 1, "{:?}", f.nginx.requests_seen());
+    assert_eq!(f.nginx.requests("/releases/demo-1.0.tar.gz.md5"), 1, "{:?}", f.nginx.requests_seen());
+}

@@ -38,7 +38,9 @@ impl Cmd {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Block {
     pub version: String,
-    /// 32 lowercase hex digits, or empty: the updater then reads `{url}.md5`.
+    /// 32 lowercase hex digits; or empty: the updater then reads `{url}.md5`; or an http(s)
+    /// base URL (seed 003's form, what the Go updater needs): the digest is in
+    /// `{md5}/{name}-{version}.tar.gz.md5` (`{md5}/{arch}/...` for our updater).
     pub md5: String,
     /// 64 lowercase hex digits, or empty. Required where the config is signed and checked by
     /// updaters (`crate::trust`); the Go updater ignores it and checks `md5`.
@@ -69,6 +71,9 @@ pub struct AgentSpec {
     pub others: Vec<Override>,
     /// A staged rollout from `rollout.from` to `default` (`[agent.rollout]`), if any.
     pub rollout: Option<RolloutSpec>,
+    /// `relay_cache = true`: relays with a package cache answer this agent's `tarball` (and a
+    /// URL-form `md5`) with their own base and serve the files from their cache.
+    pub relay_cache: bool,
 }
 
 /// An agent's `[agent.rollout]`, validated: hosts outside the `others` groups keep `from`
@@ -139,6 +144,8 @@ struct RawAgent {
     #[serde(default)]
     others: Vec<Spanned<RawOther>>,
     rollout: Option<Spanned<RawRollout>>,
+    #[serde(default)]
+    relay_cache: bool,
 }
 
 #[derive(Deserialize)]
@@ -228,7 +235,10 @@ impl Checker<'_> {
     }
 
     fn md5(&self, v: Option<&Spanned<String>>) -> Result<String, ConfigError> {
-        self.hex_digest(v, 32, "md5 must be empty or 32 hex digits")
+        match v {
+            Some(u) if u.get_ref().starts_with("http://") || u.get_ref().starts_with("https://") => self.url(u, "a URL-form md5"),
+            _ => self.hex_digest(v, 32, "md5 must be empty, 32 hex digits or an http(s) base URL"),
+        }
     }
 
     fn sha256(&self, v: Option<&Spanned<String>>) -> Result<String, ConfigError> {
@@ -399,6 +409,7 @@ impl Checker<'_> {
             rollout: raw.rollout.as_ref().map(|r| self.rollout(r, &default)).transpose()?,
             default,
             others,
+            relay_cache: raw.relay_cache,
         })
     }
 }
@@ -794,7 +805,7 @@ default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "
         );
         check(
             agent_with(r#"default = { version = "1", md5 = "abc", cmd = "start" }"#),
-            r#"agents.toml:2:34: md5 must be empty or 32 hex digits, got "abc""#,
+            r#"agents.toml:2:34: md5 must be empty, 32 hex digits or an http(s) base URL, got "abc""#,
         );
         check(
             agent_with(r#"default = { version = "1", cmd = "restart" }"#),
@@ -806,7 +817,7 @@ default = { version = "0.0.5", md5 = "5F9AB5E81C386CDE72C022D1B6D061D9", cmd = "
         );
         check(
             agent_with(r#"colour = "blue""#),
-            "agents.toml:2:1: unknown field `colour`, expected one of `name`, `tarball`, `run_user`, `work_dir`, `config_file_name`, `config_remote_url`, `default`, `others`, `rollout`",
+            "agents.toml:2:1: unknown field `colour`, expected one of `name`, `tarball`, `run_user`, `work_dir`, `config_file_name`, `config_remote_url`, `default`, `others`, `rollout`, `relay_cache`",
         );
         check("[[agent]]\nname = \"a\"\n".to_string(), "agents.toml:1:1: missing field `tarball`");
         check("[[agent]\n".to_string(), "agents.toml:1:9: unclosed array table, expected `]`");

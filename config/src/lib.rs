@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod cache;
 pub mod cluster;
 pub mod compact;
 mod hash;
@@ -22,3 +23,19 @@ pub use agents::{AgentSpec, Block, ClassId, Cmd, ConfigError, DesiredConfig, MAX
 pub use cluster::{ClusterError, ClusterMap, NodeSpec, Ring};
 pub use hash::content_hash;
 pub use wire::{Batch, BatchEntry, DesiredAgent, Heartbeat, HeartbeatReply, RealAgent, WireError};
+
+/// An error with its causes (`error sending request: ...: invalid peer certificate:
+/// UnknownIssuer`): reqwest's own text stops at the first line.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}

@@ -239,7 +239,18 @@ pub fn allows(config: &DesiredConfig, hostname: &str, d: &DesiredAgent) -> Resul
     {
         allowed.push(target);
     }
-    let Some(ok) = allowed.iter().find(|a| **a == d) else {
+    // A cached agent's files come from the host's relay (`crate::cache`): where they come from
+    // does not matter, as the sha256 required below is checked on what arrives.
+    let cached = config.agents()[i].relay_cache;
+    let same = |a: &DesiredAgent| {
+        if !cached {
+            return a == d;
+        }
+        let md5_moved = crate::cache::is_url(&a.md5) && crate::cache::is_url(&d.md5);
+        DesiredAgent { tarball: String::new(), md5: if md5_moved { String::new() } else { a.md5.clone() }, ..a.clone() }
+            == DesiredAgent { tarball: String::new(), md5: if md5_moved { String::new() } else { d.md5.clone() }, ..d.clone() }
+    };
+    let Some(ok) = allowed.iter().find(|a| same(a)) else {
         let versions: Vec<&str> = allowed.iter().map(|a| a.version.as_str()).collect();
         return Err(format!(
             "agent {}: {} {} (tarball {}, md5 {:?}, sha256 {:?}, user {:?}, dir {:?}) is not what the signed config {} allows \
@@ -338,6 +349,18 @@ rollout = { from = { version = "1", sha256 = "2222222222222222222222222222222222
         assert!(allows(&config, "old-1", &old).unwrap_err().contains("no sha256"));
         // An old- host is not in the rollout: the target is not allowed there.
         assert!(allows(&config, "old-1", &target).is_err());
+    }
+
+    #[test]
+    fn a_cached_agent_may_come_from_any_relay_but_is_otherwise_the_same() {
+        let config = DesiredConfig::parse(&SIGNED.replace("work_dir = \"/w\"", "work_dir = \"/w\"\nrelay_cache = true"), "t").unwrap();
+        let class = config.class_of("web-1");
+        let mut target = config.class_target(class, 0).unwrap().clone();
+        crate::cache::through_relay(&config, &mut target, "http://relay-dc1:2200");
+        assert!(target.tarball.starts_with("http://relay-dc1:2200/pkg/"));
+        assert_eq!(allows(&config, "web-1", &target), Ok(()));
+        target.version = "3".into();
+        assert!(allows(&config, "web-1", &target).is_err(), "only the source may differ");
     }
 
     #[test]

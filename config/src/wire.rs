@@ -90,7 +90,8 @@ pub struct DesiredAgent {
     pub version: String,
     /// Base URL; the tarball is `{tarball}/{arch}/{name}-{version}.tar.gz`.
     pub tarball: String,
-    /// A hex digest, or empty (then the updater reads `{url}.md5`).
+    /// A hex digest; or empty (then the updater reads `{url}.md5`); or an http(s) base URL where
+    /// the digest file is (`{md5}/{name}-{version}.tar.gz.md5`, seed 003).
     #[serde(default)]
     pub md5: String,
     /// `start` or `stop`.

@@ -24,17 +24,21 @@ pub struct ConfigCopy {
     keys: TrustedKeys,
     /// Index of the meta node that answered last (tried first next time).
     last_good: AtomicUsize,
+    /// Where updaters reach this relay's package cache, when it has one.
+    cache_base: Option<String>,
 }
 
 impl ConfigCopy {
     /// Loads the copy kept in `dir`, if any. A damaged or badly signed copy is logged and
     /// ignored.
-    pub fn open(dir: &Path, keys: TrustedKeys) -> Self {
+    /// `cache_base`: where updaters reach this relay's package cache (`--advertise-url`), if
+    /// it has one.
+    pub fn open(dir: &Path, keys: TrustedKeys, cache_base: Option<String>) -> Self {
         let path = dir.join(FILE_NAME);
         let current = match ops_config::trust::load_signed(&path, &keys) {
             Ok((config, signature)) => {
                 tracing::info!(hash = config.hash(), file = %path.display(), "desired config loaded from the local copy");
-                Some(Arc::new(Loaded::signed(config, signature, 1)))
+                Some(Arc::new(Loaded::build(config, signature, 1, cache_base.as_deref())))
             }
             Err(ops_config::ConfigError::File { message, .. }) if !path.exists() => {
                 tracing::debug!(%message, "no local config copy");
@@ -45,7 +49,7 @@ impl ConfigCopy {
                 None
             }
         };
-        ConfigCopy { current: ArcSwapOption::new(current), dir: dir.to_path_buf(), keys, last_good: AtomicUsize::new(0) }
+        ConfigCopy { current: ArcSwapOption::new(current), dir: dir.to_path_buf(), keys, last_good: AtomicUsize::new(0), cache_base }
     }
 
     pub fn current(&self) -> Option<Arc<Loaded>> {
@@ -74,7 +78,7 @@ impl ConfigCopy {
         }
         keep(FILE_NAME, text.as_bytes())?;
         let generation = self.current.load().as_ref().map_or(1, |l| l.generation.wrapping_add(1).max(1));
-        let loaded = Arc::new(Loaded::signed(config, signature.map(str::to_owned), generation));
+        let loaded = Arc::new(Loaded::build(config, signature.map(str::to_owned), generation, self.cache_base.as_deref()));
         self.current.store(Some(loaded.clone()));
         Ok(loaded)
     }
@@ -151,12 +155,12 @@ mod tests {
     #[test]
     fn installed_copy_survives_a_restart_and_bad_text_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let copy = ConfigCopy::open(dir.path(), TrustedKeys::default());
+        let copy = ConfigCopy::open(dir.path(), TrustedKeys::default(), None);
         assert!(copy.current().is_none());
         copy.install(GOOD, None, "test").unwrap();
         assert!(copy.install("[[agent]]\nname = 1\n", None, "test").is_err());
         assert_eq!(copy.hash().unwrap(), ops_config::content_hash(GOOD.as_bytes()));
-        let again = ConfigCopy::open(dir.path(), TrustedKeys::default());
+        let again = ConfigCopy::open(dir.path(), TrustedKeys::default(), None);
         assert_eq!(again.hash(), copy.hash());
         assert!(!dir.path().join("agents.toml.tmp").exists());
     }
@@ -166,7 +170,7 @@ mod tests {
         let key = ops_config::trust::SecretKey::from_seed([3; 32]);
         let keys = TrustedKeys::load(&[key.public_text()], &[]).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let copy = ConfigCopy::open(dir.path(), keys.clone());
+        let copy = ConfigCopy::open(dir.path(), keys.clone(), None);
         let e = copy.install(GOOD, None, "m1").err().unwrap();
         assert!(e.contains("no signature"), "{e}");
         let other = ops_config::trust::SecretKey::from_seed([4; 32]);
@@ -174,9 +178,9 @@ mod tests {
         assert!(copy.current().is_none() && !dir.path().join(FILE_NAME).exists(), "a refused copy changes nothing");
         let sig = ops_config::trust::signature_header(&key.sign(GOOD.as_bytes()));
         copy.install(GOOD, Some(&sig), "m1").unwrap();
-        assert_eq!(ConfigCopy::open(dir.path(), keys.clone()).hash(), copy.hash());
+        assert_eq!(ConfigCopy::open(dir.path(), keys.clone(), None).hash(), copy.hash());
         // A copy edited on disk is refused at the next start.
         std::fs::write(dir.path().join(FILE_NAME), GOOD.replace("\"1\"", "\"2\"")).unwrap();
-        assert!(ConfigCopy::open(dir.path(), keys).current().is_none());
+        assert!(ConfigCopy::open(dir.path(), keys, None).current().is_none());
     }
 }

@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use ops_config::cache::PackageIndex;
 use ops_config::trust::{SIGNATURE_HEADER, TrustedKeys};
 use ops_config::{ClassId, ConfigError, DesiredConfig, HeartbeatReply};
 use parking_lot::Mutex;
@@ -24,28 +25,43 @@ pub struct Loaded {
     pub signature: Option<String>,
     /// `replies[class][mask]`: one per combination of the config's rollouts (1 without any).
     replies: Vec<Vec<Bytes>>,
+    /// What a relay's package cache may fetch (empty without a cache).
+    pub packages: PackageIndex,
 }
 
 impl Loaded {
     pub fn new(config: DesiredConfig, generation: u32) -> Self {
+        Loaded::build(config, None, generation, None)
+    }
+
+    /// The same, with the signature read beside the file.
+    pub fn signed(config: DesiredConfig, signature: Option<String>, generation: u32) -> Self {
+        Loaded::build(config, signature, generation, None)
+    }
+
+    /// As served by a relay whose package cache updaters reach at `cache_base`
+    /// (`--advertise-url`): the replies point `relay_cache` agents there.
+    pub fn build(config: DesiredConfig, signature: Option<String>, generation: u32, cache_base: Option<&str>) -> Self {
         let masks = 1usize << config.rollouts().count();
         let replies = (0..config.class_count())
             .map(|c| {
                 (0..masks)
                     .map(|mask| {
-                        let desired_agents = config.variant(ClassId(c as u32), mask as u8);
+                        let mut desired_agents = config.variant(ClassId(c as u32), mask as u8);
+                        if let Some(base) = cache_base {
+                            desired_agents.iter_mut().for_each(|a| ops_config::cache::through_relay(&config, a, base));
+                        }
                         let reply = HeartbeatReply { error_message: String::new(), desired_agents, config_hash: config.hash().to_owned() };
                         Bytes::from(serde_json::to_vec(&reply).expect("a reply of strings always serializes"))
                     })
                     .collect()
             })
             .collect();
-        Loaded { config, generation, signature: None, replies }
-    }
-
-    /// The same, with the signature read beside the file.
-    pub fn signed(config: DesiredConfig, signature: Option<String>, generation: u32) -> Self {
-        Loaded { signature, ..Loaded::new(config, generation) }
+        let packages = match cache_base {
+            Some(_) => PackageIndex::new(&config),
+            None => PackageIndex::default(),
+        };
+        Loaded { config, generation, signature, replies, packages }
     }
 
     /// `GET /config/desired` on meta nodes and relays: the file's exact text, `ETag` = its

@@ -6,6 +6,7 @@
 //! buffers only hold reports on their way. It must never make an updater wait on a meta node.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod cli;
 pub mod config_copy;
 pub mod desired;
@@ -66,6 +67,8 @@ pub struct Settings {
     pub trusted_keys: ops_config::trust::TrustedKeys,
     /// Serve HTTPS with this (`--tls-cert`, `--tls-key`).
     pub tls: Option<Arc<crate::tls::ServerConfig>>,
+    /// The package cache (`--cache-dir`), if on.
+    pub cache: Option<crate::cache::CacheSettings>,
 }
 
 pub(crate) struct HotMetrics {
@@ -83,20 +86,37 @@ pub struct Relay {
     pub started: Instant,
     pub prometheus: Option<PrometheusHandle>,
     pub(crate) hot: HotMetrics,
+    /// The package cache, when `--cache-dir` is given.
+    pub cache: Option<Arc<crate::cache::PackageCache>>,
     stop: CancellationToken,
 }
 
 impl Relay {
     /// Builds a relay; `stop` ends its background tasks (child of the process shutdown token).
-    pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>, stop: CancellationToken) -> Arc<Self> {
-        let config = Arc::new(ConfigCopy::open(&settings.data_dir, settings.trusted_keys.clone()));
+    /// Fails only when the package cache's directory cannot be made.
+    pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>, stop: CancellationToken) -> Result<Arc<Self>, String> {
+        let cache = match &settings.cache {
+            Some(c) => {
+                let client = reqwest::Client::builder()
+                    .no_proxy()
+                    .connect_timeout(Duration::from_secs(5))
+                    .read_timeout(Duration::from_secs(30))
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                Some(crate::cache::PackageCache::open(c.clone(), client)?)
+            }
+            None => None,
+        };
+        let cache_base = cache.as_ref().map(|c| c.advertise().to_owned());
+        let config = Arc::new(ConfigCopy::open(&settings.data_dir, settings.trusted_keys.clone(), cache_base));
         let forwarder = Forwarder::new(&settings.cluster, settings.forward.clone(), stop.clone());
         if let Some(hash) = config.hash() {
             ::metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => hash).set(1.0);
         }
         let ids = settings.cluster.nodes.iter().map(|n| n.id.clone()).collect();
         let rollouts = Arc::new(crate::rollout::FleetView::open(ids, Some(&settings.data_dir), crate::metrics::ROLLOUT_IN_FLIGHT));
-        Arc::new(Relay {
+        Ok(Arc::new(Relay {
+            cache,
             rollouts,
             hot: HotMetrics {
                 ok: ::metrics::counter!(crate::metrics::HEARTBEATS, "result" => "ok"),
@@ -108,7 +128,7 @@ impl Relay {
             started: Instant::now(),
             prometheus,
             stop,
-        })
+        }))
     }
 
     fn router(self: &Arc<Self>) -> Router {
@@ -117,6 +137,7 @@ impl Relay {
             .route("/health", get(health))
             .route("/config/desired", get(desired))
             .route("/metrics", get(metrics_text))
+            .route("/pkg/{key}/{*rest}", get(package))
             .fallback(|uri: axum::http::Uri| async move {
                 (axum::http::StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"errorMessage": format!("no route for {}", uri.path())})))
             })
@@ -161,6 +182,7 @@ async fn health(State(relay): State<Arc<Relay>>) -> Response {
             "pendingHosts": pending,
             "nodes": nodes,
             "uptimeSeconds": relay.started.elapsed().as_secs(),
+            "cache": relay.cache.as_ref().map(|c| c.health()),
             "version": env!("CARGO_PKG_VERSION"),
         })),
     )
@@ -175,6 +197,19 @@ async fn desired(State(relay): State<Arc<Relay>>, headers: axum::http::HeaderMap
     }
 }
 
+/// `GET`/`HEAD /pkg/{key}/{rest}`: a package from the cache (`crate::cache`).
+async fn package(
+    State(relay): State<Arc<Relay>>,
+    axum::extract::Path((key, rest)): axum::extract::Path<(String, String)>,
+    request: axum::extract::Request,
+) -> Response {
+    let (Some(cache), Some(loaded)) = (&relay.cache, relay.config.current()) else {
+        let why = if relay.cache.is_none() { "this relay has no package cache (--cache-dir)" } else { "no desired config yet" };
+        return (axum::http::StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "errorMessage": why }))).into_response();
+    };
+    cache.serve(&loaded.packages, &key, &rest, request).await
+}
+
 async fn metrics_text(State(relay): State<Arc<Relay>>) -> Response {
     let text = relay.prometheus.as_ref().map(|h| h.render()).unwrap_or_default();
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
@@ -183,6 +218,9 @@ async fn metrics_text(State(relay): State<Arc<Relay>>) -> Response {
 /// Serves until `shutdown`, then drains requests and the forwarder's buffers.
 pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
+    if let Some(cache) = &relay.cache {
+        cache.restore().await;
+    }
     let cluster = &relay.settings.cluster;
     let client = crate::tls::for_cluster(reqwest::Client::builder().no_proxy(), cluster).map_err(anyhow::Error::msg)?.build()?;
     let bases: Vec<String> = (0..cluster.nodes.len()).map(|i| cluster.url(i, "")).collect();

@@ -47,6 +47,18 @@ struct Cli {
     /// a few cores, as in `ops-bench`'s one-box cluster.
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Keep a package cache here: serve the tarballs and .md5 files of the agents marked
+    /// `relay_cache = true`, fetching each from its origin once (off without it).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Most bytes the package cache holds; least recently used files go first.
+    #[arg(long, default_value_t = 10 * 1024 * 1024 * 1024)]
+    cache_max_bytes: u64,
+    /// How updaters reach this relay, for the package URLs in its replies
+    /// (`http://relay-dc1:2200`). Default: the address it listens on, unless that is a
+    /// wildcard address.
+    #[arg(long)]
+    advertise_url: Option<String>,
     #[command(flatten)]
     trust: relay::cli::TrustArgs,
     #[command(flatten)]
@@ -84,7 +96,40 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
         trusted_keys: cli.trust.keys()?,
         tls: cli.tls.server_config()?,
+        // Set once the listening address is known (port 0); the flags are checked here.
+        cache: {
+            let listen = cli.listen.parse().unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+            cache_settings(cli, listen, cli.tls.tls_cert.is_some())?;
+            None
+        },
     })
+}
+
+/// The package cache's settings, once the listening address is known.
+fn cache_settings(cli: &Cli, listening: std::net::SocketAddr, tls: bool) -> Result<Option<relay::cache::CacheSettings>, String> {
+    let Some(dir) = &cli.cache_dir else {
+        if cli.advertise_url.is_some() {
+            return Err("--advertise-url needs --cache-dir".into());
+        }
+        return Ok(None);
+    };
+    if cli.cache_max_bytes < 1024 * 1024 {
+        return Err("--cache-max-bytes must be at least 1 MiB".into());
+    }
+    let advertise = match &cli.advertise_url {
+        Some(url) => {
+            let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+            if !rest.is_some_and(|r| !r.is_empty() && !r.contains(char::is_whitespace) && !r.trim_end_matches('/').contains('/')) {
+                return Err(format!("--advertise-url must be http(s)://host[:port], got {url:?}"));
+            }
+            url.trim_end_matches('/').to_owned()
+        }
+        None if listening.ip().is_unspecified() => {
+            return Err(format!("listening on {listening}: give --advertise-url, the address updaters reach this relay at"));
+        }
+        None => format!("{}://{listening}", if tls { "https" } else { "http" }),
+    };
+    Ok(Some(relay::cache::CacheSettings { dir: dir.clone(), max_bytes: cli.cache_max_bytes, advertise }))
 }
 
 fn main() -> ExitCode {
@@ -109,7 +154,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(cli.listen, settings)) {
+    match runtime.block_on(serve(&cli, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("relay: {e:#}");
@@ -118,19 +163,22 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(listen: String, settings: Settings) -> anyhow::Result<()> {
+async fn serve(cli: &Cli, mut settings: Settings) -> anyhow::Result<()> {
+    let listen = &cli.listen;
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), relay::metrics::LATENCY_BUCKETS)?
         .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_batch_hosts".into()), relay::metrics::BATCH_BUCKETS)?
         .install_recorder()?;
     relay::metrics::describe();
-    let relay = Relay::new(settings, Some(prometheus), CancellationToken::new());
-    let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    settings.cache = cache_settings(cli, listener.local_addr()?, settings.tls.is_some()).map_err(anyhow::Error::msg)?;
+    let relay = Relay::new(settings, Some(prometheus), CancellationToken::new()).map_err(anyhow::Error::msg)?;
     tracing::info!(
         addr = %listener.local_addr()?,
         id = %relay.settings.id,
         meta_nodes = relay.settings.cluster.nodes.len(),
         config = ?relay.config.hash(),
+        cache = ?relay.cache.as_ref().map(|c| c.advertise()),
         "relay listening"
     );
     let shutdown = CancellationToken::new();

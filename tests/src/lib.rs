@@ -361,6 +361,7 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
 /// `/slow/` is rate-limited (for the kill test). Killed on drop.
 pub struct Nginx {
     _proc: Proc,
+    log: PathBuf,
     pub port: u16,
     pub root: PathBuf,
     _dir: tempfile::TempDir,
@@ -378,8 +379,8 @@ impl Nginx {
         let port = free_port();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-             events {{ worker_connections 256; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
                uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  default_type application/octet-stream;\n\
                server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    location /slow/ {{ limit_rate {slow_bytes_per_second}; }}\n  }}\n}}\n",
             root = root.display()
@@ -393,10 +394,28 @@ impl Nginx {
             assert!(Instant::now() < deadline, "nginx did not start: {}", proc.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        Nginx { _proc: proc, port, root: root.to_path_buf(), _dir: dir }
+        Nginx { _proc: proc, port, root: root.to_path_buf(), log: dir.path().join("access.log"), _dir: dir }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// How many requests (any method) for exactly `path` nginx has logged.
+    pub fn requests(&self, path: &str) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines().filter(|l| l.split('"').nth(1).and_then(|r| r.split(' ').nth(1)) == Some(path)).count()
+    }
+
+    /// Every request nginx has logged, as `METHOD path`.
+    pub fn requests_seen(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| {
+                let r = l.split('"').nth(1)?;
+                let mut w = r.split(' ');
+                Some(format!("{} {}", w.next()?, w.next()?))
+            })
+            .collect()
     }
 }

@@ -515,8 +515,9 @@ impl Updater {
             std::fs::rename(version_dir, &aside).map_err(|e| format!("moving aside incomplete {}: {e}", version_dir.display()))?;
         }
         let url = fetch::tarball_url(d, &self.arch);
-        // A sha256 alone is enough (and stronger); without it the md5 is needed.
-        let expected = if d.md5.is_empty() && !d.sha256.is_empty() {
+        // A sha256 alone is enough (and stronger); without it the md5 is needed. A hex md5 given
+        // beside it is checked too; an md5 only to be fetched (empty or URL form) is not.
+        let expected = if !d.sha256.is_empty() && !fetch::is_hex(d.md5.trim(), 32) {
             None
         } else {
             Some(self.fetcher.expected_md5(d, &url, &self.arch).await.map_err(|e| e.to_string())?)

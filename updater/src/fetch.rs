@@ -45,7 +45,7 @@ pub fn tarball_url(d: &DesiredAgent, arch: &str) -> String {
     format!("{}/{arch}/{}-{}.tar.gz", d.tarball.trim_end_matches('/'), d.name, d.version)
 }
 
-fn is_hex(s: &str, len: usize) -> bool {
+pub fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 

@@ -41,9 +41,16 @@ pub struct Reverted {
     pub reason: String,
 }
 
-/// What identifies a build: its sha256, else its md5, else nothing more than its version.
+/// What identifies a build: its sha256, else its hex md5, else nothing more than its version
+/// (an md5 in URL form names where a digest is, which differs from relay to relay).
 pub fn digest(d: &DesiredAgent) -> String {
-    if d.sha256.is_empty() { d.md5.clone() } else { d.sha256.clone() }
+    if !d.sha256.is_empty() {
+        d.sha256.clone()
+    } else if crate::fetch::is_hex(&d.md5, 32) {
+        d.md5.clone()
+    } else {
+        String::new()
+    }
 }
 
 fn unix_now() -> u64 {

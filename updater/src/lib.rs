@@ -46,21 +46,7 @@ pub async fn run(mut updater: Updater, interval: Duration, first: Duration, shut
     }
 }
 
-/// An error with its causes (`error sending request: ...: invalid peer certificate:
-/// UnknownIssuer`): reqwest's own text stops at the first line.
-pub fn causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
-}
+pub use ops_config::causes;
 
 /// The CA certificates of a PEM file (`--ca-file`), trusted for HTTPS servers and tarball
 /// origins besides the system's.

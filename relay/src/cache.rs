@@ -1,0 +1,492 @@
+//! The relay's pull-through package cache (`--cache-dir`): the tarballs and `.md5` files of the
+//! `relay_cache` agents of its config copy, fetched from their origin once per relay.
+//!
+//! - **Only configured files** (`ops_config::cache::PackageIndex`): any other path is a 404
+//!   without an origin request.
+//! - **Single flight**: concurrent misses for one file wait on one download (`moka`'s
+//!   `or_try_insert_with`).
+//! - **Checked before served**: the download streams to `tmp/` while its md5 and sha256 are
+//!   computed; it is checked against the config (sha256 when given, else the hex md5, else the
+//!   origin's `.md5`), and only then renamed into `files/`. A file that fails is never served,
+//!   is counted, and is not fetched again for [`FAILURE_TTL`].
+//! - **Bounded**: least-recently-used eviction by size; a restarted relay keeps its files (each
+//!   data file has a `.json` beside it saying what it is; the `.json`'s mtime is its last use).
+//! - **Served from disk** by `tower-http`'s `ServeFile` (Range, HEAD, conditional requests), in
+//!   chunks, so memory stays bounded whatever the file size.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use md5::{Digest, Md5};
+use moka::future::Cache;
+use moka::notification::RemovalCause;
+use ops_config::cache::{Kind, PackageIndex, Wanted};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::io::AsyncWriteExt;
+
+use crate::metrics as m;
+
+/// How long a failed fetch or check is remembered: requests for that file in this time get the
+/// same error without touching the origin.
+pub const FAILURE_TTL: Duration = Duration::from_secs(10);
+/// Read size when serving from disk.
+const SERVE_CHUNK: usize = 256 * 1024;
+/// A `.md5` file larger than this is not an md5sum line.
+const MAX_DIGEST_FILE: u64 = 4096;
+/// The last-use time on disk is refreshed at most this often per file.
+const TOUCH_EVERY: u64 = 60;
+
+/// `--cache-dir`, `--cache-max-bytes`, `--advertise-url`.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    /// How updaters reach this relay (`http://relay-dc1:2200`).
+    pub advertise: String,
+}
+
+/// Why a file could not be served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error("GET {url}: {message}")]
+    Origin { url: String, message: String },
+    #[error("GET {url}: the origin answered HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url}: {message}; not served")]
+    Check { url: String, message: String },
+    #[error("{url}: larger than the whole cache ({max} bytes)")]
+    TooLarge { url: String, max: u64 },
+    #[error("cache disk: {0}")]
+    Disk(String),
+}
+
+impl CacheError {
+    fn status(&self) -> StatusCode {
+        match self {
+            CacheError::Status { status: 404, .. } => StatusCode::NOT_FOUND,
+            CacheError::Disk(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// What a cached file is; kept as `{file}.json` beside it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    url: String,
+    file: String,
+    bytes: u64,
+    /// Hex digests of the file's bytes.
+    md5: String,
+    sha256: String,
+    /// For a `.md5` file: the digest it names.
+    #[serde(default)]
+    names: String,
+}
+
+struct Entry {
+    meta: Meta,
+    path: PathBuf,
+    /// Unix seconds the last-use time on disk was last refreshed.
+    touched: AtomicU64,
+}
+
+impl Entry {
+    /// Still what the config asks for? (An operator may have changed a digest.)
+    fn fits(&self, wanted: &Wanted) -> bool {
+        let e = &wanted.expect;
+        match wanted.kind {
+            Kind::Tarball => (e.sha256.is_empty() || e.sha256 == self.meta.sha256) && (e.md5.is_empty() || e.md5 == self.meta.md5),
+            Kind::Md5 => e.md5.is_empty() || e.md5 == self.meta.names,
+        }
+    }
+
+    fn meta_path(&self) -> PathBuf {
+        meta_path(&self.path)
+    }
+}
+
+fn meta_path(data: &Path) -> PathBuf {
+    let mut p = data.as_os_str().to_owned();
+    p.push(".json");
+    PathBuf::from(p)
+}
+
+/// Counters behind `/health` (the Prometheus ones are in `crate::metrics`).
+#[derive(Default)]
+struct Counts {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    waits: AtomicU64,
+}
+
+pub struct PackageCache {
+    settings: CacheSettings,
+    files: PathBuf,
+    tmp: PathBuf,
+    entries: Cache<String, Arc<Entry>>,
+    failures: Cache<String, CacheError>,
+    client: reqwest::Client,
+    counts: Counts,
+    /// Entries found on disk at start, put back by [`restore`](Self::restore).
+    found: parking_lot::Mutex<Vec<Arc<Entry>>>,
+    next_name: AtomicU64,
+}
+
+/// Weight of a file in the cache, in KiB (moka weighs in `u32`).
+fn weight(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).max(1)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The cache key of an origin URL.
+fn key_of(url: &str) -> String {
+    ops_config::content_hash(url.as_bytes())
+}
+
+impl PackageCache {
+    /// Creates `dir/files` and `dir/tmp`, clears `tmp` (leftovers of a killed relay are never
+    /// trusted) and reads what `files` holds; call [`restore`](Self::restore) before serving.
+    pub fn open(settings: CacheSettings, client: reqwest::Client) -> Result<Arc<Self>, String> {
+        let files = settings.dir.join("files");
+        let tmp = settings.dir.join("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        for d in [&files, &tmp] {
+            std::fs::create_dir_all(d).map_err(|e| format!("cannot create cache dir {}: {e}", d.display()))?;
+        }
+        let capacity = (settings.max_bytes / 1024).max(1);
+        let entries = Cache::builder()
+            .max_capacity(capacity)
+            .weigher(|_: &String, e: &Arc<Entry>| weight(e.meta.bytes))
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .eviction_listener(|_key: Arc<String>, entry: Arc<Entry>, cause: RemovalCause| {
+                if cause == RemovalCause::Replaced {
+                    return;
+                }
+                if cause == RemovalCause::Size {
+                    metrics::counter!(m::CACHE_EVICTIONS).increment(1);
+                }
+                let _ = std::fs::remove_file(entry.meta_path());
+                let _ = std::fs::remove_file(&entry.path);
+            })
+            .build();
+        let failures = Cache::builder().max_capacity(10_000).time_to_live(FAILURE_TTL).build();
+        let found = scan(&files);
+        Ok(Arc::new(PackageCache {
+            settings,
+            files,
+            tmp,
+            entries,
+            failures,
+            client,
+            counts: Counts::default(),
+            found: parking_lot::Mutex::new(found),
+            next_name: AtomicU64::new(0),
+        }))
+    }
+
+    /// Puts the files found on disk back, least recently used first.
+    pub async fn restore(&self) {
+        let found = std::mem::take(&mut *self.found.lock());
+        let n = found.len();
+        for e in found {
+            self.entries.insert(key_of(&e.meta.url), e).await;
+        }
+        self.entries.run_pending_tasks().await;
+        self.gauges();
+        if n > 0 {
+            tracing::info!(files = self.entries.entry_count(), bytes = self.bytes_held(), "package cache restored from disk");
+        }
+    }
+
+    pub fn advertise(&self) -> &str {
+        &self.settings.advertise
+    }
+
+    fn bytes_held(&self) -> u64 {
+        self.entries.iter().map(|(_, e)| e.meta.bytes).sum()
+    }
+
+    fn gauges(&self) {
+        metrics::gauge!(m::CACHE_BYTES).set(self.bytes_held() as f64);
+        metrics::gauge!(m::CACHE_FILES).set(self.entries.entry_count() as f64);
+    }
+
+    /// `/health`'s view: size, limits and hit ratio.
+    pub fn health(&self) -> serde_json::Value {
+        let (hits, misses, waits) = (
+            self.counts.hits.load(Ordering::Relaxed),
+            self.counts.misses.load(Ordering::Relaxed),
+            self.counts.waits.load(Ordering::Relaxed),
+        );
+        let total = hits + misses + waits;
+        serde_json::json!({
+            "bytes": self.bytes_held(),
+            "maxBytes": self.settings.max_bytes,
+            "files": self.entries.entry_count(),
+            "hits": hits,
+            "misses": misses,
+            "waits": waits,
+            // A wait shared another request's download: no origin request of its own.
+            "hitRatio": if total == 0 { None } else { Some((hits + waits) as f64 / total as f64) },
+        })
+    }
+
+    /// `GET`/`HEAD /pkg/{key}/{rest}`.
+    pub async fn serve(self: &Arc<Self>, packages: &PackageIndex, key: &str, rest: &str, request: Request<Body>) -> Response {
+        let Some(wanted) = packages.resolve(key, rest) else {
+            metrics::counter!(m::CACHE_REQUESTS, "result" => "refused").increment(1);
+            return not_found(format!("no cached package at /pkg/{key}/{rest}"));
+        };
+        let entry = match self.get(packages, &wanted).await {
+            Ok(e) => e,
+            Err(e) => {
+                metrics::counter!(m::CACHE_REQUESTS, "result" => "error").increment(1);
+                tracing::warn!(error = %e, "package cache");
+                return (e.status(), axum::Json(serde_json::json!({ "errorMessage": e.to_string() }))).into_response();
+            }
+        };
+        self.touch(&entry);
+        let head = request.method() == Method::HEAD;
+        let mut serve = tower_http::services::ServeFile::new(&entry.path).with_buf_chunk_size(SERVE_CHUNK);
+        match serve.try_call(request).await {
+            Ok(response) => {
+                if !head
+                    && response.status().is_success()
+                    && let Some(n) = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                {
+                    metrics::counter!(m::CACHE_SERVED_BYTES).increment(n);
+                }
+                response.map(Body::new)
+            }
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reading cached file: {e}\n")).into_response(),
+        }
+    }
+
+    /// The checked file for `wanted`: from the cache, or fetched once however many ask.
+    async fn get(self: &Arc<Self>, packages: &PackageIndex, wanted: &Wanted) -> Result<Arc<Entry>, CacheError> {
+        let key = key_of(&wanted.origin_url);
+        if let Some(e) = self.entries.get(&key).await {
+            if e.fits(wanted) {
+                self.counts.hits.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::CACHE_REQUESTS, "result" => "hit").increment(1);
+                return Ok(e);
+            }
+            tracing::info!(url = %wanted.origin_url, "cached file no longer matches the config's digest: fetching again");
+            self.entries.invalidate(&key).await;
+        }
+        if let Some(error) = self.failures.get(&key).await {
+            return Err(error);
+        }
+        let this = self.clone();
+        let fetched = self.entries.entry(key.clone()).or_try_insert_with(this.fetch(packages, wanted)).await;
+        match fetched {
+            Ok(entry) => {
+                let (counter, result) = if entry.is_fresh() { (&self.counts.misses, "miss") } else { (&self.counts.waits, "wait") };
+                counter.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::CACHE_REQUESTS, "result" => result).increment(1);
+                if entry.is_fresh() {
+                    self.entries.run_pending_tasks().await;
+                    self.gauges();
+                }
+                Ok(entry.into_value())
+            }
+            Err(error) => {
+                let error = (*error).clone();
+                self.failures.insert(key, error.clone()).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// One download: stream to `tmp/`, check, rename into `files/`, write its `.json`.
+    async fn fetch(self: Arc<Self>, packages: &PackageIndex, wanted: &Wanted) -> Result<Arc<Entry>, CacheError> {
+        let url = &wanted.origin_url;
+        let origin = |message: String| CacheError::Origin { url: url.clone(), message };
+        let disk = |e: std::io::Error| CacheError::Disk(e.to_string());
+        let max = match wanted.kind {
+            Kind::Tarball => self.settings.max_bytes,
+            Kind::Md5 => MAX_DIGEST_FILE,
+        };
+        let response = self.client.get(url).send().await.map_err(|e| origin(ops_config::causes(&e)))?;
+        if !response.status().is_success() {
+            return Err(CacheError::Status { url: url.clone(), status: response.status().as_u16() });
+        }
+        if response.content_length().is_some_and(|n| n > max) {
+            return Err(CacheError::TooLarge { url: url.clone(), max });
+        }
+        let name = format!("{}-{}-{}", key_of(url), unix_now(), self.next_name.fetch_add(1, Ordering::Relaxed));
+        let tmp = self.tmp.join(&name);
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await.map_err(disk)?;
+            let (mut md5, mut sha) = (Md5::new(), Sha256::new());
+            let mut bytes = 0u64;
+            let mut head = Vec::new();
+            let mut stream = response.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| origin(ops_config::causes(&e)))?;
+                bytes += chunk.len() as u64;
+                metrics::counter!(m::CACHE_ORIGIN_BYTES).increment(chunk.len() as u64);
+                if bytes > max {
+                    return Err(CacheError::TooLarge { url: url.clone(), max });
+                }
+                if wanted.kind == Kind::Md5 {
+                    head.extend_from_slice(&chunk);
+                }
+                md5.update(&chunk);
+                sha.update(&chunk);
+                file.write_all(&chunk).await.map_err(disk)?;
+            }
+            file.sync_all().await.map_err(disk)?;
+            let mut meta = Meta {
+                url: url.clone(),
+                file: name.clone(),
+                bytes,
+                md5: hex(&md5.finalize()),
+                sha256: hex(&sha.finalize()),
+                names: String::new(),
+            };
+            self.check(packages, wanted, &mut meta, &head).await?;
+            Ok(meta)
+        }
+        .await;
+        let meta = match result {
+            Ok(meta) => meta,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                if matches!(e, CacheError::Check { .. }) {
+                    metrics::counter!(m::CACHE_FAILED_CHECKS).increment(1);
+                    tracing::error!(error = %e, "package failed its check");
+                }
+                return Err(e);
+            }
+        };
+        let path = self.files.join(&name);
+        tokio::fs::rename(&tmp, &path).await.map_err(disk)?;
+        let json = serde_json::to_vec(&meta).expect("meta serializes");
+        let meta_file = meta_path(&path);
+        tokio::task::spawn_blocking(move || crate::write_atomically(&meta_file, &json))
+            .await
+            .map_err(|e| CacheError::Disk(e.to_string()))?
+            .map_err(disk)?;
+        tracing::info!(url = %meta.url, bytes = meta.bytes, "package cached");
+        Ok(Arc::new(Entry { meta, path, touched: AtomicU64::new(unix_now()) }))
+    }
+
+    /// Checks a downloaded file against the config (and, for a tarball whose config gives
+    /// neither sha256 nor md5, against the origin's `.md5`, itself fetched through the cache).
+    async fn check(self: &Arc<Self>, packages: &PackageIndex, wanted: &Wanted, meta: &mut Meta, head: &[u8]) -> Result<(), CacheError> {
+        let fail = |message: String| Err(CacheError::Check { url: wanted.origin_url.clone(), message });
+        let e = &wanted.expect;
+        match wanted.kind {
+            Kind::Md5 => {
+                let text = String::from_utf8_lossy(head);
+                let word = text.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+                if word.len() != 32 || !word.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return fail("no md5 digest in it".into());
+                }
+                if !e.md5.is_empty() && e.md5 != word {
+                    return fail(format!("names md5 {word}, the config says {}", e.md5));
+                }
+                meta.names = word;
+                Ok(())
+            }
+            Kind::Tarball if !e.sha256.is_empty() => {
+                if meta.sha256 == e.sha256 {
+                    Ok(())
+                } else {
+                    fail(format!("sha256 {}, the config says {}", meta.sha256, e.sha256))
+                }
+            }
+            Kind::Tarball if !e.md5.is_empty() => {
+                if meta.md5 == e.md5 {
+                    Ok(())
+                } else {
+                    fail(format!("md5 {}, the config says {}", meta.md5, e.md5))
+                }
+            }
+            Kind::Tarball => {
+                let Some(digest) = packages.resolve_url(&wanted.md5_url) else {
+                    return fail(format!("no digest to check it by ({} is not a configured file)", wanted.md5_url));
+                };
+                let named = Box::pin(self.get(packages, &digest)).await.map_err(|d| CacheError::Check {
+                    url: wanted.origin_url.clone(),
+                    message: format!("its digest file could not be had: {d}"),
+                })?;
+                if meta.md5 == named.meta.names {
+                    Ok(())
+                } else {
+                    fail(format!("md5 {}, {} says {}", meta.md5, wanted.md5_url, named.meta.names))
+                }
+            }
+        }
+    }
+
+    /// Refreshes the file's last use on disk (its `.json`'s mtime), at most once a minute.
+    fn touch(&self, entry: &Arc<Entry>) {
+        let now = unix_now();
+        if now.saturating_sub(entry.touched.load(Ordering::Relaxed)) < TOUCH_EVERY {
+            return;
+        }
+        entry.touched.store(now, Ordering::Relaxed);
+        let path = entry.meta_path();
+        tokio::task::spawn_blocking(move || {
+            if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+                let _ = f.set_modified(SystemTime::now());
+            }
+        });
+    }
+}
+
+/// Reads `files/`: each data file with a readable `.json` whose size matches; anything else
+/// is removed. Sorted by last use, oldest first.
+fn scan(files: &Path) -> Vec<Arc<Entry>> {
+    let Ok(dir) = std::fs::read_dir(files) else { return Vec::new() };
+    let mut found = Vec::new();
+    let mut names: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    names.sort();
+    for path in &names {
+        if path.extension().is_some_and(|x| x == "json") {
+            let data = path.with_extension("");
+            if !data.exists() {
+                let _ = std::fs::remove_file(path);
+            }
+            continue;
+        }
+        let json = meta_path(path);
+        let meta = std::fs::read(&json).ok().and_then(|b| serde_json::from_slice::<Meta>(&b).ok());
+        let size = std::fs::metadata(path).map(|m| m.len()).ok();
+        match meta {
+            Some(meta) if Some(meta.bytes) == size && path.file_name().is_some_and(|n| *n == *meta.file) => {
+                let used = std::fs::metadata(&json).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
+                let touched = used.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                found.push((used, Arc::new(Entry { meta, path: path.clone(), touched: AtomicU64::new(touched) })));
+            }
+            _ => {
+                tracing::warn!(file = %path.display(), "cache file without a matching record: removed");
+                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(&json);
+            }
+        }
+    }
+    found.sort_by_key(|(used, _)| *used);
+    found.into_iter().map(|(_, e)| e).collect()
+}
+
+fn not_found(message: String) -> Response {
+    (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "errorMessage": message }))).into_response()
+}
