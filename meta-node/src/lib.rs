@@ -394,7 +394,8 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
         tracker.spawn(handoff::run(node.clone(), node.settings.handoff_interval, background.clone()));
     }
 
-    let server = tokio::spawn(relay::tls::serve(listener, node.settings.tls.clone(), api::router(node.clone()), shutdown.clone()));
+    let server =
+        tokio::spawn(relay::server::serve(listener, node.settings.tls.clone(), api::router(node.clone()), None, None, shutdown.clone()));
 
     shutdown.cancelled().await;
     tracker.close();

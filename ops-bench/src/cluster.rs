@@ -232,9 +232,20 @@ impl Cluster {
         for m in &out.metas {
             wait_health(m.addr)?;
         }
-        let relay_extra: Vec<String> = vec!["--flush-ms".into(), flush_ms.to_string(), "--config-poll-ms".into(), "500".into()];
         for i in 0..relays {
-            out.relays.push(start_one(&relay_bin, format!("relay-{}", i + 1), free_port()?, &relay_extra)?);
+            // Each relay keeps a package cache (the storm phase uses it; idle otherwise).
+            let id = format!("relay-{}", i + 1);
+            let relay_extra: Vec<String> = vec![
+                "--flush-ms".into(),
+                flush_ms.to_string(),
+                "--config-poll-ms".into(),
+                "500".into(),
+                "--cache-dir".into(),
+                dir.join(format!("{id}-cache")).display().to_string(),
+                "--cache-max-bytes".into(),
+                (4u64 << 30).to_string(),
+            ];
+            out.relays.push(start_one(&relay_bin, id, free_port()?, &relay_extra)?);
         }
         for r in &out.relays {
             wait_health(r.addr)?;

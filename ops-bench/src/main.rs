@@ -22,6 +22,7 @@ mod cluster;
 mod load;
 mod rollout;
 mod steady;
+mod storm;
 
 #[derive(Parser, Debug)]
 #[command(name = "ops-bench", version, about = "ops fleet bench: a simulated fleet against a real cluster")]
@@ -95,6 +96,24 @@ struct Cli {
     /// and exit when standard input closes (the bench starts itself this way).
     #[arg(long, hide = true)]
     ceiling_server: bool,
+    /// Download storm (own cluster only): --storm-hosts simulated hosts of each relay download
+    /// one --storm-bytes tarball at once, through their relay's package cache, then straight
+    /// from the origin; a heartbeat sweep runs beside each pass and once alone.
+    #[arg(long)]
+    storm: bool,
+    /// Downloads per relay in the storm.
+    #[arg(long, default_value_t = 500)]
+    storm_hosts: usize,
+    /// Size of the storm's tarball.
+    #[arg(long, default_value_t = 8 << 20)]
+    storm_bytes: u64,
+    /// Rounds of the storm (each: through the relays, then direct); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    storm_rounds: usize,
+    /// The storm's origin: a base URL serving `{base}/linux_amd64/storm-agent-1.0.tar.gz`.
+    /// Default: a real nginx the bench starts, serving a file of --storm-bytes.
+    #[arg(long)]
+    storm_origin: Option<String>,
     /// Write every figure to this JSON file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -342,7 +361,25 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
             processes.push(json!({"name": p.name, "rss_bytes": rss, "cpu_s": cpu}));
         }
     }
-    let client = cluster::usage(std::process::id()).unwrap_or((0, 0.0));
+    let client_usage = cluster::usage(std::process::id()).unwrap_or((0, 0.0));
+
+    // 5. storm: after the resource figures, which it would distort.
+    let storm = match &cluster {
+        Some(c) if cli.storm => {
+            let settings = storm::Settings {
+                hosts_per_relay: cli.storm_hosts.max(1),
+                bytes: cli.storm_bytes.max(1),
+                origin: cli.storm_origin.clone(),
+                connections: cli.connections,
+                rounds: cli.storm_rounds,
+            };
+            Some(storm::run(&settings, c, &dir, AGENTS_TOML, &fleet, &client).await?)
+        }
+        _ => None,
+    };
+    anyhow::ensure!(!cli.storm || own, "--storm needs the bench's own cluster");
+    let client = client_usage;
+    phases.lap("storm");
     // CPU the relays spent per heartbeat they answered, for comparison with the ceiling
     // server's per request (both from /proc).
     let relay_cpu_s: f64 =
@@ -365,12 +402,21 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     drop(ceiling_server);
     let ratio = register.rate() / ceiling.rate().max(1.0);
     println!("ceiling: {:.0} requests/s (minimal hyper server, same client); relay rate = {ratio:.2} x ceiling", ceiling.rate());
+    if let Some(s) = &storm {
+        println!(
+            "storm vs ceiling: heartbeats {:.2} x ceiling alone, {:.2} x during the relay storm, {:.2} x during the direct one",
+            s.quiet_heartbeats_per_s / ceiling.rate().max(1.0),
+            s.via_relays.heartbeats_per_s / ceiling.rate().max(1.0),
+            s.direct.heartbeats_per_s / ceiling.rate().max(1.0)
+        );
+    }
 
     phases.lap("ceiling");
     let steady_errors = steady.as_ref().map_or(0, |s| s.run.errors);
     let errors = register.errors + steady_errors + rollout.as_ref().map_or(0, |r| r.errors);
     let chaos_ok = steady.as_ref().is_none_or(|s| s.chaos.iter().all(chaos::Row::ok));
-    let ok = errors == 0 && held >= cli.hosts && listed == cli.hosts && rollout.as_ref().is_none_or(|r| r.done()) && chaos_ok;
+    let storm_ok = storm.as_ref().is_none_or(storm::Storm::ok);
+    let ok = errors == 0 && held >= cli.hosts && listed == cli.hosts && rollout.as_ref().is_none_or(|r| r.done()) && chaos_ok && storm_ok;
     let wall_s = wall.elapsed().as_secs_f64();
     // The end-to-end figure: start, register, rollout, query, stop (steady and
     // ceiling are extra phases, shown apart).
@@ -416,6 +462,22 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
                 format!("{} ({:.2} %)", s.blast_radius, 100.0 * s.blast_radius as f64 / cli.hosts.max(1) as f64),
             );
         }
+    }
+    if let Some(s) = &storm {
+        let c = ceiling.rate().max(1.0);
+        row("storm downloads (relays x hosts)", format!("{} x {}", s.relays, cli.storm_hosts));
+        row("storm file MiB", format!("{:.1}", s.bytes as f64 / (1 << 20) as f64));
+        for (name, p) in [("via relays", &s.via_relays), ("direct", &s.direct)] {
+            row(&format!("storm {name} MB/s"), format!("{:.0}", p.mb_per_s()));
+            row(&format!("storm {name} p50 / p99 s"), format!("{:.2} / {:.2}", p.percentile_s(0.5), p.percentile_s(0.99)));
+            row(&format!("storm {name} errors"), p.errors.to_string());
+            row(&format!("storm {name} origin requests"), p.origin_requests.map_or("-".to_owned(), |n| n.to_string()));
+            row(&format!("storm {name} relay rss max MiB"), (p.relay_rss_max >> 20).to_string());
+            row(&format!("storm {name} hb/s (x ceiling)"), format!("{:.0} ({:.2})", p.heartbeats_per_s, p.heartbeats_per_s / c));
+        }
+        row("storm relay misses (each)", format!("{:?}", s.relay_misses));
+        row("storm relay / origin MB/s", format!("{:.2}", s.via_relays.mb_per_s() / s.direct.mb_per_s().max(1e-9)));
+        row("storm quiet hb/s (x ceiling)", format!("{:.0} ({:.2})", s.quiet_heartbeats_per_s, s.quiet_heartbeats_per_s / c));
     }
     row("summary p50 / p99 ms", format!("{:.1} / {:.1}", pct(&summary_ms, 0.5), pct(&summary_ms, 0.99)));
     row("listing s", format!("{listing_s:.2}"));
@@ -470,6 +532,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
             "processes": processes,
             "client": { "rss_bytes": client.0, "cpu_s": client.1 },
             "server_threads": cli.server_threads,
+            "storm": storm.as_ref().map(storm::Storm::json),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("write {}", path.display()))?;
     }

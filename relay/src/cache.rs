@@ -11,8 +11,11 @@
 //!   is counted, and is not fetched again for [`FAILURE_TTL`].
 //! - **Bounded**: least-recently-used eviction by size; a restarted relay keeps its files (each
 //!   data file has a `.json` beside it saying what it is; the `.json`'s mtime is its last use).
-//! - **Served from disk** by `tower-http`'s `ServeFile` (Range, HEAD, conditional requests), in
-//!   chunks, so memory stays bounded whatever the file size.
+//! - **Served from memory or disk**: a whole-file GET of a file up to a quarter of
+//!   `--cache-memory-bytes` is written from one shared in-memory copy (no read or copy per
+//!   request, like nginx's sendfile); everything else (Range, HEAD, conditional requests,
+//!   larger files) by `tower-http`'s `ServeFile` from disk in 64 KiB chunks. Memory stays
+//!   bounded either way.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,17 +40,21 @@ use crate::metrics as m;
 /// same error without touching the origin.
 pub const FAILURE_TTL: Duration = Duration::from_secs(10);
 /// Read size when serving from disk.
-const SERVE_CHUNK: usize = 256 * 1024;
+const SERVE_CHUNK: usize = 64 * 1024;
+/// What a connection writes of an in-memory file per turn.
+const MEMORY_SLICE: usize = 256 * 1024;
 /// A `.md5` file larger than this is not an md5sum line.
 const MAX_DIGEST_FILE: u64 = 4096;
 /// The last-use time on disk is refreshed at most this often per file.
 const TOUCH_EVERY: u64 = 60;
 
-/// `--cache-dir`, `--cache-max-bytes`, `--advertise-url`.
+/// `--cache-dir`, `--cache-max-bytes`, `--cache-memory-bytes`, `--advertise-url`.
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
     pub dir: PathBuf,
     pub max_bytes: u64,
+    /// Most bytes of cached files also kept in memory (0: none), for whole-file GETs.
+    pub memory_bytes: u64,
     /// How updaters reach this relay (`http://relay-dc1:2200`).
     pub advertise: String,
 }
@@ -94,6 +101,8 @@ struct Meta {
 struct Entry {
     meta: Meta,
     path: PathBuf,
+    /// `Last-Modified` of the file (when it was fetched).
+    modified: SystemTime,
     /// Unix seconds the last-use time on disk was last refreshed.
     touched: AtomicU64,
 }
@@ -132,6 +141,10 @@ pub struct PackageCache {
     files: PathBuf,
     tmp: PathBuf,
     entries: Cache<String, Arc<Entry>>,
+    /// Whole files held in memory too, by file name (unique per download, so a file fetched
+    /// again never meets its old bytes here): a hot file is then written from one shared
+    /// buffer to every socket, with no read per request, as nginx's sendfile would.
+    hot: Cache<String, bytes::Bytes>,
     failures: Cache<String, CacheError>,
     client: reqwest::Client,
     counts: Counts,
@@ -185,12 +198,18 @@ impl PackageCache {
             })
             .build();
         let failures = Cache::builder().max_capacity(10_000).time_to_live(FAILURE_TTL).build();
+        let hot = Cache::builder()
+            .max_capacity((settings.memory_bytes / 1024).max(1))
+            .weigher(|_: &String, b: &bytes::Bytes| weight(b.len() as u64))
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
         let found = scan(&files);
         Ok(Arc::new(PackageCache {
             settings,
             files,
             tmp,
             entries,
+            hot,
             failures,
             client,
             counts: Counts::default(),
@@ -261,6 +280,48 @@ impl PackageCache {
             }
         };
         self.touch(&entry);
+        let plain = request.method() == Method::GET
+            && ![
+                header::RANGE,
+                header::IF_MODIFIED_SINCE,
+                header::IF_UNMODIFIED_SINCE,
+                header::IF_RANGE,
+                header::IF_MATCH,
+                header::IF_NONE_MATCH,
+            ]
+            .iter()
+            .any(|h| request.headers().contains_key(h));
+        if let Some(bytes) = self.in_memory(&entry, plain).await {
+            metrics::counter!(m::CACHE_SERVED_BYTES).increment(bytes.len() as u64);
+            let length = header::HeaderValue::from(bytes.len());
+            // Zero-copy slices of the shared buffer, yielding to the runtime between slices: a
+            // connection writes one slice per turn, so hundreds of downloads in flight add a
+            // few milliseconds to a heartbeat, not a whole round of socket-buffer-sized writes.
+            let body = bytes.clone();
+            let slices = futures_util::stream::unfold(0usize, move |at| {
+                let body = body.clone();
+                async move {
+                    if at >= body.len() {
+                        return None;
+                    }
+                    if at > 0 {
+                        tokio::task::yield_now().await;
+                    }
+                    let end = body.len().min(at + MEMORY_SLICE);
+                    Some((Ok::<_, std::convert::Infallible>(body.slice(at..end)), end))
+                }
+            });
+            let mut response = Response::new(Body::from_stream(slices));
+            let h = response.headers_mut();
+            h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/octet-stream"));
+            h.insert(header::ACCEPT_RANGES, header::HeaderValue::from_static("bytes"));
+            h.insert(header::CONTENT_LENGTH, length);
+            if let Ok(v) = header::HeaderValue::from_str(&httpdate::fmt_http_date(entry.modified)) {
+                h.insert(header::LAST_MODIFIED, v);
+            }
+            return response;
+        }
+        // Ranges, HEAD and conditional requests, and files not held in memory: from disk.
         let head = request.method() == Method::HEAD;
         let mut serve = tower_http::services::ServeFile::new(&entry.path).with_buf_chunk_size(SERVE_CHUNK);
         match serve.try_call(request).await {
@@ -274,6 +335,25 @@ impl PackageCache {
                 response.map(Body::new)
             }
             Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reading cached file: {e}\n")).into_response(),
+        }
+    }
+
+    /// The whole file from memory, for a `plain` GET (no range, no condition) of a file small
+    /// enough to keep there (at most a quarter of `--cache-memory-bytes`); read from disk
+    /// once, however many ask.
+    async fn in_memory(&self, entry: &Arc<Entry>, plain: bool) -> Option<bytes::Bytes> {
+        if !plain || self.settings.memory_bytes == 0 || entry.meta.bytes > self.settings.memory_bytes / 4 {
+            return None;
+        }
+        let path = entry.path.clone();
+        let read = async move {
+            tokio::task::spawn_blocking(move || std::fs::read(&path).map(bytes::Bytes::from))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+        };
+        match self.hot.try_get_with(entry.meta.file.clone(), read).await {
+            Ok(b) if b.len() as u64 == entry.meta.bytes => Some(b),
+            _ => None,
         }
     }
 
@@ -384,7 +464,7 @@ impl PackageCache {
             .map_err(|e| CacheError::Disk(e.to_string()))?
             .map_err(disk)?;
         tracing::info!(url = %meta.url, bytes = meta.bytes, "package cached");
-        Ok(Arc::new(Entry { meta, path, touched: AtomicU64::new(unix_now()) }))
+        Ok(Arc::new(Entry { meta, path, modified: SystemTime::now(), touched: AtomicU64::new(unix_now()) }))
     }
 
     /// Checks a downloaded file against the config (and, for a tarball whose config gives
@@ -474,7 +554,8 @@ fn scan(files: &Path) -> Vec<Arc<Entry>> {
             Some(meta) if Some(meta.bytes) == size && path.file_name().is_some_and(|n| *n == *meta.file) => {
                 let used = std::fs::metadata(&json).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
                 let touched = used.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                found.push((used, Arc::new(Entry { meta, path: path.clone(), touched: AtomicU64::new(touched) })));
+                let modified = std::fs::metadata(path).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
+                found.push((used, Arc::new(Entry { meta, path: path.clone(), modified, touched: AtomicU64::new(touched) })));
             }
             _ => {
                 tracing::warn!(file = %path.display(), "cache file without a matching record: removed");

@@ -84,6 +84,11 @@ pub fn json_reply(bytes: Bytes) -> Response {
 }
 
 pub(crate) async fn heartbeat(State(relay): State<Arc<Relay>>, body: Body) -> Response {
+    answer(relay, body).await
+}
+
+/// The whole heartbeat exchange (`crate::server` calls it before the router).
+pub(crate) async fn answer(relay: Arc<Relay>, body: Body) -> Response {
     let started = Instant::now();
     let result = handle(&relay, body).await;
     relay.hot.duration.record(started.elapsed().as_secs_f64());

@@ -14,6 +14,7 @@ pub mod forward;
 pub mod ingest;
 pub mod metrics;
 pub mod rollout;
+pub mod server;
 pub mod tls;
 
 use std::path::{Path, PathBuf};
@@ -69,6 +70,8 @@ pub struct Settings {
     pub tls: Option<Arc<crate::tls::ServerConfig>>,
     /// The package cache (`--cache-dir`), if on.
     pub cache: Option<crate::cache::CacheSettings>,
+    /// The runtime package downloads are served on (`--cache-threads`); None: the main one.
+    pub packages: Option<tokio::runtime::Handle>,
 }
 
 pub(crate) struct HotMetrics {
@@ -248,7 +251,16 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
     let forwarder = tracker.spawn(relay.forwarder.clone().run(forwarder_stop.clone()));
     tracker.close();
 
-    let server = tokio::spawn(crate::tls::serve(listener, relay.settings.tls.clone(), relay.router(), shutdown.clone()));
+    let hot = relay.clone();
+    let heartbeat: crate::server::Heartbeat = Arc::new(move |body| Box::pin(ingest::answer(hot.clone(), body)));
+    let server = tokio::spawn(crate::server::serve(
+        listener,
+        relay.settings.tls.clone(),
+        relay.router(),
+        Some(heartbeat),
+        relay.settings.packages.clone().filter(|_| relay.cache.is_some()).map(|runtime| crate::server::Packages { runtime }),
+        shutdown.clone(),
+    ));
     shutdown.cancelled().await;
     match tokio::time::timeout(relay.settings.shutdown_grace, server).await {
         Ok(Ok(Ok(()))) => {}

@@ -10,8 +10,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::serve::ListenerExt;
 pub use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -102,20 +100,6 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
-    }
-}
-
-/// Serves `app` on `listener` (HTTPS with `tls`, else plain HTTP), with the peer address as
-/// `ConnectInfo<SocketAddr>`, until `shutdown`.
-pub async fn serve(listener: TcpListener, tls: Option<Arc<ServerConfig>>, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
-    let stop = async move { shutdown.cancelled().await };
-    match tls {
-        None => axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await,
-        Some(config) => {
-            // `tap_io` gives the listener axum's `Connected` impl for its `SocketAddr`.
-            let listener = TlsListener::new(listener, config)?.tap_io(|_| {});
-            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await
-        }
     }
 }
 
