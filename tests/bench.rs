@@ -1,6 +1,6 @@
 //! `ops-bench` end to end, small: it starts its own cluster from the binaries beside it, runs
 //! every phase (register, steady with a meta node SIGKILLed, rollout with an install delay,
-//! query, ceiling), writes its JSON, and stops everything it started. Behaviour only: no
+//! query, download storm, ceiling), writes its JSON, and stops everything it started. Behaviour only: no
 //! figure here is a timing threshold.
 
 use ops_e2e::Proc;
@@ -22,6 +22,8 @@ fn small_bench_runs_every_phase_and_cleans_up() {
         // steady: every host once per 30 s / 10 = 3 s, for 6 s, meta-3 killed 2 s in.
         "--interval-seconds", "30", "--speedup", "10", "--steady-seconds", "6", "--kill-meta",
         "--install-delay-ms", "200", "--rollout-timeout-seconds", "120",
+        // storm: 50 hosts of each relay download a 1 MiB tarball through it, then from nginx.
+        "--storm", "--storm-hosts", "50", "--storm-bytes", "1048576", "--storm-rounds", "1",
     ];
     let report = bench_json(&args);
     assert_eq!(report["ok"], true);
@@ -46,6 +48,14 @@ fn small_bench_runs_every_phase_and_cleans_up() {
         assert!(report["rollout"]["converged_s"][p].as_f64().is_some(), "rollout reached {p}%: {report}");
     }
     assert_eq!(report["rollout"]["errors"], 0);
+    let storm = &report["storm"];
+    assert_eq!(storm["via_relays"]["downloads"], 100, "{storm}");
+    assert_eq!(storm["via_relays"]["errors"], 0, "{storm}");
+    assert_eq!(storm["via_relays"]["origin_requests"], 2, "one origin request per relay: {storm}");
+    assert_eq!(storm["relay_misses"], serde_json::json!([1.0, 1.0]), "{storm}");
+    assert_eq!(storm["direct"]["downloads"], 100, "{storm}");
+    assert_eq!(storm["direct"]["origin_requests"], 100, "{storm}");
+    assert!(storm["via_relays"]["heartbeats_per_s"].as_f64().unwrap() > 0.0, "heartbeats beside the storm: {storm}");
     let procs = report["processes"].as_array().unwrap();
     assert_eq!(procs.len(), 5);
     // Everything it started is gone.
