@@ -349,3 +349,42 @@ fn fuzz_tar_unpack() {
         Ok(())
     });
 }
+
+/// The package cache's request paths (`/pkg/{key}/{rest}`): whatever the path, the relay
+/// either refuses it or fetches a URL under the configured origin whose last segment is one
+/// of the configured files (or its `.md5`), never anything with `..` or another directory.
+#[test]
+fn fuzz_package_paths() {
+    let config = DesiredConfig::parse(
+        "[[agent]]\nname = \"falcon-agent\"\ntarball = \"http://files.example/rel\"\nrun_user = \"u\"\nwork_dir = \"/w\"\n\
+         relay_cache = true\ndefault = { version = \"5.1.5\", sha256 = \"1111111111111111111111111111111111111111111111111111111111111111\" }\n\
+         rollout = { from = { version = \"5.1.3\", md5 = \"http://digests.example/d\" }, waves = [100] }\n",
+        "t",
+    )
+    .unwrap();
+    let index = ops_config::cache::PackageIndex::new(&config);
+    let (files, digests) =
+        (ops_config::cache::origin_key("http://files.example/rel"), ops_config::cache::origin_key("http://digests.example/d"));
+    let allowed = ["falcon-agent-5.1.5.tar.gz", "falcon-agent-5.1.3.tar.gz"];
+    let seeds = seeds(&[
+        &format!("{files}/linux_amd64/falcon-agent-5.1.5.tar.gz"),
+        &format!("{files}/falcon-agent-5.1.3.tar.gz.md5"),
+        &format!("{digests}/linux_arm64/falcon-agent-5.1.3.tar.gz.md5"),
+    ]);
+    fuzz("package paths", cases(2000), seeds, |input| {
+        let path = String::from_utf8_lossy(input);
+        let (key, rest) = path.split_once('/').unwrap_or((&path, ""));
+        let Some(w) = index.resolve(key, rest) else { return Ok(()) };
+        let base = ["http://files.example/rel/", "http://digests.example/d/"]
+            .into_iter()
+            .find(|b| w.origin_url.starts_with(b))
+            .ok_or(format!("{} is not under a configured origin", w.origin_url))?;
+        let tail = &w.origin_url[base.len()..];
+        let segments: Vec<&str> = tail.split('/').collect();
+        let file = segments.last().unwrap().trim_end_matches(".md5");
+        if segments.len() > 2 || segments.iter().any(|s| s.is_empty() || *s == "." || *s == "..") || !allowed.contains(&file) {
+            return Err(format!("{} resolved to {}", path, w.origin_url));
+        }
+        Ok(())
+    });
+}
