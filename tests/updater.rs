@@ -1250,3 +1250,31 @@ fn the_go_updaters_install_steps_work_through_the_cache() {
     assert_eq!(f.nginx.requests("/releases/demo-1.0.tar.gz"), 1, "{:?}", f.nginx.requests_seen());
     assert_eq!(f.nginx.requests("/releases/demo-1.0.tar.gz.md5"), 1, "{:?}", f.nginx.requests_seen());
 }
+
+/// Bad package-cache flags stop the relay with status 64 and a clear message, before it binds.
+#[test]
+fn bad_relay_cache_flags_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache").display().to_string();
+    let data = dir.path().join("data").display().to_string();
+    for (args, expect) in [
+        (
+            vec!["--listen", "127.0.0.1:0", "--cache-dir", &cache, "--advertise-url", "ftp://relay:2200"],
+            "--advertise-url must be http(s)://host[:port]",
+        ),
+        (
+            vec!["--listen", "127.0.0.1:0", "--cache-dir", &cache, "--advertise-url", "http://relay:2200/some/path"],
+            "--advertise-url must be",
+        ),
+        (vec!["--listen", "127.0.0.1:0", "--advertise-url", "http://relay:2200"], "--advertise-url needs --cache-dir"),
+        (vec!["--listen", "0.0.0.0:0", "--cache-dir", &cache], "give --advertise-url"),
+        (vec!["--listen", "127.0.0.1:0", "--cache-dir", &cache, "--cache-max-bytes", "1000"], "--cache-max-bytes must be at least 1 MiB"),
+    ] {
+        let mut all = args.clone();
+        all.extend(["--data-dir", &data]);
+        let (status, log) = Proc::run_to_exit("relay", &all);
+        assert_eq!(status.code(), Some(64), "{args:?}: {log}");
+        assert!(log.contains(expect), "{args:?}: {log}");
+        assert!(!log.contains("relay listening"), "never bound a port: {log}");
+    }
+}
