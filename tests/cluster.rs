@@ -93,7 +93,13 @@ fn relays_shard_hosts_by_ring_and_every_node_answers_the_same() {
     assert!(want.iter().all(|&n| n > 500), "the ring spreads hosts: {want:?}");
 
     let summaries: Vec<Value> = c.running().map(summary_without_partial).collect();
-    assert_eq!(summaries[0]["hosts"], all.len());
+    assert_eq!(
+        summaries[0]["hosts"],
+        all.len(),
+        "{:#?}\n{}",
+        summaries[0],
+        c.running().map(|m| m.proc.log()).collect::<Vec<_>>().join("\n----\n")
+    );
     assert_eq!(summaries[0]["partial"], false);
     assert!(summaries.iter().all(|s| *s == summaries[0]), "{summaries:#?}");
     for m in c.running() {

@@ -395,7 +395,7 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
     }
 
     let server =
-        tokio::spawn(relay::server::serve(listener, node.settings.tls.clone(), api::router(node.clone()), None, None, shutdown.clone()));
+        tokio::spawn(relay::server::serve_router(listener, node.settings.tls.clone(), api::router(node.clone()), shutdown.clone()));
 
     shutdown.cancelled().await;
     tracker.close();

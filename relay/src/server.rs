@@ -101,6 +101,26 @@ pub async fn serve(
     Ok(())
 }
 
+/// Serves `app` with `axum::serve` (HTTPS with `tls`), the peer as `ConnectInfo<SocketAddr>`,
+/// until `shutdown`: what meta nodes use.
+pub async fn serve_router(
+    listener: TcpListener,
+    tls: Option<Arc<crate::tls::ServerConfig>>,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let stop = async move { shutdown.cancelled().await };
+    match tls {
+        None => axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await,
+        Some(config) => {
+            // `tap_io` gives the listener axum's `Connected` impl for its `SocketAddr`.
+            let listener = crate::tls::TlsListener::new(listener, config)?.tap_io(|_| {});
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await
+        }
+    }
+}
+
 /// Whether a new connection's first request is for a package (peeked, not read).
 async fn for_packages(tcp: &tokio::net::TcpStream) -> bool {
     let mut head = [0u8; 10];
