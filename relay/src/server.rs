@@ -1,6 +1,7 @@
-//! The HTTP server of relays and meta nodes: hyper's HTTP/1.1 connection, one task per
-//! connection, `POST /heartbeat` answered straight by its handler and everything else by the
-//! axum router (with the peer as `ConnectInfo<SocketAddr>`).
+//! The relay's HTTP server: hyper's HTTP/1.1 connection, one task per connection,
+//! `POST /heartbeat` answered straight by its handler and everything else by the axum router
+//! (with the peer as `ConnectInfo<SocketAddr>`). Meta nodes use [`serve_router`]
+//! (`axum::serve`).
 //!
 //! The heartbeat is the one request that comes a million times per interval: taking it before
 //! the router (no route match, no extractor, no HTTP/1-or-2 sniffing as `axum::serve` does)
