@@ -24,6 +24,11 @@ pub use cluster::{ClusterError, ClusterMap, NodeSpec, Ring};
 pub use hash::content_hash;
 pub use wire::{Batch, BatchEntry, DesiredAgent, Heartbeat, HeartbeatReply, RealAgent, WireError};
 
+/// Lowercase hex of `bytes` (digests in configs, reports and file names).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// An error with its causes (`error sending request: ...: invalid peer certificate:
 /// UnknownIssuer`): reqwest's own text stops at the first line.
 pub fn causes(e: &dyn std::error::Error) -> String {

@@ -188,10 +188,6 @@ fn filler(len: u64) -> Vec<u8> {
     out
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Runs the storm against the bench's own cluster (its relays must have a package cache).
 pub async fn run(
     s: &Settings,
@@ -206,7 +202,7 @@ pub async fn run(
         Some(base) => {
             let base = base.trim_end_matches('/').to_owned();
             let body = client.get(format!("{base}/{FILE}")).send().await?.error_for_status()?.bytes().await?;
-            let sha = hex(&sha2::Sha256::digest(&body));
+            let sha = ops_config::hex(&sha2::Sha256::digest(&body));
             (None, base, sha)
         }
         None => {
@@ -214,7 +210,7 @@ pub async fn run(
             let path = root.join("pkg").join(FILE);
             std::fs::create_dir_all(path.parent().context("parent")?)?;
             let bytes = filler(s.bytes);
-            let sha = hex(&sha2::Sha256::digest(&bytes));
+            let sha = ops_config::hex(&sha2::Sha256::digest(&bytes));
             std::fs::write(&path, &bytes)?;
             drop(bytes);
             let nginx_dir = dir.join("storm-nginx");

@@ -158,12 +158,8 @@ fn weight(bytes: u64) -> u32 {
     u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).max(1)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    u64::from(crate::unix_now())
 }
 
 /// The cache key of an origin URL.
@@ -436,8 +432,8 @@ impl PackageCache {
                 url: url.clone(),
                 file: name.clone(),
                 bytes,
-                md5: hex(&md5.finalize()),
-                sha256: hex(&sha.finalize()),
+                md5: ops_config::hex(&md5.finalize()),
+                sha256: ops_config::hex(&sha.finalize()),
                 names: String::new(),
             };
             self.check(packages, wanted, &mut meta, &head).await?;

@@ -49,10 +49,6 @@ pub fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Digests of a downloaded file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digests {
@@ -126,7 +122,7 @@ impl Fetcher {
             file.write_all(&chunk).await.map_err(io)?;
         }
         file.sync_all().await.map_err(io)?;
-        Ok(Digests { md5: hex(&md5.finalize()), sha256: hex(&sha.finalize()), bytes })
+        Ok(Digests { md5: ops_config::hex(&md5.finalize()), sha256: ops_config::hex(&sha.finalize()), bytes })
     }
 }
 
