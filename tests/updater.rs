@@ -949,6 +949,76 @@ fn killed_in_the_window_or_the_revert_the_next_run_leaves_one_version_running() 
     }
 }
 
+/// Local pins (`pin.toml`): `hold` leaves the agent exactly as it is, a version pin keeps (and
+/// if need be installs) that version whatever the config says, a broken pin file holds
+/// everything and says why, and removing the pin hands the agent back to the config. The meta
+/// node shows the host as `pinned` in status, listing and summary.
+#[test]
+fn pins_hold_or_keep_a_version_and_the_meta_node_counts_them_pinned() {
+    let f = Fleet::new();
+    let md5_1 = f.tarball("releases", "1.0", CONTROL, 0);
+    let md5_2 = f.tarball("releases", "2.0", CONTROL, 0);
+    f.tarball("releases", "3.0", CONTROL, 0);
+    let pin = f.dir.path().join("pin.toml");
+    let pin_flag = format!("--pin-file={}", pin.display());
+    let once = || f.once("host-p", &[&pin_flag]);
+    f.desire("releases", "1.0", &md5_1, "start", "");
+    assert_eq!(once().0, 0);
+    let pid_1 = std::fs::read_to_string(f.agent_dir().join("1.0/app.pid")).unwrap();
+    let agent = |f: &Fleet| f.host("host-p")["agents"][0].clone();
+    let summary = |f: &Fleet| get_json(&f.meta.url("/status/summary/demo")).1;
+    let listed = |f: &Fleet, state: &str| get_json(&f.meta.url(&format!("/status/json/demo?state={state}"))).1["count"].clone();
+
+    // hold: 2.0 is desired, nothing at all changes.
+    std::fs::write(&pin, "demo = \"hold\"\n").unwrap();
+    f.desire("releases", "2.0", &md5_2, "start", "");
+    let (code, log) = once();
+    assert_eq!(code, 0, "a held agent is as its operator wants it: {log}");
+    assert!(!log.contains("switched version") && !log.contains("installed"), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"));
+    assert_eq!(f.running(), ["1.0"]);
+    assert_eq!(std::fs::read_to_string(f.agent_dir().join("1.0/app.pid")).unwrap(), pid_1, "not even restarted");
+    assert!(!f.agent_dir().join("2.0").exists(), "nothing downloaded");
+    let a = agent(&f);
+    assert_eq!(
+        (a["state"].as_str(), a["pinned"].as_str(), a["desiredVersion"].as_str()),
+        (Some("pinned"), Some("hold"), Some("2.0")),
+        "{a}"
+    );
+    let s = summary(&f);
+    assert_eq!((s["byState"]["pinned"].as_u64(), s["converged"].as_u64()), (Some(1), Some(0)), "{s}");
+    assert_eq!(listed(&f, "pinned"), 1);
+
+    // A version pin: 3.0 is in no config; it is fetched with the .md5 beside its tarball.
+    std::fs::write(&pin, "demo = \"3.0\"\n").unwrap();
+    let (code, log) = once();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("3.0"));
+    assert_eq!(f.running(), ["3.0"]);
+    let a = agent(&f);
+    assert_eq!((a["state"].as_str(), a["pinned"].as_str(), a["version"].as_str()), (Some("pinned"), Some("3.0"), Some("3.0")), "{a}");
+
+    // A pin file that does not parse holds every agent and says why.
+    std::fs::write(&pin, "demo = 3\n").unwrap();
+    let (code, log) = once();
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("pin file") && log.contains("held, nothing changed"), "{log}");
+    assert_eq!((f.version_file().as_deref(), f.running()), (Some("3.0"), vec!["3.0".to_owned()]));
+    let a = agent(&f);
+    assert!(a["lastError"].as_str().unwrap_or("").contains("pin file"), "{a}");
+    assert_eq!(a["state"], "error", "{a}");
+
+    // No pin: back to the config.
+    std::fs::remove_file(&pin).unwrap();
+    let (code, log) = once();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!((f.version_file().as_deref(), f.running()), (Some("2.0"), vec!["2.0".to_owned()]));
+    let a = agent(&f);
+    assert_eq!(a["state"], "ok", "{a}");
+    assert!(a.get("pinned").is_none(), "{a}");
+    assert_eq!(summary(&f)["byState"]["pinned"], 0);
+}
+
 // ---- The relay's package cache (issue 14) ----
 
 impl Fleet {

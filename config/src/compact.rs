@@ -9,14 +9,16 @@
 //!
 //! Layout (all integers little-endian; `str` = LEB128 length, then that many UTF-8 bytes):
 //! ```text
-//! batch   = "OPB2" record*
+//! batch   = "OPB3" record*
 //! record  = seen:u32 told:u8 hostname:str ip:str runUser:str updaterVersion:str agents:u8 agent*
-//! agent   = name:str version:str status:str timestamp:i64 runUser:str workDir:str lastError:str
+//! agent   = name:str version:str status:str timestamp:i64 runUser:str workDir:str lastError:str pinned:str
 //! ```
 //! `told` is the rollout mask the relay answered the host with (bit r: it was told rollout r's
 //! target, see `DesiredConfig::rollout_mask`). A batch starting `OPB1` (relays before staged
-//! rollouts) has no `told` byte and decodes with `told` = 0. Every decoded heartbeat is
-//! validated exactly as one that came alone.
+//! rollouts) has no `told` byte and decodes with `told` = 0; one starting `OPB2` (before local
+//! pins) has no `pinned` string and decodes with no pin. Every decoded heartbeat is validated
+//! exactly as one that came alone. A node reads every older layout but writes only the newest,
+//! so a cluster is upgraded meta nodes first, then relays.
 
 use std::borrow::Cow;
 
@@ -24,7 +26,10 @@ use crate::wire::{Heartbeat, MAX_AGENTS_PER_HOST, MAX_BATCH_BYTES, RealAgent, Wi
 
 /// `Content-Type` of a compact batch.
 pub const CONTENT_TYPE: &str = "application/x-ops-batch";
-const MAGIC: &[u8; 4] = b"OPB2";
+const MAGIC: &[u8; 4] = b"OPB3";
+/// Before local pins: no `pinned` string in agents.
+const MAGIC_V2: &[u8; 4] = b"OPB2";
+/// Before staged rollouts: no `told` byte either.
 const MAGIC_V1: &[u8; 4] = b"OPB1";
 
 /// Starts a batch body.
@@ -51,6 +56,7 @@ pub fn encode(seen: u32, told: u8, hb: &Heartbeat<'_>, out: &mut Vec<u8>) {
         put_str(out, &a.run_user);
         put_str(out, &a.work_dir);
         put_str(out, &a.last_error);
+        put_str(out, &a.pinned);
     }
 }
 
@@ -82,9 +88,10 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, u8, &
         return Err(WireError::TooLarge { size: body.len(), limit: MAX_BATCH_BYTES });
     }
     let mut r = Reader { buf: body, at: 0 };
-    let has_told = match r.take(4)? {
-        m if m == MAGIC => true,
-        m if m == MAGIC_V1 => false,
+    let (has_told, has_pin) = match r.take(4)? {
+        m if m == MAGIC => (true, true),
+        m if m == MAGIC_V2 => (true, false),
+        m if m == MAGIC_V1 => (false, false),
         _ => return Err(WireError::Malformed("compact batch: bad magic".into())),
     };
     let mut hb = Heartbeat {
@@ -120,6 +127,7 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, u8, &
                 run_user: Cow::Borrowed(r.str()?),
                 work_dir: Cow::Borrowed(r.str()?),
                 last_error: Cow::Borrowed(r.str()?),
+                pinned: Cow::Borrowed(if has_pin { r.str()? } else { "" }),
             });
         }
         if validate {
@@ -232,7 +240,7 @@ mod tests {
     #[test]
     fn empty_batch_is_just_the_magic() {
         let body = batch(&[]);
-        assert_eq!(body, b"OPB2");
+        assert_eq!(body, b"OPB3");
         assert_eq!(check(&body), Ok(0));
     }
 
@@ -248,6 +256,40 @@ mod tests {
         let mut got = Vec::new();
         decode(&body, |seen, told, h| got.push((seen, told, h.clone().into_owned()))).unwrap();
         assert_eq!(got, vec![(5, 0, a.into_owned())]);
+    }
+
+    #[test]
+    fn pins_round_trip_and_a_batch_before_pins_decodes_with_none() {
+        let a = hb(
+            r#"{"hostname":"a","realAgents":[{"name":"x","version":"1","status":"started","pinned":"hold"},{"name":"y","version":"2","pinned":"2"}]}"#,
+        );
+        let out = decoded(&batch(&[(3, &a)])).unwrap();
+        assert_eq!(out[0].1, a.clone().into_owned());
+        assert_eq!((&*out[0].1.real_agents[0].pinned, &*out[0].1.real_agents[1].pinned), ("hold", "2"));
+        // OPB2: the same agent without the pinned string.
+        let mut body = b"OPB2".to_vec();
+        body.extend_from_slice(&5u32.to_le_bytes());
+        body.push(1);
+        for s in ["a", "", "", ""] {
+            put_str(&mut body, s);
+        }
+        body.push(1);
+        for s in ["x", "1", "started"] {
+            put_str(&mut body, s);
+        }
+        body.extend_from_slice(&0i64.to_le_bytes());
+        for s in ["", "", ""] {
+            put_str(&mut body, s);
+        }
+        let mut got = Vec::new();
+        decode(&body, |seen, told, h| got.push((seen, told, h.clone().into_owned()))).unwrap();
+        assert_eq!((got[0].0, got[0].1), (5, 1));
+        assert_eq!((&*got[0].2.real_agents[0].version, &*got[0].2.real_agents[0].pinned), ("1", ""));
+        // A pin that is neither `hold` nor a version is refused like one that came alone.
+        let mut bad = b"OPB3".to_vec();
+        bad.extend_from_slice(&body[4..]);
+        put_str(&mut bad, "../etc");
+        assert!(matches!(check(&bad), Err(WireError::Pin { .. })), "{:?}", check(&bad));
     }
 
     #[test]
@@ -296,7 +338,7 @@ mod tests {
             put_str(out, s);
         }
         out.extend_from_slice(&0i64.to_le_bytes());
-        for s in ["", "", ""] {
+        for s in ["", "", "", ""] {
             put_str(out, s);
         }
     }

@@ -90,6 +90,9 @@ pub struct WaveCounts {
     pub failed: u64,
     /// Stale: not failures, not converged.
     pub silent: u64,
+    /// Pinned by an operator on the host (`pin.toml`): neither converged nor failed, and not
+    /// part of the share a wave needs converged before the next opens.
+    pub pinned: u64,
 }
 
 /// What one node publishes for one rollout (agent + target version).
@@ -147,7 +150,7 @@ impl NodeRollout {
                 return (self, Verdict::Waiting("soaking"));
             }
             let w = counts.get(self.approved_wave - 1).copied().unwrap_or_default();
-            if w.converged * 10_000 < u64::from(policy.advance_at_bp) * w.targeted {
+            if w.converged * 10_000 < u64::from(policy.advance_at_bp) * w.targeted.saturating_sub(w.pinned) {
                 return (self, Verdict::Waiting("wave not converged"));
             }
         }
@@ -175,11 +178,14 @@ pub struct WaveReport {
     pub converged: u64,
     pub failed: u64,
     pub silent: u64,
+    /// Hosts an operator pinned locally (see [`WaveCounts::pinned`]).
+    #[serde(default)]
+    pub pinned: u64,
 }
 
 impl WaveReport {
     pub fn counts(&self) -> WaveCounts {
-        WaveCounts { targeted: self.targeted, converged: self.converged, failed: self.failed, silent: self.silent }
+        WaveCounts { targeted: self.targeted, converged: self.converged, failed: self.failed, silent: self.silent, pinned: self.pinned }
     }
 
     /// Adds another node's counts of the same wave.
@@ -189,6 +195,7 @@ impl WaveReport {
         self.converged += o.converged;
         self.failed += o.failed;
         self.silent += o.silent;
+        self.pinned += o.pinned;
     }
 }
 
@@ -419,7 +426,7 @@ mod tests {
     }
 
     fn counts(waves: &[(u64, u64, u64)]) -> Vec<WaveCounts> {
-        waves.iter().map(|&(targeted, converged, failed)| WaveCounts { targeted, converged, failed, silent: 0 }).collect()
+        waves.iter().map(|&(targeted, converged, failed)| WaveCounts { targeted, converged, failed, silent: 0, pinned: 0 }).collect()
     }
 
     #[test]
@@ -436,6 +443,22 @@ mod tests {
         assert_eq!((s2.approved_wave, v), (2, Verdict::Opened(2)));
         let done = NodeRollout { approved_wave: 4, wave_opened_at: 0, halted: false };
         assert_eq!(done.judge(&p, &counts(&[(1, 1, 0); 4]), 9999, true).1, Verdict::Done);
+    }
+
+    #[test]
+    fn pinned_hosts_neither_hold_a_wave_nor_count_as_failed() {
+        let p = policy();
+        let s = NodeRollout { approved_wave: 1, wave_opened_at: 1000, halted: false };
+        // 100 hosts, 10 pinned, 86 of the other 90 converged (95.6 %): the next wave opens.
+        let mut w = counts(&[(100, 86, 0)]);
+        w[0].pinned = 10;
+        assert_eq!(s.judge(&p, &w, 2000, true).1, Verdict::Opened(2));
+        // Without the pins the same wave is short of 95 %.
+        w[0].pinned = 0;
+        assert_eq!(s.judge(&p, &w, 2000, true).1, Verdict::Waiting("wave not converged"));
+        // A wave all pinned does not hold the rollout either.
+        let all = [WaveCounts { targeted: 30, converged: 0, failed: 0, silent: 0, pinned: 30 }];
+        assert_eq!(s.judge(&p, &all, 2000, true).1, Verdict::Opened(2));
     }
 
     #[test]

@@ -232,13 +232,7 @@ pub fn allows(config: &DesiredConfig, hostname: &str, d: &DesiredAgent) -> Resul
     let Some(i) = config.agent_index(&d.name) else {
         return Err(format!("agent {}: not in the signed config {}", d.name, config.hash()));
     };
-    let class = config.class_of(hostname);
-    let mut allowed: Vec<&DesiredAgent> = vec![&config.class(class)[i]];
-    if let Some(r) = config.rollout_of(&d.name)
-        && let Some(target) = config.class_target(class, r)
-    {
-        allowed.push(target);
-    }
+    let allowed = allowed_states(config, hostname, &d.name);
     // A cached agent's files come from the host's relay (`crate::cache`): where they come from
     // does not matter, as the sha256 required below is checked on what arrives.
     let cached = config.agents()[i].relay_cache;
@@ -271,6 +265,20 @@ pub fn allows(config: &DesiredConfig, hostname: &str, d: &DesiredAgent) -> Resul
         return Err(format!("agent {} {}: the signed config gives no sha256 for it; refused", d.name, d.version));
     }
     Ok(())
+}
+
+/// The states of agent `name` the config resolves for host `hostname`: its class's, and its
+/// rollout's target when it has one (empty when the config lacks the agent).
+pub fn allowed_states<'c>(config: &'c DesiredConfig, hostname: &str, name: &str) -> Vec<&'c DesiredAgent> {
+    let Some(i) = config.agent_index(name) else { return Vec::new() };
+    let class = config.class_of(hostname);
+    let mut allowed: Vec<&DesiredAgent> = vec![&config.class(class)[i]];
+    if let Some(r) = config.rollout_of(name)
+        && let Some(target) = config.class_target(class, r)
+    {
+        allowed.push(target);
+    }
+    allowed
 }
 
 #[cfg(test)]

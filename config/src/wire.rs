@@ -66,6 +66,10 @@ pub struct RealAgent<'a> {
     /// Extension: what went wrong in the last cycle for this agent, empty when nothing did.
     #[serde(default, borrow, skip_serializing_if = "str::is_empty")]
     pub last_error: Cow<'a, str>,
+    /// Extension: the operator's local pin on this host (`pin.toml`): `hold`, or the version the
+    /// agent is held at, whatever the reply says; empty when not pinned.
+    #[serde(default, borrow, skip_serializing_if = "str::is_empty")]
+    pub pinned: Cow<'a, str>,
 }
 
 /// The reply to a heartbeat.
@@ -192,6 +196,8 @@ pub enum WireError {
     DuplicateAgent { host: String, agent: String },
     #[error("host {host}: agent {agent}: bad version {version:?}: want 1-64 of [A-Za-z0-9._+-], not . or ..")]
     Version { host: String, agent: String, version: String },
+    #[error("host {host}: agent {agent}: bad pin {pin:?}: want `hold` or a version")]
+    Pin { host: String, agent: String, pin: String },
     #[error("host {host}: field {field} is {len} bytes, at most {limit} allowed")]
     FieldTooLong { host: String, field: &'static str, len: usize, limit: usize },
 }
@@ -218,6 +224,14 @@ pub fn valid_agent_name(s: &str) -> bool {
 pub fn valid_version(s: &str) -> bool {
     token_ok(s, MAX_NAME, b"+")
 }
+
+/// What a local pin may say: `hold`, or a version (see [`valid_version`]).
+pub fn valid_pin(s: &str) -> bool {
+    s == PIN_HOLD || valid_version(s)
+}
+
+/// The pin that keeps an agent exactly as it is.
+pub const PIN_HOLD: &str = "hold";
 
 fn check_len(host: &str, field: &'static str, value: &str, limit: usize) -> Result<(), WireError> {
     if value.len() > limit {
@@ -264,6 +278,10 @@ impl<'a> Heartbeat<'a> {
             check_len(host, "runUser", &a.run_user, MAX_SHORT_FIELD)?;
             check_len(host, "workDir", &a.work_dir, MAX_PATH)?;
             check_len(host, "lastError", &a.last_error, MAX_LAST_ERROR)?;
+            if !a.pinned.is_empty() && !valid_pin(&a.pinned) {
+                let pin: String = a.pinned.chars().take(MAX_NAME + 1).collect();
+                return Err(WireError::Pin { host: host.to_owned(), agent: a.name.to_string(), pin });
+            }
             if self.real_agents[..i].iter().any(|b| b.name == a.name) {
                 return Err(WireError::DuplicateAgent { host: host.to_owned(), agent: a.name.to_string() });
             }
@@ -299,6 +317,7 @@ impl RealAgent<'_> {
             run_user: Cow::Owned(self.run_user.into_owned()),
             work_dir: Cow::Owned(self.work_dir.into_owned()),
             last_error: Cow::Owned(self.last_error.into_owned()),
+            pinned: Cow::Owned(self.pinned.into_owned()),
         }
     }
 }
@@ -436,8 +455,23 @@ mod tests {
     fn owned_heartbeat_round_trips_and_skips_empty_last_error() {
         let hb = Heartbeat::parse(SEED_001.as_bytes()).unwrap().into_owned();
         let json = serde_json::to_string(&hb).unwrap();
-        assert!(!json.contains("lastError"));
+        assert!(!json.contains("lastError") && !json.contains("pinned"), "the Go side sees its own format");
         let again = Heartbeat::parse(json.as_bytes()).unwrap();
         assert_eq!(again, hb);
+    }
+
+    #[test]
+    fn a_pin_is_hold_or_a_version() {
+        let with = |pin: &str| format!(r#"{{"hostname":"h","realAgents":[{{"name":"a","version":"1","pinned":"{pin}"}}]}}"#);
+        for ok in ["hold", "5.1.3", ""] {
+            let text = with(ok);
+            let hb = Heartbeat::parse(text.as_bytes()).unwrap();
+            assert_eq!(hb.real_agents[0].pinned, ok);
+        }
+        for bad in ["../x", "a b", "x/y", ".."] {
+            let text = with(bad);
+            let e = Heartbeat::parse(text.as_bytes()).unwrap_err();
+            assert!(matches!(e, WireError::Pin { .. }), "{bad}: {e}");
+        }
     }
 }

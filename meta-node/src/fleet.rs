@@ -2,8 +2,9 @@
 //! with a state), and summaries over them. Pure reads of the store and the loaded config.
 //!
 //! States: `stale` (not heard from for `stale_after`) wins over `error` (the agent reported a
-//! `lastError`), which wins over `upgrading` (real version or run state differs from desired,
-//! agent absent included), else `ok`.
+//! `lastError`), which wins over `pinned` (an operator pinned the agent on the host, in the
+//! updater's `pin.toml`: it is held whatever the config says), which wins over `upgrading`
+//! (real version or run state differs from desired, agent absent included), else `ok`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -22,10 +23,11 @@ pub enum State {
     Upgrading,
     Stale,
     Error,
+    Pinned,
 }
 
 impl State {
-    pub const ALL: [State; 4] = [State::Ok, State::Upgrading, State::Stale, State::Error];
+    pub const ALL: [State; 5] = [State::Ok, State::Upgrading, State::Stale, State::Error, State::Pinned];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -33,6 +35,7 @@ impl State {
             State::Upgrading => "upgrading",
             State::Stale => "stale",
             State::Error => "error",
+            State::Pinned => "pinned",
         }
     }
 
@@ -120,6 +123,8 @@ pub struct Row<'a> {
     pub desired: Option<Desired<'a>>,
     pub last_seen: u32,
     pub last_error: Option<&'a str>,
+    /// The host's local pin of the agent (`hold` or a version).
+    pub pinned: Option<&'a str>,
     pub state: State,
 }
 
@@ -180,10 +185,13 @@ impl<'c> AgentQuery<'c> {
         let status = real.map_or("", |a| syms.resolve(a.status));
         let run_state = if real.is_some() { run_state(status) } else { "absent" };
         let last_error = pos.and_then(|p| shard.last_error(slot, host, p));
+        let pinned = pos.and_then(|p| shard.pinned(slot, host, p)).map(|p| syms.resolve(p));
         let state = if self.now.saturating_sub(host.last_seen) > self.stale_after {
             State::Stale
         } else if last_error.is_some() {
             State::Error
+        } else if pinned.is_some() {
+            State::Pinned
         } else {
             match desired {
                 Some(d) if real.is_none() || d.version != version || (d.cmd == "start") != (run_state == "started") => State::Upgrading,
@@ -199,6 +207,7 @@ impl<'c> AgentQuery<'c> {
             desired,
             last_seen: host.last_seen,
             last_error,
+            pinned,
             state,
         })
     }
@@ -309,7 +318,7 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
         for i in (t..SHARDS).step_by(threads) {
             let shard = store.shard(i);
             let syms = store.symbols().reader();
-            for (_, host) in shard.hosts().filter(|(_, h)| scope.includes(h) && prefix.is_none_or(|p| h.name.starts_with(p))) {
+            for (slot, host) in shard.hosts().filter(|(_, h)| scope.includes(h) && prefix.is_none_or(|p| h.name.starts_with(p))) {
                 let agents = shard.agents(host);
                 let pos = agent_sym.and_then(|s| shard.agent(host, s));
                 let class = if q.agent_index.is_some() { q.variant(host) } else { 0 };
@@ -332,11 +341,14 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
                         if started { 0 } else { 1 }
                     }
                 };
-                let has_error = pos.is_some_and(|p| host.err_mask & (1 << p) != 0);
+                // Errors and pins are rare: look them up only when the host has a note.
+                let noted = pos.filter(|&p| host.note_mask & (1 << p) != 0);
                 let state = if q.now.saturating_sub(host.last_seen) > q.stale_after {
                     State::Stale
-                } else if has_error {
+                } else if noted.is_some_and(|p| shard.last_error(slot, host, p).is_some()) {
                     State::Error
+                } else if noted.is_some_and(|p| shard.pinned(slot, host, p).is_some()) {
+                    State::Pinned
                 } else {
                     match desired {
                         Some((dv, start)) if real.is_none_or(|a| Some(a.version) != dv) || start != (run_state == 0) => State::Upgrading,
@@ -486,6 +498,8 @@ pub struct OwnedRow {
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
 }
 
 #[cfg(test)]
@@ -502,6 +516,7 @@ impl OwnedRow {
             last_seen: row.last_seen,
             state: row.state.as_str().to_owned(),
             last_error: row.last_error.map(str::to_owned),
+            pinned: row.pinned.map(str::to_owned),
         }
     }
 }
@@ -519,6 +534,8 @@ struct RowJson<'a> {
     state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pinned: Option<&'a str>,
 }
 
 /// Appends a row as one JSON object with a comma before it: streams of rows from several
@@ -535,6 +552,7 @@ pub fn write_json_row(row: &Row<'_>, buf: &mut Vec<u8>) {
         last_seen: row.last_seen,
         state: row.state.as_str(),
         last_error: row.last_error,
+        pinned: row.pinned,
     };
     // Writing into a Vec cannot fail, and the row has no map with non-string keys.
     let _ = serde_json::to_writer(&mut *buf, &r);
@@ -584,8 +602,9 @@ mod tests {
             let version = ["1", "2", "3"][(i % 7 % 3) as usize];
             let status = ["started", "stoped", "started pid 12", ""][(i % 4) as usize];
             let err = if i % 11 == 0 { r#","lastError":"boom""# } else { "" };
+            let pin = ["", "", "", "", "", r#","pinned":"hold""#, r#","pinned":"1""#][(i % 7) as usize];
             let agents =
-                if i % 13 == 0 { String::new() } else { format!(r#"{{"name":"a","version":"{version}","status":"{status}"{err}}}"#) };
+                if i % 13 == 0 { String::new() } else { format!(r#"{{"name":"a","version":"{version}","status":"{status}"{err}{pin}}}"#) };
             let body = format!(r#"{{"hostname":"{host}","realAgents":[{agents}]}}"#);
             let hb = Heartbeat::parse(body.as_bytes()).unwrap();
             let seen = if i % 17 == 0 { now - 5000 } else { now };

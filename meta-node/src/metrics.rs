@@ -36,7 +36,7 @@ pub fn describe() {
     describe_gauge!(
         ROLLOUT_HOSTS,
         Unit::Count,
-        "Owned hosts of a rollout's wave, by agent, wave and state (targeted, told, converged, failed, silent)."
+        "Owned hosts of a rollout's wave, by agent, wave and state (targeted, told, converged, failed, silent, pinned)."
     );
     describe_gauge!(ROLLOUT_WAVE, Unit::Count, "The fleet's open wave of an agent's rollout as this node sees it (0: none).");
     describe_gauge!(ROLLOUT_HALTED, Unit::Count, "1 when an agent's rollout is halted.");

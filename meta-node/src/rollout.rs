@@ -155,9 +155,14 @@ fn gauges(agent: &str, waves: &[WaveReport], fleet_wave: usize, halted: bool) {
     use crate::metrics::{ROLLOUT_HALTED, ROLLOUT_HOSTS, ROLLOUT_WAVE};
     for (k, w) in waves.iter().enumerate() {
         let wave = (k + 1).to_string();
-        for (state, v) in
-            [("targeted", w.targeted), ("told", w.told), ("converged", w.converged), ("failed", w.failed), ("silent", w.silent)]
-        {
+        for (state, v) in [
+            ("targeted", w.targeted),
+            ("told", w.told),
+            ("converged", w.converged),
+            ("failed", w.failed),
+            ("silent", w.silent),
+            ("pinned", w.pinned),
+        ] {
             ::metrics::gauge!(ROLLOUT_HOSTS, "agent" => agent.to_owned(), "wave" => wave.clone(), "state" => state).set(v as f64);
         }
     }
@@ -210,7 +215,8 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
                     let agents = shard.agents(h);
                     let real = names[r].and_then(|n| agents.iter().position(|a| a.name == n));
                     let on_target = real.is_some_and(|p| targets[r] == Some(agents[p].version));
-                    let has_error = real.is_some_and(|p| h.err_mask & (1 << p) != 0);
+                    let has_error = real.is_some_and(|p| shard.last_error(slot, h, p).is_some());
+                    let pinned = real.is_some_and(|p| shard.pinned(slot, h, p).is_some());
                     let converged = real.is_some_and(|p| is_converged(on_target, syms.resolve(agents[p].status), &target.cmd, has_error));
                     rows.push(Row {
                         slot,
@@ -220,6 +226,7 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
                         stale: now.saturating_sub(h.last_seen) > stale_after,
                         on_target,
                         has_error,
+                        pinned,
                         converged,
                     });
                 }
@@ -231,13 +238,18 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
             let key = (row.slot, row.r);
             c.targeted += 1;
             c.told += u64::from(row.told);
-            if row.converged {
-                c.converged += 1;
+            if row.stale && !row.converged {
+                c.silent += 1;
+            } else if row.pinned || row.converged {
+                // A pinned host is neither converged nor failed: an operator holds it.
+                if row.pinned {
+                    c.pinned += 1;
+                } else {
+                    c.converged += 1;
+                }
                 if !table.is_empty() {
                     table.remove(&key);
                 }
-            } else if row.stale {
-                c.silent += 1;
             } else if row.told {
                 let since = *table.entry(key).or_insert(now);
                 if row.has_error || row.on_target || u64::from(now.saturating_sub(since)) >= deadlines[usize::from(row.r)] {
@@ -262,6 +274,8 @@ struct Row {
     /// Reports the target version.
     on_target: bool,
     has_error: bool,
+    /// An operator pinned the agent on the host (`pin.toml`).
+    pinned: bool,
     converged: bool,
 }
 
@@ -319,10 +333,19 @@ halt_when = { failed_ratio = 0.5, min_sample = 4 }
             let tags = Tags { told, ..Node::tags(&loaded, name, told) };
             node.store.upsert_tagged(&hb, now - ago, tags, true);
         }
+        // Pinned on the host: as "stopped" above (the target, not started: failed) and on
+        // `from`, yet neither failed nor converged.
+        for (name, version, pin) in [("pinned", "2", "hold"), ("pinned-old", "1", "1")] {
+            let body = format!(
+                r#"{{"hostname":"{name}","realAgents":[{{"name":"a","version":"{version}","status":"stopped","pinned":"{pin}"}}]}}"#
+            );
+            let tags = Tags { told: 1, ..Node::tags(&loaded, name, 1) };
+            node.store.upsert_tagged(&Heartbeat::parse(body.as_bytes()).unwrap(), now, tags, true);
+        }
         node.controller.judge(&node);
         let r = &node.controller.report().rollouts[0];
         let w = r.waves[0];
-        assert_eq!((w.targeted, w.told, w.converged, w.silent), (6, 5, 1, 1), "{w:?}");
+        assert_eq!((w.targeted, w.told, w.converged, w.silent, w.pinned), (8, 7, 1, 1, 2), "{w:?}");
         // Failed: the target not running, and a lastError; "waiting" is within its deadline.
         assert_eq!(w.failed, 2, "{w:?}");
         assert_eq!(r.approved_wave, 1, "the first wave opens at once");

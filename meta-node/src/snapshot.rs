@@ -2,7 +2,7 @@
 //! stopped reporting.
 //!
 //! Format (little endian), written shard by shard without stopping heartbeats:
-//! `OPSSNAP2`, then host records, a zero byte, then the symbol table (taken after the hosts,
+//! `OPSSNAP3`, then host records, a zero byte, then the symbol table (taken after the hosts,
 //! so it holds every symbol they name: the interner only grows), then a trailer of the symbol
 //! table's offset (u64) and a CRC-32 of everything before the CRC. Written to a temporary
 //! file, synced and renamed over the last one: a crash leaves the old snapshot or the new one,
@@ -16,8 +16,10 @@ use compact_str::CompactString;
 
 use crate::store::{AgentState, Host, HostRecord, IpKind, SHARDS, Store, Sym};
 
-const MAGIC: &[u8; 8] = b"OPSSNAP2";
-/// Before staged rollouts: no `told` byte in host records.
+const MAGIC: &[u8; 8] = b"OPSSNAP3";
+/// Before local pins: no pin list after the errors of a host record.
+const MAGIC_V2: &[u8; 8] = b"OPSSNAP2";
+/// Before staged rollouts: no `told` byte in host records either.
 const MAGIC_V1: &[u8; 8] = b"OPSSNAP1";
 const FILE_NAME: &str = "state.snap";
 
@@ -95,6 +97,12 @@ fn encode_shard(store: &Store, i: usize, buf: &mut Vec<u8>) -> usize {
         for (i, e) in errors {
             buf.push(i as u8);
             put_str(buf, e, 2);
+        }
+        let pins: Vec<(usize, u32)> = (0..agents.len()).filter_map(|i| shard.pinned(slot, h, i).map(|p| (i, p.0))).collect();
+        buf.push(pins.len() as u8);
+        for (i, p) in pins {
+            buf.push(i as u8);
+            buf.extend_from_slice(&p.to_le_bytes());
         }
         n += 1;
     }
@@ -181,10 +189,13 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
         Err(source) => return Err(SnapshotError::Io { path, source }),
     };
     let corrupt = |what| SnapshotError::Corrupt { path: path.clone(), what };
-    if bytes.len() < MAGIC.len() + 12 || (&bytes[..8] != MAGIC && &bytes[..8] != MAGIC_V1) {
-        return Err(corrupt("not a snapshot (bad magic)"));
-    }
-    let v1 = &bytes[..8] == MAGIC_V1;
+    let layout = match bytes.get(..8) {
+        _ if bytes.len() < MAGIC.len() + 12 => return Err(corrupt("not a snapshot (bad magic)")),
+        Some(m) if m == MAGIC => 3,
+        Some(m) if m == MAGIC_V2 => 2,
+        Some(m) if m == MAGIC_V1 => 1,
+        _ => return Err(corrupt("not a snapshot (bad magic)")),
+    };
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
         return Err(corrupt("checksum mismatch (truncated or damaged)"));
@@ -205,14 +216,15 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
     // Every record is read and checked before the first is stored: a damaged snapshot
     // changes nothing (then is quarantined), rather than leaving half a fleet loaded.
     let records = &body[..sym_offset.min(body.len())];
-    read_records(records, v1, &map, &owned, |_| {}).map_err(corrupt)?;
-    read_records(records, v1, &map, &owned, |record| store.put(record)).map_err(corrupt)
+    read_records(records, layout, &map, &owned, |_| {}).map_err(corrupt)?;
+    read_records(records, layout, &map, &owned, |record| store.put(record)).map_err(corrupt)
 }
 
-/// Reads the host records of a snapshot body, handing each to `put`; Err names what is bad.
+/// Reads the host records of a snapshot body of layout 1, 2 or 3 (the magic's digit), handing
+/// each to `put`; Err names what is bad.
 fn read_records(
     body: &[u8],
-    v1: bool,
+    layout: u8,
     map: &impl Fn(u32) -> Result<crate::store::Sym, &'static str>,
     owned: &impl Fn(&str) -> bool,
     mut put: impl FnMut(HostRecord),
@@ -239,7 +251,7 @@ fn read_records(
         let last_seen = r.u32().ok_or_else(bad)?;
         let run_user = map(r.u32().ok_or_else(bad)?)?;
         let updater_version = map(r.u32().ok_or_else(bad)?)?;
-        let told = if v1 { 0 } else { r.u8().ok_or_else(bad)? };
+        let told = if layout == 1 { 0 } else { r.u8().ok_or_else(bad)? };
         let n = r.u8().ok_or_else(bad)? as usize;
         let mut agents = Vec::with_capacity(n);
         for _ in 0..n {
@@ -258,19 +270,29 @@ fn read_records(
         }
         let nerr = r.u8().ok_or_else(bad)? as usize;
         let mut errors = Vec::with_capacity(nerr);
-        let mut err_mask = 0u64;
+        let mut note_mask = 0u64;
         for _ in 0..nerr {
             let i = r.u8().ok_or_else(bad)?;
             let len = r.u16().ok_or_else(bad)? as usize;
             let e = r.str(len).ok_or_else(bad)?;
             if usize::from(i) < n {
-                err_mask |= 1 << i;
+                note_mask |= 1 << i;
                 errors.push((i, Box::from(e)));
+            }
+        }
+        let npins = if layout >= 3 { r.u8().ok_or_else(bad)? as usize } else { 0 };
+        let mut pins = Vec::with_capacity(npins);
+        for _ in 0..npins {
+            let i = r.u8().ok_or_else(bad)?;
+            let pin = map(r.u32().ok_or_else(bad)?)?;
+            if usize::from(i) < n {
+                note_mask |= 1 << i;
+                pins.push((i, pin));
             }
         }
         let host = Host {
             name: CompactString::from(name),
-            err_mask,
+            note_mask,
             ip,
             last_seen,
             run_user,
@@ -285,7 +307,7 @@ fn read_records(
             told,
             waves: 0,
         };
-        put(HostRecord { host, agents, errors, other_ip });
+        put(HostRecord { host, agents, errors, pins, other_ip });
         loaded += 1;
     }
     Ok(loaded)
@@ -308,8 +330,13 @@ mod tests {
         for i in 0..n {
             let ip = if i % 10 == 0 { format!("fe80::{i:x}") } else { format!("10.0.{}.{}", i / 256 % 256, i % 256) };
             let err = if i % 7 == 0 { r#","lastError":"md5 mismatch""# } else { "" };
+            let pin = match i % 5 {
+                0 => r#","pinned":"hold""#,
+                1 => r#","pinned":"5.1.0""#,
+                _ => "",
+            };
             let body = format!(
-                r#"{{"hostname":"host-{i}","ip":"{ip}","runUser":"root","updaterVersion":"0.1.0","realAgents":[{{"name":"falcon-agent","version":"5.1.{v}","status":"started","timestamp":{i},"runUser":"falcon","workDir":"/home/falcon"{err}}},{{"name":"b","version":"1"}}]}}"#,
+                r#"{{"hostname":"host-{i}","ip":"{ip}","runUser":"root","updaterVersion":"0.1.0","realAgents":[{{"name":"falcon-agent","version":"5.1.{v}","status":"started","timestamp":{i},"runUser":"falcon","workDir":"/home/falcon"{err}}},{{"name":"b","version":"1"{pin}}}]}}"#,
                 v = i % 3
             );
             let tags = crate::store::Tags { class: ClassId(0), generation: 1, told: (i % 4) as u8, waves: 0 };
@@ -329,14 +356,15 @@ mod tests {
                     .enumerate()
                     .map(|(ai, a)| {
                         format!(
-                            "{}={}/{}/{}/{}/{}/{:?}",
+                            "{}={}/{}/{}/{}/{}/{:?}/{:?}",
                             syms.resolve(a.name),
                             syms.resolve(a.version),
                             syms.resolve(a.status),
                             syms.resolve(a.run_user),
                             syms.resolve(a.work_dir),
                             a.timestamp,
-                            shard.last_error(slot, h, ai)
+                            shard.last_error(slot, h, ai),
+                            shard.pinned(slot, h, ai).map(|p| syms.resolve(p))
                         )
                     })
                     .collect();

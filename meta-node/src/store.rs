@@ -149,8 +149,9 @@ pub enum IpKind {
 #[derive(Debug)]
 pub struct Host {
     pub name: CompactString,
-    /// Bit i set: agent i reported a `lastError` (text in the shard's side table).
-    pub err_mask: u64,
+    /// Bit i set: agent i reported a `lastError` or a local pin, or both (kept in the shard's
+    /// side tables, so hosts without either cost nothing more).
+    pub note_mask: u64,
     pub ip: u32,
     /// Server time of the last report, unix seconds.
     pub last_seen: u32,
@@ -296,7 +297,7 @@ pub struct Shard {
     hosts: Slots,
     agents: AgentArena,
     free: Vec<u32>,
-    errors: HashMap<(u32, u8), Box<str>>,
+    notes: Notes,
     other_ips: HashMap<u32, Box<str>>,
     /// `(slot, rollout)` → when a rollout judgement first saw the host told the target and not
     /// converged (for the deadline). Holds only hosts in flight or failing.
@@ -380,10 +381,19 @@ impl Shard {
 
     /// The `lastError` an agent (by position) of the host in `slot` reported, if any.
     pub fn last_error(&self, slot: u32, host: &Host, agent: usize) -> Option<&str> {
-        if host.err_mask & (1 << agent) == 0 {
+        if host.note_mask & (1 << agent) == 0 {
             return None;
         }
-        self.errors.get(&(slot, agent as u8)).map(|s| &**s)
+        self.notes.errors.get(&(slot, agent as u8)).map(|s| &**s)
+    }
+
+    /// The local pin an agent (by position) of the host in `slot` reported (`hold` or a
+    /// version), if any.
+    pub fn pinned(&self, slot: u32, host: &Host, agent: usize) -> Option<Sym> {
+        if host.note_mask & (1 << agent) == 0 {
+            return None;
+        }
+        self.notes.pins.get(&(slot, agent as u8)).copied()
     }
 
     /// The host's `ip` field as reported.
@@ -405,7 +415,7 @@ impl Shard {
         if let Ok(entry) = self.index.find_entry(hash, |&s| s == slot) {
             entry.remove();
         }
-        clear_side_tables(&mut self.errors, &mut self.other_ips, slot, host);
+        clear_side_tables(&mut self.notes, &mut self.other_ips, slot, host);
         if !self.told_at.is_empty() {
             for r in 0..ops_config::MAX_ROLLOUTS as u8 {
                 self.told_at.remove(&(slot, r));
@@ -420,11 +430,11 @@ impl Shard {
 
     /// Inserts or replaces a whole host record (snapshot load). Returns true if it was new.
     fn put(&mut self, hash: u64, rec: HostRecord, hasher: &DefaultHashBuilder) -> bool {
-        let HostRecord { mut host, agents, errors, other_ip } = rec;
+        let HostRecord { mut host, agents, errors, pins, other_ip } = rec;
         let (slot, new) = match self.find(hash, &host.name) {
             Some(slot) => {
                 let old = &self.hosts[slot as usize];
-                clear_side_tables(&mut self.errors, &mut self.other_ips, slot, old);
+                clear_side_tables(&mut self.notes, &mut self.other_ips, slot, old);
                 let (was, now) = (old.owned, host.owned);
                 (host.agents_at, host.agents_len) = (old.agents_at, old.agents_len);
                 self.hosts[slot as usize] = host;
@@ -435,7 +445,10 @@ impl Shard {
             None => (self.insert_new(hash, host, &agents, hasher), true),
         };
         for (i, e) in errors {
-            self.errors.insert((slot, i), e);
+            self.notes.errors.insert((slot, i), e);
+        }
+        for (i, pin) in pins {
+            self.notes.pins.insert((slot, i), pin);
         }
         if let Some(ip) = other_ip {
             self.other_ips.insert(slot, ip);
@@ -463,11 +476,20 @@ impl Shard {
     }
 }
 
-fn clear_side_tables(errors: &mut HashMap<(u32, u8), Box<str>>, other_ips: &mut HashMap<u32, Box<str>>, slot: u32, host: &Host) {
-    let mut mask = host.err_mask;
+/// The rare per-agent texts, by `(slot, agent position)`: only agents whose bit is set in
+/// their host's `note_mask` have an entry in either.
+#[derive(Default)]
+struct Notes {
+    errors: HashMap<(u32, u8), Box<str>>,
+    pins: HashMap<(u32, u8), Sym>,
+}
+
+fn clear_side_tables(notes: &mut Notes, other_ips: &mut HashMap<u32, Box<str>>, slot: u32, host: &Host) {
+    let mut mask = host.note_mask;
     while mask != 0 {
         let i = mask.trailing_zeros() as u8;
-        errors.remove(&(slot, i));
+        notes.errors.remove(&(slot, i));
+        notes.pins.remove(&(slot, i));
         mask &= mask - 1;
     }
     if host.ip_kind == IpKind::Other {
@@ -495,7 +517,7 @@ impl Host {
     fn free() -> Host {
         Host {
             name: CompactString::default(),
-            err_mask: 0,
+            note_mask: 0,
             ip: 0,
             last_seen: 0,
             run_user: Sym::EMPTY,
@@ -517,6 +539,7 @@ pub struct HostRecord {
     pub host: Host,
     pub agents: Vec<AgentState>,
     pub errors: Vec<(u8, Box<str>)>,
+    pub pins: Vec<(u8, Sym)>,
     pub other_ip: Option<Box<str>>,
 }
 
@@ -591,6 +614,7 @@ impl Store {
         let n = hb.real_agents.len().min(MAX_AGENTS_PER_HOST);
         let mut agents = [AgentState::default(); MAX_AGENTS_PER_HOST];
         let (run_user, updater_version);
+        let mut pins = [Sym::EMPTY; MAX_AGENTS_PER_HOST];
         {
             let mut look = self.syms.lookup();
             for (slot, a) in agents.iter_mut().zip(&hb.real_agents) {
@@ -603,12 +627,20 @@ impl Store {
                     timestamp: clamp_u32(a.timestamp),
                 };
             }
+            for (pin, a) in pins.iter_mut().zip(&hb.real_agents).filter(|(_, a)| !a.pinned.is_empty()) {
+                *pin = look.sym(&a.pinned);
+            }
             run_user = look.sym(&hb.run_user);
             updater_version = look.sym(&hb.updater_version);
         }
         let agents = &agents[..n];
-        let err_mask =
-            hb.real_agents.iter().take(n).enumerate().filter(|(_, a)| !a.last_error.is_empty()).fold(0u64, |m, (i, _)| m | (1 << i));
+        let note_mask = hb
+            .real_agents
+            .iter()
+            .take(n)
+            .enumerate()
+            .filter(|(_, a)| !a.last_error.is_empty() || !a.pinned.is_empty())
+            .fold(0u64, |m, (i, _)| m | (1 << i));
         let (ip_kind, ip) = match hb.ip.parse::<Ipv4Addr>() {
             _ if hb.ip.is_empty() => (IpKind::None, 0),
             Ok(v4) => (IpKind::V4, u32::from(v4)),
@@ -625,10 +657,10 @@ impl Store {
             Some(slot) if strictly_newer && shard.hosts[slot as usize].last_seen == now => return false,
             Some(slot) => {
                 let host = &mut shard.hosts[slot as usize];
-                if host.err_mask != 0 || host.ip_kind == IpKind::Other {
-                    clear_side_tables(&mut shard.errors, &mut shard.other_ips, slot, host);
+                if host.note_mask != 0 || host.ip_kind == IpKind::Other {
+                    clear_side_tables(&mut shard.notes, &mut shard.other_ips, slot, host);
                 }
-                host.err_mask = err_mask;
+                host.note_mask = note_mask;
                 host.ip = ip;
                 host.ip_kind = ip_kind;
                 host.last_seen = now;
@@ -646,7 +678,7 @@ impl Store {
             None => {
                 let host = Host {
                     name: CompactString::from(name),
-                    err_mask,
+                    note_mask,
                     ip,
                     last_seen: now,
                     run_user,
@@ -664,10 +696,13 @@ impl Store {
                 shard.insert_new(hash, host, agents, &self.hasher)
             }
         };
-        if err_mask != 0 {
+        if note_mask != 0 {
             for (i, a) in hb.real_agents.iter().take(n).enumerate() {
                 if !a.last_error.is_empty() {
-                    shard.errors.insert((slot, i as u8), a.last_error.as_ref().into());
+                    shard.notes.errors.insert((slot, i as u8), a.last_error.as_ref().into());
+                }
+                if !a.pinned.is_empty() {
+                    shard.notes.pins.insert((slot, i as u8), pins[i]);
                 }
             }
         }
@@ -729,6 +764,7 @@ impl Store {
                 run_user: syms.resolve(a.run_user).into(),
                 work_dir: syms.resolve(a.work_dir).into(),
                 last_error: shard.last_error(slot, h, k).unwrap_or("").into(),
+                pinned: shard.pinned(slot, h, k).map_or("", |p| syms.resolve(p)).into(),
             }));
             let ip = match shard.ip(slot, h) {
                 IpText::V4(v4) => std::borrow::Cow::Owned(v4.to_string()),
@@ -955,17 +991,50 @@ mod tests {
                 assert_eq!(shard.last_error(slot, h, 0), None);
                 assert_eq!(shard.ip(slot, h).to_string(), "");
                 assert_eq!((h.last_seen, h.class, h.generation), (200, 3, 2));
-                assert!(shard.errors.is_empty());
+                assert!(shard.notes.errors.is_empty() && shard.notes.pins.is_empty());
             })
             .unwrap();
         assert_eq!(store.with_host("h2", |s, slot, h| s.ip(slot, h).to_string()).unwrap(), "::1");
     }
 
     #[test]
+    fn pins_are_kept_beside_errors_and_go_when_no_longer_reported() {
+        let store = Store::new();
+        let body = r#"{"hostname":"h","realAgents":[{"name":"a","lastError":"x"},{"name":"b","pinned":"5.1.3","lastError":"y"},{"name":"c","pinned":"hold"}]}"#;
+        store.upsert(&hb(body), 10, ClassId(0), 1, true);
+        let seen = |store: &Store| {
+            store
+                .with_host("h", |shard, slot, h| {
+                    let syms = store.symbols().reader();
+                    (0..3)
+                        .map(|i| {
+                            (shard.last_error(slot, h, i).map(str::to_owned), shard.pinned(slot, h, i).map(|p| syms.resolve(p).to_owned()))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .unwrap()
+        };
+        let s = |v: &str| Some(v.to_owned());
+        assert_eq!(seen(&store), [(s("x"), None), (s("y"), s("5.1.3")), (None, s("hold"))]);
+        store.upsert(
+            &hb(r#"{"hostname":"h","realAgents":[{"name":"a"},{"name":"b"},{"name":"c","pinned":"hold"}]}"#),
+            11,
+            ClassId(0),
+            1,
+            true,
+        );
+        assert_eq!(seen(&store), [(None, None), (None, None), (None, s("hold"))]);
+        let shard = (0..SHARDS).map(|i| store.shard(i)).find(|s| s.hosts().count() == 1).unwrap();
+        assert_eq!((shard.notes.errors.len(), shard.notes.pins.len()), (0, 1), "nothing left behind");
+    }
+
+    #[test]
     fn forgetting_frees_slots_and_side_tables() {
         let store = Store::new();
         for i in 0..1000 {
-            let body = format!(r#"{{"hostname":"host-{i}","ip":"name-{i}","realAgents":[{{"name":"a","lastError":"e"}}]}}"#);
+            let body = format!(
+                r#"{{"hostname":"host-{i}","ip":"name-{i}","realAgents":[{{"name":"a","lastError":"e"}},{{"name":"b","pinned":"hold"}}]}}"#
+            );
             store.upsert(&hb(&body), if i % 2 == 0 { 10 } else { 20 }, ClassId(0), 1, true);
         }
         assert_eq!(store.forget_before(15, 0), 500);
@@ -975,10 +1044,10 @@ mod tests {
         let side: usize = (0..SHARDS)
             .map(|i| {
                 let shard = store.shard(i);
-                shard.errors.len() + shard.other_ips.len()
+                shard.notes.errors.len() + shard.notes.pins.len() + shard.other_ips.len()
             })
             .sum();
-        assert_eq!(side, 1000);
+        assert_eq!(side, 1500, "500 errors, 500 pins, 500 ips");
         // Freed slots are reused (names come back to the shard they left).
         for i in (0..1000).step_by(2) {
             store.upsert(&hb(&format!(r#"{{"hostname":"host-{i}"}}"#)), 30, ClassId(0), 1, true);

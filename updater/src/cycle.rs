@@ -16,6 +16,7 @@ use ops_config::{DesiredAgent, DesiredConfig, Heartbeat, HeartbeatReply, RealAge
 
 use crate::control;
 use crate::fetch::{self, Fetcher};
+use crate::pin::{Pinned, Pins, under_pin};
 use crate::unpack;
 
 /// What a cycle needs to know.
@@ -36,6 +37,8 @@ pub struct CycleSettings {
     /// How long a newly started version is watched before it counts as healthy (zero: not
     /// watched); see `health`.
     pub health_window: Duration,
+    /// The operator's local pins (`pin.toml`), read at every cycle; None: no pins.
+    pub pin_file: Option<PathBuf>,
 }
 
 /// What is kept across restarts: which agents to report at the first heartbeat, and their
@@ -87,6 +90,8 @@ pub struct Updater {
     signed: Option<DesiredConfig>,
     pub(crate) watch: HashMap<String, crate::health::Watch>,
     pub(crate) reverted: HashMap<String, crate::health::Reverted>,
+    /// The pins as last read, or why the pin file could not be read (then every agent is held).
+    pins: Result<Pins, String>,
 }
 
 /// What one cycle saw.
@@ -192,6 +197,32 @@ impl Updater {
             signed,
             watch: kept.watch,
             reverted: kept.reverted,
+            pins: Ok(Pins::default()),
+        }
+    }
+
+    /// Reads the pin file again (an operator's edit takes effect at the next cycle).
+    fn load_pins(&mut self) {
+        let Some(path) = &self.settings.pin_file else { return };
+        let pins = Pins::load(path);
+        match (&pins, &self.pins) {
+            (Err(e), _) => tracing::error!(error = %e, "pin file unreadable: every agent is held until it is fixed"),
+            (Ok(new), Ok(old)) if new != old => tracing::info!(pins = ?new.0, "local pins"),
+            _ => {}
+        }
+        self.pins = pins;
+    }
+
+    /// An agent's pin as reported (empty: none).
+    fn pin_of(&self, agent: &str) -> &str {
+        self.pins.as_ref().ok().and_then(|p| p.get(agent)).unwrap_or("")
+    }
+
+    /// What the pins make of the desired state `d`.
+    fn pinned(&self, d: &DesiredAgent) -> Result<Pinned, String> {
+        match &self.pins {
+            Ok(pins) => Ok(under_pin(d, pins.get(&d.name))),
+            Err(e) => Err(format!("{e}; agent {} held, nothing changed until it is fixed", d.name)),
         }
     }
 
@@ -286,6 +317,7 @@ impl Updater {
                 run_user: d.run_user.clone().into(),
                 work_dir: d.work_dir.clone().into(),
                 last_error: self.error_text(&d.name).into(),
+                pinned: self.pin_of(&d.name).to_owned().into(),
             });
         }
         // An agent whose desired state was refused before anything of it was installed is
@@ -302,6 +334,7 @@ impl Updater {
                 run_user: "".into(),
                 work_dir: "".into(),
                 last_error: self.error_text(name).into(),
+                pinned: "".into(),
             });
         }
         out
@@ -352,6 +385,7 @@ impl Updater {
 
     /// One cycle. Never panics on what the server or the disk says.
     pub async fn cycle(&mut self) -> Outcome {
+        self.load_pins();
         let hb = self.heartbeat().await;
         let (reply, server) = match self.send(&hb).await {
             Ok(r) => r,
@@ -399,7 +433,13 @@ impl Updater {
             if refused.contains_key(&d.name) {
                 continue;
             }
-            match self.apply(&d).await {
+            let applied = match self.pinned(&d) {
+                Err(e) => Err(e),
+                Ok(Pinned::Follow) => self.apply(&d).await,
+                Ok(Pinned::Hold) => self.hold(&d).await,
+                Ok(Pinned::Version(p)) => self.apply_pinned_version(*p).await,
+            };
+            match applied {
                 Ok(()) => {
                     self.errors.remove(&d.name);
                 }
@@ -419,9 +459,50 @@ impl Updater {
     async fn check_converged(&self) -> bool {
         let real = self.real_state().await;
         self.known.iter().all(|d| {
+            let pinned = match self.pinned(d) {
+                Ok(Pinned::Hold) => return true,
+                Ok(Pinned::Version(p)) => Some(*p),
+                _ => None,
+            };
+            let d = pinned.as_ref().unwrap_or(d);
             real.iter()
                 .any(|r| r.name == d.name && r.version == d.version && r.is_started() == (d.cmd == "start") && r.last_error.is_empty())
         })
+    }
+
+    /// `hold`: the agent is left as it is; only a switch a killed updater left half done is
+    /// finished, so exactly one version runs.
+    async fn hold(&mut self, d: &DesiredAgent) -> Result<(), String> {
+        let (agent_dir, _) = checked_dirs(d)?;
+        if agent_dir.is_dir() {
+            self.resume_watch(d, &agent_dir).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the agent to the version it is pinned at. Installed already, it is switched to as
+    /// is (it was verified when installed). Otherwise it is fetched with the digest beside its
+    /// tarball; with trusted keys, only when the signed config gives a sha256 for that version
+    /// on this host.
+    async fn apply_pinned_version(&mut self, mut p: DesiredAgent) -> Result<(), String> {
+        let (_, version_dir) = checked_dirs(&p)?;
+        if !self.settings.trusted_keys.is_empty() && !version_dir.join("control").is_file() {
+            let signed = self.signed.as_ref().and_then(|c| {
+                ops_config::trust::allowed_states(c, &self.settings.hostname, &p.name)
+                    .into_iter()
+                    .find(|a| a.version == p.version && !a.sha256.is_empty())
+            });
+            match signed {
+                Some(a) => p.sha256 = a.sha256.clone(),
+                None => {
+                    return Err(format!(
+                        "refused: agent {} pinned at {}, which is not installed here and has no sha256 in the signed config for this host",
+                        p.name, p.version
+                    ));
+                }
+            }
+        }
+        self.apply(&p).await
     }
 
     /// Brings one agent to its desired version and run state.
@@ -584,6 +665,7 @@ mod tests {
             trusted_keys: TrustedKeys::default(),
             roots: Vec::new(),
             health_window: Duration::ZERO,
+            pin_file: None,
         };
         Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20, &[]))
     }

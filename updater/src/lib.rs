@@ -11,6 +11,7 @@ pub mod control;
 pub mod cycle;
 pub mod fetch;
 pub mod health;
+pub mod pin;
 pub mod unpack;
 
 use std::hash::{DefaultHasher, Hash, Hasher};

@@ -65,6 +65,11 @@ struct Cli {
     /// or stopped during it, and the version it replaced comes back. 0: not watched.
     #[arg(long)]
     health_window_seconds: Option<u64>,
+    /// The operator's local pins on this host: `agent = "hold"` (change nothing) or
+    /// `agent = "5.1.3"` (keep that version), whatever the server answers. Read at every
+    /// cycle; no file, no pins; a file that does not parse holds every agent.
+    #[arg(long)]
+    pin_file: Option<PathBuf>,
     /// A TOML file with the same settings (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -87,6 +92,7 @@ struct FileConfig {
     trusted_keys_file: Option<Vec<PathBuf>>,
     ca_file: Option<PathBuf>,
     health_window_seconds: Option<u64>,
+    pin_file: Option<PathBuf>,
 }
 
 struct Resolved {
@@ -136,6 +142,7 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
             state_dir: Some(cli.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/ops-updater"))),
             trusted_keys,
             health_window: Duration::from_secs(cli.health_window_seconds.or(file.health_window_seconds).unwrap_or(30)),
+            pin_file: Some(cli.pin_file.clone().or(file.pin_file).unwrap_or_else(|| PathBuf::from("/etc/ops-updater/pin.toml"))),
             roots: match cli.ca_file.clone().or(file.ca_file) {
                 Some(path) => updater::read_ca_file(&path)?,
                 None => Vec::new(),

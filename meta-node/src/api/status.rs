@@ -51,7 +51,7 @@ impl FilterParams {
             None => None,
             Some(s) => Some(
                 RowState::parse(s)
-                    .ok_or_else(|| ApiError::BadRequest(format!("unknown state {s:?}: want ok, upgrading, stale or error")))?,
+                    .ok_or_else(|| ApiError::BadRequest(format!("unknown state {s:?}: want ok, upgrading, stale, error or pinned")))?,
             ),
         };
         let nonempty = |o: &Option<String>| o.clone().filter(|s| !s.is_empty());
@@ -471,6 +471,8 @@ struct AgentView {
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pinned: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     timestamp: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     run_user: Option<String>,
@@ -520,6 +522,7 @@ pub(crate) fn local_host(node: &Node, hostname: &str) -> Option<HostView> {
                     desired_cmd: row.desired.map_or(String::new(), |d| d.cmd.to_owned()),
                     state: row.state.as_str(),
                     last_error: row.last_error.map(str::to_owned),
+                    pinned: row.pinned.map(str::to_owned),
                     timestamp: real.map(|a| a.timestamp),
                     run_user: real.map(|a| syms.resolve(a.run_user).to_owned()),
                     work_dir: real.map(|a| syms.resolve(a.work_dir).to_owned()),
