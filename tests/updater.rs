@@ -91,6 +91,11 @@ impl Fleet {
     }
 
     fn start(signed: bool) -> Fleet {
+        Fleet::start_with(signed, &[])
+    }
+
+    /// With `meta_args` added to the meta node's flags.
+    fn start_with(signed: bool, meta_args: &[&str]) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let files = dir.path().join("files");
         std::fs::create_dir_all(&files).unwrap();
@@ -109,6 +114,7 @@ impl Fleet {
             args.extend(["--trusted-keys-file".to_owned(), format!("{}.pub", key.display())]);
             key
         });
+        args.extend(meta_args.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let meta = Meta::start(&args);
         Fleet { dir, nginx, meta, user, key }
@@ -1347,4 +1353,153 @@ fn bad_relay_cache_flags_exit_64() {
         assert!(log.contains(expect), "{args:?}: {log}");
         assert!(!log.contains("relay listening"), "never bound a port: {log}");
     }
+}
+
+// ---- Self-update (issue 15) ----
+
+impl Fleet {
+    /// `{base}/{arch}/ops-updater-{version}.tar.gz` holding `body` as `ops-updater`; its md5.
+    fn self_tarball(&self, version: &str, body: &[u8]) -> String {
+        let dir = self.nginx.root.join("updater").join(updater::fetch::arch());
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("ops-updater-{version}.tar.gz"));
+        {
+            // Stored, not compressed: the test binary is large and compression is not the point.
+            let gz = flate2::write::GzEncoder::new(File::create(&path).unwrap(), flate2::Compression::none());
+            let mut b = tar::Builder::new(gz);
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o755);
+            h.set_cksum();
+            b.append_data(&mut h, "ops-updater", body).unwrap();
+            b.into_inner().unwrap().finish().unwrap();
+        }
+        md5_hex(&std::fs::read(&path).unwrap())
+    }
+
+    /// agents.toml with the updater itself at `to`, in a staged rollout from `from`.
+    fn desire_self(&self, from: &str, to: &str, md5: &str) {
+        self.desire_toml(&format!(
+            "[[agent]]\nname = \"ops-updater\"\ntarball = \"{}\"\nrun_user = \"{}\"\nwork_dir = \"{}\"\n\
+             default = {{ version = \"{to}\", md5 = \"{md5}\" }}\n\
+             [agent.rollout]\nfrom = {{ version = \"{from}\", md5 = \"\" }}\nwaves = [50, 100]\nsoak = \"1s\"\nhalt_when = {{ failed_ratio = 1.0, min_sample = 1000 }}\n",
+            self.nginx.url("/updater"),
+            self.user,
+            self.work().display()
+        ));
+    }
+
+    /// The host's `ops-updater` agent as the meta node shows it.
+    fn self_agent(&self, host: &str) -> serde_json::Value {
+        let h = self.host(host);
+        h["agents"].as_array().into_iter().flatten().find(|a| a["name"] == "ops-updater").cloned().unwrap_or_default()
+    }
+}
+
+fn exe_of(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+/// The updater upgrades itself through a staged rollout (check, swap, re-exec in the same
+/// process) and keeps heartbeating; a new binary that exits at once never replaces it and is
+/// not tried again; one that dies after the swap is put back by the guard
+/// (`{binary}.old --self-update-guard`, the service's `ExecStartPre`).
+#[test]
+fn the_updater_upgrades_itself_and_a_broken_build_never_sticks() {
+    // Rollouts judged every 300 ms, so a wave opens soon after the last converged.
+    let f = Fleet::start_with(false, &["--rollout-interval-ms", "300"]);
+    let bin_dir = f.dir.path().join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let bin = bin_dir.join("ops-updater");
+    let original = std::fs::read(ops_e2e::binary("ops-updater")).unwrap();
+    std::fs::write(&bin, &original).unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (code, out) = {
+        let o = Command::new(&bin).arg("--version").output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    assert_eq!(code, Some(0));
+    let built_in = out.strip_prefix("ops-updater ").unwrap().to_owned();
+
+    let (servers, state) = (f.servers(), f.state_dir());
+    let args = [
+        servers.as_str(),
+        "--hostname=host-s",
+        "--interval=1",
+        &state,
+        "--self-update-seconds=30",
+        "--control-timeout-seconds=5",
+        "--pin-file=/nonexistent/pin.toml",
+    ];
+    let mut p = Proc::start_path(&bin, &args);
+    let pid = p.pid();
+
+    // 2.0: the same binary under another version, through the rollout.
+    let md5 = f.self_tarball("2.0", &original);
+    f.desire_self(&built_in, "2.0", &md5);
+    let up = ops_e2e::eventually(Duration::from_secs(90), || {
+        let a = f.self_agent("host-s");
+        (a["version"] == "2.0" && a["state"] == "ok" && p.log().contains("self-update confirmed")).then_some(a)
+    });
+    assert!(up.is_some(), "not upgraded: {}\n{}", f.self_agent("host-s"), p.log());
+    let log = p.log();
+    assert!(log.contains("binary replaced, re-executing"), "{log}");
+    assert_eq!(exe_of(pid), bin.display().to_string(), "the same process runs the new file (not a deleted one)");
+    assert_eq!(std::fs::read(bin_dir.join("ops-updater.old")).unwrap(), original, "the old binary is kept");
+    assert_eq!(std::fs::read_to_string(f.work().join("ops-updater/.version")).unwrap().trim(), "2.0");
+    let seen = f.host("host-s")["lastSeen"].as_u64().unwrap();
+    assert!(
+        ops_e2e::eventually(Duration::from_secs(20), || (f.host("host-s")["lastSeen"].as_u64().unwrap() > seen).then_some(())).is_some(),
+        "keeps heartbeating"
+    );
+    let rollout = get_json(&f.meta.url("/rollout/ops-updater")).1;
+    assert_eq!(rollout["halted"], false, "{rollout}");
+
+    // 3.0 exits at once: its check fails, nothing is replaced, and it is not tried again.
+    let md5 = f.self_tarball("3.0", b"#!/bin/sh\necho broken >&2\nexit 3\n");
+    f.desire_self("2.0", "3.0", &md5);
+    let refused = ops_e2e::eventually(Duration::from_secs(60), || {
+        let a = f.self_agent("host-s");
+        a["lastError"].as_str().filter(|e| e.starts_with("reverted: ops-updater 3.0: its check failed")).map(str::to_owned)
+    });
+    assert!(refused.is_some(), "{}\n{}", f.self_agent("host-s"), p.log());
+    assert!(refused.unwrap().contains("broken"), "the check's last words are reported");
+    assert_eq!(std::fs::read(&bin).unwrap(), original, "never replaced");
+    assert_eq!(f.self_agent("host-s")["version"], "2.0");
+    std::thread::sleep(Duration::from_secs(3));
+    let log = p.log();
+    assert_eq!(log.matches("self-update refused").count(), 1, "checked once, not every cycle:\n{log}");
+    assert!(log.contains("not retried"), "{log}");
+    assert_eq!(exe_of(pid), bin.display().to_string(), "still the same process");
+
+    // 4.0 passes its check, then dies as soon as it runs for real: the process is gone, and
+    // the guard puts the old binary back before the service starts again.
+    let real = bin_dir.join("real-ops-updater");
+    std::fs::write(&real, &original).unwrap();
+    std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script =
+        format!("#!/bin/sh\ncase \" $* \" in *\" --self-check \"*) exec {} \"$@\" ;; esac\necho dying >&2\nexit 7\n", real.display());
+    let md5 = f.self_tarball("4.0", script.as_bytes());
+    f.desire_self("2.0", "4.0", &md5);
+    let status = p.wait_exit(Duration::from_secs(90));
+    assert_eq!(status.code(), Some(7), "the new build ran in the updater's process and died:\n{}", p.log());
+    assert_eq!(std::fs::read(&bin).unwrap(), script.as_bytes(), "the broken build is in place");
+    let old = bin_dir.join("ops-updater.old");
+    let mut guard_args = vec!["--self-update-guard"];
+    guard_args.extend_from_slice(&args);
+    let mut guard = Proc::start_path(&old, &guard_args);
+    assert_eq!(guard.wait_exit(Duration::from_secs(20)).code(), Some(0), "{}", guard.log());
+    assert_eq!(std::fs::read(&bin).unwrap(), original, "the old binary is back");
+    assert_eq!(std::fs::read_to_string(f.work().join("ops-updater/.version")).unwrap().trim(), "2.0");
+    let mut again = Proc::start_path(&bin, &args);
+    let reverted = ops_e2e::eventually(Duration::from_secs(30), || {
+        let a = f.self_agent("host-s");
+        a["lastError"].as_str().filter(|e| e.starts_with("reverted: ops-updater 4.0")).map(|_| a.clone())
+    });
+    assert!(reverted.is_some(), "{}\n{}", f.self_agent("host-s"), again.log());
+    assert_eq!(reverted.unwrap()["version"], "2.0");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!again.log().contains("re-executing"), "4.0 is not tried again:\n{}", again.log());
+    again.signal("TERM");
+    again.wait_exit(Duration::from_secs(20));
 }

@@ -39,6 +39,8 @@ pub struct CycleSettings {
     pub health_window: Duration,
     /// The operator's local pins (`pin.toml`), read at every cycle; None: no pins.
     pub pin_file: Option<PathBuf>,
+    /// How this process replaces itself (the desired agent `ops-updater`).
+    pub self_update: crate::selfupdate::SelfSettings,
 }
 
 /// What is kept across restarts: which agents to report at the first heartbeat, and their
@@ -53,6 +55,9 @@ struct Kept {
     /// Versions reverted, per agent.
     #[serde(default)]
     reverted: HashMap<String, crate::health::Reverted>,
+    /// A self-update between its check and its confirmation.
+    #[serde(default)]
+    self_update: Option<crate::selfupdate::Pending>,
 }
 
 const STATE_FILE: &str = "state.json";
@@ -92,6 +97,7 @@ pub struct Updater {
     pub(crate) reverted: HashMap<String, crate::health::Reverted>,
     /// The pins as last read, or why the pin file could not be read (then every agent is held).
     pins: Result<Pins, String>,
+    pub(crate) self_update: Option<crate::selfupdate::Pending>,
 }
 
 /// What one cycle saw.
@@ -198,6 +204,7 @@ impl Updater {
             watch: kept.watch,
             reverted: kept.reverted,
             pins: Ok(Pins::default()),
+            self_update: kept.self_update,
         }
     }
 
@@ -283,8 +290,13 @@ impl Updater {
     /// Keeps the desired list and errors for the next start (temporary file + rename).
     pub(crate) fn save_kept(&self) {
         let Some(dir) = &self.settings.state_dir else { return };
-        let kept =
-            Kept { desired: self.known.clone(), errors: self.errors.clone(), watch: self.watch.clone(), reverted: self.reverted.clone() };
+        let kept = Kept {
+            desired: self.known.clone(),
+            errors: self.errors.clone(),
+            watch: self.watch.clone(),
+            reverted: self.reverted.clone(),
+            self_update: self.self_update.clone(),
+        };
         if let Err(e) = keep_file(dir, STATE_FILE, &serde_json::to_vec(&kept).unwrap_or_default()) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot keep state across restarts");
         }
@@ -295,9 +307,13 @@ impl Updater {
         let mut out = Vec::new();
         for d in &self.known {
             let Ok((agent_dir, _)) = checked_dirs(d) else { continue };
-            let version = read_version(&agent_dir);
+            let is_self = d.name == crate::selfupdate::SELF_AGENT;
+            let version = if is_self { crate::selfupdate::self_version(&agent_dir) } else { read_version(&agent_dir) };
             let dir = agent_dir.join(&version);
-            let status = if !version.is_empty() && dir.join("control").is_file() {
+            // The updater runs: it is the one reporting.
+            let status = if is_self {
+                "started".to_owned()
+            } else if !version.is_empty() && dir.join("control").is_file() {
                 match control::run(&dir, "status", &d.run_user, self.settings.control_timeout).await {
                     Ok(s) => s.chars().take(ops_config::wire::MAX_STATUS).collect(),
                     Err(e) => {
@@ -371,7 +387,7 @@ impl Updater {
             hostname: self.settings.hostname.clone().into(),
             ip: self.settings.ip.clone().into(),
             run_user: control::current_user().into(),
-            updater_version: env!("CARGO_PKG_VERSION").into(),
+            updater_version: crate::selfupdate::BUILT_IN_VERSION.into(),
             real_agents: self.real_state().await,
         }
     }
@@ -387,7 +403,9 @@ impl Updater {
     pub async fn cycle(&mut self) -> Outcome {
         self.load_pins();
         let hb = self.heartbeat().await;
-        let (reply, server) = match self.send(&hb).await {
+        let sent = self.send(&hb).await;
+        self.probation(sent.is_ok());
+        let (reply, server) = match sent {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "no server answered the heartbeat");
@@ -535,6 +553,9 @@ impl Updater {
             }
             None => {}
         }
+        if d.name == crate::selfupdate::SELF_AGENT {
+            return self.apply_self(d, &agent_dir, &version_dir).await;
+        }
         self.ensure_installed(d, &agent_dir, &version_dir).await?;
         let timeout = self.settings.control_timeout;
         let current = read_version(&agent_dir);
@@ -581,8 +602,9 @@ impl Updater {
 
     /// Makes `{agent_dir}/{version}` exist, complete: download, verify, extract into a
     /// temporary sibling, rename into place.
-    async fn ensure_installed(&self, d: &DesiredAgent, agent_dir: &Path, version_dir: &Path) -> Result<(), String> {
-        if version_dir.join("control").is_file() {
+    pub(crate) async fn ensure_installed(&self, d: &DesiredAgent, agent_dir: &Path, version_dir: &Path) -> Result<(), String> {
+        let entry = crate::selfupdate::entry_of(&d.name);
+        if version_dir.join(entry).is_file() {
             return Ok(());
         }
         let tmp = agent_dir.join(format!(".tmp-{}", d.version));
@@ -619,7 +641,7 @@ impl Updater {
         }
         std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
         let (archive, dest) = (download.clone(), tmp.clone());
-        let unpacked = tokio::task::spawn_blocking(move || unpack::unpack(&archive, &dest)).await.map_err(|e| e.to_string())?;
+        let unpacked = tokio::task::spawn_blocking(move || unpack::unpack_with(&archive, &dest, entry)).await.map_err(|e| e.to_string())?;
         if let Err(e) = unpacked {
             let _ = std::fs::remove_dir_all(&tmp);
             let _ = std::fs::remove_file(&download);
@@ -666,6 +688,7 @@ mod tests {
             roots: Vec::new(),
             health_window: Duration::ZERO,
             pin_file: None,
+            self_update: Default::default(),
         };
         Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20, &[]))
     }

@@ -12,6 +12,7 @@ pub mod cycle;
 pub mod fetch;
 pub mod health;
 pub mod pin;
+pub mod selfupdate;
 pub mod unpack;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -40,9 +41,11 @@ pub async fn run(mut updater: Updater, interval: Duration, first: Duration, shut
     loop {
         let outcome = updater.cycle().await;
         tracing::info!(answered = outcome.answered, converged = outcome.converged, errors = outcome.errors.len(), "cycle done");
+        // A new binary on probation tries again soon: its deadline is far shorter than a cycle.
+        let wait = if updater.on_probation() { interval.min(Duration::from_secs(2)) } else { interval };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -70,6 +70,19 @@ struct Cli {
     /// cycle; no file, no pins; a file that does not parse holds every agent.
     #[arg(long)]
     pin_file: Option<PathBuf>,
+    /// Seconds a new ops-updater binary (the desired agent `ops-updater`) has to complete a
+    /// heartbeat: in its check before it replaces this one, and after the re-exec; otherwise
+    /// the old binary stays or comes back.
+    #[arg(long)]
+    self_update_seconds: Option<u64>,
+    /// Send one heartbeat with these settings and exit 0 when a server answered, 1 when none
+    /// did (how a new binary is checked before a self-update). Nothing is installed or changed.
+    #[arg(long)]
+    self_check: bool,
+    /// Put the old binary back if a self-update is still unconfirmed (its new binary died on
+    /// probation), then exit. For the service's `ExecStartPre`, run from `{binary}.old`.
+    #[arg(long)]
+    self_update_guard: bool,
     /// A TOML file with the same settings (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -93,6 +106,7 @@ struct FileConfig {
     ca_file: Option<PathBuf>,
     health_window_seconds: Option<u64>,
     pin_file: Option<PathBuf>,
+    self_update_seconds: Option<u64>,
 }
 
 struct Resolved {
@@ -142,6 +156,11 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
             state_dir: Some(cli.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/ops-updater"))),
             trusted_keys,
             health_window: Duration::from_secs(cli.health_window_seconds.or(file.health_window_seconds).unwrap_or(30)),
+            self_update: updater::selfupdate::SelfSettings {
+                exe: std::env::current_exe().ok(),
+                args: std::env::args_os().skip(1).collect(),
+                bound: Duration::from_secs(cli.self_update_seconds.or(file.self_update_seconds).unwrap_or(60).max(1)),
+            },
             pin_file: Some(cli.pin_file.clone().or(file.pin_file).unwrap_or_else(|| PathBuf::from("/etc/ops-updater/pin.toml"))),
             roots: match cli.ca_file.clone().or(file.ca_file) {
                 Some(path) => updater::read_ca_file(&path)?,
@@ -182,7 +201,25 @@ fn main() -> ExitCode {
         let fetcher = Fetcher::new(Duration::from_secs(10), r.download_timeout, r.max_download_bytes, &r.cycle.roots);
         let hostname = r.cycle.hostname.clone();
         let mut updater = Updater::new(r.cycle, fetcher);
-        tracing::info!(hostname = %hostname, servers = ?updater.settings.servers, "ops-updater starting");
+        if cli.self_check {
+            return match updater.report().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ops-updater: self-check: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        // A self-update left unconfirmed by a process that died: the old binary comes back.
+        if cli.self_update_guard {
+            updater.guard_self_update();
+            return ExitCode::SUCCESS;
+        }
+        if std::env::var_os(updater::selfupdate::EXECED_ENV).is_none() && updater.guard_self_update() {
+            let e = updater.restart();
+            tracing::error!(error = %e, "cannot start the old binary again; going on with this one");
+        }
+        tracing::info!(hostname = %hostname, version = updater::selfupdate::BUILT_IN_VERSION, servers = ?updater.settings.servers, "ops-updater starting");
         if cli.once {
             let outcome = updater.cycle().await;
             if outcome.answered
@@ -207,7 +244,8 @@ fn main() -> ExitCode {
             tracing::info!("stopping after the cycle in progress");
             s.cancel();
         });
-        let first = updater::first_delay(&hostname, r.interval);
+        // On probation after a self-update: the first heartbeat at once.
+        let first = if updater.on_probation() { Duration::ZERO } else { updater::first_delay(&hostname, r.interval) };
         updater::run(updater, r.interval, first, shutdown).await;
         ExitCode::SUCCESS
     })

@@ -3,7 +3,8 @@
 //! Every entry is checked before anything is written: relative paths of normal components
 //! only (no absolute path, no `..`), symbolic links whose target stays inside the directory,
 //! hard links to entries inside it, and only regular files, directories and links. The
-//! archive must hold an executable `control` at its root. A refused archive leaves the
+//! archive must hold an executable `control` at its root (`ops-updater` for the updater's own
+//! package). A refused archive leaves the
 //! target directory for the caller to remove: nothing is written outside it.
 
 use std::fs::File;
@@ -19,8 +20,8 @@ pub enum UnpackError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("archive entry {entry:?} refused: {why}")]
     Refused { entry: String, why: &'static str },
-    #[error("archive has no executable `control` at its root")]
-    NoControl,
+    #[error("archive has no executable `{0}` at its root")]
+    NoEntry(&'static str),
 }
 
 /// `path` made of normal components only; returns it without any `./` prefix.
@@ -60,6 +61,11 @@ fn link_stays_inside(entry: &Path, target: &Path) -> bool {
 
 /// Extracts the gzipped tarball `archive` into the empty directory `dest`.
 pub fn unpack(archive: &Path, dest: &Path) -> Result<(), UnpackError> {
+    unpack_with(archive, dest, "control")
+}
+
+/// [`unpack`] of an archive whose executable at the root is `entry`.
+pub fn unpack_with(archive: &Path, dest: &Path, entry: &'static str) -> Result<(), UnpackError> {
     let io = |source| UnpackError::Io { path: archive.to_path_buf(), source };
     // First pass: check every entry, write nothing.
     {
@@ -107,10 +113,9 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<(), UnpackError> {
             return Err(UnpackError::Refused { entry: name, why: "outside the target directory" });
         }
     }
-    let control = dest.join("control");
-    let meta = std::fs::symlink_metadata(&control).map_err(|_| UnpackError::NoControl)?;
+    let meta = std::fs::symlink_metadata(dest.join(entry)).map_err(|_| UnpackError::NoEntry(entry))?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-        return Err(UnpackError::NoControl);
+        return Err(UnpackError::NoEntry(entry));
     }
     Ok(())
 }
@@ -201,11 +206,11 @@ mod tests {
     #[test]
     fn archive_without_executable_control_is_refused() {
         let (r, _d) = check(|b| file(b, "agent", b"x", 0o755));
-        assert!(matches!(r, Err(UnpackError::NoControl)));
+        assert!(matches!(r, Err(UnpackError::NoEntry("control"))));
         let (r, _d) = check(|b| file(b, "control", b"x", 0o644));
-        assert!(matches!(r, Err(UnpackError::NoControl)));
+        assert!(matches!(r, Err(UnpackError::NoEntry("control"))));
         let (r, _d) = check(|b| file(b, "sub/control", b"x", 0o755));
-        assert!(matches!(r, Err(UnpackError::NoControl)));
+        assert!(matches!(r, Err(UnpackError::NoEntry("control"))));
     }
 
     #[test]
