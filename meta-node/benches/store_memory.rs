@@ -1,6 +1,7 @@
 //! Bytes per host of the real-state store at N hosts × 3 agents (RSS before and after), the
 //! in-process upsert rate, and the cost of a summary, a full listing and a snapshot.
-//! `cargo bench -p meta-node --bench store_memory -- 1000000`
+//! `cargo bench -p meta-node --bench store_memory -- 1000000 [--pinned=PERCENT]` (that share of
+//! hosts reports falcon-agent pinned `hold`: the side-table cost of local pins).
 use std::time::Instant;
 
 use meta_node::fleet::{self, AgentQuery, Filter, Scope};
@@ -17,6 +18,7 @@ fn rss_bytes() -> u64 {
 
 fn main() {
     let hosts: u32 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let pinned: u32 = std::env::args().find_map(|a| a.strip_prefix("--pinned=").and_then(|p| p.parse().ok())).unwrap_or(0);
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples/agents.toml");
     let loaded = Loaded::new(DesiredConfig::load(&path).expect("example config"), 1);
     // Bodies are built before the first RSS reading so only the store is measured.
@@ -24,10 +26,11 @@ fn main() {
         .map(|i| {
             let dc = ["bj", "sh", "gz"][(i % 3) as usize];
             format!(
-                r#"{{"hostname":"{dc}-web-{i:07}","ip":"10.{}.{}.{}","runUser":"root","updaterVersion":"0.1.0","realAgents":[{{"name":"falcon-agent","version":"5.1.3","status":"started","timestamp":1700000000,"runUser":"falcon","workDir":"/home/falcon/open-falcon"}},{{"name":"mysql-monitor","version":"0.0.5","status":"started","timestamp":1700000000,"runUser":"falcon","workDir":"/home/falcon/open-falcon"}},{{"name":"naming-agent","version":"1.2.0","status":"started","timestamp":1700000000,"runUser":"root","workDir":"/opt/ops"}}]}}"#,
+                r#"{{"hostname":"{dc}-web-{i:07}","ip":"10.{}.{}.{}","runUser":"root","updaterVersion":"0.1.0","realAgents":[{{"name":"falcon-agent","version":"5.1.3","status":"started","timestamp":1700000000,"runUser":"falcon","workDir":"/home/falcon/open-falcon"{}}},{{"name":"mysql-monitor","version":"0.0.5","status":"started","timestamp":1700000000,"runUser":"falcon","workDir":"/home/falcon/open-falcon"}},{{"name":"naming-agent","version":"1.2.0","status":"started","timestamp":1700000000,"runUser":"root","workDir":"/opt/ops"}}]}}"#,
                 i >> 16 & 255,
                 i >> 8 & 255,
-                i & 255
+                i & 255,
+                if i % 100 < pinned { r#","pinned":"hold""# } else { "" }
             )
         })
         .collect();
@@ -42,7 +45,7 @@ fn main() {
     let insert_s = start.elapsed().as_secs_f64();
     let after = rss_bytes();
     println!(
-        "hosts {hosts} x 3 agents: RSS {} -> {} MiB, {:.1} bytes/host",
+        "hosts {hosts} x 3 agents ({pinned} % pinned): RSS {} -> {} MiB, {:.1} bytes/host",
         before >> 20,
         after >> 20,
         (after - before) as f64 / f64::from(hosts)
