@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ops_e2e::cluster::{Cluster, TOKEN, chromium, figure_after};
-use ops_e2e::{Meta, Relay, eventually, get, get_json, get_json_auth, post_json, post_json_auth};
+use ops_e2e::{Meta, Relay, eventually, get, get_json, get_json_auth, opsctl, post_json, post_json_auth};
 use serde_json::{Value, json};
 
 const AGENTS: &str = r#"
@@ -466,9 +466,50 @@ fn fleet_page_shows_the_gathered_figures_and_a_partial_banner() {
     chromium(&["--window-size=1200,800", &format!("--screenshot={}", shot.display()), &m.url("/ui/")]);
     assert!(std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0) > 10_000, "a screenshot at {}", shot.display());
 
+    // The same figures through opsctl, against meta-2 (any node answers for the fleet).
+    let server = format!("--server={}", c.meta(1).url(""));
+    let (code, out, err) = opsctl(&[&server, "status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let line = out.lines().find(|l| l.starts_with("falcon-agent")).unwrap_or_else(|| panic!("{out}"));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cols, ["falcon-agent", "5.1.3", "(start),", "5.1.4", "(start)", "34", "70.6", "%", "24", "6", "4", "0", "0"], "{out}");
+    let (code, out, _) = opsctl(&[&server, "status", "falcon-agent"]);
+    assert_eq!(code, 0);
+    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert!(out.starts_with("falcon-agent: 34 hosts, 24 converged (70.6 %)"), "{out}");
+    assert!(rows.contains(&vec!["5.1.2", "started", "error", "4"]) && rows.contains(&vec!["5.1.3", "started", "ok", "20"]), "{out}");
+    let (code, out, _) = opsctl(&[&server, "hosts", "falcon-agent", "--state", "error"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().filter(|l| !l.starts_with('#')).count(), 4, "{out}");
+    assert!(out.lines().skip(1).all(|l| l.contains("md5 mismatch")), "{out}");
+    let (code, out, _) = opsctl(&[&server, "--json", "hosts", "falcon-agent", "--prefix", "bj-web-"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["count"], 4, "{out}");
+    let (code, out, _) = opsctl(&[&server, "host", "dc1-host-27"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("dc1-host-27 ") && out.contains("falcon-agent") && out.contains("md5 mismatch"), "{out}");
+    let (code, out, _) = opsctl(&[&server, "cluster"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("meta-") && l.contains(" ok ")).count(), 2, "{out}");
+    let (code, _, err) = opsctl(&[&server, "host", "no-such-host"]);
+    assert_eq!(code, 1, "the server's refusal: {err}");
+    assert!(err.contains("HTTP 404"), "{err}");
+    let (code, _, err) = opsctl(&["--server=127.0.0.1:9", "status"]);
+    assert_eq!(code, 69, "nobody answers: {err}");
+    let (code, out, _) = opsctl(&["completion", "bash"]);
+    assert!(code == 0 && out.contains("opsctl") && out.contains("rollout"), "{out}");
+
     // meta-2 dies: the page says whose hosts are missing.
     c.metas[1] = None;
     let dom = chromium(&["--dump-dom", &c.meta(0).url("/ui/")]);
     let banner = figure_after(&dom, r#"id="partial""#, ">");
     assert!(banner.contains("meta-2"), "{banner}");
+    // opsctl prints what it has and exits 2: a node is down, the counts are partial.
+    let server = format!("--server={}", c.meta(0).url(""));
+    let (code, out, err) = opsctl(&[&server, "cluster"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.lines().any(|l| l.starts_with("meta-2") && l.contains("down")) && err.contains("down: meta-2"), "{out}{err}");
+    let (code, out, err) = opsctl(&[&server, "status"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.contains("falcon-agent") && err.contains("partial: no answer from meta-2"), "{out}{err}");
 }

@@ -233,6 +233,14 @@ fn a_bad_build_halts_in_wave_1_and_abort_brings_every_host_back() {
     assert!(changed > 0, "some wave-1 hosts installed it before the halt");
     assert!(get_text(&c.meta(0).url("/metrics")).1.contains(r#"ops_meta_rollout_halted{agent="falcon-agent"} 1"#));
 
+    // opsctl says so too: the halt and its reason, wave 1 open, the others not.
+    let (code, out, err) = ops_e2e::opsctl(&[&format!("--server={}", c.meta(2).url("")), "rollout", "falcon-agent"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with(&format!("rollout falcon-agent {FROM} -> {TARGET}: wave 1 of 3")), "{out}");
+    assert!(out.contains("HALTED: ") && out.contains("decided hosts failed"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("wave 1 ( 10 %) [") && !l.contains("not open")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("wave 3 (100 %) [") && l.ends_with("(not open)")), "{out}");
+
     // The fleet page shows the halt and the waves (headless Chromium).
     let dom = chromium(&["--dump-dom", &c.meta(1).url("/ui/")]);
     assert!(dom.contains(r#"data-halted="falcon-agent""#) && dom.contains("HALTED at wave 1"), "{dom}");
@@ -248,6 +256,21 @@ fn a_bad_build_halts_in_wave_1_and_abort_brings_every_host_back() {
     assert!(back, "every host back on {FROM}: {} are", sim.on(FROM));
     let again = sim.round(&c);
     assert!(again.is_empty(), "nobody is told the target after an abort: {again:?}");
+
+    // Everyone is back on `from`, so nobody fails now; the failures of the rollout stay
+    // counted (wave 1), and the fleet page shows them beside the halt.
+    let told = sim.rollout_hosts().filter(|h| h.told && wave_of(&h.name) == 1).count() as u64;
+    let settled = eventually(Duration::from_secs(15), || {
+        let w = rollout(&c, 1)["waves"][0].clone();
+        (w["failed"] == 0 && w["failedTotal"].as_u64() >= Some(1) && w["backOnFrom"] == w["failedTotal"]).then_some(w)
+    });
+    let w = settled.unwrap_or_else(|| panic!("wave 1 after the abort: {}", rollout(&c, 1)));
+    assert!(w["failedTotal"].as_u64().unwrap() < told, "only hosts told the build, not all of them: {w}, {told} told");
+    let dom = chromium(&["--dump-dom", &c.meta(0).url("/ui/")]);
+    assert!(dom.contains(r#"data-halted="falcon-agent""#), "{dom}");
+    let shown = format!(r#"data-failed-total="{}""#, w["failedTotal"]);
+    assert!(dom.contains(&shown) && dom.contains("failed since the start"), "wave 1's failures shown: {shown}\n{dom}");
+    assert!(dom.contains(&format!(r#"data-rollout-failed="{}""#, w["failedTotal"])), "{dom}");
 }
 
 #[test]

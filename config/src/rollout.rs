@@ -181,6 +181,13 @@ pub struct WaveReport {
     /// Hosts an operator pinned locally (see [`WaveCounts::pinned`]).
     #[serde(default)]
     pub pinned: u64,
+    /// Hosts that failed at some point of this rollout: failing now, or failed before a halt
+    /// (or an abort) answered them `from` again, which `failed` no longer counts.
+    #[serde(default)]
+    pub failed_total: u64,
+    /// Of those, the hosts no longer told the target that report `from` again.
+    #[serde(default)]
+    pub back_on_from: u64,
 }
 
 impl WaveReport {
@@ -196,6 +203,8 @@ impl WaveReport {
         self.failed += o.failed;
         self.silent += o.silent;
         self.pinned += o.pinned;
+        self.failed_total += o.failed_total;
+        self.back_on_from += o.back_on_from;
     }
 }
 

@@ -9,6 +9,10 @@
 //! - failover copies go to the first candidate that is up (`handoff`), which is the owner once
 //!   it is back.
 //!
+//! A probe that finds a peer refusing connections, or something else on its address, marks it
+//! down at once; one that merely times out marks it down only at the second timeout in a row,
+//! so a peer slow for a moment (a loaded machine) does not make every status answer partial.
+//!
 //! The probe also compares config hashes (the divergence gauge).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +40,11 @@ impl Peers {
         relay::forward::mask_of(&self.up) | (1 << self.me)
     }
 
+    /// Whether node `i` answered this node's last probe or query (this node: always).
+    pub fn is_up(&self, i: usize) -> bool {
+        i == self.me || self.up.get(i).is_some_and(|u| u.load(Ordering::Relaxed))
+    }
+
     /// Records what a probe or a query found; logs a change.
     pub fn set(&self, node: usize, id: &str, up: bool) {
         if node == self.me {
@@ -51,11 +60,23 @@ impl Peers {
     }
 }
 
+/// What one probe of a peer found.
+enum Probe {
+    /// It answered as itself, with this config hash.
+    Up(serde_json::Value),
+    /// It did not answer within the period.
+    Slow,
+    /// Refused, failed, or something else answered on its address.
+    Down,
+}
+
 /// Probes every peer each `period` until `stop`.
 pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: CancellationToken) {
     let Some(c) = &node.cluster else { return };
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Timeouts in a row, per node.
+    let mut slow = vec![0u8; c.map.nodes.len()];
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -68,23 +89,38 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
             async move {
                 // Only the node itself counts: whatever else answers on its address (a process
                 // that took the port of a dead node) does not.
-                let hash = match req.send().await {
-                    Ok(r) if r.status().is_success() => {
-                        r.json::<serde_json::Value>().await.ok().filter(|v| v["id"] == id).map(|v| v["configHash"].clone())
-                    }
-                    _ => None,
+                let answer = match req.send().await {
+                    Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
+                        Ok(v) if v["id"] == id => Probe::Up(v["configHash"].clone()),
+                        Ok(_) => Probe::Down,
+                        Err(e) if e.is_timeout() => Probe::Slow,
+                        Err(_) => Probe::Down,
+                    },
+                    Err(e) if e.is_timeout() => Probe::Slow,
+                    _ => Probe::Down,
                 };
-                (i, hash)
+                (i, answer)
             }
         }))
         .await;
         let mut diverged = false;
-        for (i, hash) in answers {
-            c.alive.set(i, &c.map.nodes[i].id, hash.is_some());
-            match hash {
-                Some(h) => diverged |= h.as_str().is_some_and(|h| h != mine),
-                None => metrics::counter!(PEER_ERRORS, "query" => "health").increment(1),
+        for (i, answer) in answers {
+            let up = match answer {
+                Probe::Up(hash) => {
+                    diverged |= hash.as_str().is_some_and(|h| h != mine);
+                    slow[i] = 0;
+                    true
+                }
+                Probe::Slow => {
+                    slow[i] += 1;
+                    slow[i] < 2 && c.alive.is_up(i)
+                }
+                Probe::Down => false,
+            };
+            if !up {
+                metrics::counter!(PEER_ERRORS, "query" => "health").increment(1);
             }
+            c.alive.set(i, &c.map.nodes[i].id, up);
         }
         metrics::gauge!(CONFIG_DIVERGED).set(if diverged { 1.0 } else { 0.0 });
         metrics::gauge!(PEERS_UP).set(f64::from(c.alive.mask().count_ones()));

@@ -162,6 +162,8 @@ fn gauges(agent: &str, waves: &[WaveReport], fleet_wave: usize, halted: bool) {
             ("failed", w.failed),
             ("silent", w.silent),
             ("pinned", w.pinned),
+            ("failed_since_start", w.failed_total),
+            ("back_on_from", w.back_on_from),
         ] {
             ::metrics::gauge!(ROLLOUT_HOSTS, "agent" => agent.to_owned(), "wave" => wave.clone(), "state" => state).set(v as f64);
         }
@@ -193,6 +195,20 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
         let syms = store.symbols().reader();
         specs.iter().map(|a| (syms.get(&a.name), syms.get(&a.default.version))).unzip()
     };
+    let froms: Vec<_> = {
+        let syms = store.symbols().reader();
+        specs.iter().map(|a| a.rollout.as_ref().and_then(|s| syms.get(&s.from.version))).collect()
+    };
+    // Which rollout a failure belongs to: a new target starts with none.
+    let ids: Vec<u32> = specs
+        .iter()
+        .map(|a| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (&a.name, &a.default.version).hash(&mut h);
+            h.finish() as u32
+        })
+        .collect();
     let deadlines: Vec<u64> = specs.iter().map(|a| a.rollout.as_ref().map_or(u64::MAX, |s| s.policy.deadline_seconds)).collect();
     for i in 0..SHARDS {
         let mut guard = store.shard(i);
@@ -215,6 +231,7 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
                     let agents = shard.agents(h);
                     let real = names[r].and_then(|n| agents.iter().position(|a| a.name == n));
                     let on_target = real.is_some_and(|p| targets[r] == Some(agents[p].version));
+                    let on_from = real.is_some_and(|p| froms[r] == Some(agents[p].version));
                     let has_error = real.is_some_and(|p| shard.last_error(slot, h, p).is_some());
                     let pinned = real.is_some_and(|p| shard.pinned(slot, h, p).is_some());
                     let converged = real.is_some_and(|p| is_converged(on_target, syms.resolve(agents[p].status), &target.cmd, has_error));
@@ -225,6 +242,7 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
                         told: h.told & (1 << r) != 0,
                         stale: now.saturating_sub(h.last_seen) > stale_after,
                         on_target,
+                        on_from,
                         has_error,
                         pinned,
                         converged,
@@ -232,12 +250,14 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
                 }
             }
         }
-        let table = shard.told_at_mut();
+        let (table, failed_in) = shard.rollout_tables_mut();
         for row in &rows {
             let c = &mut out[usize::from(row.r)][row.wave - 1];
             let key = (row.slot, row.r);
+            let id = ids[usize::from(row.r)];
             c.targeted += 1;
             c.told += u64::from(row.told);
+            let mut failed_now = false;
             if row.stale && !row.converged {
                 c.silent += 1;
             } else if row.pinned || row.converged {
@@ -254,9 +274,19 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
                 let since = *table.entry(key).or_insert(now);
                 if row.has_error || row.on_target || u64::from(now.saturating_sub(since)) >= deadlines[usize::from(row.r)] {
                     c.failed += 1;
+                    failed_now = true;
                 }
             } else if !table.is_empty() {
                 table.remove(&key);
+            }
+            // A host that failed stays counted for the rollout, also once a halt answered it
+            // `from` again (then `failed` above no longer counts it).
+            if failed_now {
+                failed_in.insert(key, id);
+            }
+            if failed_now || (!failed_in.is_empty() && failed_in.get(&key) == Some(&id)) {
+                c.failed_total += 1;
+                c.back_on_from += u64::from(!row.told && row.on_from);
             }
         }
     }
@@ -273,6 +303,8 @@ struct Row {
     stale: bool,
     /// Reports the target version.
     on_target: bool,
+    /// Reports the rollout's `from` version.
+    on_from: bool,
     has_error: bool,
     /// An operator pinned the agent on the host (`pin.toml`).
     pinned: bool,

@@ -290,6 +290,9 @@ impl AgentArena {
     }
 }
 
+/// A per-host, per-rollout table of the rollout judge: `(slot, rollout)` → a u32.
+pub type SlotTable = HashMap<(u32, u8), u32>;
+
 /// A slice of the store behind one lock.
 #[derive(Default)]
 pub struct Shard {
@@ -302,6 +305,10 @@ pub struct Shard {
     /// `(slot, rollout)` → when a rollout judgement first saw the host told the target and not
     /// converged (for the deadline). Holds only hosts in flight or failing.
     told_at: HashMap<(u32, u8), u32>,
+    /// `(slot, rollout)` → the rollout (an id of its agent and target) in which the host was
+    /// judged failed: kept after a halt answers it `from` again, so the failures of a rollout
+    /// stay counted. Holds only hosts that failed.
+    failed_in: HashMap<(u32, u8), u32>,
     /// Live hosts here that this node does not own (failover copies). Usually 0, so a scan of
     /// the copies skips the shard without walking it.
     foreign: u32,
@@ -379,6 +386,12 @@ impl Shard {
         &mut self.told_at
     }
 
+    /// The rollout judge's two tables: `told_at` (see [`told_at_mut`](Self::told_at_mut)) and
+    /// `(slot, rollout)` → the id of the rollout in which the host failed.
+    pub fn rollout_tables_mut(&mut self) -> (&mut SlotTable, &mut SlotTable) {
+        (&mut self.told_at, &mut self.failed_in)
+    }
+
     /// The `lastError` an agent (by position) of the host in `slot` reported, if any.
     pub fn last_error(&self, slot: u32, host: &Host, agent: usize) -> Option<&str> {
         if host.note_mask & (1 << agent) == 0 {
@@ -416,9 +429,10 @@ impl Shard {
             entry.remove();
         }
         clear_side_tables(&mut self.notes, &mut self.other_ips, slot, host);
-        if !self.told_at.is_empty() {
+        if !self.told_at.is_empty() || !self.failed_in.is_empty() {
             for r in 0..ops_config::MAX_ROLLOUTS as u8 {
                 self.told_at.remove(&(slot, r));
+                self.failed_in.remove(&(slot, r));
             }
         }
         let was = host.owned;

@@ -1,8 +1,13 @@
-//! `opsctl`: the operator's command line. Today: the signing keys and signatures that make
+//! `opsctl`: the operator's command line: the fleet as any meta node sees it (`status`,
+//! `hosts`, `host`, `rollout`, `cluster`), and the signing keys and signatures that make
 //! `agents.toml` the fleet's root of trust (docs/security.md).
 //!
-//! Exit status: 0 done, 1 a signature or config was refused (`verify`), 64 bad usage, a file
-//! that cannot be read or written.
+//! Exit status: 0 done; 1 refused (a signature or config by `verify`, or the server answered an
+//! error, e.g. an unknown agent); 2 answered but not whole (a partial gather, a node down,
+//! hashes that differ: printed, then said on stderr); 64 bad usage, a file that cannot be read
+//! or written; 69 no server answered.
+
+mod fleet;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -13,17 +18,60 @@ use clap::{Parser, Subcommand};
 use ops_config::trust::{SecretKey, TrustedKeys, parse_signed, signature_path};
 
 const EXIT_REFUSED: u8 = 1;
+const EXIT_PARTIAL: u8 = 2;
 const EXIT_USAGE: u8 = 64;
+const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser, Debug)]
 #[command(name = "opsctl", version, about = "ops fleet operator's command line")]
 struct Cli {
+    /// Any meta node: host:port or http(s)://host:port (else $OPS_SERVER, else 127.0.0.1:2000).
+    #[arg(long, global = true)]
+    server: Option<String>,
+    /// CA certificates (PEM) for an https:// server, besides the system's.
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
+    /// Print the server's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds a request may take.
+    #[arg(long, global = true, default_value_t = 30)]
+    timeout_seconds: u64,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Every agent's summary as a table (hosts, converged, by state), or one agent's hosts by
+    /// version, run state and state.
+    Status { agent: Option<String> },
+    /// The hosts of an agent, one per line (tab-separated; --json: the server's listing).
+    Hosts {
+        agent: String,
+        /// ok, upgrading, error, stale or pinned.
+        #[arg(long)]
+        state: Option<String>,
+        /// Exact version reported.
+        #[arg(long)]
+        version: Option<String>,
+        /// Hostname prefix.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// started, stopped, absent, or an exact status text.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// One host: every agent it reports or should run, with its state and last error or pin.
+    Host { name: String },
+    /// An agent's staged rollout: its waves as text bars, the fleet's wave, each node's
+    /// verdict, and why it halted.
+    Rollout { agent: String },
+    /// The meta nodes of the cluster map: up or down, config and cluster hashes, hosts held
+    /// and failover copies. Exit 2 when a node is down or the hashes differ.
+    Cluster,
+    /// Prints a shell completion script: `opsctl completion bash > /etc/bash_completion.d/opsctl`.
+    Completion { shell: clap_complete::Shell },
     /// Creates an ed25519 signing key: KEY (secret, mode 0600) and KEY.pub (the public key
     /// to give meta nodes, relays and updaters as --trusted-key). Never overwrites.
     Keygen {
@@ -57,6 +105,10 @@ enum Command {
 enum Failure {
     Refused(String),
     Usage(String),
+    /// No server answered.
+    Unavailable(String),
+    /// Answered, printed, but not whole: why.
+    Partial(String),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Failure> {
@@ -129,10 +181,36 @@ fn verify(keys: &[String], files: &[PathBuf], file: &Path) -> Result<(), Failure
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let server =
+        || fleet::Server::new(cli.server.as_deref(), cli.ca_file.as_deref(), std::time::Duration::from_secs(cli.timeout_seconds.max(1)));
+    let whole = |r: Result<Option<String>, Failure>| match r {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(Failure::Partial(why)),
+        Err(e) => Err(e),
+    };
+    let json = cli.json;
     let result = match &cli.command {
         Command::Keygen { out } => keygen(out),
         Command::Sign { key, append, file } => sign(key, *append, file),
         Command::Verify { trusted_key, trusted_keys_file, file } => verify(trusted_key, trusted_keys_file, file),
+        Command::Status { agent } => server().and_then(|s| whole(fleet::status(&s, agent.as_deref(), json))),
+        Command::Hosts { agent, state, version, prefix, status } => server().and_then(|s| {
+            let filters = [
+                ("state", state.as_deref()),
+                ("version", version.as_deref()),
+                ("prefix", prefix.as_deref()),
+                ("status", status.as_deref()),
+            ];
+            whole(fleet::hosts(&s, agent, &filters, json))
+        }),
+        Command::Host { name } => server().and_then(|s| whole(fleet::host(&s, name, json))),
+        Command::Rollout { agent } => server().and_then(|s| whole(fleet::rollout(&s, agent, json))),
+        Command::Cluster => server().and_then(|s| whole(fleet::cluster(&s, json))),
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "opsctl", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,6 +221,14 @@ fn main() -> ExitCode {
         Err(Failure::Usage(e)) => {
             eprintln!("opsctl: {e}");
             ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Unavailable(e)) => {
+            eprintln!("opsctl: no answer: {e}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+        Err(Failure::Partial(e)) => {
+            eprintln!("opsctl: {e}");
+            ExitCode::from(EXIT_PARTIAL)
         }
     }
 }

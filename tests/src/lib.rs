@@ -50,6 +50,12 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Runs the workspace's `opsctl args...` to its end: (exit code, stdout, stderr).
+pub fn opsctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary("opsctl")).args(args).stdin(Stdio::null()).output().expect("run opsctl");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()

@@ -160,9 +160,33 @@ struct Health<'a> {
     hosts: usize,
     uptime_seconds: u64,
     version: &'static str,
+    /// In a cluster: the content hash of `cluster.toml`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_hash: Option<&'a str>,
+    /// In a cluster: hosts held here for a node that was down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failover_copies: Option<usize>,
+    /// In a cluster: every meta node of the map and whether it answers this node.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    nodes: Vec<HealthNode<'a>>,
 }
 
-pub(super) async fn health(State(node): State<Arc<Node>>) -> Json<impl Serialize> {
+#[derive(Serialize)]
+struct HealthNode<'a> {
+    id: &'a str,
+    url: String,
+    up: bool,
+}
+
+/// `?detail=1` adds what costs a walk of the store (failover copies); peers' probes do not ask.
+#[derive(serde::Deserialize)]
+pub(super) struct HealthQuery {
+    #[serde(default)]
+    detail: Option<String>,
+}
+
+pub(super) async fn health(State(node): State<Arc<Node>>, Query(q): Query<HealthQuery>) -> Json<impl Serialize> {
+    let detail = q.detail.as_deref().is_some_and(|d| d == "1" || d == "true");
     let loaded = node.desired.current();
     Json(serde_json::json!(Health {
         status: "ok",
@@ -171,6 +195,21 @@ pub(super) async fn health(State(node): State<Arc<Node>>) -> Json<impl Serialize
         hosts: node.store.len(),
         uptime_seconds: node.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION"),
+        cluster_hash: node.cluster.as_ref().map(|c| c.map.hash.as_str()),
+        failover_copies: node.cluster.as_ref().filter(|_| detail).map(|_| node.store.copies()),
+        nodes: node
+            .cluster
+            .as_ref()
+            .map(|c| {
+                let scheme = if c.map.tls { "https" } else { "http" };
+                c.map
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| HealthNode { id: &n.id, url: format!("{scheme}://{}", n.addr), up: c.alive.is_up(i) })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }))
 }
 
