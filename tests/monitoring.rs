@@ -99,9 +99,10 @@ fn every_metric_the_rules_and_dashboard_name_is_documented_and_emitted() {
     for name in &docs {
         // The forwarding code's component is `relay` or `meta_forward`.
         let emitted = code.contains(&format!("\"{name}\""))
-            || ["ops_meta_forward_", "ops_meta_", "ops_relay_"].iter().filter_map(|p| name.strip_prefix(p)).any(|suffix| {
-                code.contains(&format!("ops_{{c}}_{suffix}\"")) || code.contains(&format!("ops_{{component}}_{suffix}\""))
-            });
+            || ["ops_meta_forward_", "ops_meta_", "ops_relay_"]
+                .iter()
+                .filter_map(|p| name.strip_prefix(p))
+                .any(|suffix| code.contains(&format!("ops_{{c}}_{suffix}\"")) || code.contains(&format!("ops_{{component}}_{suffix}\"")));
         assert!(emitted, "docs/metrics.md documents {name}, which no code emits");
     }
 }

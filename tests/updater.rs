@@ -1427,7 +1427,7 @@ fn the_updater_upgrades_itself_and_a_broken_build_never_sticks() {
         "--hostname=host-s",
         "--interval=1",
         &state,
-        "--self-update-seconds=30",
+        "--self-update-seconds=8",
         "--control-timeout-seconds=5",
         "--pin-file=/nonexistent/pin.toml",
     ];
@@ -1500,6 +1500,28 @@ fn the_updater_upgrades_itself_and_a_broken_build_never_sticks() {
     assert_eq!(reverted.unwrap()["version"], "2.0");
     std::thread::sleep(Duration::from_secs(2));
     assert!(!again.log().contains("re-executing"), "4.0 is not tried again:\n{}", again.log());
+
+    // 5.0 passes its check, then runs for real without reaching any server: on probation, it
+    // puts the old binary back at its deadline and execs it with the old arguments.
+    let script = format!(
+        "#!/bin/sh\ncase \" $* \" in *\" --self-check \"*) exec {real} \"$@\" ;; esac\n\
+         args=\"\"\nfor a in \"$@\"; do case \"$a\" in --server=*) ;; *) args=\"$args $a\" ;; esac; done\n\
+         exec {real} $args --server=127.0.0.1:9\n",
+        real = real.display()
+    );
+    let md5 = f.self_tarball("5.0", script.as_bytes());
+    f.desire_self("2.0", "5.0", &md5);
+    let pid = again.pid();
+    let back = ops_e2e::eventually(Duration::from_secs(60), || {
+        let a = f.self_agent("host-s");
+        a["lastError"].as_str().filter(|e| e.starts_with("reverted: ops-updater 5.0")).map(|_| a.clone())
+    });
+    assert!(back.is_some(), "{}\n{}", f.self_agent("host-s"), again.log());
+    let a = back.unwrap();
+    assert!(a["lastError"].as_str().unwrap().contains("no heartbeat by its deadline"), "{a}");
+    assert_eq!(a["version"], "2.0", "{a}");
+    assert_eq!(std::fs::read(&bin).unwrap(), original, "the old binary is back in place");
+    assert_eq!(exe_of(pid), bin.display().to_string(), "and runs in the same process");
     again.signal("TERM");
     again.wait_exit(Duration::from_secs(20));
 }

@@ -98,6 +98,8 @@ pub struct Updater {
     /// The pins as last read, or why the pin file could not be read (then every agent is held).
     pins: Result<Pins, String>,
     pub(crate) self_update: Option<crate::selfupdate::Pending>,
+    /// A self-update the guard undid at this start (its old arguments are run again).
+    pub(crate) restored: Option<crate::selfupdate::Pending>,
 }
 
 /// What one cycle saw.
@@ -205,6 +207,7 @@ impl Updater {
             reverted: kept.reverted,
             pins: Ok(Pins::default()),
             self_update: kept.self_update,
+            restored: None,
         }
     }
 

@@ -17,7 +17,7 @@
 //!    manager sees no restart). The new binary is on probation: it cycles at once, and again
 //!    every few seconds, until a heartbeat is answered (confirmed). If none is within the bound,
 //!    it puts `{exe}.old` back, `.version` back, remembers the version as reverted, and execs
-//!    the old binary.
+//!    the old binary with the arguments it ran with before the swap.
 //! 4. **Guard**: a new binary that dies after the exec (a crash, SIGKILL) cannot watch itself.
 //!    Whatever starts the updater next finds the self-update still unconfirmed: the old binary
 //!    runs `ops-updater --self-update-guard` first (the systemd unit's `ExecStartPre`, run from
@@ -69,6 +69,9 @@ pub struct Pending {
     pub swapped: bool,
     /// Unix seconds by which the new binary must complete a heartbeat.
     pub deadline: u64,
+    /// The arguments the old binary ran with: it gets them back if it comes back.
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 fn unix_now() -> u64 {
@@ -93,6 +96,12 @@ fn copy_atomically(from: &Path, to: &Path) -> std::io::Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Replaces this process with `exe args...` (marked as a re-exec); returns only on failure.
+fn exec_with<S: AsRef<std::ffi::OsStr>>(exe: &Path, args: &[S]) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(exe).args(args).env(EXECED_ENV, "1").exec()
 }
 
 /// The updater's version as installed in `agent_dir` (the built-in one when none is).
@@ -137,6 +146,7 @@ impl Updater {
             agent_dir: agent_dir.to_path_buf(),
             swapped: false,
             deadline: unix_now() + self.settings.self_update.bound.as_secs().max(1),
+            args: self.settings.self_update.args.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
         };
         self.self_update = Some(pending.clone());
         self.save_kept();
@@ -189,9 +199,14 @@ impl Updater {
 
     /// Execs this process's binary again with its arguments; returns only on failure.
     fn exec(&self) -> std::io::Error {
-        use std::os::unix::process::CommandExt;
         let Some(exe) = &self.settings.self_update.exe else { return std::io::Error::other("no binary path") };
-        std::process::Command::new(exe).args(&self.settings.self_update.args).env(EXECED_ENV, "1").exec()
+        exec_with(exe, &self.settings.self_update.args)
+    }
+
+    /// Execs the old binary put back by [`put_back`](Self::put_back), where it was and with
+    /// the arguments it ran with before the swap.
+    fn exec_old(&self, p: &Pending) -> std::io::Error {
+        if p.args.is_empty() { exec_with(&p.exe, &self.settings.self_update.args) } else { exec_with(&p.exe, &p.args) }
     }
 
     /// Puts the old binary and `.version` back after a swap; with `reason`, the new version is
@@ -223,9 +238,9 @@ impl Updater {
             self.self_update = None;
             self.save_kept();
         } else if unix_now() >= p.deadline {
-            let reason = format!("the new binary completed no heartbeat within {} s", self.settings.self_update.bound.as_secs());
+            let reason = "the new binary completed no heartbeat by its deadline".to_owned();
             self.put_back(&p, Some(reason));
-            let e = self.exec();
+            let e = self.exec_old(&p);
             tracing::error!(error = %e, "cannot start the old binary again; going on with this one");
         }
     }
@@ -244,13 +259,17 @@ impl Updater {
         let ran = read_version(&p.agent_dir) == p.to;
         let reason = ran.then(|| format!("the new binary stopped before completing a heartbeat (restarted on probation, {})", p.to));
         self.put_back(&p, reason);
+        self.restored = Some(p);
         true
     }
 
     /// Execs the binary in place (after [`guard_self_update`](Self::guard_self_update) put the
-    /// old one back); returns only on failure.
+    /// old one back, with the arguments it ran with); returns only on failure.
     pub fn restart(&self) -> std::io::Error {
-        self.exec()
+        match &self.restored {
+            Some(p) => self.exec_old(p),
+            None => self.exec(),
+        }
     }
 }
 
