@@ -67,16 +67,17 @@ fn small_bench_runs_every_phase_and_cleans_up() {
     assert!(left.is_empty(), "processes of the bench's cluster survived: {}", String::from_utf8_lossy(&left));
 }
 
-/// `--chaos` at 100,000 hosts, a size where a status gather that moved copies host by host
-/// between nodes would show: every fault leaves no updater error, no host missing or listed
+/// `--chaos` at 50,000 hosts (100,000 until the suite neared CI's time budget; the 1M run is
+/// in docs/ops-bench.md), a size where a status gather that moved copies host by host between
+/// nodes would still show: every fault leaves no updater error, no host missing or listed
 /// twice, no failover copy behind, and status whole again; the rollout after them reaches
 /// every host.
 #[test]
-fn chaos_at_100k_hosts_loses_nothing_and_lists_every_host_once() {
+fn chaos_at_50k_hosts_loses_nothing_and_lists_every_host_once() {
     let _one = one_at_a_time();
     #[rustfmt::skip]
     let args = [
-        "--hosts", "100000", "--connections", "32",
+        "--hosts", "50000", "--connections", "32",
         // Every host once per 60 s / 10 = 6 s; SIGSTOP held 8 s (past the relays' 5 s timeout).
         "--interval-seconds", "60", "--speedup", "10", "--steady-seconds", "3", "--chaos", "--chaos-pause-seconds", "8",
         "--rollout-timeout-seconds", "120", "--ceiling-requests", "10000",
@@ -91,7 +92,7 @@ fn chaos_at_100k_hosts_loses_nothing_and_lists_every_host_once() {
         assert_eq!(r["updater_errors"], 0, "{name}: {r}");
         assert_eq!(r["missing_hosts"], 0, "{name}: {r}");
         assert_eq!(r["hosts_listed_twice"], 0, "{name}: {r}");
-        assert_eq!(r["listed_hosts"], 100000, "{name}: {r}");
+        assert_eq!(r["listed_hosts"], 50000, "{name}: {r}");
         assert!(r["whole_s"].is_number(), "{name} whole again: {r}");
         assert_eq!(r["copies_left"], 0, "{name}: the copies went home: {r}");
         assert_eq!(r["ok"], true, "{name}: {r}");
@@ -103,7 +104,7 @@ fn chaos_at_100k_hosts_loses_nothing_and_lists_every_host_once() {
     assert_eq!(steady["errors"], 0);
     assert_eq!(report["ok"], true, "{report}");
     assert!(report["rollout"]["converged_s"]["100"].is_number(), "the rollout after the faults reached every host: {report}");
-    assert_eq!(report["query"]["listed_hosts"], 100000);
+    assert_eq!(report["query"]["listed_hosts"], 50000);
 }
 
 /// Runs ops-bench with `args` and a JSON report; returns the report.
