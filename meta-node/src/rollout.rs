@@ -191,13 +191,15 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
     let now = unix_now();
     let stale_after = node.settings.stale_after_seconds;
     let store = &node.store;
-    let (names, targets): (Vec<_>, Vec<_>) = {
+    let (names, targets, froms) = {
         let syms = store.symbols().reader();
-        specs.iter().map(|a| (syms.get(&a.name), syms.get(&a.default.version))).unzip()
-    };
-    let froms: Vec<_> = {
-        let syms = store.symbols().reader();
-        specs.iter().map(|a| a.rollout.as_ref().and_then(|s| syms.get(&s.from.version))).collect()
+        let (mut names, mut targets, mut froms) = (Vec::new(), Vec::new(), Vec::new());
+        for a in &specs {
+            names.push(syms.get(&a.name));
+            targets.push(syms.get(&a.default.version));
+            froms.push(a.rollout.as_ref().and_then(|s| syms.get(&s.from.version)));
+        }
+        (names, targets, froms)
     };
     // Which rollout a failure belongs to: a new target starts with none.
     let ids: Vec<u32> = specs

@@ -41,25 +41,25 @@ impl Server {
     }
 
     fn get_url(&self, url: &str) -> Result<Value, Failure> {
-        let r = self.client.get(url).send().map_err(|e| Failure::Unavailable(format!("GET {url}: {}", ops_config::causes(&e))))?;
-        let status = r.status();
-        let text = r.text().map_err(|e| Failure::Unavailable(format!("GET {url}: {e}")))?;
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
-        if !status.is_success() {
-            let why = body["errorMessage"].as_str().map_or_else(|| text.trim().to_owned(), str::to_owned);
-            return Err(Failure::Refused(format!("GET {url}: HTTP {}: {why}", status.as_u16())));
-        }
-        Ok(body)
+        let text = self.fetch(url)?;
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     /// `GET {base}{path}` as text (the tab-separated listing).
     pub fn get_text(&self, path: &str) -> Result<String, Failure> {
-        let url = format!("{}{path}", self.base);
-        let r = self.client.get(&url).send().map_err(|e| Failure::Unavailable(format!("GET {url}: {}", ops_config::causes(&e))))?;
+        self.fetch(&format!("{}{path}", self.base))
+    }
+
+    /// The body of `GET url`; an error status is `Refused` with the server's `errorMessage`
+    /// (or its text), no answer `Unavailable`.
+    fn fetch(&self, url: &str) -> Result<String, Failure> {
+        let r = self.client.get(url).send().map_err(|e| Failure::Unavailable(format!("GET {url}: {}", ops_config::causes(&e))))?;
         let status = r.status();
         let text = r.text().map_err(|e| Failure::Unavailable(format!("GET {url}: {e}")))?;
         if !status.is_success() {
-            return Err(Failure::Refused(format!("GET {url}: HTTP {}: {}", status.as_u16(), text.trim())));
+            let message = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["errorMessage"].as_str().map(str::to_owned));
+            let why = message.unwrap_or_else(|| text.trim().to_owned());
+            return Err(Failure::Refused(format!("GET {url}: HTTP {}: {why}", status.as_u16())));
         }
         Ok(text)
     }
