@@ -376,3 +376,112 @@ fn the_in_flight_limit_holds_per_relay() {
     });
     assert!(done, "the rollout completes under the limit: {} on {TARGET}", sim.on(TARGET));
 }
+
+/// Every check of a membership change under load, on the fleet's figures read from `asked`:
+/// the summary counts each simulated host once (none missing, none twice) and is not partial,
+/// and the relays never serve a lower wave than `floor`.
+fn whole(c: &Cluster, asked: &[usize], n: usize, floor: usize) -> Result<(), String> {
+    for &i in asked {
+        let (status, s) = get_json(&c.meta(i).url("/status/summary/falcon-agent"));
+        if status != 200 || s["hosts"] != n || s["partial"] != false {
+            return Err(format!("meta-{}: {status} {s}", i + 1));
+        }
+    }
+    let wave = c.relays.iter().map(|r| get_json(&r.url("/health")).1["rollouts"][0]["fleetWave"].as_u64().unwrap_or(0) as usize).min();
+    if wave.unwrap_or(0) < floor {
+        return Err(format!("a relay serves wave {wave:?}, below {floor}: a node held the fleet back"));
+    }
+    Ok(())
+}
+
+/// Runs `change` (a `/cluster/reload?all=1`) on its own thread while the simulated hosts keep
+/// reporting through the relays and `whole` is checked after every round; returns the reply.
+fn under_load(c: &Cluster, sim: &mut Sim, asked: &[usize], floor: usize, change: impl FnOnce() -> (u16, Value) + Send) -> (u16, Value) {
+    std::thread::scope(|s| {
+        let t = s.spawn(change);
+        let mut rounds = 0;
+        while !t.is_finished() || rounds < 3 {
+            if t.is_finished() {
+                rounds += 1;
+            }
+            sim.round(c);
+            if let Err(e) = whole(c, asked, sim.hosts.len(), floor) {
+                let logs: Vec<String> = c.running().map(|m| m.proc.log()).collect();
+                panic!("status not whole during the change: {e}\n{}", logs.join("\n----\n"));
+            }
+        }
+        t.join().unwrap()
+    })
+}
+
+fn held_by(c: &Cluster, i: usize) -> u64 {
+    get_json(&c.meta(i).url("/health")).1["hosts"].as_u64().unwrap()
+}
+
+#[test]
+fn a_meta_node_joins_and_another_leaves_online_under_load_and_the_rollout_goes_on() {
+    let mut c = Cluster::up_with(3, 2, &agents(r#"  soak = "1s""#), FAST);
+    let mut sim = Sim::new(240);
+    assert!(run_until(&c, &mut sim, Duration::from_secs(60), |_, c| relay_wave(c) >= 2), "the rollout reached wave 2");
+    let floor = relay_wave(&c);
+
+    // 3 -> 4: the operator writes the new map, starts meta-4 on it and asks any node.
+    let four = c.add_meta();
+    let map = c.write_map(&[0, 1, 2, four]);
+    let hash = ops_config::content_hash(map.as_bytes());
+    c.start_meta(four);
+    let url = c.meta(0).url("/cluster/reload?all=1");
+    let (status, reply) = under_load(&c, &mut sim, &[0, 1, 2], floor, || get_json_auth(&url, TOKEN));
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["changed"], true, "{reply}");
+    let moved: u64 = reply["nodes"].as_array().unwrap().iter().map(|n| n["moved"].as_u64().unwrap()).sum();
+    let share = c.ring_counts(&sim.hosts.iter().map(|h| h.name.clone()).collect::<Vec<_>>());
+    assert_eq!(moved, share[3], "exactly the hosts the ring gives meta-4 moved, and only those: {reply}");
+    // A quarter of the hosts, give or take the sampling noise of 240 names (the 1.1/(N+1)
+    // bound is `ops-bench --grow-meta`'s, at 1M hosts).
+    assert!(moved > 0 && moved * 100 <= 240 * 35, "moved {moved} of 240");
+    for r in &c.relays {
+        eventually(Duration::from_secs(10), || (get_json(&r.url("/health")).1["clusterHash"] == hash.as_str()).then_some(()))
+            .expect("relays learn the new map from the meta nodes");
+    }
+    // The copies left at the old owners go home; each host is held once, by its owner.
+    let settled = eventually(Duration::from_secs(20), || {
+        sim.round(&c);
+        let held: Vec<u64> = (0..4).map(|i| held_by(&c, i)).collect();
+        (held == share).then_some(held)
+    });
+    assert!(settled.is_some(), "every node holds its ring share: {:?} want {share:?}", (0..4).map(|i| held_by(&c, i)).collect::<Vec<_>>());
+    whole(&c, &[0, 1, 2, 3], 240, floor).unwrap();
+    for i in 0..4 {
+        let map: String = ops_e2e::get_text(&c.meta(i).url("/cluster/map")).1;
+        assert_eq!(map, std::fs::read_to_string(c.cluster_file()).unwrap(), "meta-{} serves the new map", i + 1);
+    }
+
+    // 4 -> 3: meta-2 leaves. It hands its hosts over, then holds nothing and can be stopped.
+    let floor = relay_wave(&c);
+    let map = c.write_map(&[0, 2, four]);
+    let hash = ops_config::content_hash(map.as_bytes());
+    let url = c.meta(3).url("/cluster/reload?all=1");
+    let (status, reply) = under_load(&c, &mut sim, &[0, 2, 3], floor, || get_json_auth(&url, TOKEN));
+    assert_eq!(status, 200, "{reply}");
+    for r in &c.relays {
+        eventually(Duration::from_secs(10), || (get_json(&r.url("/health")).1["clusterHash"] == hash.as_str()).then_some(()))
+            .expect("relays drop meta-2");
+    }
+    eventually(Duration::from_secs(20), || {
+        sim.round(&c);
+        (held_by(&c, 1) == 0).then_some(())
+    })
+    .expect("meta-2 handed every host over");
+    let meta2 = c.metas[1].take().unwrap();
+    meta2.proc.signal("TERM");
+    whole(&c, &[0, 2, 3], 240, floor).unwrap();
+    let (status, health) = get_json(&c.meta(0).url("/health"));
+    assert_eq!(status, 200);
+    assert_eq!(health["nodes"].as_array().unwrap().len(), 3, "{health}");
+
+    // The rollout goes on to every host across both changes.
+    let done = run_until(&c, &mut sim, Duration::from_secs(90), |s, _| s.rollout_hosts().all(|h| h.version == TARGET));
+    assert!(done, "every host reached {TARGET}: {} did", sim.on(TARGET));
+    whole(&c, &[0, 2, 3], 240, 3).unwrap();
+}

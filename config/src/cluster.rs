@@ -45,6 +45,11 @@ pub struct ClusterMap {
     pub nodes: Vec<NodeSpec>,
     /// Content hash of the file text.
     pub hash: String,
+    /// The file text, as meta nodes hand it to relays and to each other (`GET /cluster/map`).
+    pub text: String,
+    /// The file it was read from: a copy learnt from a meta node resolves its relative paths
+    /// from there too.
+    pub file: PathBuf,
 }
 
 /// A refused cluster file: the same shape as a refused desired config
@@ -130,7 +135,16 @@ impl ClusterMap {
         }
         let token_file = raw.token_file.map(beside);
         let ca_file = raw.ca_file.map(beside);
-        Ok(ClusterMap { vnodes, token_file, tls: raw.tls, ca_file, nodes, hash: crate::content_hash(text.as_bytes()) })
+        Ok(ClusterMap {
+            vnodes,
+            token_file,
+            tls: raw.tls,
+            ca_file,
+            nodes,
+            hash: crate::content_hash(text.as_bytes()),
+            text: text.to_owned(),
+            file: file.to_path_buf(),
+        })
     }
 
     /// The map of a one-node set-up: `meta-1` at `addr`, no token.
@@ -142,7 +156,21 @@ impl ClusterMap {
             ca_file: None,
             nodes: vec![NodeSpec { id: "meta-1".into(), addr, weight: 1 }],
             hash: String::new(),
+            text: String::new(),
+            file: PathBuf::new(),
         }
+    }
+
+    /// Why `self` cannot replace `current` online (a membership change keeps how nodes reach
+    /// and trust each other: changing TLS, the CA or the token takes a restart), if it cannot.
+    pub fn online_change_refused(&self, current: &ClusterMap) -> Option<String> {
+        if self.tls != current.tls || self.ca_file != current.ca_file {
+            return Some("tls and ca_file differ from the running map: change them with a restart, not online".into());
+        }
+        if self.token_file != current.token_file {
+            return Some("token_file differs from the running map: change it with a restart, not online".into());
+        }
+        None
     }
 
     /// `http` or `https`: how the meta nodes are reached.

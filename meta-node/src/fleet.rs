@@ -77,6 +77,9 @@ pub enum Scope<'s> {
         /// Whether any node is missing from `present` (if none is, no copy is ever taken).
         copies: bool,
     },
+    /// During a membership change (`crate::membership`): the hosts whose first candidate in
+    /// `present` on `ring` is `me`, host by host, whatever their `owned` flag says.
+    Ring { ring: &'s ops_config::Ring, me: usize, present: u64 },
 }
 
 impl<'s> Scope<'s> {
@@ -90,6 +93,7 @@ impl<'s> Scope<'s> {
         match *self {
             Scope::All => true,
             Scope::Held { ring, me, present, copies } => host.owned || (copies && ring.first_in(&host.name, present) == Some(me)),
+            Scope::Ring { ring, me, present } => ring.first_in(&host.name, present) == Some(me),
         }
     }
 }

@@ -43,6 +43,7 @@ pub async fn run(node: Arc<Node>, period: Duration, stop: CancellationToken) {
         return;
     }
     let mut last_mask = 0u64;
+    let mut last_map = String::new();
     let mut since_scan = 0u32;
     let mut copies_at_scan = 0usize;
     let mut sent = 0usize;
@@ -51,22 +52,34 @@ pub async fn run(node: Arc<Node>, period: Duration, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
+        // While the cluster map changes, copies stay where a gather by the old map finds them
+        // (`membership`); a change nobody finishes ends here.
+        if let Some(m) = &node.cluster {
+            m.expire();
+            if m.changing() {
+                continue;
+            }
+        }
         let n = node.clone();
         let copies = tokio::task::spawn_blocking(move || n.store.copies()).await.unwrap_or(0);
         metrics::gauge!(FAILOVER_COPIES).set(copies as f64);
         if copies == 0 {
             continue;
         }
-        let mask = node.cluster.as_ref().map_or(0, |c| c.alive.mask());
+        let Some(c) = node.cluster() else { return };
+        let mask = c.alive.mask();
+        // A new map is a change of view too, whatever its mask.
+        let remapped = c.map.hash != last_map;
         since_scan += 1;
         // New copies can be for a node this one already holds up (a relay that has not seen
         // it back yet): look again soon, but not every period while a node is down and its
         // hosts keep arriving here.
         let grew = copies > copies_at_scan && since_scan >= GROWN_TICKS;
-        if mask == last_mask && sent == 0 && !grew && since_scan < RESCAN_TICKS {
+        if mask == last_mask && !remapped && sent == 0 && !grew && since_scan < RESCAN_TICKS {
             continue;
         }
         last_mask = mask;
+        last_map = c.map.hash.clone();
         since_scan = 0;
         sent = hand_back(&node, mask).await;
         let n = node.clone();
@@ -79,15 +92,15 @@ pub async fn run(node: Arc<Node>, period: Duration, stop: CancellationToken) {
 /// node, drops what was taken. Returns the hosts sent (some may stay, having reported again
 /// meanwhile: the next round takes them).
 pub async fn hand_back(node: &Arc<Node>, mask: u64) -> usize {
-    let Some(c) = &node.cluster else { return 0 };
+    let Some(c) = node.cluster() else { return 0 };
     let nodes = c.map.nodes.len();
     let mut failed = 0u64;
     let (mut sent, mut handed) = (0, 0);
     for first in (0..SHARDS).step_by(SHARDS_PER_STEP) {
-        let n = node.clone();
+        let (n, cc) = (node.clone(), c.clone());
         let usable = mask & !failed;
         let scanned = tokio::task::spawn_blocking(move || {
-            let c = n.cluster.as_ref().expect("checked above");
+            let c = cc;
             let mut out: Vec<Vec<Entry>> = (0..nodes).map(|_| Vec::new()).collect();
             for i in first..(first + SHARDS_PER_STEP).min(SHARDS) {
                 n.store.encode_copies(

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod fleet;
 pub mod handoff;
+pub mod membership;
 pub mod metrics;
 pub mod peers;
 pub mod rollout;
@@ -47,6 +48,8 @@ pub struct Settings {
     /// Shared secret of internal and remote admin calls.
     pub token: Option<String>,
     pub cluster: Option<ClusterMap>,
+    /// Where `cluster` was read from: a membership change online rewrites it.
+    pub cluster_path: Option<PathBuf>,
     /// How long a status query waits for each peer.
     pub peer_timeout: Duration,
     /// How heartbeats of hosts this node does not own are forwarded to their owner.
@@ -78,6 +81,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(10),
             token: None,
             cluster: None,
+            cluster_path: None,
             peer_timeout: Duration::from_secs(2),
             forward: ForwardSettings { component: "meta_forward", ..ForwardSettings::default() },
             rollout_interval: Duration::from_secs(5),
@@ -119,6 +123,11 @@ pub struct Cluster {
     pub client: reqwest::Client,
     /// Which nodes answer now.
     pub alive: peers::Peers,
+    /// This node is not in `map` (the last entry of `map.nodes` is itself): it is leaving and
+    /// owns nothing (`membership`).
+    pub leaving: bool,
+    /// Ends this map's forwarder probers once the map is no longer used.
+    pub stop: CancellationToken,
 }
 
 impl Cluster {
@@ -132,7 +141,7 @@ impl Cluster {
 pub struct Node {
     pub settings: Settings,
     /// None when standalone: the node owns every host.
-    pub cluster: Option<Cluster>,
+    pub cluster: Option<membership::Membership>,
     pub store: Store,
     pub desired: Desired,
     /// Every node's published rollout state (this node's own included) and the in-flight
@@ -142,6 +151,10 @@ pub struct Node {
     pub started: Instant,
     pub prometheus: Option<PrometheusHandle>,
     pub hot: HotMetrics,
+    /// Ends the forwarders' probers (given to `new`; cancelled after `run` returns).
+    pub stop: CancellationToken,
+    /// Ends the background tasks (cancelled when `run`'s shutdown begins).
+    pub background: CancellationToken,
 }
 
 /// Server time in unix seconds (fits u32 until 2106): the relay's clock, so relays and meta
@@ -161,21 +174,12 @@ impl Node {
         let path = settings.agents_path.clone();
         let desired = Desired::new(config, signature, path, settings.trusted_keys.clone());
         let cluster = settings.cluster.as_ref().map(|map| {
-            let mut forward = settings.forward.clone();
-            forward.token = settings.token.clone();
-            let me = map.index_of(&settings.id).expect("main checks the id is in the cluster map");
-            Cluster {
-                ring: map.ring(),
-                me,
-                alive: peers::Peers::new(map.nodes.len(), me),
-                forwarder: Forwarder::new(map, forward, stop),
-                client: relay::tls::for_cluster(reqwest::Client::builder().no_proxy(), map)
-                    .and_then(|b| b.build().map_err(|e| e.to_string()))
-                    .expect("the CA file is checked at start"),
-                map: map.clone(),
-            }
+            assert!(map.index_of(&settings.id).is_some(), "main checks the id is in the cluster map");
+            let c = membership::build(&settings, map, None, stop.child_token()).expect("the CA file is checked at start");
+            membership::Membership::new(c, settings.cluster_path.clone())
         });
-        let ids = cluster.as_ref().map_or_else(|| vec![settings.id.clone()], |c| c.map.nodes.iter().map(|n| n.id.clone()).collect());
+        let ids =
+            cluster.as_ref().map_or_else(|| vec![settings.id.clone()], |m| m.current().map.nodes.iter().map(|n| n.id.clone()).collect());
         let rollouts = Arc::new(relay::rollout::FleetView::open(ids, Some(&settings.data_dir), crate::metrics::ROLLOUT_IN_FLIGHT));
         let controller = rollout::Controller::open(&settings.id, &settings.data_dir);
         Node {
@@ -188,7 +192,14 @@ impl Node {
             started: Instant::now(),
             prometheus,
             hot: HotMetrics::register(),
+            stop,
+            background: CancellationToken::new(),
         }
+    }
+
+    /// The cluster map served now (None when standalone).
+    pub fn cluster(&self) -> Option<Arc<Cluster>> {
+        self.cluster.as_ref().map(|m| m.current())
     }
 
     /// Parses and stores a JSON batch of host reports (blocking): `(stored, older)`. The
@@ -261,7 +272,10 @@ impl Node {
 
     /// Whether this node owns `hostname` on the ring (always, standalone).
     pub fn owns(&self, hostname: &str) -> bool {
-        self.cluster.as_ref().is_none_or(|c| c.ring.owner(hostname) == c.me)
+        self.cluster.as_ref().is_none_or(|m| {
+            let c = m.guard();
+            c.ring.owner(hostname) == c.me
+        })
     }
 
     /// Gauges that are cheap to read at scrape time.
@@ -336,7 +350,7 @@ async fn every(period: Duration, token: CancellationToken, mut f: impl FnMut()) 
 /// grace period) and writes a last snapshot.
 pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
-    let background = shutdown.child_token();
+    let background = node.background.clone();
 
     {
         let n = node.clone();
@@ -365,20 +379,10 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
             let n = n.clone();
             drop(tokio::task::spawn_blocking(move || n.controller.judge(&n)));
         }));
-        if let Some(c) = &node.cluster {
-            let n = node.clone();
-            let nodes = relay::rollout::Nodes {
-                client: c.client.clone(),
-                bases: (0..c.map.nodes.len()).map(|i| c.map.url(i, "")).collect(),
-                skip: Some(c.me),
-                token: node.settings.token.clone(),
-            };
-            tracker.spawn(node.rollouts.clone().poll(
-                nodes,
-                node.settings.rollout_interval,
-                move || Some(n.desired.current()),
-                background.clone(),
-            ));
+        if node.cluster.is_some() {
+            // The peers' rollout poll and the forwarder belong to the map: a membership
+            // change restarts them (`membership`).
+            membership::start_map_tasks(&node);
         } else {
             let n = node.clone();
             tracker.spawn(every(node.settings.rollout_interval, background.clone(), move || {
@@ -387,8 +391,6 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
         }
     }
 
-    let forward_stop = CancellationToken::new();
-    let forwarder = node.cluster.as_ref().map(|c| tokio::spawn(c.forwarder.clone().run(forward_stop.clone())));
     if node.cluster.is_some() {
         tracker.spawn(peers::probe(node.clone(), node.settings.probe_interval, background.clone()));
         tracker.spawn(handoff::run(node.clone(), node.settings.handoff_interval, background.clone()));
@@ -398,6 +400,7 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
         tokio::spawn(relay::server::serve_router(listener, node.settings.tls.clone(), api::router(node.clone()), shutdown.clone()));
 
     shutdown.cancelled().await;
+    background.cancel();
     tracker.close();
     match tokio::time::timeout(node.settings.shutdown_grace, server).await {
         Ok(Ok(Ok(()))) => {}
@@ -407,12 +410,7 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
             tracing::warn!(grace = ?node.settings.shutdown_grace, "requests still in flight after the grace period; stopping anyway")
         }
     }
-    forward_stop.cancel();
-    if let Some(f) = forwarder
-        && tokio::time::timeout(node.settings.shutdown_grace, f).await.is_err()
-    {
-        tracing::warn!("forwarder did not drain within the grace period");
-    }
+    membership::drain(&node, node.settings.shutdown_grace).await;
     if tokio::time::timeout(node.settings.shutdown_grace, tracker.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop within the grace period");
     }

@@ -99,6 +99,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
         relay::tls::for_cluster(reqwest::Client::builder(), &cluster).map(drop)?;
         s.id = id;
         s.cluster = Some(cluster);
+        s.cluster_path = Some(path.clone());
     } else if let Some(id) = &cli.id {
         s.id = id.clone();
     }

@@ -72,15 +72,21 @@ enum Probe {
 
 /// Probes every peer each `period` until `stop`.
 pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: CancellationToken) {
-    let Some(c) = &node.cluster else { return };
+    if node.cluster.is_none() {
+        return;
+    }
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Timeouts in a row, per node.
-    let mut slow = vec![0u8; c.map.nodes.len()];
+    // Timeouts in a row, per node of the map `slow_map`.
+    let (mut slow, mut slow_map) = (Vec::new(), String::new());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        let Some(c) = node.cluster() else { return };
+        if c.map.hash != slow_map {
+            (slow, slow_map) = (vec![0u8; c.map.nodes.len()], c.map.hash.clone());
         }
         let mine = node.desired.current().config.hash().to_owned();
         let answers = futures_util::future::join_all(c.peers().map(|i| {

@@ -32,6 +32,25 @@ struct Saved {
     halt_reason: String,
 }
 
+/// The state a node starts a rollout from: the lowest wave the other nodes in `heard`
+/// approved (a node that does not list it counts as 0), halted if any of them halted.
+fn adopt(key: &(String, String), heard: &[Vec<RolloutReport>]) -> Saved {
+    let mut saved = Saved { agent: key.0.clone(), target: key.1.clone(), ..Saved::default() };
+    let states: Vec<Option<&RolloutReport>> = heard.iter().map(|rs| rs.iter().find(|r| r.agent == key.0 && r.target == key.1)).collect();
+    if let Some(lowest) = states.iter().map(|s| s.map_or(0, |r| r.approved_wave)).min() {
+        saved.approved_wave = lowest;
+        saved.wave_opened_at = states.iter().flatten().filter(|r| r.approved_wave == lowest).map(|r| r.wave_opened_at).max().unwrap_or(0);
+    }
+    if let Some(h) = states.iter().flatten().find(|r| r.halted) {
+        saved.halted = true;
+        saved.halt_reason = h.halt_reason.clone();
+    }
+    if saved.approved_wave > 0 || saved.halted {
+        tracing::info!(agent = %key.0, target = %key.1, wave = saved.approved_wave, halted = saved.halted, "rollout: this node starts from the fleet's state");
+    }
+    saved
+}
+
 /// A node's rollout decisions and what it last published.
 pub struct Controller {
     node_id: String,
@@ -86,13 +105,29 @@ impl Controller {
         let counts = count(node, &loaded);
         let mut reports = Vec::new();
         let mut changed = false;
+        // What the other nodes published: a rollout this node has no state of yet starts from
+        // the fleet's wave and halt (a node joining the cluster in the middle of a rollout
+        // never takes the fleet back to wave 0); with peers and none heard yet, it waits.
+        let (peers, heard) = match node.cluster() {
+            None => (0, Vec::new()),
+            Some(c) => {
+                let heard: Vec<Vec<RolloutReport>> =
+                    (0..c.map.nodes.len()).filter(|&i| i != c.me).filter_map(|i| node.rollouts.node(i)).collect();
+                (c.map.nodes.len() - 1, heard)
+            }
+        };
         {
             let mut states = self.states.lock();
             for (r, agent) in config.rollouts().enumerate() {
                 let Some(spec) = &agent.rollout else { continue };
                 let key = (agent.name.clone(), agent.default.version.clone());
-                let saved =
-                    states.entry(key.clone()).or_insert_with(|| Saved { agent: key.0.clone(), target: key.1.clone(), ..Saved::default() });
+                if !states.contains_key(&key) {
+                    if peers > 0 && heard.is_empty() {
+                        continue;
+                    }
+                    states.insert(key.clone(), adopt(&key, &heard));
+                }
+                let saved = states.get_mut(&key).expect("inserted above");
                 let before = saved.clone();
                 let waves = &counts[r];
                 let state = ops_config::rollout::NodeRollout {
@@ -146,7 +181,7 @@ impl Controller {
                 }
             }
         }
-        node.rollouts.update(node.cluster.as_ref().map_or(0, |c| c.me), reports.clone());
+        node.rollouts.update(node.cluster().map_or(0, |c| c.me), reports.clone());
         self.report.store(Arc::new(NodeReport { node: self.node_id.clone(), at: now, rollouts: reports }));
     }
 }

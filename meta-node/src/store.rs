@@ -760,14 +760,20 @@ impl Store {
     /// (0..SHARDS) that `dest` sends elsewhere, `record` being the copy as a compact record
     /// (`ops_config::compact`): what a relay would have sent, so the receiver stores it the
     /// way it stores any report (newest wins). The shard stays locked meanwhile: keep `f` short.
-    pub fn encode_copies(&self, i: usize, dest: impl Fn(&str) -> Option<usize>, mut f: impl FnMut(usize, &str, u32, Vec<u8>)) {
+    pub fn encode_copies(&self, i: usize, dest: impl Fn(&str) -> Option<usize>, f: impl FnMut(usize, &str, u32, Vec<u8>)) {
+        self.encode_held(i, false, dest, f)
+    }
+
+    /// The same for the hosts of shard `i` whose `owned` flag is `owned`: with `true`, the
+    /// hosts a membership change moves away (`crate::membership`).
+    pub fn encode_held(&self, i: usize, owned: bool, dest: impl Fn(&str) -> Option<usize>, mut f: impl FnMut(usize, &str, u32, Vec<u8>)) {
         let shard = self.shards[i].lock();
-        if shard.foreign == 0 {
+        if !owned && shard.foreign == 0 {
             return;
         }
         let syms = self.syms.reader();
         let mut agents = Vec::new();
-        for (slot, h) in shard.hosts().filter(|(_, h)| !h.owned) {
+        for (slot, h) in shard.hosts().filter(|(_, h)| h.owned == owned) {
             let Some(target) = dest(&h.name) else { continue };
             agents.clear();
             agents.extend(shard.agents(h).iter().enumerate().map(|(k, a)| ops_config::wire::RealAgent {
@@ -796,6 +802,23 @@ impl Store {
             f(target, &h.name, h.last_seen, record);
             agents = hb.real_agents;
         }
+    }
+
+    /// Sets every host's `owned` flag to `owns(hostname)` (a new cluster map); returns how
+    /// many changed. One shard locked at a time.
+    pub fn remark_owned(&self, owns: impl Fn(&str) -> bool) -> usize {
+        let mut changed = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let flips: Vec<(u32, bool)> =
+                shard.hosts().filter_map(|(slot, h)| (owns(&h.name) != h.owned).then_some((slot, !h.owned))).collect();
+            for (slot, now) in flips {
+                let was = std::mem::replace(&mut shard.hosts[slot as usize].owned, now);
+                shard.count_owned(Some(was), Some(now));
+                changed += 1;
+            }
+        }
+        changed
     }
 
     /// Drops the failover copy of `name` if it is still a copy last seen at `seen` (one that

@@ -117,6 +117,6 @@ async fn handle(relay: &Relay, body: Body) -> Result<Bytes, Refused> {
     };
     let now = unix_now();
     let answer = relay.rollouts.answer(&loaded, &hb, now);
-    relay.forwarder.push(&hb, now, answer.told);
+    relay.forwarder.load().push(&hb, now, answer.told);
     Ok(answer.reply)
 }

@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod cluster_copy;
 pub mod config_copy;
 pub mod desired;
 pub mod forward;
@@ -83,7 +84,13 @@ pub(crate) struct HotMetrics {
 pub struct Relay {
     pub settings: Settings,
     pub config: Arc<ConfigCopy>,
-    pub forwarder: Arc<Forwarder>,
+    /// The cluster map followed now: the one given at start, or a newer one learnt from the
+    /// meta nodes (`cluster_copy`).
+    pub map: arc_swap::ArcSwap<ClusterMap>,
+    /// The forwarder of `map`.
+    pub forwarder: arc_swap::ArcSwap<Forwarder>,
+    /// The tasks of `map` (config and rollout polls) and its forwarder's drain token and task.
+    map_tasks: parking_lot::Mutex<Option<(CancellationToken, CancellationToken, tokio::task::JoinHandle<()>)>>,
     /// The meta nodes' published rollout states.
     pub rollouts: Arc<crate::rollout::FleetView>,
     pub started: Instant,
@@ -112,11 +119,12 @@ impl Relay {
         };
         let cache_base = cache.as_ref().map(|c| c.advertise().to_owned());
         let config = Arc::new(ConfigCopy::open(&settings.data_dir, settings.trusted_keys.clone(), cache_base));
-        let forwarder = Forwarder::new(&settings.cluster, settings.forward.clone(), stop.clone());
+        let map = crate::cluster_copy::at_start(&settings.cluster, &settings.data_dir);
+        let forwarder = Forwarder::new(&map, settings.forward.clone(), stop.clone());
         if let Some(hash) = config.hash() {
             ::metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => hash).set(1.0);
         }
-        let ids = settings.cluster.nodes.iter().map(|n| n.id.clone()).collect();
+        let ids = map.nodes.iter().map(|n| n.id.clone()).collect();
         let rollouts = Arc::new(crate::rollout::FleetView::open(ids, Some(&settings.data_dir), crate::metrics::ROLLOUT_IN_FLIGHT));
         Ok(Arc::new(Relay {
             cache,
@@ -127,11 +135,38 @@ impl Relay {
             },
             settings,
             config,
-            forwarder,
+            map: arc_swap::ArcSwap::from_pointee(map),
+            forwarder: arc_swap::ArcSwap::new(forwarder),
+            map_tasks: parking_lot::Mutex::new(None),
             started: Instant::now(),
             prometheus,
             stop,
         }))
+    }
+
+    /// Starts the tasks of the current map (its forwarder, the config and rollout polls of
+    /// its nodes); drains and stops those of the map before.
+    pub(crate) fn start_map_tasks(self: &Arc<Self>) -> anyhow::Result<()> {
+        let map = self.map.load_full();
+        let client = crate::tls::for_cluster(reqwest::Client::builder().no_proxy(), &map).map_err(anyhow::Error::msg)?.build()?;
+        let bases: Vec<String> = (0..map.nodes.len()).map(|i| map.url(i, "")).collect();
+        let tasks = self.stop.child_token();
+        tokio::spawn(self.config.clone().poll(client.clone(), bases.clone(), self.settings.config_poll, tasks.clone()));
+        let config = self.config.clone();
+        tokio::spawn(self.rollouts.clone().poll(
+            crate::rollout::Nodes { client, bases, skip: None, token: self.settings.forward.token.clone() },
+            self.settings.config_poll,
+            move || config.current(),
+            tasks.clone(),
+        ));
+        let drain = CancellationToken::new();
+        let forwarder = tokio::spawn(self.forwarder.load_full().run(drain.clone()));
+        if let Some((old_tasks, old_drain, _)) = self.map_tasks.lock().replace((tasks, drain, forwarder)) {
+            old_tasks.cancel();
+            // What the old forwarder holds goes to the old map's owners, which forward it.
+            old_drain.cancel();
+        }
+        Ok(())
     }
 
     fn router(self: &Arc<Self>) -> Router {
@@ -149,9 +184,9 @@ impl Relay {
 }
 
 async fn health(State(relay): State<Arc<Relay>>) -> Response {
-    let pending: usize = relay.forwarder.pending().iter().sum();
-    let nodes: Vec<serde_json::Value> =
-        relay.forwarder.nodes_up().into_iter().map(|(id, up)| serde_json::json!({"id": id, "up": up})).collect();
+    let forwarder = relay.forwarder.load();
+    let pending: usize = forwarder.pending().iter().sum();
+    let nodes: Vec<serde_json::Value> = forwarder.nodes_up().into_iter().map(|(id, up)| serde_json::json!({"id": id, "up": up})).collect();
     let rollouts: Vec<serde_json::Value> = relay
         .config
         .current()
@@ -182,6 +217,7 @@ async fn health(State(relay): State<Arc<Relay>>) -> Response {
             "status": if ready { "ok" } else { "no_config" },
             "id": relay.settings.id,
             "configHash": relay.config.hash(),
+            "clusterHash": relay.map.load().hash,
             "pendingHosts": pending,
             "nodes": nodes,
             "uptimeSeconds": relay.started.elapsed().as_secs(),
@@ -224,17 +260,8 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
     if let Some(cache) = &relay.cache {
         cache.restore().await;
     }
-    let cluster = &relay.settings.cluster;
-    let client = crate::tls::for_cluster(reqwest::Client::builder().no_proxy(), cluster).map_err(anyhow::Error::msg)?.build()?;
-    let bases: Vec<String> = (0..cluster.nodes.len()).map(|i| cluster.url(i, "")).collect();
-    tracker.spawn(relay.config.clone().poll(client.clone(), bases.clone(), relay.settings.config_poll, relay.stop.clone()));
-    let config = relay.config.clone();
-    tracker.spawn(relay.rollouts.clone().poll(
-        crate::rollout::Nodes { client, bases, skip: None, token: relay.settings.forward.token.clone() },
-        relay.settings.config_poll,
-        move || config.current(),
-        relay.stop.clone(),
-    ));
+    relay.start_map_tasks()?;
+    tracker.spawn(crate::cluster_copy::poll(relay.clone(), relay.settings.config_poll, relay.stop.clone()));
     if let Some(handle) = relay.prometheus.clone() {
         let stop = relay.stop.clone();
         tracker.spawn(async move {
@@ -246,9 +273,6 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
             }
         });
     }
-    // The forwarder stops after the server, so reports of the last requests are drained too.
-    let forwarder_stop = CancellationToken::new();
-    let forwarder = tracker.spawn(relay.forwarder.clone().run(forwarder_stop.clone()));
     tracker.close();
 
     let hot = relay.clone();
@@ -268,9 +292,14 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
         Ok(Err(error)) => tracing::error!(%error, "server task failed"),
         Err(_) => tracing::warn!("requests still in flight after the grace period; stopping anyway"),
     }
-    forwarder_stop.cancel();
-    if tokio::time::timeout(relay.settings.shutdown_grace, forwarder).await.is_err() {
-        tracing::warn!("forwarder did not drain within the grace period");
+    // The forwarder stops after the server, so reports of the last requests are drained too.
+    let taken = relay.map_tasks.lock().take();
+    if let Some((tasks, drain, forwarder)) = taken {
+        tasks.cancel();
+        drain.cancel();
+        if tokio::time::timeout(relay.settings.shutdown_grace, forwarder).await.is_err() {
+            tracing::warn!("forwarder did not drain within the grace period");
+        }
     }
     relay.stop.cancel();
     if tokio::time::timeout(relay.settings.shutdown_grace, tracker.wait()).await.is_err() {

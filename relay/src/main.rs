@@ -216,7 +216,7 @@ async fn serve(cli: &Cli, mut settings: Settings) -> anyhow::Result<()> {
     tracing::info!(
         addr = %listener.local_addr()?,
         id = %relay.settings.id,
-        meta_nodes = relay.settings.cluster.nodes.len(),
+        meta_nodes = relay.map.load().nodes.len(),
         config = ?relay.config.hash(),
         cache = ?relay.cache.as_ref().map(|c| c.advertise()),
         "relay listening"

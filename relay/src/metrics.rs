@@ -7,6 +7,7 @@ pub const HEARTBEATS: &str = "ops_relay_heartbeats_total";
 pub const HEARTBEAT_DURATION: &str = "ops_relay_heartbeat_duration_seconds";
 pub const CONFIG_POLLS: &str = "ops_relay_config_polls_total";
 pub const CONFIG_INFO: &str = "ops_relay_config_info";
+pub const CLUSTER_MAPS: &str = "ops_relay_cluster_map_changes_total";
 pub const ROLLOUT_IN_FLIGHT: &str = "ops_relay_rollout_in_flight";
 pub const CACHE_REQUESTS: &str = "ops_relay_cache_requests_total";
 pub const CACHE_ORIGIN_BYTES: &str = "ops_relay_cache_origin_bytes_total";
@@ -26,6 +27,7 @@ pub fn describe() {
     describe_histogram!(HEARTBEAT_DURATION, Unit::Seconds, "Time to answer one heartbeat.");
     describe_counter!(CONFIG_POLLS, Unit::Count, "Desired-config polls of the meta nodes, by result (changed, unchanged, error).");
     describe_gauge!(CONFIG_INFO, Unit::Count, "Always 1; the hash label is the content hash of the config served.");
+    describe_counter!(CLUSTER_MAPS, Unit::Count, "Cluster maps learnt from the meta nodes (a node added or removed online).");
     describe_gauge!(ROLLOUT_IN_FLIGHT, Unit::Count, "Hosts this relay told a rollout's target that have not converged yet, by agent.");
     describe_counter!(
         CACHE_REQUESTS,

@@ -50,10 +50,19 @@ struct InFlight {
     hosts: HashMap<CompactString, u32>,
 }
 
+/// What a view knows of each meta node of the map, by map index.
+struct Known {
+    ids: Vec<String>,
+    reports: Vec<Option<Vec<RolloutReport>>>,
+    /// Added to the map after this view was made (`FleetView::set_ids`): such a node counts
+    /// only for the rollouts it publishes, so a node joining the cluster never drops the
+    /// fleet to wave 0 before it has adopted the fleet's waves.
+    joining: Vec<bool>,
+}
+
 /// The last published state of every meta node, and the in-flight counts of this server.
 pub struct FleetView {
-    ids: Vec<String>,
-    nodes: Mutex<Vec<Option<Vec<RolloutReport>>>>,
+    nodes: Mutex<Known>,
     epoch: AtomicU64,
     cache: ArcSwapOption<Fleet>,
     file: Option<PathBuf>,
@@ -91,9 +100,9 @@ impl FleetView {
                 Err(error) => tracing::error!(%error, file = %path.display(), "rollout state unreadable; every node counts as wave 0"),
             }
         }
+        let joining = vec![false; ids.len()];
         FleetView {
-            ids,
-            nodes: Mutex::new(nodes),
+            nodes: Mutex::new(Known { ids, reports: nodes, joining }),
             epoch: AtomicU64::new(1),
             cache: ArcSwapOption::empty(),
             file,
@@ -111,22 +120,23 @@ impl FleetView {
             r.fleet_wave = 0;
         }
         let bytes = {
-            let mut nodes = self.nodes.lock();
-            if nodes[i].as_ref() == Some(&rollouts) {
+            let mut known = self.nodes.lock();
+            let Known { ids, reports: nodes, .. } = &mut *known;
+            if i >= nodes.len() || nodes[i].as_ref() == Some(&rollouts) {
                 return;
             }
             if let Some(old) = &nodes[i] {
                 for r in &rollouts {
                     let before = old.iter().find(|o| o.agent == r.agent && o.target == r.target);
                     if before.is_none_or(|b| b.approved_wave != r.approved_wave || b.halted != r.halted) {
-                        tracing::info!(node = %self.ids[i], agent = %r.agent, target = %r.target, wave = r.approved_wave, halted = r.halted, "rollout state of a meta node changed");
+                        tracing::info!(node = %ids[i], agent = %r.agent, target = %r.target, wave = r.approved_wave, halted = r.halted, "rollout state of a meta node changed");
                     }
                 }
             }
             nodes[i] = Some(rollouts);
             self.epoch.fetch_add(1, Ordering::Release);
             let saved: std::collections::BTreeMap<&str, &Vec<RolloutReport>> =
-                self.ids.iter().zip(nodes.iter()).filter_map(|(id, n)| n.as_ref().map(|n| (id.as_str(), n))).collect();
+                ids.iter().zip(nodes.iter()).filter_map(|(id, n)| n.as_ref().map(|n| (id.as_str(), n))).collect();
             serde_json::to_vec_pretty(&saved).expect("plain data serializes")
         };
         if let Some(path) = &self.file
@@ -138,12 +148,32 @@ impl FleetView {
 
     /// The last state node `i` published, if it was ever heard from.
     pub fn node(&self, i: usize) -> Option<Vec<RolloutReport>> {
-        self.nodes.lock()[i].clone()
+        self.nodes.lock().reports.get(i).cloned().flatten()
     }
 
     /// Node ids, cluster map order.
-    pub fn ids(&self) -> &[String] {
-        &self.ids
+    pub fn ids(&self) -> Vec<String> {
+        self.nodes.lock().ids.clone()
+    }
+
+    /// The cluster map changed: the view now holds `ids` (map order). A node kept keeps what it
+    /// published; a node that left no longer counts; a node that joined counts only for the
+    /// rollouts it publishes (see `Known::joining`).
+    pub fn set_ids(&self, ids: Vec<String>) {
+        let mut known = self.nodes.lock();
+        if known.ids == ids {
+            return;
+        }
+        let old = std::mem::replace(&mut *known, Known { reports: vec![None; ids.len()], joining: vec![true; ids.len()], ids });
+        let Known { ids, reports, joining } = &mut *known;
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(k) = old.ids.iter().position(|o| o == id) {
+                reports[i] = old.reports[k].clone();
+                joining[i] = old.joining[k];
+            }
+        }
+        self.epoch.fetch_add(1, Ordering::Release);
+        tracing::info!(nodes = ?ids, "rollout view follows the new cluster map");
     }
 
     /// The fleet's state of `loaded`'s rollouts (cached until the config or a node changes).
@@ -158,13 +188,19 @@ impl FleetView {
         let mut fleet =
             Fleet { generation: loaded.generation, epoch, wave: [0; MAX_ROLLOUTS], halted: [false; MAX_ROLLOUTS], active: false };
         {
-            let nodes = self.nodes.lock();
+            let known = self.nodes.lock();
             for (r, agent) in loaded.config.rollouts().enumerate() {
                 let target = agent.default.version.as_str();
-                let states: Vec<Option<ops_config::rollout::NodeRollout>> = nodes
+                let states: Vec<Option<ops_config::rollout::NodeRollout>> = known
+                    .reports
                     .iter()
-                    .map(|n| {
-                        n.as_ref().and_then(|n| n.iter().find(|x| x.agent == agent.name && x.target == target)).map(RolloutReport::state)
+                    .zip(&known.joining)
+                    .filter_map(|(n, &joining)| {
+                        let state = n
+                            .as_ref()
+                            .and_then(|n| n.iter().find(|x| x.agent == agent.name && x.target == target))
+                            .map(RolloutReport::state);
+                        if joining && state.is_none() { None } else { Some(state) }
                     })
                     .collect();
                 let (wave, halted) = ops_config::rollout::fleet_state(&states);
@@ -282,8 +318,9 @@ impl FleetView {
             return Err(format!("{url}: {}", r.status()));
         }
         let report: NodeReport = r.json().await.map_err(|e| format!("{url}: {e}"))?;
-        if report.node != self.ids[i] {
-            return Err(format!("{url} is node {:?}, the cluster map says {:?}", report.node, self.ids[i]));
+        let expected = self.nodes.lock().ids.get(i).cloned().unwrap_or_default();
+        if report.node != expected {
+            return Err(format!("{url} is node {:?}, the cluster map says {expected:?}", report.node));
         }
         self.update(i, report.rollouts);
         Ok(())
@@ -310,7 +347,7 @@ impl FleetView {
                     Ok(()) => failing[i] = false,
                     Err(error) => {
                         if !failing[i] {
-                            tracing::warn!(%error, node = %self.ids[i], "no rollout state from a meta node; keeping its last one");
+                            tracing::warn!(%error, node = i, "no rollout state from a meta node; keeping its last one");
                         }
                         failing[i] = true;
                     }

@@ -52,6 +52,27 @@ impl Cluster {
         }
     }
 
+    /// Rewrites the shared `cluster.toml` with the meta nodes `nodes` (indexes, numbered from
+    /// 0 as `meta-{i+1}`): what an operator edits before a membership change.
+    pub fn write_map(&self, nodes: &[usize]) -> String {
+        let mut toml = String::from("vnodes = 1000\ntoken_file = \"cluster.token\"\n");
+        for &i in nodes {
+            toml.push_str(&format!("[[node]]\nid = \"meta-{}\"\naddr = \"127.0.0.1:{}\"\n", i + 1, self.ports[i]));
+        }
+        std::fs::write(self.cluster_file(), &toml).unwrap();
+        toml
+    }
+
+    /// Adds a meta node's port and agents file (not started, not in the map yet); returns its
+    /// index.
+    pub fn add_meta(&mut self) -> usize {
+        self.ports.push(free_port());
+        self.metas.push(None);
+        let i = self.metas.len() - 1;
+        std::fs::write(self.agents_file(i), &self.agents).unwrap();
+        i
+    }
+
     pub fn start_meta(&mut self, i: usize) {
         let listen = format!("127.0.0.1:{}", self.ports[i]);
         let id = format!("meta-{}", i + 1);

@@ -69,7 +69,7 @@ async fn reload_all(node: Arc<Node>) -> Response {
         },
     };
     results.push(local);
-    if let Some(c) = &node.cluster {
+    if let Some(c) = node.cluster() {
         let peers = futures_util::future::join_all(c.peers().map(|i| {
             let spec = c.map.nodes[i].clone();
             let mut req = c.client.get(c.map.url(i, "/config/reload")).timeout(node.settings.peer_timeout);
@@ -188,6 +188,7 @@ pub(super) struct HealthQuery {
 pub(super) async fn health(State(node): State<Arc<Node>>, Query(q): Query<HealthQuery>) -> Json<impl Serialize> {
     let detail = q.detail.as_deref().is_some_and(|d| d == "1" || d == "true");
     let loaded = node.desired.current();
+    let cluster = node.cluster();
     Json(serde_json::json!(Health {
         status: "ok",
         id: &node.settings.id,
@@ -195,10 +196,9 @@ pub(super) async fn health(State(node): State<Arc<Node>>, Query(q): Query<Health
         hosts: node.store.len(),
         uptime_seconds: node.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION"),
-        cluster_hash: node.cluster.as_ref().map(|c| c.map.hash.as_str()),
-        failover_copies: node.cluster.as_ref().filter(|_| detail).map(|_| node.store.copies()),
-        nodes: node
-            .cluster
+        cluster_hash: cluster.as_ref().map(|c| c.map.hash.as_str()),
+        failover_copies: cluster.as_ref().filter(|_| detail).map(|_| node.store.copies()),
+        nodes: cluster
             .as_ref()
             .map(|c| {
                 let scheme = if c.map.tls { "https" } else { "http" };

@@ -38,7 +38,8 @@ async fn handle(node: &Node, body: Body) -> Result<bytes::Bytes, Refused> {
     let loaded = node.desired.guard();
     let now = unix_now();
     let answer = node.rollouts.answer(&loaded, &hb, now);
-    match &node.cluster {
+    let cluster = node.cluster.as_ref().map(|m| m.guard());
+    match cluster.as_deref() {
         Some(c) if c.ring.owner(&hb.hostname) != c.me => c.forwarder.push(&hb, now, answer.told),
         _ => {
             let tags = crate::store::Tags { class: answer.class, generation: loaded.generation, told: answer.told, waves: answer.waves };

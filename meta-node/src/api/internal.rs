@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::status::{FilterParams, Format, HostView, check_agent, local_host, local_summary, scope_of, stream_local_rows};
+use super::status::{FilterParams, Format, HostView, View, check_agent, local_host, local_summary, stream_local_rows};
 use super::{ApiError, authorize};
 use crate::Node;
 use crate::fleet::Summary;
@@ -69,6 +69,10 @@ fn ingest(node: &Node, bytes: &[u8], compact: bool, handed_back: bool) -> Result
 pub(super) struct GatherBody {
     /// Bit i: node i takes part (see `fleet::Scope::Held`).
     present: u64,
+    /// The hash of the gathering node's cluster map (absent from nodes before membership
+    /// changes online: the map served).
+    #[serde(default)]
+    cluster: Option<String>,
     /// Summaries only: count the hosts whose name starts with this.
     #[serde(default)]
     prefix: Option<String>,
@@ -95,9 +99,10 @@ pub(super) async fn rows(
     let body = GatherBody::parse(&body)?;
     let filter = params.to_filter()?;
     let format = Format::parse(params.format.as_deref());
+    let view = View::resolve(&node, body.cluster.as_deref())?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     tokio::task::spawn_blocking(move || {
-        stream_local_rows(&node, &agent, scope_of(&node, body.present), &filter, format, &tx);
+        stream_local_rows(&node, &agent, view.scope(body.present), &filter, format, &tx);
     });
     let body =
         Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|c| c.map(Ok::<_, std::convert::Infallible>))));
@@ -115,7 +120,8 @@ pub(super) async fn summary(
     authorize(&node, peer, &headers)?;
     check_agent(&agent)?;
     let body = GatherBody::parse(&body)?;
-    let s = tokio::task::spawn_blocking(move || local_summary(&node, &agent, scope_of(&node, body.present), body.prefix.as_deref()))
+    let view = View::resolve(&node, body.cluster.as_deref())?;
+    let s = tokio::task::spawn_blocking(move || local_summary(&node, &agent, view.scope(body.present), body.prefix.as_deref()))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(s))

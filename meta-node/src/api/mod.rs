@@ -12,6 +12,7 @@ use axum::routing::{get, post};
 use crate::Node;
 
 pub(crate) mod admin;
+mod cluster;
 mod heartbeat;
 mod internal;
 mod rollout;
@@ -33,6 +34,8 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Internal(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl ApiError {
@@ -44,6 +47,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
 }
@@ -72,6 +76,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/ui", get(ui::page))
         .route("/ui/", get(ui::page))
         .route("/config/reload", get(admin::reload))
+        .route("/cluster/map", get(cluster::map))
+        .route("/cluster/reload", get(cluster::reload))
+        .route("/internal/cluster/{step}", post(cluster::step))
         .route("/config/desired", get(admin::desired))
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))

@@ -83,9 +83,10 @@ pub(super) async fn gathered(State(node): State<Arc<Node>>, Path(agent): Path<St
     // Every node's report: this node's own, the peers' asked now.
     let own = node.controller.report();
     let mut reports: Vec<(String, Option<NodeReport>)> = Vec::new();
-    match &node.cluster {
+    match node.cluster() {
         None => reports.push((node.settings.id.clone(), Some((*own).clone()))),
         Some(c) => {
+            let c: &crate::Cluster = &c;
             let asks = c.map.nodes.iter().enumerate().map(|(i, n)| {
                 let node = node.clone();
                 let own = own.clone();
@@ -94,8 +95,8 @@ pub(super) async fn gathered(State(node): State<Arc<Node>>, Path(agent): Path<St
                     if i == c.me {
                         return (id, Some((*own).clone()));
                     }
-                    let req = peer_request(&node, reqwest::Method::GET, i, "/internal/rollout");
-                    (id, peer_json::<NodeReport>(&node, req, i, "rollout").await)
+                    let req = peer_request(&node, c, reqwest::Method::GET, i, "/internal/rollout");
+                    (id, peer_json::<NodeReport>(c, req, i, "rollout").await)
                 }
             });
             reports = futures_util::future::join_all(asks).await;

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use super::ApiError;
 use crate::fleet::{self, AgentQuery, Filter, Scope, State as RowState, Summary};
 use crate::metrics::{PEER_ERRORS, STATUS_REQUESTS};
-use crate::{Node, unix_now};
+use crate::{Cluster, Node, unix_now};
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
 pub(crate) struct FilterParams {
@@ -117,22 +117,24 @@ pub(crate) fn local_summary(node: &Node, agent: &str, scope: Scope<'_>, prefix: 
 }
 
 /// Who takes part in a gather: the nodes held up now (this one included), as a mask, and
-/// the others, which make the answer partial.
+/// the others, which make the answer partial; and the map they were taken from, whose hash
+/// every peer is asked by (`View`).
 pub(crate) struct Gather {
     pub present: u64,
     pub missing: Vec<usize>,
     pub nodes: usize,
     pub me: usize,
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Gather {
     fn now(node: &Node) -> Gather {
-        match &node.cluster {
-            None => Gather { present: 1, missing: Vec::new(), nodes: 1, me: 0 },
+        match node.cluster() {
+            None => Gather { present: 1, missing: Vec::new(), nodes: 1, me: 0, cluster: None },
             Some(c) => {
                 let present = c.alive.mask();
                 let nodes = c.map.nodes.len();
-                Gather { present, missing: (0..nodes).filter(|i| present & (1 << i) == 0).collect(), nodes, me: c.me }
+                Gather { present, missing: (0..nodes).filter(|i| present & (1 << i) == 0).collect(), nodes, me: c.me, cluster: Some(c) }
             }
         }
     }
@@ -140,25 +142,61 @@ impl Gather {
     fn asks(&self, i: usize) -> bool {
         self.present & (1 << i) != 0
     }
+
+    fn cluster(&self) -> &Cluster {
+        self.cluster.as_ref().expect("peers exist only in a cluster")
+    }
+
+    /// The body of a peer's part: the nodes taking part and the map's hash.
+    fn body(&self, prefix: Option<&str>) -> serde_json::Value {
+        serde_json::json!({ "present": self.present, "cluster": self.cluster.as_ref().map(|c| c.map.hash.as_str()), "prefix": prefix })
+    }
+
+    /// How this node answers its own part.
+    fn own_view(&self, node: &Node) -> Result<View, ApiError> {
+        View::resolve(node, self.cluster.as_ref().map(|c| c.map.hash.as_str()))
+    }
 }
 
-/// What this node scans when a gather by the nodes in `present` asks it.
-pub(crate) fn scope_of(node: &Node, present: u64) -> Scope<'_> {
-    match &node.cluster {
-        Some(c) => Scope::held(&c.ring, c.me, present | (1 << c.me)),
-        None => Scope::All,
+/// The cluster map a node answers a gather by. While no membership change is on, the map
+/// served, by the hosts' `owned` flags (a flag per host: the fast path); during a change, the
+/// ring of the map the gathering node named (current, previous or next), host by host, so
+/// every node of one gather counts by one ring (`membership`).
+pub(crate) enum View {
+    All,
+    Owned(Arc<Cluster>),
+    Ring(Arc<Cluster>),
+}
+
+impl View {
+    pub(crate) fn resolve(node: &Node, hash: Option<&str>) -> Result<View, ApiError> {
+        let Some(m) = &node.cluster else { return Ok(View::All) };
+        let current = m.current();
+        let hash = hash.unwrap_or(&current.map.hash);
+        if hash == current.map.hash && !m.changing() {
+            return Ok(View::Owned(current));
+        }
+        m.by_hash(hash).map(View::Ring).ok_or_else(|| {
+            ApiError::Conflict(format!("node {} does not know cluster map {hash} (it serves {})", node.settings.id, current.map.hash))
+        })
+    }
+
+    /// What this node scans when a gather by the nodes in `present` asks it.
+    pub(crate) fn scope(&self, present: u64) -> Scope<'_> {
+        match self {
+            View::All => Scope::All,
+            View::Owned(c) => Scope::held(&c.ring, c.me, present | (1 << c.me)),
+            View::Ring(c) => Scope::Ring { ring: &c.ring, me: c.me, present: present | (1 << c.me) },
+        }
     }
 }
 
 /// A peer did not answer a gather: it counts as down until the prober hears it again.
-fn peer_lost(node: &Node, peer: usize) {
-    if let Some(c) = &node.cluster {
-        c.alive.set(peer, &c.map.nodes[peer].id, false);
-    }
+fn peer_lost(c: &Cluster, peer: usize) {
+    c.alive.set(peer, &c.map.nodes[peer].id, false);
 }
 
-pub(super) fn peer_request(node: &Node, method: reqwest::Method, peer: usize, path: &str) -> reqwest::RequestBuilder {
-    let c = node.cluster.as_ref().expect("peers exist only in a cluster");
+pub(super) fn peer_request(node: &Node, c: &Cluster, method: reqwest::Method, peer: usize, path: &str) -> reqwest::RequestBuilder {
     let url = c.map.url(peer, path);
     let mut req = c.client.request(method, url).timeout(node.settings.peer_timeout);
     if let Some(token) = &node.settings.token {
@@ -167,15 +205,15 @@ pub(super) fn peer_request(node: &Node, method: reqwest::Method, peer: usize, pa
     req
 }
 
-fn peer_failed(node: &Node, peer: usize, what: &str, error: impl std::fmt::Display) {
-    let id = node.cluster.as_ref().map_or("", |c| c.map.nodes[peer].id.as_str());
-    peer_lost(node, peer);
+fn peer_failed(c: &Cluster, peer: usize, what: &str, error: impl std::fmt::Display) {
+    let id = c.map.nodes[peer].id.as_str();
+    peer_lost(c, peer);
     metrics::counter!(PEER_ERRORS, "query" => what.to_owned()).increment(1);
     tracing::warn!(peer = id, query = what, %error, "peer did not answer a status query");
 }
 
 pub(super) async fn peer_json<T: serde::de::DeserializeOwned>(
-    node: &Node,
+    c: &Cluster,
     req: reqwest::RequestBuilder,
     peer: usize,
     what: &str,
@@ -184,23 +222,31 @@ pub(super) async fn peer_json<T: serde::de::DeserializeOwned>(
         Ok(r) if r.status().is_success() => match r.json::<T>().await {
             Ok(v) => Some(v),
             Err(e) => {
-                peer_failed(node, peer, what, e);
+                peer_failed(c, peer, what, e);
                 None
             }
         },
+        // A peer on another map (a membership change between two steps) is up: the answer is
+        // partial this once, and nobody is marked down for it.
+        Ok(r) if r.status() == reqwest::StatusCode::CONFLICT => {
+            metrics::counter!(PEER_ERRORS, "query" => what.to_owned()).increment(1);
+            let why = r.text().await.unwrap_or_default();
+            tracing::warn!(peer = %c.map.nodes[peer].id, query = what, %why, "peer answers by another cluster map");
+            None
+        }
         Ok(r) => {
-            peer_failed(node, peer, what, r.status());
+            peer_failed(c, peer, what, r.status());
             None
         }
         Err(e) => {
-            peer_failed(node, peer, what, e);
+            peer_failed(c, peer, what, e);
             None
         }
     }
 }
 
-fn missing_ids(node: &Node, missing: &[usize]) -> Vec<String> {
-    node.cluster.as_ref().map_or_else(Vec::new, |c| missing.iter().map(|&i| c.map.nodes[i].id.clone()).collect())
+fn missing_ids(gather: &Gather, missing: &[usize]) -> Vec<String> {
+    gather.cluster.as_ref().map_or_else(Vec::new, |c| missing.iter().map(|&i| c.map.nodes[i].id.clone()).collect())
 }
 
 /// Counts rows in a stream of formatted chunks, across chunk boundaries.
@@ -245,7 +291,8 @@ impl RowSink {
 
 async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: Format) -> Result<Response, ApiError> {
     let filter = params.to_filter()?;
-    let gather = Gather::now(&node);
+    let gather = Arc::new(Gather::now(&node));
+    let mut own_view = Some(gather.own_view(&node)?);
     let present = gather.present;
     // Every peer's stream is opened before the reply's headers go out, so they already say
     // which nodes did not answer; the peers start scanning meanwhile (each blocks on its
@@ -254,25 +301,27 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
     query.format = Some(format.name().to_owned());
     let qs = serde_urlencoded_pairs(&query);
     let opened = futures_util::future::join_all((0..gather.nodes).filter(|&i| gather.asks(i) && i != gather.me).map(|i| {
-        let body = serde_json::json!({ "present": present });
+        let body = gather.body(None);
         // Per chunk, not per stream: a large listing may take longer than the timeout.
-        let req = peer_request(&node, reqwest::Method::POST, i, &format!("/internal/rows/{agent}?{qs}"))
+        let req = peer_request(&node, gather.cluster(), reqwest::Method::POST, i, &format!("/internal/rows/{agent}?{qs}"))
             .json(&body)
             .timeout(std::time::Duration::from_secs(3600));
         let node = node.clone();
+        let gather = gather.clone();
         async move {
             match tokio::time::timeout(node.settings.peer_timeout, req.send()).await {
                 Ok(Ok(r)) if r.status().is_success() => (i, Some(r)),
+                Ok(Ok(r)) if r.status() == reqwest::StatusCode::CONFLICT => (i, None),
                 Ok(Ok(r)) => {
-                    peer_failed(&node, i, "rows", r.status());
+                    peer_failed(gather.cluster(), i, "rows", r.status());
                     (i, None)
                 }
                 Ok(Err(e)) => {
-                    peer_failed(&node, i, "rows", e);
+                    peer_failed(gather.cluster(), i, "rows", e);
                     (i, None)
                 }
                 Err(_) => {
-                    peer_failed(&node, i, "rows", "no answer within the peer timeout");
+                    peer_failed(gather.cluster(), i, "rows", "no answer within the peer timeout");
                     (i, None)
                 }
             }
@@ -289,7 +338,7 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
     }
     missing.sort_unstable();
     let (tx, mut rx) = mpsc::channel::<Bytes>(4);
-    let initially_missing = missing_ids(&node, &missing);
+    let initially_missing = missing_ids(&gather, &missing);
     tokio::spawn(async move {
         let head = match format {
             Format::Json => format!("{{\"agent\":{},\"hosts\":[", serde_json::Value::from(agent.as_str())),
@@ -303,7 +352,12 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
             if i == gather.me {
                 let (ltx, mut lrx) = mpsc::channel::<Bytes>(4);
                 let (n2, a2, f2) = (node.clone(), agent.clone(), filter.clone());
-                let producer = tokio::task::spawn_blocking(move || stream_local_rows(&n2, &a2, scope_of(&n2, present), &f2, format, &ltx));
+                let view = own_view.take();
+                let producer = tokio::task::spawn_blocking(move || {
+                    if let Some(view) = view {
+                        stream_local_rows(&n2, &a2, view.scope(present), &f2, format, &ltx);
+                    }
+                });
                 while let Some(chunk) = lrx.recv().await {
                     if !sink.send(chunk).await {
                         return;
@@ -321,12 +375,12 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
                         }
                         Ok(None) => break,
                         Ok(Some(Err(e))) => {
-                            peer_failed(&node, i, "rows", e);
+                            peer_failed(gather.cluster(), i, "rows", e);
                             missing.push(i);
                             break;
                         }
                         Err(_) => {
-                            peer_failed(&node, i, "rows", "timed out mid-stream");
+                            peer_failed(gather.cluster(), i, "rows", "timed out mid-stream");
                             missing.push(i);
                             break;
                         }
@@ -336,7 +390,7 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
         }
         missing.sort_unstable();
         missing.dedup();
-        let ids = missing_ids(&node, &missing);
+        let ids = missing_ids(&gather, &missing);
         let tail = match format {
             Format::Json => format!(
                 "],\"count\":{},\"partial\":{},\"missingNodes\":{}}}",
@@ -428,19 +482,22 @@ pub(super) async fn summary(
         return Err(ApiError::BadRequest(format!("prefix must be 1-255 of [A-Za-z0-9._-], got {p:?}")));
     }
     metrics::counter!(STATUS_REQUESTS, "kind" => "summary").increment(1);
-    let gather = Gather::now(&node);
+    let gather = Arc::new(Gather::now(&node));
+    let own_view = Arc::new(gather.own_view(&node)?);
     let present = gather.present;
     let parts = futures_util::future::join_all((0..gather.nodes).filter(|&i| gather.asks(i)).map(|i| {
         let node = node.clone();
         let agent = agent.clone();
         let prefix = prefix.clone();
+        let (gather, view) = (gather.clone(), own_view.clone());
         async move {
             let part = if i == gather.me {
-                tokio::task::spawn_blocking(move || local_summary(&node, &agent, scope_of(&node, present), prefix.as_deref())).await.ok()
+                tokio::task::spawn_blocking(move || local_summary(&node, &agent, view.scope(present), prefix.as_deref())).await.ok()
             } else {
-                let body = serde_json::json!({ "present": present, "prefix": prefix });
-                let req = peer_request(&node, reqwest::Method::POST, i, &format!("/internal/summary/{agent}")).json(&body);
-                peer_json::<Summary>(&node, req, i, "summary").await
+                let body = gather.body(prefix.as_deref());
+                let req =
+                    peer_request(&node, gather.cluster(), reqwest::Method::POST, i, &format!("/internal/summary/{agent}")).json(&body);
+                peer_json::<Summary>(gather.cluster(), req, i, "summary").await
             };
             (i, part)
         }
@@ -455,7 +512,7 @@ pub(super) async fn summary(
         }
     }
     missing.sort_unstable();
-    Ok(Json(SummaryReply { summary: total, partial: !missing.is_empty(), missing_nodes: missing_ids(&node, &missing) }))
+    Ok(Json(SummaryReply { summary: total, partial: !missing.is_empty(), missing_nodes: missing_ids(&gather, &missing) }))
 }
 
 #[derive(Serialize)]
@@ -551,12 +608,12 @@ pub(super) async fn host(State(node): State<Arc<Node>>, Path(hostname): Path<Str
     }
     metrics::counter!(STATUS_REQUESTS, "kind" => "host").increment(1);
     let mut best = local_host(&node, &hostname);
-    if let Some(c) = &node.cluster {
+    if let Some(c) = node.cluster() {
         let up = c.alive.mask();
         let peers = futures_util::future::join_all(c.peers().filter(|i| up & (1 << i) != 0).map(|i| {
-            let node = node.clone();
-            let req = peer_request(&node, reqwest::Method::GET, i, &format!("/internal/host/{hostname}"));
-            async move { peer_json::<Option<HostView>>(&node, req, i, "host").await.flatten() }
+            let req = peer_request(&node, &c, reqwest::Method::GET, i, &format!("/internal/host/{hostname}"));
+            let c = &c;
+            async move { peer_json::<Option<HostView>>(c, req, i, "host").await.flatten() }
         }))
         .await;
         for v in peers.into_iter().flatten() {

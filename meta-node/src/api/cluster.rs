@@ -1,0 +1,217 @@
+//! `GET /cluster/map` (the map served, for relays and operators), `GET /cluster/reload?all=1`
+//! (a membership change, coordinated by the node asked) and `POST /internal/cluster/{step}`
+//! (one node's step of it). See `crate::membership`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::{ApiError, authorize};
+use crate::Node;
+use crate::membership::{self, StepReply};
+
+/// How long one node's step may take (a prepare sends its moving hosts: ~250k at 1M hosts).
+const STEP_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// `GET /cluster/map`: the `cluster.toml` this node serves, with its hash as the ETag
+/// (`If-None-Match` answers 304), so relays learn a changed map as they learn the config.
+pub(super) async fn map(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    let Some(c) = node.cluster() else {
+        return ApiError::NotFound("this node is standalone: it has no cluster map".into()).into_response();
+    };
+    let etag = format!("\"{}\"", c.map.hash);
+    let etag_value = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\""));
+    let matches = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    if matches {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
+    }
+    ([(header::ETAG, etag_value), (header::CONTENT_TYPE, HeaderValue::from_static("application/toml; charset=utf-8"))], c.map.text.clone())
+        .into_response()
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct ReloadParams {
+    #[serde(default)]
+    all: Option<String>,
+}
+
+/// One node's part in a change, as the coordinator reports it.
+#[derive(Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct NodeStep {
+    id: String,
+    url: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    moved: usize,
+    remarked: usize,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReloadReply {
+    node: String,
+    hash: String,
+    previous_hash: String,
+    changed: bool,
+    /// The step that failed, when the change was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed_at: Option<&'static str>,
+    error_message: String,
+    nodes: Vec<NodeStep>,
+}
+
+/// `GET /cluster/reload?all=1` (token): reads this node's `cluster.toml` and takes every node
+/// of the old and the new map through prepare, commit and finish. A refusal or an unreachable
+/// node at prepare aborts the change everywhere; nothing changed then.
+pub(super) async fn reload(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(params): Query<ReloadParams>,
+) -> Result<Response, ApiError> {
+    authorize(&node, peer, &headers)?;
+    let m = node.cluster.as_ref().ok_or_else(|| {
+        ApiError::BadRequest("this node is standalone: start every node with --cluster to change membership online".into())
+    })?;
+    if !matches!(params.all.as_deref(), Some("1" | "true")) {
+        return Err(ApiError::BadRequest(
+            "a membership change takes every node: ask GET /cluster/reload?all=1 (any node coordinates it)".into(),
+        ));
+    }
+    let _one = m.coordinating.try_lock().map_err(|_| ApiError::Conflict("a membership change is already running here".into()))?;
+    let path = m.path().ok_or_else(|| ApiError::BadRequest("this node was not started with --cluster FILE".into()))?.to_owned();
+    let text = tokio::fs::read_to_string(&path).await.map_err(|e| ApiError::BadRequest(format!("{}: {e}", path.display())))?;
+    let map = ops_config::ClusterMap::parse(&text, &path).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let current = m.current();
+    let mut reply = ReloadReply {
+        node: node.settings.id.clone(),
+        hash: map.hash.clone(),
+        previous_hash: current.map.hash.clone(),
+        changed: false,
+        failed_at: None,
+        error_message: String::new(),
+        nodes: Vec::new(),
+    };
+    if map.hash == current.map.hash {
+        return Ok(Json(reply).into_response());
+    }
+    if let Some(why) = map.online_change_refused(&current.map) {
+        return Err(ApiError::BadRequest(format!("{}: {why}", path.display())));
+    }
+    // Every node of the new map, then those of the old one it leaves out.
+    let mut targets: Vec<(String, String)> = (0..map.nodes.len()).map(|i| (map.nodes[i].id.clone(), map.url(i, ""))).collect();
+    for (i, n) in current.map.nodes.iter().enumerate() {
+        if !targets.iter().any(|(id, _)| id == &n.id) {
+            targets.push((n.id.clone(), current.map.url(i, "")));
+        }
+    }
+    reply.nodes = targets.iter().map(|(id, url)| NodeStep { id: id.clone(), url: url.clone(), ok: true, ..NodeStep::default() }).collect();
+    tracing::info!(hash = %map.hash, nodes = targets.len(), "membership change: preparing every node");
+
+    let results = step_all(&node, &current.client, &targets, "prepare", text.clone()).await;
+    let refused = record(&mut reply, results, |s, r| s.moved = r.moved);
+    if let Some(error) = refused {
+        tracing::warn!(%error, "membership change refused at prepare; aborting everywhere");
+        let _ = step_all(&node, &current.client, &targets, "abort", map.hash.clone()).await;
+        reply.failed_at = Some("prepare");
+        reply.error_message = format!("nothing changed: {error}");
+        return Ok((StatusCode::CONFLICT, Json(reply)).into_response());
+    }
+    let results = step_all(&node, &current.client, &targets, "commit", map.hash.clone()).await;
+    let refused = record(&mut reply, results, |s, r| s.remarked = r.remarked);
+    reply.changed = true;
+    // A gather that began by the old map before its node committed still asks by it: every
+    // node keeps the old map that long (a peer's part must open within the peer timeout).
+    tokio::time::sleep(node.settings.peer_timeout).await;
+    let results = step_all(&node, &current.client, &targets, "finish", map.hash.clone()).await;
+    let refused = refused.or(record(&mut reply, results, |_, _| {}));
+    if let Some(error) = refused {
+        // Committed nodes serve the new map; one that missed a step ends it by itself
+        // (`membership::CHANGE_TIMEOUT`) or is brought along by asking again.
+        reply.failed_at = Some("commit");
+        reply.error_message = format!("the new map is served, but not by every node: {error}; ask again once they answer");
+        return Ok((StatusCode::BAD_GATEWAY, Json(reply)).into_response());
+    }
+    tracing::info!(hash = %map.hash, "membership change done on every node");
+    Ok(Json(reply).into_response())
+}
+
+/// Folds one step's results into the reply; returns the first error.
+fn record(
+    reply: &mut ReloadReply,
+    results: Vec<Result<StepReply, String>>,
+    mut f: impl FnMut(&mut NodeStep, &StepReply),
+) -> Option<String> {
+    let mut first = None;
+    for (s, r) in reply.nodes.iter_mut().zip(results) {
+        match r {
+            Ok(r) => f(s, &r),
+            Err(e) => {
+                s.ok = false;
+                first.get_or_insert_with(|| format!("{}: {e}", s.id));
+                s.error = Some(e);
+            }
+        }
+    }
+    first
+}
+
+/// Runs `step` on every target at once.
+async fn step_all(
+    node: &Node,
+    client: &reqwest::Client,
+    targets: &[(String, String)],
+    step: &str,
+    body: String,
+) -> Vec<Result<StepReply, String>> {
+    futures_util::future::join_all(targets.iter().map(|(id, base)| {
+        let mut req = client.post(format!("{base}/internal/cluster/{step}")).timeout(STEP_TIMEOUT).body(body.clone());
+        if let Some(token) = &node.settings.token {
+            req = req.bearer_auth(token);
+        }
+        async move {
+            let r = req.send().await.map_err(|e| format!("no answer: {e}"))?;
+            let ok = r.status().is_success();
+            let v: serde_json::Value = r.json().await.map_err(|e| format!("bad answer: {e}"))?;
+            if !ok {
+                return Err(v["errorMessage"].as_str().unwrap_or("refused").to_owned());
+            }
+            let reply: StepReply = serde_json::from_value(v).map_err(|e| format!("bad answer: {e}"))?;
+            if &reply.id != id {
+                return Err(format!("node {:?} answered on {id}'s address", reply.id));
+            }
+            Ok(reply)
+        }
+    }))
+    .await
+}
+
+/// `POST /internal/cluster/{step}` (token): prepare (body: the map's text), commit, finish or
+/// abort (body: the map's hash).
+pub(super) async fn step(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(step): Path<String>,
+    body: Bytes,
+) -> Result<Json<StepReply>, ApiError> {
+    authorize(&node, peer, &headers)?;
+    let body = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the body is not UTF-8".into()))?;
+    let result = match step.as_str() {
+        "prepare" => membership::prepare(&node, body).await,
+        "commit" => membership::commit(&node, body.trim()).await,
+        "finish" => membership::finish(&node, body.trim()),
+        "abort" => Ok(membership::abort(&node, body.trim())),
+        other => return Err(ApiError::NotFound(format!("no cluster step {other:?}: prepare, commit, finish or abort"))),
+    };
+    result.map(Json).map_err(ApiError::Conflict)
+}

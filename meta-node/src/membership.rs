@@ -1,0 +1,341 @@
+//! Membership changes online: a node added to or removed from `cluster.toml` takes effect
+//! without a restart.
+//!
+//! Any node coordinates (`GET /cluster/reload?all=1`, `api::cluster`): it reads its own
+//! `cluster.toml` and walks every node of the old and the new map through three steps, each
+//! `POST /internal/cluster/{step}` with the new map's text:
+//!
+//! 1. **prepare**: each node validates the map and keeps it as `next`; each old owner sends
+//!    the hosts that change owner to their new owner (compact batches marked as handed back,
+//!    the failover hand-back's path), where they wait as copies. Nothing serves the new map
+//!    yet. Any node refusing or unreachable aborts the change everywhere: nothing changed.
+//! 2. **commit**: each node serves the new map (writes its `cluster.toml` first, so a restart
+//!    keeps it), sets the `owned` flag of every host it holds by the new ring, and keeps the
+//!    old map as `previous`. Heartbeats of moved hosts that still arrive at their old owner
+//!    (a relay that has not learnt the map yet) are forwarded to the new one.
+//! 3. **finish**: each node drops `previous`; the hand-back loop then sends what reported at
+//!    the old owner since the prepare, and drops it there.
+//!
+//! Status stays whole throughout: a gathering node passes its map's hash, and a node answers
+//! by that map's ring (current, previous or next) while a change is on, so one gather counts
+//! every host exactly once by one ring, whichever nodes already committed. The hand-back is
+//! paused while a change is on, so the old owner still holds what an old-map gather asks of
+//! it. A node that leaves keeps serving until it is stopped: it owns nothing, forwards every
+//! heartbeat it still gets and answers `GET /cluster/map` with the new map, from which relays
+//! learn it.
+//!
+//! A change left half done (the coordinator died) ends by itself after [`CHANGE_TIMEOUT`]: a
+//! prepared map is dropped, a committed one finished.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use compact_str::CompactString;
+use ops_config::ClusterMap;
+use parking_lot::Mutex;
+use relay::forward::{Entry, Pending};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::SHARDS;
+use crate::{Cluster, Node};
+
+/// A change not carried to its end within this is ended here.
+pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Shards scanned per blocking step of the prepare's push.
+const SHARDS_PER_STEP: usize = 16;
+
+/// The cluster map a node serves, and the one it is moving from or to.
+pub struct Membership {
+    current: ArcSwap<Cluster>,
+    /// Committed away from, until finish: gathers by nodes not yet committed use it.
+    previous: ArcSwapOption<Cluster>,
+    /// Prepared, not committed.
+    next: ArcSwapOption<Cluster>,
+    /// When the change on now began.
+    since: Mutex<Option<Instant>>,
+    /// The cluster file, rewritten at commit.
+    path: Option<PathBuf>,
+    /// One coordinated change at a time on this node.
+    pub(crate) coordinating: tokio::sync::Mutex<()>,
+    /// The forwarder of the current map: the token that drains and stops it, and its task.
+    forwarder: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
+    /// Ends the current map's tasks (the peers' rollout poll).
+    tasks: Mutex<CancellationToken>,
+}
+
+/// What a node's step answered.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepReply {
+    pub id: String,
+    pub hash: String,
+    /// Prepare: hosts sent to their new owner.
+    #[serde(default)]
+    pub moved: usize,
+    /// Commit: hosts whose `owned` flag changed.
+    #[serde(default)]
+    pub remarked: usize,
+    /// The node already served this map.
+    #[serde(default)]
+    pub unchanged: bool,
+}
+
+impl Membership {
+    pub fn new(cluster: Cluster, path: Option<PathBuf>) -> Self {
+        Membership {
+            current: ArcSwap::from_pointee(cluster),
+            previous: ArcSwapOption::empty(),
+            next: ArcSwapOption::empty(),
+            since: Mutex::new(None),
+            path,
+            coordinating: tokio::sync::Mutex::new(()),
+            forwarder: Mutex::new(None),
+            tasks: Mutex::new(CancellationToken::new()),
+        }
+    }
+
+    /// The map served now.
+    pub fn current(&self) -> Arc<Cluster> {
+        self.current.load_full()
+    }
+
+    /// The same without a reference count (the heartbeat path).
+    pub fn guard(&self) -> arc_swap::Guard<Arc<Cluster>> {
+        self.current.load()
+    }
+
+    /// Whether a change is on (prepared or committed, not finished).
+    pub fn changing(&self) -> bool {
+        self.since.lock().is_some()
+    }
+
+    /// The map whose hash is `hash` among the current, previous and next ones.
+    pub fn by_hash(&self, hash: &str) -> Option<Arc<Cluster>> {
+        [Some(self.current.load_full()), self.previous.load_full(), self.next.load_full()]
+            .into_iter()
+            .flatten()
+            .find(|c| c.map.hash == hash)
+    }
+
+    /// The cluster file's path, if the node was started with one.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
+    }
+
+    /// Ends a change nobody finished within [`CHANGE_TIMEOUT`] (called by the hand-back loop).
+    pub fn expire(&self) {
+        let overdue = self.since.lock().is_some_and(|t| t.elapsed() > CHANGE_TIMEOUT);
+        if !overdue {
+            return;
+        }
+        if self.next.swap(None).is_some() {
+            tracing::warn!("a prepared cluster map was never committed; dropped");
+        }
+        if let Some(old) = self.previous.swap(None) {
+            old.stop.cancel();
+            tracing::warn!("a cluster map change was never finished; finished here");
+        }
+        *self.since.lock() = None;
+    }
+}
+
+/// Builds what node `id` knows of the cluster `map`. A node that `map` leaves out is leaving:
+/// it is kept as an extra entry past the ring's nodes, so it can still gather and serve, but
+/// it owns no host (the forwarder and the ring know only the map's nodes).
+pub fn build(
+    settings: &crate::Settings,
+    map: &ClusterMap,
+    my_addr: Option<std::net::SocketAddr>,
+    stop: CancellationToken,
+) -> Result<Cluster, String> {
+    let mut forward = settings.forward.clone();
+    forward.token = settings.token.clone();
+    let forwarder = relay::forward::Forwarder::new(map, forward, stop.clone());
+    let client = relay::tls::for_cluster(reqwest::Client::builder().no_proxy(), map).and_then(|b| b.build().map_err(|e| e.to_string()))?;
+    let ring = map.ring();
+    let (map, me, leaving) = match map.index_of(&settings.id) {
+        Some(me) => (map.clone(), me, false),
+        None => {
+            let mut with_me = map.clone();
+            let addr = my_addr.ok_or("this node is not in the map")?;
+            with_me.nodes.push(ops_config::NodeSpec { id: settings.id.clone(), addr, weight: 1 });
+            let me = with_me.nodes.len() - 1;
+            (with_me, me, true)
+        }
+    };
+    Ok(Cluster { alive: crate::peers::Peers::new(map.nodes.len(), me), ring, me, forwarder, client, map, leaving, stop })
+}
+
+/// Starts the tasks that belong to the current map (its forwarder, the peers' rollout
+/// poll), and drains and stops those of the map before it.
+pub fn start_map_tasks(node: &Arc<Node>) {
+    let background = &node.background;
+    let Some(m) = &node.cluster else { return };
+    let c = m.current();
+    let drain = CancellationToken::new();
+    let task = tokio::spawn(c.forwarder.clone().run(drain.clone()));
+    if let Some((old_drain, _old)) = m.forwarder.lock().replace((drain, task)) {
+        // The old forwarder sends what it holds to the old map's owners, which forward
+        // what they no longer own; then it stops.
+        old_drain.cancel();
+    }
+    let tasks = background.child_token();
+    std::mem::replace(&mut *m.tasks.lock(), tasks.clone()).cancel();
+    let n = node.clone();
+    let nodes = relay::rollout::Nodes {
+        client: c.client.clone(),
+        bases: (0..c.map.nodes.len()).map(|i| c.map.url(i, "")).collect(),
+        skip: Some(c.me),
+        token: node.settings.token.clone(),
+    };
+    tokio::spawn(node.rollouts.clone().poll(nodes, node.settings.rollout_interval, move || Some(n.desired.current()), tasks));
+}
+
+/// Drains the current forwarder (shutdown), waiting up to `grace`.
+pub async fn drain(node: &Node, grace: Duration) {
+    let Some(m) = &node.cluster else { return };
+    let taken = m.forwarder.lock().take();
+    if let Some((drain, task)) = taken {
+        drain.cancel();
+        if tokio::time::timeout(grace, task).await.is_err() {
+            tracing::warn!("forwarder did not drain within the grace period");
+        }
+    }
+    m.tasks.lock().cancel();
+}
+
+/// Step 1 on this node: validates `text`, keeps it as the next map and sends the hosts that
+/// change owner to their new owner.
+pub async fn prepare(node: &Arc<Node>, text: &str) -> Result<StepReply, String> {
+    let m = node.cluster.as_ref().ok_or("this node is standalone: start it with --cluster to change membership online")?;
+    let file = m.path().map_or_else(|| PathBuf::from("cluster.toml"), PathBuf::from);
+    let map = ClusterMap::parse(text, &file).map_err(|e| e.to_string())?;
+    let current = m.current();
+    let reply = |moved, unchanged| StepReply { id: node.settings.id.clone(), hash: map.hash.clone(), moved, unchanged, remarked: 0 };
+    if map.hash == current.map.hash {
+        return Ok(reply(0, true));
+    }
+    if let Some(why) = map.online_change_refused(&current.map) {
+        return Err(why);
+    }
+    if let Some(next) = m.next.load_full()
+        && next.map.hash != map.hash
+    {
+        return Err(format!("another change (to map {}) is being prepared here", next.map.hash));
+    }
+    let my_addr = current.map.nodes[current.me].addr;
+    let next = Arc::new(build(&node.settings, &map, Some(my_addr), node.stop.child_token())?);
+    m.next.store(Some(next.clone()));
+    m.since.lock().get_or_insert_with(Instant::now);
+    let moved = push_moving(node, &next).await?;
+    tracing::info!(hash = %map.hash, moved, nodes = map.nodes.len(), "cluster map prepared; moving hosts sent to their new owners");
+    Ok(reply(moved, false))
+}
+
+/// Sends every host this node owns that `next` gives another node to that node.
+async fn push_moving(node: &Arc<Node>, next: &Arc<Cluster>) -> Result<usize, String> {
+    let mut moved = 0;
+    for first in (0..SHARDS).step_by(SHARDS_PER_STEP) {
+        let (n, c) = (node.clone(), next.clone());
+        let by_target = tokio::task::spawn_blocking(move || {
+            let mut out: Vec<Vec<Entry>> = (0..c.map.nodes.len()).map(|_| Vec::new()).collect();
+            for i in first..(first + SHARDS_PER_STEP).min(SHARDS) {
+                n.store.encode_held(
+                    i,
+                    true,
+                    |h| Some(c.ring.owner(h)).filter(|&t| t != c.me),
+                    |target, host, seen, record| out[target].push((CompactString::from(host), Pending { seen, body: record.into() })),
+                );
+            }
+            out
+        })
+        .await
+        .map_err(|e| format!("scan failed: {e}"))?;
+        for (target, entries) in by_target.into_iter().enumerate() {
+            if entries.is_empty() {
+                continue;
+            }
+            if !next.forwarder.send_handoff(target, &entries).await {
+                return Err(format!("node {} did not take the hosts it gets", next.map.nodes[target].id));
+            }
+            moved += entries.len();
+        }
+    }
+    Ok(moved)
+}
+
+/// Step 2 on this node: serves the prepared map whose hash is `hash`.
+pub async fn commit(node: &Arc<Node>, hash: &str) -> Result<StepReply, String> {
+    let m = node.cluster.as_ref().ok_or("this node is standalone")?;
+    let mut reply = StepReply { id: node.settings.id.clone(), hash: hash.to_owned(), ..StepReply::default() };
+    if m.current().map.hash == hash {
+        reply.unchanged = true;
+        return Ok(reply);
+    }
+    let next = m.next.load_full().filter(|n| n.map.hash == hash).ok_or_else(|| format!("map {hash} was not prepared here"))?;
+    if let Some(path) = m.path() {
+        keep_file(path, &node.settings.id, &next.map.text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    m.next.store(None);
+    let old = m.current.swap(next.clone());
+    m.previous.store(Some(old));
+    m.since.lock().get_or_insert_with(Instant::now);
+    node.rollouts.set_ids(next.map.nodes.iter().map(|n| n.id.clone()).collect());
+    start_map_tasks(node);
+    let n = node.clone();
+    reply.remarked = tokio::task::spawn_blocking(move || {
+        let c = n.cluster.as_ref().map(|m| m.current()).expect("a cluster");
+        n.store.remark_owned(|h| c.ring.owner(h) == c.me)
+    })
+    .await
+    .map_err(|e| format!("remark failed: {e}"))?;
+    let ids: Vec<&str> = next.map.nodes.iter().map(|n| n.id.as_str()).collect();
+    tracing::info!(hash, nodes = ?ids, remarked = reply.remarked, leaving = next.leaving, "cluster map committed");
+    Ok(reply)
+}
+
+/// Writes the map to `path` unless it holds it already: through a temporary file of this
+/// node's own (nodes of one machine may share the file), synced, then renamed.
+fn keep_file(path: &std::path::Path, id: &str, text: &str) -> std::io::Result<()> {
+    if std::fs::read_to_string(path).is_ok_and(|t| t == text) {
+        return Ok(());
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{id}.tmp"));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Step 3 on this node: drops the previous map; the hand-back takes it from there.
+pub fn finish(node: &Node, hash: &str) -> Result<StepReply, String> {
+    let m = node.cluster.as_ref().ok_or("this node is standalone")?;
+    if m.current().map.hash != hash {
+        return Err(format!("this node serves map {}, not {hash}", m.current().map.hash));
+    }
+    if let Some(old) = m.previous.swap(None) {
+        old.stop.cancel();
+    }
+    m.next.store(None);
+    *m.since.lock() = None;
+    tracing::info!(hash, "cluster map change finished");
+    Ok(StepReply { id: node.settings.id.clone(), hash: hash.to_owned(), ..StepReply::default() })
+}
+
+/// Drops a prepared map (the coordinator aborts).
+pub fn abort(node: &Node, hash: &str) -> StepReply {
+    if let Some(m) = &node.cluster {
+        if m.next.load().as_ref().is_some_and(|n| n.map.hash == hash) {
+            m.next.store(None);
+            tracing::warn!(hash, "prepared cluster map dropped: the change was aborted");
+        }
+        if m.previous.load().is_none() {
+            *m.since.lock() = None;
+        }
+    }
+    StepReply { id: node.settings.id.clone(), hash: hash.to_owned(), ..StepReply::default() }
+}

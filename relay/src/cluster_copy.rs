@@ -1,0 +1,123 @@
+//! The relay follows the cluster map of the meta nodes: a node added or removed online
+//! (`GET /cluster/reload?all=1` on any meta node) reaches every relay within a config poll,
+//! from `GET /cluster/map` (`If-None-Match` with the map's hash, as for the desired config).
+//! The map learnt is kept in the data dir as `cluster.toml` and preferred at start to the
+//! `--cluster` file, whose `tls`, `ca_file` and `token_file` it must keep: those change only
+//! with a restart.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ops_config::ClusterMap;
+use tokio_util::sync::CancellationToken;
+
+use crate::Relay;
+use crate::forward::Forwarder;
+
+const FILE_NAME: &str = "cluster.toml";
+
+/// The map to start with: the copy learnt before, if it parses and keeps how nodes are
+/// reached, else `given` (the `--cluster` file).
+pub fn at_start(given: &ClusterMap, data_dir: &Path) -> ClusterMap {
+    let path = data_dir.join(FILE_NAME);
+    if !path.exists() {
+        return given.clone();
+    }
+    let parsed = std::fs::read_to_string(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| ClusterMap::parse(&t, &given.file).map_err(|e| e.to_string()));
+    match parsed {
+        Ok(map) if map.hash == given.hash => map,
+        Ok(map) => match map.online_change_refused(given) {
+            None => {
+                tracing::info!(file = %path.display(), hash = %map.hash, "cluster map learnt from the meta nodes preferred to --cluster");
+                map
+            }
+            Some(why) => {
+                tracing::warn!(file = %path.display(), %why, "cluster map copy ignored; using --cluster");
+                given.clone()
+            }
+        },
+        Err(error) => {
+            tracing::warn!(%error, "cluster map copy unreadable; using --cluster");
+            given.clone()
+        }
+    }
+}
+
+/// Asks the nodes of the current map for theirs; returns a newer valid map if one answered.
+async fn fetch(client: &reqwest::Client, current: &ClusterMap) -> Result<Option<ClusterMap>, String> {
+    let mut errors = Vec::new();
+    for i in 0..current.nodes.len() {
+        let url = current.url(i, "/cluster/map");
+        let req = client.get(&url).timeout(Duration::from_secs(5)).header(reqwest::header::IF_NONE_MATCH, format!("\"{}\"", current.hash));
+        match req.send().await {
+            Ok(r) if r.status() == reqwest::StatusCode::NOT_MODIFIED => return Ok(None),
+            // A standalone meta node has no map to give.
+            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => return Ok(None),
+            Ok(r) if r.status().is_success() => {
+                let text = r.text().await.map_err(|e| format!("{url}: {e}"))?;
+                // Relative paths (token_file, ca_file) resolve as in the file the relay started with.
+                let map = ClusterMap::parse(&text, &current.file).map_err(|e| format!("{url}: {e}"))?;
+                if let Some(why) = map.online_change_refused(current) {
+                    return Err(format!("{url}: {why}"));
+                }
+                return Ok(Some(map));
+            }
+            Ok(r) => errors.push(format!("{url}: {}", r.status())),
+            Err(e) => errors.push(format!("{url}: {e}")),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// Every `period` until `stop`: follows the meta nodes' map. A new one is written to the data
+/// dir, then served: a new forwarder takes the heartbeats (the old one drains to the old
+/// owners, which forward what they no longer own) and the polls move to the new nodes.
+pub async fn poll(relay: Arc<Relay>, period: Duration, stop: CancellationToken) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let current = relay.map.load_full();
+        let client = match crate::tls::for_cluster(reqwest::Client::builder().no_proxy(), &current)
+            .and_then(|b| b.build().map_err(|e| e.to_string()))
+        {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::error!(%error, "cannot build a client for the cluster map");
+                continue;
+            }
+        };
+        let map = match fetch(&client, &current).await {
+            Ok(Some(map)) => map,
+            Ok(None) => {
+                failing = false;
+                continue;
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "no meta node gave its cluster map; following the one held");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        failing = false;
+        if let Err(error) = crate::write_atomically(&relay.settings.data_dir.join(FILE_NAME), map.text.as_bytes()) {
+            tracing::error!(%error, "cannot keep the cluster map copy; following it anyway");
+        }
+        let ids: Vec<String> = map.nodes.iter().map(|n| n.id.clone()).collect();
+        tracing::info!(hash = %map.hash, previous = %current.hash, nodes = ?ids, "cluster map changed; following it");
+        relay.forwarder.store(Forwarder::new(&map, relay.settings.forward.clone(), relay.stop.clone()));
+        relay.rollouts.set_ids(ids);
+        relay.map.store(Arc::new(map));
+        if let Err(error) = relay.start_map_tasks() {
+            tracing::error!(%error, "cannot start the new map's tasks");
+        }
+        metrics::counter!(crate::metrics::CLUSTER_MAPS).increment(1);
+    }
+}
