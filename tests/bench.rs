@@ -67,7 +67,7 @@ fn small_bench_runs_every_phase_and_cleans_up() {
     assert!(left.is_empty(), "processes of the bench's cluster survived: {}", String::from_utf8_lossy(&left));
 }
 
-/// `--chaos` at 50,000 hosts (100,000 until the suite neared CI's time budget; the 1M run is
+/// `--chaos --grow-meta` at 50,000 hosts (100,000 until the suite neared CI's time budget; the 1M run is
 /// in docs/ops-bench.md), a size where a status gather that moved copies host by host between
 /// nodes would still show: every fault leaves no updater error, no host missing or listed
 /// twice, no failover copy behind, and status whole again; the rollout after them reaches
@@ -81,12 +81,14 @@ fn chaos_at_50k_hosts_loses_nothing_and_lists_every_host_once() {
         // Every host once per 60 s / 10 = 6 s; SIGSTOP held 8 s (past the relays' 5 s timeout).
         "--interval-seconds", "60", "--speedup", "10", "--steady-seconds", "3", "--chaos", "--chaos-pause-seconds", "8",
         "--rollout-timeout-seconds", "120", "--ceiling-requests", "10000",
+        // Then meta-4 joins online and meta-2 leaves, under the same load.
+        "--grow-meta",
     ];
     let report = bench_json(&args);
     let steady = &report["steady"];
     let rows = steady["chaos"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["scenario"].as_str().unwrap()).collect();
-    assert_eq!(names, ["kill-meta", "stop-meta", "kill-relay", "restart-all-meta", "meta-down-all-but-one"]);
+    assert_eq!(names, ["kill-meta", "stop-meta", "kill-relay", "restart-all-meta", "meta-down-all-but-one", "grow-meta", "shrink-meta"]);
     for r in rows {
         let name = &r["scenario"];
         assert_eq!(r["updater_errors"], 0, "{name}: {r}");
@@ -98,6 +100,13 @@ fn chaos_at_50k_hosts_loses_nothing_and_lists_every_host_once() {
         assert_eq!(r["ok"], true, "{name}: {r}");
     }
     let by = |n: &str| rows.iter().find(|r| r["scenario"] == n).unwrap();
+    for n in ["grow-meta", "shrink-meta"] {
+        let r = by(n);
+        assert_eq!(r["whole_throughout"], true, "{n}: every summary during the change counted each host once: {r}");
+        assert!(r["moved_hosts"].as_u64().unwrap() > 0, "{n}: {r}");
+        assert!(r["moved_hosts"].as_u64() <= r["moved_bound_hosts"].as_u64(), "{n}: at most 1.1/4 of the hosts moved: {r}");
+        assert!(r["settled_s"].is_number(), "{n}: {r}");
+    }
     assert!(by("kill-relay")["updater_failovers"].as_u64().unwrap() > 0, "updaters of the dead relay used the other one");
     assert_eq!(by("kill-meta")["partial_seen"], true, "status says partial while a node is down");
     assert!(by("meta-down-all-but-one")["complete_s"].is_number(), "one node counts every host: {}", by("meta-down-all-but-one"));

@@ -673,5 +673,25 @@ mod tests {
             assert_eq!(total, hosts.len() as u64, "set {present:b}");
             assert!(counted.iter().all(|&c| c == 1), "set {present:b}: every host listed exactly once");
         }
+        // During a membership change each node answers by the ring the gather names, whatever
+        // its owned flags say: by the old ring (3 nodes) or a new one (a 4th node holding
+        // every host), each host is counted once.
+        let grown = ops_config::Ring::new([("meta-1", 1), ("meta-2", 1), ("meta-3", 1), ("meta-4", 1)], 100);
+        let fourth = Store::new();
+        for h in &hosts {
+            let body = format!(r#"{{"hostname":"{h}","realAgents":[{{"name":"a","version":"1"}}]}}"#);
+            fourth.upsert(&Heartbeat::parse(body.as_bytes()).unwrap(), 100, loaded.config.class_of(h), 1, grown.owner(h) == 3);
+        }
+        for (ring, nodes) in [(&ring, 3usize), (&grown, 4)] {
+            let present = (1u64 << nodes) - 1;
+            let total: u64 = stores
+                .iter()
+                .chain([&fourth])
+                .take(nodes)
+                .enumerate()
+                .map(|(i, store)| summarize(store, &q, Scope::Ring { ring, me: i, present }, None).hosts)
+                .sum();
+            assert_eq!(total, hosts.len() as u64, "by the {nodes}-node ring");
+        }
     }
 }

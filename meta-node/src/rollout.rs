@@ -352,6 +352,27 @@ struct Row {
 mod tests {
     use super::*;
     use crate::store::Tags;
+
+    #[test]
+    fn a_node_new_to_a_rollout_starts_from_the_lowest_wave_published_and_any_halt() {
+        let key = ("a".to_owned(), "2".to_owned());
+        let r = |wave, halted: bool, at| RolloutReport {
+            agent: "a".into(),
+            target: "2".into(),
+            approved_wave: wave,
+            wave_opened_at: at,
+            halted,
+            halt_reason: if halted { "3 of 4 failed".into() } else { String::new() },
+            ..RolloutReport::default()
+        };
+        let s = adopt(&key, &[vec![r(3, false, 30)], vec![r(2, false, 20)], vec![r(2, false, 25)]]);
+        assert_eq!((s.approved_wave, s.wave_opened_at, s.halted), (2, 25, false));
+        let s = adopt(&key, &[vec![r(3, false, 30)], vec![]]);
+        assert_eq!(s.approved_wave, 0, "a node that does not list it counts as wave 0");
+        let s = adopt(&key, &[vec![r(1, true, 10)], vec![r(2, false, 20)]]);
+        assert!(s.halted && s.halt_reason == "3 of 4 failed");
+        assert_eq!(adopt(&key, &[]), Saved { agent: "a".into(), target: "2".into(), ..Saved::default() });
+    }
     use crate::{Node, Settings};
     use ops_config::{DesiredConfig, Heartbeat};
 

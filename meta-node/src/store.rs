@@ -893,6 +893,26 @@ mod tests {
     /// A copy goes out as the compact record of its last report, and is dropped only if it
     /// did not report again meanwhile.
     #[test]
+    fn a_new_map_remarks_owned_flags_and_the_moving_hosts_are_encoded() {
+        let store = Store::new();
+        for (name, owned) in [("stays", true), ("moves", true), ("comes", false)] {
+            let body = format!(r#"{{"hostname":"{name}","realAgents":[]}}"#);
+            store.upsert(&hb(&body), 50, ops_config::ClassId(0), 1, owned);
+        }
+        let mut out = Vec::new();
+        for i in 0..SHARDS {
+            store.encode_held(i, true, |h| (h == "moves").then_some(3), |t, h, _, _| out.push((t, h.to_owned())));
+        }
+        assert_eq!(out, vec![(3, "moves".to_owned())], "only owned hosts the new ring sends elsewhere");
+        assert_eq!(store.copies(), 1);
+        assert_eq!(store.remark_owned(|h| h != "moves"), 2, "moves is no longer owned, comes now is");
+        assert_eq!(store.copies(), 1, "the copy count follows");
+        assert!(store.with_host("comes", |_, _, h| h.owned).unwrap());
+        assert!(!store.with_host("moves", |_, _, h| h.owned).unwrap());
+        assert_eq!(store.remark_owned(|h| h != "moves"), 0);
+    }
+
+    #[test]
     fn copies_are_encoded_as_their_report_and_dropped_only_when_unchanged() {
         let store = Store::new();
         let copy = r#"{"hostname":"c1","ip":"10.1.2.3","runUser":"root","updaterVersion":"0.1","realAgents":[{"name":"a","version":"1","status":"started","timestamp":7,"runUser":"u","workDir":"/w","lastError":"boom"}]}"#;

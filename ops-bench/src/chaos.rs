@@ -34,6 +34,12 @@ pub enum Scenario {
     RestartAllMeta,
     /// SIGKILL every meta node but the first; restart them after one interval.
     TwoMetaDown,
+    /// `--grow-meta`: start one more meta node on a map that names it and ask meta node 1 for
+    /// `/cluster/reload?all=1` (the membership change online).
+    GrowMeta,
+    /// `--grow-meta`, after `GrowMeta`: take meta-2 out of the map the same way; once it
+    /// holds no host, stop it.
+    ShrinkMeta,
 }
 
 impl Scenario {
@@ -47,6 +53,8 @@ impl Scenario {
             Scenario::KillRelay => "kill-relay",
             Scenario::RestartAllMeta => "restart-all-meta",
             Scenario::TwoMetaDown => "meta-down-all-but-one",
+            Scenario::GrowMeta => "grow-meta",
+            Scenario::ShrinkMeta => "shrink-meta",
         }
     }
 }
@@ -86,12 +94,31 @@ pub struct Row {
     pub rss_fault: Vec<(String, u64)>,
     pub rss_end: Vec<(String, u64)>,
     pub seconds: f64,
+    /// Membership changes: hosts that changed owner (the nodes' `moved`), and the most the
+    /// ring may move (1.1 / nodes of the larger map).
+    pub moved: Option<u64>,
+    pub moved_bound: Option<u64>,
+    /// Membership changes: seconds of the `/cluster/reload?all=1` call, and from its start
+    /// until the new node held its ring share (or the leaving one held nothing) with no
+    /// failover copy left anywhere.
+    pub reload_s: Option<f64>,
+    pub settled_s: Option<f64>,
+    /// Membership changes: every summary sampled from the reload to the settling counted
+    /// every host exactly once and was not partial.
+    pub whole_throughout: Option<bool>,
 }
 
 impl Row {
     /// Nothing lost, nothing twice, whole again, no copy left behind.
     pub fn ok(&self) -> bool {
-        self.whole_s.is_some() && self.missing == 0 && self.twice == 0 && !self.listing_partial && self.copies_left == 0
+        self.whole_s.is_some()
+            && self.missing == 0
+            && self.twice == 0
+            && !self.listing_partial
+            && self.copies_left == 0
+            && self.whole_throughout != Some(false)
+            && self.moved.zip(self.moved_bound).is_none_or(|(m, b)| m <= b)
+            && (self.moved.is_none() || self.settled_s.is_some())
     }
 
     pub fn json(&self) -> Value {
@@ -118,6 +145,11 @@ impl Row {
             "rss_fault_bytes": rss(&self.rss_fault),
             "rss_end_bytes": rss(&self.rss_end),
             "seconds": self.seconds,
+            "moved_hosts": self.moved,
+            "moved_bound_hosts": self.moved_bound,
+            "reload_s": self.reload_s,
+            "settled_s": self.settled_s,
+            "whole_throughout": self.whole_throughout,
         })
     }
 
@@ -127,14 +159,24 @@ impl Row {
         let ms = |t: Option<f64>| t.map_or("-".to_owned(), |t| format!("{t:.0} ms"));
         let meta_rss: Vec<String> =
             self.rss_fault.iter().filter(|(n, _)| n.starts_with("meta")).map(|(n, b)| format!("{n} {}", b >> 20)).collect();
+        let membership = match self.moved {
+            Some(moved) => format!(
+                "moved {moved} hosts (bound {}), reload {}, settled {}, whole throughout: {}; ",
+                self.moved_bound.unwrap_or(0),
+                s(self.reload_s),
+                s(self.settled_s),
+                self.whole_throughout.map_or("-", |w| if w { "yes" } else { "NO" })
+            ),
+            None => String::new(),
+        };
         format!(
-            "{:<22} {}: errors {} (failovers {}), complete {}, serving {}, whole {}; summary p99 {} (max {}, {} unanswered{}); listed {} missing {} twice {}; copies gone {}; meta RSS MiB at the fault: {}; {}",
+            "{:<22} {}: {membership}errors {} (failovers {}), {}whole {}; summary p99 {} (max {}, {} unanswered{}); listed {} missing {} twice {}; copies gone {}; meta RSS MiB at the fault: {}; {}",
             self.name,
             self.fault,
             self.errors,
             self.failovers,
-            s(self.complete_s),
-            s(self.serving_s),
+            // A membership change is no outage: nothing to complete or serve again.
+            if self.moved.is_some() { String::new() } else { format!("complete {}, serving {}, ", s(self.complete_s), s(self.serving_s)) },
             s(self.whole_s),
             ms(self.summary_p99_ms),
             ms(self.summary_max_ms),
@@ -202,6 +244,14 @@ impl Sampler {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Whether every sample taken between `from` and `to` counted exactly `hosts`, not
+    /// partial (and there was at least one).
+    fn all_whole(&self, from: Instant, to: Instant, hosts: u64) -> bool {
+        let samples = self.samples.lock().expect("sampler lock");
+        let mut taken = samples.iter().filter(|s| s.at >= from && s.at <= to).peekable();
+        taken.peek().is_some() && taken.all(|s| s.hosts == Some(hosts) && !s.partial)
     }
 
     /// Latency figures of the samples taken between `from` and `to`.
@@ -318,6 +368,7 @@ pub async fn run(ctx: &mut Ctx<'_>, scenario: Scenario) -> anyhow::Result<Row> {
             row.serving_s = Some(end.elapsed().as_secs_f64());
             end
         }
+        Scenario::GrowMeta | Scenario::ShrinkMeta => membership(ctx, scenario, &mut row, start).await?,
         Scenario::RestartAllMeta => {
             row.fault = format!("SIGTERM all {metas} meta nodes (snapshot), then start them");
             tokio::task::block_in_place(|| {
@@ -361,6 +412,70 @@ pub async fn run(ctx: &mut Ctx<'_>, scenario: Scenario) -> anyhow::Result<Row> {
     row.failovers = ctx.live.failovers() - failovers0;
     row.seconds = start.elapsed().as_secs_f64();
     Ok(row)
+}
+
+/// A membership change under the load: returns when it settled (the fault's end).
+async fn membership(ctx: &mut Ctx<'_>, scenario: Scenario, row: &mut Row, start: Instant) -> anyhow::Result<Instant> {
+    let metas = ctx.cluster.metas.len();
+    let token = std::fs::read_to_string(&ctx.cluster.token_file)?.trim().to_owned();
+    // Grow: the new node; shrink: meta-2, which leaves.
+    let (node, larger) = match scenario {
+        Scenario::GrowMeta => (tokio::task::block_in_place(|| ctx.cluster.add_meta())?, metas + 1),
+        _ => {
+            anyhow::ensure!(metas >= 3, "shrink-meta needs at least 3 meta nodes");
+            let keep: Vec<usize> = (0..metas).filter(|&i| i != 1).collect();
+            ctx.cluster.write_map(&keep, None)?;
+            (1, metas)
+        }
+    };
+    let id = ctx.cluster.metas[node].name.clone();
+    row.fault = match scenario {
+        Scenario::GrowMeta => format!("{id} added online ({} -> {} nodes)", metas, metas + 1),
+        _ => format!("{id} removed online ({} -> {} nodes), then stopped", metas, metas - 1),
+    };
+    // The hosts the new map gives the new node (grow), or none (shrink).
+    let map = ops_config::ClusterMap::load(&ctx.cluster.cluster_file)?;
+    let want = match map.index_of(&id) {
+        Some(k) => {
+            let ring = map.ring();
+            (0..ctx.hosts).filter(|&i| ring.owner(&load::hostname(i)) == k).count() as u64
+        }
+        None => 0,
+    };
+    let t = Instant::now();
+    let url = format!("http://{}/cluster/reload?all=1", ctx.cluster.metas[0].addr);
+    let reply: Value = ctx.client.get(&url).bearer_auth(&token).timeout(Duration::from_secs(600)).send().await?.json().await?;
+    row.reload_s = Some(t.elapsed().as_secs_f64());
+    anyhow::ensure!(reply["changed"] == true && reply["errorMessage"] == "", "{url}: {reply}");
+    row.moved = Some(reply["nodes"].as_array().map_or(0, |n| n.iter().filter_map(|n| n["moved"].as_u64()).sum()));
+    row.moved_bound = Some((ctx.hosts as f64 * 1.1 / larger as f64).ceil() as u64);
+    let addr = ctx.cluster.metas[node].addr;
+    loop {
+        let held = get_health(ctx.client, addr).await.and_then(|h| h["hosts"].as_u64());
+        let settled = match scenario {
+            Scenario::GrowMeta => held.is_some_and(|h| h >= want),
+            _ => held == Some(0),
+        };
+        if settled && copies_held(ctx.client, ctx.cluster).await == 0 {
+            row.settled_s = Some(t.elapsed().as_secs_f64());
+            break;
+        }
+        if t.elapsed() > ctx.limit() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    row.whole_throughout = Some(ctx.sampler.all_whole(start, Instant::now(), ctx.hosts));
+    row.rss_fault = ctx.rss();
+    if scenario == Scenario::ShrinkMeta {
+        let mut left = ctx.cluster.metas.remove(node);
+        tokio::task::block_in_place(|| left.stop(Duration::from_secs(60)));
+    }
+    Ok(Instant::now())
+}
+
+async fn get_health(client: &reqwest::Client, addr: SocketAddr) -> Option<Value> {
+    client.get(format!("http://{addr}/health")).send().await.ok()?.json().await.ok()
 }
 
 /// The bench's host number of a listed hostname (see `load::hostname`).

@@ -90,6 +90,13 @@ pub struct Cluster {
     /// The desired config every meta node reads (the rollout phase rewrites it).
     pub agents_file: PathBuf,
     pub token_file: PathBuf,
+    /// The cluster map every node started with (`--grow-meta` rewrites it).
+    pub cluster_file: PathBuf,
+    dir: PathBuf,
+    meta_bin: PathBuf,
+    /// Flags of every meta node besides id, port, map and data dir.
+    meta_extra: Vec<String>,
+    threads: Option<usize>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -109,13 +116,28 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 /// Under `cargo run` (cargo passes its own path in `CARGO`), builds the meta node and relay
 /// binaries beside this one with the same profile first, so `cargo run --release -p ops-bench`
 /// works on a fresh clone and never starts stale servers. A no-op when they are up to date.
+///
+/// Only under `cargo run` of this package: a test (or any program run by cargo) that starts
+/// ops-bench passes its own `CARGO` on, and has built the binaries already. The variables cargo
+/// sets for the process it runs are left out of the build's environment: ring's build script
+/// tracks `CARGO_MANIFEST_DIR`, and a value that differs from a shell's rebuilt the TLS stack
+/// and relinked every binary on each start (50 s of every bench test).
 fn build_siblings() -> anyhow::Result<()> {
     let Some(cargo) = std::env::var_os("CARGO") else { return Ok(()) };
+    if std::env::var_os("CARGO_MANIFEST_DIR").is_none_or(|d| d != env!("CARGO_MANIFEST_DIR")) {
+        return Ok(());
+    }
     let exe = std::env::current_exe()?;
     let release = exe.parent().is_some_and(|d| d.ends_with("release"));
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--quiet", "-p", "meta-node", "-p", "relay"]).current_dir(workspace);
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE"].iter().any(|p| k.starts_with(p)) {
+            cmd.env_remove(&key);
+        }
+    }
     if release {
         cmd.arg("--release");
     }
@@ -196,28 +218,6 @@ impl Cluster {
         }
         let cluster_file = dir.join("cluster.toml");
         std::fs::write(&cluster_file, toml)?;
-        let mut out =
-            Cluster { metas: Vec::new(), relays: Vec::new(), agents_file: agents_file.clone(), token_file: dir.join("cluster.token") };
-        // Common flags of both binaries; each gets its own id, port, data dir and log.
-        let start_one = |bin: &Path, id: String, port: u16, extra: &[String]| -> anyhow::Result<Started> {
-            let mut args: Vec<String> = vec![
-                "--id".into(),
-                id.clone(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--cluster".into(),
-                cluster_file.display().to_string(),
-                "--data-dir".into(),
-                dir.join(&id).display().to_string(),
-            ];
-            args.extend_from_slice(extra);
-            if let Some(n) = threads {
-                args.extend(["--worker-threads".to_owned(), n.to_string()]);
-            }
-            let log = dir.join(format!("{id}.log"));
-            let child = spawn(bin, &id, &args, &log)?;
-            Ok(Started { addr: format!("127.0.0.1:{port}").parse()?, name: id, child, bin: bin.to_path_buf(), args, log })
-        };
         let meta_extra: Vec<String> = vec![
             "--agents".into(),
             agents_file.display().to_string(),
@@ -226,8 +226,20 @@ impl Cluster {
             "--rollout-interval-ms".into(),
             "1000".into(),
         ];
+        let mut out = Cluster {
+            metas: Vec::new(),
+            relays: Vec::new(),
+            agents_file: agents_file.clone(),
+            token_file: dir.join("cluster.token"),
+            cluster_file,
+            dir: dir.to_path_buf(),
+            meta_bin,
+            meta_extra,
+            threads,
+        };
         for (i, port) in ports.iter().enumerate() {
-            out.metas.push(start_one(&meta_bin, format!("meta-{}", i + 1), *port, &meta_extra)?);
+            let m = out.start_one(&out.meta_bin, format!("meta-{}", i + 1), *port, &out.meta_extra)?;
+            out.metas.push(m);
         }
         for m in &out.metas {
             wait_health(m.addr)?;
@@ -245,12 +257,63 @@ impl Cluster {
                 "--cache-max-bytes".into(),
                 (4u64 << 30).to_string(),
             ];
-            out.relays.push(start_one(&relay_bin, id, free_port()?, &relay_extra)?);
+            let r = out.start_one(&relay_bin, id, free_port()?, &relay_extra)?;
+            out.relays.push(r);
         }
         for r in &out.relays {
             wait_health(r.addr)?;
         }
         Ok(out)
+    }
+
+    /// Starts one process with the flags both binaries take (each its own id, port, data dir
+    /// and log) and `extra`.
+    fn start_one(&self, bin: &Path, id: String, port: u16, extra: &[String]) -> anyhow::Result<Started> {
+        let mut args: Vec<String> = vec![
+            "--id".into(),
+            id.clone(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--cluster".into(),
+            self.cluster_file.display().to_string(),
+            "--data-dir".into(),
+            self.dir.join(&id).display().to_string(),
+        ];
+        args.extend_from_slice(extra);
+        if let Some(n) = self.threads {
+            args.extend(["--worker-threads".to_owned(), n.to_string()]);
+        }
+        let log = self.dir.join(format!("{id}.log"));
+        let child = spawn(bin, &id, &args, &log)?;
+        Ok(Started { addr: format!("127.0.0.1:{port}").parse()?, name: id, child, bin: bin.to_path_buf(), args, log })
+    }
+
+    /// Writes `cluster.toml` with the meta nodes `metas` (indexes into `self.metas`, plus
+    /// `extra`: a node not started yet), as an operator edits it before a membership change.
+    pub fn write_map(&self, metas: &[usize], extra: Option<(&str, SocketAddr)>) -> anyhow::Result<()> {
+        let mut toml = String::from("vnodes = 1000\ntoken_file = \"cluster.token\"\n");
+        let nodes = metas.iter().map(|&i| (self.metas[i].name.as_str(), self.metas[i].addr)).chain(extra);
+        for (id, addr) in nodes {
+            toml.push_str(&format!("[[node]]\nid = \"{id}\"\naddr = \"{addr}\"\n"));
+        }
+        std::fs::write(&self.cluster_file, toml)?;
+        Ok(())
+    }
+
+    /// Adds meta node `meta-{N+1}` to the map and starts it on it (not yet announced to the
+    /// others: that is the `/cluster/reload?all=1` the caller sends). Returns its index.
+    pub fn add_meta(&mut self) -> anyhow::Result<usize> {
+        let id = format!(
+            "meta-{}",
+            self.metas.iter().filter_map(|m| m.name.strip_prefix("meta-")?.parse::<usize>().ok()).max().unwrap_or(0) + 1
+        );
+        let port = free_port()?;
+        let all: Vec<usize> = (0..self.metas.len()).collect();
+        self.write_map(&all, Some((&id, format!("127.0.0.1:{port}").parse()?)))?;
+        let m = self.start_one(&self.meta_bin, id, port, &self.meta_extra)?;
+        wait_health(m.addr)?;
+        self.metas.push(m);
+        Ok(self.metas.len() - 1)
     }
 
     pub fn processes(&self) -> impl Iterator<Item = &Started> {

@@ -81,6 +81,12 @@ struct Cli {
     /// host, lists one twice, or never becomes whole again.
     #[arg(long)]
     chaos: bool,
+    /// Under the steady load (own cluster only): add a meta node online, then remove one
+    /// (meta-2), each by `/cluster/reload?all=1`; rows `grow-meta` and `shrink-meta` give the
+    /// hosts moved (bound 1.1/(N+1)), the seconds until the new node holds its share, whether
+    /// status stayed whole throughout, and the summary p99 meanwhile. After --chaos if both.
+    #[arg(long)]
+    grow_meta: bool,
     /// How long the chaos phase's SIGSTOP keeps its meta node stopped.
     #[arg(long, default_value_t = 30)]
     chaos_pause_seconds: u64,
@@ -264,14 +270,17 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
 
     // 2. steady: every host once per compressed interval.
     let steady = if cli.steady_seconds > 0 {
-        let scenarios = if cli.chaos {
+        let mut scenarios = if cli.chaos {
             chaos::Scenario::ALL.to_vec()
         } else if cli.kill_meta {
             vec![chaos::Scenario::KillMeta]
         } else {
             Vec::new()
         };
-        anyhow::ensure!(scenarios.is_empty() || own, "--kill-meta and --chaos need the bench's own cluster");
+        if cli.grow_meta {
+            scenarios.extend([chaos::Scenario::GrowMeta, chaos::Scenario::ShrinkMeta]);
+        }
+        anyhow::ensure!(scenarios.is_empty() || own, "--kill-meta, --chaos and --grow-meta need the bench's own cluster");
         let settings = steady::Settings {
             interval: Duration::from_secs(cli.interval_seconds),
             speedup: cli.speedup,
@@ -317,7 +326,9 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
 
     phases.lap("rollout");
 
-    // 4. query: summary from every meta node, then the whole text listing.
+    // 4. query: summary from every meta node, then the whole text listing. (--grow-meta
+    // changed the meta nodes: ask those of the map now.)
+    let metas: Vec<SocketAddr> = cluster.as_ref().map_or(metas, |c| c.metas.iter().map(|m| m.addr).collect());
     let mut summary_ms = Vec::new();
     for m in &metas {
         for _ in 0..20 {

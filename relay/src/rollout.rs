@@ -454,6 +454,27 @@ max_in_flight_per_relay = 3
     }
 
     #[test]
+    fn a_joining_node_counts_once_it_publishes_and_a_leaving_one_no_longer() {
+        let loaded = Loaded::new(DesiredConfig::parse(CONFIG, "t").unwrap(), 1);
+        let view = FleetView::open(vec!["a".into(), "b".into()], None, "g");
+        view.update(0, report(3, false));
+        view.update(1, report(2, false));
+        assert_eq!(view.fleet(&loaded).wave[0], 2);
+        view.set_ids(vec!["a".into(), "b".into(), "c".into()]);
+        assert_eq!(view.node(0), Some(report(3, false)), "kept nodes keep what they published");
+        assert_eq!(view.fleet(&loaded).wave[0], 2, "c, not heard yet, does not hold the fleet at 0");
+        view.update(2, vec![]);
+        assert_eq!(view.fleet(&loaded).wave[0], 2, "nor while it publishes nothing of the rollout");
+        view.update(2, report(1, false));
+        assert_eq!(view.fleet(&loaded).wave[0], 1, "once it publishes the rollout, it counts");
+        view.set_ids(vec!["a".into(), "c".into()]);
+        assert_eq!(view.ids(), vec!["a".to_owned(), "c".to_owned()]);
+        assert_eq!(view.fleet(&loaded).wave[0], 1);
+        view.update(1, report(3, true));
+        assert_eq!((view.fleet(&loaded).wave[0], view.fleet(&loaded).halted[0]), (3, true), "b left the minimum");
+    }
+
+    #[test]
     fn the_view_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let loaded = Loaded::new(DesiredConfig::parse(CONFIG, "t").unwrap(), 1);
