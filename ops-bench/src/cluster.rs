@@ -49,7 +49,7 @@ impl Started {
 
     /// Sends a signal by name (`STOP`, `CONT`, `TERM`...).
     pub fn signal(&self, name: &str) {
-        let _ = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).stderr(Stdio::null()).status();
     }
 
     /// SIGTERM, then waits for the exit (a meta node writes its snapshot, a relay drains);
