@@ -513,3 +513,115 @@ fn fleet_page_shows_the_gathered_figures_and_a_partial_banner() {
     assert_eq!(code, 2, "{out}{err}");
     assert!(out.contains("falcon-agent") && err.contains("partial: no answer from meta-2"), "{out}{err}");
 }
+
+/// `opsctl config` against a real cluster: a bad file and a stale hash are refused with
+/// nothing changed anywhere; an apply is written by every node as the next generation; a
+/// rollout is paused and resumed by editing the served file; history and rollback; a node that
+/// was down during an apply takes the newer generation from a peer when it is back.
+#[test]
+fn opsctl_config_apply_is_checked_everywhere_versioned_and_rolled_back() {
+    let mut c = Cluster::up(3, 1, AGENTS);
+    let server = format!("--server={}", c.meta(0).addr);
+    let token = format!("--token-file={}", c.dir.path().join("cluster.token").display());
+    let served = |c: &Cluster| -> Vec<(String, u64)> {
+        c.running()
+            .map(|m| {
+                let h = get_json(&m.url("/health")).1;
+                (h["configHash"].as_str().unwrap().to_owned(), h["configGeneration"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    let old = ops_config::content_hash(AGENTS.as_bytes());
+    let untouched = |c: &Cluster, why: &str| {
+        assert!(served(c).iter().all(|s| *s == (old.clone(), 0)), "{why}: {:?}", served(c));
+        for i in 0..3 {
+            assert_eq!(std::fs::read_to_string(c.agents_file(i)).unwrap(), AGENTS, "{why}: meta-{} file", i + 1);
+        }
+    };
+
+    // A file no node accepts: refused, nothing written anywhere.
+    let bad = c.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[agent]]\nname = 1\n").unwrap();
+    let (code, _, err) = opsctl(&[&server, &token, "config", "apply", bad.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nothing changed on any node") && err.contains("meta-1"), "{err}");
+    untouched(&c, "after a bad file");
+
+    // A good file against a stale hash: refused (someone applied since the diff).
+    let good_text = AGENTS.replace("version = \"5.1.3\"", "version = \"5.1.5\"").replacen(
+        "\n[[agent]]\nname = \"mysql-monitor\"",
+        "\n  [agent.rollout]\n  from = { version = \"5.1.3\", md5 = \"\" }\n  waves = [10, 100]\n\n[[agent]]\nname = \"mysql-monitor\"",
+        1,
+    );
+    let good = c.dir.path().join("good.toml");
+    std::fs::write(&good, &good_text).unwrap();
+    let (code, _, err) = opsctl(&[&server, &token, "config", "apply", good.to_str().unwrap(), "--expect", "0123abcd"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("changed since you diffed"), "{err}");
+    untouched(&c, "after a stale hash");
+    // Without the token: refused too.
+    let (code, _, err) = opsctl(&[&server, "config", "apply", good.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    untouched(&c, "without the token");
+
+    // diff, then apply against the hash it printed.
+    let (code, out, _) = opsctl(&[&server, "config", "diff", good.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("+default = { version = \"5.1.5\"") || out.contains("+  [agent.rollout]"), "{out}");
+    assert!(out.contains(&format!("--expect {old}")), "{out}");
+    let (code, out, err) = opsctl(&[&server, &token, "config", "apply", good.to_str().unwrap(), "--expect", &old]);
+    assert_eq!(code, 0, "{out}{err}");
+    let new = ops_config::content_hash(good_text.as_bytes());
+    assert!(served(&c).iter().all(|s| *s == (new.clone(), 1)), "{:?}", served(&c));
+    for i in 0..3 {
+        assert_eq!(std::fs::read_to_string(c.agents_file(i)).unwrap(), good_text, "meta-{} wrote the file", i + 1);
+    }
+    let relay = &c.relays[0];
+    eventually(Duration::from_secs(10), || (get_json(&relay.url("/health")).1["configHash"] == new.as_str()).then_some(()))
+        .expect("the relay takes the applied config");
+
+    // pause / resume: edits of the served file through the same apply.
+    let (code, out, err) = opsctl(&[&server, &token, "rollout", "pause", "falcon-agent"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.lines().any(|l| l.starts_with('+') && l.contains("paused = true")), "{out}");
+    let paused = ops_e2e::get_text(&c.meta(1).url("/config/desired")).1;
+    assert!(paused.contains("paused = true"));
+    assert!(served(&c).iter().all(|s| s.1 == 2));
+    let (code, _, err) = opsctl(&[&server, &token, "rollout", "resume", "falcon-agent"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(served(&c).iter().all(|s| *s == (new.clone(), 3)), "resume gives back the same text: {:?}", served(&c));
+    let (code, _, err) = opsctl(&[&server, &token, "rollout", "pause", "mysql-monitor"]);
+    assert_eq!(code, 1, "no rollout to pause: {err}");
+
+    // history and rollback (to the paused version before the resume).
+    let (code, out, _) = opsctl(&[&server, "config", "history"]);
+    assert_eq!(code, 0);
+    for g in ["0", "1", "2", "3"] {
+        assert!(out.lines().any(|l| l.starts_with(g)), "generation {g} kept: {out}");
+    }
+    let (code, out, err) = opsctl(&[&server, &token, "config", "rollback"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let paused_hash = ops_config::content_hash(paused.as_bytes());
+    assert!(served(&c).iter().all(|s| *s == (paused_hash.clone(), 4)), "{:?}", served(&c));
+    let (code, out, _) = opsctl(&[&server, "cluster"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("GEN"), "{out}");
+
+    // meta-3 is down during an apply: the others take it, and meta-3 takes it from a peer
+    // once it is back.
+    let meta3 = c.metas[2].take().unwrap();
+    meta3.proc.signal("TERM");
+    drop(meta3);
+    let (code, _, err) = opsctl(&[&server, &token, "config", "apply", good.to_str().unwrap()]);
+    assert_eq!(code, 2, "applied but not whole: {err}");
+    assert!(err.contains("meta-3"), "{err}");
+    c.start_meta(2);
+    let caught = eventually(Duration::from_secs(20), || {
+        let h = get_json(&c.meta(2).url("/health")).1;
+        (h["configHash"] == new.as_str() && h["configGeneration"] == 5).then_some(())
+    });
+    assert!(caught.is_some(), "meta-3 took generation 5 from a peer: {}", get_json(&c.meta(2).url("/health")).1);
+    assert_eq!(std::fs::read_to_string(c.agents_file(2)).unwrap(), good_text);
+    let (code, out, _) = opsctl(&[&server, "cluster"]);
+    assert_eq!(code, 0, "whole again: {out}");
+}

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod fleet;
+pub mod generations;
 pub mod handoff;
 pub mod membership;
 pub mod metrics;
@@ -144,6 +145,8 @@ pub struct Node {
     pub cluster: Option<membership::Membership>,
     pub store: Store,
     pub desired: Desired,
+    /// The generation of `agents.toml` and its last applied versions.
+    pub generations: generations::Generations,
     /// Every node's published rollout state (this node's own included) and the in-flight
     /// counts of the heartbeats answered here.
     pub rollouts: Arc<relay::rollout::FleetView>,
@@ -182,12 +185,14 @@ impl Node {
             cluster.as_ref().map_or_else(|| vec![settings.id.clone()], |m| m.current().map.nodes.iter().map(|n| n.id.clone()).collect());
         let rollouts = Arc::new(relay::rollout::FleetView::open(ids, Some(&settings.data_dir), crate::metrics::ROLLOUT_IN_FLIGHT));
         let controller = rollout::Controller::open(&settings.id, &settings.data_dir);
+        let generations = generations::Generations::open(&settings.data_dir);
         Node {
             rollouts,
             controller,
             settings,
             cluster,
             store: Store::new(),
+            generations,
             desired,
             started: Instant::now(),
             prometheus,

@@ -62,8 +62,8 @@ impl Peers {
 
 /// What one probe of a peer found.
 enum Probe {
-    /// It answered as itself, with this config hash.
-    Up(serde_json::Value),
+    /// It answered as itself, with this config hash and generation.
+    Up(serde_json::Value, u64),
     /// It did not answer within the period.
     Slow,
     /// Refused, failed, or something else answered on its address.
@@ -79,6 +79,8 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Timeouts in a row, per node of the map `slow_map`.
     let (mut slow, mut slow_map) = (Vec::new(), String::new());
+    // The newest config generation a peer offered that this node refused.
+    let mut refused = 0u64;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -97,7 +99,7 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
                 // that took the port of a dead node) does not.
                 let answer = match req.send().await {
                     Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
-                        Ok(v) if v["id"] == id => Probe::Up(v["configHash"].clone()),
+                        Ok(v) if v["id"] == id => Probe::Up(v["configHash"].clone(), v["configGeneration"].as_u64().unwrap_or(0)),
                         Ok(_) => Probe::Down,
                         Err(e) if e.is_timeout() => Probe::Slow,
                         Err(_) => Probe::Down,
@@ -110,10 +112,15 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
         }))
         .await;
         let mut diverged = false;
+        let mut newer: Option<(usize, u64)> = None;
+        let my_generation = node.generations.current();
         for (i, answer) in answers {
             let up = match answer {
-                Probe::Up(hash) => {
+                Probe::Up(hash, generation) => {
                     diverged |= hash.as_str().is_some_and(|h| h != mine);
+                    if generation > my_generation && newer.is_none_or(|(_, g)| generation > g) {
+                        newer = Some((i, generation));
+                    }
                     slow[i] = 0;
                     true
                 }
@@ -129,7 +136,44 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
             c.alive.set(i, &c.map.nodes[i].id, up);
         }
         metrics::gauge!(CONFIG_DIVERGED).set(if diverged { 1.0 } else { 0.0 });
+        // A peer holds a newer generation (this node missed an apply): take its file, checked
+        // as any apply is, before serving it.
+        if let Some((i, generation)) = newer.filter(|&(_, g)| g > refused)
+            && !catch_up(&node, &c, i, generation).await
+        {
+            // Not asked again until a newer one.
+            refused = generation;
+        }
         metrics::gauge!(PEERS_UP).set(f64::from(c.alive.mask().count_ones()));
+    }
+}
+
+/// Pulls generation `generation` of `agents.toml` from peer `i` and serves it, if it checks.
+async fn catch_up(node: &std::sync::Arc<Node>, c: &crate::Cluster, i: usize, generation: u64) -> bool {
+    let id = &c.map.nodes[i].id;
+    let fetched = async {
+        let r = c.client.get(c.map.url(i, "/config/desired")).timeout(Duration::from_secs(10)).send().await.map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("HTTP {}", r.status()));
+        }
+        let sig = r.headers().get(ops_config::trust::SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let text = r.text().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((text, sig))
+    }
+    .await;
+    let result = match fetched {
+        Ok((text, sig)) => crate::api::config_step(node, Some(generation), &text, sig.as_deref()).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(s) => {
+            tracing::warn!(peer = %id, generation, hash = %s.hash, "this node missed a config apply: took the newer generation from a peer");
+            true
+        }
+        Err(error) => {
+            tracing::error!(peer = %id, generation, %error, "a peer serves a newer config generation, which this node refuses");
+            false
+        }
     }
 }
 

@@ -40,6 +40,35 @@ impl Server {
         self.get_url(&format!("{}{path}", self.base))
     }
 
+    /// `GET {base}{path}`: the body and the `x-ops-signature` header (the config as served).
+    pub fn get_signed(&self, path: &str) -> Result<(String, Option<String>), Failure> {
+        let url = format!("{}{path}", self.base);
+        let r = self.client.get(&url).send().map_err(|e| Failure::Unavailable(format!("GET {url}: {}", ops_config::causes(&e))))?;
+        if !r.status().is_success() {
+            return Err(Failure::Refused(format!("GET {url}: HTTP {}", r.status().as_u16())));
+        }
+        let sig = r.headers().get(ops_config::trust::SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let text = r.text().map_err(|e| Failure::Unavailable(format!("GET {url}: {e}")))?;
+        Ok((text, sig))
+    }
+
+    /// `POST {base}{path}` with `body` (and a signature header), the cluster token when given.
+    /// Returns the JSON answered with its status code; no answer is `Unavailable`.
+    pub fn post(&self, path: &str, body: String, sig: Option<&str>, token: Option<&str>) -> Result<(u16, Value), Failure> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.client.post(&url).body(body);
+        if let Some(sig) = sig {
+            req = req.header(ops_config::trust::SIGNATURE_HEADER, sig);
+        }
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        let r = req.send().map_err(|e| Failure::Unavailable(format!("POST {url}: {}", ops_config::causes(&e))))?;
+        let status = r.status().as_u16();
+        let text = r.text().map_err(|e| Failure::Unavailable(format!("POST {url}: {e}")))?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    }
+
     fn get_url(&self, url: &str) -> Result<Value, Failure> {
         let text = self.fetch(url)?;
         Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
@@ -90,7 +119,7 @@ fn num(v: u64) -> String {
 }
 
 /// Left-aligned columns, two spaces apart.
-fn table(rows: &[Vec<String>]) -> String {
+pub fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> =
         (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
@@ -304,6 +333,20 @@ pub fn cluster(s: &Server, json: bool) -> Result<Option<String>, Failure> {
     if hashes("configHash").len() > 1 {
         problems.push("config hashes differ between nodes".to_owned());
     }
+    // One generation, two hashes: the nodes diverged (not merely one behind an apply).
+    let up: Vec<&Value> = out.iter().filter(|h| h["status"] == "ok").collect();
+    for a in &up {
+        for b in &up {
+            if a["configGeneration"] == b["configGeneration"] && a["configHash"] != b["configHash"] && a["id"].as_str() < b["id"].as_str() {
+                problems.push(format!(
+                    "{} and {} diverged: generation {} with different configs",
+                    a["id"].as_str().unwrap_or("?"),
+                    b["id"].as_str().unwrap_or("?"),
+                    a["configGeneration"]
+                ));
+            }
+        }
+    }
     if hashes("clusterHash").len() > 1 {
         problems.push("cluster hashes differ between nodes".to_owned());
     }
@@ -314,8 +357,9 @@ pub fn cluster(s: &Server, json: bool) -> Result<Option<String>, Failure> {
     if json {
         println!("{}", serde_json::json!({"nodes": out, "problems": problems}));
     } else {
-        let mut rows =
-            vec![["NODE", "URL", "STATUS", "CONFIG", "CLUSTER", "HOSTS", "COPIES", "VERSION"].iter().map(|s| s.to_string()).collect()];
+        let mut rows = vec![
+            ["NODE", "URL", "STATUS", "CONFIG", "GEN", "CLUSTER", "HOSTS", "COPIES", "VERSION"].iter().map(|s| s.to_string()).collect(),
+        ];
         for h in &out {
             let short = |k: &str| h[k].as_str().map_or("-".to_owned(), |v| v.chars().take(12).collect());
             rows.push(vec![
@@ -323,6 +367,7 @@ pub fn cluster(s: &Server, json: bool) -> Result<Option<String>, Failure> {
                 h["url"].as_str().unwrap_or("-").to_owned(),
                 h["status"].as_str().unwrap_or("?").to_owned(),
                 short("configHash"),
+                h["configGeneration"].as_u64().map_or("-".into(), |g| g.to_string()),
                 short("clusterHash"),
                 h["hosts"].as_u64().map_or("-".into(), num),
                 h["failoverCopies"].as_u64().map_or("-".into(), num),

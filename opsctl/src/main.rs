@@ -7,6 +7,7 @@
 //! hashes that differ: printed, then said on stderr); 64 bad usage, a file that cannot be read
 //! or written; 69 no server answered.
 
+mod config;
 mod fleet;
 
 use std::io::Write;
@@ -37,6 +38,10 @@ struct Cli {
     /// Seconds a request may take.
     #[arg(long, global = true, default_value_t = 30)]
     timeout_seconds: u64,
+    /// The cluster token, for `config apply|rollback` and `rollout pause|resume|abort` (else
+    /// $OPS_TOKEN).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,8 +70,22 @@ enum Command {
     /// One host: every agent it reports or should run, with its state and last error or pin.
     Host { name: String },
     /// An agent's staged rollout: its waves as text bars, the fleet's wave, each node's
-    /// verdict, and why it halted.
-    Rollout { agent: String },
+    /// verdict, and why it halted. `rollout pause|resume|abort AGENT` edits the served
+    /// agents.toml (`paused = true`, no `paused`, `abort = true`) and applies it.
+    Rollout {
+        /// AGENT, or pause, resume or abort followed by AGENT.
+        first: String,
+        agent: Option<String>,
+        /// Signs the edit with this key when the served config is signed.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// The desired config: `diff FILE`, `apply FILE [--expect HASH]`, `history`,
+    /// `rollback [--expect HASH]`.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// The meta nodes of the cluster map: up or down, config and cluster hashes, hosts held
     /// and failover copies. Exit 2 when a node is down or the hashes differ.
     Cluster,
@@ -102,6 +121,28 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum ConfigAction {
+    /// What applying FILE would change (a unified diff), and the hash it was diffed against.
+    Diff { file: PathBuf },
+    /// Checks FILE (and FILE.sig) on every meta node, then has every node write it as the
+    /// next generation and serve it. Refused when the served config is not --expect's (default:
+    /// the one served when this runs, printed as a diff first).
+    Apply {
+        file: PathBuf,
+        #[arg(long)]
+        expect: Option<String>,
+    },
+    /// The generations the asked node keeps (the last 10).
+    History,
+    /// Applies the version before the one served as the next generation.
+    Rollback {
+        #[arg(long)]
+        expect: Option<String>,
+    },
+}
+
+#[derive(Debug)]
 enum Failure {
     Refused(String),
     Usage(String),
@@ -167,6 +208,21 @@ fn sign(key: &Path, append: bool, file: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The signature line of `bytes` by the key in `key` (a `.sig` file's text).
+fn sign_text(key: &Path, bytes: &[u8]) -> Result<String, Failure> {
+    let key_text = String::from_utf8(read(key)?).map_err(|_| Failure::Usage(format!("{}: not a key file", key.display())))?;
+    let key = SecretKey::parse(&key_text).ok_or_else(|| Failure::Usage(format!("{}: not an opsctl secret key", key.display())))?;
+    Ok(format!("{}\n", key.sign(bytes)))
+}
+
+/// The cluster token: `--token-file`, else `$OPS_TOKEN`, else none (loopback-only clusters).
+fn token(file: Option<&Path>) -> Result<Option<String>, Failure> {
+    match file {
+        Some(f) => Ok(Some(String::from_utf8_lossy(&read(f)?).trim().to_owned())),
+        None => Ok(std::env::var("OPS_TOKEN").ok().filter(|t| !t.is_empty())),
+    }
+}
+
 fn verify(keys: &[String], files: &[PathBuf], file: &Path) -> Result<(), Failure> {
     let keys = TrustedKeys::load(keys, files).map_err(|e| Failure::Usage(e.to_string()))?;
     if keys.is_empty() {
@@ -204,7 +260,32 @@ fn main() -> ExitCode {
             whole(fleet::hosts(&s, agent, &filters, json))
         }),
         Command::Host { name } => server().and_then(|s| whole(fleet::host(&s, name, json))),
-        Command::Rollout { agent } => server().and_then(|s| whole(fleet::rollout(&s, agent, json))),
+        Command::Rollout { first, agent, key } => {
+            let edit = match first.as_str() {
+                "pause" => Some(config::Edit::Pause),
+                "resume" => Some(config::Edit::Resume),
+                "abort" => Some(config::Edit::Abort),
+                _ => None,
+            };
+            match (edit, agent) {
+                (None, None) => server().and_then(|s| whole(fleet::rollout(&s, first, json))),
+                (Some(edit), Some(agent)) => token(cli.token_file.as_deref())
+                    .and_then(|t| server().and_then(|s| config::rollout(&s, agent, edit, key.as_deref(), t.as_deref(), json))),
+                (Some(_), None) => Err(Failure::Usage(format!("opsctl rollout {first} AGENT"))),
+                (None, Some(_)) => Err(Failure::Usage(format!("unknown rollout action {first:?}: pause, resume or abort"))),
+            }
+        }
+        Command::Config { action } => {
+            let t = token(cli.token_file.as_deref());
+            t.and_then(|t| {
+                server().and_then(|s| match action {
+                    ConfigAction::Diff { file } => config::diff(&s, file),
+                    ConfigAction::Apply { file, expect } => config::apply(&s, file, expect.as_deref(), t.as_deref(), json),
+                    ConfigAction::History => config::history(&s, json),
+                    ConfigAction::Rollback { expect } => config::rollback(&s, expect.as_deref(), t.as_deref(), json),
+                })
+            })
+        }
         Command::Cluster => server().and_then(|s| whole(fleet::cluster(&s, json))),
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -157,6 +157,8 @@ struct Health<'a> {
     status: &'static str,
     id: &'a str,
     config_hash: &'a str,
+    /// Grows with every `POST /config/apply` (0: never applied).
+    config_generation: u64,
     hosts: usize,
     uptime_seconds: u64,
     version: &'static str,
@@ -193,6 +195,7 @@ pub(super) async fn health(State(node): State<Arc<Node>>, Query(q): Query<Health
         status: "ok",
         id: &node.settings.id,
         config_hash: loaded.config.hash(),
+        config_generation: node.generations.current(),
         hosts: node.store.len(),
         uptime_seconds: node.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION"),

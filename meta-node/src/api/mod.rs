@@ -13,6 +13,8 @@ use crate::Node;
 
 pub(crate) mod admin;
 mod cluster;
+mod config;
+pub use config::local_step as config_step;
 mod heartbeat;
 mod internal;
 mod rollout;
@@ -76,6 +78,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/ui", get(ui::page))
         .route("/ui/", get(ui::page))
         .route("/config/reload", get(admin::reload))
+        .route("/config/apply", post(config::apply))
+        .route("/config/rollback", post(config::rollback))
+        .route("/config/history", get(config::history))
+        .route("/internal/config/{step}", post(config::step))
         .route("/cluster/map", get(cluster::map))
         .route("/cluster/reload", get(cluster::reload))
         .route("/internal/cluster/{step}", post(cluster::step))
