@@ -3,8 +3,6 @@
 //! query, download storm, ceiling), writes its JSON, and stops everything it started. Behaviour only: no
 //! figure here is a timing threshold.
 
-use ops_e2e::Proc;
-
 /// The bench runs take both cores, and the first test checks that no process of a bench
 /// cluster survives: one bench at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -123,9 +121,35 @@ fn bench_json(args: &[&str]) -> serde_json::Value {
     let j = json.display().to_string();
     let mut all = vec!["--json", &j];
     all.extend_from_slice(args);
-    let mut p = Proc::start("ops-bench", &all);
-    let status = p.wait_exit(std::time::Duration::from_secs(300));
-    assert!(status.success(), "{}", p.log());
+    // The report on stdout goes to a file: a failed run shows which row failed, and why.
+    let out = dir.path().join("stdout.txt");
+    let mut child = std::process::Command::new(ops_e2e::binary("ops-bench"))
+        .args(&all)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("stderr.txt")).unwrap())
+        .spawn()
+        .expect("start ops-bench");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let text = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "ops-bench {}:\n{}\n--- stderr ---\n{}",
+        status.map_or("did not finish in 300 s".to_owned(), |s| s.to_string()),
+        text("stdout.txt"),
+        text("stderr.txt")
+    );
     serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
 }
 

@@ -382,6 +382,8 @@ fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
         ops_e2e::get_text(&m.url("/metrics")).1.contains("ops_meta_config_diverged 1").then_some(())
     });
     assert!(diverged.is_some(), "divergence metric");
+    assert_eq!(get_json(&m.url("/health")).1["configDiverged"], true, "one generation (0), two configs: shown on /health");
+    assert_eq!(get_json(&m.url("/health")).1["clusterDiverged"], false);
 
     // Same file everywhere again: no divergence.
     std::fs::write(c.agents_file(1), AGENTS).unwrap();

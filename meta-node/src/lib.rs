@@ -156,6 +156,10 @@ pub struct Node {
     pub hot: HotMetrics,
     /// Ends the forwarders' probers (given to `new`; cancelled after `run` returns).
     pub stop: CancellationToken,
+    /// At the last probe: a peer at this node's config generation served another config; a
+    /// peer served another cluster map (outside a membership change).
+    pub config_diverged: std::sync::atomic::AtomicBool,
+    pub cluster_diverged: std::sync::atomic::AtomicBool,
     /// Ends the background tasks (cancelled when `run`'s shutdown begins).
     pub background: CancellationToken,
 }
@@ -199,6 +203,8 @@ impl Node {
             hot: HotMetrics::register(),
             stop,
             background: CancellationToken::new(),
+            config_diverged: Default::default(),
+            cluster_diverged: Default::default(),
         }
     }
 

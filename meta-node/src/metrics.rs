@@ -18,6 +18,7 @@ pub const BATCHES_RECEIVED: &str = "ops_meta_batches_received_total";
 pub const BATCH_HOSTS_RECEIVED: &str = "ops_meta_batch_hosts_received_total";
 pub const PEER_ERRORS: &str = "ops_meta_peer_errors_total";
 pub const CONFIG_DIVERGED: &str = "ops_meta_config_diverged";
+pub const CLUSTER_DIVERGED: &str = "ops_meta_cluster_diverged";
 pub const PEERS_UP: &str = "ops_meta_peers_up";
 pub const FAILOVER_COPIES: &str = "ops_meta_failover_copies";
 pub const HANDOFF_HOSTS: &str = "ops_meta_handoff_hosts_total";
@@ -44,6 +45,11 @@ pub fn describe() {
         ROLLOUT_IN_FLIGHT,
         Unit::Count,
         "Hosts this node answered directly and told a rollout's target that have not converged yet, by agent."
+    );
+    describe_gauge!(
+        CLUSTER_DIVERGED,
+        Unit::Count,
+        "1 when a peer served another cluster map than this node at the last probe, outside a membership change."
     );
     describe_gauge!(PEERS_UP, Unit::Count, "Meta nodes of the cluster map that answer this node's probe, itself included.");
     describe_gauge!(FAILOVER_COPIES, Unit::Count, "Hosts held here for another node while it was down (failover copies).");

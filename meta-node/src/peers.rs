@@ -62,8 +62,8 @@ impl Peers {
 
 /// What one probe of a peer found.
 enum Probe {
-    /// It answered as itself, with this config hash and generation.
-    Up(serde_json::Value, u64),
+    /// It answered as itself, with its `/health`.
+    Up(serde_json::Value),
     /// It did not answer within the period.
     Slow,
     /// Refused, failed, or something else answered on its address.
@@ -99,7 +99,7 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
                 // that took the port of a dead node) does not.
                 let answer = match req.send().await {
                     Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
-                        Ok(v) if v["id"] == id => Probe::Up(v["configHash"].clone(), v["configGeneration"].as_u64().unwrap_or(0)),
+                        Ok(v) if v["id"] == id => Probe::Up(v),
                         Ok(_) => Probe::Down,
                         Err(e) if e.is_timeout() => Probe::Slow,
                         Err(_) => Probe::Down,
@@ -111,13 +111,18 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
             }
         }))
         .await;
-        let mut diverged = false;
+        let (mut diverged, mut cluster_diverged) = (false, false);
         let mut newer: Option<(usize, u64)> = None;
         let my_generation = node.generations.current();
+        let changing = node.cluster.as_ref().is_some_and(|m| m.changing());
         for (i, answer) in answers {
             let up = match answer {
-                Probe::Up(hash, generation) => {
-                    diverged |= hash.as_str().is_some_and(|h| h != mine);
+                Probe::Up(health) => {
+                    let generation = health["configGeneration"].as_u64().unwrap_or(0);
+                    // One generation, two files: diverged. A peer behind is catching up, and
+                    // one ahead is taken from below.
+                    diverged |= generation == my_generation && health["configHash"].as_str().is_some_and(|h| h != mine);
+                    cluster_diverged |= !changing && health["clusterHash"].as_str().is_some_and(|h| h != c.map.hash);
                     if generation > my_generation && newer.is_none_or(|(_, g)| generation > g) {
                         newer = Some((i, generation));
                     }
@@ -136,6 +141,9 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
             c.alive.set(i, &c.map.nodes[i].id, up);
         }
         metrics::gauge!(CONFIG_DIVERGED).set(if diverged { 1.0 } else { 0.0 });
+        metrics::gauge!(crate::metrics::CLUSTER_DIVERGED).set(if cluster_diverged { 1.0 } else { 0.0 });
+        node.config_diverged.store(diverged, Ordering::Relaxed);
+        node.cluster_diverged.store(cluster_diverged, Ordering::Relaxed);
         // A peer holds a newer generation (this node missed an apply): take its file, checked
         // as any apply is, before serving it.
         if let Some((i, generation)) = newer.filter(|&(_, g)| g > refused)

@@ -112,7 +112,7 @@ pub async fn poll(relay: Arc<Relay>, period: Duration, stop: CancellationToken) 
         }
         let ids: Vec<String> = map.nodes.iter().map(|n| n.id.clone()).collect();
         tracing::info!(hash = %map.hash, previous = %current.hash, nodes = ?ids, "cluster map changed; following it");
-        relay.forwarder.store(Forwarder::new(&map, relay.settings.forward.clone(), relay.stop.clone()));
+        relay.forwarder.store(Forwarder::new(&map, relay.settings.forward.clone(), relay.stop.child_token()));
         relay.rollouts.set_ids(ids);
         relay.map.store(Arc::new(map));
         if let Err(error) = relay.start_map_tasks() {

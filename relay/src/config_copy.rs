@@ -14,6 +14,11 @@ use tokio_util::sync::CancellationToken;
 use crate::desired::Loaded;
 
 const FILE_NAME: &str = "agents.toml";
+
+/// Header of `GET /config/desired` on meta nodes: the config's generation
+/// (`meta_node::generations`). A relay never goes back to a lower generation than one it took,
+/// so a node that missed an apply cannot take the relays back with it.
+pub const GENERATION_HEADER: &str = "x-ops-config-generation";
 const SIG_NAME: &str = "agents.toml.sig";
 
 /// The config a relay serves, if it has one yet.
@@ -26,6 +31,8 @@ pub struct ConfigCopy {
     last_good: AtomicUsize,
     /// Where updaters reach this relay's package cache, when it has one.
     cache_base: Option<String>,
+    /// The highest config generation taken from a meta node (since start).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl ConfigCopy {
@@ -49,7 +56,14 @@ impl ConfigCopy {
                 None
             }
         };
-        ConfigCopy { current: ArcSwapOption::new(current), dir: dir.to_path_buf(), keys, last_good: AtomicUsize::new(0), cache_base }
+        ConfigCopy {
+            current: ArcSwapOption::new(current),
+            dir: dir.to_path_buf(),
+            keys,
+            last_good: AtomicUsize::new(0),
+            cache_base,
+            generation: Default::default(),
+        }
     }
 
     pub fn current(&self) -> Option<Arc<Loaded>> {
@@ -101,7 +115,16 @@ impl ConfigCopy {
                     return Ok(false);
                 }
                 Ok(r) if r.status().is_success() => {
+                    let generation = r.headers().get(GENERATION_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+                    if generation.is_some_and(|g| g < self.generation.load(Ordering::Relaxed)) {
+                        // Behind an apply the relay already took: ask the next node.
+                        errors.push(format!("{url}: config generation {generation:?} is older than one already taken"));
+                        continue;
+                    }
                     self.last_good.store(i, Ordering::Relaxed);
+                    if let Some(g) = generation {
+                        self.generation.fetch_max(g, Ordering::Relaxed);
+                    }
                     let signature = r.headers().get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
                     let text = r.text().await.map_err(|e| format!("{url}: {e}"))?;
                     let old = self.hash();

@@ -155,6 +155,12 @@ impl Forwarder {
         );
     }
 
+    /// Ends this forwarder's probers (a forwarder replaced by a new cluster map's, once it
+    /// drained). Give each forwarder its own token (a child) for this.
+    pub fn retire(&self) {
+        self.stop.cancel();
+    }
+
     pub fn ring(&self) -> &Ring {
         &self.ring
     }

@@ -80,6 +80,15 @@ pub(crate) struct HotMetrics {
     duration: ::metrics::Histogram,
 }
 
+/// What belongs to the cluster map followed now: its polls, its forwarder and the token
+/// that drains it, and the forwarder's task.
+struct MapTasks {
+    tasks: CancellationToken,
+    drain: CancellationToken,
+    forwarder: Arc<Forwarder>,
+    task: tokio::task::JoinHandle<()>,
+}
+
 /// A running relay's shared state.
 pub struct Relay {
     pub settings: Settings,
@@ -90,7 +99,7 @@ pub struct Relay {
     /// The forwarder of `map`.
     pub forwarder: arc_swap::ArcSwap<Forwarder>,
     /// The tasks of `map` (config and rollout polls) and its forwarder's drain token and task.
-    map_tasks: parking_lot::Mutex<Option<(CancellationToken, CancellationToken, tokio::task::JoinHandle<()>)>>,
+    map_tasks: parking_lot::Mutex<Option<MapTasks>>,
     /// The meta nodes' published rollout states.
     pub rollouts: Arc<crate::rollout::FleetView>,
     pub started: Instant,
@@ -120,7 +129,7 @@ impl Relay {
         let cache_base = cache.as_ref().map(|c| c.advertise().to_owned());
         let config = Arc::new(ConfigCopy::open(&settings.data_dir, settings.trusted_keys.clone(), cache_base));
         let map = crate::cluster_copy::at_start(&settings.cluster, &settings.data_dir);
-        let forwarder = Forwarder::new(&map, settings.forward.clone(), stop.clone());
+        let forwarder = Forwarder::new(&map, settings.forward.clone(), stop.child_token());
         if let Some(hash) = config.hash() {
             ::metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => hash).set(1.0);
         }
@@ -160,11 +169,18 @@ impl Relay {
             tasks.clone(),
         ));
         let drain = CancellationToken::new();
-        let forwarder = tokio::spawn(self.forwarder.load_full().run(drain.clone()));
-        if let Some((old_tasks, old_drain, _)) = self.map_tasks.lock().replace((tasks, drain, forwarder)) {
-            old_tasks.cancel();
-            // What the old forwarder holds goes to the old map's owners, which forward it.
-            old_drain.cancel();
+        let forwarder = self.forwarder.load_full();
+        let task = tokio::spawn(forwarder.clone().run(drain.clone()));
+        let new = MapTasks { tasks, drain, forwarder, task };
+        if let Some(old) = self.map_tasks.lock().replace(new) {
+            old.tasks.cancel();
+            // What the old forwarder holds goes to the old map's owners, which forward it;
+            // then its probers stop (a removed node's would probe forever).
+            old.drain.cancel();
+            tokio::spawn(async move {
+                let _ = old.task.await;
+                old.forwarder.retire();
+            });
         }
         Ok(())
     }
@@ -294,10 +310,10 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
     }
     // The forwarder stops after the server, so reports of the last requests are drained too.
     let taken = relay.map_tasks.lock().take();
-    if let Some((tasks, drain, forwarder)) = taken {
+    if let Some(MapTasks { tasks, drain, task, .. }) = taken {
         tasks.cancel();
         drain.cancel();
-        if tokio::time::timeout(relay.settings.shutdown_grace, forwarder).await.is_err() {
+        if tokio::time::timeout(relay.settings.shutdown_grace, task).await.is_err() {
             tracing::warn!("forwarder did not drain within the grace period");
         }
     }

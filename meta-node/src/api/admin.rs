@@ -148,7 +148,10 @@ async fn reload_local(node: Arc<Node>) -> Result<Response, ApiError> {
 
 /// The config file as served (`relay::desired::Loaded::serve`).
 pub(super) async fn desired(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    node.desired.current().serve(&headers)
+    let mut response = node.desired.current().serve(&headers);
+    // Relays take the highest generation they see (`relay::config_copy`).
+    response.headers_mut().insert(relay::config_copy::GENERATION_HEADER, HeaderValue::from(node.generations.current()));
+    response
 }
 
 #[derive(Serialize)]
@@ -159,6 +162,12 @@ struct Health<'a> {
     config_hash: &'a str,
     /// Grows with every `POST /config/apply` (0: never applied).
     config_generation: u64,
+    /// In a cluster: a peer at the same generation serves another config (last probe).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config_diverged: Option<bool>,
+    /// In a cluster: a peer serves another cluster map, outside a membership change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_diverged: Option<bool>,
     hosts: usize,
     uptime_seconds: u64,
     version: &'static str,
@@ -196,6 +205,8 @@ pub(super) async fn health(State(node): State<Arc<Node>>, Query(q): Query<Health
         id: &node.settings.id,
         config_hash: loaded.config.hash(),
         config_generation: node.generations.current(),
+        config_diverged: cluster.as_ref().map(|_| node.config_diverged.load(std::sync::atomic::Ordering::Relaxed)),
+        cluster_diverged: cluster.as_ref().map(|_| node.cluster_diverged.load(std::sync::atomic::Ordering::Relaxed)),
         hosts: node.store.len(),
         uptime_seconds: node.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION"),
