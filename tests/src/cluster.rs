@@ -154,6 +154,15 @@ impl Cluster {
         for i in 0..metas {
             c.start_meta(i);
         }
+        // A node started before its peers listened counts them down until its next probe
+        // (1 s): wait until every node sees every other, or a first status answer is partial.
+        for m in c.running() {
+            let all_up = eventually(Duration::from_secs(20), || {
+                let nodes = get_json(&m.url("/health")).1["nodes"].clone();
+                nodes.as_array().is_some_and(|n| n.iter().all(|n| n["up"] == true)).then_some(())
+            });
+            assert!(all_up.is_some(), "every meta node sees its peers up");
+        }
         for i in 0..relays {
             c.start_relay(i);
         }
