@@ -219,9 +219,10 @@ impl Node {
     pub fn ingest_batch(&self, bytes: &[u8]) -> Result<(u64, u64), ops_config::WireError> {
         let batch = ops_config::Batch::parse(bytes)?;
         let loaded = self.desired.guard();
+        let owns = self.owner_check();
         let (mut stored, mut older) = (0, 0);
         for e in &batch.hosts {
-            self.ingest_one(&loaded, &e.hb, e.seen, e.told, &mut stored, &mut older);
+            self.ingest_one(&loaded, &e.hb, e.seen, e.told, owns(&e.hb.hostname), (&mut stored, &mut older));
         }
         Ok((stored, older))
     }
@@ -241,17 +242,18 @@ impl Node {
     fn ingest_compact_as(&self, bytes: &[u8], handed_back: bool) -> Result<(u64, u64), ops_config::WireError> {
         ops_config::compact::check(bytes)?;
         let loaded = self.desired.guard();
+        let owns = self.owner_check();
         let (mut stored, mut older) = (0, 0);
         ops_config::compact::decode_checked(bytes, |seen, told, hb| {
             if handed_back {
                 let tags = Self::tags(&loaded, &hb.hostname, told);
-                if self.store.upsert_handed_back(hb, seen, tags, self.owns(&hb.hostname)) {
+                if self.store.upsert_handed_back(hb, seen, tags, owns(&hb.hostname)) {
                     stored += 1;
                 } else {
                     older += 1;
                 }
             } else {
-                self.ingest_one(&loaded, hb, seen, told, &mut stored, &mut older);
+                self.ingest_one(&loaded, hb, seen, told, owns(&hb.hostname), (&mut stored, &mut older));
             }
         })?;
         Ok((stored, older))
@@ -263,10 +265,10 @@ impl Node {
         hb: &ops_config::Heartbeat<'_>,
         seen: u32,
         told: u8,
-        stored: &mut u64,
-        older: &mut u64,
+        owned: bool,
+        (stored, older): (&mut u64, &mut u64),
     ) {
-        if self.store.upsert_tagged(hb, seen, Self::tags(loaded, &hb.hostname, told), self.owns(&hb.hostname)) {
+        if self.store.upsert_tagged(hb, seen, Self::tags(loaded, &hb.hostname, told), owned) {
             *stored += 1;
         } else {
             *older += 1;
@@ -283,10 +285,13 @@ impl Node {
 
     /// Whether this node owns `hostname` on the ring (always, standalone).
     pub fn owns(&self, hostname: &str) -> bool {
-        self.cluster.as_ref().is_none_or(|m| {
-            let c = m.guard();
-            c.ring.owner(hostname) == c.me
-        })
+        self.owner_check()(hostname)
+    }
+
+    /// [`Node::owns`] for many hosts under one load of the map (a batch).
+    fn owner_check(&self) -> impl Fn(&str) -> bool {
+        let cluster = self.cluster.as_ref().map(|m| m.guard());
+        move |hostname| cluster.as_ref().is_none_or(|c| c.ring.owner(hostname) == c.me)
     }
 
     /// Gauges that are cheap to read at scrape time.

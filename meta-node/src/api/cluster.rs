@@ -173,26 +173,7 @@ async fn step_all(
     step: &str,
     body: String,
 ) -> Vec<Result<StepReply, String>> {
-    futures_util::future::join_all(targets.iter().map(|(id, base)| {
-        let mut req = client.post(format!("{base}/internal/cluster/{step}")).timeout(STEP_TIMEOUT).body(body.clone());
-        if let Some(token) = &node.settings.token {
-            req = req.bearer_auth(token);
-        }
-        async move {
-            let r = req.send().await.map_err(|e| format!("no answer: {e}"))?;
-            let ok = r.status().is_success();
-            let v: serde_json::Value = r.json().await.map_err(|e| format!("bad answer: {e}"))?;
-            if !ok {
-                return Err(v["errorMessage"].as_str().unwrap_or("refused").to_owned());
-            }
-            let reply: StepReply = serde_json::from_value(v).map_err(|e| format!("bad answer: {e}"))?;
-            if &reply.id != id {
-                return Err(format!("node {:?} answered on {id}'s address", reply.id));
-            }
-            Ok(reply)
-        }
-    }))
-    .await
+    super::post_each(node, client, targets, &format!("/internal/cluster/{step}"), &body, &[], STEP_TIMEOUT).await
 }
 
 /// `POST /internal/cluster/{step}` (token): prepare (body: the map's text), commit, finish or

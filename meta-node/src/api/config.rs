@@ -15,13 +15,10 @@ use axum::response::{IntoResponse, Response};
 use ops_config::trust::SIGNATURE_HEADER;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, authorize};
+use super::{ApiError, NO_ANSWER, authorize};
 use crate::Node;
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How a step's error starts when the node did not answer at all.
-const NO_ANSWER: &str = "no answer: ";
 
 #[derive(Deserialize)]
 pub(super) struct ApplyParams {
@@ -205,29 +202,8 @@ async fn step_all(
         return vec![local_step(node, generation, text, sig).await];
     }
     let client = node.cluster().map(|c| c.client.clone()).expect("targets exist only in a cluster");
-    futures_util::future::join_all(targets.iter().map(|(id, base)| {
-        let mut req = client.post(format!("{base}/internal/config/{step}")).timeout(STEP_TIMEOUT).body(text.to_owned());
-        if let Some(token) = &node.settings.token {
-            req = req.bearer_auth(token);
-        }
-        if let Some(sig) = sig {
-            req = req.header(SIGNATURE_HEADER, sig);
-        }
-        async move {
-            let r = req.send().await.map_err(|e| format!("{NO_ANSWER}{e}"))?;
-            let ok = r.status().is_success();
-            let v: serde_json::Value = r.json().await.map_err(|e| format!("bad answer: {e}"))?;
-            if !ok {
-                return Err(v["errorMessage"].as_str().unwrap_or("refused").to_owned());
-            }
-            let s: ConfigStep = serde_json::from_value(v).map_err(|e| format!("bad answer: {e}"))?;
-            if &s.id != id {
-                return Err(format!("node {:?} answered on {id}'s address", s.id));
-            }
-            Ok(s)
-        }
-    }))
-    .await
+    let headers: Vec<(&str, &str)> = sig.map(|s| (SIGNATURE_HEADER, s)).into_iter().collect();
+    super::post_each(node, &client, targets, &format!("/internal/config/{step}"), text, &headers, STEP_TIMEOUT).await
 }
 
 /// Checks `text` (and `sig`) as this node would serve it; with `generation`, also writes it as
