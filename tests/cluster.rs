@@ -351,7 +351,7 @@ fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
                 updater_version: "".into(),
                 real_agents: Vec::new(),
             };
-            ops_config::compact::encode(7, 0, &hb, &mut body);
+            ops_config::compact::encode(ops_config::compact::Record { seen: 7, told: 0, relay: "relay-1" }, &hb, &mut body);
         }
         body
     };
@@ -629,4 +629,19 @@ fn opsctl_config_apply_is_checked_everywhere_versioned_and_rolled_back() {
     assert_eq!(std::fs::read_to_string(c.agents_file(2)).unwrap(), good_text);
     let (code, out, _) = opsctl(&[&server, "cluster"]);
     assert_eq!(code, 0, "whole again: {out}");
+}
+
+/// A relay id is in every report the relay forwards (status groups silent hosts by it): one
+/// that is not a safe token stops the relay with status 64 before it binds.
+#[test]
+fn a_relay_id_that_is_not_a_token_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let long = "r".repeat(65);
+    for id in ["", "dc 2", "../x", long.as_str()] {
+        let (status, log) = ops_e2e::Proc::run_to_exit("relay", &["--id", id, "--listen", "127.0.0.1:0", "--data-dir", &data]);
+        assert_eq!(status.code(), Some(64), "{id:?}: {log}");
+        assert!(log.contains("--id") && log.contains("want 1-64 of [A-Za-z0-9._-]"), "{id:?}: {log}");
+        assert!(!log.contains("relay listening"), "never bound a port: {log}");
+    }
 }

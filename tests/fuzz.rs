@@ -83,10 +83,11 @@ fn fuzz_heartbeat() {
         prop_assert_eq_str(&again, &hb)?;
         let mut body = Vec::new();
         compact::begin(&mut body);
-        compact::encode(7, 1, &hb, &mut body);
+        compact::encode(compact::Record { seen: 7, told: 1, relay: "dc1-1" }, &hb, &mut body);
         let mut back = Vec::new();
-        compact::decode(&body, |seen, told, h| back.push((seen, told, h.clone().into_owned()))).map_err(|e| e.to_string())?;
-        if back.len() != 1 || back[0].0 != 7 || back[0].1 != 1 || back[0].2 != hb {
+        compact::decode(&body, |r, h| back.push((r.seen, r.told, r.relay.to_owned(), h.clone().into_owned())))
+            .map_err(|e| e.to_string())?;
+        if back.len() != 1 || back[0].0 != 7 || back[0].1 != 1 || back[0].2 != "dc1-1" || back[0].3 != hb {
             return Err(format!("compact round trip changed it: {back:?}"));
         }
         Ok(())
@@ -103,13 +104,23 @@ fn batch_seeds() -> Vec<Vec<u8>> {
         let mut body = Vec::new();
         compact::begin(&mut body);
         for (i, h) in HEARTBEATS[..n].iter().enumerate() {
-            compact::encode(1_700_000_000 + i as u32, i as u8, &Heartbeat::parse(h.as_bytes()).unwrap(), &mut body);
+            let relay = ["dc1-1", "", "dc2-1"][i % 3];
+            compact::encode(
+                compact::Record { seen: 1_700_000_000 + i as u32, told: i as u8, relay },
+                &Heartbeat::parse(h.as_bytes()).unwrap(),
+                &mut body,
+            );
         }
         all.push(body);
     }
-    let mut v1 = all[0].clone();
+    // all[0] is one record through relay dc1-1: its relay string is bytes 9..15.
+    let mut v3 = all[0].clone();
+    v3[3] = b'3';
+    v3.drain(9..15); // OPB3 records have no relay string.
+    let mut v1 = v3.clone();
     v1[3] = b'1';
-    v1.remove(8); // OPB1 records have no `told` byte.
+    v1.remove(8); // OPB1 records have no `told` byte either.
+    all.push(v3);
     all.push(v1);
     all
 }
@@ -152,7 +163,7 @@ fn fuzz_compact_batch() {
         let before = held(&node);
         let checked = compact::check(input);
         let mut records = Vec::new();
-        let decoded = compact::decode(input, |seen, told, h| records.push((seen, told, h.clone().into_owned())));
+        let decoded = compact::decode(input, |r, h| records.push((r.seen, r.told, r.relay.to_owned(), h.clone().into_owned())));
         if checked.is_ok() != decoded.is_ok() {
             return Err(format!("check {checked:?} but decode {decoded:?}"));
         }
@@ -164,11 +175,11 @@ fn fuzz_compact_batch() {
         if ingested.is_err() && held(&node) != before {
             return Err("a refused batch changed what the node holds".into());
         }
-        if checked.is_ok() && input.starts_with(b"OPB2") {
+        if checked.is_ok() && input.starts_with(b"OPB4") {
             let mut again = Vec::new();
             compact::begin(&mut again);
-            for (seen, told, h) in &records {
-                compact::encode(*seen, *told, h, &mut again);
+            for (seen, told, relay, h) in &records {
+                compact::encode(compact::Record { seen: *seen, told: *told, relay }, h, &mut again);
             }
             if again != input {
                 return Err(format!("decoded {} records that re-encode to other bytes", records.len()));

@@ -94,8 +94,16 @@ impl Sim {
     /// One heartbeat per host (host i through relay i % 2); returns the hosts told the target
     /// in this round.
     fn round(&mut self, c: &Cluster) -> Vec<String> {
+        self.round_via(c, &[0, 1])
+    }
+
+    /// [`round`](Self::round) of the hosts behind the relays numbered in `relays` only.
+    fn round_via(&mut self, c: &Cluster, relays: &[usize]) -> Vec<String> {
         let mut told = Vec::new();
         for (i, h) in self.hosts.iter_mut().enumerate() {
+            if !relays.contains(&(i % c.relays.len())) {
+                continue;
+            }
             let relay = &c.relays[i % c.relays.len()];
             let mut agent = json!({"name": "falcon-agent", "version": h.version, "status": "started", "timestamp": 1});
             if !h.error.is_empty() {
@@ -484,4 +492,166 @@ fn a_meta_node_joins_and_another_leaves_online_under_load_and_the_rollout_goes_o
     let done = run_until(&c, &mut sim, Duration::from_secs(90), |s, _| s.rollout_hosts().all(|h| h.version == TARGET));
     assert!(done, "every host reached {TARGET}: {} did", sim.on(TARGET));
     whole(&c, &[0, 2, 3], 240, 3).unwrap();
+}
+
+/// The sum over the meta nodes of a gauge's series with these labels.
+fn gauge_sum(c: &Cluster, series: &str) -> f64 {
+    c.running()
+        .map(|m| {
+            let text = get_text(&m.url("/metrics")).1;
+            text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse::<f64>().ok())).unwrap_or(0.0)
+        })
+        .sum()
+}
+
+/// Each node's rollout waves summed: (failed, failedTotal, silent).
+fn failures(c: &Cluster) -> Vec<(u64, u64, u64)> {
+    (0..c.metas.len())
+        .map(|i| {
+            let r = rollout(c, i);
+            let sum = |k: &str| r["waves"].as_array().unwrap().iter().map(|w| w[k].as_u64().unwrap_or(0)).sum::<u64>();
+            (sum("failed"), sum("failedTotal"), sum("silent"))
+        })
+        .collect()
+}
+
+/// A relay killed in the middle of a rollout: its hosts are one line ("relay relay-2: 120 hosts
+/// silent since ...") in the summary, opsctl, the metrics and the fleet page; the judges count
+/// them silent, never failed, past their deadline too; and back after an outage longer than
+/// the deadline, still installing, they are not failed for the outage.
+#[test]
+fn a_silent_relay_is_one_line_and_its_hosts_are_never_failed_for_it() {
+    let text = agents(r#"  soak = "1s""#).replace(r#"deadline = "10m""#, r#"deadline = "6s""#);
+    let args: Vec<&str> = FAST.iter().copied().chain(["--stale-after-seconds", "2"]).collect();
+    let mut c = Cluster::up_with(3, 2, &text, &args);
+    let mut sim = Sim::new(240);
+    // Wave 1 is told the target; nobody installs yet.
+    sim.install = Install::Hangs;
+    let told = run_until(&c, &mut sim, Duration::from_secs(30), |s, _| s.rollout_hosts().filter(|h| wave_of(&h.name) == 1).all(|h| h.told));
+    assert!(told, "wave 1 is told: {}", rollout(&c, 0));
+    let in_flight: Vec<String> = sim.hosts.iter().enumerate().filter(|(i, h)| i % 2 == 1 && h.told).map(|(_, h)| h.name.clone()).collect();
+    assert!(!in_flight.is_empty(), "relay-2 has hosts told the target");
+
+    let all = eventually(Duration::from_secs(10), || {
+        let s = get_json(&c.meta(0).url("/status/summary/falcon-agent")).1;
+        (s["hosts"] == 240).then_some(())
+    });
+    assert!(
+        all.is_some(),
+        "every host is held: {}\n{}",
+        get_json(&c.meta(0).url("/status/summary/falcon-agent")).1,
+        c.relays[1].proc.log()
+    );
+    // relay-2's datacenter goes dark; relay-1's hosts install and go on reporting.
+    c.relays[1].proc.kill();
+    let killed = Instant::now();
+    sim.install = Install::Works;
+    let behind: u64 = 120;
+    let mut seen_silent = false;
+    let mut last = Value::Null;
+    while killed.elapsed() < Duration::from_secs(9) || !seen_silent {
+        assert!(killed.elapsed() < Duration::from_secs(60), "relay-2's hosts never showed as silent: {last}");
+        sim.round_via(&c, &[0]);
+        for (i, (failed, total, _)) in failures(&c).into_iter().enumerate() {
+            assert_eq!((failed, total), (0, 0), "meta-{} counts failures while relay-2 is silent: {}", i + 1, rollout(&c, i));
+        }
+        let s = get_json(&c.meta(0).url("/status/summary/falcon-agent")).1;
+        seen_silent = s["byState"]["stale"] == behind;
+        last = s;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // relay-1's hosts go on reporting meanwhile (the checks below take seconds: Chromium).
+    let rollout_behind = sim.rollout_hosts().filter(|h| sim.hosts.iter().position(|x| x.name == h.name).unwrap() % 2 == 1).count() as u64;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (sim, c, stop) = (&mut sim, &c, &stop);
+        scope.spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sim.round_via(c, &[0]);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        // Stops the reporting thread however the checks end (a failed one panics).
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(stop);
+        silent_relay_checks(c, behind, rollout_behind, &in_flight[0]);
+    });
+
+    // relay-2 is back after more than the deadline; its told hosts report still on `from`.
+    c.restart_relay(1);
+    sim.install = Install::Hangs;
+    sim.round(&c);
+    let back = Instant::now();
+    while back.elapsed() < Duration::from_secs(2) {
+        for (i, (failed, total, _)) in failures(&c).into_iter().enumerate() {
+            assert_eq!((failed, total), (0, 0), "meta-{} fails hosts for the outage: {}", i + 1, rollout(&c, i));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // They install now, and the rollout reaches everybody with no failure at all.
+    sim.install = Install::Works;
+    let done = run_until(&c, &mut sim, Duration::from_secs(90), |s, _| s.rollout_hosts().all(|h| h.version == TARGET));
+    assert!(done, "the rollout completes: {} on {TARGET}, {}", sim.on(TARGET), rollout(&c, 0));
+    let settled = eventually(Duration::from_secs(10), || {
+        let s = get_json(&c.meta(0).url("/status/summary/falcon-agent")).1;
+        (s["byState"]["stale"] == 0).then_some(s)
+    });
+    assert!(settled.is_some(), "relay-2's hosts are heard again");
+    assert!(failures(&c).iter().all(|f| f.1 == 0), "no failure in the whole rollout: {}", rollout(&c, 0));
+}
+
+/// The checks of `a_silent_relay_is_one_line...` while relay-2 (`behind` hosts, `rollout_behind`
+/// of them in the rollout, `host` one of them) is down.
+fn silent_relay_checks(c: &Cluster, behind: u64, rollout_behind: u64, host: &str) {
+    // One line for relay-2, from any node.
+    for i in 0..3 {
+        let s = get_json(&c.meta(i).url("/status/summary/falcon-agent")).1;
+        assert_eq!((s["partial"].clone(), s["byState"]["stale"].clone()), (json!(false), json!(behind)), "{s}");
+        let relays = s["relays"].as_array().unwrap();
+        assert_eq!(
+            (relays[0]["relay"].as_str(), relays[0]["silent"].as_u64(), relays[0]["hosts"].as_u64()),
+            (Some("relay-2"), Some(behind), Some(behind)),
+            "{s}"
+        );
+        assert!(relays[0]["lastHeard"].as_u64().unwrap() > 0, "{s}");
+        assert_eq!((relays[1]["relay"].as_str(), relays[1]["silent"].as_u64()), (Some("relay-1"), Some(0)), "{s}");
+    }
+    // The judges: relay-2's hosts in the rollout are silent, none failed, well past the deadline.
+    // (Every node's /rollout gathers the fleet's waves.)
+    for (i, (_, _, silent)) in failures(c).into_iter().enumerate() {
+        assert_eq!(silent, rollout_behind, "{}", rollout(c, i));
+    }
+    assert!(rollout(c, 0)["halted"] == false, "{}", rollout(c, 0));
+    // The listing by relay, the host view, opsctl and the metrics say the same.
+    let (status, listing) = get_json(&c.meta(1).url("/status/json/falcon-agent?relay=relay-2&state=stale"));
+    assert_eq!((status, listing["count"].as_u64()), (200, Some(behind)), "{listing}");
+    assert!(listing["hosts"].as_array().unwrap().iter().all(|h| h["relay"] == "relay-2"), "{listing}");
+    assert_eq!(get_json(&c.meta(1).url("/status/json/falcon-agent?relay=nowhere")).1["count"], 0);
+    assert_eq!(get_json(&c.meta(1).url("/status/json/falcon-agent?relay=a%20b")).0, 400);
+    assert_eq!(get_json(&c.meta(2).url(&format!("/status/host/{}", host))).1["relay"], "relay-2");
+    let server = format!("--server={}", c.meta(2).url(""));
+    let (code, out, err) = ops_e2e::opsctl(&[&server, "status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let line = out.lines().find(|l| l.starts_with("relay relay-2: ")).unwrap_or_else(|| panic!("no line for relay-2:\n{out}"));
+    assert!(line.contains("120 hosts silent since") && line.ends_with("(all of its hosts)"), "{line}");
+    assert_eq!(out.lines().filter(|l| l.contains("silent since")).count(), 1, "one line, not one per host:\n{out}");
+    let (code, out, err) = ops_e2e::opsctl(&[&server, "hosts", "falcon-agent", "--relay", "relay-2", "--state", "stale"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().filter(|l| !l.starts_with('#')).count() as u64, behind, "{out}");
+    let metric = eventually(Duration::from_secs(10), || {
+        (gauge_sum(c, r#"ops_meta_relay_silent_hosts{relay="relay-2"}"#) == behind as f64
+            && gauge_sum(c, r#"ops_meta_relay_hosts{relay="relay-1"}"#) == 120.0)
+            .then_some(())
+    });
+    assert!(metric.is_some(), "ops_meta_relay_silent_hosts sums to relay-2's hosts over the nodes");
+    // The fleet page: one line for the relay.
+    let dom = chromium(&["--dump-dom", &c.meta(0).url("/ui/")]);
+    assert!(dom.contains(r#"data-relay="relay-2""#) && dom.contains(&format!(r#"data-silent="{behind}""#)), "{dom}");
+    assert!(dom.contains("relay relay-2: 120 hosts silent since") && dom.contains("(all of its hosts)"), "{dom}");
+    assert!(!dom.contains(r#"data-relay="relay-1""#), "relay-1 has no silent host: {dom}");
 }

@@ -9,14 +9,17 @@
 //!
 //! Layout (all integers little-endian; `str` = LEB128 length, then that many UTF-8 bytes):
 //! ```text
-//! batch   = "OPB3" record*
-//! record  = seen:u32 told:u8 hostname:str ip:str runUser:str updaterVersion:str agents:u8 agent*
+//! batch   = "OPB4" record*
+//! record  = seen:u32 told:u8 relay:str hostname:str ip:str runUser:str updaterVersion:str agents:u8 agent*
 //! agent   = name:str version:str status:str timestamp:i64 runUser:str workDir:str lastError:str pinned:str
 //! ```
 //! `told` is the rollout mask the relay answered the host with (bit r: it was told rollout r's
-//! target, see `DesiredConfig::rollout_mask`). A batch starting `OPB1` (relays before staged
-//! rollouts) has no `told` byte and decodes with `told` = 0; one starting `OPB2` (before local
-//! pins) has no `pinned` string and decodes with no pin. Every decoded heartbeat is validated
+//! target, see `DesiredConfig::rollout_mask`). `relay` is the id of the relay the report came
+//! through (empty: straight to a meta node), kept per record because failover copies handed
+//! back between meta nodes mix relays; it is checked by [`valid_relay_id`]. A batch starting
+//! `OPB3` (before silence by relay) has no `relay` string and decodes with an empty one; `OPB2`
+//! (before local pins) has no `pinned` string either and decodes with no pin; `OPB1` (relays
+//! before staged rollouts) has no `told` byte either and decodes with `told` = 0. Every decoded heartbeat is validated
 //! exactly as one that came alone. A node reads every older layout but writes only the newest,
 //! so a cluster is upgraded meta nodes first, then relays.
 
@@ -26,7 +29,9 @@ use crate::wire::{Heartbeat, MAX_AGENTS_PER_HOST, MAX_BATCH_BYTES, RealAgent, Wi
 
 /// `Content-Type` of a compact batch.
 pub const CONTENT_TYPE: &str = "application/x-ops-batch";
-const MAGIC: &[u8; 4] = b"OPB3";
+const MAGIC: &[u8; 4] = b"OPB4";
+/// Before silence by relay: no `relay` string in records.
+const MAGIC_V3: &[u8; 4] = b"OPB3";
 /// Before local pins: no `pinned` string in agents.
 const MAGIC_V2: &[u8; 4] = b"OPB2";
 /// Before staged rollouts: no `told` byte either.
@@ -37,12 +42,28 @@ pub fn begin(out: &mut Vec<u8>) {
     out.extend_from_slice(MAGIC);
 }
 
-/// Appends one host's record: its heartbeat, when it was received (unix seconds) and the
-/// rollout mask it was answered with. The heartbeat must be valid (it came through
-/// [`Heartbeat::parse`]).
-pub fn encode(seen: u32, told: u8, hb: &Heartbeat<'_>, out: &mut Vec<u8>) {
-    out.extend_from_slice(&seen.to_le_bytes());
-    out.push(told);
+/// What a record carries besides the heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Record<'a> {
+    /// When the report was received (unix seconds, the relay's clock).
+    pub seen: u32,
+    /// The rollout mask it was answered with.
+    pub told: u8,
+    /// The relay it came through (empty: straight to a meta node).
+    pub relay: &'a str,
+}
+
+/// 0-64 of `[A-Za-z0-9._-]`: a relay id as records carry it (empty: no relay).
+pub fn valid_relay_id(s: &str) -> bool {
+    s.is_empty() || crate::wire::valid_agent_name(s)
+}
+
+/// Appends one host's record. The heartbeat must be valid (it came through
+/// [`Heartbeat::parse`]) and the relay id too ([`valid_relay_id`]).
+pub fn encode(rec: Record<'_>, hb: &Heartbeat<'_>, out: &mut Vec<u8>) {
+    out.extend_from_slice(&rec.seen.to_le_bytes());
+    out.push(rec.told);
+    put_str(out, rec.relay);
     for s in [&hb.hostname, &hb.ip, &hb.run_user, &hb.updater_version] {
         put_str(out, s);
     }
@@ -70,28 +91,29 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// Decodes a batch, calling `f(seen, told, heartbeat)` for each record in order after validating it.
+/// Decodes a batch, calling `f(record, heartbeat)` for each record in order after validating it.
 /// The heartbeat borrows from `body`; its agent list is reused between calls. Stops at the
 /// first error; callers that must not act on half a batch use [`check`] and [`decode_checked`].
-pub fn decode<'a>(body: &'a [u8], f: impl FnMut(u32, u8, &Heartbeat<'a>)) -> Result<usize, WireError> {
+pub fn decode<'a>(body: &'a [u8], f: impl FnMut(Record<'a>, &Heartbeat<'a>)) -> Result<usize, WireError> {
     decode_inner(body, true, f)
 }
 
 /// [`decode`] of a body that [`check`] accepted: the wire rules are not checked again (the
 /// reads still are, so a body changed in between gives an error, never a wrong record).
-pub fn decode_checked<'a>(body: &'a [u8], f: impl FnMut(u32, u8, &Heartbeat<'a>)) -> Result<usize, WireError> {
+pub fn decode_checked<'a>(body: &'a [u8], f: impl FnMut(Record<'a>, &Heartbeat<'a>)) -> Result<usize, WireError> {
     decode_inner(body, false, f)
 }
 
-fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, u8, &Heartbeat<'a>)) -> Result<usize, WireError> {
+fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(Record<'a>, &Heartbeat<'a>)) -> Result<usize, WireError> {
     if body.len() > MAX_BATCH_BYTES {
         return Err(WireError::TooLarge { size: body.len(), limit: MAX_BATCH_BYTES });
     }
     let mut r = Reader { buf: body, at: 0 };
-    let (has_told, has_pin) = match r.take(4)? {
-        m if m == MAGIC => (true, true),
-        m if m == MAGIC_V2 => (true, false),
-        m if m == MAGIC_V1 => (false, false),
+    let (has_told, has_pin, has_relay) = match r.take(4)? {
+        m if m == MAGIC => (true, true, true),
+        m if m == MAGIC_V3 => (true, true, false),
+        m if m == MAGIC_V2 => (true, false, false),
+        m if m == MAGIC_V1 => (false, false, false),
         _ => return Err(WireError::Malformed("compact batch: bad magic".into())),
     };
     let mut hb = Heartbeat {
@@ -105,6 +127,7 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, u8, &
     while r.at < body.len() {
         let seen = u32::from_le_bytes(r.array()?);
         let told = if has_told { r.take(1)?[0] } else { 0 };
+        let relay = if has_relay { r.str()? } else { "" };
         hb.hostname = Cow::Borrowed(r.str()?);
         hb.ip = Cow::Borrowed(r.str()?);
         hb.run_user = Cow::Borrowed(r.str()?);
@@ -132,8 +155,11 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, u8, &
         }
         if validate {
             hb.validate()?;
+            if !valid_relay_id(relay) {
+                return Err(WireError::Malformed(format!("compact batch: bad relay id {relay:?} (0-64 of [A-Za-z0-9._-])")));
+            }
         }
-        f(seen, told, &hb);
+        f(Record { seen, told, relay }, &hb);
         n += 1;
     }
     Ok(n)
@@ -141,7 +167,7 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(u32, u8, &
 
 /// Decodes and validates a whole batch without acting on it: the number of records.
 pub fn check(body: &[u8]) -> Result<usize, WireError> {
-    decode(body, |_, _, _| {})
+    decode(body, |_, _| {})
 }
 
 struct Reader<'a> {
@@ -198,7 +224,7 @@ mod tests {
         let mut out = Vec::new();
         begin(&mut out);
         for (i, (seen, h)) in entries.iter().enumerate() {
-            encode(*seen, i as u8, h, &mut out);
+            encode(Record { seen: *seen, told: i as u8, relay: "dc1-1" }, h, &mut out);
         }
         out
     }
@@ -206,10 +232,11 @@ mod tests {
     fn decoded(body: &[u8]) -> Result<Vec<(u32, Heartbeat<'static>)>, WireError> {
         let mut out = Vec::new();
         let mut n = 0u8;
-        decode(body, |seen, told, h| {
-            assert_eq!(told, n, "told is the record's index in these tests");
+        decode(body, |rec, h| {
+            assert_eq!(rec.told, n, "told is the record's index in these tests");
+            assert_eq!(rec.relay, "dc1-1");
             n += 1;
-            out.push((seen, h.clone().into_owned()))
+            out.push((rec.seen, h.clone().into_owned()))
         })?;
         Ok(out)
     }
@@ -240,7 +267,7 @@ mod tests {
     #[test]
     fn empty_batch_is_just_the_magic() {
         let body = batch(&[]);
-        assert_eq!(body, b"OPB3");
+        assert_eq!(body, b"OPB4");
         assert_eq!(check(&body), Ok(0));
     }
 
@@ -254,8 +281,8 @@ mod tests {
         }
         body.push(0);
         let mut got = Vec::new();
-        decode(&body, |seen, told, h| got.push((seen, told, h.clone().into_owned()))).unwrap();
-        assert_eq!(got, vec![(5, 0, a.into_owned())]);
+        decode(&body, |r, h| got.push((r.seen, r.told, r.relay, h.clone().into_owned()))).unwrap();
+        assert_eq!(got, vec![(5, 0, "", a.into_owned())]);
     }
 
     #[test]
@@ -282,9 +309,16 @@ mod tests {
             put_str(&mut body, s);
         }
         let mut got = Vec::new();
-        decode(&body, |seen, told, h| got.push((seen, told, h.clone().into_owned()))).unwrap();
-        assert_eq!((got[0].0, got[0].1), (5, 1));
-        assert_eq!((&*got[0].2.real_agents[0].version, &*got[0].2.real_agents[0].pinned), ("1", ""));
+        decode(&body, |r, h| got.push((r.seen, r.told, r.relay, h.clone().into_owned()))).unwrap();
+        assert_eq!((got[0].0, got[0].1, got[0].2), (5, 1, ""));
+        assert_eq!((&*got[0].3.real_agents[0].version, &*got[0].3.real_agents[0].pinned), ("1", ""));
+        // OPB3 (before silence by relay): pins, but no relay string; decodes with none.
+        let mut v3 = b"OPB3".to_vec();
+        v3.extend_from_slice(&body[4..]);
+        put_str(&mut v3, "hold");
+        let mut got = Vec::new();
+        decode(&v3, |r, h| got.push((r.relay, h.real_agents[0].pinned.to_string()))).unwrap();
+        assert_eq!(got, vec![("", "hold".to_owned())]);
         // A pin that is neither `hold` nor a version is refused like one that came alone.
         let mut bad = b"OPB3".to_vec();
         bad.extend_from_slice(&body[4..]);
@@ -318,6 +352,14 @@ mod tests {
         let mut huge = raw_record("h", 1);
         huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x7f]);
         assert!(check(&huge).is_err());
+        // A relay id that is not a safe token.
+        let h = hb(r#"{"hostname":"h"}"#);
+        for relay in ["dc 1", "../x", ".", &"r".repeat(65)] {
+            let mut body = Vec::new();
+            begin(&mut body);
+            encode(Record { seen: 1, told: 0, relay }, &h, &mut body);
+            assert!(matches!(check(&body), Err(WireError::Malformed(m)) if m.contains("relay id")), "{relay:?} accepted");
+        }
     }
 
     /// A batch of one record's head, written without validation: `agents` agents follow.
@@ -326,7 +368,7 @@ mod tests {
         begin(&mut out);
         out.extend_from_slice(&1u32.to_le_bytes());
         out.push(0);
-        for s in [host, "", "", ""] {
+        for s in ["", host, "", "", ""] {
             put_str(&mut out, s);
         }
         out.push(agents);
@@ -362,7 +404,7 @@ mod tests {
         let h = hb(r#"{"hostname":"h"}"#);
         let good = batch(&[(1, &h)]);
         // The hostname's length 1 as two LEB128 groups (0x81 0x00) decodes to the same value.
-        let at = 4 + 4 + 1;
+        let at = 4 + 4 + 1 + 1 + "dc1-1".len();
         assert_eq!(good[at], 1);
         let mut long = good.clone();
         long.splice(at..at + 1, [0x81, 0x00]);

@@ -122,6 +122,9 @@ pub struct BatchEntry<'a> {
     /// The rollout mask the host was answered with (see `compact`); absent = 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub told: u8,
+    /// The relay the report came through (see `compact`); absent = none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub relay: String,
     #[serde(borrow)]
     pub hb: Heartbeat<'a>,
 }
@@ -146,6 +149,9 @@ impl<'a> Batch<'a> {
         let batch: Batch<'a> = serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
         for e in &batch.hosts {
             e.hb.validate()?;
+            if !crate::compact::valid_relay_id(&e.relay) {
+                return Err(WireError::Malformed(format!("batch: bad relay id {:?} (0-64 of [A-Za-z0-9._-])", e.relay)));
+            }
         }
         Ok(batch)
     }

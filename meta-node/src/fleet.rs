@@ -58,6 +58,8 @@ pub struct Filter {
     pub status: Option<String>,
     pub prefix: Option<String>,
     pub state: Option<State>,
+    /// The relay the host's last report came through ("" for none: straight to a meta node).
+    pub relay: Option<String>,
 }
 
 /// Which of the hosts held a scan looks at.
@@ -102,7 +104,8 @@ impl<'s> Scope<'s> {
 pub struct AgentQuery<'c> {
     pub agent: &'c str,
     config: &'c DesiredConfig,
-    generation: u32,
+    /// The loaded config's generation as host records keep it (`store::short_generation`).
+    generation: u16,
     agent_index: Option<usize>,
     /// The agent's rollout number, if it has a rollout: hosts told its target want that.
     rollout: Option<usize>,
@@ -130,6 +133,8 @@ pub struct Row<'a> {
     /// The host's local pin of the agent (`hold` or a version).
     pub pinned: Option<&'a str>,
     pub state: State,
+    /// The relay its last report came through ("" for none; set by [`scan_rows`]).
+    pub relay: &'a str,
 }
 
 impl<'c> AgentQuery<'c> {
@@ -137,7 +142,7 @@ impl<'c> AgentQuery<'c> {
         AgentQuery {
             agent,
             config: &loaded.config,
-            generation: loaded.generation,
+            generation: crate::store::short_generation(loaded.generation),
             agent_index: loaded.config.agent_index(agent),
             rollout: loaded.config.rollout_of(agent),
             now,
@@ -213,6 +218,7 @@ impl<'c> AgentQuery<'c> {
             last_error,
             pinned,
             state,
+            relay: "",
         })
     }
 }
@@ -241,6 +247,9 @@ pub fn scan_rows(
 ) -> u64 {
     let mut count = 0;
     let agent_sym = store.symbols().reader().get(q.agent);
+    let relays = store.relay_names();
+    // A relay this node never heard of matches no host here.
+    let relay_filter: Option<Option<u16>> = filter.relay.as_deref().map(|id| relays.iter().position(|r| &**r == id).map(|i| i as u16));
     for i in 0..SHARDS {
         let mut buf = Vec::new();
         {
@@ -255,9 +264,13 @@ pub fn scan_rows(
                 {
                     continue;
                 }
-                if let Some(row) = q.row(&shard, slot, host, agent_sym, &syms)
+                if relay_filter.is_some_and(|want| want != Some(host.relay)) {
+                    continue;
+                }
+                if let Some(mut row) = q.row(&shard, slot, host, agent_sym, &syms)
                     && filter.matches(&row)
                 {
+                    row.relay = relays.get(usize::from(host.relay)).map_or("", |r| r);
                     format(&row, &mut buf);
                     count += 1;
                 }
@@ -291,6 +304,25 @@ pub struct Summary {
     pub desired: Vec<DesiredCount>,
     pub by_state: BTreeMap<String, u64>,
     pub groups: Vec<Group>,
+    /// The same hosts by the relay their last report came through, with how many of them are
+    /// stale: a datacenter that lost its network is one entry, not a host each. Most silent
+    /// first. (Absent from nodes before silence by relay.)
+    #[serde(default)]
+    pub relays: Vec<RelayCount>,
+}
+
+/// A summary's hosts behind one relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayCount {
+    /// The relay's id ("" for reports that came straight to a meta node).
+    pub relay: String,
+    pub hosts: u64,
+    /// Hosts stale (not heard from for `stale_after`): `byState.stale` split by relay.
+    pub silent: u64,
+    /// The newest report among the silent hosts (unix seconds; 0 when none is silent): about
+    /// when the relay, or its datacenter, went quiet.
+    pub last_heard: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -314,10 +346,13 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
     // Groups and distinct statuses are few: small vectors searched linearly beat hashing.
-    type Partial = (Vec<((Sym, u8, State), u64)>, Vec<u64>);
+    // Per relay index: hosts, silent hosts, newest report of a silent one.
+    type PerRelay = Vec<(u64, u64, u32)>;
+    type Partial = (Vec<((Sym, u8, State), u64)>, Vec<u64>, PerRelay);
     let scan = |t: usize| -> Partial {
         let mut groups: Vec<((Sym, u8, State), u64)> = Vec::new();
         let mut by_class = vec![0u64; q.variants()];
+        let mut relays: PerRelay = Vec::new();
         let mut started_cache: Vec<(Sym, bool)> = Vec::new();
         for i in (t..SHARDS).step_by(threads) {
             let shard = store.shard(i);
@@ -359,6 +394,16 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
                         _ => State::Ok,
                     }
                 };
+                let r = usize::from(host.relay);
+                if r >= relays.len() {
+                    relays.resize(r + 1, (0, 0, 0));
+                }
+                let per = &mut relays[r];
+                per.0 += 1;
+                if state == State::Stale {
+                    per.1 += 1;
+                    per.2 = per.2.max(host.last_seen);
+                }
                 let key = (real.map_or(Sym::EMPTY, |a| a.version), run_state, state);
                 match groups.iter_mut().find(|(k, _)| *k == key) {
                     Some((_, n)) => *n += 1,
@@ -369,7 +414,7 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
                 }
             }
         }
-        (groups, by_class)
+        (groups, by_class, relays)
     };
     let partials: Vec<Partial> = std::thread::scope(|s| {
         let handles: Vec<_> = (1..threads).map(|t| s.spawn(move || scan(t))).collect();
@@ -379,14 +424,28 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
     });
     let mut groups: hashbrown::HashMap<(Sym, u8, State), u64> = hashbrown::HashMap::new();
     let mut desired_by_class = vec![0u64; q.variants()];
-    for (g, c) in partials {
+    let mut per_relay: PerRelay = Vec::new();
+    for (g, c, r) in partials {
         for (k, n) in g {
             *groups.entry(k).or_default() += n;
         }
         for (total, n) in desired_by_class.iter_mut().zip(c) {
             *total += n;
         }
+        if per_relay.len() < r.len() {
+            per_relay.resize(r.len(), (0, 0, 0));
+        }
+        for (total, (hosts, silent, last)) in per_relay.iter_mut().zip(r) {
+            *total = (total.0 + hosts, total.1 + silent, total.2.max(last));
+        }
     }
+    let mut relays: Vec<RelayCount> = per_relay
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (hosts, _, _))| *hosts > 0)
+        .map(|(i, (hosts, silent, last_heard))| RelayCount { relay: store.relay_name(i as u16), hosts, silent, last_heard })
+        .collect();
+    sort_relays(&mut relays);
     let mut desired: hashbrown::HashMap<(String, String), u64> = hashbrown::HashMap::new();
     for (v, n) in desired_by_class.iter().enumerate() {
         if let Some(d) = q.desired_of(v).filter(|_| *n > 0) {
@@ -420,7 +479,12 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
         desired,
         by_state,
         groups: out,
+        relays,
     }
+}
+
+fn sort_relays(relays: &mut [RelayCount]) {
+    relays.sort_by(|a, b| b.silent.cmp(&a.silent).then_with(|| b.hosts.cmp(&a.hosts)).then_with(|| a.relay.cmp(&b.relay)));
 }
 
 impl Summary {
@@ -434,6 +498,7 @@ impl Summary {
             desired: Vec::new(),
             by_state: State::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect(),
             groups: Vec::new(),
+            relays: Vec::new(),
         }
     }
 
@@ -445,6 +510,9 @@ impl Summary {
         for d in &other.desired {
             self.add_desired(&d.version, &d.cmd, d.hosts);
         }
+        for r in &other.relays {
+            self.add_relay(&r.relay, r.hosts, r.silent, r.last_heard);
+        }
         self.finish();
     }
 
@@ -455,6 +523,8 @@ impl Summary {
         if !row.desired_version.is_empty() {
             self.add_desired(&row.desired_version, &row.desired_cmd, 1);
         }
+        let silent = row.state == "stale";
+        self.add_relay(&row.relay, 1, u64::from(silent), if silent { row.last_seen } else { 0 });
         self.finish();
     }
 
@@ -472,8 +542,20 @@ impl Summary {
         }
     }
 
+    fn add_relay(&mut self, relay: &str, hosts: u64, silent: u64, last_heard: u32) {
+        match self.relays.iter_mut().find(|r| r.relay == relay) {
+            Some(r) => {
+                r.hosts += hosts;
+                r.silent += silent;
+                r.last_heard = r.last_heard.max(last_heard);
+            }
+            None => self.relays.push(RelayCount { relay: relay.to_owned(), hosts, silent, last_heard }),
+        }
+    }
+
     /// Recomputes totals and orders from the groups.
     fn finish(&mut self) {
+        sort_relays(&mut self.relays);
         self.groups.sort_by(|a, b| (&a.version, &a.status, &a.state).cmp(&(&b.version, &b.status, &b.state)));
         self.desired.sort_by(|a, b| b.hosts.cmp(&a.hosts).then_with(|| a.version.cmp(&b.version)));
         self.by_state = State::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect();
@@ -504,6 +586,8 @@ pub struct OwnedRow {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<String>,
+    #[serde(default)]
+    pub relay: String,
 }
 
 #[cfg(test)]
@@ -521,6 +605,7 @@ impl OwnedRow {
             state: row.state.as_str().to_owned(),
             last_error: row.last_error.map(str::to_owned),
             pinned: row.pinned.map(str::to_owned),
+            relay: row.relay.to_owned(),
         }
     }
 }
@@ -540,6 +625,8 @@ struct RowJson<'a> {
     last_error: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pinned: Option<&'a str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    relay: &'a str,
 }
 
 /// Appends a row as one JSON object with a comma before it: streams of rows from several
@@ -557,6 +644,7 @@ pub fn write_json_row(row: &Row<'_>, buf: &mut Vec<u8>) {
         state: row.state.as_str(),
         last_error: row.last_error,
         pinned: row.pinned,
+        relay: row.relay,
     };
     // Writing into a Vec cannot fail, and the row has no map with non-string keys.
     let _ = serde_json::to_writer(&mut *buf, &r);
@@ -613,10 +701,21 @@ mod tests {
             let hb = Heartbeat::parse(body.as_bytes()).unwrap();
             let seen = if i % 17 == 0 { now - 5000 } else { now };
             // Half the hosts resolved under an older generation: the class is recomputed.
-            store.upsert(&hb, seen, loaded.config.class_of(&host), if i % 2 == 0 { 1 } else { 0 }, true);
+            let tags = crate::store::Tags {
+                class: loaded.config.class_of(&host),
+                generation: if i % 2 == 0 { 1 } else { 0 },
+                relay: store.relay_index(["", "dc1-1", "dc2-1"][(i % 3) as usize]),
+                ..Default::default()
+            };
+            store.upsert_tagged(&hb, seen, tags, true);
         }
         let q = AgentQuery::new("a", &loaded, now, 900);
         let fast = summarize(&store, &q, Scope::All, None);
+        let silent: u64 = fast.relays.iter().map(|r| r.silent).sum();
+        assert_eq!(silent, fast.by_state["stale"], "silent by relay splits the stale count");
+        assert_eq!(fast.relays.len(), 3, "{:?}", fast.relays);
+        assert_eq!(fast.relays.iter().map(|r| r.hosts).sum::<u64>(), fast.hosts);
+        assert!(fast.relays.iter().all(|r| r.last_heard == now - 5000), "{:?}", fast.relays);
         let mut slow = Summary::empty("a");
         scan_rows(&store, &q, Scope::All, &Filter::default(), |row, _| slow.add_row(&OwnedRow::from_row(row)), |_| true);
         assert_eq!(fast, slow);

@@ -222,7 +222,12 @@ impl Node {
         let owns = self.owner_check();
         let (mut stored, mut older) = (0, 0);
         for e in &batch.hosts {
-            self.ingest_one(&loaded, &e.hb, e.seen, e.told, owns(&e.hb.hostname), (&mut stored, &mut older));
+            let tags = store::Tags { relay: self.store.relay_index(&e.relay), ..Self::tags(&loaded, &e.hb.hostname, e.told) };
+            if self.store.upsert_tagged(&e.hb, e.seen, tags, owns(&e.hb.hostname)) {
+                stored += 1;
+            } else {
+                older += 1;
+            }
         }
         Ok((stored, older))
     }
@@ -244,35 +249,31 @@ impl Node {
         let loaded = self.desired.guard();
         let owns = self.owner_check();
         let (mut stored, mut older) = (0, 0);
-        ops_config::compact::decode_checked(bytes, |seen, told, hb| {
-            if handed_back {
-                let tags = Self::tags(&loaded, &hb.hostname, told);
-                if self.store.upsert_handed_back(hb, seen, tags, owns(&hb.hostname)) {
-                    stored += 1;
-                } else {
-                    older += 1;
+        // A relay's batch names one relay throughout: look its index up once.
+        let mut last_relay: Option<(&[u8], u16)> = None;
+        ops_config::compact::decode_checked(bytes, |rec, hb| {
+            let relay = match last_relay {
+                Some((id, index)) if id == rec.relay.as_bytes() => index,
+                _ => {
+                    let index = self.store.relay_index(rec.relay);
+                    last_relay = Some((rec.relay.as_bytes(), index));
+                    index
                 }
+            };
+            let tags = store::Tags { relay, ..Self::tags(&loaded, &hb.hostname, rec.told) };
+            let owned = owns(&hb.hostname);
+            let kept = if handed_back {
+                self.store.upsert_handed_back(hb, rec.seen, tags, owned)
             } else {
-                self.ingest_one(&loaded, hb, seen, told, owns(&hb.hostname), (&mut stored, &mut older));
+                self.store.upsert_tagged(hb, rec.seen, tags, owned)
+            };
+            if kept {
+                stored += 1;
+            } else {
+                older += 1;
             }
         })?;
         Ok((stored, older))
-    }
-
-    fn ingest_one(
-        &self,
-        loaded: &relay::desired::Loaded,
-        hb: &ops_config::Heartbeat<'_>,
-        seen: u32,
-        told: u8,
-        owned: bool,
-        (stored, older): (&mut u64, &mut u64),
-    ) {
-        if self.store.upsert_tagged(hb, seen, Self::tags(loaded, &hb.hostname, told), owned) {
-            *stored += 1;
-        } else {
-            *older += 1;
-        }
     }
 
     /// How a host's report is stored under `loaded`: its class, and its waves when the config
@@ -280,7 +281,7 @@ impl Node {
     pub fn tags(loaded: &relay::desired::Loaded, hostname: &str, told: u8) -> store::Tags {
         let class = loaded.config.class_of(hostname);
         let waves = if loaded.config.rollouts().next().is_some() { loaded.config.rollout_waves(hostname, class) } else { 0 };
-        store::Tags { class, generation: loaded.generation, told, waves }
+        store::Tags { class, generation: loaded.generation, told, waves, relay: store::NO_RELAY }
     }
 
     /// Whether this node owns `hostname` on the ring (always, standalone).
@@ -313,8 +314,32 @@ impl Node {
             tracing::info!(forgotten, "dropped hosts not heard from for forget_after");
         }
         let cutoff = now.saturating_sub(self.settings.stale_after_seconds);
-        let stale: usize = (0..store::SHARDS).map(|i| self.store.shard(i).hosts().filter(|(_, h)| h.last_seen < cutoff).count()).sum();
+        let mut stale = 0usize;
+        // Owned hosts by relay index: (hosts, silent); summed over the nodes, each host once.
+        let mut by_relay: Vec<(u64, u64)> = Vec::new();
+        for i in 0..store::SHARDS {
+            let shard = self.store.shard(i);
+            for (_, h) in shard.hosts() {
+                let silent = h.last_seen < cutoff;
+                stale += usize::from(silent);
+                if h.owned {
+                    let r = usize::from(h.relay);
+                    if r >= by_relay.len() {
+                        by_relay.resize(r + 1, (0, 0));
+                    }
+                    by_relay[r].0 += 1;
+                    by_relay[r].1 += u64::from(silent);
+                }
+            }
+        }
         ::metrics::gauge!(crate::metrics::HOSTS_STALE).set(stale as f64);
+        // Every relay ever seen gets a value, 0 once it has no host here.
+        for (i, name) in self.store.relay_names().iter().enumerate() {
+            let (hosts, silent) = by_relay.get(i).copied().unwrap_or_default();
+            let relay = if name.is_empty() { "direct".to_owned() } else { name.to_string() };
+            ::metrics::gauge!(crate::metrics::RELAY_HOSTS, "relay" => relay.clone()).set(hosts as f64);
+            ::metrics::gauge!(crate::metrics::RELAY_SILENT_HOSTS, "relay" => relay).set(silent as f64);
+        }
         self.refresh_gauges();
     }
 

@@ -6,6 +6,8 @@ pub const HEARTBEATS: &str = "ops_meta_heartbeats_total";
 pub const HEARTBEAT_DURATION: &str = "ops_meta_heartbeat_duration_seconds";
 pub const HOSTS: &str = "ops_meta_hosts";
 pub const HOSTS_STALE: &str = "ops_meta_hosts_stale";
+pub const RELAY_HOSTS: &str = "ops_meta_relay_hosts";
+pub const RELAY_SILENT_HOSTS: &str = "ops_meta_relay_silent_hosts";
 pub const HOSTS_FORGOTTEN: &str = "ops_meta_hosts_forgotten_total";
 pub const CONFIG_RELOADS: &str = "ops_meta_config_reloads_total";
 pub const CONFIG_INFO: &str = "ops_meta_config_info";
@@ -59,6 +61,16 @@ pub fn describe() {
         "Failover copies handed back to the node that should hold them (the owner once back), by node."
     );
     describe_gauge!(HOSTS_STALE, Unit::Count, "Hosts held but not heard from for stale_after.");
+    describe_gauge!(
+        RELAY_HOSTS,
+        Unit::Count,
+        "Hosts this node owns, by the relay their last report came through (relay=\"direct\": none)."
+    );
+    describe_gauge!(
+        RELAY_SILENT_HOSTS,
+        Unit::Count,
+        "Hosts this node owns not heard from for stale_after, by the relay their last report came through."
+    );
     describe_counter!(HOSTS_FORGOTTEN, Unit::Count, "Hosts dropped after forget_after without a report.");
     describe_counter!(CONFIG_RELOADS, Unit::Count, "Desired-config reloads, by result (ok, error).");
     describe_gauge!(CONFIG_INFO, Unit::Count, "Always 1; the hash label is the content hash of the config served.");

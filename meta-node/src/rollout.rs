@@ -226,6 +226,7 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
     let now = unix_now();
     let stale_after = node.settings.stale_after_seconds;
     let store = &node.store;
+    let generation = crate::store::short_generation(loaded.generation);
     let (names, targets, froms) = {
         let syms = store.symbols().reader();
         let (mut names, mut targets, mut froms) = (Vec::new(), Vec::new(), Vec::new());
@@ -256,7 +257,7 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
         {
             let syms = store.symbols().reader();
             for (slot, h) in shard.hosts().filter(|(_, h)| h.owned) {
-                let (class, waves) = if h.generation == loaded.generation {
+                let (class, waves) = if h.generation == generation {
                     (ops_config::ClassId(u32::from(h.class)), h.waves)
                 } else {
                     let class = config.class_of(&h.name);
@@ -296,7 +297,13 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
             c.told += u64::from(row.told);
             let mut failed_now = false;
             if row.stale && !row.converged {
+                // Silent (its relay or datacenter went quiet, most often): never failed, and
+                // its deadline starts again when it is heard again, so a host back from an
+                // outage longer than the deadline is not failed for the outage.
                 c.silent += 1;
+                if !table.is_empty() {
+                    table.remove(&key);
+                }
             } else if row.pinned || row.converged {
                 // A pinned host is neither converged nor failed: an operator holds it.
                 if row.pinned {
@@ -464,5 +471,51 @@ halt_when = { failed_ratio = 0.5, min_sample = 4 }
         assert_eq!(node.controller.report().rollouts[0].waves[0].failed, 4, "the deadline counts \"waiting\" as failed");
         let again = Controller::open("meta-1", dir.path());
         assert_eq!(again.states.lock().values().next().map(|s| (s.approved_wave, s.halted)), Some((1, true)));
+    }
+
+    /// A host told the target, then silent past its deadline (its relay went down), is silent,
+    /// not failed; heard again and still in flight, it gets the whole deadline again.
+    #[test]
+    fn a_host_back_from_silence_is_not_failed_for_the_silence() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = DesiredConfig::parse(CONFIG, "t").unwrap();
+        let node = Node::new(
+            Settings::standalone("agents.toml".into(), dir.path().to_path_buf()),
+            config,
+            None,
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let loaded = node.desired.current();
+        let now = unix_now();
+        let body = report("1", "started", "").replace("\"h\"", "\"away\"");
+        let hb = Heartbeat::parse(body.as_bytes()).unwrap();
+        let tags = Tags { told: 1, ..Node::tags(&loaded, "away", 1) };
+        node.store.upsert_tagged(&hb, now - 3600, tags, true);
+        // The judge first saw it told and in flight an hour ago, just before it went quiet.
+        let told_at = |node: &Node| -> Option<u32> {
+            (0..SHARDS).find_map(|i| {
+                let mut s = node.store.shard(i);
+                let slot = s.hosts().find(|(_, h)| h.name == "away").map(|(slot, _)| slot)?;
+                Some(s.told_at_mut().get(&(slot, 0)).copied())
+            })?
+        };
+        for i in 0..SHARDS {
+            let mut s = node.store.shard(i);
+            let slot = s.hosts().find(|(_, h)| h.name == "away").map(|(slot, _)| slot);
+            if let Some(slot) = slot {
+                s.told_at_mut().insert((slot, 0), now - 3600);
+            }
+        }
+        node.controller.judge(&node);
+        let w = node.controller.report().rollouts[0].waves[0];
+        assert_eq!((w.silent, w.failed, w.failed_total), (1, 0, 0), "{w:?}");
+        assert_eq!(told_at(&node), None, "the deadline clock stops while the host is silent");
+        // Heard again, told again, still on `from`: in flight, not failed.
+        node.store.upsert_tagged(&hb, now, tags, true);
+        node.controller.judge(&node);
+        let w = node.controller.report().rollouts[0].waves[0];
+        assert_eq!((w.silent, w.failed, w.failed_total), (0, 0, 0), "{w:?}");
+        assert!(told_at(&node).is_some_and(|t| t >= now), "the deadline starts again");
     }
 }

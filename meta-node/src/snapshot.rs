@@ -2,9 +2,11 @@
 //! stopped reporting.
 //!
 //! Format (little endian), written shard by shard without stopping heartbeats:
-//! `OPSSNAP3`, then host records, a zero byte, then the symbol table (taken after the hosts,
-//! so it holds every symbol they name: the interner only grows), then a trailer of the symbol
-//! table's offset (u64) and a CRC-32 of everything before the CRC. Written to a temporary
+//! `OPSSNAP4`, then host records, a zero byte, then the symbol table and the relay table (taken
+//! after the hosts, so they hold every symbol and relay the records name: both only grow),
+//! then a trailer of the symbol table's offset (u64) and a CRC-32 of everything before the CRC.
+//! `OPSSNAP3` (before silence by relay) has no relay index in records and no relay table;
+//! `OPSSNAP2` has no pins either, `OPSSNAP1` no `told` byte either. Written to a temporary
 //! file, synced and renamed over the last one: a crash leaves the old snapshot or the new one,
 //! never a mix. A file that fails its checks is moved aside and the node starts empty.
 
@@ -16,7 +18,9 @@ use compact_str::CompactString;
 
 use crate::store::{AgentState, Host, HostRecord, IpKind, SHARDS, Store, Sym};
 
-const MAGIC: &[u8; 8] = b"OPSSNAP3";
+const MAGIC: &[u8; 8] = b"OPSSNAP4";
+/// Before silence by relay: no relay index in host records, no relay table.
+const MAGIC_V3: &[u8; 8] = b"OPSSNAP3";
 /// Before local pins: no pin list after the errors of a host record.
 const MAGIC_V2: &[u8; 8] = b"OPSSNAP2";
 /// Before staged rollouts: no `told` byte in host records either.
@@ -85,6 +89,7 @@ fn encode_shard(store: &Store, i: usize, buf: &mut Vec<u8>) -> usize {
             buf.extend_from_slice(&v.to_le_bytes());
         }
         buf.push(h.told);
+        buf.extend_from_slice(&h.relay.to_le_bytes());
         let agents = shard.agents(h);
         buf.push(agents.len() as u8);
         for a in agents {
@@ -135,6 +140,11 @@ pub fn write(store: &Store, data_dir: &Path) -> Result<Written, SnapshotError> {
         for i in 0..count {
             put_str(&mut buf, syms.resolve(Sym(i as u32)), 4);
         }
+    }
+    let relays = store.relay_names();
+    buf.extend_from_slice(&(relays.len() as u32).to_le_bytes());
+    for r in &relays {
+        put_str(&mut buf, r, 1);
     }
     buf.extend_from_slice(&sym_offset.to_le_bytes());
     w.write_all(&buf).map_err(io_err)?;
@@ -191,7 +201,8 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
     let corrupt = |what| SnapshotError::Corrupt { path: path.clone(), what };
     let layout = match bytes.get(..8) {
         _ if bytes.len() < MAGIC.len() + 12 => return Err(corrupt("not a snapshot (bad magic)")),
-        Some(m) if m == MAGIC => 3,
+        Some(m) if m == MAGIC => 4,
+        Some(m) if m == MAGIC_V3 => 3,
         Some(m) if m == MAGIC_V2 => 2,
         Some(m) if m == MAGIC_V1 => 1,
         _ => return Err(corrupt("not a snapshot (bad magic)")),
@@ -212,20 +223,36 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
         syms.push(store.symbols().intern(s));
     }
     let map = |old: u32| syms.get(old as usize).copied().ok_or("unknown symbol");
+    let mut relays = Vec::new();
+    if layout >= 4 {
+        let count = r.u32().ok_or_else(|| corrupt("bad relay table"))? as usize;
+        for _ in 0..count.min(usize::from(crate::store::OTHER_RELAYS)) {
+            let len = r.u8().ok_or_else(|| corrupt("bad relay id"))? as usize;
+            let id = r.str(len).ok_or_else(|| corrupt("bad relay id"))?;
+            relays.push(store.relay_index(id));
+        }
+    }
+    // An index this snapshot's table does not name (OTHER_RELAYS) keeps that meaning.
+    let relay = |old: u16| match relays.get(usize::from(old)) {
+        Some(&new) => Ok(new),
+        None if old == crate::store::OTHER_RELAYS => Ok(old),
+        None => Err("unknown relay"),
+    };
 
     // Every record is read and checked before the first is stored: a damaged snapshot
     // changes nothing (then is quarantined), rather than leaving half a fleet loaded.
     let records = &body[..sym_offset.min(body.len())];
-    read_records(records, layout, &map, &owned, |_| {}).map_err(corrupt)?;
-    read_records(records, layout, &map, &owned, |record| store.put(record)).map_err(corrupt)
+    read_records(records, layout, &map, &relay, &owned, |_| {}).map_err(corrupt)?;
+    read_records(records, layout, &map, &relay, &owned, |record| store.put(record)).map_err(corrupt)
 }
 
-/// Reads the host records of a snapshot body of layout 1, 2 or 3 (the magic's digit), handing
+/// Reads the host records of a snapshot body of layout 1 to 4 (the magic's digit), handing
 /// each to `put`; Err names what is bad.
 fn read_records(
     body: &[u8],
     layout: u8,
     map: &impl Fn(u32) -> Result<crate::store::Sym, &'static str>,
+    relay: &impl Fn(u16) -> Result<u16, &'static str>,
     owned: &impl Fn(&str) -> bool,
     mut put: impl FnMut(HostRecord),
 ) -> Result<usize, &'static str> {
@@ -252,6 +279,7 @@ fn read_records(
         let run_user = map(r.u32().ok_or_else(bad)?)?;
         let updater_version = map(r.u32().ok_or_else(bad)?)?;
         let told = if layout == 1 { 0 } else { r.u8().ok_or_else(bad)? };
+        let relay = if layout >= 4 { relay(r.u16().ok_or_else(bad)?)? } else { crate::store::NO_RELAY };
         let n = r.u8().ok_or_else(bad)? as usize;
         let mut agents = Vec::with_capacity(n);
         for _ in 0..n {
@@ -299,6 +327,7 @@ fn read_records(
             updater_version,
             // 0 is no config generation: the class is resolved again on first use.
             generation: 0,
+            relay,
             class: 0,
             ip_kind,
             owned: owned(name),
@@ -339,7 +368,8 @@ mod tests {
                 r#"{{"hostname":"host-{i}","ip":"{ip}","runUser":"root","updaterVersion":"0.1.0","realAgents":[{{"name":"falcon-agent","version":"5.1.{v}","status":"started","timestamp":{i},"runUser":"falcon","workDir":"/home/falcon"{err}}},{{"name":"b","version":"1"{pin}}}]}}"#,
                 v = i % 3
             );
-            let tags = crate::store::Tags { class: ClassId(0), generation: 1, told: (i % 4) as u8, waves: 0 };
+            let relay = store.relay_index(["", "dc1-1", "dc2-1"][i % 3]);
+            let tags = crate::store::Tags { class: ClassId(0), generation: 1, told: (i % 4) as u8, waves: 0, relay };
             store.upsert_tagged(&Heartbeat::parse(body.as_bytes()).unwrap(), 1000 + i as u32, tags, true);
         }
     }
@@ -369,14 +399,15 @@ mod tests {
                     })
                     .collect();
                 out.push(format!(
-                    "{} {} {} {} {} {} told={}",
+                    "{} {} {} {} {} {} told={} relay={}",
                     h.name,
                     shard.ip(slot, h),
                     h.last_seen,
                     syms.resolve(h.run_user),
                     syms.resolve(h.updater_version),
                     agents.join(","),
-                    h.told
+                    h.told,
+                    store.relay_name(h.relay)
                 ));
             }
         }
@@ -393,10 +424,37 @@ mod tests {
         assert_eq!(w.hosts, 3000);
         let again = Store::new();
         again.symbols().intern("something else first");
+        assert_eq!(again.relay_index("another relay first"), 1);
         assert_eq!(load(&again, dir.path(), |_| true).unwrap(), 3000);
         assert_eq!(again.len(), 3000);
         assert_eq!(dump(&again), dump(&store));
         assert!(!dir.path().join("state.snap.tmp").exists());
+    }
+
+    /// A snapshot of the layout before silence by relay loads, its hosts under no relay.
+    #[test]
+    fn a_snapshot_before_relays_loads_with_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut body = b"OPSSNAP3".to_vec();
+        body.push(3);
+        body.extend_from_slice(b"old");
+        body.push(1);
+        body.extend_from_slice(&[10, 0, 0, 1]);
+        body.extend_from_slice(&77u32.to_le_bytes());
+        body.extend_from_slice(&[0; 8]); // runUser, updaterVersion: symbol 0
+        body.extend_from_slice(&[2, 0, 0, 0]); // told, no agents, errors or pins
+        body.push(0);
+        let offset = body.len() as u64;
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&offset.to_le_bytes());
+        let crc = crc32fast::hash(&body);
+        body.extend_from_slice(&crc.to_le_bytes());
+        fs::write(path_in(dir.path()), &body).unwrap();
+        let store = Store::new();
+        assert_eq!(load(&store, dir.path(), |_| true).unwrap(), 1);
+        let got = store.with_host("old", |_, _, h| (h.last_seen, h.told, h.relay)).unwrap();
+        assert_eq!(got, (77, 2, crate::store::NO_RELAY));
     }
 
     #[test]

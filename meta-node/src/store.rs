@@ -157,8 +157,11 @@ pub struct Host {
     pub last_seen: u32,
     pub run_user: Sym,
     pub updater_version: Sym,
-    /// Config generation `class` was resolved under.
-    pub generation: u32,
+    /// Config generation `class` was resolved under, shortened ([`short_generation`]).
+    pub generation: u16,
+    /// The relay the last report came through, by index in the store's relay table
+    /// ([`Store::relay_index`]; 0: none, straight to a meta node).
+    pub relay: u16,
     /// Where the host's agents start in the shard's arena (set by the shard).
     pub(crate) agents_at: u32,
     pub class: u16,
@@ -181,7 +184,22 @@ pub struct Tags {
     pub generation: u32,
     pub told: u8,
     pub waves: u16,
+    /// The relay it came through ([`Store::relay_index`]).
+    pub relay: u16,
 }
+
+/// A config generation (counted from 1 by each node, `relay::desired`) as a host record keeps
+/// it, in 2 bytes: 1..=65535, 0 staying "none". Two generations 65,535 reloads apart look the
+/// same; a record is resolved again at its host's next report, so that would take 65,535
+/// reloads between two reports of one host.
+pub fn short_generation(generation: u32) -> u16 {
+    if generation == 0 { 0 } else { ((generation - 1) % u32::from(u16::MAX)) as u16 + 1 }
+}
+
+/// The relay index of a report that came through no relay (or a relay id given none).
+pub const NO_RELAY: u16 = 0;
+/// The relay index every relay id past the first 65,534 shares.
+pub const OTHER_RELAYS: u16 = u16::MAX;
 
 /// Host records by slot, in fixed chunks of [`CHUNK`]: slots never move, and a shard has at
 /// most one chunk partly used. (A doubling `Vec` left about a quarter of a shard's records
@@ -537,6 +555,7 @@ impl Host {
             run_user: Sym::EMPTY,
             updater_version: Sym::EMPTY,
             generation: 0,
+            relay: NO_RELAY,
             class: 0,
             ip_kind: IpKind::None,
             owned: true,
@@ -562,6 +581,8 @@ pub struct Store {
     shards: Box<[Mutex<Shard>]>,
     hasher: DefaultHashBuilder,
     syms: Interner,
+    /// Relay ids, by the index host records keep (index 0: the empty id, no relay).
+    relays: Interner,
     hosts: AtomicUsize,
 }
 
@@ -571,6 +592,7 @@ impl Default for Store {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: DefaultHashBuilder::default(),
             syms: Interner::default(),
+            relays: Interner::default(),
             hosts: AtomicUsize::new(0),
         }
     }
@@ -598,6 +620,36 @@ impl Store {
         &self.syms
     }
 
+    /// The index host records keep for a relay id (interned on first sight; ids past the
+    /// first 65,534 share [`OTHER_RELAYS`]).
+    pub fn relay_index(&self, id: &str) -> u16 {
+        if id.is_empty() {
+            return NO_RELAY;
+        }
+        if let Some(sym) = self.relays.reader().get(id) {
+            return u16::try_from(sym.0).unwrap_or(OTHER_RELAYS);
+        }
+        if self.relays.len() >= usize::from(OTHER_RELAYS) {
+            return OTHER_RELAYS;
+        }
+        u16::try_from(self.relays.intern(id).0).unwrap_or(OTHER_RELAYS)
+    }
+
+    /// Every relay id by index (index 0: "", no relay); [`OTHER_RELAYS`] is past the end.
+    pub fn relay_names(&self) -> Vec<Arc<str>> {
+        let r = self.relays.reader();
+        (0..self.relays.len().min(usize::from(OTHER_RELAYS))).map(|i| Arc::from(r.resolve(Sym(i as u32)))).collect()
+    }
+
+    /// The relay id of an index, as status shows it ("" for none; "(other relays)" for
+    /// [`OTHER_RELAYS`]).
+    pub fn relay_name(&self, index: u16) -> String {
+        if index == OTHER_RELAYS {
+            return "(other relays)".to_owned();
+        }
+        self.relays.reader().resolve(Sym(u32::from(index))).to_owned()
+    }
+
     fn shard_of(&self, hash: u64) -> &Mutex<Shard> {
         &self.shards[((hash >> 32) as usize) & (SHARDS - 1)]
     }
@@ -605,7 +657,7 @@ impl Store {
     /// Records a validated heartbeat received at `now`, resolved to `class` under config
     /// generation `generation`, outside any rollout.
     pub fn upsert(&self, hb: &Heartbeat<'_>, now: u32, class: ClassId, generation: u32, owned: bool) -> bool {
-        self.upsert_tagged(hb, now, Tags { class, generation, told: 0, waves: 0 }, owned)
+        self.upsert_tagged(hb, now, Tags { class, generation, told: 0, waves: 0, relay: NO_RELAY }, owned)
     }
 
     /// Records a validated heartbeat received at `now` with how it was answered and resolved.
@@ -624,7 +676,8 @@ impl Store {
     }
 
     fn upsert_inner(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool, strictly_newer: bool) -> bool {
-        let Tags { class, generation, told, waves } = tags;
+        let Tags { class, generation, told, waves, relay } = tags;
+        let generation = short_generation(generation);
         let n = hb.real_agents.len().min(MAX_AGENTS_PER_HOST);
         let mut agents = [AgentState::default(); MAX_AGENTS_PER_HOST];
         let (run_user, updater_version);
@@ -681,6 +734,7 @@ impl Store {
                 host.run_user = run_user;
                 host.updater_version = updater_version;
                 host.generation = generation;
+                host.relay = relay;
                 host.class = class;
                 host.told = told;
                 host.waves = waves;
@@ -698,6 +752,7 @@ impl Store {
                     run_user,
                     updater_version,
                     generation,
+                    relay,
                     class,
                     ip_kind,
                     owned,
@@ -772,6 +827,7 @@ impl Store {
             return;
         }
         let syms = self.syms.reader();
+        let relays = self.relays.reader();
         let mut agents = Vec::new();
         for (slot, h) in shard.hosts().filter(|(_, h)| h.owned == owned) {
             let Some(target) = dest(&h.name) else { continue };
@@ -798,7 +854,10 @@ impl Store {
                 real_agents: std::mem::take(&mut agents),
             };
             let mut record = Vec::with_capacity(256);
-            ops_config::compact::encode(h.last_seen, h.told, &hb, &mut record);
+            // The relays past the table's end go on unnamed.
+            let relay = if h.relay == OTHER_RELAYS { "" } else { relays.resolve(Sym(u32::from(h.relay))) };
+            let rec = ops_config::compact::Record { seen: h.last_seen, told: h.told, relay };
+            ops_config::compact::encode(rec, &hb, &mut record);
             f(target, &h.name, h.last_seen, record);
             agents = hb.real_agents;
         }
@@ -916,7 +975,8 @@ mod tests {
     fn copies_are_encoded_as_their_report_and_dropped_only_when_unchanged() {
         let store = Store::new();
         let copy = r#"{"hostname":"c1","ip":"10.1.2.3","runUser":"root","updaterVersion":"0.1","realAgents":[{"name":"a","version":"1","status":"started","timestamp":7,"runUser":"u","workDir":"/w","lastError":"boom"}]}"#;
-        store.upsert_tagged(&hb(copy), 50, Tags { told: 3, ..Tags::default() }, false);
+        let relay = store.relay_index("dc2-1");
+        store.upsert_tagged(&hb(copy), 50, Tags { told: 3, relay, ..Tags::default() }, false);
         store.upsert(&hb(r#"{"hostname":"mine","realAgents":[]}"#), 50, ClassId(0), 1, true);
         store.upsert(&hb(r#"{"hostname":"stays","realAgents":[]}"#), 50, ClassId(0), 1, false);
         assert_eq!(store.copies(), 2);
@@ -931,8 +991,8 @@ mod tests {
         ops_config::compact::begin(&mut body);
         body.extend_from_slice(&record);
         let mut decoded = Vec::new();
-        ops_config::compact::decode(&body, |seen, told, h| decoded.push((seen, told, h.clone().into_owned()))).unwrap();
-        assert_eq!(decoded, vec![(50, 3, hb(copy).into_owned())]);
+        ops_config::compact::decode(&body, |r, h| decoded.push((r.seen, r.told, r.relay.to_owned(), h.clone().into_owned()))).unwrap();
+        assert_eq!(decoded, vec![(50, 3, "dc2-1".to_owned(), hb(copy).into_owned())], "the relay goes with the copy");
         // Reported again since: stays.
         store.upsert(&hb(r#"{"hostname":"c1","realAgents":[]}"#), 51, ClassId(0), 1, false);
         assert!(!store.drop_copy("c1", 50));

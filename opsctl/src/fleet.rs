@@ -141,6 +141,42 @@ fn partial(v: &Value) -> Option<String> {
     })
 }
 
+/// "relay dc2-1: 48,112 hosts silent since 12:03 UTC (all of its hosts)": one line per relay
+/// with silent hosts, from the `relays` of one or more summaries (a host counted by two agents'
+/// summaries counts once: the most any summary says). `now` is unix seconds.
+pub fn silent_lines(summaries: &[Value], now: u64) -> Vec<String> {
+    // relay → (silent, hosts, last heard)
+    let mut by_relay: Vec<(String, u64, u64, u64)> = Vec::new();
+    for r in summaries.iter().flat_map(|s| s["relays"].as_array().into_iter().flatten()) {
+        let (relay, silent, hosts, last) =
+            (r["relay"].as_str().unwrap_or("").to_owned(), n(&r["silent"]), n(&r["hosts"]), n(&r["lastHeard"]));
+        if silent == 0 {
+            continue;
+        }
+        match by_relay.iter_mut().find(|e| e.0 == relay) {
+            Some(e) if silent > e.1 => *e = (relay, silent, hosts, last),
+            Some(_) => {}
+            None => by_relay.push((relay, silent, hosts, last)),
+        }
+    }
+    by_relay.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    by_relay
+        .into_iter()
+        .map(|(relay, silent, hosts, last)| {
+            let who = if relay.is_empty() { "no relay (straight to a meta node)".to_owned() } else { format!("relay {relay}") };
+            let share = if silent == hosts { "all of its hosts".to_owned() } else { format!("of {} hosts", num(hosts)) };
+            let (h, m) = (last % 86_400 / 3600, last % 3600 / 60);
+            let ago = now.saturating_sub(last);
+            let ago = if ago >= 3600 { format!("{} h {} min ago", ago / 3600, ago % 3600 / 60) } else { format!("{} min ago", ago / 60) };
+            format!("{who}: {} hosts silent since {h:02}:{m:02} UTC, {ago} ({share})", num(silent))
+        })
+        .collect()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// `opsctl status [AGENT]`: every agent's summary in one table, or one agent's groups.
 pub fn status(s: &Server, agent: Option<&str>, json: bool) -> Result<Option<String>, Failure> {
     let Some(agent) = agent else {
@@ -169,6 +205,9 @@ pub fn status(s: &Server, agent: Option<&str>, json: bool) -> Result<Option<Stri
                 rows.push(row);
             }
             print!("{}", table(&rows));
+            for line in silent_lines(&summaries, unix_now()) {
+                println!("{line}");
+            }
         }
         return Ok(summaries.iter().find_map(partial));
     };
@@ -196,6 +235,9 @@ pub fn status(s: &Server, agent: Option<&str>, json: bool) -> Result<Option<Stri
             ]);
         }
         print!("{}", table(&rows));
+        for line in silent_lines(std::slice::from_ref(&sum), unix_now()) {
+            println!("{line}");
+        }
     }
     Ok(partial(&sum))
 }
@@ -223,10 +265,11 @@ pub fn host(s: &Server, name: &str, json: bool) -> Result<Option<String>, Failur
         return Ok(None);
     }
     println!(
-        "{} ip {} · updater {} · last seen {} s ago{}",
+        "{} ip {} · updater {} · via {} · last seen {} s ago{}",
         h["hostname"].as_str().unwrap_or(name),
         h["ip"].as_str().filter(|s| !s.is_empty()).unwrap_or("-"),
         h["updaterVersion"].as_str().filter(|s| !s.is_empty()).unwrap_or("-"),
+        h["relay"].as_str().filter(|s| !s.is_empty()).map_or("no relay".to_owned(), |r| format!("relay {r}")),
         n(&h["ageSeconds"]),
         if h["stale"] == true { " (stale)" } else { "" }
     );
@@ -392,5 +435,26 @@ mod tests {
         assert_eq!(enc("a b/c"), "a%20b%2Fc");
         let t = table(&[vec!["A".into(), "BB".into()], vec!["ccc".into(), "d".into()]]);
         assert_eq!(t, "A    BB\nccc  d\n");
+    }
+
+    #[test]
+    fn silent_relays_are_one_line_each() {
+        let now = 1_700_000_000 + 45 * 60;
+        let sum = |relays: Value| serde_json::json!({ "relays": relays });
+        let a = sum(serde_json::json!([
+            {"relay": "dc2-1", "hosts": 48112, "silent": 48112, "lastHeard": 1_700_000_000},
+            {"relay": "dc1-1", "hosts": 50000, "silent": 3, "lastHeard": 1_700_000_000},
+            {"relay": "dc1-2", "hosts": 50000, "silent": 0, "lastHeard": 0},
+        ]));
+        // A second agent's summary counts fewer of the same hosts: the most wins.
+        let b = sum(serde_json::json!([{"relay": "dc2-1", "hosts": 100, "silent": 100, "lastHeard": 1_700_000_000}]));
+        let lines = silent_lines(&[a, b], now);
+        assert_eq!(
+            lines,
+            vec![
+                "relay dc2-1: 48,112 hosts silent since 22:13 UTC, 45 min ago (all of its hosts)".to_owned(),
+                "relay dc1-1: 3 hosts silent since 22:13 UTC, 45 min ago (of 50,000 hosts)".to_owned(),
+            ]
+        );
     }
 }

@@ -66,6 +66,9 @@ enum Command {
         /// started, stopped, absent, or an exact status text.
         #[arg(long)]
         status: Option<String>,
+        /// The relay the hosts' last reports came through (- for none).
+        #[arg(long)]
+        relay: Option<String>,
     },
     /// One host: every agent it reports or should run, with its state and last error or pin.
     Host { name: String },
@@ -250,12 +253,13 @@ fn main() -> ExitCode {
         Command::Sign { key, append, file } => sign(key, *append, file),
         Command::Verify { trusted_key, trusted_keys_file, file } => verify(trusted_key, trusted_keys_file, file),
         Command::Status { agent } => server().and_then(|s| whole(fleet::status(&s, agent.as_deref(), json))),
-        Command::Hosts { agent, state, version, prefix, status } => server().and_then(|s| {
+        Command::Hosts { agent, state, version, prefix, status, relay } => server().and_then(|s| {
             let filters = [
                 ("state", state.as_deref()),
                 ("version", version.as_deref()),
                 ("prefix", prefix.as_deref()),
                 ("status", status.as_deref()),
+                ("relay", relay.as_deref()),
             ];
             whole(fleet::hosts(&s, agent, &filters, json))
         }),

@@ -165,13 +165,13 @@ impl Forwarder {
         &self.ring
     }
 
-    /// Queues a validated heartbeat received at `seen` for the owner of its host, as a
-    /// compact record (see `ops_config::compact`).
-    pub fn push(&self, hb: &Heartbeat<'_>, seen: u32, told: u8) {
+    /// Queues a validated heartbeat for the owner of its host, as a compact record (see
+    /// `ops_config::compact`): when it was received, what it was told, the relay it came through.
+    pub fn push(&self, hb: &Heartbeat<'_>, rec: compact::Record<'_>) {
         let mut record = Vec::with_capacity(256);
-        compact::encode(seen, told, hb, &mut record);
+        compact::encode(rec, hb, &mut record);
         let owner = self.ring.owner(&hb.hostname);
-        self.push_to(owner, &hb.hostname, seen, Bytes::from(record));
+        self.push_to(owner, &hb.hostname, rec.seen, Bytes::from(record));
     }
 
     fn push_to(&self, owner: usize, host: &str, seen: u32, body: Bytes) {
@@ -426,7 +426,7 @@ mod tests {
         let hb = |h: u32, seen: u32| format!(r#"{{"hostname":"host-{h}","ip":"10.0.0.{seen}","realAgents":[]}}"#);
         for seen in [5, 7, 6] {
             for h in 0..100 {
-                f.push(&Heartbeat::parse(hb(h, seen).as_bytes()).unwrap(), seen, 0);
+                f.push(&Heartbeat::parse(hb(h, seen).as_bytes()).unwrap(), compact::Record { seen, told: 0, relay: "r" });
             }
         }
         assert_eq!(f.pending(), vec![100], "one entry per host, however often it reports");
@@ -440,12 +440,12 @@ mod tests {
         compact::begin(&mut body);
         body.extend_from_slice(&kept.1);
         let mut ips = Vec::new();
-        compact::decode(&body, |seen, _, h| ips.push((seen, h.ip.to_string()))).unwrap();
+        compact::decode(&body, |r, h| ips.push((r.seen, h.ip.to_string()))).unwrap();
         assert_eq!(ips, vec![(7, "10.0.0.7".to_owned())], "the record held is the newest report");
         // A report older than the one held is ignored; a newer one replaces it.
-        f.push(&Heartbeat::parse(hb(3, 6).as_bytes()).unwrap(), 6, 0);
+        f.push(&Heartbeat::parse(hb(3, 6).as_bytes()).unwrap(), compact::Record { seen: 6, told: 0, relay: "r" });
         assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 7);
-        f.push(&Heartbeat::parse(hb(3, 8).as_bytes()).unwrap(), 8, 0);
+        f.push(&Heartbeat::parse(hb(3, 8).as_bytes()).unwrap(), compact::Record { seen: 8, told: 0, relay: "r" });
         assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 8);
         f.stop.cancel();
     }

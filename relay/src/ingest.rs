@@ -117,6 +117,6 @@ async fn handle(relay: &Relay, body: Body) -> Result<Bytes, Refused> {
     };
     let now = unix_now();
     let answer = relay.rollouts.answer(&loaded, &hb, now);
-    relay.forwarder.load().push(&hb, now, answer.told);
+    relay.forwarder.load().push(&hb, ops_config::compact::Record { seen: now, told: answer.told, relay: &relay.settings.id });
     Ok(answer.reply)
 }

@@ -21,7 +21,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(name = "relay", version, about = "ops fleet relay: answers updaters, forwards real state to the owning meta nodes")]
 struct Cli {
-    /// Relay id (in logs and /health).
+    /// Relay id: in logs, /health, and every report it forwards (status groups silent hosts by
+    /// it). 1-64 of [A-Za-z0-9._-]; give each relay its own, e.g. dc2-1.
     #[arg(long, default_value = "relay-1")]
     id: String,
     /// Address to listen on.
@@ -91,6 +92,9 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         }
         None => (ClusterMap::single("127.0.0.1:2000".parse().expect("literal address")), None),
     };
+    if cli.id.is_empty() || !ops_config::compact::valid_relay_id(&cli.id) {
+        return Err(format!("--id {:?}: want 1-64 of [A-Za-z0-9._-] (it names this relay in every report it forwards)", cli.id));
+    }
     if cli.flush_ms == 0 || cli.batch_max == 0 || cli.config_poll_ms == 0 || cli.request_timeout_ms == 0 {
         return Err("--flush-ms, --batch-max, --config-poll-ms and --request-timeout-ms must be > 0".into());
     }

@@ -127,10 +127,10 @@ impl Cluster {
         self.relays.len() - 1
     }
 
-    /// Kills relay `i` (SIGKILL) and starts it again on its data dir (a new port).
+    /// Kills relay `i` (SIGKILL), if it still runs, and starts it again on its data dir (a
+    /// new port).
     pub fn restart_relay(&mut self, i: usize) {
-        self.relays[i].proc.signal("KILL");
-        let _ = self.relays[i].proc.wait_exit(Duration::from_secs(10));
+        self.relays[i].proc.kill();
         self.relays[i] = self.new_relay(i);
     }
 

@@ -129,6 +129,14 @@ impl Proc {
         assert!(status.success(), "kill -{sig} {}", self.pid());
     }
 
+    /// SIGKILL, and waits for the exit (nothing when it already exited).
+    pub fn kill(&mut self) {
+        if self.child.try_wait().expect("try_wait").is_none() {
+            self.signal("KILL");
+            let _ = self.wait_exit(Duration::from_secs(10));
+        }
+    }
+
     /// Waits for the process to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;

@@ -40,9 +40,17 @@ async fn handle(node: &Node, body: Body) -> Result<bytes::Bytes, Refused> {
     let answer = node.rollouts.answer(&loaded, &hb, now);
     let cluster = node.cluster.as_ref().map(|m| m.guard());
     match cluster.as_deref() {
-        Some(c) if c.ring.owner(&hb.hostname) != c.me => c.forwarder.push(&hb, now, answer.told),
+        Some(c) if c.ring.owner(&hb.hostname) != c.me => {
+            c.forwarder.push(&hb, ops_config::compact::Record { seen: now, told: answer.told, relay: "" })
+        }
         _ => {
-            let tags = crate::store::Tags { class: answer.class, generation: loaded.generation, told: answer.told, waves: answer.waves };
+            let tags = crate::store::Tags {
+                class: answer.class,
+                generation: loaded.generation,
+                told: answer.told,
+                waves: answer.waves,
+                relay: crate::store::NO_RELAY,
+            };
             node.store.upsert_tagged(&hb, now, tags, true);
         }
     }

@@ -40,6 +40,9 @@ pub(crate) struct FilterParams {
     prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     state: Option<String>,
+    /// The relay the hosts' last reports came through; `-` for none (straight to a meta node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    relay: Option<String>,
     /// Internal: the format a peer streams in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) format: Option<String>,
@@ -55,7 +58,15 @@ impl FilterParams {
             ),
         };
         let nonempty = |o: &Option<String>| o.clone().filter(|s| !s.is_empty());
-        Ok(Filter { version: nonempty(&self.version), status: nonempty(&self.status), prefix: nonempty(&self.prefix), state })
+        let relay = match nonempty(&self.relay) {
+            Some(r) if r == "-" => Some(String::new()),
+            Some(r) if ops_config::compact::valid_relay_id(&r) => Some(r),
+            Some(r) => {
+                return Err(ApiError::BadRequest(format!("bad relay {r:?}: want a relay id (1-64 of [A-Za-z0-9._-]) or - for none")));
+            }
+            None => None,
+        };
+        Ok(Filter { version: nonempty(&self.version), status: nonempty(&self.status), prefix: nonempty(&self.prefix), state, relay })
     }
 }
 
@@ -547,6 +558,9 @@ pub(crate) struct HostView {
     last_seen: u32,
     age_seconds: u32,
     stale: bool,
+    /// The relay its last report came through ("" for none).
+    #[serde(default)]
+    relay: String,
     agents: Vec<serde_json::Value>,
 }
 
@@ -596,6 +610,7 @@ pub(crate) fn local_host(node: &Node, hostname: &str) -> Option<HostView> {
             last_seen: h.last_seen,
             age_seconds: age,
             stale: age > stale_after,
+            relay: node.store.relay_name(h.relay),
             agents,
         }
     })
