@@ -645,3 +645,95 @@ fn a_relay_id_that_is_not_a_token_exits_64() {
         assert!(!log.contains("relay listening"), "never bound a port: {log}");
     }
 }
+
+/// POSTs one node's step of a membership change, as a coordinator would.
+fn cluster_step(m: &Meta, step: &str, body: &str) -> (u16, Value) {
+    post_json_auth(&m.url(&format!("/internal/cluster/{step}")), Some(TOKEN), body.to_owned())
+}
+
+/// Every node's (cluster generation, cluster hash) from its /health.
+fn map_generations(c: &Cluster) -> Vec<(u64, String)> {
+    c.running()
+        .map(|m| {
+            let h = get_json(&m.url("/health")).1;
+            (h["clusterGeneration"].as_u64().unwrap_or(u64::MAX), h["clusterHash"].as_str().unwrap_or("").to_owned())
+        })
+        .collect()
+}
+
+/// cluster.toml carries a generation that grows with every change. A node that missed a
+/// commit (its coordinator died) takes the newer map from a peer at its next probe, and the
+/// relays follow the highest generation; one generation with two maps is a divergence
+/// (/health, opsctl cluster) that a reload from any node repairs.
+#[test]
+fn cluster_map_generations_bring_a_node_along_and_show_divergence() {
+    let c = Cluster::up(3, 1, AGENTS);
+    let hosts = hostnames(300);
+    sweep(&c, &hosts, "5.1.3");
+    eventually(Duration::from_secs(20), || listed_once(c.meta(0), &hosts).ok()).expect("every host held");
+    let before = map_generations(&c);
+    assert!(before.iter().all(|g| g.0 == 0 && g.1 == before[0].1), "{before:?}");
+    // A new map (another ring: fewer virtual nodes), prepared everywhere, committed and
+    // finished on meta-1 and meta-2 only: meta-3's change then ends by itself (abort here).
+    let a = c.write_map(&[0, 1, 2]).replace("vnodes = 1000", "vnodes = 900");
+    let a_hash = ops_config::content_hash(a.as_bytes());
+    for m in c.running() {
+        let (status, r) = cluster_step(m, "prepare", &a);
+        assert_eq!((status, r["generation"].as_u64()), (200, Some(0)), "{r}");
+    }
+    for m in [c.meta(0), c.meta(1)] {
+        let (status, r) = cluster_step(m, "commit?generation=1", &a_hash);
+        assert_eq!((status, r["generation"].as_u64()), (200, Some(1)), "{r}");
+        assert_eq!(cluster_step(m, "finish", &a_hash).0, 200);
+    }
+    assert_eq!(cluster_step(c.meta(2), "abort", &a_hash).0, 200);
+    let caught = eventually(Duration::from_secs(20), || map_generations(&c).iter().all(|g| *g == (1, a_hash.clone())).then_some(()));
+    assert!(caught.is_some(), "meta-3 takes generation 1 from a peer: {:?}", map_generations(&c));
+    assert!(c.meta(2).proc.log().contains("missed a membership change"), "{}", c.meta(2).proc.log());
+    let relay = &c.relays[0];
+    let followed = eventually(Duration::from_secs(20), || {
+        let h = get_json(&relay.url("/health")).1;
+        (h["clusterHash"] == a_hash.as_str() && h["clusterGeneration"] == 1).then_some(())
+    });
+    assert!(followed.is_some(), "the relay follows: {}", get_json(&relay.url("/health")).1);
+    // Every host is counted once by the new ring.
+    eventually(Duration::from_secs(20), || listed_once(c.meta(2), &hosts).ok()).expect("whole after the catch-up");
+    assert_eq!(
+        map_generations(&c)[2].0,
+        std::fs::read_to_string(c.dir.path().join("data-meta-3/cluster-generation")).unwrap().trim().parse::<u64>().unwrap()
+    );
+
+    // Generation 2 with two maps: meta-1 and meta-2 take B, meta-3 takes C.
+    let b = a.replace("vnodes = 900", "vnodes = 800");
+    let b_hash = ops_config::content_hash(b.as_bytes());
+    let c_text = a.replace("vnodes = 900", "vnodes = 700");
+    let c_hash = ops_config::content_hash(c_text.as_bytes());
+    for m in [c.meta(0), c.meta(1)] {
+        assert_eq!(cluster_step(m, "prepare", &b).0, 200);
+        assert_eq!(cluster_step(m, "commit?generation=2", &b_hash).0, 200);
+        assert_eq!(cluster_step(m, "finish", &b_hash).0, 200);
+    }
+    assert_eq!(cluster_step(c.meta(2), "prepare", &c_text).0, 200);
+    assert_eq!(cluster_step(c.meta(2), "commit?generation=2", &c_hash).0, 200);
+    assert_eq!(cluster_step(c.meta(2), "finish", &c_hash).0, 200);
+    let diverged =
+        eventually(Duration::from_secs(20), || c.running().all(|m| get_json(&m.url("/health")).1["clusterDiverged"] == true).then_some(()));
+    assert!(diverged.is_some(), "every node says so: {:?}", map_generations(&c));
+    let server = format!("--server={}", c.meta(0).url(""));
+    let (code, out, err) = opsctl(&[&server, "cluster"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("diverged: cluster map generation 2"), "{out}{err}");
+    assert!(out.contains("CGEN"), "{out}");
+    // Repaired from meta-1, which serves B already: every node serves B at generation 3.
+    std::fs::write(c.cluster_file(), &b).unwrap();
+    let (status, r) = get_json_auth(&c.meta(0).url("/cluster/reload?all=1"), TOKEN);
+    assert_eq!((status, r["generation"].as_u64()), (200, Some(3)), "{r}");
+    assert!(map_generations(&c).iter().all(|g| *g == (3, b_hash.clone())), "{:?}", map_generations(&c));
+    let whole = eventually(Duration::from_secs(20), || {
+        c.running().all(|m| get_json(&m.url("/health")).1["clusterDiverged"] == false).then_some(())
+    });
+    assert!(whole.is_some(), "no divergence left");
+    let (code, out, err) = opsctl(&[&server, "cluster"]);
+    assert_eq!(code, 0, "{out}{err}");
+    eventually(Duration::from_secs(20), || listed_once(c.meta(1), &hosts).ok()).expect("whole after the repair");
+}

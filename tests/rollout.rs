@@ -441,7 +441,7 @@ fn a_meta_node_joins_and_another_leaves_online_under_load_and_the_rollout_goes_o
     let url = c.meta(0).url("/cluster/reload?all=1");
     let (status, reply) = under_load(&c, &mut sim, &[0, 1, 2], floor, || get_json_auth(&url, TOKEN));
     assert_eq!(status, 200, "{reply}");
-    assert_eq!(reply["changed"], true, "{reply}");
+    assert_eq!((reply["changed"].clone(), reply["generation"].clone()), (json!(true), json!(1)), "{reply}");
     let moved: u64 = reply["nodes"].as_array().unwrap().iter().map(|n| n["moved"].as_u64().unwrap()).sum();
     let share = c.ring_counts(&sim.hosts.iter().map(|h| h.name.clone()).collect::<Vec<_>>());
     assert_eq!(moved, share[3], "exactly the hosts the ring gives meta-4 moved, and only those: {reply}");
@@ -449,8 +449,14 @@ fn a_meta_node_joins_and_another_leaves_online_under_load_and_the_rollout_goes_o
     // bound is `ops-bench --grow-meta`'s, at 1M hosts).
     assert!(moved > 0 && moved * 100 <= 240 * 35, "moved {moved} of 240");
     for r in &c.relays {
-        eventually(Duration::from_secs(10), || (get_json(&r.url("/health")).1["clusterHash"] == hash.as_str()).then_some(()))
-            .expect("relays learn the new map from the meta nodes");
+        eventually(Duration::from_secs(10), || {
+            let h = get_json(&r.url("/health")).1;
+            (h["clusterHash"] == hash.as_str() && h["clusterGeneration"] == 1).then_some(())
+        })
+        .expect("relays learn the new map, generation 1, from the meta nodes");
+    }
+    for i in 0..4 {
+        assert_eq!(get_json(&c.meta(i).url("/health")).1["clusterGeneration"], 1, "meta-{} is at generation 1", i + 1);
     }
     // The copies left at the old owners go home; each host is held once, by its owner.
     let settled = eventually(Duration::from_secs(20), || {
@@ -471,7 +477,7 @@ fn a_meta_node_joins_and_another_leaves_online_under_load_and_the_rollout_goes_o
     let hash = ops_config::content_hash(map.as_bytes());
     let url = c.meta(3).url("/cluster/reload?all=1");
     let (status, reply) = under_load(&c, &mut sim, &[0, 2, 3], floor, || get_json_auth(&url, TOKEN));
-    assert_eq!(status, 200, "{reply}");
+    assert_eq!((status, reply["generation"].as_u64()), (200, Some(2)), "{reply}");
     for r in &c.relays {
         eventually(Duration::from_secs(10), || (get_json(&r.url("/health")).1["clusterHash"] == hash.as_str()).then_some(()))
             .expect("relays drop meta-2");

@@ -183,7 +183,7 @@ impl Node {
         let cluster = settings.cluster.as_ref().map(|map| {
             assert!(map.index_of(&settings.id).is_some(), "main checks the id is in the cluster map");
             let c = membership::build(&settings, map, None, stop.child_token()).expect("the CA file is checked at start");
-            membership::Membership::new(c, settings.cluster_path.clone())
+            membership::Membership::new(c, settings.cluster_path.clone(), &settings.data_dir)
         });
         let ids =
             cluster.as_ref().map_or_else(|| vec![settings.id.clone()], |m| m.current().map.nodes.iter().map(|n| n.id.clone()).collect());

@@ -26,9 +26,18 @@
 //!
 //! A change left half done (the coordinator died) ends by itself after [`CHANGE_TIMEOUT`]: a
 //! prepared map is dropped, a committed one finished.
+//!
+//! **Generations.** Every change gives the map a generation one above the highest any node
+//! held at prepare, which each node keeps beside its data (`cluster-generation`, outside the
+//! file) and shows on `/health` (`clusterGeneration`) and `GET /cluster/map`
+//! (`x-ops-cluster-generation`). A node that missed a commit (it died between prepare and
+//! commit) finds a peer at a higher generation at its next probe and takes that peer's map the
+//! way a change would, locally ([`catch_up`]); relays never take a map of a lower generation
+//! than one they took. One generation with two hashes is a divergence (`crate::peers`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -44,6 +53,12 @@ use crate::{Cluster, Node};
 /// A change not carried to its end within this is ended here.
 pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Where a node keeps its map's generation, in its data dir.
+const GENERATION_FILE: &str = "cluster-generation";
+
+/// Header of `GET /cluster/map`: the generation of the map served.
+pub const GENERATION_HEADER: &str = "x-ops-cluster-generation";
+
 /// Shards scanned per blocking step of the prepare's push.
 const SHARDS_PER_STEP: usize = 16;
 
@@ -58,6 +73,9 @@ pub struct Membership {
     since: Mutex<Option<Instant>>,
     /// The cluster file, rewritten at commit.
     path: Option<PathBuf>,
+    /// The generation of the map served (0: never changed online), kept in `data_dir`.
+    generation: AtomicU64,
+    data_dir: PathBuf,
     /// One coordinated change at a time on this node.
     pub(crate) coordinating: tokio::sync::Mutex<()>,
     /// The forwarder of the current map: the token that drains and stops it, and its task.
@@ -81,11 +99,18 @@ pub struct StepReply {
     /// The node already served this map.
     #[serde(default)]
     pub unchanged: bool,
+    /// Prepare: the generation of the map the node serves; commit: of the new one.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl Membership {
-    pub fn new(cluster: Cluster, path: Option<PathBuf>) -> Self {
+    /// `data_dir` holds the map's generation.
+    pub fn new(cluster: Cluster, path: Option<PathBuf>, data_dir: &Path) -> Self {
+        let generation = std::fs::read_to_string(data_dir.join(GENERATION_FILE)).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
         Membership {
+            generation: AtomicU64::new(generation),
+            data_dir: data_dir.to_path_buf(),
             current: ArcSwap::from_pointee(cluster),
             previous: ArcSwapOption::empty(),
             next: ArcSwapOption::empty(),
@@ -105,6 +130,11 @@ impl Membership {
     /// The same without a reference count (the heartbeat path).
     pub fn guard(&self) -> arc_swap::Guard<Arc<Cluster>> {
         self.current.load()
+    }
+
+    /// The generation of the map served.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Whether a change is on (prepared or committed, not finished).
@@ -214,7 +244,9 @@ pub async fn prepare(node: &Arc<Node>, text: &str) -> Result<StepReply, String> 
     let file = m.path().map_or_else(|| PathBuf::from("cluster.toml"), PathBuf::from);
     let map = ClusterMap::parse(text, &file).map_err(|e| e.to_string())?;
     let current = m.current();
-    let reply = |moved, unchanged| StepReply { id: node.settings.id.clone(), hash: map.hash.clone(), moved, unchanged, remarked: 0 };
+    let generation = m.generation();
+    let reply =
+        |moved, unchanged| StepReply { id: node.settings.id.clone(), hash: map.hash.clone(), moved, unchanged, remarked: 0, generation };
     if map.hash == current.map.hash {
         return Ok(reply(0, true));
     }
@@ -267,18 +299,31 @@ async fn push_moving(node: &Arc<Node>, next: &Arc<Cluster>) -> Result<usize, Str
     Ok(moved)
 }
 
-/// Step 2 on this node: serves the prepared map whose hash is `hash`.
-pub async fn commit(node: &Arc<Node>, hash: &str) -> Result<StepReply, String> {
+/// Step 2 on this node: serves the prepared map whose hash is `hash`, as generation
+/// `generation` (the coordinator's; None, from a coordinator before generations: one above
+/// this node's).
+pub async fn commit(node: &Arc<Node>, hash: &str, generation: Option<u64>) -> Result<StepReply, String> {
     let m = node.cluster.as_ref().ok_or("this node is standalone")?;
     let mut reply = StepReply { id: node.settings.id.clone(), hash: hash.to_owned(), ..StepReply::default() };
     if m.current().map.hash == hash {
+        // Served already; a change that brings a diverged node back still gives every node
+        // the change's generation.
+        if let Some(g) = generation.filter(|&g| g > m.generation()) {
+            keep_generation(m, g)?;
+        }
         reply.unchanged = true;
+        reply.generation = m.generation();
         return Ok(reply);
     }
     let next = m.next.load_full().filter(|n| n.map.hash == hash).ok_or_else(|| format!("map {hash} was not prepared here"))?;
+    let generation = generation.unwrap_or(0).max(m.generation() + 1);
+    // The file first, then its generation: a crash between the two leaves the new map at the
+    // old generation, which the next probe shows as behind its peers and brings along.
     if let Some(path) = m.path() {
         keep_file(path, &node.settings.id, &next.map.text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
+    keep_generation(m, generation)?;
+    reply.generation = generation;
     m.next.store(None);
     let old = m.current.swap(next.clone());
     m.previous.store(Some(old));
@@ -293,8 +338,42 @@ pub async fn commit(node: &Arc<Node>, hash: &str) -> Result<StepReply, String> {
     .await
     .map_err(|e| format!("remark failed: {e}"))?;
     let ids: Vec<&str> = next.map.nodes.iter().map(|n| n.id.as_str()).collect();
-    tracing::info!(hash, nodes = ?ids, remarked = reply.remarked, leaving = next.leaving, "cluster map committed");
+    tracing::info!(hash, generation, nodes = ?ids, remarked = reply.remarked, leaving = next.leaving, "cluster map committed");
     Ok(reply)
+}
+
+/// A peer serves map `text` at generation `generation`, above this node's: this node missed
+/// a commit. It takes the map through the three steps of a change, here alone: the hosts it
+/// owned that the map gives others go to them, then it serves the map.
+pub async fn catch_up(node: &Arc<Node>, text: &str, generation: u64) -> Result<StepReply, String> {
+    let m = node.cluster.as_ref().ok_or("this node is standalone")?;
+    let _one = m.coordinating.try_lock().map_err(|_| "a membership change is running here".to_owned())?;
+    if m.changing() {
+        return Err("a membership change is on".into());
+    }
+    let prepared = prepare(node, text).await;
+    let hash = match prepared {
+        Ok(r) => r.hash,
+        Err(e) => {
+            if let Ok(map) = ClusterMap::parse(text, Path::new("cluster.toml")) {
+                abort(node, &map.hash);
+            }
+            return Err(e);
+        }
+    };
+    let reply = commit(node, &hash, Some(generation)).await?;
+    finish(node, &hash)?;
+    Ok(reply)
+}
+
+/// Writes `generation` to the data dir, then serves it.
+fn keep_generation(m: &Membership, generation: u64) -> Result<(), String> {
+    let path = m.data_dir.join(GENERATION_FILE);
+    std::fs::create_dir_all(&m.data_dir)
+        .and_then(|()| relay::write_atomically(&path, format!("{generation}\n").as_bytes()))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    m.generation.store(generation, Ordering::Release);
+    Ok(())
 }
 
 /// Writes the map to `path` unless it holds it already: through a temporary file of this
@@ -323,7 +402,7 @@ pub fn finish(node: &Node, hash: &str) -> Result<StepReply, String> {
     m.next.store(None);
     *m.since.lock() = None;
     tracing::info!(hash, "cluster map change finished");
-    Ok(StepReply { id: node.settings.id.clone(), hash: hash.to_owned(), ..StepReply::default() })
+    Ok(StepReply { id: node.settings.id.clone(), hash: hash.to_owned(), generation: m.generation(), ..StepReply::default() })
 }
 
 /// Drops a prepared map (the coordinator aborts).

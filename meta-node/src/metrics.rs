@@ -51,7 +51,7 @@ pub fn describe() {
     describe_gauge!(
         CLUSTER_DIVERGED,
         Unit::Count,
-        "1 when a peer served another cluster map than this node at the last probe, outside a membership change."
+        "1 when a peer at the same cluster generation served another cluster map at the last probe, outside a membership change."
     );
     describe_gauge!(PEERS_UP, Unit::Count, "Meta nodes of the cluster map that answer this node's probe, itself included.");
     describe_gauge!(FAILOVER_COPIES, Unit::Count, "Hosts held here for another node while it was down (failover copies).");

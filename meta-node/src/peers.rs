@@ -13,7 +13,8 @@
 //! down at once; one that merely times out marks it down only at the second timeout in a row,
 //! so a peer slow for a moment (a loaded machine) does not make every status answer partial.
 //!
-//! The probe also compares config hashes (the divergence gauge).
+//! The probe also compares config and cluster generations and hashes (the divergence gauges),
+//! and brings this node along when a peer holds a newer generation of either.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -79,8 +80,8 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Timeouts in a row, per node of the map `slow_map`.
     let (mut slow, mut slow_map) = (Vec::new(), String::new());
-    // The newest config generation a peer offered that this node refused.
-    let mut refused = 0u64;
+    // The newest config and cluster generations a peer offered that this node refused.
+    let (mut refused, mut refused_map) = (0u64, 0u64);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -113,8 +114,10 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
         .await;
         let (mut diverged, mut cluster_diverged) = (false, false);
         let mut newer: Option<(usize, u64)> = None;
+        let mut newer_map: Option<(usize, u64)> = None;
         let my_generation = node.generations.current();
         let changing = node.cluster.as_ref().is_some_and(|m| m.changing());
+        let my_map_generation = node.cluster.as_ref().map_or(0, |m| m.generation());
         for (i, answer) in answers {
             let up = match answer {
                 Probe::Up(health) => {
@@ -122,9 +125,15 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
                     // One generation, two files: diverged. A peer behind is catching up, and
                     // one ahead is taken from below.
                     diverged |= generation == my_generation && health["configHash"].as_str().is_some_and(|h| h != mine);
-                    cluster_diverged |= !changing && health["clusterHash"].as_str().is_some_and(|h| h != c.map.hash);
+                    // The same for the cluster map, outside a membership change.
+                    let map_generation = health["clusterGeneration"].as_u64().unwrap_or(0);
+                    cluster_diverged |=
+                        !changing && map_generation == my_map_generation && health["clusterHash"].as_str().is_some_and(|h| h != c.map.hash);
                     if generation > my_generation && newer.is_none_or(|(_, g)| generation > g) {
                         newer = Some((i, generation));
+                    }
+                    if !changing && map_generation > my_map_generation && newer_map.is_none_or(|(_, g)| map_generation > g) {
+                        newer_map = Some((i, map_generation));
                     }
                     slow[i] = 0;
                     true
@@ -152,7 +161,50 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
             // Not asked again until a newer one.
             refused = generation;
         }
+        // A peer serves a newer cluster map (this node missed a commit): take it as a change
+        // would, here alone.
+        if let Some((i, generation)) = newer_map.filter(|&(_, g)| g > refused_map)
+            && !catch_up_map(&node, &c, i, generation).await
+        {
+            refused_map = generation;
+        }
         metrics::gauge!(PEERS_UP).set(f64::from(c.alive.mask().count_ones()));
+    }
+}
+
+/// Pulls peer `i`'s cluster map (generation `generation`) and serves it, if it checks. False
+/// when this node refuses that map (not asked again until a newer one); a fetch that failed
+/// is tried again at the next probe.
+async fn catch_up_map(node: &std::sync::Arc<Node>, c: &crate::Cluster, i: usize, generation: u64) -> bool {
+    let id = &c.map.nodes[i].id;
+    let fetched = async {
+        let r = c.client.get(c.map.url(i, "/cluster/map")).timeout(Duration::from_secs(10)).send().await.map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("HTTP {}", r.status()));
+        }
+        let served = r.headers().get(crate::membership::GENERATION_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if served != Some(generation) {
+            return Err(format!("it now serves generation {served:?}"));
+        }
+        r.text().await.map_err(|e| e.to_string())
+    }
+    .await;
+    let text = match fetched {
+        Ok(text) => text,
+        Err(error) => {
+            tracing::debug!(peer = %id, generation, %error, "cannot fetch a peer's newer cluster map; trying at the next probe");
+            return true;
+        }
+    };
+    match crate::membership::catch_up(node, &text, generation).await {
+        Ok(s) => {
+            tracing::warn!(peer = %id, generation, hash = %s.hash, "this node missed a membership change: took the newer cluster map from a peer");
+            true
+        }
+        Err(error) => {
+            tracing::error!(peer = %id, generation, %error, "a peer serves a newer cluster map, which this node refuses");
+            false
+        }
     }
 }
 

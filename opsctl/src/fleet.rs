@@ -393,6 +393,21 @@ pub fn cluster(s: &Server, json: bool) -> Result<Option<String>, Failure> {
     if hashes("clusterHash").len() > 1 {
         problems.push("cluster hashes differ between nodes".to_owned());
     }
+    for a in &up {
+        for b in &up {
+            if a["clusterGeneration"] == b["clusterGeneration"]
+                && a["clusterHash"] != b["clusterHash"]
+                && a["id"].as_str() < b["id"].as_str()
+            {
+                problems.push(format!(
+                    "{} and {} diverged: cluster map generation {} with different maps",
+                    a["id"].as_str().unwrap_or("?"),
+                    b["id"].as_str().unwrap_or("?"),
+                    a["clusterGeneration"]
+                ));
+            }
+        }
+    }
     let down: Vec<String> = out.iter().filter(|h| h["status"] != "ok").map(|h| h["id"].as_str().unwrap_or("?").to_owned()).collect();
     if !down.is_empty() {
         problems.push(format!("down: {}", down.join(", ")));
@@ -401,7 +416,10 @@ pub fn cluster(s: &Server, json: bool) -> Result<Option<String>, Failure> {
         println!("{}", serde_json::json!({"nodes": out, "problems": problems}));
     } else {
         let mut rows = vec![
-            ["NODE", "URL", "STATUS", "CONFIG", "GEN", "CLUSTER", "HOSTS", "COPIES", "VERSION"].iter().map(|s| s.to_string()).collect(),
+            ["NODE", "URL", "STATUS", "CONFIG", "GEN", "CLUSTER", "CGEN", "HOSTS", "COPIES", "VERSION"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         ];
         for h in &out {
             let short = |k: &str| h[k].as_str().map_or("-".to_owned(), |v| v.chars().take(12).collect());
@@ -412,6 +430,7 @@ pub fn cluster(s: &Server, json: bool) -> Result<Option<String>, Failure> {
                 short("configHash"),
                 h["configGeneration"].as_u64().map_or("-".into(), |g| g.to_string()),
                 short("clusterHash"),
+                h["clusterGeneration"].as_u64().map_or("-".into(), |g| g.to_string()),
                 h["hosts"].as_u64().map_or("-".into(), num),
                 h["failoverCopies"].as_u64().map_or("-".into(), num),
                 h["version"].as_str().unwrap_or("-").to_owned(),

@@ -3,7 +3,8 @@
 //! from `GET /cluster/map` (`If-None-Match` with the map's hash, as for the desired config).
 //! The map learnt is kept in the data dir as `cluster.toml` and preferred at start to the
 //! `--cluster` file, whose `tls`, `ca_file` and `token_file` it must keep: those change only
-//! with a restart.
+//! with a restart. Maps carry a generation (`x-ops-cluster-generation`, one more with every
+//! change): a meta node behind a change (it missed a commit) is skipped, never followed back.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -46,8 +47,13 @@ pub fn at_start(given: &ClusterMap, data_dir: &Path) -> ClusterMap {
     }
 }
 
-/// Asks the nodes of the current map for theirs; returns a newer valid map if one answered.
-async fn fetch(client: &reqwest::Client, current: &ClusterMap) -> Result<Option<ClusterMap>, String> {
+/// The header of `GET /cluster/map` with the map's generation.
+const GENERATION_HEADER: &str = "x-ops-cluster-generation";
+
+/// Asks the nodes of the current map for theirs; returns a newer valid map, and its
+/// generation, if one answered. A node serving a map of a lower generation than `held` is
+/// skipped.
+async fn fetch(client: &reqwest::Client, current: &ClusterMap, held: u64) -> Result<Option<(ClusterMap, u64)>, String> {
     let mut errors = Vec::new();
     for i in 0..current.nodes.len() {
         let url = current.url(i, "/cluster/map");
@@ -57,13 +63,18 @@ async fn fetch(client: &reqwest::Client, current: &ClusterMap) -> Result<Option<
             // A standalone meta node has no map to give.
             Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => return Ok(None),
             Ok(r) if r.status().is_success() => {
+                let generation = r.headers().get(GENERATION_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(0);
+                if generation < held {
+                    errors.push(format!("{url}: cluster map generation {generation} is older than {held}, taken before"));
+                    continue;
+                }
                 let text = r.text().await.map_err(|e| format!("{url}: {e}"))?;
                 // Relative paths (token_file, ca_file) resolve as in the file the relay started with.
                 let map = ClusterMap::parse(&text, &current.file).map_err(|e| format!("{url}: {e}"))?;
                 if let Some(why) = map.online_change_refused(current) {
                     return Err(format!("{url}: {why}"));
                 }
-                return Ok(Some(map));
+                return Ok(Some((map, generation)));
             }
             Ok(r) => errors.push(format!("{url}: {}", r.status())),
             Err(e) => errors.push(format!("{url}: {e}")),
@@ -92,8 +103,12 @@ pub async fn poll(relay: Arc<Relay>, period: Duration, stop: CancellationToken) 
                 continue;
             }
         };
-        let map = match fetch(&client, &current).await {
-            Ok(Some(map)) => map,
+        let held = relay.map_generation.load(std::sync::atomic::Ordering::Relaxed);
+        let map = match fetch(&client, &current, held).await {
+            Ok(Some((map, generation))) => {
+                relay.map_generation.fetch_max(generation, std::sync::atomic::Ordering::Relaxed);
+                map
+            }
             Ok(None) => {
                 failing = false;
                 continue;

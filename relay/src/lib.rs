@@ -96,6 +96,9 @@ pub struct Relay {
     /// The cluster map followed now: the one given at start, or a newer one learnt from the
     /// meta nodes (`cluster_copy`).
     pub map: arc_swap::ArcSwap<ClusterMap>,
+    /// The highest generation of the cluster map taken from a meta node (`cluster_copy`): a
+    /// map of a lower one is never taken.
+    pub map_generation: std::sync::atomic::AtomicU64,
     /// The forwarder of `map`.
     pub forwarder: arc_swap::ArcSwap<Forwarder>,
     /// The tasks of `map` (config and rollout polls) and its forwarder's drain token and task.
@@ -145,6 +148,7 @@ impl Relay {
             settings,
             config,
             map: arc_swap::ArcSwap::from_pointee(map),
+            map_generation: Default::default(),
             forwarder: arc_swap::ArcSwap::new(forwarder),
             map_tasks: parking_lot::Mutex::new(None),
             started: Instant::now(),
@@ -234,6 +238,7 @@ async fn health(State(relay): State<Arc<Relay>>) -> Response {
             "id": relay.settings.id,
             "configHash": relay.config.hash(),
             "clusterHash": relay.map.load().hash,
+            "clusterGeneration": relay.map_generation.load(std::sync::atomic::Ordering::Relaxed),
             "pendingHosts": pending,
             "nodes": nodes,
             "uptimeSeconds": relay.started.elapsed().as_secs(),

@@ -165,7 +165,8 @@ struct Health<'a> {
     /// In a cluster: a peer at the same generation serves another config (last probe).
     #[serde(skip_serializing_if = "Option::is_none")]
     config_diverged: Option<bool>,
-    /// In a cluster: a peer serves another cluster map, outside a membership change.
+    /// In a cluster: a peer at the same cluster generation serves another map, outside a
+    /// membership change.
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster_diverged: Option<bool>,
     hosts: usize,
@@ -174,6 +175,9 @@ struct Health<'a> {
     /// In a cluster: the content hash of `cluster.toml`.
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster_hash: Option<&'a str>,
+    /// In a cluster: grows with every membership change (0: never changed online).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_generation: Option<u64>,
     /// In a cluster: hosts held here for a node that was down.
     #[serde(skip_serializing_if = "Option::is_none")]
     failover_copies: Option<usize>,
@@ -211,6 +215,7 @@ pub(super) async fn health(State(node): State<Arc<Node>>, Query(q): Query<Health
         uptime_seconds: node.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION"),
         cluster_hash: cluster.as_ref().map(|c| c.map.hash.as_str()),
+        cluster_generation: node.cluster.as_ref().map(|m| m.generation()),
         failover_copies: cluster.as_ref().filter(|_| detail).map(|_| node.store.copies()),
         nodes: cluster
             .as_ref()

@@ -29,10 +29,18 @@ pub(super) async fn map(State(node): State<Arc<Node>>, headers: HeaderMap) -> Re
     let etag = format!("\"{}\"", c.map.hash);
     let etag_value = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\""));
     let matches = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let generation = HeaderValue::from(node.cluster.as_ref().map_or(0, |m| m.generation()));
     if matches {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
     }
-    ([(header::ETAG, etag_value), (header::CONTENT_TYPE, HeaderValue::from_static("application/toml; charset=utf-8"))], c.map.text.clone())
+    (
+        [
+            (header::ETAG, etag_value),
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/toml; charset=utf-8")),
+            (header::HeaderName::from_static(membership::GENERATION_HEADER), generation),
+        ],
+        c.map.text.clone(),
+    )
         .into_response()
 }
 
@@ -62,6 +70,8 @@ struct ReloadReply {
     hash: String,
     previous_hash: String,
     changed: bool,
+    /// The map's generation: one above the highest any node held at prepare.
+    generation: u64,
     /// The step that failed, when the change was refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     failed_at: Option<&'static str>,
@@ -97,11 +107,14 @@ pub(super) async fn reload(
         hash: map.hash.clone(),
         previous_hash: current.map.hash.clone(),
         changed: false,
+        generation: m.generation(),
         failed_at: None,
         error_message: String::new(),
         nodes: Vec::new(),
     };
-    if map.hash == current.map.hash {
+    // The same map as served is no change, unless a peer diverged (one generation, another
+    // map): then the change brings every node to this one, at a new generation.
+    if map.hash == current.map.hash && !node.cluster_diverged.load(std::sync::atomic::Ordering::Relaxed) {
         return Ok(Json(reply).into_response());
     }
     if let Some(why) = map.online_change_refused(&current.map) {
@@ -118,7 +131,11 @@ pub(super) async fn reload(
     tracing::info!(hash = %map.hash, nodes = targets.len(), "membership change: preparing every node");
 
     let results = step_all(&node, &current.client, &targets, "prepare", text.clone()).await;
-    let refused = record(&mut reply, results, |s, r| s.moved = r.moved);
+    let mut top = m.generation();
+    let refused = record(&mut reply, results, |s, r| {
+        s.moved = r.moved;
+        top = top.max(r.generation);
+    });
     if let Some(error) = refused {
         tracing::warn!(%error, "membership change refused at prepare; aborting everywhere");
         let _ = step_all(&node, &current.client, &targets, "abort", map.hash.clone()).await;
@@ -126,7 +143,9 @@ pub(super) async fn reload(
         reply.error_message = format!("nothing changed: {error}");
         return Ok((StatusCode::CONFLICT, Json(reply)).into_response());
     }
-    let results = step_all(&node, &current.client, &targets, "commit", map.hash.clone()).await;
+    reply.generation = top + 1;
+    let commit = format!("commit?generation={}", reply.generation);
+    let results = step_all(&node, &current.client, &targets, &commit, map.hash.clone()).await;
     let refused = record(&mut reply, results, |s, r| s.remarked = r.remarked);
     reply.changed = true;
     // A gather that began by the old map before its node committed still asks by it: every
@@ -141,7 +160,7 @@ pub(super) async fn reload(
         reply.error_message = format!("the new map is served, but not by every node: {error}; ask again once they answer");
         return Ok((StatusCode::BAD_GATEWAY, Json(reply)).into_response());
     }
-    tracing::info!(hash = %map.hash, "membership change done on every node");
+    tracing::info!(hash = %map.hash, generation = reply.generation, "membership change done on every node");
     Ok(Json(reply).into_response())
 }
 
@@ -176,20 +195,27 @@ async fn step_all(
     super::post_each(node, client, targets, &format!("/internal/cluster/{step}"), &body, &[], STEP_TIMEOUT).await
 }
 
-/// `POST /internal/cluster/{step}` (token): prepare (body: the map's text), commit, finish or
-/// abort (body: the map's hash).
+#[derive(serde::Deserialize)]
+pub(super) struct StepParams {
+    #[serde(default)]
+    generation: Option<u64>,
+}
+
+/// `POST /internal/cluster/{step}` (token): prepare (body: the map's text), commit
+/// (`?generation=`), finish or abort (body: the map's hash).
 pub(super) async fn step(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(step): Path<String>,
+    Query(params): Query<StepParams>,
     body: Bytes,
 ) -> Result<Json<StepReply>, ApiError> {
     authorize(&node, peer, &headers)?;
     let body = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the body is not UTF-8".into()))?;
     let result = match step.as_str() {
         "prepare" => membership::prepare(&node, body).await,
-        "commit" => membership::commit(&node, body.trim()).await,
+        "commit" => membership::commit(&node, body.trim(), params.generation).await,
         "finish" => membership::finish(&node, body.trim()),
         "abort" => Ok(membership::abort(&node, body.trim())),
         other => return Err(ApiError::NotFound(format!("no cluster step {other:?}: prepare, commit, finish or abort"))),
