@@ -402,17 +402,22 @@ halt_when = { failed_ratio = 0.5, min_sample = 4 }
         )
     }
 
-    #[test]
-    fn hosts_are_counted_as_the_rules_say_and_the_state_survives_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A standalone node serving [`CONFIG`], its data in `dir`.
+    fn standalone(dir: &std::path::Path) -> Node {
         let config = DesiredConfig::parse(CONFIG, "t").unwrap();
-        let node = Node::new(
-            Settings::standalone("agents.toml".into(), dir.path().to_path_buf()),
+        Node::new(
+            Settings::standalone("agents.toml".into(), dir.to_path_buf()),
             config,
             None,
             None,
             tokio_util::sync::CancellationToken::new(),
-        );
+        )
+    }
+
+    #[test]
+    fn hosts_are_counted_as_the_rules_say_and_the_state_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = standalone(dir.path());
         let loaded = node.desired.current();
         let now = unix_now();
         // (host, version, status, lastError, told, seconds ago)
@@ -478,14 +483,7 @@ halt_when = { failed_ratio = 0.5, min_sample = 4 }
     #[test]
     fn a_host_back_from_silence_is_not_failed_for_the_silence() {
         let dir = tempfile::tempdir().unwrap();
-        let config = DesiredConfig::parse(CONFIG, "t").unwrap();
-        let node = Node::new(
-            Settings::standalone("agents.toml".into(), dir.path().to_path_buf()),
-            config,
-            None,
-            None,
-            tokio_util::sync::CancellationToken::new(),
-        );
+        let node = standalone(dir.path());
         let loaded = node.desired.current();
         let now = unix_now();
         let body = report("1", "started", "").replace("\"h\"", "\"away\"");
