@@ -659,5 +659,10 @@ fn silent_relay_checks(c: &Cluster, behind: u64, rollout_behind: u64, host: &str
     let dom = chromium(&["--dump-dom", &c.meta(0).url("/ui/")]);
     assert!(dom.contains(r#"data-relay="relay-2""#) && dom.contains(&format!(r#"data-silent="{behind}""#)), "{dom}");
     assert!(dom.contains("relay relay-2: 120 hosts silent since") && dom.contains("(all of its hosts)"), "{dom}");
+    assert!(dom.contains(" silent</span>"), "the waves say how many are silent: {dom}");
     assert!(!dom.contains(r#"data-relay="relay-1""#), "relay-1 has no silent host: {dom}");
+    let shot = ops_e2e::workspace_root().join("target/tmp/fleet-page-silent-relay.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    chromium(&["--window-size=1200,800", &format!("--screenshot={}", shot.display()), &c.meta(0).url("/ui/")]);
+    assert!(std::fs::metadata(&shot).map(|m| m.len() > 1000).unwrap_or(false), "screenshot written");
 }
