@@ -158,6 +158,12 @@ fn killed_meta_node_fails_over_and_takes_its_hosts_back() {
     assert_eq!(r.headers()["x-ops-partial"], "true");
     assert_eq!(r.headers()["x-ops-missing-nodes"], "meta-2");
 
+    // Reports are stamped in whole seconds, and two copies of one host with the same stamp
+    // are a tie that the first to arrive wins (an updater reports every few minutes, so only
+    // a test sweeps twice in a second): the 5.1.5 sweep below starts in a later second than
+    // the 5.1.4 one. (The CI saw 48 hosts keep 5.1.4 when both had the same stamp, one copy
+    // at meta-1 and one at meta-3.)
+    std::thread::sleep(Duration::from_millis(1100));
     // meta-2 comes back with its snapshot; relays send its hosts home.
     c.start_meta(1);
     let back = eventually(Duration::from_secs(30), || {
