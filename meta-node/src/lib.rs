@@ -220,9 +220,10 @@ impl Node {
         let batch = ops_config::Batch::parse(bytes)?;
         let loaded = self.desired.guard();
         let owns = self.owner_check();
+        let mut relays = store::RelayIndexes::new(&self.store);
         let (mut stored, mut older) = (0, 0);
         for e in &batch.hosts {
-            let tags = store::Tags { relay: self.store.relay_index(&e.relay), ..Self::tags(&loaded, &e.hb.hostname, e.told) };
+            let tags = store::Tags { relay: relays.index(&e.relay), ..Self::tags(&loaded, &e.hb.hostname, e.told) };
             if self.store.upsert_tagged(&e.hb, e.seen, tags, owns(&e.hb.hostname)) {
                 stored += 1;
             } else {
@@ -249,18 +250,9 @@ impl Node {
         let loaded = self.desired.guard();
         let owns = self.owner_check();
         let (mut stored, mut older) = (0, 0);
-        // A relay's batch names one relay throughout: look its index up once.
-        let mut last_relay: Option<(&[u8], u16)> = None;
+        let mut relays = store::RelayIndexes::new(&self.store);
         ops_config::compact::decode_checked(bytes, |rec, hb| {
-            let relay = match last_relay {
-                Some((id, index)) if id == rec.relay.as_bytes() => index,
-                _ => {
-                    let index = self.store.relay_index(rec.relay);
-                    last_relay = Some((rec.relay.as_bytes(), index));
-                    index
-                }
-            };
-            let tags = store::Tags { relay, ..Self::tags(&loaded, &hb.hostname, rec.told) };
+            let tags = store::Tags { relay: relays.index(rec.relay), ..Self::tags(&loaded, &hb.hostname, rec.told) };
             let owned = owns(&hb.hostname);
             let kept = if handed_back {
                 self.store.upsert_handed_back(hb, rec.seen, tags, owned)

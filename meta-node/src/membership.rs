@@ -56,8 +56,8 @@ pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Where a node keeps its map's generation, in its data dir.
 const GENERATION_FILE: &str = "cluster-generation";
 
-/// Header of `GET /cluster/map`: the generation of the map served.
-pub const GENERATION_HEADER: &str = "x-ops-cluster-generation";
+/// Header of `GET /cluster/map`: the generation of the map served (the relays read it).
+pub use relay::cluster_copy::GENERATION_HEADER;
 
 /// Shards scanned per blocking step of the prepare's push.
 const SHARDS_PER_STEP: usize = 16;

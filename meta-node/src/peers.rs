@@ -178,10 +178,7 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
 async fn catch_up_map(node: &std::sync::Arc<Node>, c: &crate::Cluster, i: usize, generation: u64) -> bool {
     let id = &c.map.nodes[i].id;
     let fetched = async {
-        let r = c.client.get(c.map.url(i, "/cluster/map")).timeout(Duration::from_secs(10)).send().await.map_err(|e| e.to_string())?;
-        if !r.status().is_success() {
-            return Err(format!("HTTP {}", r.status()));
-        }
+        let r = fetch(c, i, "/cluster/map").await?;
         let served = r.headers().get(crate::membership::GENERATION_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if served != Some(generation) {
             return Err(format!("it now serves generation {served:?}"));
@@ -208,14 +205,17 @@ async fn catch_up_map(node: &std::sync::Arc<Node>, c: &crate::Cluster, i: usize,
     }
 }
 
+/// GET `path` of peer `i`: the answer when it is a success.
+async fn fetch(c: &crate::Cluster, i: usize, path: &str) -> Result<reqwest::Response, String> {
+    let r = c.client.get(c.map.url(i, path)).timeout(Duration::from_secs(10)).send().await.map_err(|e| e.to_string())?;
+    if r.status().is_success() { Ok(r) } else { Err(format!("HTTP {}", r.status())) }
+}
+
 /// Pulls generation `generation` of `agents.toml` from peer `i` and serves it, if it checks.
 async fn catch_up(node: &std::sync::Arc<Node>, c: &crate::Cluster, i: usize, generation: u64) -> bool {
     let id = &c.map.nodes[i].id;
     let fetched = async {
-        let r = c.client.get(c.map.url(i, "/config/desired")).timeout(Duration::from_secs(10)).send().await.map_err(|e| e.to_string())?;
-        if !r.status().is_success() {
-            return Err(format!("HTTP {}", r.status()));
-        }
+        let r = fetch(c, i, "/config/desired").await?;
         let sig = r.headers().get(ops_config::trust::SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let text = r.text().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((text, sig))

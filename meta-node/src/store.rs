@@ -201,6 +201,30 @@ pub const NO_RELAY: u16 = 0;
 /// The relay index every relay id past the first 65,534 shares.
 pub const OTHER_RELAYS: u16 = u16::MAX;
 
+/// [`Store::relay_index`] over the records of one batch: a relay's batch names one relay
+/// throughout, so the table is asked once per change of id, not once per record.
+pub struct RelayIndexes<'s> {
+    store: &'s Store,
+    last: Option<(String, u16)>,
+}
+
+impl<'s> RelayIndexes<'s> {
+    pub fn new(store: &'s Store) -> Self {
+        RelayIndexes { store, last: None }
+    }
+
+    pub fn index(&mut self, id: &str) -> u16 {
+        match &self.last {
+            Some((last, index)) if last == id => *index,
+            _ => {
+                let index = self.store.relay_index(id);
+                self.last = Some((id.to_owned(), index));
+                index
+            }
+        }
+    }
+}
+
 /// Host records by slot, in fixed chunks of [`CHUNK`]: slots never move, and a shard has at
 /// most one chunk partly used. (A doubling `Vec` left about a quarter of a shard's records
 /// unused on average, and growing it by smaller steps fragmented the heap: measured with the

@@ -47,8 +47,8 @@ pub fn at_start(given: &ClusterMap, data_dir: &Path) -> ClusterMap {
     }
 }
 
-/// The header of `GET /cluster/map` with the map's generation.
-const GENERATION_HEADER: &str = "x-ops-cluster-generation";
+/// The header of `GET /cluster/map` with the map's generation (meta nodes set it).
+pub const GENERATION_HEADER: &str = "x-ops-cluster-generation";
 
 /// Asks the nodes of the current map for theirs; returns a newer valid map, and its
 /// generation, if one answered. A node serving a map of a lower generation than `held` is
