@@ -263,12 +263,40 @@ fn failover_copies_go_home_without_a_new_report_and_no_host_is_counted_twice() {
     }
 }
 
+/// The harness's ports: a port of the map taken by another program before the cluster starts
+/// (what bind-and-close picks made likely, and reserved ports make rare) moves the cluster to
+/// new ports once instead of failing, and no port is handed out twice.
+#[test]
+fn a_taken_port_moves_the_test_cluster_to_new_ports_once() {
+    let mut c = Cluster::files(3, AGENTS);
+    let old = c.ports.clone();
+    let mut distinct = old.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "three distinct ports: {old:?}");
+    // Another program on meta-3's port: meta-1 and meta-2 start, meta-3 cannot.
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", old[2])).unwrap();
+    c.start_metas();
+    assert!(c.ports.iter().all(|p| !old.contains(p)), "every node moved: {old:?} -> {:?}", c.ports);
+    let map = ops_config::ClusterMap::load(&c.cluster_file()).unwrap();
+    let in_map: Vec<u16> = map.nodes.iter().map(|n| n.addr.port()).collect();
+    assert_eq!(in_map, c.ports, "the map names the new ports");
+    for (i, m) in c.running().enumerate() {
+        assert_eq!(m.addr.port(), c.ports[i]);
+        let nodes = eventually(Duration::from_secs(20), || {
+            let nodes = get_json(&m.url("/health")).1["nodes"].clone();
+            nodes.as_array().is_some_and(|n| n.len() == 3 && n.iter().all(|n| n["up"] == true)).then_some(())
+        });
+        assert!(nodes.is_some(), "meta-{} sees its peers on the new ports", i + 1);
+    }
+}
+
 /// A relay is ready when it can answer a heartbeat: with no meta node reached and no disk copy
 /// its `/health` says 503 and why; it fetches the config as soon as a meta node answers.
 #[test]
 fn relay_health_is_503_until_it_holds_a_config() {
     let dir = tempfile::tempdir().unwrap();
-    let port = ops_e2e::free_port();
+    let port = ops_e2e::reserved_port();
     let cluster = dir.path().join("cluster.toml");
     std::fs::write(&cluster, format!("[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:{port}\"\n")).unwrap();
     let data = dir.path().join("relay").display().to_string();

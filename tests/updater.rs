@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use md5::{Digest, Md5};
-use ops_e2e::{Meta, Nginx, Proc, free_port, get_json};
+use ops_e2e::{Meta, Nginx, Proc, reserved_port, get_json};
 
 /// A control script of seed 003's contract: start runs a long-lived process and writes its pid;
 /// status prints started or stoped; stop kills it.
@@ -435,7 +435,7 @@ fn fails_over_from_a_dead_first_server() {
     let f = Fleet::new();
     let md5 = f.tarball("releases", "1.0", CONTROL, 0);
     f.desire("releases", "1.0", &md5, "start", "");
-    let servers = format!("--server=127.0.0.1:{},127.0.0.1:{}", free_port(), f.meta.addr.port());
+    let servers = format!("--server=127.0.0.1:{},127.0.0.1:{}", reserved_port(), f.meta.addr.port());
     let state = f.state_dir();
     let (status, log) = Proc::run_to_exit(
         "ops-updater",
@@ -742,7 +742,7 @@ fn updater_relay_and_meta_talk_https_with_a_test_ca() {
     f.tarball("releases", "1.0", CONTROL, 0);
     f.desire_toml(&f.signed_toml("releases", "1.0"));
     let (ca, cert, key) = test_ca(f.dir.path());
-    let (port, port2) = (free_port(), free_port());
+    let (port, port2) = (reserved_port(), reserved_port());
     std::fs::write(f.dir.path().join("cluster.token"), "tls-test-token-0123456789\n").unwrap();
     let cluster = f.dir.path().join("cluster-tls.toml");
     std::fs::write(

@@ -47,6 +47,28 @@ impl Started {
         wait_health(self.addr)
     }
 
+    /// Waits for a first start: `/health` answers 200, or the process exited, which is an
+    /// error with the end of its log (a port taken by another program says "Address already
+    /// in use" there: [`ops_loopback::is_addr_in_use`]).
+    fn wait_started(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!("{} exited ({status}) before answering /health on {}: {}", self.name, self.addr, tail.join("\n"));
+            }
+            if health_ok(self.addr) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not answer /health on {} within 30 s", self.name, self.addr);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends a signal by name (`STOP`, `CONT`, `TERM`...).
     pub fn signal(&self, name: &str) {
         let _ = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).stderr(Stdio::null()).status();
@@ -99,8 +121,11 @@ pub struct Cluster {
     threads: Option<usize>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A port for a process that must be named in the map before it starts: never one that
+/// another pick of this or another process (a test that runs ops-bench) can be handed, and
+/// below the ephemeral range (see `ops_loopback`).
+fn reserved_port() -> anyhow::Result<u16> {
+    ops_loopback::reserve().context("reserve a loopback port")
 }
 
 /// The binaries built beside this one (`target/release/`).
@@ -146,19 +171,23 @@ fn build_siblings() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn health_ok(addr: SocketAddr) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
+    use std::io::{Read, Write};
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
+
 fn wait_health(addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
-            use std::io::{Read, Write};
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            if s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_ok() {
-                let mut out = String::new();
-                let _ = s.read_to_string(&mut out);
-                if out.starts_with("HTTP/1.1 200") {
-                    return Ok(());
-                }
-            }
+        if health_ok(addr) {
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("{addr} did not answer /health within 30 s");
@@ -193,7 +222,9 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    /// Writes configs into `dir` and starts `metas` meta nodes and `relays` relays.
+    /// Writes configs into `dir` and starts `metas` meta nodes and `relays` relays. Their
+    /// ports are reserved (no other pick can be handed them); when another program took one
+    /// all the same, the cluster is started once more on new ports, and stderr says why.
     pub fn start(
         dir: &Path,
         metas: usize,
@@ -204,6 +235,29 @@ impl Cluster {
     ) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(dir)?;
         build_siblings()?;
+        match Cluster::start_once(dir, metas, relays, agents_toml, flush_ms, threads) {
+            Err(e) if ops_loopback::is_addr_in_use(&format!("{e:#}")) => {
+                eprintln!("ops-bench: a port of the cluster was taken by another program; starting it once more on new ports: {e:#}");
+                // Data written under the old map would name the old addresses.
+                for entry in std::fs::read_dir(dir)?.flatten() {
+                    if entry.path().is_dir() {
+                        std::fs::remove_dir_all(entry.path())?;
+                    }
+                }
+                Cluster::start_once(dir, metas, relays, agents_toml, flush_ms, threads)
+            }
+            other => other,
+        }
+    }
+
+    fn start_once(
+        dir: &Path,
+        metas: usize,
+        relays: usize,
+        agents_toml: &str,
+        flush_ms: u64,
+        threads: Option<usize>,
+    ) -> anyhow::Result<Cluster> {
         let (meta_bin, relay_bin) = (sibling("meta-node")?, sibling("relay")?);
         let token: String = format!("bench-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()) + "-0123456789abcdef";
         std::fs::write(dir.join("cluster.token"), token)?;
@@ -212,7 +266,7 @@ impl Cluster {
         let mut ports = Vec::new();
         let mut toml = String::from("vnodes = 1000\ntoken_file = \"cluster.token\"\n");
         for i in 0..metas {
-            let port = free_port()?;
+            let port = reserved_port()?;
             ports.push(port);
             toml.push_str(&format!("[[node]]\nid = \"meta-{}\"\naddr = \"127.0.0.1:{port}\"\n", i + 1));
         }
@@ -241,8 +295,8 @@ impl Cluster {
             let m = out.start_one(&out.meta_bin, format!("meta-{}", i + 1), *port, &out.meta_extra)?;
             out.metas.push(m);
         }
-        for m in &out.metas {
-            wait_health(m.addr)?;
+        for m in &mut out.metas {
+            m.wait_started()?;
         }
         for i in 0..relays {
             // Each relay keeps a package cache (the storm phase uses it; idle otherwise).
@@ -257,11 +311,11 @@ impl Cluster {
                 "--cache-max-bytes".into(),
                 (4u64 << 30).to_string(),
             ];
-            let r = out.start_one(&relay_bin, id, free_port()?, &relay_extra)?;
+            let r = out.start_one(&relay_bin, id, reserved_port()?, &relay_extra)?;
             out.relays.push(r);
         }
-        for r in &out.relays {
-            wait_health(r.addr)?;
+        for r in &mut out.relays {
+            r.wait_started()?;
         }
         Ok(out)
     }
@@ -307,11 +361,11 @@ impl Cluster {
             "meta-{}",
             self.metas.iter().filter_map(|m| m.name.strip_prefix("meta-")?.parse::<usize>().ok()).max().unwrap_or(0) + 1
         );
-        let port = free_port()?;
+        let port = reserved_port()?;
         let all: Vec<usize> = (0..self.metas.len()).collect();
         self.write_map(&all, Some((&id, format!("127.0.0.1:{port}").parse()?)))?;
-        let m = self.start_one(&self.meta_bin, id, port, &self.meta_extra)?;
-        wait_health(m.addr)?;
+        let mut m = self.start_one(&self.meta_bin, id, port, &self.meta_extra)?;
+        m.wait_started()?;
         self.metas.push(m);
         Ok(self.metas.len() - 1)
     }

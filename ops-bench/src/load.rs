@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 /// A simulated host's name: every tenth matches the bench config's `bj-web-` prefix.
 pub fn hostname(i: u64) -> String {
-    if i % 10 == 0 { format!("bj-web-{i:07}") } else { format!("dc{}-host-{i:07}", i % 4) }
+    if i.is_multiple_of(10) { format!("bj-web-{i:07}") } else { format!("dc{}-host-{i:07}", i % 4) }
 }
 
 /// The heartbeat of host `i`: `falcon-agent` at `version` (with `lastError` when `failed`), its

@@ -123,13 +123,24 @@ struct Nginx {
 }
 
 impl Nginx {
+    /// Starts nginx on a reserved port; once more on a new one when another program took it.
     fn start(dir: &Path, root: &Path) -> anyhow::Result<Nginx> {
+        match Nginx::start_once(dir, root) {
+            Err(e) if ops_loopback::is_addr_in_use(&format!("{e:#}")) => {
+                eprintln!("ops-bench: nginx's port was taken by another program; starting it once more on a new port: {e:#}");
+                Nginx::start_once(dir, root)
+            }
+            other => other,
+        }
+    }
+
+    fn start_once(dir: &Path, root: &Path) -> anyhow::Result<Nginx> {
         let bin = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
             .iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
             .context("nginx is not installed (apt-get install -y nginx-light), or give --storm-origin URL")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = ops_loopback::reserve().context("reserve a loopback port for nginx")?;
         let d = dir.display();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
@@ -142,7 +153,7 @@ impl Nginx {
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
-        let child = Command::new(bin)
+        let mut child = Command::new(bin)
             .args(["-c", &conf_path.display().to_string(), "-p", &d.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -151,6 +162,9 @@ impl Nginx {
             .context("start nginx")?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait()? {
+                bail!("nginx exited ({status}): {}", std::fs::read_to_string(dir.join("error.log")).unwrap_or_default());
+            }
             if Instant::now() > deadline {
                 bail!("nginx did not start: {}", std::fs::read_to_string(dir.join("error.log")).unwrap_or_default());
             }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ops_config::ClusterMap;
 
-use crate::{Meta, Relay, eventually, free_port, get_json};
+use crate::{Meta, Relay, eventually, get_json, reserved_port};
 
 /// The cluster token every test cluster uses.
 pub const TOKEN: &str = "test-cluster-token-0123456789abcdef";
@@ -35,7 +35,7 @@ impl Cluster {
     pub fn files(metas: usize, agents: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("cluster.token"), format!("{TOKEN}\n")).unwrap();
-        let ports: Vec<u16> = (0..metas).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..metas).map(|_| reserved_port()).collect();
         let mut toml = String::from("vnodes = 1000\ntoken_file = \"cluster.token\"\n");
         for (i, p) in ports.iter().enumerate() {
             toml.push_str(&format!("[[node]]\nid = \"meta-{}\"\naddr = \"127.0.0.1:{p}\"\n", i + 1));
@@ -66,14 +66,42 @@ impl Cluster {
     /// Adds a meta node's port and agents file (not started, not in the map yet); returns its
     /// index.
     pub fn add_meta(&mut self) -> usize {
-        self.ports.push(free_port());
+        self.ports.push(reserved_port());
         self.metas.push(None);
         let i = self.metas.len() - 1;
         std::fs::write(self.agents_file(i), &self.agents).unwrap();
         i
     }
 
+    /// Starts every meta node of the map. If another program took a port, stops those that
+    /// started and moves the whole cluster to new ports once, saying so.
+    pub fn start_metas(&mut self) {
+        let n = self.metas.len();
+        match (0..n).try_for_each(|i| self.try_start_meta(i)) {
+            Ok(()) => {}
+            Err(log) if ops_loopback::is_addr_in_use(&log) && self.relays.is_empty() => {
+                self.move_to_new_ports(&log);
+                (0..n).for_each(|i| self.try_start_meta(i).unwrap_or_else(|e| panic!("meta-{} on a new port: {e}", i + 1)));
+            }
+            Err(log) => panic!("a meta node did not start: {log}"),
+        }
+    }
+
+    /// Starts meta node `i` on its port in the map. If another program took the port and
+    /// nothing of this cluster runs yet, moves every node to new ports once and says so.
     pub fn start_meta(&mut self, i: usize) {
+        match self.try_start_meta(i) {
+            Ok(()) => {}
+            Err(log) if ops_loopback::is_addr_in_use(&log) && self.running().count() == 0 && self.relays.is_empty() => {
+                self.move_to_new_ports(&log);
+                self.try_start_meta(i).unwrap_or_else(|e| panic!("meta-{} on a new port: {e}", i + 1));
+            }
+            Err(log) => panic!("meta-{} did not start on port {}: {log}", i + 1, self.ports[i]),
+        }
+    }
+
+    /// Starts meta node `i`; its log when it exits before listening.
+    fn try_start_meta(&mut self, i: usize) -> Result<(), String> {
         let listen = format!("127.0.0.1:{}", self.ports[i]);
         let id = format!("meta-{}", i + 1);
         let (cluster, agents) = (self.cluster_file().display().to_string(), self.agents_file(i).display().to_string());
@@ -97,7 +125,28 @@ impl Cluster {
             "2000",
         ];
         args.extend(self.meta_args.iter().map(String::as_str));
-        self.metas[i] = Some(Meta::start_at(&listen, &args));
+        self.metas[i] = Some(Meta::try_start_at(&listen, &args)?);
+        Ok(())
+    }
+
+    /// Reserved ports are below the ephemeral range and locked against every other pick: only
+    /// an unrelated program binding a fixed port can take one. Then every node gets a new
+    /// reserved port and `cluster.toml` is rewritten with them (the same nodes, the same
+    /// order), with the reason on stderr; only while no node or relay runs, and with the data
+    /// dirs of nodes that ran under the old map cleared.
+    fn move_to_new_ports(&mut self, why: &str) {
+        eprintln!("a port of this test cluster ({:?}) was taken by another program; moving the cluster to new ports once:\n{why}", self.ports);
+        for (i, m) in self.metas.iter_mut().enumerate() {
+            *m = None;
+            let _ = std::fs::remove_dir_all(self.dir.path().join(format!("data-meta-{}", i + 1)));
+        }
+        let mut map = std::fs::read_to_string(self.cluster_file()).unwrap();
+        for port in &mut self.ports {
+            let new = reserved_port();
+            map = map.replace(&format!("\"127.0.0.1:{port}\""), &format!("\"127.0.0.1:{new}\""));
+            *port = new;
+        }
+        std::fs::write(self.cluster_file(), map).unwrap();
     }
 
     fn new_relay(&self, i: usize) -> Relay {
@@ -151,9 +200,7 @@ impl Cluster {
     pub fn up_with(metas: usize, relays: usize, agents: &str, meta_args: &[&str]) -> Cluster {
         let mut c = Cluster::files(metas, agents);
         c.meta_args = meta_args.iter().map(|s| s.to_string()).collect();
-        for i in 0..metas {
-            c.start_meta(i);
-        }
+        c.start_metas();
         // A node started before its peers listened counts them down until its next probe
         // (1 s): wait until every node sees every other, or a first status answer is partial.
         for m in c.running() {

@@ -1,5 +1,7 @@
 //! Support for the end-to-end tests: build and start the real binaries on `127.0.0.1` with
-//! port 0, learn their address from their log, and kill them through a guard on drop.
+//! port 0, learn their address from their log, and kill them through a guard on drop. A server
+//! that needs its address before it starts (a node of a cluster map, nginx) gets a
+//! [`reserved_port`], which no other pick of any test or ops-bench can be handed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -110,13 +112,21 @@ impl Proc {
 
     /// Waits until the log has a line containing `needle`; returns that line.
     pub fn wait_for_log(&mut self, needle: &str) -> String {
+        self.try_wait_for_log(needle).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`wait_for_log`](Self::wait_for_log), with the process's exit (and its log) as an error
+    /// instead of a panic, for a caller that can start it again.
+    pub fn try_wait_for_log(&mut self, needle: &str) -> Result<String, String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(line) = self.log().lines().find(|l| l.contains(needle)) {
-                return line.to_owned();
+                return Ok(line.to_owned());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited ({status}) before logging {needle:?}:\n{}", self.name, self.log());
+                // Give the log thread a moment to read the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return Err(format!("{} exited ({status}) before logging {needle:?}:\n{}", self.name, self.log()));
             }
             assert!(Instant::now() < deadline, "{} did not log {needle:?} in time:\n{}", self.name, self.log());
             std::thread::sleep(Duration::from_millis(20));
@@ -206,8 +216,14 @@ impl Meta {
 
     /// Starts `meta-node --listen <listen>` plus `args`, and waits until `/health` answers.
     pub fn start_at(listen: &str, args: &[&str]) -> Meta {
-        let (proc, addr) = start_server("meta-node", listen, args, "meta node listening");
-        Meta { proc, addr }
+        Meta::try_start_at(listen, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`start_at`](Self::start_at), with an exit before listening (a port taken by another
+    /// program: [`ops_loopback::is_addr_in_use`] on the text) as an error.
+    pub fn try_start_at(listen: &str, args: &[&str]) -> Result<Meta, String> {
+        let (proc, addr) = start_server("meta-node", listen, args, "meta node listening")?;
+        Ok(Meta { proc, addr })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -224,7 +240,7 @@ pub struct Relay {
 impl Relay {
     /// Starts `relay --listen 127.0.0.1:0` plus `args`, and waits until `/health` answers.
     pub fn start(args: &[&str]) -> Relay {
-        let (proc, addr) = start_server("relay", "127.0.0.1:0", args, "relay listening");
+        let (proc, addr) = start_server("relay", "127.0.0.1:0", args, "relay listening").unwrap_or_else(|e| panic!("{e}"));
         Relay { proc, addr }
     }
 
@@ -233,22 +249,25 @@ impl Relay {
     }
 }
 
-fn start_server(bin: &str, listen: &str, args: &[&str], ready: &str) -> (Proc, SocketAddr) {
+fn start_server(bin: &str, listen: &str, args: &[&str], ready: &str) -> Result<(Proc, SocketAddr), String> {
     let mut all = vec!["--listen", listen];
     all.extend_from_slice(args);
     let mut proc = Proc::start(bin, &all);
-    let addr = addr_in(&proc.wait_for_log(ready));
+    let addr = addr_in(&proc.try_wait_for_log(ready)?);
     let deadline = Instant::now() + START_TIMEOUT;
     while get(&format!("http://{addr}/health")).map(|r| r.status().is_success()) != Ok(true) {
         assert!(Instant::now() < deadline, "{bin} /health never answered");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (proc, addr)
+    Ok((proc, addr))
 }
 
-/// A loopback port that was free a moment ago (for cluster maps, which need fixed addresses).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+/// A loopback port for a server that needs its address before it starts (cluster maps, nginx):
+/// below the kernel's ephemeral range, never handed out twice, locked against other processes
+/// (see `ops_loopback`). Never bind port 0 and close it to pick one: that port can be handed
+/// to the next pick.
+pub fn reserved_port() -> u16 {
+    ops_loopback::reserve().expect("reserve a loopback port")
 }
 
 fn client() -> &'static reqwest::blocking::Client {
@@ -388,9 +407,21 @@ impl Nginx {
             .map(PathBuf::from)
             .find(|p| p.exists())
             .expect("nginx is not installed: apt-get install -y nginx-light (see README)");
+        match Nginx::try_start(&nginx, root, slow_bytes_per_second) {
+            Ok(n) => n,
+            Err(log) if ops_loopback::is_addr_in_use(&log) => {
+                eprintln!("nginx: its reserved port was taken by another program; starting it once more on a new port:\n{log}");
+                Nginx::try_start(&nginx, root, slow_bytes_per_second).unwrap_or_else(|log| panic!("nginx did not start:\n{log}"))
+            }
+            Err(log) => panic!("nginx did not start:\n{log}"),
+        }
+    }
+
+    /// Starts nginx on a new reserved port; its log when it exits before listening.
+    fn try_start(nginx: &Path, root: &Path, slow_bytes_per_second: u64) -> Result<Nginx, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().display().to_string();
-        let port = free_port();
+        let port = reserved_port();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 1024; }}\n\
@@ -402,13 +433,18 @@ impl Nginx {
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("write nginx.conf");
         let c = conf_path.display().to_string();
-        let proc = Proc::start_path(&nginx, &["-c", &c, "-p", &d]);
+        let mut proc = Proc::start_path(nginx, &["-c", &c, "-p", &d]);
         let deadline = Instant::now() + START_TIMEOUT;
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(50));
+                let errors = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+                return Err(format!("nginx exited ({status}) before listening on 127.0.0.1:{port}:\n{}{errors}", proc.log()));
+            }
             assert!(Instant::now() < deadline, "nginx did not start: {}", proc.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        Nginx { _proc: proc, port, root: root.to_path_buf(), log: dir.path().join("access.log"), _dir: dir }
+        Ok(Nginx { _proc: proc, port, root: root.to_path_buf(), log: dir.path().join("access.log"), _dir: dir })
     }
 
     pub fn url(&self, path: &str) -> String {
