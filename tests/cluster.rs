@@ -761,14 +761,21 @@ fn cluster_map_generations_bring_a_node_along_and_show_divergence() {
     let b_hash = ops_config::content_hash(b.as_bytes());
     let c_text = a.replace("vnodes = 900", "vnodes = 700");
     let c_hash = ops_config::content_hash(c_text.as_bytes());
-    for m in [c.meta(0), c.meta(1)] {
-        assert_eq!(cluster_step(m, "prepare", &b).0, 200);
-        assert_eq!(cluster_step(m, "commit?generation=2", &b_hash).0, 200);
-        assert_eq!(cluster_step(m, "finish", &b_hash).0, 200);
+    // Every node prepares before any commits: a node with a change prepared does not catch up
+    // from a peer. (Done node by node, meta-3's probe could take B at generation 2 from meta-1
+    // before its own steps, and then commit C at generation 3, which everyone took: no
+    // divergence, the CI failure of this test.)
+    let plan = [(c.meta(0), &b, &b_hash), (c.meta(1), &b, &b_hash), (c.meta(2), &c_text, &c_hash)];
+    for (m, text, _) in plan {
+        assert_eq!(cluster_step(m, "prepare", text).0, 200);
     }
-    assert_eq!(cluster_step(c.meta(2), "prepare", &c_text).0, 200);
-    assert_eq!(cluster_step(c.meta(2), "commit?generation=2", &c_hash).0, 200);
-    assert_eq!(cluster_step(c.meta(2), "finish", &c_hash).0, 200);
+    for (m, _, hash) in plan {
+        let (status, r) = cluster_step(m, "commit?generation=2", hash);
+        assert_eq!((status, r["generation"].as_u64()), (200, Some(2)), "{r}");
+    }
+    for (m, _, hash) in plan {
+        assert_eq!(cluster_step(m, "finish", hash).0, 200);
+    }
     let diverged =
         eventually(Duration::from_secs(20), || c.running().all(|m| get_json(&m.url("/health")).1["clusterDiverged"] == true).then_some(()));
     assert!(diverged.is_some(), "every node says so: {:?}", map_generations(&c));
