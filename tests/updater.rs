@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use md5::{Digest, Md5};
-use ops_e2e::{Meta, Nginx, Proc, reserved_port, get_json};
+use ops_e2e::{Meta, Nginx, Proc, get_json, reserved_port};
 
 /// A control script of seed 003's contract: start runs a long-lived process and writes its pid;
 /// status prints started or stoped; stop kills it.
@@ -127,10 +127,23 @@ impl Fleet {
 
     /// Writes agents.toml, signs it when the fleet is signed, and reloads the meta node.
     fn desire_toml(&self, toml: &str) {
+        self.desire_toml_signed(toml, &[]);
+    }
+
+    /// [`desire_toml`](Self::desire_toml), with `sign_args` added to `opsctl sign`'s flags. A
+    /// signed fleet's next file is signed at the version after the one on disk, as an
+    /// operator's next edit would be.
+    fn desire_toml_signed(&self, toml: &str, sign_args: &[&str]) {
         let path = self.dir.path().join("agents.toml");
+        let previous = std::fs::read_to_string(&path).ok().and_then(|t| ops_config::DesiredConfig::parse(&t, "agents.toml").ok());
+        let next = previous.and_then(|c| c.version()).unwrap_or(0) + 1;
         std::fs::write(&path, toml).unwrap();
         if let Some(key) = &self.key {
-            opsctl(&["sign", "--key", &key.display().to_string(), &path.display().to_string()]);
+            let (version, key, file) = (next.to_string(), key.display().to_string(), path.display().to_string());
+            let mut args = vec!["sign", "--key", &key, "--version", &version];
+            args.extend_from_slice(sign_args);
+            args.push(&file);
+            opsctl(&args);
         }
         let (status, reply) = get_json(&self.meta.url("/config/reload"));
         assert_eq!(status, 200, "{reply}");
@@ -519,7 +532,13 @@ type Tamper = Box<dyn Fn(&mut serde_json::Value) + Send>;
 struct HostileRelay {
     port: u16,
     tamper: std::sync::Arc<std::sync::Mutex<Tamper>>,
+    /// When set: the `(text, signature header)` served as `/config/desired` instead of the
+    /// meta node's (an older signed file it kept).
+    desired: ServedConfig,
 }
+
+/// A `(text, signature header)` a hostile relay serves as `/config/desired`, once set.
+type ServedConfig = std::sync::Arc<std::sync::Mutex<Option<(Vec<u8>, String)>>>;
 
 impl HostileRelay {
     fn start(meta: &Meta) -> HostileRelay {
@@ -527,6 +546,8 @@ impl HostileRelay {
         let port = listener.local_addr().unwrap().port();
         let tamper: std::sync::Arc<std::sync::Mutex<Tamper>> = std::sync::Arc::new(std::sync::Mutex::new(Box::new(|_| {})));
         let t = tamper.clone();
+        let desired: ServedConfig = Default::default();
+        let served = desired.clone();
         let upstream = format!("http://127.0.0.1:{}", meta.addr.port());
         std::thread::spawn(move || {
             let client = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
@@ -538,6 +559,8 @@ impl HostileRelay {
                     let mut v: serde_json::Value = r.json().unwrap();
                     (t.lock().unwrap())(&mut v);
                     (200, String::new(), serde_json::to_vec(&v).unwrap())
+                } else if let (true, Some((text, sig))) = (line.starts_with("GET /config/desired"), served.lock().unwrap().clone()) {
+                    (200, format!("x-ops-signature: {sig}\r\n"), text)
                 } else if line.starts_with("GET /config/desired") {
                     let r = client.get(format!("{upstream}/config/desired")).send().unwrap();
                     let sig = r.headers().get("x-ops-signature").map(|v| format!("x-ops-signature: {}\r\n", v.to_str().unwrap()));
@@ -550,7 +573,12 @@ impl HostileRelay {
                 let _ = std::io::Write::write_all(&mut stream, &reply);
             }
         });
-        HostileRelay { port, tamper }
+        HostileRelay { port, tamper, desired }
+    }
+
+    /// Serves `text` with signature `sig` as `/config/desired` from now on.
+    fn serve_config(&self, text: Vec<u8>, sig: String) {
+        *self.desired.lock().unwrap() = Some((text, sig));
     }
 
     fn set(&self, tamper: impl Fn(&mut serde_json::Value) + Send + 'static) {
@@ -655,11 +683,12 @@ fn with_a_trusted_key_only_what_the_operator_signed_is_installed() {
 fn a_badly_signed_config_is_refused_and_the_old_one_kept() {
     let f = Fleet::signed();
     f.tarball("releases", "1.0", CONTROL, 0);
-    let good = f.signed_toml("releases", "1.0");
-    f.desire_toml(&good);
+    f.desire_toml(&f.signed_toml("releases", "1.0"));
+    let agents = f.dir.path().join("agents.toml");
+    // As signed: `opsctl sign` wrote its version and expiry into the file.
+    let good = std::fs::read_to_string(&agents).unwrap();
     let (_, before) = ops_e2e::get_text(&f.meta.url("/config/desired"));
     assert_eq!(before, good);
-    let agents = f.dir.path().join("agents.toml");
     let sig = f.dir.path().join("agents.toml.sig");
     let signature = std::fs::read_to_string(&sig).unwrap();
     let other = f.dir.path().join("other.key");
@@ -859,6 +888,102 @@ fn opsctl_keys_signatures_and_a_rotation() {
     let (status, log) = verify(&new_pub);
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("does not match"), "{log}");
+}
+
+/// Signed is not enough: a hostile relay that kept an older signed config (and its reply)
+/// serves it after the operator signed a newer one, and our updater refuses it by version,
+/// installs nothing and says why; a config signed with an expiry that has passed is not
+/// taken either: the running version keeps running and the report says it expired.
+#[test]
+fn an_older_or_expired_signed_config_is_refused_and_nothing_changes() {
+    let f = Fleet::signed();
+    for v in ["1.0", "2.0", "3.0"] {
+        f.tarball("releases", v, CONTROL, 0);
+    }
+    let trust = f.trust_flag();
+    // Version 2 of the signed file desires 1.0; the relay keeps that file and a reply by it.
+    f.desire_toml(&f.signed_toml("releases", "1.0"));
+    let agents = f.dir.path().join("agents.toml");
+    let old_text = std::fs::read(&agents).unwrap();
+    let old_sig = ops_config::trust::signature_header(&std::fs::read_to_string(format!("{}.sig", agents.display())).unwrap());
+    let old_version = ops_config::DesiredConfig::parse(&String::from_utf8_lossy(&old_text), "a").unwrap().version().unwrap();
+    let body = serde_json::json!({"hostname": "host-v", "realAgents": []}).to_string();
+    let (_, old_reply) = ops_e2e::post_json(&f.meta.url("/heartbeat"), body);
+    assert_eq!(old_reply["desiredAgents"][0]["version"], "1.0", "{old_reply}");
+
+    // The operator signs 2.0 (the next version); the host installs it through the meta node.
+    f.desire_toml(&f.signed_toml("releases", "2.0"));
+    let (code, log) = f.once("host-v", &[&trust]);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("2.0"));
+    let floor = std::fs::read_to_string(f.dir.path().join("updater-state").join("signed-version")).unwrap();
+    assert!(floor.starts_with(&format!("{} ", old_version + 1)), "the highest version verified is kept: {floor}");
+
+    // The hostile relay answers with the old signed file and the old reply: both genuine.
+    let hostile = HostileRelay::start(&f.meta);
+    hostile.serve_config(old_text.clone(), old_sig);
+    let replayed = old_reply.clone();
+    hostile.set(move |v| *v = replayed.clone());
+    let servers = format!("--server=127.0.0.1:{}", hostile.port);
+    let state = f.state_dir();
+    let (status, log) = Proc::run_to_exit("ops-updater", &["--once", &servers, "--hostname=host-v", &state, &trust]);
+    assert_eq!(status.code(), Some(1), "{log}");
+    let older = format!("version {old_version} is older than {}", old_version + 1);
+    assert!(log.contains("refused") && log.contains(&older), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("2.0"), "the newer version keeps running");
+    assert!(f.pid_alive("2.0"));
+    assert!(!f.agent_dir().join("1.0").exists(), "the older version was not installed");
+    assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
+    let error = f.host("host-v")["agents"][0]["lastError"].as_str().unwrap_or("").to_owned();
+    assert!(error.starts_with("refused") && error.contains(&older), "the refusal is reported: {error}");
+
+    // 3.0, signed with an expiry 2 s ahead, is fetched only after it passed: not taken.
+    f.desire_toml_signed(&f.signed_toml("releases", "3.0"), &["--expires", "2s"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let (code, log) = f.once("host-v", &[&trust]);
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("expired at"), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("2.0"), "the running version is kept");
+    assert!(f.pid_alive("2.0") && !f.agent_dir().join("3.0").exists());
+    let error = f.host("host-v")["agents"][0]["lastError"].as_str().unwrap_or("").to_owned();
+    assert!(error.contains("refused") && error.contains("expired at"), "the report says why: {error}");
+    // The floor did not move to the expired file.
+    let after = std::fs::read_to_string(f.dir.path().join("updater-state").join("signed-version")).unwrap();
+    assert_eq!(after, floor);
+}
+
+/// A meta node with keys keeps the highest signed version it served (`{data-dir}/config-version`):
+/// an older signed file put back on its disk is refused on reload (the newer one stays
+/// served), and a start on it exits 64 and says why.
+#[test]
+fn a_meta_node_never_goes_back_to_an_older_signed_config() {
+    let f = Fleet::signed();
+    for v in ["1.0", "2.0"] {
+        f.tarball("releases", v, CONTROL, 0);
+    }
+    let agents = f.dir.path().join("agents.toml");
+    let sig = format!("{}.sig", agents.display());
+    f.desire_toml(&f.signed_toml("releases", "1.0"));
+    let (old_text, old_sig) = (std::fs::read(&agents).unwrap(), std::fs::read(&sig).unwrap());
+    let old = ops_config::DesiredConfig::parse(&String::from_utf8_lossy(&old_text), "a").unwrap().version().unwrap();
+    f.desire_toml(&f.signed_toml("releases", "2.0"));
+    let served = get_json(&f.meta.url("/health")).1["configHash"].clone();
+    let kept = std::fs::read_to_string(f.dir.path().join("meta-data").join("config-version")).unwrap();
+    assert!(kept.starts_with(&format!("{} ", old + 1)), "{kept}");
+
+    // The older file, genuine signature and all, back on disk.
+    std::fs::write(&agents, &old_text).unwrap();
+    std::fs::write(&sig, &old_sig).unwrap();
+    let (status, reply) = get_json(&f.meta.url("/config/reload"));
+    assert_eq!(status, 400, "{reply}");
+    let why = reply["errorMessage"].as_str().unwrap_or("");
+    assert!(why.contains(&format!("version {old} is older than {}", old + 1)), "{reply}");
+    assert_eq!(get_json(&f.meta.url("/health")).1["configHash"], served, "the newer config is still served");
+
+    let (a, d, k) = (agents.display().to_string(), f.dir.path().join("meta-data").display().to_string(), f.trust_flag());
+    let (status, log) = Proc::run_to_exit("meta-node", &["--listen", "127.0.0.1:0", "--agents", &a, "--data-dir", &d, &k]);
+    assert_eq!(status.code(), Some(64), "{log}");
+    assert!(log.contains("signed config refused") && log.contains("is older than"), "{log}");
 }
 
 /// A build that never reports `started` (its start does run a process, so a revert must stop

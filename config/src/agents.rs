@@ -106,6 +106,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct DesiredConfig {
     agents: Vec<AgentSpec>,
+    /// `version`: the document's place in the operator's sequence (signed with it).
+    version: Option<u64>,
+    /// `expires`: unix seconds after which no party takes it as current (signed with it).
+    expires: Option<u64>,
     hash: String,
     source: String,
     /// Per class: the prefix it stands for (None for class 0) and every agent's desired state.
@@ -127,6 +131,8 @@ pub const MAX_ROLLOUTS: usize = 4;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    version: Option<Spanned<i64>>,
+    expires: Option<Spanned<toml::value::Datetime>>,
     #[serde(default)]
     agent: Vec<Spanned<RawAgent>>,
 }
@@ -461,6 +467,14 @@ impl DesiredConfig {
             Some(span) => checker.err(span, e.message()),
             None => ConfigError::File { file: file.to_owned(), message: e.message().to_owned() },
         })?;
+        let version = match &raw.version {
+            Some(v) if *v.get_ref() < 1 => return Err(checker.err(v.span(), "version must be a whole number from 1 up")),
+            v => v.as_ref().map(|v| *v.get_ref() as u64),
+        };
+        let expires = match &raw.expires {
+            Some(v) => Some(crate::trust::unix_seconds(v.get_ref()).map_err(|e| checker.err(v.span(), e))?),
+            None => None,
+        };
         let mut agents: Vec<AgentSpec> = Vec::with_capacity(raw.agent.len());
         let mut rollouts = Vec::new();
         for a in &raw.agent {
@@ -505,6 +519,8 @@ impl DesiredConfig {
 
         Ok(DesiredConfig {
             agents,
+            version,
+            expires,
             hash: crate::content_hash(text.as_bytes()),
             source: text.to_owned(),
             classes,
@@ -591,6 +607,17 @@ impl DesiredConfig {
     /// The content hash of the file text this was parsed from.
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    /// The file's `version` (None: the file has none; a signed one must, see
+    /// [`crate::trust::check_fresh`]).
+    pub fn version(&self) -> Option<u64> {
+        self.version
+    }
+
+    /// The file's `expires`, in unix seconds.
+    pub fn expires(&self) -> Option<u64> {
+        self.expires
     }
 
     /// The file text this was parsed from (what `/config/desired` serves).

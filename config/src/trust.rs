@@ -6,6 +6,15 @@
 //! verifies under one of those keys, so neither the network, a relay nor one meta node can make
 //! a host install what the operator did not sign (docs/security.md).
 //!
+//! A signed file carries its own `version` (strictly increasing: a later document has a higher
+//! one) and `expires` (a time after which it is no longer current) inside the signed bytes, as
+//! TUF's metadata does. Every party keeps the highest version it verified ([`Floor`]) and
+//! takes a document only when [`check_fresh`] allows it: never a lower version (a rollback by
+//! whoever serves an older signed file), never a different file at the same version (two
+//! documents signed under one number: an operator error), never an expired one (a freeze:
+//! a server that keeps serving one old file for ever). Rolling back is signing the old text
+//! again at a higher version.
+//!
 //! Text forms (one line each, `#` comments and blank lines allowed in files):
 //! - public key: the 32-byte key in standard base64 (44 characters);
 //! - secret key file: the 32-byte seed in standard base64;
@@ -38,6 +47,125 @@ pub enum TrustError {
     UnknownKey(String),
     #[error("the signature by {0} does not match the file's bytes (edited after signing?)")]
     Mismatch(String),
+}
+
+/// Why a verified signed document is not taken as current (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FreshError {
+    #[error("the signed config carries no `version`: sign it with `opsctl sign` (it sets `version` and `expires`)")]
+    NoVersion,
+    #[error("the signed config carries no `expires`: sign it with `opsctl sign --expires 30d`")]
+    NoExpiry,
+    #[error("version {version} is older than {highest}, the highest verified here (a rollback is the old text signed at a higher version)")]
+    Older { version: u64, highest: u64 },
+    #[error(
+        "version {version} was verified here as {held}, and this file ({hash}) is another one at the same version: two files signed at one version (an operator error; sign the one you mean at a higher version)"
+    )]
+    Conflict { version: u64, held: String, hash: String },
+    #[error("the signed config version {version} expired at {at}: the operator must sign a fresh one (`opsctl sign --expires 30d`)")]
+    Expired { version: u64, at: String },
+}
+
+/// The highest signed version a party has verified, and the hash of that file: what it keeps
+/// on disk (fsynced) so that a restart does not forget it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Floor {
+    pub version: u64,
+    pub hash: String,
+}
+
+impl Floor {
+    /// The floor a document sets once taken (None: it has no version).
+    pub fn of(config: &DesiredConfig) -> Option<Floor> {
+        Some(Floor { version: config.version()?, hash: config.hash().to_owned() })
+    }
+
+    /// Its file form: `VERSION HASH` on one line.
+    pub fn to_text(&self) -> String {
+        format!("{} {}\n", self.version, self.hash)
+    }
+
+    /// Parses [`to_text`](Self::to_text)'s form (None: damaged).
+    pub fn parse(text: &str) -> Option<Floor> {
+        let mut w = text.split_ascii_whitespace();
+        let (version, hash) = (w.next()?.parse().ok()?, w.next()?.to_owned());
+        w.next().is_none().then_some(Floor { version, hash })
+    }
+
+    /// The higher of two floors (a tie keeps `self`).
+    pub fn max(self, other: Option<Floor>) -> Floor {
+        match other {
+            Some(o) if o.version > self.version => o,
+            _ => self,
+        }
+    }
+}
+
+/// Ok when a party whose highest verified document is `floor` may take `config` (already
+/// verified by its signature) as current at unix time `now`: it has a version and an expiry,
+/// its version is above the floor (or equal, for the very file of the floor), and it has not
+/// expired.
+pub fn check_fresh(config: &DesiredConfig, floor: Option<&Floor>, now: u64) -> Result<(), FreshError> {
+    let version = config.version().ok_or(FreshError::NoVersion)?;
+    let expires = config.expires().ok_or(FreshError::NoExpiry)?;
+    if let Some(f) = floor {
+        if version < f.version {
+            return Err(FreshError::Older { version, highest: f.version });
+        }
+        if version == f.version && config.hash() != f.hash {
+            return Err(FreshError::Conflict { version, held: f.hash.clone(), hash: config.hash().to_owned() });
+        }
+    }
+    if now >= expires {
+        return Err(FreshError::Expired { version, at: rfc3339(expires) });
+    }
+    Ok(())
+}
+
+/// Unix seconds of a TOML datetime with a date, a time and an offset (`2027-01-05T00:00:00Z`,
+/// `2027-01-05T08:00:00+08:00`); fractions of a second are dropped.
+pub fn unix_seconds(dt: &toml::value::Datetime) -> Result<u64, String> {
+    let (Some(date), Some(time), Some(offset)) = (dt.date, dt.time, dt.offset) else {
+        return Err(format!("expires must be a full time with its offset, like 2027-01-05T00:00:00Z; got {dt}"));
+    };
+    let offset_minutes = match offset {
+        toml::value::Offset::Z => 0,
+        toml::value::Offset::Custom { minutes } => i64::from(minutes),
+    };
+    let days = days_from_civil(i64::from(date.year), u32::from(date.month), u32::from(date.day));
+    let secs = days * 86_400 + i64::from(time.hour) * 3600 + i64::from(time.minute) * 60 + i64::from(time.second) - offset_minutes * 60;
+    u64::try_from(secs).map_err(|_| format!("expires must be after 1970; got {dt}"))
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of unix seconds.
+pub fn rfc3339(unix: u64) -> String {
+    let (days, rem) = ((unix / 86_400) as i64, unix % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day count since 1970-01-01 (the inverse of [`days_from_civil`]).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
 }
 
 fn decode_fixed<const N: usize>(text: &str) -> Option<[u8; N]> {
@@ -287,6 +415,71 @@ mod tests {
 
     fn key(n: u8) -> SecretKey {
         SecretKey::from_seed([n; 32])
+    }
+
+    fn versioned(version: u64, expires: &str, extra: &str) -> DesiredConfig {
+        let text = format!("version = {version}\nexpires = {expires}\n{extra}");
+        DesiredConfig::parse(&text, "agents.toml").unwrap()
+    }
+
+    #[test]
+    fn times_round_trip_and_match_known_instants() {
+        for (text, unix) in [
+            ("1970-01-01T00:00:00Z", 0),
+            ("2000-02-29T12:00:00Z", 951_825_600),
+            ("2026-12-05T20:26:50Z", 1_796_502_410),
+            ("2100-03-01T00:00:00Z", 4_107_542_400),
+        ] {
+            let dt: toml::value::Datetime = text.parse().unwrap();
+            assert_eq!(unix_seconds(&dt), Ok(unix), "{text}");
+            assert_eq!(rfc3339(unix), text);
+        }
+        let east: toml::value::Datetime = "2026-12-06T04:26:50+08:00".parse().unwrap();
+        assert_eq!(unix_seconds(&east), Ok(1_796_502_410));
+        let local: toml::value::Datetime = "2026-12-06T04:26:50".parse().unwrap();
+        assert!(unix_seconds(&local).unwrap_err().contains("offset"));
+    }
+
+    #[test]
+    fn freshness_refuses_rollback_conflict_and_expiry() {
+        let now = 1_796_502_410; // 2026-12-05T20:26:50Z
+        let later = "2027-01-01T00:00:00Z";
+        let v5 = versioned(5, later, "");
+        let floor = Floor::of(&v5).unwrap();
+        assert_eq!(check_fresh(&v5, None, now), Ok(()), "first contact");
+        assert_eq!(check_fresh(&v5, Some(&floor), now), Ok(()), "the very file of the floor");
+        assert_eq!(check_fresh(&versioned(6, later, ""), Some(&floor), now), Ok(()));
+        let older = check_fresh(&versioned(4, later, ""), Some(&floor), now).unwrap_err();
+        assert_eq!(older, FreshError::Older { version: 4, highest: 5 });
+        assert!(older.to_string().contains("version 4 is older than 5"), "{older}");
+        let other = versioned(5, later, "# another file\n");
+        assert!(matches!(check_fresh(&other, Some(&floor), now), Err(FreshError::Conflict { version: 5, .. })));
+        let expired = check_fresh(&versioned(6, "2026-12-05T20:26:50Z", ""), Some(&floor), now).unwrap_err();
+        assert_eq!(expired, FreshError::Expired { version: 6, at: "2026-12-05T20:26:50Z".into() });
+        assert_eq!(check_fresh(&DesiredConfig::parse("", "a").unwrap(), None, now), Err(FreshError::NoVersion));
+        let no_expiry = DesiredConfig::parse("version = 3\n", "a").unwrap();
+        assert_eq!(check_fresh(&no_expiry, None, now), Err(FreshError::NoExpiry));
+    }
+
+    #[test]
+    fn floors_keep_the_highest_and_survive_their_text() {
+        let f = Floor { version: 7, hash: "abc".into() };
+        assert_eq!(Floor::parse(&f.to_text()), Some(f.clone()));
+        assert_eq!(Floor::parse("7"), None);
+        assert_eq!(Floor::parse("x abc"), None);
+        assert_eq!(Floor::parse("7 abc extra"), None);
+        assert_eq!(f.clone().max(Some(Floor { version: 9, hash: "d".into() })).version, 9);
+        assert_eq!(f.clone().max(Some(Floor { version: 3, hash: "d".into() })), f);
+    }
+
+    #[test]
+    fn bad_versions_and_expiries_are_refused_with_their_place() {
+        let e = DesiredConfig::parse("version = 0\n", "agents.toml").unwrap_err().to_string();
+        assert!(e.starts_with("agents.toml:1:11:") && e.contains("from 1 up"), "{e}");
+        let e = DesiredConfig::parse("expires = 2027-01-01\n", "agents.toml").unwrap_err().to_string();
+        assert!(e.contains("agents.toml:1:") && e.contains("offset"), "{e}");
+        let e = DesiredConfig::parse("version = \"5\"\n", "agents.toml").unwrap_err().to_string();
+        assert!(e.contains("agents.toml:1:"), "{e}");
     }
 
     #[test]

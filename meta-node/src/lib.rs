@@ -179,7 +179,8 @@ impl Node {
         stop: CancellationToken,
     ) -> Self {
         let path = settings.agents_path.clone();
-        let desired = Desired::new(config, signature, path, settings.trusted_keys.clone());
+        let floor = relay::floor::VersionFloor::open(&settings.data_dir);
+        let desired = Desired::new(config, signature, path, settings.trusted_keys.clone(), Some(floor));
         let cluster = settings.cluster.as_ref().map(|map| {
             assert!(map.index_of(&settings.id).is_some(), "main checks the id is in the cluster map");
             let c = membership::build(&settings, map, None, stop.child_token()).expect("the CA file is checked at start");

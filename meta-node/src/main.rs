@@ -85,6 +85,15 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
     let agents_path = cli.agents.clone().unwrap_or_else(default_agents);
     let keys = cli.trust.keys()?;
     let (config, signature) = ops_config::trust::load_signed(&agents_path, &keys).map_err(|e| e.to_string())?;
+    if !keys.is_empty() {
+        // Never start on an older signed file than one this node served; an expired one is
+        // served (updaters refuse it and keep what runs) with a warning, until a fresh one.
+        let floor = relay::floor::VersionFloor::open(&cli.data_dir);
+        floor.check_order(&config).map_err(|e| format!("{}: signed config refused: {e}", agents_path.display()))?;
+        if let Err(e) = floor.check(&config) {
+            tracing::warn!(file = %agents_path.display(), error = %e, "serving an expired signed config: updaters will not take it");
+        }
+    }
     let mut s = Settings::standalone(agents_path, cli.data_dir.clone());
     s.trusted_keys = keys;
     s.tls = cli.tls.server_config()?;

@@ -166,13 +166,20 @@ pub fn edit_rollout(text: &str, agent: &str, edit: Edit) -> Result<String, Failu
 /// against the hash it was read at. A signed config needs `--key` to sign the edit.
 pub fn rollout(s: &Server, agent: &str, edit: Edit, key: Option<&Path>, token: Option<&str>, json: bool) -> Result<(), Failure> {
     let (text, sig, hash) = served(s)?;
-    let edited = edit_rollout(&text, agent, edit)?;
+    let mut edited = edit_rollout(&text, agent, edit)?;
     if edited == text {
         println!("{agent}: nothing to change");
         return Ok(());
     }
     let new_sig = match (sig, key) {
-        (_, Some(key)) => Some(ops_config::trust::signature_header(&crate::sign_text(key, edited.as_bytes())?)),
+        (_, Some(key)) => {
+            // A signed edit is a new document: the next version, the expiry kept (30 days
+            // from now when the file had none).
+            let has_expiry = ops_config::DesiredConfig::parse(&edited, "agents.toml").is_ok_and(|c| c.expires().is_some());
+            let expires = if has_expiry { crate::stamp::Expires::Keep } else { crate::DEFAULT_EXPIRY };
+            edited = crate::stamp::stamp(&edited, crate::stamp::Version::Next, expires, crate::unix_now(), "agents.toml")?;
+            Some(ops_config::trust::signature_header(&crate::sign_text(key, edited.as_bytes())?))
+        }
         (Some(_), None) => {
             return Err(Failure::Usage("the served config is signed: give --key KEY to sign the edit (opsctl keygen)".into()));
         }

@@ -9,6 +9,7 @@
 
 mod config;
 mod fleet;
+mod stamp;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -101,15 +102,26 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Signs a config file's exact bytes into FILE.sig. During a key rotation sign with the
-    /// old key, then with the new one and --append: both lines are kept.
+    /// Sets FILE's `version` and `expires`, then signs its exact bytes into FILE.sig. During
+    /// a key rotation sign with the old key, then with the new one and --append: both lines
+    /// are kept, and the file is not changed.
     Sign {
         /// The secret key file (from `opsctl keygen`).
         #[arg(long)]
         key: PathBuf,
-        /// Keep the signature lines already in FILE.sig (other keys) and add this one.
+        /// Keep the signature lines already in FILE.sig (other keys) and add this one; the
+        /// file is signed as it is (its version and expires kept).
         #[arg(long)]
         append: bool,
+        /// The version the file will carry: next (one above the file's, 1 when none), keep,
+        /// or a number. Meta nodes, relays and updaters refuse a version below one they
+        /// verified; a rollback is the old text signed at a higher version.
+        #[arg(long)]
+        version: Option<stamp::Version>,
+        /// When the signed file stops being current: a duration from now (30d, 12h), a time
+        /// (2027-01-05T00:00:00Z), or keep. Sign again before then.
+        #[arg(long)]
+        expires: Option<stamp::Expires>,
         /// The file to sign (agents.toml).
         file: PathBuf,
     },
@@ -185,10 +197,32 @@ fn keygen(out: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-fn sign(key: &Path, append: bool, file: &Path) -> Result<(), Failure> {
+/// How long a file signed without `--expires` stays current.
+pub const DEFAULT_EXPIRY: stamp::Expires = stamp::Expires::In(30 * 86_400);
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn sign(key: &Path, append: bool, version: Option<stamp::Version>, expires: Option<stamp::Expires>, file: &Path) -> Result<(), Failure> {
     let key_text = String::from_utf8(read(key)?).map_err(|_| Failure::Usage(format!("{}: not a key file", key.display())))?;
     let key = SecretKey::parse(&key_text).ok_or_else(|| Failure::Usage(format!("{}: not an opsctl secret key", key.display())))?;
-    let bytes = read(file)?;
+    let text = String::from_utf8(read(file)?).map_err(|_| Failure::Refused(format!("{}: not UTF-8 text", file.display())))?;
+    let name = file.display().to_string();
+    let (version, expires) = match (append, version, expires) {
+        (true, None | Some(stamp::Version::Keep), None | Some(stamp::Expires::Keep)) => (stamp::Version::Keep, stamp::Expires::Keep),
+        (true, _, _) => {
+            return Err(Failure::Usage(
+                "--append signs the file as it is: --version and --expires would change the bytes the other signatures cover".into(),
+            ));
+        }
+        (false, v, e) => (v.unwrap_or(stamp::Version::Next), e.unwrap_or(DEFAULT_EXPIRY)),
+    };
+    let stamped = stamp::stamp(&text, version, expires, unix_now(), &name)?;
+    if stamped != text {
+        write_atomically(file, stamped.as_bytes())?;
+    }
+    let bytes = stamped.into_bytes();
     let sig_path = signature_path(file);
     let mut lines: Vec<String> = Vec::new();
     if append && let Ok(old) = std::fs::read_to_string(&sig_path) {
@@ -203,11 +237,28 @@ fn sign(key: &Path, append: bool, file: &Path) -> Result<(), Failure> {
         file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         lines.join("\n")
     );
-    let tmp = PathBuf::from(format!("{}.tmp", sig_path.display()));
-    std::fs::write(&tmp, &text)
-        .and_then(|()| std::fs::rename(&tmp, &sig_path))
-        .map_err(|e| Failure::Usage(format!("{}: {e}", sig_path.display())))?;
-    println!("{}: signed by {} ({} signature line(s))", sig_path.display(), key.public_text(), lines.len());
+    write_atomically(&sig_path, text.as_bytes())?;
+    let config = ops_config::DesiredConfig::parse(&String::from_utf8_lossy(&bytes), &name).map_err(|e| Failure::Refused(e.to_string()))?;
+    println!("{}: {}, signed by {} ({} signature line(s))", sig_path.display(), version_text(&config), key.public_text(), lines.len());
+    Ok(())
+}
+
+/// `version N expires T` of a config, as `sign` and `verify` print it.
+fn version_text(config: &ops_config::DesiredConfig) -> String {
+    let expires = config.expires().map(ops_config::trust::rfc3339).unwrap_or_else(|| "never".into());
+    format!("version {} expires {expires}", config.version().map_or("none".to_owned(), |v| v.to_string()))
+}
+
+/// Writes `path` through a synced temporary file renamed over it, then syncs the directory.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
+    let fail = |e: std::io::Error| Failure::Usage(format!("{}: {e}", path.display()));
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
+    }
     Ok(())
 }
 
@@ -234,7 +285,15 @@ fn verify(keys: &[String], files: &[PathBuf], file: &Path) -> Result<(), Failure
     let text = String::from_utf8(read(file)?).map_err(|_| Failure::Refused(format!("{}: not UTF-8 text", file.display())))?;
     let sig = std::fs::read_to_string(signature_path(file)).ok();
     let config = parse_signed(&text, sig.as_deref(), &keys, &file.display().to_string()).map_err(|e| Failure::Refused(e.to_string()))?;
-    println!("{}: signature good, config valid (hash {}, {} agents)", file.display(), config.hash(), config.agents().len());
+    // What every party checks next (with no floor: this file alone).
+    ops_config::trust::check_fresh(&config, None, unix_now()).map_err(|e| Failure::Refused(format!("{}: {e}", file.display())))?;
+    println!(
+        "{}: signature good, config valid ({}, hash {}, {} agents)",
+        file.display(),
+        version_text(&config),
+        config.hash(),
+        config.agents().len()
+    );
     Ok(())
 }
 
@@ -250,7 +309,7 @@ fn main() -> ExitCode {
     let json = cli.json;
     let result = match &cli.command {
         Command::Keygen { out } => keygen(out),
-        Command::Sign { key, append, file } => sign(key, *append, file),
+        Command::Sign { key, append, version, expires, file } => sign(key, *append, *version, *expires, file),
         Command::Verify { trusted_key, trusted_keys_file, file } => verify(trusted_key, trusted_keys_file, file),
         Command::Status { agent } => server().and_then(|s| whole(fleet::status(&s, agent.as_deref(), json))),
         Command::Hosts { agent, state, version, prefix, status, relay } => server().and_then(|s| {

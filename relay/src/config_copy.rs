@@ -33,6 +33,8 @@ pub struct ConfigCopy {
     cache_base: Option<String>,
     /// The highest config generation taken from a meta node (since start).
     generation: std::sync::atomic::AtomicU64,
+    /// With keys: the highest signed version taken, kept in the data dir (`crate::floor`).
+    floor: Option<crate::floor::VersionFloor>,
 }
 
 impl ConfigCopy {
@@ -42,7 +44,16 @@ impl ConfigCopy {
     /// it has one.
     pub fn open(dir: &Path, keys: TrustedKeys, cache_base: Option<String>) -> Self {
         let path = dir.join(FILE_NAME);
-        let current = match ops_config::trust::load_signed(&path, &keys) {
+        let floor = (!keys.is_empty()).then(|| crate::floor::VersionFloor::open(dir));
+        let on_disk = ops_config::trust::load_signed(&path, &keys).and_then(|(config, signature)| {
+            // An expired copy still answers until a meta node gives a fresh one (the updaters
+            // refuse it); an older one than taken before is not served.
+            match floor.as_ref().map_or(Ok(()), |f| f.check_order(&config)) {
+                Ok(()) => Ok((config, signature)),
+                Err(e) => Err(ops_config::ConfigError::File { file: path.display().to_string(), message: e.to_string() }),
+            }
+        });
+        let current = match on_disk {
             Ok((config, signature)) => {
                 tracing::info!(hash = config.hash(), file = %path.display(), "desired config loaded from the local copy");
                 Some(Arc::new(Loaded::build(config, signature, 1, cache_base.as_deref())))
@@ -63,6 +74,7 @@ impl ConfigCopy {
             last_good: AtomicUsize::new(0),
             cache_base,
             generation: Default::default(),
+            floor,
         }
     }
 
@@ -79,6 +91,9 @@ impl ConfigCopy {
     /// temporary file + rename) so the disk copy is never newer than what is served, nor torn.
     pub fn install(&self, text: &str, signature: Option<&str>, source: &str) -> Result<Arc<Loaded>, String> {
         let config = parse_signed(text, signature, &self.keys, source).map_err(|e| e.to_string())?;
+        if let Some(f) = &self.floor {
+            f.check(&config).map_err(|e| format!("{source}: signed config refused: {e}"))?;
+        }
         let keep = |name: &str, bytes: &[u8]| {
             crate::write_atomically(&self.dir.join(name), bytes)
                 .map_err(|e| format!("cannot keep config copy in {}: {e}", self.dir.display()))
@@ -94,6 +109,9 @@ impl ConfigCopy {
         let generation = self.current.load().as_ref().map_or(1, |l| l.generation.wrapping_add(1).max(1));
         let loaded = Arc::new(Loaded::build(config, signature.map(str::to_owned), generation, self.cache_base.as_deref()));
         self.current.store(Some(loaded.clone()));
+        if let Some(f) = &self.floor {
+            f.raise(&loaded.config).map_err(|e| format!("cannot keep the signed config version in {}: {e}", self.dir.display()))?;
+        }
         Ok(loaded)
     }
 
@@ -188,6 +206,31 @@ mod tests {
         assert!(!dir.path().join("agents.toml.tmp").exists());
     }
 
+    /// [`GOOD`] at a signed version.
+    fn versioned(version: u64) -> String {
+        format!("version = {version}\nexpires = 2999-01-01T00:00:00Z\n{GOOD}")
+    }
+
+    #[test]
+    fn with_keys_an_older_signed_copy_is_refused_and_the_floor_survives_a_restart() {
+        let key = ops_config::trust::SecretKey::from_seed([3; 32]);
+        let keys = TrustedKeys::load(&[key.public_text()], &[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let copy = ConfigCopy::open(dir.path(), keys.clone(), None);
+        let signed = |text: &str| ops_config::trust::signature_header(&key.sign(text.as_bytes()));
+        let (v4, v5) = (versioned(4), versioned(5));
+        copy.install(&v5, Some(&signed(&v5)), "m1").unwrap();
+        let e = copy.install(&v4, Some(&signed(&v4)), "m2").err().expect("refused");
+        assert!(e.contains("version 4 is older than 5"), "{e}");
+        assert_eq!(copy.hash().unwrap(), ops_config::content_hash(v5.as_bytes()), "the newer copy is kept");
+        let again = ConfigCopy::open(dir.path(), keys.clone(), None);
+        assert!(again.install(&v4, Some(&signed(&v4)), "m2").is_err(), "the floor is kept on disk");
+        // An older copy put on disk by hand while the relay was down is not served at start.
+        std::fs::write(dir.path().join(FILE_NAME), &v4).unwrap();
+        std::fs::write(dir.path().join(SIG_NAME), ops_config::trust::signature_file(&signed(&v4))).unwrap();
+        assert!(ConfigCopy::open(dir.path(), keys, None).current().is_none());
+    }
+
     #[test]
     fn with_keys_only_a_signed_copy_is_taken_or_reloaded_from_disk() {
         let key = ops_config::trust::SecretKey::from_seed([3; 32]);
@@ -199,11 +242,12 @@ mod tests {
         let other = ops_config::trust::SecretKey::from_seed([4; 32]);
         assert!(copy.install(GOOD, Some(&other.sign(GOOD.as_bytes())), "m1").err().unwrap().contains("not trusted"));
         assert!(copy.current().is_none() && !dir.path().join(FILE_NAME).exists(), "a refused copy changes nothing");
-        let sig = ops_config::trust::signature_header(&key.sign(GOOD.as_bytes()));
-        copy.install(GOOD, Some(&sig), "m1").unwrap();
+        let good = versioned(1);
+        let sig = ops_config::trust::signature_header(&key.sign(good.as_bytes()));
+        copy.install(&good, Some(&sig), "m1").unwrap();
         assert_eq!(ConfigCopy::open(dir.path(), keys.clone(), None).hash(), copy.hash());
         // A copy edited on disk is refused at the next start.
-        std::fs::write(dir.path().join(FILE_NAME), GOOD.replace("\"1\"", "\"2\"")).unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), good.replace("\"1\"", "\"2\"")).unwrap();
         assert!(ConfigCopy::open(dir.path(), keys, None).current().is_none());
     }
 }

@@ -106,13 +106,39 @@ pub struct Desired {
     current: ArcSwap<Loaded>,
     path: PathBuf,
     keys: TrustedKeys,
+    /// With keys: the highest signed version taken (`crate::floor`); nothing older is taken.
+    floor: Option<crate::floor::VersionFloor>,
     reload_lock: Mutex<()>,
 }
 
 impl Desired {
-    /// `config` and `signature` as `ops_config::trust::load_signed` read them from `path`.
-    pub fn new(config: DesiredConfig, signature: Option<String>, path: PathBuf, keys: TrustedKeys) -> Self {
-        Desired { current: ArcSwap::from_pointee(Loaded::signed(config, signature, 1)), path, keys, reload_lock: Mutex::new(()) }
+    /// `config` and `signature` as `ops_config::trust::load_signed` read them from `path`;
+    /// with keys, `floor` is raised to it (the caller checked it against the floor first).
+    pub fn new(
+        config: DesiredConfig,
+        signature: Option<String>,
+        path: PathBuf,
+        keys: TrustedKeys,
+        floor: Option<crate::floor::VersionFloor>,
+    ) -> Self {
+        let floor = floor.filter(|_| !keys.is_empty());
+        if let Some(f) = &floor
+            && let Err(e) = f.raise(&config)
+        {
+            tracing::error!(error = %e, "cannot keep the signed config version");
+        }
+        Desired { current: ArcSwap::from_pointee(Loaded::signed(config, signature, 1)), path, keys, floor, reload_lock: Mutex::new(()) }
+    }
+
+    /// Ok when `config` (its signature verified) may be taken: with keys, not older than the
+    /// highest version taken, not another file at that version, not expired.
+    pub fn check_fresh(&self, config: &DesiredConfig) -> Result<(), ops_config::trust::FreshError> {
+        self.floor.as_ref().map_or(Ok(()), |f| f.check(config))
+    }
+
+    /// The highest signed version taken (with keys).
+    pub fn floor(&self) -> Option<ops_config::trust::Floor> {
+        self.floor.as_ref().and_then(|f| f.current())
     }
 
     pub fn current(&self) -> Arc<Loaded> {
@@ -133,9 +159,16 @@ impl Desired {
     pub fn reload(&self) -> Result<Arc<Loaded>, ConfigError> {
         let _one_at_a_time = self.reload_lock.lock();
         let (config, signature) = ops_config::trust::load_signed(&self.path, &self.keys)?;
+        self.check_fresh(&config)
+            .map_err(|e| ConfigError::File { file: self.path.display().to_string(), message: format!("signed config refused: {e}") })?;
         let generation = self.current.load().generation.wrapping_add(1).max(1);
         let loaded = Arc::new(Loaded::signed(config, signature, generation));
         self.current.store(loaded.clone());
+        if let Some(f) = &self.floor
+            && let Err(e) = f.raise(&loaded.config)
+        {
+            tracing::error!(error = %e, "cannot keep the signed config version");
+        }
         Ok(loaded)
     }
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cluster_copy;
 pub mod config_copy;
 pub mod desired;
+pub mod floor;
 pub mod forward;
 pub mod ingest;
 pub mod metrics;
@@ -53,7 +54,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     std::fs::write(&tmp, bytes)?;
     std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    // The rename itself is durable only once the directory is synced.
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 /// Everything a relay is told at start.

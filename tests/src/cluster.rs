@@ -135,7 +135,10 @@ impl Cluster {
     /// order), with the reason on stderr; only while no node or relay runs, and with the data
     /// dirs of nodes that ran under the old map cleared.
     fn move_to_new_ports(&mut self, why: &str) {
-        eprintln!("a port of this test cluster ({:?}) was taken by another program; moving the cluster to new ports once:\n{why}", self.ports);
+        eprintln!(
+            "a port of this test cluster ({:?}) was taken by another program; moving the cluster to new ports once:\n{why}",
+            self.ports
+        );
         for (i, m) in self.metas.iter_mut().enumerate() {
             *m = None;
             let _ = std::fs::remove_dir_all(self.dir.path().join(format!("data-meta-{}", i + 1)));

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use ops_config::trust::{SIGNATURE_HEADER, TrustedKeys};
+use ops_config::trust::{Floor, SIGNATURE_HEADER, TrustedKeys};
 use ops_config::wire::{valid_agent_name, valid_version};
 use ops_config::{DesiredAgent, DesiredConfig, Heartbeat, HeartbeatReply, RealAgent};
 
@@ -63,14 +63,36 @@ struct Kept {
 const STATE_FILE: &str = "state.json";
 /// The last signed config fetched and verified (with `.sig` beside it), kept across restarts.
 const SIGNED_FILE: &str = "signed-agents.toml";
+/// The highest signed version verified here and its hash (`VERSION HASH`): written, synced,
+/// before the config itself, so no crash and no damaged config file lets an older signed
+/// config in afterwards.
+const FLOOR_FILE: &str = "signed-version";
 
-/// Writes `{dir}/{name}` through a temporary file and a rename: a reader sees the old or the
-/// new content, never half.
+/// Writes `{dir}/{name}` through a synced temporary file, a rename and a sync of the
+/// directory: a reader sees the old or the new content, never half, and a crash after the
+/// return cannot take the new content back.
 fn keep_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!("{name}.tmp"));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, dir.join(name))
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Logs why a verified signed config was not taken; a conflict (two files signed at one
+/// version) is an operator's error and said louder.
+fn log_refusal(e: &ops_config::trust::FreshError) {
+    match e {
+        ops_config::trust::FreshError::Conflict { .. } => tracing::error!(error = %e, "two signed configs at one version"),
+        _ => tracing::warn!(error = %e, "signed config not taken"),
+    }
 }
 
 /// `http://host:port` (or the scheme given) of a `--server` entry.
@@ -93,6 +115,9 @@ pub struct Updater {
     errors: HashMap<String, String>,
     /// The signed config last verified (only with trusted keys).
     signed: Option<DesiredConfig>,
+    /// The highest signed version verified here (kept in `FLOOR_FILE`): nothing below it,
+    /// and no other file at it, is taken again.
+    floor: Option<Floor>,
     pub(crate) watch: HashMap<String, crate::health::Watch>,
     pub(crate) reverted: HashMap<String, crate::health::Reverted>,
     /// The pins as last read, or why the pin file could not be read (then every agent is held).
@@ -195,6 +220,14 @@ impl Updater {
             },
             _ => None,
         };
+        let floor = settings.state_dir.as_deref().and_then(|dir| {
+            let kept = std::fs::read_to_string(dir.join(FLOOR_FILE)).ok().and_then(|t| Floor::parse(&t));
+            let held = signed.as_ref().and_then(Floor::of);
+            match (kept, held) {
+                (Some(k), h) => Some(k.max(h)),
+                (None, h) => h,
+            }
+        });
         Updater {
             settings,
             fetcher,
@@ -203,6 +236,7 @@ impl Updater {
             known: kept.desired,
             errors: kept.errors,
             signed,
+            floor,
             watch: kept.watch,
             reverted: kept.reverted,
             pins: Ok(Pins::default()),
@@ -252,6 +286,23 @@ impl Updater {
         let text = r.text().await.map_err(|e| format!("GET {url}: {e}"))?;
         let config = ops_config::trust::parse_signed(&text, signature.as_deref(), &self.settings.trusted_keys, &url)
             .map_err(|e| format!("signed config refused: {e}"))?;
+        // Signed is not enough: an older signed file (a rollback by whoever answers), another
+        // file at the same version, or an expired one is not taken.
+        ops_config::trust::check_fresh(&config, self.floor.as_ref(), unix_now()).map_err(|e| {
+            log_refusal(&e);
+            format!("signed config refused: {e}")
+        })?;
+        let floor = Floor::of(&config).expect("check_fresh wants a version");
+        if self.floor.as_ref() != Some(&floor) {
+            if let Some(dir) = &self.settings.state_dir {
+                // The floor first: once it is on disk, nothing older gets in, whatever happens
+                // to the files below.
+                if let Err(e) = keep_file(dir, FLOOR_FILE, floor.to_text().as_bytes()) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the signed version");
+                }
+            }
+            self.floor = Some(floor);
+        }
         if let (Some(dir), Some(sig)) = (&self.settings.state_dir, &signature) {
             let sig_name = format!("{SIGNED_FILE}.sig");
             let kept = keep_file(dir, &sig_name, ops_config::trust::signature_file(sig).as_bytes())
@@ -260,7 +311,7 @@ impl Updater {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the signed config");
             }
         }
-        tracing::info!(hash = config.hash(), from = %url, "signed config verified");
+        tracing::info!(hash = config.hash(), version = config.version(), from = %url, "signed config verified");
         if config.hash() != hash {
             tracing::warn!(reply = hash, fetched = config.hash(), "the server's reply and its config differ (a reload in between?)");
         }
@@ -274,7 +325,12 @@ impl Updater {
             return Ok(());
         }
         match &self.signed {
-            Some(config) => ops_config::trust::allows(config, &self.settings.hostname, d).map_err(|e| format!("refused: {e}")),
+            // The config held may have expired since it was taken: nothing changes by it then
+            // (what runs keeps running) until the operator signs a fresh one.
+            Some(config) => match ops_config::trust::check_fresh(config, None, unix_now()) {
+                Err(e) => Err(format!("refused: agent {} {}: {e}; nothing is changed until then", d.name, d.version)),
+                Ok(()) => ops_config::trust::allows(config, &self.settings.hostname, d).map_err(|e| format!("refused: {e}")),
+            },
             None => Err(format!("refused: agent {} {}: no verified signed config to check it against", d.name, d.version)),
         }
     }

@@ -214,6 +214,9 @@ pub async fn local_step(node: &Arc<Node>, generation: Option<u64>, text: &str, s
         let path = n.desired.path().to_owned();
         let config = ops_config::trust::parse_signed(&text, sig.as_deref(), &n.settings.trusted_keys, &path.display().to_string())
             .map_err(|e| e.to_string())?;
+        // Signed is not enough: an older signed file, another one at the same version, or an
+        // expired one is refused here as on every relay and updater.
+        n.desired.check_fresh(&config).map_err(|e| format!("{}: signed config refused: {e}", path.display()))?;
         if let Some(g) = generation {
             let previous = n.desired.current();
             n.generations.write(&path, &text, sig.as_deref(), g)?;
