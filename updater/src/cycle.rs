@@ -228,6 +228,9 @@ impl Updater {
                 (None, h) => h,
             }
         });
+        // A kept file below the floor (the floor is written first, so a crash between the two
+        // leaves the older file) is not checked against: the next reply fetches the newer one.
+        let signed = signed.filter(|c| floor.as_ref().is_none_or(|f| c.version().is_some_and(|v| v >= f.version)));
         Updater {
             settings,
             fetcher,
