@@ -13,6 +13,7 @@ pub mod agents;
 pub mod cache;
 pub mod cluster;
 pub mod compact;
+pub mod disk;
 mod hash;
 mod location;
 pub mod rollout;

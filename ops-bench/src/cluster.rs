@@ -55,9 +55,9 @@ impl Started {
         loop {
             if let Some(status) = self.child.try_wait()? {
                 let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                bail!("{} exited ({status}) before answering /health on {}: {}", self.name, self.addr, tail.join("\n"));
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+                bail!("{} exited ({status}) before answering /health on {}: {tail}", self.name, self.addr);
             }
             if health_ok(self.addr) {
                 return Ok(());

@@ -249,17 +249,9 @@ fn version_text(config: &ops_config::DesiredConfig) -> String {
     format!("version {} expires {expires}", config.version().map_or("none".to_owned(), |v| v.to_string()))
 }
 
-/// Writes `path` through a synced temporary file renamed over it, then syncs the directory.
+/// [`ops_config::disk::write_atomically`], with the path in the error.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
-    let fail = |e: std::io::Error| Failure::Usage(format!("{}: {e}", path.display()));
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
-    }
-    Ok(())
+    ops_config::disk::write_atomically(path, bytes).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
 }
 
 /// The signature line of `bytes` by the key in `key` (a `.sig` file's text).

@@ -19,7 +19,7 @@ pub mod rollout;
 pub mod server;
 pub mod tls;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -43,24 +43,7 @@ pub fn unix_now() -> u32 {
     u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
-/// Writes `bytes` to `{path}.tmp`, syncs it and renames it over `path`: a crash leaves the
-/// old file or the new one, never a torn one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&tmp, bytes)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    // The rename itself is durable only once the directory is synced.
-    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
-}
+pub use ops_config::disk::write_atomically;
 
 /// Everything a relay is told at start.
 #[derive(Debug, Clone)]

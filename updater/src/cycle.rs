@@ -68,18 +68,9 @@ const SIGNED_FILE: &str = "signed-agents.toml";
 /// config in afterwards.
 const FLOOR_FILE: &str = "signed-version";
 
-/// Writes `{dir}/{name}` through a synced temporary file, a rename and a sync of the
-/// directory: a reader sees the old or the new content, never half, and a crash after the
-/// return cannot take the new content back.
+/// Writes `{dir}/{name}` whole and durably (`ops_config::disk::write_atomically`).
 fn keep_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
+    ops_config::disk::write_atomically(&dir.join(name), bytes)
 }
 
 fn unix_now() -> u64 {
