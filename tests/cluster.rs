@@ -797,3 +797,222 @@ fn cluster_map_generations_bring_a_node_along_and_show_divergence() {
     assert_eq!(code, 0, "{out}{err}");
     eventually(Duration::from_secs(20), || listed_once(c.meta(1), &hosts).ok()).expect("whole after the repair");
 }
+
+/// `POST /internal/cluster/prepare` of `text` with signature `sig` (header form) and `token`.
+fn prepare_signed(m: &Meta, text: &str, sig: Option<&str>, token: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::blocking::Client::new().post(m.url("/internal/cluster/prepare")).body(text.to_owned());
+    if let Some(s) = sig {
+        req = req.header(ops_config::trust::SIGNATURE_HEADER, s);
+    }
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// The signature lines of `file`'s `.sig` in header form.
+fn sig_header(file: &Path) -> String {
+    ops_config::trust::signature_header(&std::fs::read_to_string(ops_config::trust::signature_path(file)).unwrap())
+}
+
+/// A second operator key, made here and trusted by nobody: what an attacker signs with.
+fn rogue_key(dir: &Path) -> ops_config::trust::SecretKey {
+    let path = dir.join("rogue.key");
+    assert_eq!(opsctl(&["keygen", "--out", &path.display().to_string()]).0, 0);
+    ops_config::trust::SecretKey::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// With trusted keys, cluster.toml changes only by the operator's signature: an unsigned or
+/// wrongly signed map is refused by the coordinator and by every node's prepare, even with
+/// the cluster token; an older signed one is refused as a rollback; the signed next version
+/// is taken by every node at its own version as generation, and the relay follows it and
+/// keeps its signature.
+#[test]
+fn with_trusted_keys_only_a_signed_newer_cluster_map_is_taken() {
+    let c = Cluster::up_signed(2, 1, AGENTS);
+    let v1 = std::fs::read_to_string(c.cluster_file()).unwrap();
+    let v1_sig = sig_header(&c.cluster_file());
+    let v1_hash = ops_config::content_hash(v1.as_bytes());
+    for m in c.running() {
+        let h = get_json(&m.url("/health")).1;
+        assert_eq!((h["clusterGeneration"].as_u64(), h["configGeneration"].as_u64()), (Some(1), Some(1)), "versions: {h}");
+    }
+    let served = get(&c.meta(0).url("/cluster/map")).unwrap();
+    assert_eq!(served.headers()[ops_config::trust::SIGNATURE_HEADER].to_str().unwrap(), v1_sig, "the map is served with its signature");
+
+    // The operator's edit, not signed: refused by the coordinator, nothing changed.
+    let edited = v1.replace("vnodes = 1000", "vnodes = 900");
+    std::fs::write(c.cluster_file(), &edited).unwrap();
+    let (status, r) = get_json_auth(&c.meta(0).url("/cluster/reload?all=1"), TOKEN);
+    assert_eq!(status, 400, "{r}");
+    assert!(r["errorMessage"].as_str().unwrap().contains("does not match"), "{r}");
+    // Straight to a node's prepare with the cluster token: unsigned, rogue-signed.
+    let (status, r) = prepare_signed(c.meta(1), &edited, None, Some(TOKEN));
+    assert_eq!(status, 409, "{r}");
+    assert!(r["errorMessage"].as_str().unwrap().contains("no signature"), "{r}");
+    let rogue = rogue_key(c.dir.path());
+    let (status, r) = prepare_signed(c.meta(1), &edited, Some(&rogue.sign(edited.as_bytes())), Some(TOKEN));
+    assert_eq!(status, 409, "{r}");
+    assert!(r["errorMessage"].as_str().unwrap().contains("not trusted"), "{r}");
+    assert_eq!(map_generations(&c), vec![(1, v1_hash.clone()); 2], "nothing changed");
+
+    // Signed at the next version: taken everywhere, at generation 2.
+    let v2 = c.sign(&c.cluster_file(), &[]);
+    let v2_hash = ops_config::content_hash(v2.as_bytes());
+    let (status, r) = get_json_auth(&c.meta(0).url("/cluster/reload?all=1"), TOKEN);
+    assert_eq!((status, r["generation"].as_u64()), (200, Some(2)), "{r}");
+    assert_eq!(map_generations(&c), vec![(2, v2_hash.clone()); 2]);
+    for i in 0..2 {
+        assert_eq!(
+            std::fs::read_to_string(c.dir.path().join(format!("data-meta-{}/cluster-version", i + 1))).unwrap(),
+            format!("2 {v2_hash}\n")
+        );
+    }
+    let relay = &c.relays[0];
+    let followed = eventually(Duration::from_secs(20), || {
+        let h = get_json(&relay.url("/health")).1;
+        (h["clusterHash"] == v2_hash.as_str() && h["clusterGeneration"] == 2).then_some(())
+    });
+    assert!(followed.is_some(), "the relay follows the signed map: {}", get_json(&relay.url("/health")).1);
+    let relay_dir = c.dir.path().join("relay-1");
+    assert_eq!(std::fs::read_to_string(relay_dir.join("cluster.toml")).unwrap(), v2);
+    assert_eq!(sig_header(&relay_dir.join("cluster.toml")), sig_header(&c.cluster_file()));
+    assert_eq!(std::fs::read_to_string(relay_dir.join("cluster-version")).unwrap(), format!("2 {v2_hash}\n"));
+
+    // The first map again, validly signed: a rollback, refused.
+    let (status, r) = prepare_signed(c.meta(1), &v1, Some(&v1_sig), Some(TOKEN));
+    assert_eq!(status, 409, "{r}");
+    assert!(r["errorMessage"].as_str().unwrap().contains("version 1 is older than 2"), "{r}");
+    assert_eq!(map_generations(&c), vec![(2, v2_hash); 2]);
+}
+
+/// What answers on a peer's address in place of the peer. It says it is `meta-2` with ever
+/// higher config and cluster generations, and serves, in turn, the operator's own older
+/// signed files (a rollback) and files signed by a key nobody trusts (a config that runs
+/// everything as root, a map with a node of its own); everything else gets 503.
+struct FakePeer {
+    served: std::sync::Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+}
+
+impl FakePeer {
+    fn start(listener: std::net::TcpListener, configs: [(String, String); 2], maps: [(String, String); 2]) -> FakePeer {
+        let served: std::sync::Arc<std::sync::Mutex<BTreeMap<String, usize>>> = Default::default();
+        let count = served.clone();
+        std::thread::spawn(move || {
+            let mut generation = 100u64;
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let Some((line, _)) = ops_e2e::read_http_request(&mut stream) else { continue };
+                let path = line.split(' ').nth(1).unwrap_or("").split('?').next().unwrap_or("").to_owned();
+                let n = {
+                    let mut c = count.lock().unwrap();
+                    let n = c.entry(path.clone()).or_default();
+                    *n += 1;
+                    *n
+                };
+                let (code, extra, body) = match path.as_str() {
+                    "/health" => {
+                        generation += 1;
+                        let h = json!({"id": "meta-2", "status": "ok", "configGeneration": generation, "configHash": "f",
+                            "clusterGeneration": generation, "clusterHash": "f"});
+                        (200, String::new(), h.to_string())
+                    }
+                    "/config/desired" => {
+                        let (text, sig) = &configs[n % 2];
+                        (200, format!("x-ops-signature: {sig}\r\n"), text.clone())
+                    }
+                    "/cluster/map" => {
+                        let (text, sig) = &maps[n % 2];
+                        (200, format!("x-ops-signature: {sig}\r\nx-ops-cluster-generation: {generation}\r\n"), text.clone())
+                    }
+                    _ => (503, String::new(), "{}".to_owned()),
+                };
+                let head = format!("HTTP/1.1 {code} X\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n", body.len());
+                let _ = std::io::Write::write_all(&mut stream, head.as_bytes());
+                let _ = std::io::Write::write_all(&mut stream, body.as_bytes());
+            }
+        });
+        FakePeer { served }
+    }
+
+    fn served(&self, path: &str) -> usize {
+        self.served.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+/// The attack of issue 24, with trusted keys: a process on meta-2's address offers meta-1
+/// newer generations of older signed files and of files signed by another key. Nothing is
+/// taken: meta-1's files, signatures, hashes and versions stay as they were, as do the
+/// relay's, and the node the fake's map names never hears from anyone. Whoever holds the
+/// cluster token (a stolen relay or node credential) cannot change the map either; without
+/// it, not even ask.
+#[test]
+fn a_fake_peer_on_a_nodes_address_changes_no_file_hash_or_version() {
+    let mut c = Cluster::signed_files(2, AGENTS);
+    // The operator's first documents, kept to be replayed, then the next versions, served.
+    let old_config = (c.agents.clone(), sig_header(&c.agents_file(0)));
+    let old_map = (std::fs::read_to_string(c.cluster_file()).unwrap(), sig_header(&c.cluster_file()));
+    c.sign_agents(&[]);
+    c.sign(&c.cluster_file(), &[]);
+    let rogue = rogue_key(c.dir.path());
+    let evil_node = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    evil_node.set_nonblocking(true).unwrap();
+    let evil_map = format!(
+        "{}[[node]]\nid = \"meta-evil\"\naddr = \"{}\"\n",
+        old_map.0.replace("version = 1", "version = 99"),
+        evil_node.local_addr().unwrap()
+    );
+    let evil_config =
+        format!("version = 99\nexpires = 2999-01-01T00:00:00Z\n{}", AGENTS.replace("run_user = \"falcon\"", "run_user = \"root\""));
+    let fake = FakePeer::start(
+        std::net::TcpListener::bind(("127.0.0.1", c.ports[1])).unwrap(),
+        [old_config.clone(), (evil_config.clone(), rogue.sign(evil_config.as_bytes()))],
+        [old_map.clone(), (evil_map.clone(), rogue.sign(evil_map.as_bytes()))],
+    );
+    c.start_meta(0);
+    c.start_relay(0);
+    let files = |c: &Cluster| -> Vec<Vec<u8>> {
+        let (a, m) = (c.agents_file(0), c.cluster_file());
+        [a.clone(), ops_config::trust::signature_path(&a), m.clone(), ops_config::trust::signature_path(&m)]
+            .iter()
+            .map(|p| std::fs::read(p).unwrap())
+            .collect()
+    };
+    let before = files(&c);
+    let health = |url: String| {
+        let h = get_json(&url).1;
+        (h["configHash"].clone(), h["configGeneration"].clone(), h["clusterHash"].clone(), h["clusterGeneration"].clone())
+    };
+    let meta_before = health(c.meta(0).url("/health"));
+    assert_eq!((meta_before.1.as_u64(), meta_before.3.as_u64()), (Some(2), Some(2)), "{meta_before:?}");
+    // Both of each kind offered, at ever newer generations.
+    let offered =
+        eventually(Duration::from_secs(40), || (fake.served("/config/desired") >= 3 && fake.served("/cluster/map") >= 3).then_some(()));
+    assert!(offered.is_some(), "the fake's documents were fetched: {:?}", fake.served.lock().unwrap());
+    assert_eq!(files(&c), before, "meta-1's files and signatures are as they were");
+    assert_eq!(health(c.meta(0).url("/health")), meta_before, "meta-1 serves what it served");
+    let log = c.meta(0).proc.log();
+    assert!(log.contains("version 1 is older than 2"), "the replayed files are refused as rollbacks: {log}");
+    assert!(log.contains("not trusted here"), "the rogue-signed files are refused: {log}");
+    assert!(log.contains("a peer serves a newer cluster map, which this node refuses"), "maps are among them: {log}");
+    assert!(log.contains("a peer serves a newer config generation, which this node refuses"), "configs too: {log}");
+    let relay = &c.relays[0];
+    let rh = get_json(&relay.url("/health")).1;
+    assert_eq!((rh["configHash"].clone(), rh["clusterHash"].clone()), (meta_before.0.clone(), meta_before.2.clone()), "{rh}");
+    assert!(!c.dir.path().join("relay-1/cluster.toml").exists(), "the relay learnt no other map");
+
+    // A fake relay (no token), then a stolen credential (the token): the map does not move.
+    let (status, _) = prepare_signed(c.meta(0), &evil_map, Some(&rogue.sign(evil_map.as_bytes())), None);
+    assert_eq!(status, 401);
+    let (status, r) = prepare_signed(c.meta(0), &evil_map, Some(&rogue.sign(evil_map.as_bytes())), Some(TOKEN));
+    assert_eq!(status, 409, "{r}");
+    let (status, r) =
+        post_json_auth(&c.meta(0).url("/internal/config/write?generation=18446744073709551615"), Some(TOKEN), evil_config.clone());
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(files(&c), before);
+    assert_eq!(health(c.meta(0).url("/health")), meta_before);
+    // The node of the fake's map was never contacted: no request, no token.
+    assert!(evil_node.accept().is_err(), "nothing connected to meta-evil");
+}

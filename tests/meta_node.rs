@@ -507,3 +507,23 @@ fn an_oversize_heartbeat_always_gets_its_413() {
     let (_, metrics) = get_text(&meta.url("/metrics"));
     assert!(metrics.contains("ops_meta_heartbeats_total{result=\"too_large\"} 8"), "{metrics}");
 }
+
+#[test]
+fn a_standalone_apply_of_a_bad_file_is_refused_and_changes_nothing() {
+    let setup = Setup::new();
+    let meta = setup.start(&[]);
+    let hash = ops_config::content_hash(AGENTS.as_bytes());
+    let apply = |body: &str, expect: &str| post_json(&meta.url(&format!("/config/apply?expect={expect}")), body.to_owned());
+    let (status, reply) = apply("[[agent]]\nname = \n", &hash);
+    assert_eq!(status, 422, "{reply}");
+    assert_eq!(reply["changed"], false, "{reply}");
+    assert!(reply["errorMessage"].as_str().unwrap().contains("nothing changed"), "{reply}");
+    assert_eq!(std::fs::read_to_string(setup.agents()).unwrap(), AGENTS, "the file on disk is untouched");
+    assert_eq!(get_json(&meta.url("/health")).1["configHash"], hash.as_str(), "the served config is untouched");
+    let good = AGENTS.replace("5.1.3", "5.2.0");
+    let (status, reply) = apply(&good, &hash);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["changed"], true, "{reply}");
+    assert_eq!(reply["generation"], 1, "{reply}");
+    assert_eq!(std::fs::read_to_string(setup.agents()).unwrap(), good);
+}

@@ -50,6 +50,11 @@ pub struct ClusterMap {
     /// The file it was read from: a copy learnt from a meta node resolves its relative paths
     /// from there too.
     pub file: PathBuf,
+    /// `version`: the map's place in the operator's sequence (inside the signed bytes; a
+    /// signed map must have one, `crate::trust::check_fresh`).
+    pub version: Option<u64>,
+    /// `expires`, in unix seconds (signed with it).
+    pub expires: Option<u64>,
 }
 
 /// A refused cluster file: the same shape as a refused desired config
@@ -59,6 +64,8 @@ pub type ClusterError = crate::ConfigError;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCluster {
+    version: Option<Spanned<i64>>,
+    expires: Option<Spanned<toml::value::Datetime>>,
     vnodes: Option<Spanned<u32>>,
     token_file: Option<Spanned<String>>,
     #[serde(default)]
@@ -89,6 +96,14 @@ impl ClusterMap {
             Some(span) => at(span, e.message().to_owned()),
             None => ClusterError::File { file: name.clone(), message: e.message().to_owned() },
         })?;
+        let version = match &raw.version {
+            Some(v) if *v.get_ref() < 1 => return Err(at(v.span(), "version must be a whole number from 1 up".into())),
+            v => v.as_ref().map(|v| *v.get_ref() as u64),
+        };
+        let expires = match &raw.expires {
+            Some(v) => Some(crate::trust::unix_seconds(v.get_ref()).map_err(|e| at(v.span(), e))?),
+            None => None,
+        };
         let vnodes = match raw.vnodes {
             Some(v) if !(1..=100_000).contains(v.get_ref()) => {
                 return Err(at(v.span(), format!("vnodes must be 1-100000, got {}", v.get_ref())));
@@ -144,6 +159,8 @@ impl ClusterMap {
             hash: crate::content_hash(text.as_bytes()),
             text: text.to_owned(),
             file: file.to_path_buf(),
+            version,
+            expires,
         })
     }
 
@@ -158,6 +175,8 @@ impl ClusterMap {
             hash: String::new(),
             text: String::new(),
             file: PathBuf::new(),
+            version: None,
+            expires: None,
         }
     }
 

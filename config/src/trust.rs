@@ -39,7 +39,7 @@ pub const SIGNATURE_HEADER: &str = "x-ops-signature";
 pub enum TrustError {
     #[error("{source_name}: {message}")]
     BadKey { source_name: String, message: String },
-    #[error("no signature: a trusted key is configured, so the config must come with its .sig")]
+    #[error("no signature: a trusted key is configured, so the file must come with its .sig")]
     Unsigned,
     #[error("malformed signature line {line}: want `ed25519 <public key> <signature>` in base64")]
     Malformed { line: usize },
@@ -49,12 +49,47 @@ pub enum TrustError {
     Mismatch(String),
 }
 
+/// A signed document with its place in the operator's sequence: `agents.toml`
+/// ([`DesiredConfig`]) and `cluster.toml` ([`crate::ClusterMap`]).
+pub trait Versioned {
+    /// The file's `version` (None: it has none).
+    fn version(&self) -> Option<u64>;
+    /// The file's `expires`, in unix seconds.
+    fn expires(&self) -> Option<u64>;
+    /// The content hash of the file's bytes.
+    fn hash(&self) -> &str;
+}
+
+impl Versioned for DesiredConfig {
+    fn version(&self) -> Option<u64> {
+        DesiredConfig::version(self)
+    }
+    fn expires(&self) -> Option<u64> {
+        DesiredConfig::expires(self)
+    }
+    fn hash(&self) -> &str {
+        DesiredConfig::hash(self)
+    }
+}
+
+impl Versioned for crate::ClusterMap {
+    fn version(&self) -> Option<u64> {
+        self.version
+    }
+    fn expires(&self) -> Option<u64> {
+        self.expires
+    }
+    fn hash(&self) -> &str {
+        &self.hash
+    }
+}
+
 /// Why a verified signed document is not taken as current (see the module doc).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FreshError {
-    #[error("the signed config carries no `version`: sign it with `opsctl sign` (it sets `version` and `expires`)")]
+    #[error("the signed file carries no `version`: sign it with `opsctl sign` (it sets `version` and `expires`)")]
     NoVersion,
-    #[error("the signed config carries no `expires`: sign it with `opsctl sign --expires 30d`")]
+    #[error("the signed file carries no `expires`: sign it with `opsctl sign --expires 30d`")]
     NoExpiry,
     #[error("version {version} is older than {highest}, the highest verified here (a rollback is the old text signed at a higher version)")]
     Older { version: u64, highest: u64 },
@@ -62,7 +97,7 @@ pub enum FreshError {
         "version {version} was verified here as {held}, and this file ({hash}) is another one at the same version: two files signed at one version (an operator error; sign the one you mean at a higher version)"
     )]
     Conflict { version: u64, held: String, hash: String },
-    #[error("the signed config version {version} expired at {at}: the operator must sign a fresh one (`opsctl sign --expires 30d`)")]
+    #[error("the signed file's version {version} expired at {at}: the operator must sign a fresh one (`opsctl sign --expires 30d`)")]
     Expired { version: u64, at: String },
 }
 
@@ -76,7 +111,7 @@ pub struct Floor {
 
 impl Floor {
     /// The floor a document sets once taken (None: it has no version).
-    pub fn of(config: &DesiredConfig) -> Option<Floor> {
+    pub fn of(config: &(impl Versioned + ?Sized)) -> Option<Floor> {
         Some(Floor { version: config.version()?, hash: config.hash().to_owned() })
     }
 
@@ -105,7 +140,7 @@ impl Floor {
 /// verified by its signature) as current at unix time `now`: it has a version and an expiry,
 /// its version is above the floor (or equal, for the very file of the floor), and it has not
 /// expired.
-pub fn check_fresh(config: &DesiredConfig, floor: Option<&Floor>, now: u64) -> Result<(), FreshError> {
+pub fn check_fresh(config: &(impl Versioned + ?Sized), floor: Option<&Floor>, now: u64) -> Result<(), FreshError> {
     let version = config.version().ok_or(FreshError::NoVersion)?;
     let expires = config.expires().ok_or(FreshError::NoExpiry)?;
     if let Some(f) = floor {
@@ -330,27 +365,54 @@ pub fn signature_file(signature: &str) -> String {
     content_lines(signature, &['\n', ',']).map(|(_, l)| format!("{l}\n")).collect()
 }
 
+/// The text of `path`'s `.sig`, if there is one.
+pub fn read_signature(path: &Path) -> Result<Option<String>, ConfigError> {
+    let sig_path = signature_path(path);
+    match std::fs::read_to_string(&sig_path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ConfigError::File { file: sig_path.display().to_string(), message: e.to_string() }),
+    }
+}
+
 /// Reads `path` and its `.sig` (if any), checks the signature when `keys` are given, then
 /// parses the config. Returns the config and the signature text as read.
 pub fn load_signed(path: &Path, keys: &TrustedKeys) -> Result<(DesiredConfig, Option<String>), ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { file: file.clone(), message: e.to_string() })?;
-    let sig_path = signature_path(path);
-    let signature = match std::fs::read_to_string(&sig_path) {
-        Ok(s) => Some(s),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(ConfigError::File { file: sig_path.display().to_string(), message: e.to_string() }),
-    };
+    let signature = read_signature(path)?;
     let config = parse_signed(&text, signature.as_deref(), keys, &file)?;
     Ok((config, signature))
 }
 
 /// Checks `signature` over `text` when `keys` are given, then parses the config.
 pub fn parse_signed(text: &str, signature: Option<&str>, keys: &TrustedKeys, file: &str) -> Result<DesiredConfig, ConfigError> {
-    if !keys.is_empty() {
-        keys.verify(text.as_bytes(), signature).map_err(|e| ConfigError::File { file: file.to_owned(), message: e.to_string() })?;
-    }
+    verify_if_keys(text, signature, keys, file)?;
     DesiredConfig::parse(text, file)
+}
+
+fn verify_if_keys(text: &str, signature: Option<&str>, keys: &TrustedKeys, file: &str) -> Result<(), ConfigError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    keys.verify(text.as_bytes(), signature).map_err(|e| ConfigError::File { file: file.to_owned(), message: e.to_string() })
+}
+
+/// [`load_signed`] for a `cluster.toml`: with trusted keys, the map must carry a valid
+/// `cluster.toml.sig` as `agents.toml` does (the operator's signature is the only thing that
+/// changes which nodes hold the hosts and receive the cluster's credentials).
+pub fn load_signed_map(path: &Path, keys: &TrustedKeys) -> Result<(crate::ClusterMap, Option<String>), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { file: path.display().to_string(), message: e.to_string() })?;
+    let signature = read_signature(path)?;
+    let map = parse_signed_map(&text, signature.as_deref(), keys, path)?;
+    Ok((map, signature))
+}
+
+/// Checks `signature` over a cluster map's `text` when `keys` are given, then parses it
+/// (`file` anchors its relative paths).
+pub fn parse_signed_map(text: &str, signature: Option<&str>, keys: &TrustedKeys, file: &Path) -> Result<crate::ClusterMap, ConfigError> {
+    verify_if_keys(text, signature, keys, &file.display().to_string())?;
+    crate::ClusterMap::parse(text, file)
 }
 
 /// Ok when the signed `config` allows host `hostname` to be told `d`: exactly one of the
@@ -459,6 +521,29 @@ mod tests {
         assert_eq!(check_fresh(&DesiredConfig::parse("", "a").unwrap(), None, now), Err(FreshError::NoVersion));
         let no_expiry = DesiredConfig::parse("version = 3\n", "a").unwrap();
         assert_eq!(check_fresh(&no_expiry, None, now), Err(FreshError::NoExpiry));
+    }
+
+    #[test]
+    fn a_cluster_map_is_signed_versioned_and_checked_like_a_config() {
+        let now = 1_796_502_410;
+        let key = SecretKey::from_seed([9; 32]);
+        let keys = TrustedKeys::load(&[key.public_text()], &[]).unwrap();
+        let text = "version = 4\nexpires = 2027-01-01T00:00:00Z\n[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:7001\"\n";
+        let sig = key.sign(text.as_bytes());
+        let map = parse_signed_map(text, Some(&sig), &keys, Path::new("cluster.toml")).unwrap();
+        assert_eq!((map.version, map.expires), (Some(4), Some(1_798_761_600)));
+        assert_eq!(check_fresh(&map, None, now), Ok(()));
+        let floor = Floor { version: 5, hash: "x".into() };
+        assert_eq!(check_fresh(&map, Some(&floor), now), Err(FreshError::Older { version: 4, highest: 5 }));
+        let edited = text.replace("7001", "7666");
+        let e = parse_signed_map(&edited, Some(&sig), &keys, Path::new("cluster.toml")).unwrap_err().to_string();
+        assert!(e.contains("does not match"), "{e}");
+        let e = parse_signed_map(text, None, &keys, Path::new("cluster.toml")).unwrap_err().to_string();
+        assert!(e.contains("no signature"), "{e}");
+        let unsigned = crate::ClusterMap::parse("[[node]]\nid = \"a\"\naddr = \"127.0.0.1:1\"\n", Path::new("c")).unwrap();
+        assert_eq!(check_fresh(&unsigned, None, now), Err(FreshError::NoVersion));
+        let e = crate::ClusterMap::parse("version = 0\n[[node]]\nid = \"a\"\naddr = \"127.0.0.1:1\"\n", Path::new("c")).unwrap_err();
+        assert!(e.to_string().contains("c:1:11:"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! (`/health`, `opsctl cluster`, `ops_meta_config_diverged`); a node that sees a peer at a
 //! higher generation pulls that peer's file, checks it (and its signature) and serves it
 //! (`crate::peers`).
+//!
+//! With trusted keys the generation is the signed file's own `version` (whatever number a
+//! coordinator or a peer proposes), so a node's generation names the operator's document.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +50,20 @@ impl Generations {
 
     pub fn current(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// With trusted keys the generation is the signed version of the file served: set at
+    /// start to the version of the file the node starts with (kept to disk).
+    pub fn serve_signed(&self, version: u64) {
+        let _one = self.lock.lock();
+        if self.current() == version {
+            return;
+        }
+        let p = self.dir.join(GENERATION_FILE);
+        if let Err(e) = std::fs::create_dir_all(&self.dir).and_then(|()| relay::write_atomically(&p, format!("{version}\n").as_bytes())) {
+            tracing::error!(file = %p.display(), error = %e, "cannot keep the config generation");
+        }
+        self.generation.store(version, Ordering::Release);
     }
 
     fn history(&self) -> PathBuf {

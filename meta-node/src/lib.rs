@@ -51,6 +51,8 @@ pub struct Settings {
     pub cluster: Option<ClusterMap>,
     /// Where `cluster` was read from: a membership change online rewrites it.
     pub cluster_path: Option<PathBuf>,
+    /// The text of `cluster.toml.sig` (with trusted keys, the map is checked against it).
+    pub cluster_signature: Option<String>,
     /// How long a status query waits for each peer.
     pub peer_timeout: Duration,
     /// How heartbeats of hosts this node does not own are forwarded to their owner.
@@ -83,6 +85,7 @@ impl Settings {
             token: None,
             cluster: None,
             cluster_path: None,
+            cluster_signature: None,
             peer_timeout: Duration::from_secs(2),
             forward: ForwardSettings { component: "meta_forward", ..ForwardSettings::default() },
             rollout_interval: Duration::from_secs(5),
@@ -127,6 +130,8 @@ pub struct Cluster {
     /// This node is not in `map` (the last entry of `map.nodes` is itself): it is leaving and
     /// owns nothing (`membership`).
     pub leaving: bool,
+    /// The operator's signature lines of `map.text` (header form), when signed.
+    pub signature: Option<String>,
     /// Ends this map's forwarder probers once the map is no longer used.
     pub stop: CancellationToken,
 }
@@ -183,14 +188,18 @@ impl Node {
         let desired = Desired::new(config, signature, path, settings.trusted_keys.clone(), Some(floor));
         let cluster = settings.cluster.as_ref().map(|map| {
             assert!(map.index_of(&settings.id).is_some(), "main checks the id is in the cluster map");
-            let c = membership::build(&settings, map, None, stop.child_token()).expect("the CA file is checked at start");
-            membership::Membership::new(c, settings.cluster_path.clone(), &settings.data_dir)
+            let signature = settings.cluster_signature.as_deref().map(ops_config::trust::signature_header);
+            let c = membership::build(&settings, map, signature, None, stop.child_token()).expect("the CA file is checked at start");
+            membership::Membership::new(c, settings.cluster_path.clone(), &settings.data_dir, !settings.trusted_keys.is_empty())
         });
         let ids =
             cluster.as_ref().map_or_else(|| vec![settings.id.clone()], |m| m.current().map.nodes.iter().map(|n| n.id.clone()).collect());
         let rollouts = Arc::new(relay::rollout::FleetView::open(ids, Some(&settings.data_dir), crate::metrics::ROLLOUT_IN_FLIGHT));
         let controller = rollout::Controller::open(&settings.id, &settings.data_dir);
         let generations = generations::Generations::open(&settings.data_dir);
+        if let Some(version) = desired.current().config.version().filter(|_| !settings.trusted_keys.is_empty()) {
+            generations.serve_signed(version);
+        }
         Node {
             rollouts,
             controller,
@@ -207,6 +216,16 @@ impl Node {
             config_diverged: Default::default(),
             cluster_diverged: Default::default(),
         }
+    }
+
+    /// Reloads `agents.toml` from disk (SIGHUP, `/config/reload`); with trusted keys the
+    /// config generation follows the signed version of the file now served.
+    pub fn reload_config(&self) -> Result<Arc<relay::desired::Loaded>, ops_config::ConfigError> {
+        let loaded = self.desired.reload()?;
+        if let Some(version) = loaded.config.version().filter(|_| !self.settings.trusted_keys.is_empty()) {
+            self.generations.serve_signed(version);
+        }
+        Ok(loaded)
     }
 
     /// The cluster map served now (None when standalone).

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use meta_node::{Node, Settings};
-use ops_config::{ClusterMap, DesiredConfig};
+use ops_config::DesiredConfig;
 use tokio_util::sync::CancellationToken;
 
 /// Exit status for a bad config or flag (EX_USAGE... EX_CONFIG is 78; we follow linkerd: 64).
@@ -98,7 +98,18 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
     s.trusted_keys = keys;
     s.tls = cli.tls.server_config()?;
     if let Some(path) = &cli.cluster {
-        let cluster = ClusterMap::load(path).map_err(|e| e.to_string())?;
+        // With trusted keys the map must carry the operator's signature, as agents.toml, and
+        // never be older than one this node served.
+        let (cluster, signature) =
+            ops_config::trust::load_signed_map(path, &s.trusted_keys).map_err(|e| format!("{e} (sign it with opsctl sign)"))?;
+        if !s.trusted_keys.is_empty() {
+            let floor = relay::floor::VersionFloor::open_map(&cli.data_dir);
+            floor.check_order(&cluster).map_err(|e| format!("{}: signed cluster map refused: {e}", path.display()))?;
+            if let Err(e) = floor.check(&cluster) {
+                tracing::warn!(file = %path.display(), error = %e, "serving an expired signed cluster map: sign a fresh one");
+            }
+        }
+        s.cluster_signature = signature;
         let id = cli.id.clone().ok_or_else(|| format!("--cluster {} needs --id (one of the [[node]] ids)", path.display()))?;
         if cluster.index_of(&id).is_none() {
             let ids: Vec<&str> = cluster.nodes.iter().map(|n| n.id.as_str()).collect();
@@ -209,7 +220,7 @@ async fn signals(shutdown: CancellationToken, node: Arc<Node>) {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 let n = node.clone();
-                match tokio::task::spawn_blocking(move || n.desired.reload()).await {
+                match tokio::task::spawn_blocking(move || n.reload_config()).await {
                     Ok(Ok(l)) => tracing::info!(hash = l.config.hash(), "config reloaded on SIGHUP"),
                     Ok(Err(error)) => tracing::error!(%error, "config reload on SIGHUP refused, old config kept"),
                     Err(error) => tracing::error!(%error, "reload task failed"),

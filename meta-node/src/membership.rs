@@ -34,6 +34,14 @@
 //! commit) finds a peer at a higher generation at its next probe and takes that peer's map the
 //! way a change would, locally ([`catch_up`]); relays never take a map of a lower generation
 //! than one they took. One generation with two hashes is a divergence (`crate::peers`).
+//!
+//! **Signed maps.** With trusted keys (`--trusted-key`), a map is taken only with the
+//! operator's signature (`cluster.toml.sig`, sent as `x-ops-signature` with the prepare and
+//! with `GET /cluster/map`) and when fresh (`ops_config::trust::check_fresh`): a version above
+//! the highest this node verified (`cluster-version` in the data dir), not expired. The map's
+//! generation is then its signed `version`, not a count of changes: a node, a coordinator or
+//! anything answering on a peer's address can move hosts and credentials only to nodes that
+//! the operator signed into a map.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -82,6 +90,8 @@ pub struct Membership {
     forwarder: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
     /// Ends the current map's tasks (the peers' rollout poll).
     tasks: Mutex<CancellationToken>,
+    /// With trusted keys: the highest signed map version verified (`cluster-version`).
+    floor: Option<relay::floor::VersionFloor>,
 }
 
 /// What a node's step answered.
@@ -105,10 +115,21 @@ pub struct StepReply {
 }
 
 impl Membership {
-    /// `data_dir` holds the map's generation.
-    pub fn new(cluster: Cluster, path: Option<PathBuf>, data_dir: &Path) -> Self {
-        let generation = std::fs::read_to_string(data_dir.join(GENERATION_FILE)).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
+    /// `data_dir` holds the map's generation (with `signed`: the version floor, and the
+    /// generation is the map's version; the caller checked the map against the floor).
+    pub fn new(cluster: Cluster, path: Option<PathBuf>, data_dir: &Path, signed: bool) -> Self {
+        let floor = signed.then(|| relay::floor::VersionFloor::open_map(data_dir));
+        let generation = match (&floor, cluster.map.version) {
+            (Some(f), _) => {
+                if let Err(error) = f.raise(&cluster.map) {
+                    tracing::error!(%error, "cannot keep the signed cluster map version");
+                }
+                cluster.map.version.unwrap_or(0)
+            }
+            _ => std::fs::read_to_string(data_dir.join(GENERATION_FILE)).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0),
+        };
         Membership {
+            floor,
             generation: AtomicU64::new(generation),
             data_dir: data_dir.to_path_buf(),
             current: ArcSwap::from_pointee(cluster),
@@ -178,6 +199,7 @@ impl Membership {
 pub fn build(
     settings: &crate::Settings,
     map: &ClusterMap,
+    signature: Option<String>,
     my_addr: Option<std::net::SocketAddr>,
     stop: CancellationToken,
 ) -> Result<Cluster, String> {
@@ -196,7 +218,7 @@ pub fn build(
             (with_me, me, true)
         }
     };
-    Ok(Cluster { alive: crate::peers::Peers::new(map.nodes.len(), me), ring, me, forwarder, client, map, leaving, stop })
+    Ok(Cluster { alive: crate::peers::Peers::new(map.nodes.len(), me), ring, me, forwarder, client, map, signature, leaving, stop })
 }
 
 /// Starts the tasks that belong to the current map (its forwarder, the peers' rollout
@@ -237,12 +259,11 @@ pub async fn drain(node: &Node, grace: Duration) {
     m.tasks.lock().cancel();
 }
 
-/// Step 1 on this node: validates `text`, keeps it as the next map and sends the hosts that
-/// change owner to their new owner.
-pub async fn prepare(node: &Arc<Node>, text: &str) -> Result<StepReply, String> {
+/// Step 1 on this node: validates `text` (with trusted keys: its `signature` and version),
+/// keeps it as the next map and sends the hosts that change owner to their new owner.
+pub async fn prepare(node: &Arc<Node>, text: &str, signature: Option<&str>) -> Result<StepReply, String> {
     let m = node.cluster.as_ref().ok_or("this node is standalone: start it with --cluster to change membership online")?;
-    let file = m.path().map_or_else(|| PathBuf::from("cluster.toml"), PathBuf::from);
-    let map = ClusterMap::parse(text, &file).map_err(|e| e.to_string())?;
+    let map = verify(node, m, text, signature)?;
     let current = m.current();
     let generation = m.generation();
     let reply =
@@ -259,12 +280,24 @@ pub async fn prepare(node: &Arc<Node>, text: &str) -> Result<StepReply, String> 
         return Err(format!("another change (to map {}) is being prepared here", next.map.hash));
     }
     let my_addr = current.map.nodes[current.me].addr;
-    let next = Arc::new(build(&node.settings, &map, Some(my_addr), node.stop.child_token())?);
+    let signature = signature.map(ops_config::trust::signature_header);
+    let next = Arc::new(build(&node.settings, &map, signature, Some(my_addr), node.stop.child_token())?);
     m.next.store(Some(next.clone()));
     m.since.lock().get_or_insert_with(Instant::now);
     let moved = push_moving(node, &next).await?;
     tracing::info!(hash = %map.hash, moved, nodes = map.nodes.len(), "cluster map prepared; moving hosts sent to their new owners");
     Ok(reply(moved, false))
+}
+
+/// The map of `text`, when this node may take it: parsed and, with trusted keys, signed by
+/// the operator and fresh (above the highest version verified here, not expired).
+pub fn verify(node: &Node, m: &Membership, text: &str, signature: Option<&str>) -> Result<ClusterMap, String> {
+    let file = m.path().map_or_else(|| PathBuf::from("cluster.toml"), PathBuf::from);
+    let map = ops_config::trust::parse_signed_map(text, signature, &node.settings.trusted_keys, &file).map_err(|e| e.to_string())?;
+    if let Some(floor) = &m.floor {
+        floor.check(&map).map_err(|e| format!("signed cluster map refused: {e}"))?;
+    }
+    Ok(map)
 }
 
 /// Sends every host this node owns that `next` gives another node to that node.
@@ -316,10 +349,27 @@ pub async fn commit(node: &Arc<Node>, hash: &str, generation: Option<u64>) -> Re
         return Ok(reply);
     }
     let next = m.next.load_full().filter(|n| n.map.hash == hash).ok_or_else(|| format!("map {hash} was not prepared here"))?;
-    let generation = generation.unwrap_or(0).max(m.generation() + 1);
-    // The file first, then its generation: a crash between the two leaves the new map at the
-    // old generation, which the next probe shows as behind its peers and brings along.
+    // A signed map's generation is its version, whatever the coordinator says.
+    let generation = match (&m.floor, next.map.version) {
+        (Some(_), Some(version)) => version,
+        _ => generation.unwrap_or(0).max(m.generation() + 1),
+    };
+    // The floor first, then the file and its signature, then its generation: a crash between
+    // leaves a map that the floor (or the next probe, as behind its peers) brings along.
+    if let Some(floor) = &m.floor {
+        floor.raise(&next.map).map_err(|e| format!("cannot keep the signed cluster map version: {e}"))?;
+    }
     if let Some(path) = m.path() {
+        let sig_path = ops_config::trust::signature_path(path);
+        let sig = next.signature.as_deref().map(ops_config::trust::signature_file);
+        let written = match &sig {
+            Some(sig) => keep_file(&sig_path, &node.settings.id, sig),
+            None => match std::fs::remove_file(&sig_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        written.map_err(|e| format!("cannot write {}: {e}", sig_path.display()))?;
         keep_file(path, &node.settings.id, &next.map.text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     keep_generation(m, generation)?;
@@ -345,13 +395,13 @@ pub async fn commit(node: &Arc<Node>, hash: &str, generation: Option<u64>) -> Re
 /// A peer serves map `text` at generation `generation`, above this node's: this node missed
 /// a commit. It takes the map through the three steps of a change, here alone: the hosts it
 /// owned that the map gives others go to them, then it serves the map.
-pub async fn catch_up(node: &Arc<Node>, text: &str, generation: u64) -> Result<StepReply, String> {
+pub async fn catch_up(node: &Arc<Node>, text: &str, signature: Option<&str>, generation: u64) -> Result<StepReply, String> {
     let m = node.cluster.as_ref().ok_or("this node is standalone")?;
     let _one = m.coordinating.try_lock().map_err(|_| "a membership change is running here".to_owned())?;
     if m.changing() {
         return Err("a membership change is on".into());
     }
-    let prepared = prepare(node, text).await;
+    let prepared = prepare(node, text, signature).await;
     let hash = match prepared {
         Ok(r) => r.hash,
         Err(e) => {

@@ -80,8 +80,10 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Timeouts in a row, per node of the map `slow_map`.
     let (mut slow, mut slow_map) = (Vec::new(), String::new());
-    // The newest config and cluster generations a peer offered that this node refused.
-    let (mut refused, mut refused_map) = (0u64, 0u64);
+    // Per node of that map: the newest config and cluster generations it offered that this
+    // node refused (not asked again until it offers a newer one; the other peers still are,
+    // so a peer that claims a huge generation holds nobody back).
+    let (mut refused, mut refused_map) = (Vec::new(), Vec::new());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -90,6 +92,7 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
         let Some(c) = node.cluster() else { return };
         if c.map.hash != slow_map {
             (slow, slow_map) = (vec![0u8; c.map.nodes.len()], c.map.hash.clone());
+            (refused, refused_map) = (vec![0u64; c.map.nodes.len()], vec![0u64; c.map.nodes.len()]);
         }
         let mine = node.desired.current().config.hash().to_owned();
         let answers = futures_util::future::join_all(c.peers().map(|i| {
@@ -129,10 +132,14 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
                     let map_generation = health["clusterGeneration"].as_u64().unwrap_or(0);
                     cluster_diverged |=
                         !changing && map_generation == my_map_generation && health["clusterHash"].as_str().is_some_and(|h| h != c.map.hash);
-                    if generation > my_generation && newer.is_none_or(|(_, g)| generation > g) {
+                    if generation > my_generation && generation > refused[i] && newer.is_none_or(|(_, g)| generation > g) {
                         newer = Some((i, generation));
                     }
-                    if !changing && map_generation > my_map_generation && newer_map.is_none_or(|(_, g)| map_generation > g) {
+                    if !changing
+                        && map_generation > my_map_generation
+                        && map_generation > refused_map[i]
+                        && newer_map.is_none_or(|(_, g)| map_generation > g)
+                    {
                         newer_map = Some((i, map_generation));
                     }
                     slow[i] = 0;
@@ -155,18 +162,18 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
         node.cluster_diverged.store(cluster_diverged, Ordering::Relaxed);
         // A peer holds a newer generation (this node missed an apply): take its file, checked
         // as any apply is, before serving it.
-        if let Some((i, generation)) = newer.filter(|&(_, g)| g > refused)
+        if let Some((i, generation)) = newer
             && !catch_up(&node, &c, i, generation).await
         {
-            // Not asked again until a newer one.
-            refused = generation;
+            // Not asked again until it offers a newer one.
+            refused[i] = generation;
         }
         // A peer serves a newer cluster map (this node missed a commit): take it as a change
         // would, here alone.
-        if let Some((i, generation)) = newer_map.filter(|&(_, g)| g > refused_map)
+        if let Some((i, generation)) = newer_map
             && !catch_up_map(&node, &c, i, generation).await
         {
-            refused_map = generation;
+            refused_map[i] = generation;
         }
         metrics::gauge!(PEERS_UP).set(f64::from(c.alive.mask().count_ones()));
     }
@@ -183,17 +190,18 @@ async fn catch_up_map(node: &std::sync::Arc<Node>, c: &crate::Cluster, i: usize,
         if served != Some(generation) {
             return Err(format!("it now serves generation {served:?}"));
         }
-        r.text().await.map_err(|e| e.to_string())
+        let sig = r.headers().get(ops_config::trust::SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Ok::<_, String>((r.text().await.map_err(|e| e.to_string())?, sig))
     }
     .await;
-    let text = match fetched {
-        Ok(text) => text,
+    let (text, sig) = match fetched {
+        Ok(v) => v,
         Err(error) => {
             tracing::debug!(peer = %id, generation, %error, "cannot fetch a peer's newer cluster map; trying at the next probe");
             return true;
         }
     };
-    match crate::membership::catch_up(node, &text, generation).await {
+    match crate::membership::catch_up(node, &text, sig.as_deref(), generation).await {
         Ok(s) => {
             tracing::warn!(peer = %id, generation, hash = %s.hash, "this node missed a membership change: took the newer cluster map from a peer");
             true
@@ -223,7 +231,11 @@ async fn catch_up(node: &std::sync::Arc<Node>, c: &crate::Cluster, i: usize, gen
     .await;
     let result = match fetched {
         Ok((text, sig)) => crate::api::config_step(node, Some(generation), &text, sig.as_deref()).await,
-        Err(e) => Err(e),
+        Err(error) => {
+            // Not a refusal: asked again at the next probe.
+            tracing::debug!(peer = %id, generation, %error, "cannot fetch a peer's newer config; trying at the next probe");
+            return true;
+        }
     };
     match result {
         Ok(s) => {

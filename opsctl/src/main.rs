@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ops_config::trust::{SecretKey, TrustedKeys, parse_signed, signature_path};
+use ops_config::trust::{SecretKey, TrustedKeys, signature_path};
 
 const EXIT_REFUSED: u8 = 1;
 const EXIT_PARTIAL: u8 = 2;
@@ -122,10 +122,10 @@ enum Command {
         /// (2027-01-05T00:00:00Z), or keep. Sign again before then.
         #[arg(long)]
         expires: Option<stamp::Expires>,
-        /// The file to sign (agents.toml).
+        /// The file to sign (agents.toml or cluster.toml).
         file: PathBuf,
     },
-    /// Checks FILE.sig against trusted keys and parses FILE as a desired config, as meta
+    /// Checks FILE.sig against trusted keys and parses FILE (agents.toml or cluster.toml), as meta
     /// nodes, relays and updaters will. Exit 0 when accepted, 1 when refused.
     Verify {
         #[arg(long)]
@@ -238,15 +238,55 @@ fn sign(key: &Path, append: bool, version: Option<stamp::Version>, expires: Opti
         lines.join("\n")
     );
     write_atomically(&sig_path, text.as_bytes())?;
-    let config = ops_config::DesiredConfig::parse(&String::from_utf8_lossy(&bytes), &name).map_err(|e| Failure::Refused(e.to_string()))?;
-    println!("{}: {}, signed by {} ({} signature line(s))", sig_path.display(), version_text(&config), key.public_text(), lines.len());
+    let doc = Document::parse(&String::from_utf8_lossy(&bytes), file)?;
+    println!(
+        "{}: {}, signed by {} ({} signature line(s))",
+        sig_path.display(),
+        version_text(doc.versioned()),
+        key.public_text(),
+        lines.len()
+    );
     Ok(())
 }
 
-/// `version N expires T` of a config, as `sign` and `verify` print it.
-fn version_text(config: &ops_config::DesiredConfig) -> String {
-    let expires = config.expires().map(ops_config::trust::rfc3339).unwrap_or_else(|| "never".into());
-    format!("version {} expires {expires}", config.version().map_or("none".to_owned(), |v| v.to_string()))
+/// A file `opsctl sign` and `verify` take: `agents.toml`, or `cluster.toml` (it lists
+/// `[[node]]`s).
+enum Document {
+    Config(ops_config::DesiredConfig),
+    Map(ops_config::ClusterMap),
+}
+
+impl Document {
+    fn parse(text: &str, file: &Path) -> Result<Self, Failure> {
+        let is_map = text.parse::<toml::Table>().is_ok_and(|t| t.contains_key("node"));
+        let refused = |e: ops_config::ConfigError| Failure::Refused(e.to_string());
+        if is_map {
+            ops_config::ClusterMap::parse(text, file).map(Document::Map).map_err(refused)
+        } else {
+            ops_config::DesiredConfig::parse(text, &file.display().to_string()).map(Document::Config).map_err(refused)
+        }
+    }
+
+    fn versioned(&self) -> &dyn ops_config::trust::Versioned {
+        match self {
+            Document::Config(c) => c,
+            Document::Map(m) => m,
+        }
+    }
+
+    /// What `verify` says of it besides its version.
+    fn summary(&self) -> String {
+        match self {
+            Document::Config(c) => format!("config valid ({}, hash {}, {} agents)", version_text(c), c.hash(), c.agents().len()),
+            Document::Map(m) => format!("cluster map valid ({}, hash {}, {} nodes)", version_text(m), m.hash, m.nodes.len()),
+        }
+    }
+}
+
+/// `version N expires T` of a signed file, as `sign` and `verify` print it.
+fn version_text(doc: &dyn ops_config::trust::Versioned) -> String {
+    let expires = doc.expires().map(ops_config::trust::rfc3339).unwrap_or_else(|| "never".into());
+    format!("version {} expires {expires}", doc.version().map_or("none".to_owned(), |v| v.to_string()))
 }
 
 /// [`ops_config::disk::write_atomically`], with the path in the error.
@@ -276,16 +316,11 @@ fn verify(keys: &[String], files: &[PathBuf], file: &Path) -> Result<(), Failure
     }
     let text = String::from_utf8(read(file)?).map_err(|_| Failure::Refused(format!("{}: not UTF-8 text", file.display())))?;
     let sig = std::fs::read_to_string(signature_path(file)).ok();
-    let config = parse_signed(&text, sig.as_deref(), &keys, &file.display().to_string()).map_err(|e| Failure::Refused(e.to_string()))?;
+    keys.verify(text.as_bytes(), sig.as_deref()).map_err(|e| Failure::Refused(format!("{}: {e}", file.display())))?;
+    let doc = Document::parse(&text, file)?;
     // What every party checks next (with no floor: this file alone).
-    ops_config::trust::check_fresh(&config, None, unix_now()).map_err(|e| Failure::Refused(format!("{}: {e}", file.display())))?;
-    println!(
-        "{}: signature good, config valid ({}, hash {}, {} agents)",
-        file.display(),
-        version_text(&config),
-        config.hash(),
-        config.agents().len()
-    );
+    ops_config::trust::check_fresh(doc.versioned(), None, unix_now()).map_err(|e| Failure::Refused(format!("{}: {e}", file.display())))?;
+    println!("{}: signature good, {}", file.display(), doc.summary());
     Ok(())
 }
 

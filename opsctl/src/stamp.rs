@@ -93,8 +93,8 @@ pub fn stamp(text: &str, version: Version, expires: Expires, now: u64, file: &st
     }
     let out = doc.to_string();
     // Whatever was edited, the result must be what every party will parse.
-    let parsed = ops_config::DesiredConfig::parse(&out, file).map_err(|e| Failure::Refused(e.to_string()))?;
-    debug_assert_eq!(parsed.version(), Some(new_version));
+    let parsed = crate::Document::parse(&out, std::path::Path::new(file))?;
+    debug_assert_eq!(parsed.versioned().version(), Some(new_version));
     Ok(out)
 }
 
@@ -121,6 +121,18 @@ mod tests {
         assert_eq!(kept, two, "keep and keep change no byte (what --append needs)");
         let nine = stamp(&two, Version::Exactly(9), Expires::At(NOW + 60), NOW, "a").unwrap();
         assert_eq!((parsed(&nine).version(), parsed(&nine).expires()), (Some(9), Some(NOW + 60)));
+    }
+
+    #[test]
+    fn a_cluster_map_is_stamped_too() {
+        let map = "vnodes = 1000\n[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:2000\"\n";
+        let one = stamp(map, Version::Next, Expires::In(60), NOW, "cluster.toml").unwrap();
+        let parsed = ops_config::ClusterMap::parse(&one, std::path::Path::new("cluster.toml")).unwrap();
+        assert_eq!((parsed.version, parsed.expires), (Some(1), Some(NOW + 60)));
+        assert!(
+            one.starts_with("vnodes = 1000\n") && one.ends_with("[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:2000\"\n"),
+            "kept as written:\n{one}"
+        );
     }
 
     #[test]

@@ -1,16 +1,19 @@
-//! The highest signed config version a relay or a meta node has verified, kept in its data
-//! dir (`config-version`: `VERSION HASH`), so that no restart, peer, relay poll or reload takes
-//! it back to an older signed file (`ops_config::trust::check_fresh`). Only with trusted keys:
-//! an unsigned lab cluster has no versions to keep.
+//! The highest signed version a relay or a meta node has verified of a document, kept in its
+//! data dir (`config-version` for `agents.toml`, `cluster-version` for `cluster.toml`:
+//! `VERSION HASH`), so that no restart, peer, relay poll or reload takes it back to an older
+//! signed file (`ops_config::trust::check_fresh`). Only with trusted keys: an unsigned lab
+//! cluster has no versions to keep.
 
 use std::path::{Path, PathBuf};
 
-use ops_config::DesiredConfig;
-use ops_config::trust::{Floor, FreshError};
+use ops_config::trust::{Floor, FreshError, Versioned};
 use parking_lot::Mutex;
 
-/// The file name in a data dir.
+/// The file name in a data dir of the `agents.toml` floor.
 pub const FILE_NAME: &str = "config-version";
+
+/// The same of the `cluster.toml` floor.
+pub const MAP_FILE_NAME: &str = "cluster-version";
 
 pub struct VersionFloor {
     path: PathBuf,
@@ -21,7 +24,16 @@ impl VersionFloor {
     /// The floor kept in `data_dir` (none yet: nothing verified). A damaged file is logged and
     /// read as none; the file of the config on disk raises it again at once.
     pub fn open(data_dir: &Path) -> Self {
-        let path = data_dir.join(FILE_NAME);
+        Self::open_named(data_dir, FILE_NAME)
+    }
+
+    /// The floor of the cluster map kept in `data_dir`.
+    pub fn open_map(data_dir: &Path) -> Self {
+        Self::open_named(data_dir, MAP_FILE_NAME)
+    }
+
+    fn open_named(data_dir: &Path, name: &str) -> Self {
+        let path = data_dir.join(name);
         let floor = match std::fs::read_to_string(&path) {
             Ok(text) => Floor::parse(&text).or_else(|| {
                 tracing::error!(file = %path.display(), "damaged signed-version file ignored");
@@ -37,13 +49,13 @@ impl VersionFloor {
     }
 
     /// Whether `config` (its signature already verified) may be taken now.
-    pub fn check(&self, config: &DesiredConfig) -> Result<(), FreshError> {
+    pub fn check(&self, config: &(impl Versioned + ?Sized)) -> Result<(), FreshError> {
         ops_config::trust::check_fresh(config, self.floor.lock().as_ref(), u64::from(crate::unix_now()))
     }
 
     /// [`check`](Self::check) without the expiry: what a node checks of the file it starts
     /// with (an expired file is still served, for the updaters to refuse; a lower one is not).
-    pub fn check_order(&self, config: &DesiredConfig) -> Result<(), FreshError> {
+    pub fn check_order(&self, config: &(impl Versioned + ?Sized)) -> Result<(), FreshError> {
         match self.check(config) {
             Err(FreshError::Expired { .. }) => Ok(()),
             other => other,
@@ -52,7 +64,7 @@ impl VersionFloor {
 
     /// Raises the floor to `config`'s version (nothing when it is not higher), written and
     /// synced before this returns.
-    pub fn raise(&self, config: &DesiredConfig) -> std::io::Result<()> {
+    pub fn raise(&self, config: &(impl Versioned + ?Sized)) -> std::io::Result<()> {
         let Some(new) = Floor::of(config) else { return Ok(()) };
         let mut floor = self.floor.lock();
         if floor.as_ref().is_some_and(|f| f.version >= new.version) {
@@ -67,6 +79,7 @@ impl VersionFloor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ops_config::DesiredConfig;
 
     fn config(version: u64, body: &str) -> DesiredConfig {
         DesiredConfig::parse(&format!("version = {version}\nexpires = 2999-01-01T00:00:00Z\n{body}"), "t").unwrap()

@@ -88,6 +88,8 @@ pub struct Relay {
     /// The highest generation of the cluster map taken from a meta node (`cluster_copy`): a
     /// map of a lower one is never taken.
     pub map_generation: std::sync::atomic::AtomicU64,
+    /// With trusted keys: the highest signed map version followed (`cluster_copy`).
+    pub map_floor: Option<crate::floor::VersionFloor>,
     /// The forwarder of `map`.
     pub forwarder: arc_swap::ArcSwap<Forwarder>,
     /// The tasks of `map` (config and rollout polls) and its forwarder's drain token and task.
@@ -120,7 +122,15 @@ impl Relay {
         };
         let cache_base = cache.as_ref().map(|c| c.advertise().to_owned());
         let config = Arc::new(ConfigCopy::open(&settings.data_dir, settings.trusted_keys.clone(), cache_base));
-        let map = crate::cluster_copy::at_start(&settings.cluster, &settings.data_dir);
+        let map = crate::cluster_copy::at_start(&settings.cluster, &settings.data_dir, &settings.trusted_keys);
+        let map_floor = (!settings.trusted_keys.is_empty()).then(|| crate::floor::VersionFloor::open_map(&settings.data_dir));
+        // (Without --cluster the relay starts from a built-in one-node map, which is no
+        // document of the operator's: only maps learnt later are checked.)
+        if let Some(f) = map_floor.as_ref().filter(|_| !map.text.is_empty()) {
+            // Neither the --cluster file nor the copy may be older than a map followed before.
+            f.check_order(&map).map_err(|e| format!("{}: signed cluster map refused: {e}", settings.cluster.file.display()))?;
+            f.raise(&map).map_err(|e| format!("cannot keep the signed cluster map version: {e}"))?;
+        }
         let forwarder = Forwarder::new(&map, settings.forward.clone(), stop.child_token());
         if let Some(hash) = config.hash() {
             ::metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => hash).set(1.0);
@@ -136,8 +146,9 @@ impl Relay {
             },
             settings,
             config,
+            map_generation: std::sync::atomic::AtomicU64::new(map.version.filter(|_| map_floor.is_some()).unwrap_or(0)),
+            map_floor,
             map: arc_swap::ArcSwap::from_pointee(map),
-            map_generation: Default::default(),
             forwarder: arc_swap::ArcSwap::new(forwarder),
             map_tasks: parking_lot::Mutex::new(None),
             started: Instant::now(),

@@ -83,9 +83,11 @@ struct Cli {
 }
 
 fn settings(cli: &Cli) -> Result<Settings, String> {
+    let keys = cli.trust.keys()?;
     let (cluster, token) = match &cli.cluster {
         Some(path) => {
-            let c = ClusterMap::load(path).map_err(|e| e.to_string())?;
+            // With trusted keys the map must carry the operator's signature, as agents.toml.
+            let (c, _) = ops_config::trust::load_signed_map(path, &keys).map_err(|e| format!("{e} (sign it with opsctl sign)"))?;
             let token = c.read_token().map_err(|e| e.to_string())?;
             relay::tls::for_cluster(reqwest::Client::builder(), &c).map(drop)?;
             (c, token)
@@ -111,7 +113,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         },
         config_poll: Duration::from_millis(cli.config_poll_ms),
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
-        trusted_keys: cli.trust.keys()?,
+        trusted_keys: keys,
         tls: cli.tls.server_config()?,
         packages: None,
         // Set once the listening address is known (port 0); the flags are checked here.

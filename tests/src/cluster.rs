@@ -20,6 +20,10 @@ pub struct Cluster {
     pub agents: String,
     /// Extra flags of every meta node started.
     pub meta_args: Vec<String>,
+    /// Extra flags of every relay started.
+    pub relay_args: Vec<String>,
+    /// The operator's secret key (`opsctl keygen`), when the cluster's documents are signed.
+    pub key: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -49,6 +53,49 @@ impl Cluster {
             relays: Vec::new(),
             agents: agents.to_owned(),
             meta_args: Vec::new(),
+            relay_args: Vec::new(),
+            key: None,
+        }
+    }
+
+    /// [`files`](Self::files), signed by an operator key made here: every node's agents file
+    /// and the cluster map are signed at version 1 (`opsctl sign`), and every meta node and
+    /// relay started trusts only that key.
+    pub fn signed_files(metas: usize, agents: &str) -> Cluster {
+        let mut c = Cluster::files(metas, agents);
+        let key = c.dir.path().join("operator.key");
+        let (code, out, err) = crate::opsctl(&["keygen", "--out", &key.display().to_string()]);
+        assert_eq!(code, 0, "{out}{err}");
+        c.key = Some(key.clone());
+        let trust = format!("--trusted-keys-file={}.pub", key.display());
+        c.meta_args.push(trust.clone());
+        c.relay_args.push(trust);
+        c.sign_agents(&[]);
+        c.sign(&c.cluster_file(), &[]);
+        c
+    }
+
+    /// Signs `file` with the cluster's key (`opsctl sign`, with `args` added); returns the
+    /// signed text.
+    pub fn sign(&self, file: &Path, args: &[&str]) -> String {
+        let key = self.key.as_ref().expect("a signed cluster").display().to_string();
+        let file_arg = file.display().to_string();
+        let mut all = vec!["sign", "--key", &key];
+        all.extend_from_slice(args);
+        all.push(&file_arg);
+        let (code, out, err) = crate::opsctl(&all);
+        assert_eq!(code, 0, "opsctl sign {}: {out}{err}", file.display());
+        std::fs::read_to_string(file).unwrap()
+    }
+
+    /// Signs meta-1's agents file (with `args`) and gives every node the same file and
+    /// signature; the signed text becomes [`agents`](Self::agents).
+    pub fn sign_agents(&mut self, args: &[&str]) {
+        self.agents = self.sign(&self.agents_file(0), args);
+        let sig = std::fs::read(ops_config::trust::signature_path(&self.agents_file(0))).unwrap();
+        for i in 1..self.metas.len() {
+            std::fs::write(self.agents_file(i), &self.agents).unwrap();
+            std::fs::write(ops_config::trust::signature_path(&self.agents_file(i)), &sig).unwrap();
         }
     }
 
@@ -156,7 +203,7 @@ impl Cluster {
         let (cluster, data) =
             (self.cluster_file().display().to_string(), self.dir.path().join(format!("relay-{}", i + 1)).display().to_string());
         let id = format!("relay-{}", i + 1);
-        Relay::start(&[
+        let mut args = vec![
             "--cluster",
             &cluster,
             "--id",
@@ -169,7 +216,9 @@ impl Cluster {
             "200",
             "--request-timeout-ms",
             "1000",
-        ])
+        ];
+        args.extend(self.relay_args.iter().map(String::as_str));
+        Relay::start(&args)
     }
 
     /// Starts relay `i` (numbered from 0, id `relay-{i+1}`, data in `relay-{i+1}/`).
@@ -203,6 +252,21 @@ impl Cluster {
     pub fn up_with(metas: usize, relays: usize, agents: &str, meta_args: &[&str]) -> Cluster {
         let mut c = Cluster::files(metas, agents);
         c.meta_args = meta_args.iter().map(|s| s.to_string()).collect();
+        c.start_all(relays);
+        c
+    }
+
+    /// [`up`](Self::up) with every document signed ([`signed_files`](Self::signed_files)).
+    pub fn up_signed(metas: usize, relays: usize, agents: &str) -> Cluster {
+        let mut c = Cluster::signed_files(metas, agents);
+        c.start_all(relays);
+        c
+    }
+
+    /// Starts every meta node and `relays` relays, and waits until the nodes see each other
+    /// and the relays hold the config.
+    pub fn start_all(&mut self, relays: usize) {
+        let c = self;
         c.start_metas();
         // A node started before its peers listened counts them down until its next probe
         // (1 s): wait until every node sees every other, or a first status answer is partial.
@@ -218,9 +282,8 @@ impl Cluster {
         }
         for r in &c.relays {
             let got = eventually(Duration::from_secs(20), || get_json(&r.url("/health")).1["configHash"].as_str().map(str::to_owned));
-            assert_eq!(got.as_deref(), Some(ops_config::content_hash(agents.as_bytes()).as_str()), "relay got the config");
+            assert_eq!(got.as_deref(), Some(ops_config::content_hash(c.agents.as_bytes()).as_str()), "relay got the config");
         }
-        c
     }
 
     pub fn ring_counts(&self, hosts: &[String]) -> Vec<u64> {

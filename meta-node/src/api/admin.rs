@@ -112,9 +112,8 @@ async fn reload_all(node: Arc<Node>) -> Response {
 async fn reload_local(node: Arc<Node>) -> Result<Response, ApiError> {
     let previous = node.desired.current();
     let n = node.clone();
-    let result = tokio::task::spawn_blocking(move || n.desired.reload())
-        .await
-        .map_err(|e| ApiError::Internal(format!("reload task failed: {e}")))?;
+    let result =
+        tokio::task::spawn_blocking(move || n.reload_config()).await.map_err(|e| ApiError::Internal(format!("reload task failed: {e}")))?;
     match result {
         Ok(loaded) => {
             metrics::counter!(CONFIG_RELOADS, "result" => "ok").increment(1);

@@ -33,7 +33,7 @@ pub(super) async fn map(State(node): State<Arc<Node>>, headers: HeaderMap) -> Re
     if matches {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
     }
-    (
+    let mut r = (
         [
             (header::ETAG, etag_value),
             (header::CONTENT_TYPE, HeaderValue::from_static("application/toml; charset=utf-8")),
@@ -41,7 +41,11 @@ pub(super) async fn map(State(node): State<Arc<Node>>, headers: HeaderMap) -> Re
         ],
         c.map.text.clone(),
     )
-        .into_response()
+        .into_response();
+    if let Some(sig) = c.signature.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
+        r.headers_mut().insert(header::HeaderName::from_static(ops_config::trust::SIGNATURE_HEADER), sig);
+    }
+    r
 }
 
 #[derive(serde::Deserialize)]
@@ -100,8 +104,17 @@ pub(super) async fn reload(
     let _one = m.coordinating.try_lock().map_err(|_| ApiError::Conflict("a membership change is already running here".into()))?;
     let path = m.path().ok_or_else(|| ApiError::BadRequest("this node was not started with --cluster FILE".into()))?.to_owned();
     let text = tokio::fs::read_to_string(&path).await.map_err(|e| ApiError::BadRequest(format!("{}: {e}", path.display())))?;
-    let map = ops_config::ClusterMap::parse(&text, &path).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let signature = ops_config::trust::read_signature(&path)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?
+        .map(|s| ops_config::trust::signature_header(&s));
     let current = m.current();
+    // The map served now is taken again as it is (a diverged peer is brought to it); any
+    // other must be signed and newer here first, as every node will check.
+    let map = if signature == current.signature && text == current.map.text {
+        current.map.clone()
+    } else {
+        membership::verify(&node, m, &text, signature.as_deref()).map_err(|e| ApiError::BadRequest(format!("{}: {e}", path.display())))?
+    };
     let mut reply = ReloadReply {
         node: node.settings.id.clone(),
         hash: map.hash.clone(),
@@ -130,7 +143,7 @@ pub(super) async fn reload(
     reply.nodes = targets.iter().map(|(id, url)| NodeStep { id: id.clone(), url: url.clone(), ok: true, ..NodeStep::default() }).collect();
     tracing::info!(hash = %map.hash, nodes = targets.len(), "membership change: preparing every node");
 
-    let results = step_all(&node, &current.client, &targets, "prepare", text.clone()).await;
+    let results = step_all(&node, &current.client, &targets, "prepare", text.clone(), signature.as_deref()).await;
     let mut top = m.generation();
     let refused = record(&mut reply, results, |s, r| {
         s.moved = r.moved;
@@ -138,20 +151,24 @@ pub(super) async fn reload(
     });
     if let Some(error) = refused {
         tracing::warn!(%error, "membership change refused at prepare; aborting everywhere");
-        let _ = step_all(&node, &current.client, &targets, "abort", map.hash.clone()).await;
+        let _ = step_all(&node, &current.client, &targets, "abort", map.hash.clone(), None).await;
         reply.failed_at = Some("prepare");
         reply.error_message = format!("nothing changed: {error}");
         return Ok((StatusCode::CONFLICT, Json(reply)).into_response());
     }
-    reply.generation = top + 1;
+    // A signed map's generation is its version; an unsigned lab map's, one above the highest.
+    reply.generation = match map.version.filter(|_| !node.settings.trusted_keys.is_empty()) {
+        Some(version) => version,
+        None => top.checked_add(1).ok_or_else(|| ApiError::Conflict("cluster generations are exhausted".into()))?,
+    };
     let commit = format!("commit?generation={}", reply.generation);
-    let results = step_all(&node, &current.client, &targets, &commit, map.hash.clone()).await;
+    let results = step_all(&node, &current.client, &targets, &commit, map.hash.clone(), None).await;
     let refused = record(&mut reply, results, |s, r| s.remarked = r.remarked);
     reply.changed = true;
     // A gather that began by the old map before its node committed still asks by it: every
     // node keeps the old map that long (a peer's part must open within the peer timeout).
     tokio::time::sleep(node.settings.peer_timeout).await;
-    let results = step_all(&node, &current.client, &targets, "finish", map.hash.clone()).await;
+    let results = step_all(&node, &current.client, &targets, "finish", map.hash.clone(), None).await;
     let refused = refused.or(record(&mut reply, results, |_, _| {}));
     if let Some(error) = refused {
         // Committed nodes serve the new map; one that missed a step ends it by itself
@@ -191,8 +208,10 @@ async fn step_all(
     targets: &[(String, String)],
     step: &str,
     body: String,
+    signature: Option<&str>,
 ) -> Vec<Result<StepReply, String>> {
-    super::post_each(node, client, targets, &format!("/internal/cluster/{step}"), &body, &[], STEP_TIMEOUT).await
+    let headers: Vec<(&str, &str)> = signature.map(|s| (ops_config::trust::SIGNATURE_HEADER, s)).into_iter().collect();
+    super::post_each(node, client, targets, &format!("/internal/cluster/{step}"), &body, &headers, STEP_TIMEOUT).await
 }
 
 #[derive(serde::Deserialize)]
@@ -214,7 +233,10 @@ pub(super) async fn step(
     authorize(&node, peer, &headers)?;
     let body = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the body is not UTF-8".into()))?;
     let result = match step.as_str() {
-        "prepare" => membership::prepare(&node, body).await,
+        "prepare" => {
+            let sig = headers.get(ops_config::trust::SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty());
+            membership::prepare(&node, body, sig).await
+        }
         "commit" => membership::commit(&node, body.trim(), params.generation).await,
         "finish" => membership::finish(&node, body.trim()),
         "abort" => Ok(membership::abort(&node, body.trim())),

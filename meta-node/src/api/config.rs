@@ -152,7 +152,7 @@ async fn coordinate(node: Arc<Node>, text: String, sig: Option<String>, expect: 
         reply.error_message = format!("refused, nothing changed on any node: {why}");
         return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(reply)).into_response());
     }
-    reply.generation = top + 1;
+    reply.generation = top.checked_add(1).ok_or_else(|| ApiError::Conflict("config generations are exhausted".into()))?;
     let path = format!("write?generation={}", reply.generation);
     let up: Vec<(String, String)> = targets.iter().filter(|(id, _)| !reply.missing_nodes.contains(id)).cloned().collect();
     let written = step_all(&node, &up, &path, &text, sig.as_deref()).await;
@@ -167,6 +167,10 @@ async fn coordinate(node: Arc<Node>, text: String, sig: Option<String>, expect: 
         }
     }
     reply.changed = true;
+    if !node.settings.trusted_keys.is_empty() {
+        // Every node wrote the signed file at its own version (`local_step`).
+        reply.generation = reply.nodes.iter().filter(|n| n.ok).map(|n| n.generation).max().unwrap_or(reply.generation);
+    }
     tracing::info!(hash = %reply.hash, generation = reply.generation, "config applied");
     if !reply.missing_nodes.is_empty() && failed.is_none() {
         reply.error_message =
@@ -181,10 +185,11 @@ async fn coordinate(node: Arc<Node>, text: String, sig: Option<String>, expect: 
     Ok(Json(reply).into_response())
 }
 
-/// Every node of the map (this one included) as (id, base URL).
+/// Every node of the map (this one included) as (id, base URL); a standalone node is its
+/// only target (no URL: it runs each step itself).
 fn targets(node: &Node) -> Vec<(String, String)> {
     match node.cluster() {
-        None => Vec::new(),
+        None => vec![(node.settings.id.clone(), String::new())],
         Some(c) => (0..c.map.nodes.len()).map(|i| (c.map.nodes[i].id.clone(), c.map.url(i, ""))).collect(),
     }
 }
@@ -197,7 +202,7 @@ async fn step_all(
     text: &str,
     sig: Option<&str>,
 ) -> Vec<Result<ConfigStep, String>> {
-    if targets.is_empty() {
+    if node.cluster.is_none() {
         let generation = step.strip_prefix("write?generation=").and_then(|g| g.parse().ok());
         return vec![local_step(node, generation, text, sig).await];
     }
@@ -217,6 +222,11 @@ pub async fn local_step(node: &Arc<Node>, generation: Option<u64>, text: &str, s
         // Signed is not enough: an older signed file, another one at the same version, or an
         // expired one is refused here as on every relay and updater.
         n.desired.check_fresh(&config).map_err(|e| format!("{}: signed config refused: {e}", path.display()))?;
+        // A signed file's generation is its version, whatever the coordinator or a peer says.
+        let generation = match config.version() {
+            Some(version) if generation.is_some() && !n.settings.trusted_keys.is_empty() => Some(version),
+            _ => generation,
+        };
         if let Some(g) = generation {
             let previous = n.desired.current();
             n.generations.write(&path, &text, sig.as_deref(), g)?;
