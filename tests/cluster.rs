@@ -1016,3 +1016,133 @@ fn a_fake_peer_on_a_nodes_address_changes_no_file_hash_or_version() {
     // The node of the fake's map was never contacted: no request, no token.
     assert!(evil_node.accept().is_err(), "nothing connected to meta-evil");
 }
+
+/// An HTTPS client trusting only the CA in `ca`, showing the certificate `cert` (`NAME.pem`
+/// and `NAME.key` from `opsctl ca issue`) when given.
+fn https(ca: &Path, cert: Option<&Path>) -> reqwest::blocking::Client {
+    let mut b = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap())
+        .timeout(Duration::from_secs(5));
+    if let Some(c) = cert {
+        let mut pem = std::fs::read(c.with_extension("pem")).unwrap();
+        pem.extend(std::fs::read(c.with_extension("key")).unwrap());
+        b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
+/// Under `mtls = true` the nodes and the relay know each other by the certificates of the
+/// cluster CA that name them (`opsctl ca init`, `opsctl ca issue`), and the cluster token
+/// opens no internal route: a client with no certificate, or with one of a relay on a
+/// node's route, or of a node that is not in the map, is refused (403) token or not. A
+/// process on meta-2's address with a certificate of the same CA for another node is not
+/// believed: meta-1 and the relay count meta-2 down and send it nothing, and its hosts are
+/// held by meta-1 as failover copies.
+#[test]
+fn under_mtls_peers_and_relays_are_known_by_their_certificates_only() {
+    use ops_e2e::{Proc, reserved_port};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca_dir = d.join("ca");
+    let ca = ca_dir.display().to_string();
+    assert_eq!(opsctl(&["ca", "init", "--dir", &ca]).0, 0);
+    for (kind, id) in [("--node", "meta-1"), ("--node", "meta-2"), ("--node", "meta-3"), ("--relay", "relay-1")] {
+        let (code, out, err) = opsctl(&["ca", "issue", "--dir", &ca, kind, id, "--san", "127.0.0.1"]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let (code, _, err) = opsctl(&["ca", "init", "--dir", &ca]);
+    assert_ne!(code, 0, "never overwrites a CA");
+    assert!(err.contains("not overwriting"), "{err}");
+    std::fs::write(d.join("cluster.token"), format!("{TOKEN}\n")).unwrap();
+    let ports = [reserved_port(), reserved_port()];
+    let map = format!(
+        "tls = true\nmtls = true\nca_file = \"ca/ca.pem\"\ntoken_file = \"cluster.token\"\n\
+         [[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:{}\"\n[[node]]\nid = \"meta-2\"\naddr = \"127.0.0.1:{}\"\n",
+        ports[0], ports[1]
+    );
+    std::fs::write(d.join("cluster.toml"), &map).unwrap();
+    std::fs::write(d.join("agents.toml"), AGENTS).unwrap();
+    let p = |x: &Path| x.display().to_string();
+    let (cluster, agents) = (p(&d.join("cluster.toml")), p(&d.join("agents.toml")));
+    let meta = |i: usize, cert: &str| {
+        let (listen, data) = (format!("127.0.0.1:{}", ports[i]), p(&d.join(format!("data-{i}"))));
+        let (c, k) = (p(&ca_dir.join(format!("{cert}.pem"))), p(&ca_dir.join(format!("{cert}.key"))));
+        let id = format!("meta-{}", i + 1);
+        let args = ["--listen", &listen, "--cluster", &cluster, "--id", &id, "--agents", &agents, "--data-dir", &data];
+        let mut proc = Proc::start("meta-node", &[&args[..], &["--tls-cert", &c, "--tls-key", &k, "--flush-ms", "100"]].concat());
+        proc.wait_for_log("meta node listening");
+        proc
+    };
+    let _m1 = meta(0, "meta-1");
+    let mut m2 = meta(1, "meta-2");
+    let (rc, rk, rdata) = (p(&ca_dir.join("relay-1.pem")), p(&ca_dir.join("relay-1.key")), p(&d.join("relay")));
+    let mut relay = Proc::start(
+        "relay",
+        &["--listen", "127.0.0.1:0", "--cluster", &cluster, "--id", "relay-1", "--data-dir", &rdata, "--flush-ms", "100"]
+            .iter()
+            .copied()
+            .chain(["--config-poll-ms", "200", "--request-timeout-ms", "1000", "--tls-cert", &rc, "--tls-key", &rk])
+            .collect::<Vec<_>>(),
+    );
+    let relay_addr = ops_e2e::addr_in(&relay.wait_for_log("relay listening"));
+    let ca_pem = ca_dir.join("ca.pem");
+    let anon = https(&ca_pem, None);
+    let url = |i: usize, path: &str| format!("https://127.0.0.1:{}{path}", ports[i]);
+    let health = |i: usize| anon.get(url(i, "/health")).send().ok().and_then(|r| r.json::<Value>().ok());
+    let both_up = eventually(Duration::from_secs(20), || {
+        let h = health(0)?;
+        h["nodes"].as_array().is_some_and(|n| n.len() == 2 && n.iter().all(|n| n["up"] == true)).then_some(())
+    });
+    assert!(both_up.is_some(), "meta-1 sees meta-2 over mTLS: {:?}", health(0));
+
+    // Heartbeats through the relay reach both owners; any node lists them all (a gather).
+    let hosts = hostnames(40);
+    let beat = |h: &str| {
+        let body = json!({"hostname": h, "ip": "10.0.0.1", "realAgents": []}).to_string();
+        anon.post(format!("https://{relay_addr}/heartbeat")).body(body).send().map(|r| r.status().as_u16()).unwrap_or(0)
+    };
+    let relay_ready = eventually(Duration::from_secs(20), || (beat(&hosts[0]) == 200).then_some(()));
+    assert!(relay_ready.is_some(), "the relay serves over TLS with the config of the meta nodes");
+    hosts.iter().for_each(|h| assert_eq!(beat(h), 200));
+    let listed =
+        |i: usize| anon.get(url(i, "/status/json/falcon-agent")).send().ok()?.json::<Value>().ok()?["hosts"].as_array().map(Vec::len);
+    let gathered = eventually(Duration::from_secs(20), || (listed(0) == Some(40) && listed(1) == Some(40)).then_some(()));
+    assert!(gathered.is_some(), "every host listed once by each node: {:?} {:?}", listed(0), listed(1));
+    let h = health(0).unwrap();
+    assert!((1..40).contains(&h["hosts"].as_u64().unwrap()), "both nodes hold hosts: {h}");
+
+    // Who may call what.
+    let status = |client: &reqwest::blocking::Client, path: &str, token: bool| {
+        let mut req = client.post(url(0, path)).body("{}");
+        if token {
+            req = req.bearer_auth(TOKEN);
+        }
+        req.send().unwrap().status().as_u16()
+    };
+    let cert = |name: &str| https(&ca_pem, Some(&ca_dir.join(name)));
+    assert_eq!(status(&anon, "/internal/batch", true), 403, "the token opens no internal route");
+    assert_eq!(status(&anon, "/internal/summary/falcon-agent", true), 403);
+    assert_eq!(status(&cert("relay-1"), "/internal/summary/falcon-agent", false), 403, "a relay gathers nothing");
+    assert_eq!(status(&cert("meta-3"), "/internal/summary/falcon-agent", false), 403, "a node not in the map is nobody");
+    assert_ne!(status(&cert("relay-1"), "/internal/batch", false), 403, "a relay posts batches");
+    assert_ne!(status(&cert("meta-2"), "/internal/summary/falcon-agent", false), 403, "a node of the map gathers");
+    let (_, metrics) = (0, anon.get(url(0, "/metrics")).send().unwrap().text().unwrap());
+    assert!(metrics.contains("ops_meta_peer_refused_total 4"), "{metrics}");
+
+    // meta-2's address taken by a process with a certificate of the same CA for meta-3.
+    m2.kill();
+    let _impostor = meta(1, "meta-3");
+    let down = eventually(Duration::from_secs(20), || {
+        let h = health(0)?;
+        (h["nodes"].as_array()?.iter().any(|n| n["id"] == "meta-2" && n["up"] == false)).then_some(())
+    });
+    assert!(down.is_some(), "meta-1 does not believe the impostor: {:?}", health(0));
+    hosts.iter().for_each(|h| assert_eq!(beat(h), 200));
+    let held = eventually(Duration::from_secs(20), || (listed(0) == Some(40)).then_some(()));
+    assert!(held.is_some(), "meta-1 holds every host, copies included: {:?}", listed(0));
+    let impostor_metrics = anon.get(url(1, "/metrics")).send().unwrap().text().unwrap();
+    assert!(!impostor_metrics.contains("ops_meta_batches_received_total{"), "the impostor got no batch: {impostor_metrics}");
+    assert!(!impostor_metrics.contains("ops_meta_status_requests_total{"), "and no gather: {impostor_metrics}");
+}

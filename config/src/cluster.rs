@@ -42,6 +42,11 @@ pub struct ClusterMap {
     /// CA certificates (PEM) that the meta nodes' certificates chain to, besides the system's;
     /// resolved like `token_file`.
     pub ca_file: Option<PathBuf>,
+    /// Mutual TLS with node identity: every meta node and relay presents a certificate of
+    /// the cluster CA (`ca_file`, `opsctl ca issue`) that names it ([`node_name`],
+    /// [`relay_name`]); a peer is believed only as the node its certificate names, and only
+    /// where the map puts that node. The cluster token is then never sent between nodes.
+    pub mtls: bool,
     pub nodes: Vec<NodeSpec>,
     /// Content hash of the file text.
     pub hash: String,
@@ -71,6 +76,7 @@ struct RawCluster {
     #[serde(default)]
     tls: bool,
     ca_file: Option<Spanned<String>>,
+    mtls: Option<Spanned<bool>>,
     #[serde(default)]
     node: Vec<Spanned<RawNode>>,
 }
@@ -148,6 +154,17 @@ impl ClusterMap {
         if let Some(ca) = raw.ca_file.as_ref().filter(|_| !raw.tls) {
             return Err(at(ca.span(), "ca_file is only used with tls = true".into()));
         }
+        let mtls = match &raw.mtls {
+            Some(m) if *m.get_ref() && (!raw.tls || raw.ca_file.is_none()) => {
+                return Err(at(m.span(), "mtls needs tls = true and the cluster CA as ca_file".into()));
+            }
+            Some(m) => *m.get_ref(),
+            None => false,
+        };
+        if mtls && let Some(n) = raw.node.iter().find(|n| !dns_label(n.get_ref().id.get_ref())) {
+            let id = n.get_ref().id.get_ref();
+            return Err(at(n.get_ref().id.span(), format!("with mtls a node id is a DNS label (letters, digits, inner -), got {id:?}")));
+        }
         let token_file = raw.token_file.map(beside);
         let ca_file = raw.ca_file.map(beside);
         Ok(ClusterMap {
@@ -155,6 +172,7 @@ impl ClusterMap {
             token_file,
             tls: raw.tls,
             ca_file,
+            mtls,
             nodes,
             hash: crate::content_hash(text.as_bytes()),
             text: text.to_owned(),
@@ -171,6 +189,7 @@ impl ClusterMap {
             token_file: None,
             tls: false,
             ca_file: None,
+            mtls: false,
             nodes: vec![NodeSpec { id: "meta-1".into(), addr, weight: 1 }],
             hash: String::new(),
             text: String::new(),
@@ -183,8 +202,8 @@ impl ClusterMap {
     /// Why `self` cannot replace `current` online (a membership change keeps how nodes reach
     /// and trust each other: changing TLS, the CA or the token takes a restart), if it cannot.
     pub fn online_change_refused(&self, current: &ClusterMap) -> Option<String> {
-        if self.tls != current.tls || self.ca_file != current.ca_file {
-            return Some("tls and ca_file differ from the running map: change them with a restart, not online".into());
+        if self.tls != current.tls || self.ca_file != current.ca_file || self.mtls != current.mtls {
+            return Some("tls, mtls and ca_file differ from the running map: change them with a restart, not online".into());
         }
         if self.token_file != current.token_file {
             return Some("token_file differs from the running map: change it with a restart, not online".into());
@@ -197,9 +216,16 @@ impl ClusterMap {
         if self.tls { "https" } else { "http" }
     }
 
-    /// The URL of `path` on meta node `i`.
+    /// The URL of `path` on meta node `i`. With mTLS its host is the node's name
+    /// ([`node_name`]), which the cluster's clients resolve to its address themselves: the
+    /// name is what the peer's certificate must show.
     pub fn url(&self, i: usize, path: &str) -> String {
-        format!("{}://{}{path}", self.scheme(), self.nodes[i].addr)
+        let n = &self.nodes[i];
+        if self.mtls {
+            format!("https://{}:{}{path}", node_name(&n.id), n.addr.port())
+        } else {
+            format!("{}://{}{path}", self.scheme(), n.addr)
+        }
     }
 
     /// Reads and parses a file.
@@ -233,6 +259,25 @@ impl ClusterMap {
     pub fn ring(&self) -> Ring {
         Ring::new(self.nodes.iter().map(|n| (n.id.as_str(), n.weight)), self.vnodes)
     }
+}
+
+/// The DNS name a meta node's certificate carries under mTLS: `{id}.meta.ops-fleet`.
+pub fn node_name(id: &str) -> String {
+    format!("{id}.{NODE_DOMAIN}")
+}
+
+/// The DNS name a relay's certificate carries under mTLS: `{id}.relay.ops-fleet`.
+pub fn relay_name(id: &str) -> String {
+    format!("{id}.{RELAY_DOMAIN}")
+}
+
+/// The domains of [`node_name`] and [`relay_name`] (never looked up in DNS).
+pub const NODE_DOMAIN: &str = "meta.ops-fleet";
+pub const RELAY_DOMAIN: &str = "relay.ops-fleet";
+
+/// Whether `s` is one DNS label (what an id must be to be named in a certificate).
+pub fn dns_label(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !s.starts_with('-') && !s.ends_with('-')
 }
 
 /// Which meta node owns a hostname, and the failover order after it.

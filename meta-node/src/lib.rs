@@ -228,6 +228,12 @@ impl Node {
         Ok(loaded)
     }
 
+    /// The token to send peers: none under mTLS, where they know this node by its
+    /// certificate.
+    pub fn peer_token(&self) -> Option<&String> {
+        self.settings.token.as_ref().filter(|_| !self.cluster().is_some_and(|c| c.map.mtls))
+    }
+
     /// The cluster map served now (None when standalone).
     pub fn cluster(&self) -> Option<Arc<Cluster>> {
         self.cluster.as_ref().map(|m| m.current())

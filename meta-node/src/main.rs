@@ -116,6 +116,15 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
             return Err(format!("{}: no [[node]] with id {id:?} (have {})", path.display(), ids.join(", ")));
         }
         s.token = cluster.read_token().map_err(|e| e.to_string())?;
+        if cluster.mtls {
+            // Peers and relays are known by their certificates (of the cluster CA), which
+            // this node asks every client for; it shows its own to its peers.
+            cli.tls.identity_for(&cluster)?;
+            let (Some(cert), Some(key), Some(ca)) = (&cli.tls.tls_cert, &cli.tls.tls_key, &cluster.ca_file) else {
+                unreachable!("identity_for and ClusterMap::parse check them")
+            };
+            s.tls = Some(relay::tls::server_config_mtls(cert, key, ca)?);
+        }
         relay::tls::for_cluster(reqwest::Client::builder(), &cluster).map(drop)?;
         s.id = id;
         s.cluster = Some(cluster);

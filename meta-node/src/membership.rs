@@ -176,6 +176,14 @@ impl Membership {
         self.path.as_deref()
     }
 
+    /// Whether `id` is a node of the current, previous or next map.
+    pub fn knows(&self, id: &str) -> bool {
+        [Some(self.current.load_full()), self.previous.load_full(), self.next.load_full()]
+            .into_iter()
+            .flatten()
+            .any(|c| c.map.index_of(id).is_some())
+    }
+
     /// Ends a change nobody finished within [`CHANGE_TIMEOUT`] (called by the hand-back loop).
     pub fn expire(&self) {
         let overdue = self.since.lock().is_some_and(|t| t.elapsed() > CHANGE_TIMEOUT);
@@ -204,7 +212,8 @@ pub fn build(
     stop: CancellationToken,
 ) -> Result<Cluster, String> {
     let mut forward = settings.forward.clone();
-    forward.token = settings.token.clone();
+    // Under mTLS a peer is known by its certificate: the token is never sent.
+    forward.token = settings.token.clone().filter(|_| !map.mtls);
     let forwarder = relay::forward::Forwarder::new(map, forward, stop.clone());
     let client = relay::tls::for_cluster(reqwest::Client::builder().no_proxy(), map).and_then(|b| b.build().map_err(|e| e.to_string()))?;
     let ring = map.ring();
@@ -241,7 +250,7 @@ pub fn start_map_tasks(node: &Arc<Node>) {
         client: c.client.clone(),
         bases: (0..c.map.nodes.len()).map(|i| c.map.url(i, "")).collect(),
         skip: Some(c.me),
-        token: node.settings.token.clone(),
+        token: node.peer_token().cloned(),
     };
     tokio::spawn(node.rollouts.clone().poll(nodes, node.settings.rollout_interval, move || Some(n.desired.current()), tasks));
 }

@@ -22,6 +22,7 @@ pub const PEER_ERRORS: &str = "ops_meta_peer_errors_total";
 pub const CONFIG_DIVERGED: &str = "ops_meta_config_diverged";
 pub const CLUSTER_DIVERGED: &str = "ops_meta_cluster_diverged";
 pub const PEERS_UP: &str = "ops_meta_peers_up";
+pub const PEER_REFUSED: &str = "ops_meta_peer_refused_total";
 pub const FAILOVER_COPIES: &str = "ops_meta_failover_copies";
 pub const HANDOFF_HOSTS: &str = "ops_meta_handoff_hosts_total";
 pub const ROLLOUT_HOSTS: &str = "ops_meta_rollout_hosts";
@@ -54,6 +55,11 @@ pub fn describe() {
         "1 when a peer at the same cluster generation served another cluster map at the last probe, outside a membership change."
     );
     describe_gauge!(PEERS_UP, Unit::Count, "Meta nodes of the cluster map that answer this node's probe, itself included.");
+    describe_counter!(
+        PEER_REFUSED,
+        Unit::Count,
+        "Internal requests refused under mTLS: no certificate, or not one of this cluster's nodes (or relays)."
+    );
     describe_gauge!(FAILOVER_COPIES, Unit::Count, "Hosts held here for another node while it was down (failover copies).");
     describe_counter!(
         HANDOFF_HOSTS,

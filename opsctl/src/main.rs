@@ -7,6 +7,7 @@
 //! hashes that differ: printed, then said on stderr); 64 bad usage, a file that cannot be read
 //! or written; 69 no server answered.
 
+mod ca;
 mod config;
 mod fleet;
 mod stamp;
@@ -93,6 +94,9 @@ enum Command {
     /// The meta nodes of the cluster map: up or down, config and cluster hashes, hosts held
     /// and failover copies. Exit 2 when a node is down or the hashes differ.
     Cluster,
+    /// The cluster CA and the certificates that name meta nodes and relays under mTLS.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Prints a shell completion script: `opsctl completion bash > /etc/bash_completion.d/opsctl`.
     Completion { shell: clap_complete::Shell },
     /// Creates an ed25519 signing key: KEY (secret, mode 0600) and KEY.pub (the public key
@@ -154,6 +158,39 @@ enum ConfigAction {
     Rollback {
         #[arg(long)]
         expect: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Makes the cluster CA: DIR/ca.pem (ca_file of cluster.toml) and DIR/ca.key (0600, keep
+    /// it offline). Never overwrites.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "ops fleet cluster CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+    },
+    /// Issues a certificate of the CA in DIR for one meta node (--node ID, the id in
+    /// cluster.toml) or one relay (--relay ID, its --id): DIR/ID.pem and DIR/ID.key.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, conflicts_with = "relay", required_unless_present = "relay")]
+        node: Option<String>,
+        #[arg(long)]
+        relay: Option<String>,
+        /// Another DNS name or IP address the certificate is good for (what updaters and
+        /// operators connect to); repeat for more.
+        #[arg(long)]
+        san: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        /// Write OUT.pem and OUT.key instead.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -336,6 +373,15 @@ fn main() -> ExitCode {
     let json = cli.json;
     let result = match &cli.command {
         Command::Keygen { out } => keygen(out),
+        Command::Ca(CaCommand::Init { dir, name, days }) => ca::init(dir, name, *days),
+        Command::Ca(CaCommand::Issue { dir, node, relay, san, days, out }) => {
+            let subject = match (node, relay) {
+                (Some(id), _) => ca::Subject::Node(id),
+                (None, Some(id)) => ca::Subject::Relay(id),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            ca::issue(dir, subject, san, *days, out.as_deref())
+        }
         Command::Sign { key, append, version, expires, file } => sign(key, *append, *version, *expires, file),
         Command::Verify { trusted_key, trusted_keys_file, file } => verify(trusted_key, trusted_keys_file, file),
         Command::Status { agent } => server().and_then(|s| whole(fleet::status(&s, agent.as_deref(), json))),

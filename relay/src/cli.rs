@@ -35,6 +35,18 @@ pub struct TlsArgs {
 }
 
 impl TlsArgs {
+    /// Under the map's `mtls`: keeps `--tls-cert`/`--tls-key` as this process's identity
+    /// towards the meta nodes (`tls::set_identity`); they are required then.
+    pub fn identity_for(&self, map: &ops_config::ClusterMap) -> Result<(), String> {
+        if !map.mtls {
+            return Ok(());
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => crate::tls::set_identity(cert, key),
+            _ => Err(format!("{}: mtls = true needs --tls-cert and --tls-key (opsctl ca issue)", map.file.display())),
+        }
+    }
+
     pub fn server_config(&self) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => crate::tls::server_config(cert, key).map(Some),

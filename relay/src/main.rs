@@ -88,7 +88,9 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         Some(path) => {
             // With trusted keys the map must carry the operator's signature, as agents.toml.
             let (c, _) = ops_config::trust::load_signed_map(path, &keys).map_err(|e| format!("{e} (sign it with opsctl sign)"))?;
-            let token = c.read_token().map_err(|e| e.to_string())?;
+            // Under mTLS the relay is known by its certificate: the token is never sent.
+            let token = if c.mtls { None } else { c.read_token().map_err(|e| e.to_string())? };
+            cli.tls.identity_for(&c)?;
             relay::tls::for_cluster(reqwest::Client::builder(), &c).map(drop)?;
             (c, token)
         }

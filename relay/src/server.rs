@@ -93,7 +93,8 @@ pub async fn serve(
                     accepted = listener.accept() => accepted,
                 };
                 let shared = shared.clone();
-                connections.spawn(async move { shared.connection(io, peer).await });
+                let names = crate::tls::PeerNames::of(io.get_ref().1);
+                connections.spawn(async move { shared.connection_as(io, peer, names).await });
             }
         }
     }
@@ -110,15 +111,12 @@ pub async fn serve_router(
     app: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
+    let shutdown2 = shutdown.clone();
     let stop = async move { shutdown.cancelled().await };
     match tls {
         None => axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await,
-        Some(config) => {
-            // `tap_io` gives the listener axum's `Connected` impl for its `SocketAddr`.
-            let listener = crate::tls::TlsListener::new(listener, config)?.tap_io(|_| {});
-            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await
-        }
+        // Over TLS the requests carry the client certificate's names (`tls::PeerNames`).
+        Some(config) => serve(listener, Some(config), app, None, None, shutdown2).await,
     }
 }
 
@@ -154,6 +152,15 @@ impl Shared {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        self.connection_as(io, peer, crate::tls::PeerNames::default()).await
+    }
+
+    /// [`connection`](Self::connection) of a client that showed a certificate with `names`
+    /// (given to the router's requests as an extension).
+    async fn connection_as<I>(self, io: I, peer: SocketAddr, names: crate::tls::PeerNames)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let Shared { app, heartbeat, shutdown } = self;
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let answer: Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>> = match &heartbeat {
@@ -164,6 +171,7 @@ impl Shared {
                 _ => {
                     let mut request = request.map(Body::new);
                     request.extensions_mut().insert(ConnectInfo(peer));
+                    request.extensions_mut().insert(names.clone());
                     let mut app = app.clone();
                     Box::pin(async move { app.call(request).await })
                 }

@@ -24,6 +24,17 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server config of a certificate chain and its private key (PEM files).
 pub fn server_config(cert: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, String> {
+    build_server_config(cert, key_path, None)
+}
+
+/// [`server_config`] that also asks every client for a certificate of the CA in `ca` (PEM)
+/// and verifies the one it shows; a client with none still connects (updaters, operators),
+/// and the node's routes decide what it may do ([`PeerNames`]).
+pub fn server_config_mtls(cert: &Path, key_path: &Path, ca: &Path) -> Result<Arc<ServerConfig>, String> {
+    build_server_config(cert, key_path, Some(ca))
+}
+
+fn build_server_config(cert: &Path, key_path: &Path, client_ca: Option<&Path>) -> Result<Arc<ServerConfig>, String> {
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(cert).and_then(|it| it.collect::<Result<_, _>>()).map_err(|e| format!("{}: {e}", cert.display()))?;
     if certs.is_empty() {
@@ -31,12 +42,22 @@ pub fn server_config(cert: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, 
     }
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("{} with {}: {e}", cert.display(), key_path.display()))?;
+    let builder = ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+                roots.add(c.map_err(|e| format!("{}: {e}", ca.display()))?).map_err(|e| format!("{}: {e}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| format!("{} with {}: {e}", cert.display(), key_path.display()))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -103,10 +124,71 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// The DNS names (subject alternative names) of the verified certificate a client showed on
+/// this connection: empty when it showed none. Put into every request's extensions by
+/// `crate::server`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerNames(pub Vec<String>);
+
+impl PeerNames {
+    /// The names of `conn`'s client certificate (rustls verified its chain in the handshake).
+    pub fn of(conn: &rustls::ServerConnection) -> PeerNames {
+        let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) else { return PeerNames::default() };
+        let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return PeerNames::default() };
+        let names = match parsed.subject_alternative_name() {
+            Ok(Some(san)) => san
+                .value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        PeerNames(names)
+    }
+
+    /// The id of the meta node this certificate names (`{id}.meta.ops-fleet`), if it names one.
+    pub fn node(&self) -> Option<&str> {
+        self.0.iter().find_map(|n| n.strip_suffix(ops_config::cluster::NODE_DOMAIN)?.strip_suffix('.'))
+    }
+
+    /// The id of the relay it names (`{id}.relay.ops-fleet`).
+    pub fn relay(&self) -> Option<&str> {
+        self.0.iter().find_map(|n| n.strip_suffix(ops_config::cluster::RELAY_DOMAIN)?.strip_suffix('.'))
+    }
+}
+
+/// This process's own certificate and key (PEM), shown to the meta nodes under mTLS: set once
+/// at start from `--tls-cert`/`--tls-key` ([`set_identity`]).
+static IDENTITY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// Keeps `cert` and `key` as this process's client identity for [`for_cluster`].
+pub fn set_identity(cert: &Path, key: &Path) -> Result<(), String> {
+    let mut pem = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+    pem.push(b'\n');
+    pem.extend(std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?);
+    reqwest::Identity::from_pem(&pem).map_err(|e| format!("{} with {}: {e}", cert.display(), key.display()))?;
+    let _ = IDENTITY.set(pem);
+    Ok(())
+}
+
 /// A client builder for the meta nodes of `map`: trusting its `ca_file` besides the system's
 /// roots when it says `tls`, and loading no roots at all when it does not (they cost every
-/// client about 1.5 MiB and would never be used).
+/// client about 1.5 MiB and would never be used). With `mtls`, it trusts only the cluster CA,
+/// shows this process's certificate ([`set_identity`]) and reaches every node by its name
+/// (resolved here to the map's address), so the peer's certificate must name that node.
 pub fn for_cluster(builder: reqwest::ClientBuilder, map: &ops_config::ClusterMap) -> Result<reqwest::ClientBuilder, String> {
+    if map.mtls {
+        let pem = IDENTITY.get().ok_or("mtls = true: give this process its certificate with --tls-cert and --tls-key")?;
+        let identity = reqwest::Identity::from_pem(pem).map_err(|e| e.to_string())?;
+        let builder = map.nodes.iter().fold(builder.tls_built_in_root_certs(false).identity(identity), |b, n| {
+            b.resolve(&ops_config::cluster::node_name(&n.id), n.addr)
+        });
+        return with_ca(builder, map.ca_file.as_deref());
+    }
     if map.tls { with_ca(builder, map.ca_file.as_deref()) } else { Ok(builder.tls_built_in_root_certs(false)) }
 }
 

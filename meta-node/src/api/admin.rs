@@ -73,7 +73,7 @@ async fn reload_all(node: Arc<Node>) -> Response {
         let peers = futures_util::future::join_all(c.peers().map(|i| {
             let spec = c.map.nodes[i].clone();
             let mut req = c.client.get(c.map.url(i, "/config/reload")).timeout(node.settings.peer_timeout);
-            if let Some(token) = &node.settings.token {
+            if let Some(token) = node.peer_token() {
                 req = req.bearer_auth(token);
             }
             async move {

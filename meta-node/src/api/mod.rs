@@ -94,13 +94,92 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/internal/host/{hostname}", get(internal::host))
         .route("/internal/rollout", get(rollout::internal))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(node.clone(), guard))
         .with_state(node)
+}
+
+/// Set by [`guard`] on a request whose client certificate allows it (its value names the
+/// peer); removed from every request first, so no client can set it.
+const VERIFIED_HEADER: &str = "x-ops-verified-peer";
+
+/// Who may call a route under mTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Anyone (heartbeats, status, documents, health).
+    Public,
+    /// A meta node of the map (gathers, hand-backs, rollout state, config and membership steps).
+    Node,
+    /// A meta node or a relay: batches of reports (not hand-backs, which only nodes send) and
+    /// the rollout state.
+    NodeOrRelay,
+    /// A meta node (a reload fanned out by a peer) or the operator's token.
+    NodeOrOperator,
+    /// The operator's token (applies, rollbacks, membership changes: what they carry must be
+    /// signed besides, when the node trusts keys).
+    Operator,
+}
+
+fn scope_of(path: &str, headers: &axum::http::HeaderMap) -> Scope {
+    match path {
+        "/internal/batch" if headers.get(relay::forward::HANDOFF_HEADER).is_some_and(|v| v == "1") => Scope::Node,
+        // Relays post their batches and read the rollout state they gate updaters by.
+        "/internal/batch" | "/internal/rollout" => Scope::NodeOrRelay,
+        p if p.starts_with("/internal/") => Scope::Node,
+        "/config/reload" => Scope::NodeOrOperator,
+        "/config/apply" | "/config/rollback" | "/cluster/reload" => Scope::Operator,
+        _ => Scope::Public,
+    }
+}
+
+/// Under the map's `mtls`: internal routes are for the peers and relays whose certificates
+/// (verified in the handshake, `relay::tls::PeerNames`) name them, and only them; the cluster
+/// token opens none of them. Without mTLS nothing changes here ([`authorize`] decides).
+async fn guard(
+    axum::extract::State(node): axum::extract::State<Arc<Node>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    request.headers_mut().remove(VERIFIED_HEADER);
+    if !node.cluster().is_some_and(|c| c.map.mtls) {
+        return next.run(request).await;
+    }
+    let scope = scope_of(request.uri().path(), request.headers());
+    if scope == Scope::Public || scope == Scope::Operator {
+        return next.run(request).await;
+    }
+    let names = request.extensions().get::<relay::tls::PeerNames>().cloned().unwrap_or_default();
+    let peer = names
+        .node()
+        .filter(|id| node.cluster.as_ref().is_some_and(|m| m.knows(id)))
+        .map(|id| format!("node {id}"))
+        .or_else(|| names.relay().filter(|_| scope == Scope::NodeOrRelay).map(|id| format!("relay {id}")));
+    match peer.and_then(|p| axum::http::HeaderValue::from_str(&p).ok()) {
+        Some(v) => {
+            request.headers_mut().insert(VERIFIED_HEADER, v);
+            next.run(request).await
+        }
+        None if scope == Scope::NodeOrOperator => next.run(request).await,
+        None => {
+            metrics::counter!(crate::metrics::PEER_REFUSED).increment(1);
+            let shown = if names.0.is_empty() { "no certificate".to_owned() } else { format!("a certificate for {}", names.0.join(", ")) };
+            ApiError::Forbidden(format!(
+                "{}: this route is for {} of this cluster, known by a certificate of the cluster CA; the client showed {shown}",
+                request.uri().path(),
+                if scope == Scope::NodeOrRelay { "meta nodes and relays" } else { "meta nodes" }
+            ))
+            .into_response()
+        }
+    }
 }
 
 /// Admin and internal calls: when the cluster has a token, every caller must present it
 /// (`Authorization: Bearer ...`), loopback included, since peers on one machine are loopback
 /// too; without a token only loopback callers are trusted (seed 000's reload).
 fn authorize(node: &Node, peer: SocketAddr, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    if headers.contains_key(VERIFIED_HEADER) {
+        // A peer or relay known by its certificate (`guard`).
+        return Ok(());
+    }
     let presented =
         headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
     match (&node.settings.token, presented) {
@@ -132,7 +211,7 @@ pub(crate) async fn post_each<T: serde::de::DeserializeOwned>(
 ) -> Vec<Result<T, String>> {
     futures_util::future::join_all(targets.iter().map(|(id, base)| {
         let mut req = client.post(format!("{base}{path}")).timeout(timeout).body(body.to_owned());
-        if let Some(token) = &node.settings.token {
+        if let Some(token) = node.peer_token() {
             req = req.bearer_auth(token);
         }
         for (k, v) in headers {

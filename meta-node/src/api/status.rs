@@ -210,7 +210,7 @@ fn peer_lost(c: &Cluster, peer: usize) {
 pub(super) fn peer_request(node: &Node, c: &Cluster, method: reqwest::Method, peer: usize, path: &str) -> reqwest::RequestBuilder {
     let url = c.map.url(peer, path);
     let mut req = c.client.request(method, url).timeout(node.settings.peer_timeout);
-    if let Some(token) = &node.settings.token {
+    if let Some(token) = node.peer_token() {
         req = req.bearer_auth(token);
     }
     req
