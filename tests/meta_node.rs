@@ -527,3 +527,27 @@ fn a_standalone_apply_of_a_bad_file_is_refused_and_changes_nothing() {
     assert_eq!(reply["generation"], 1, "{reply}");
     assert_eq!(std::fs::read_to_string(setup.agents()).unwrap(), good);
 }
+
+#[test]
+fn without_trusted_keys_a_node_off_loopback_needs_lab() {
+    let setup = Setup::new();
+    let (agents, data) = (setup.agents(), setup.data());
+    let (status, log) = Proc::run_to_exit("meta-node", &["--listen", "0.0.0.0:0", "--agents", &agents, "--data-dir", &data]);
+    assert_eq!(status.code(), Some(64), "{log}");
+    assert!(log.contains("is not loopback and no trusted key is given") && log.contains("--lab"), "the refusal names the flag: {log}");
+    assert!(!log.contains("meta node listening"), "{log}");
+    // A cluster map with a node off loopback is refused the same way.
+    let cluster = setup.dir.path().join("cluster.toml");
+    std::fs::write(&cluster, "[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:1\"\n[[node]]\nid = \"meta-2\"\naddr = \"10.9.9.9:2000\"\n")
+        .unwrap();
+    let c = cluster.display().to_string();
+    let (status, log) = Proc::run_to_exit(
+        "meta-node",
+        &["--listen", "127.0.0.1:0", "--cluster", &c, "--id", "meta-1", "--agents", &agents, "--data-dir", &data],
+    );
+    assert_eq!(status.code(), Some(64), "{log}");
+    assert!(log.contains("meta-2 at 10.9.9.9:2000 is not loopback"), "{log}");
+    // The flag itself is taken (a lab on loopback here: the tests never bind other addresses).
+    let meta = setup.start(&["--lab"]);
+    assert_eq!(get_json(&meta.url("/health")).0, 200);
+}

@@ -1468,7 +1468,9 @@ fn bad_relay_cache_flags_exit_64() {
             "--advertise-url must be",
         ),
         (vec!["--listen", "127.0.0.1:0", "--advertise-url", "http://relay:2200"], "--advertise-url needs --cache-dir"),
-        (vec!["--listen", "0.0.0.0:0", "--cache-dir", &cache], "give --advertise-url"),
+        (vec!["--listen", "0.0.0.0:0", "--lab", "--cache-dir", &cache], "give --advertise-url"),
+        // Without trusted keys only loopback, unless it says it is a lab.
+        (vec!["--listen", "0.0.0.0:0"], "--listen 0.0.0.0:0 is not loopback and no trusted key is given"),
         (vec!["--listen", "127.0.0.1:0", "--cache-dir", &cache, "--cache-max-bytes", "1000"], "--cache-max-bytes must be at least 1 MiB"),
     ] {
         let mut all = args.clone();

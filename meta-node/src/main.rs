@@ -132,6 +132,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
     } else if let Some(id) = &cli.id {
         s.id = id.clone();
     }
+    cli.trust.check_lab(&s.trusted_keys, &cli.listen, s.cluster.as_ref())?;
     if cli.stale_after_seconds == 0 || cli.forget_after_seconds <= cli.stale_after_seconds {
         return Err("--stale-after-seconds must be > 0 and < --forget-after-seconds".into());
     }

@@ -15,9 +15,35 @@ pub struct TrustArgs {
     /// A file of trusted public keys, one per line (`#` comments). Repeatable.
     #[arg(long)]
     pub trusted_keys_file: Vec<PathBuf>,
+    /// Run without trusted keys on addresses other than loopback: a lab, where whatever can
+    /// reach the cluster's addresses may change what the hosts install.
+    #[arg(long)]
+    pub lab: bool,
 }
 
 impl TrustArgs {
+    /// Without trusted keys, a node or relay serves only loopback (`listen` and every node of
+    /// `map`): on a network, unsigned documents are whatever the network says, so that takes
+    /// `--lab`.
+    pub fn check_lab(&self, keys: &TrustedKeys, listen: &str, map: Option<&ops_config::ClusterMap>) -> Result<(), String> {
+        if !keys.is_empty() || self.lab {
+            return Ok(());
+        }
+        let loopback = |a: std::net::SocketAddr| a.ip().is_loopback();
+        let off = match listen.parse::<std::net::SocketAddr>() {
+            Ok(a) if !loopback(a) => Some(format!("--listen {listen}")),
+            Err(_) => Some(format!("--listen {listen}")),
+            Ok(_) => map.and_then(|m| m.nodes.iter().find(|n| !loopback(n.addr)).map(|n| format!("{} at {}", n.id, n.addr))),
+        };
+        match off {
+            None => Ok(()),
+            Some(what) => Err(format!(
+                "{what} is not loopback and no trusted key is given: give the operators' keys (--trusted-keys-file, opsctl keygen) \
+                 so only signed documents are taken, or --lab for a lab where anything on the network may change them"
+            )),
+        }
+    }
+
     pub fn keys(&self) -> Result<TrustedKeys, String> {
         TrustedKeys::load(&self.trusted_key, &self.trusted_keys_file).map_err(|e| e.to_string())
     }

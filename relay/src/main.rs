@@ -96,6 +96,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         }
         None => (ClusterMap::single("127.0.0.1:2000".parse().expect("literal address")), None),
     };
+    cli.trust.check_lab(&keys, &cli.listen, cli.cluster.as_ref().map(|_| &cluster))?;
     if cli.id.is_empty() || !ops_config::compact::valid_relay_id(&cli.id) {
         return Err(format!("--id {:?}: want 1-64 of [A-Za-z0-9._-] (it names this relay in every report it forwards)", cli.id));
     }
