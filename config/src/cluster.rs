@@ -374,6 +374,24 @@ impl Ring {
 mod tests {
     use super::*;
 
+    #[test]
+    fn mtls_needs_the_ca_and_names_nodes_by_dns_labels() {
+        let file = Path::new("cluster.toml");
+        let node = "[[node]]\nid = \"meta-1\"\naddr = \"127.0.0.1:2000\"\n";
+        let e = ClusterMap::parse(&format!("tls = true\nmtls = true\n{node}"), file).unwrap_err().to_string();
+        assert!(e.contains("cluster.toml:2:8:") && e.contains("ca_file"), "{e}");
+        let map = ClusterMap::parse(&format!("tls = true\nca_file = \"ca.pem\"\nmtls = true\n{node}"), file).unwrap();
+        assert_eq!(map.url(0, "/health"), "https://meta-1.meta.ops-fleet:2000/health");
+        let plain = ClusterMap::parse(&format!("tls = true\nca_file = \"ca.pem\"\n{node}"), file).unwrap();
+        assert_eq!(plain.url(0, "/health"), "https://127.0.0.1:2000/health");
+        assert!(map.online_change_refused(&plain).is_some(), "mtls changes only with a restart");
+        let e = ClusterMap::parse(&format!("tls = true\nca_file = \"ca.pem\"\nmtls = true\n{}", node.replace("meta-1", "meta_1")), file)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DNS label"), "{e}");
+        assert!(dns_label("relay-dc1") && !dns_label("-a") && !dns_label("a.b") && !dns_label(""));
+    }
+
     fn three() -> Ring {
         Ring::new([("meta-1", 1), ("meta-2", 1), ("meta-3", 1)], DEFAULT_VNODES)
     }
