@@ -1130,10 +1130,41 @@ fn under_mtls_peers_and_relays_are_known_by_their_certificates_only() {
     assert_ne!(status(&cert("meta-2"), "/internal/summary/falcon-agent", false), 403, "a node of the map gathers");
     let (_, metrics) = (0, anon.get(url(0, "/metrics")).send().unwrap().text().unwrap());
     assert!(metrics.contains("ops_meta_peer_refused_total 4"), "{metrics}");
+    // A relay posts only its own reports: relay-1's certificate with a report through
+    // relay-2 is refused whole, nothing stored.
+    let batch = |relay: &str, host: &str| {
+        let b = json!({"hosts": [
+            {"seen": 1, "relay": "relay-1", "hb": {"hostname": "fake-a", "ip": "10.0.0.9", "realAgents": []}},
+            {"seen": 1, "relay": relay, "hb": {"hostname": host, "ip": "10.0.0.9", "realAgents": []}},
+        ]});
+        let r = cert("relay-1").post(url(0, "/internal/batch")).body(b.to_string()).send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    let (code, body) = batch("relay-2", "fake-b");
+    assert_eq!(code, 403, "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert!(error["errorMessage"].as_str().unwrap().contains("a report through relay \"relay-2\" in a batch from relay relay-1"), "{body}");
+    let host_known = |h: &str| anon.get(url(0, &format!("/status/host/{h}"))).send().unwrap().status().as_u16();
+    assert_eq!((host_known("fake-a"), host_known("fake-b")), (404, 404), "nothing of the refused batch is stored");
+    // A process whose certificate does not name it does not start.
+    let (lc, lk) = (p(&ca_dir.join("meta-3.pem")), p(&ca_dir.join("meta-3.key")));
+    let spare = format!("127.0.0.1:{}", reserved_port());
+    let (status_wrong, log) = Proc::run_to_exit(
+        "meta-node",
+        &["--listen", &spare, "--cluster", &cluster, "--id", "meta-2", "--agents", &agents, "--tls-cert", &lc, "--tls-key", &lk],
+    );
+    assert_eq!(status_wrong.code(), Some(64), "{log}");
+    assert!(log.contains("under mtls this process is meta-2.meta.ops-fleet, but the certificate names meta-3.meta.ops-fleet"), "{log}");
 
-    // meta-2's address taken by a process with a certificate of the same CA for meta-3.
+    // meta-2's address taken by a process with a certificate of the same CA for meta-3: a
+    // real meta node of another map, which puts meta-3 there.
     m2.kill();
-    let _impostor = meta(1, "meta-3");
+    std::fs::write(d.join("impostor.toml"), map.replace("id = \"meta-2\"", "id = \"meta-3\"")).unwrap();
+    let impostor_map = p(&d.join("impostor.toml"));
+    let (listen, data, c3, k3) = (format!("127.0.0.1:{}", ports[1]), p(&d.join("data-impostor")), lc.clone(), lk.clone());
+    let impostor_args = ["--listen", &listen, "--cluster", &impostor_map, "--id", "meta-3", "--agents", &agents, "--data-dir", &data];
+    let mut impostor = Proc::start("meta-node", &[&impostor_args[..], &["--tls-cert", &c3, "--tls-key", &k3]].concat());
+    impostor.wait_for_log("meta node listening");
     let down = eventually(Duration::from_secs(20), || {
         let h = health(0)?;
         (h["nodes"].as_array()?.iter().any(|n| n["id"] == "meta-2" && n["up"] == false)).then_some(())

@@ -161,9 +161,12 @@ impl ClusterMap {
             Some(m) => *m.get_ref(),
             None => false,
         };
-        if mtls && let Some(n) = raw.node.iter().find(|n| !dns_label(n.get_ref().id.get_ref())) {
+        if mtls && let Some(n) = raw.node.iter().find(|n| !lower_dns_label(n.get_ref().id.get_ref())) {
             let id = n.get_ref().id.get_ref();
-            return Err(at(n.get_ref().id.span(), format!("with mtls a node id is a DNS label (letters, digits, inner -), got {id:?}")));
+            return Err(at(
+                n.get_ref().id.span(),
+                format!("with mtls a node id is a lowercase DNS label (letters, digits, inner -), got {id:?}"),
+            ));
         }
         let token_file = raw.token_file.map(beside);
         let ca_file = raw.ca_file.map(beside);
@@ -278,6 +281,11 @@ pub const RELAY_DOMAIN: &str = "relay.ops-fleet";
 /// Whether `s` is one DNS label (what an id must be to be named in a certificate).
 pub fn dns_label(s: &str) -> bool {
     !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !s.starts_with('-') && !s.ends_with('-')
+}
+
+/// A [`dns_label`] in lowercase: how a name of a certificate compares (ids under `mtls`).
+pub fn lower_dns_label(s: &str) -> bool {
+    dns_label(s) && !s.bytes().any(|b| b.is_ascii_uppercase())
 }
 
 /// Which meta node owns a hostname, and the failover order after it.

@@ -167,7 +167,21 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(Record<'a>
 
 /// Decodes and validates a whole batch without acting on it: the number of records.
 pub fn check(body: &[u8]) -> Result<usize, WireError> {
-    decode(body, |_, _| {})
+    check_from(body, None)
+}
+
+/// [`check`], and with `sender` (the relay a certificate names) every record must name that
+/// relay: a relay posts only the reports it received itself.
+pub fn check_from(body: &[u8], sender: Option<&str>) -> Result<usize, WireError> {
+    let mut other = None;
+    let n = decode(body, |rec, hb| {
+        if other.is_none()
+            && let Some(s) = sender.filter(|&s| s != rec.relay)
+        {
+            other = Some(WireError::NotThisRelay { host: hb.hostname.to_string(), claimed: rec.relay.to_owned(), sender: s.to_owned() });
+        }
+    })?;
+    other.map_or(Ok(n), Err)
 }
 
 struct Reader<'a> {
@@ -324,6 +338,22 @@ mod tests {
         bad.extend_from_slice(&body[4..]);
         put_str(&mut bad, "../etc");
         assert!(matches!(check(&bad), Err(WireError::Pin { .. })), "{:?}", check(&bad));
+    }
+
+    #[test]
+    fn a_batch_from_a_known_relay_carries_only_its_own_reports() {
+        let a = hb(r#"{"hostname":"a","realAgents":[]}"#);
+        let body = batch(&[(1, &a), (2, &a)]);
+        assert_eq!(check_from(&body, Some("dc1-1")), Ok(2));
+        assert_eq!(check_from(&body, None), Ok(2), "from a meta node (or no identity): any relay");
+        let mut mixed = body.clone();
+        encode(Record { seen: 3, told: 2, relay: "dc2-1" }, &a, &mut mixed);
+        let e = check_from(&mixed, Some("dc1-1")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "host a: a report through relay \"dc2-1\" in a batch from relay dc1-1: a relay posts only its own reports"
+        );
+        assert_eq!(check_from(&body, Some("dc2-1")).map_err(|e| matches!(e, WireError::NotThisRelay { .. })), Err(true));
     }
 
     #[test]

@@ -206,6 +206,9 @@ pub enum WireError {
     Pin { host: String, agent: String, pin: String },
     #[error("host {host}: field {field} is {len} bytes, at most {limit} allowed")]
     FieldTooLong { host: String, field: &'static str, len: usize, limit: usize },
+    /// A relay known by its certificate posted a report that names another relay.
+    #[error("host {host}: a report through relay {claimed:?} in a batch from relay {sender}: a relay posts only its own reports")]
+    NotThisRelay { host: String, claimed: String, sender: String },
 }
 
 fn token_ok(s: &str, max: usize, extra: &[u8]) -> bool {

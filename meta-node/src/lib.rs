@@ -243,7 +243,22 @@ impl Node {
     /// newest report of a host wins; an older one is counted and ignored. A batch with any bad
     /// entry is refused whole.
     pub fn ingest_batch(&self, bytes: &[u8]) -> Result<(u64, u64), ops_config::WireError> {
+        self.ingest_batch_from(bytes, None)
+    }
+
+    /// [`ingest_batch`](Self::ingest_batch) of a batch that relay `sender` posted (its
+    /// certificate names it): refused whole when a report names another relay.
+    pub fn ingest_batch_from(&self, bytes: &[u8], sender: Option<&str>) -> Result<(u64, u64), ops_config::WireError> {
         let batch = ops_config::Batch::parse(bytes)?;
+        if let Some(s) = sender
+            && let Some(e) = batch.hosts.iter().find(|e| e.relay != s)
+        {
+            return Err(ops_config::WireError::NotThisRelay {
+                host: e.hb.hostname.to_string(),
+                claimed: e.relay.clone(),
+                sender: s.to_owned(),
+            });
+        }
         let loaded = self.desired.guard();
         let owns = self.owner_check();
         let mut relays = store::RelayIndexes::new(&self.store);
@@ -262,17 +277,23 @@ impl Node {
     /// The same for a compact batch (`ops_config::compact`), what relays send: checked whole
     /// first, so a bad record changes nothing, then decoded again straight into the store.
     pub fn ingest_compact(&self, bytes: &[u8]) -> Result<(u64, u64), ops_config::WireError> {
-        self.ingest_compact_as(bytes, false)
+        self.ingest_compact_as(bytes, false, None)
+    }
+
+    /// [`ingest_compact`](Self::ingest_compact) of a batch that relay `sender` posted (its
+    /// certificate names it): refused whole when a record names another relay.
+    pub fn ingest_compact_from(&self, bytes: &[u8], sender: Option<&str>) -> Result<(u64, u64), ops_config::WireError> {
+        self.ingest_compact_as(bytes, false, sender)
     }
 
     /// A compact batch of failover copies a peer hands back (`handoff`): each is kept only
     /// where it is strictly newer than what this node holds.
     pub fn ingest_handed_back(&self, bytes: &[u8]) -> Result<(u64, u64), ops_config::WireError> {
-        self.ingest_compact_as(bytes, true)
+        self.ingest_compact_as(bytes, true, None)
     }
 
-    fn ingest_compact_as(&self, bytes: &[u8], handed_back: bool) -> Result<(u64, u64), ops_config::WireError> {
-        ops_config::compact::check(bytes)?;
+    fn ingest_compact_as(&self, bytes: &[u8], handed_back: bool, sender: Option<&str>) -> Result<(u64, u64), ops_config::WireError> {
+        ops_config::compact::check_from(bytes, sender)?;
         let loaded = self.desired.guard();
         let owns = self.owner_check();
         let (mut stored, mut older) = (0, 0);

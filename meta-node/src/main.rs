@@ -119,7 +119,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
         if cluster.mtls {
             // Peers and relays are known by their certificates (of the cluster CA), which
             // this node asks every client for; it shows its own to its peers.
-            cli.tls.identity_for(&cluster)?;
+            cli.tls.identity_for(&cluster, &ops_config::cluster::node_name(&id))?;
             let (Some(cert), Some(key), Some(ca)) = (&cli.tls.tls_cert, &cli.tls.tls_key, &cluster.ca_file) else {
                 unreachable!("identity_for and ClusterMap::parse check them")
             };

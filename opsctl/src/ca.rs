@@ -58,8 +58,8 @@ pub fn issue(dir: &Path, subject: Subject, sans: &[String], days: i64, out: Opti
         Subject::Node(id) => (id, ops_config::cluster::node_name(id)),
         Subject::Relay(id) => (id, ops_config::cluster::relay_name(id)),
     };
-    if !ops_config::cluster::dns_label(id) {
-        return Err(Failure::Usage(format!("{id:?}: an id named in a certificate is a DNS label (letters, digits, inner -)")));
+    if !ops_config::cluster::lower_dns_label(id) {
+        return Err(Failure::Usage(format!("{id:?}: an id named in a certificate is a lowercase DNS label (letters, digits, inner -)")));
     }
     let mut names = vec![name.clone()];
     names.extend(sans.iter().cloned());

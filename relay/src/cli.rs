@@ -62,13 +62,14 @@ pub struct TlsArgs {
 
 impl TlsArgs {
     /// Under the map's `mtls`: keeps `--tls-cert`/`--tls-key` as this process's identity
-    /// towards the meta nodes (`tls::set_identity`); they are required then.
-    pub fn identity_for(&self, map: &ops_config::ClusterMap) -> Result<(), String> {
+    /// towards the meta nodes (`tls::set_identity`); they are required then, and the
+    /// certificate must name `name` (`cluster::node_name` or `cluster::relay_name` of the id).
+    pub fn identity_for(&self, map: &ops_config::ClusterMap, name: &str) -> Result<(), String> {
         if !map.mtls {
             return Ok(());
         }
         match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => crate::tls::set_identity(cert, key),
+            (Some(cert), Some(key)) => crate::tls::set_identity(cert, key, name),
             _ => Err(format!("{}: mtls = true needs --tls-cert and --tls-key (opsctl ca issue)", map.file.display())),
         }
     }

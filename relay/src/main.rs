@@ -84,22 +84,28 @@ struct Cli {
 
 fn settings(cli: &Cli) -> Result<Settings, String> {
     let keys = cli.trust.keys()?;
+    if cli.id.is_empty() || !ops_config::compact::valid_relay_id(&cli.id) {
+        return Err(format!("--id {:?}: want 1-64 of [A-Za-z0-9._-] (it names this relay in every report it forwards)", cli.id));
+    }
     let (cluster, token) = match &cli.cluster {
         Some(path) => {
             // With trusted keys the map must carry the operator's signature, as agents.toml.
             let (c, _) = ops_config::trust::load_signed_map(path, &keys).map_err(|e| format!("{e} (sign it with opsctl sign)"))?;
             // Under mTLS the relay is known by its certificate: the token is never sent.
             let token = if c.mtls { None } else { c.read_token().map_err(|e| e.to_string())? };
-            cli.tls.identity_for(&c)?;
+            if c.mtls && !ops_config::cluster::lower_dns_label(&cli.id) {
+                return Err(format!(
+                    "--id {:?}: under mtls a relay id is a lowercase DNS label (its certificate names {{id}}.relay.ops-fleet)",
+                    cli.id
+                ));
+            }
+            cli.tls.identity_for(&c, &ops_config::cluster::relay_name(&cli.id))?;
             relay::tls::for_cluster(reqwest::Client::builder(), &c).map(drop)?;
             (c, token)
         }
         None => (ClusterMap::single("127.0.0.1:2000".parse().expect("literal address")), None),
     };
     cli.trust.check_lab(&keys, &cli.listen, cli.cluster.as_ref().map(|_| &cluster))?;
-    if cli.id.is_empty() || !ops_config::compact::valid_relay_id(&cli.id) {
-        return Err(format!("--id {:?}: want 1-64 of [A-Za-z0-9._-] (it names this relay in every report it forwards)", cli.id));
-    }
     if cli.flush_ms == 0 || cli.batch_max == 0 || cli.config_poll_ms == 0 || cli.request_timeout_ms == 0 {
         return Err("--flush-ms, --batch-max, --config-poll-ms and --request-timeout-ms must be > 0".into());
     }

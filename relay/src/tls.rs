@@ -133,8 +133,12 @@ pub struct PeerNames(pub Vec<String>);
 impl PeerNames {
     /// The names of `conn`'s client certificate (rustls verified its chain in the handshake).
     pub fn of(conn: &rustls::ServerConnection) -> PeerNames {
-        let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) else { return PeerNames::default() };
-        let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return PeerNames::default() };
+        conn.peer_certificates().and_then(|c| c.first()).map_or_else(PeerNames::default, |c| PeerNames::of_der(c.as_ref()))
+    }
+
+    /// The DNS names of the certificate `der`.
+    pub fn of_der(der: &[u8]) -> PeerNames {
+        let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der) else { return PeerNames::default() };
         let names = match parsed.subject_alternative_name() {
             Ok(Some(san)) => san
                 .value
@@ -165,8 +169,23 @@ impl PeerNames {
 /// at start from `--tls-cert`/`--tls-key` ([`set_identity`]).
 static IDENTITY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
 
-/// Keeps `cert` and `key` as this process's client identity for [`for_cluster`].
-pub fn set_identity(cert: &Path, key: &Path) -> Result<(), String> {
+/// Keeps `cert` and `key` as this process's client identity for [`for_cluster`]; its first
+/// certificate must name `name` (`{id}.meta.ops-fleet` or `{id}.relay.ops-fleet`), or
+/// the peers would refuse every call, or take this process for another one.
+pub fn set_identity(cert: &Path, key: &Path, name: &str) -> Result<(), String> {
+    let first = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .next()
+        .ok_or_else(|| format!("{}: no certificate in it", cert.display()))?
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let names = PeerNames::of_der(first.as_ref());
+    if !names.0.iter().any(|n| n == name) {
+        let shown = if names.0.is_empty() { "no DNS name".to_owned() } else { names.0.join(", ") };
+        return Err(format!(
+            "{}: under mtls this process is {name}, but the certificate names {shown} (opsctl ca issue --node ID or --relay ID)",
+            cert.display()
+        ));
+    }
     let mut pem = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
     pem.push(b'\n');
     pem.extend(std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?);

@@ -38,7 +38,9 @@ pub(super) async fn batch(
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(ops_config::compact::CONTENT_TYPE.as_bytes()));
     let handed_back = headers.get(relay::forward::HANDOFF_HEADER).is_some_and(|v| v == "1");
-    let result = tokio::task::spawn_blocking(move || ingest(&n, &bytes, compact, handed_back))
+    // A relay known by its certificate posts only reports that name it.
+    let sender = super::verified_relay(&headers).map(str::to_owned);
+    let result = tokio::task::spawn_blocking(move || ingest(&n, &bytes, compact, handed_back, sender.as_deref()))
         .await
         .map_err(|e| ApiError::Internal(format!("ingest task failed: {e}")))?;
     match result {
@@ -49,19 +51,23 @@ pub(super) async fn batch(
             Ok(Json(serde_json::json!({ "stored": stored, "older": older })))
         }
         Err(e) => {
-            metrics::counter!(BATCHES_RECEIVED, "result" => "bad_request").increment(1);
+            let result = if matches!(e, ApiError::Forbidden(_)) { "forbidden" } else { "bad_request" };
+            metrics::counter!(BATCHES_RECEIVED, "result" => result).increment(1);
             Err(e)
         }
     }
 }
 
-fn ingest(node: &Node, bytes: &[u8], compact: bool, handed_back: bool) -> Result<(u64, u64), ApiError> {
+fn ingest(node: &Node, bytes: &[u8], compact: bool, handed_back: bool, sender: Option<&str>) -> Result<(u64, u64), ApiError> {
     let result = match (compact, handed_back) {
         (true, true) => node.ingest_handed_back(bytes),
-        (true, false) => node.ingest_compact(bytes),
-        (false, _) => node.ingest_batch(bytes),
+        (true, false) => node.ingest_compact_from(bytes, sender),
+        (false, _) => node.ingest_batch_from(bytes, sender),
     };
-    result.map_err(|e| ApiError::BadRequest(e.to_string()))
+    result.map_err(|e| match e {
+        ops_config::WireError::NotThisRelay { .. } => ApiError::Forbidden(e.to_string()),
+        e => ApiError::BadRequest(e.to_string()),
+    })
 }
 
 /// What a gathering node asks of a peer: the nodes taking part, and for summaries a prefix.

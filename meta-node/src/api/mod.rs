@@ -172,6 +172,11 @@ async fn guard(
     }
 }
 
+/// The relay that [`guard`] found named by the client's certificate, if the caller is one.
+fn verified_relay(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get(VERIFIED_HEADER)?.to_str().ok()?.strip_prefix("relay ")
+}
+
 /// Admin and internal calls: when the cluster has a token, every caller must present it
 /// (`Authorization: Bearer ...`), loopback included, since peers on one machine are loopback
 /// too; without a token only loopback callers are trusted (seed 000's reload).
