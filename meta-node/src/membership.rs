@@ -86,6 +86,8 @@ pub struct Membership {
     data_dir: PathBuf,
     /// One coordinated change at a time on this node.
     pub(crate) coordinating: tokio::sync::Mutex<()>,
+    /// Held through a commit: the coordinator's and a catch-up's never interleave.
+    committing: tokio::sync::Mutex<()>,
     /// The forwarder of the current map: the token that drains and stops it, and its task.
     forwarder: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
     /// Ends the current map's tasks (the peers' rollout poll).
@@ -138,6 +140,7 @@ impl Membership {
             since: Mutex::new(None),
             path,
             coordinating: tokio::sync::Mutex::new(()),
+            committing: tokio::sync::Mutex::new(()),
             forwarder: Mutex::new(None),
             tasks: Mutex::new(CancellationToken::new()),
         }
@@ -161,6 +164,12 @@ impl Membership {
     /// Whether a change is on (prepared or committed, not finished).
     pub fn changing(&self) -> bool {
         self.since.lock().is_some()
+    }
+
+    /// Whether a change is committed here and not finished (a map is only prepared
+    /// otherwise, or none): a peer's newer map waits for its end.
+    pub fn committed_unfinished(&self) -> bool {
+        self.previous.load().is_some()
     }
 
     /// The map whose hash is `hash` among the current, previous and next ones.
@@ -346,6 +355,7 @@ async fn push_moving(node: &Arc<Node>, next: &Arc<Cluster>) -> Result<usize, Str
 /// this node's).
 pub async fn commit(node: &Arc<Node>, hash: &str, generation: Option<u64>) -> Result<StepReply, String> {
     let m = node.cluster.as_ref().ok_or("this node is standalone")?;
+    let _one = m.committing.lock().await;
     let mut reply = StepReply { id: node.settings.id.clone(), hash: hash.to_owned(), ..StepReply::default() };
     if m.current().map.hash == hash {
         // Served already; a change that brings a diverged node back still gives every node
@@ -404,11 +414,31 @@ pub async fn commit(node: &Arc<Node>, hash: &str, generation: Option<u64>) -> Re
 /// A peer serves map `text` at generation `generation`, above this node's: this node missed
 /// a commit. It takes the map through the three steps of a change, here alone: the hosts it
 /// owned that the map gives others go to them, then it serves the map.
-pub async fn catch_up(node: &Arc<Node>, text: &str, signature: Option<&str>, generation: u64) -> Result<StepReply, String> {
-    let m = node.cluster.as_ref().ok_or("this node is standalone")?;
-    let _one = m.coordinating.try_lock().map_err(|_| "a membership change is running here".to_owned())?;
-    if m.changing() {
-        return Err("a membership change is on".into());
+///
+/// A node that prepared this very map and then lost its coordinator (cut off between prepare
+/// and commit) commits it now: the peer serving it shows the coordinator got that far. A
+/// node that prepared another map drops it for a newer signed one; without keys it waits for
+/// its change to end ([`CHANGE_TIMEOUT`]).
+pub async fn catch_up(node: &Arc<Node>, text: &str, signature: Option<&str>, generation: u64) -> Result<StepReply, CatchUpError> {
+    use CatchUpError::{Busy, Refused};
+    let m = node.cluster.as_ref().ok_or_else(|| Refused("this node is standalone".into()))?;
+    let _one = m.coordinating.try_lock().map_err(|_| Busy("a membership change is running here".to_owned()))?;
+    if m.previous.load().is_some() {
+        return Err(Busy("a membership change is being finished here".into()));
+    }
+    if let Some(next) = m.next.load_full() {
+        let map = verify(node, m, text, signature).map_err(Refused)?;
+        if next.map.hash == map.hash {
+            let reply = commit(node, &map.hash, Some(generation)).await.map_err(Refused)?;
+            finish(node, &map.hash).map_err(Refused)?;
+            tracing::warn!(hash = %map.hash, generation, "a prepared cluster map was committed by a peer but not here: committed it");
+            return Ok(reply);
+        }
+        if m.floor.is_none() {
+            return Err(Busy(format!("another change (to map {}) is prepared here", next.map.hash)));
+        }
+        // Signed and above the floor: the operator's newer map replaces the prepared one.
+        abort(node, &next.map.hash);
     }
     let prepared = prepare(node, text, signature).await;
     let hash = match prepared {
@@ -417,12 +447,30 @@ pub async fn catch_up(node: &Arc<Node>, text: &str, signature: Option<&str>, gen
             if let Ok(map) = ClusterMap::parse(text, Path::new("cluster.toml")) {
                 abort(node, &map.hash);
             }
-            return Err(e);
+            return Err(Refused(e));
         }
     };
-    let reply = commit(node, &hash, Some(generation)).await?;
-    finish(node, &hash)?;
+    let reply = commit(node, &hash, Some(generation)).await.map_err(Refused)?;
+    finish(node, &hash).map_err(Refused)?;
     Ok(reply)
+}
+
+/// Why [`catch_up`] did not take a peer's map.
+#[derive(Debug)]
+pub enum CatchUpError {
+    /// A change is on here: asked again at the next probe.
+    Busy(String),
+    /// The map is refused (not signed, not newer, not a change allowed online, a failed
+    /// step): not asked again until the peer offers a newer one.
+    Refused(String),
+}
+
+impl std::fmt::Display for CatchUpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CatchUpError::Busy(e) | CatchUpError::Refused(e) => f.write_str(e),
+        }
+    }
 }
 
 /// Writes `generation` to the data dir, then serves it.

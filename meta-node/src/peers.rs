@@ -120,6 +120,9 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
         let mut newer_map: Option<(usize, u64)> = None;
         let my_generation = node.generations.current();
         let changing = node.cluster.as_ref().is_some_and(|m| m.changing());
+        // Only prepared here: a peer serving a newer map may be the coordinator that got to
+        // commit while this node missed it (`membership::catch_up`).
+        let finishing = node.cluster.as_ref().is_some_and(|m| m.committed_unfinished());
         let my_map_generation = node.cluster.as_ref().map_or(0, |m| m.generation());
         for (i, answer) in answers {
             let up = match answer {
@@ -135,7 +138,7 @@ pub async fn probe(node: std::sync::Arc<Node>, period: Duration, stop: Cancellat
                     if generation > my_generation && generation > refused[i] && newer.is_none_or(|(_, g)| generation > g) {
                         newer = Some((i, generation));
                     }
-                    if !changing
+                    if !finishing
                         && map_generation > my_map_generation
                         && map_generation > refused_map[i]
                         && newer_map.is_none_or(|(_, g)| map_generation > g)
@@ -204,6 +207,10 @@ async fn catch_up_map(node: &std::sync::Arc<Node>, c: &crate::Cluster, i: usize,
     match crate::membership::catch_up(node, &text, sig.as_deref(), generation).await {
         Ok(s) => {
             tracing::warn!(peer = %id, generation, hash = %s.hash, "this node missed a membership change: took the newer cluster map from a peer");
+            true
+        }
+        Err(crate::membership::CatchUpError::Busy(error)) => {
+            tracing::info!(peer = %id, generation, %error, "a peer serves a newer cluster map; taking it once the change here ends");
             true
         }
         Err(error) => {

@@ -237,6 +237,8 @@ async fn health(State(relay): State<Arc<Relay>>) -> Response {
             "status": if ready { "ok" } else { "no_config" },
             "id": relay.settings.id,
             "configHash": relay.config.hash(),
+            // The signed version of that config (none when unsigned).
+            "configVersion": relay.config.current().and_then(|l| l.config.version()),
             "clusterHash": relay.map.load().hash,
             "clusterGeneration": relay.map_generation.load(std::sync::atomic::Ordering::Relaxed),
             "pendingHosts": pending,

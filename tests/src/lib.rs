@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+pub mod netns;
 
 /// Longest a test waits for a process to come up or go down.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
