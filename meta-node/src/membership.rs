@@ -61,6 +61,10 @@ use crate::{Cluster, Node};
 /// A change not carried to its end within this is ended here.
 pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long after a change a node it left out may still post batches (under mTLS it is
+/// known by its certificate only that long): what it held goes to the owners meanwhile.
+pub const DEPARTED_GRACE: Duration = Duration::from_secs(600);
+
 /// Where a node keeps its map's generation, in its data dir.
 const GENERATION_FILE: &str = "cluster-generation";
 
@@ -79,6 +83,9 @@ pub struct Membership {
     next: ArcSwapOption<Cluster>,
     /// When the change on now began.
     since: Mutex<Option<Instant>>,
+    /// Nodes the last change left out, and when it ended: they may still hand back what they
+    /// hold for [`DEPARTED_GRACE`] ([`Membership::departed`]).
+    departed: Mutex<Vec<(String, Instant)>>,
     /// The cluster file, rewritten at commit.
     path: Option<PathBuf>,
     /// The generation of the map served (0: never changed online), kept in `data_dir`.
@@ -138,6 +145,7 @@ impl Membership {
             previous: ArcSwapOption::empty(),
             next: ArcSwapOption::empty(),
             since: Mutex::new(None),
+            departed: Mutex::new(Vec::new()),
             path,
             coordinating: tokio::sync::Mutex::new(()),
             committing: tokio::sync::Mutex::new(()),
@@ -185,6 +193,27 @@ impl Membership {
         self.path.as_deref()
     }
 
+    /// Whether `id` left the map in a change that ended less than [`DEPARTED_GRACE`] ago: it
+    /// still sends the hosts it held to their owners, and its batches are taken.
+    pub fn departed(&self, id: &str) -> bool {
+        self.departed.lock().iter().any(|(d, at)| d == id && at.elapsed() < DEPARTED_GRACE)
+    }
+
+    /// Drops the previous map (a change ends), keeping the nodes it had that the current
+    /// one has not as departed.
+    fn end_change(&self) -> Option<Arc<Cluster>> {
+        let old = self.previous.swap(None)?;
+        let current = self.current();
+        let mut departed = self.departed.lock();
+        departed.retain(|(_, at)| at.elapsed() < DEPARTED_GRACE);
+        for n in old.map.nodes.iter().filter(|n| current.map.index_of(&n.id).is_none()) {
+            departed.retain(|(d, _)| d != &n.id);
+            departed.push((n.id.clone(), Instant::now()));
+        }
+        old.stop.cancel();
+        Some(old)
+    }
+
     /// Whether `id` is a node of the current, previous or next map.
     pub fn knows(&self, id: &str) -> bool {
         [Some(self.current.load_full()), self.previous.load_full(), self.next.load_full()]
@@ -202,8 +231,7 @@ impl Membership {
         if self.next.swap(None).is_some() {
             tracing::warn!("a prepared cluster map was never committed; dropped");
         }
-        if let Some(old) = self.previous.swap(None) {
-            old.stop.cancel();
+        if self.end_change().is_some() {
             tracing::warn!("a cluster map change was never finished; finished here");
         }
         *self.since.lock() = None;
@@ -503,9 +531,7 @@ pub fn finish(node: &Node, hash: &str) -> Result<StepReply, String> {
     if m.current().map.hash != hash {
         return Err(format!("this node serves map {}, not {hash}", m.current().map.hash));
     }
-    if let Some(old) = m.previous.swap(None) {
-        old.stop.cancel();
-    }
+    m.end_change();
     m.next.store(None);
     *m.since.lock() = None;
     tracing::info!(hash, "cluster map change finished");

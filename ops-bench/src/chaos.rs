@@ -217,7 +217,7 @@ impl Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (samples.clone(), stop.clone());
         tokio::spawn(async move {
-            let url = format!("http://{meta}/status/summary/falcon-agent");
+            let url = crate::cluster::meta_url(meta, "/status/summary/falcon-agent");
             while !st.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let got: Option<Value> =
@@ -443,7 +443,7 @@ async fn membership(ctx: &mut Ctx<'_>, scenario: Scenario, row: &mut Row, start:
         None => 0,
     };
     let t = Instant::now();
-    let url = format!("http://{}/cluster/reload?all=1", ctx.cluster.metas[0].addr);
+    let url = crate::cluster::meta_url(ctx.cluster.metas[0].addr, "/cluster/reload?all=1");
     let reply: Value = ctx.client.get(&url).bearer_auth(&token).timeout(Duration::from_secs(600)).send().await?.json().await?;
     row.reload_s = Some(t.elapsed().as_secs_f64());
     anyhow::ensure!(reply["changed"] == true && reply["errorMessage"] == "", "{url}: {reply}");
@@ -475,7 +475,7 @@ async fn membership(ctx: &mut Ctx<'_>, scenario: Scenario, row: &mut Row, start:
 }
 
 async fn get_health(client: &reqwest::Client, addr: SocketAddr) -> Option<Value> {
-    client.get(format!("http://{addr}/health")).send().await.ok()?.json().await.ok()
+    client.get(crate::cluster::meta_url(addr, "/health")).send().await.ok()?.json().await.ok()
 }
 
 /// The bench's host number of a listed hostname (see `load::hostname`).
@@ -487,7 +487,7 @@ fn host_number(name: &str) -> Option<u64> {
 /// Streams meta node 1's whole text listing: (rows, hosts missing, hosts listed more than
 /// once, partial).
 pub async fn check_listing(client: &reqwest::Client, meta: SocketAddr, hosts: u64) -> anyhow::Result<(u64, u64, u64, bool)> {
-    let resp = client.get(format!("http://{meta}/status/text/falcon-agent")).send().await?;
+    let resp = client.get(crate::cluster::meta_url(meta, "/status/text/falcon-agent")).send().await?;
     let partial = resp.headers().get("x-ops-partial").is_some_and(|v| v == "true");
     let mut seen = vec![0u8; hosts as usize];
     let (mut rows, mut strange, mut partial_line) = (0u64, 0u64, false);
@@ -527,7 +527,7 @@ pub async fn check_listing(client: &reqwest::Client, meta: SocketAddr, hosts: u6
 async fn copies_held(client: &reqwest::Client, cluster: &Cluster) -> u64 {
     let mut total = 0.0;
     for m in &cluster.metas {
-        if let Ok(r) = client.get(format!("http://{}/metrics", m.addr)).send().await
+        if let Ok(r) = client.get(crate::cluster::meta_url(m.addr, "/metrics")).send().await
             && let Ok(text) = r.text().await
         {
             total += crate::steady::sum_metric(&text, "ops_meta_failover_copies");

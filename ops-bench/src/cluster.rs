@@ -12,6 +12,8 @@ use anyhow::{Context, bail};
 pub struct Started {
     pub name: String,
     pub addr: SocketAddr,
+    /// It serves HTTPS (a meta node under `--mtls`).
+    tls: bool,
     child: Child,
     bin: PathBuf,
     args: Vec<String>,
@@ -44,7 +46,7 @@ impl Started {
 
     /// Waits until the process answers `/health` with 200.
     pub fn wait_ready(&self) -> anyhow::Result<()> {
-        wait_health(self.addr)
+        wait_health(self.addr, self.tls)
     }
 
     /// Waits for a first start: `/health` answers 200, or the process exited, which is an
@@ -59,7 +61,7 @@ impl Started {
                 let tail = lines[lines.len().saturating_sub(5)..].join("\n");
                 bail!("{} exited ({status}) before answering /health on {}: {tail}", self.name, self.addr);
             }
-            if health_ok(self.addr) {
+            if health_ok(self.addr, self.tls) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -105,6 +107,78 @@ impl Drop for Started {
     }
 }
 
+/// Under `--mtls`: the cluster CA the bench made (`opsctl ca init` in `{dir}/ca`), which
+/// issues every node's and relay's certificate and which the bench's own clients trust.
+struct Mtls {
+    ca_dir: PathBuf,
+    opsctl: PathBuf,
+    client: std::sync::Arc<rustls::ClientConfig>,
+}
+
+static MTLS: std::sync::OnceLock<Mtls> = std::sync::OnceLock::new();
+
+/// Makes the cluster CA in `dir/ca` and turns `mtls = true` on for the cluster started next:
+/// meta nodes serve HTTPS with certificates naming them (and 127.0.0.1), relays show theirs
+/// to the meta nodes (`--identity-cert`) and still serve the simulated updaters plain HTTP.
+pub fn enable_mtls(dir: &Path) -> anyhow::Result<()> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    std::fs::create_dir_all(dir)?;
+    build_siblings()?;
+    let opsctl = sibling("opsctl")?;
+    let ca_dir = dir.join("ca");
+    let _ = std::fs::remove_dir_all(&ca_dir);
+    run_opsctl(&opsctl, &["ca", "init", "--dir", &ca_dir.display().to_string()])?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_dir.join("ca.pem")).context("ca.pem")? {
+        roots.add(c.context("ca.pem")?)?;
+    }
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    MTLS.set(Mtls { ca_dir, opsctl, client: std::sync::Arc::new(client) }).map_err(|_| anyhow::anyhow!("mtls enabled twice"))
+}
+
+fn run_opsctl(opsctl: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(opsctl).args(args).stdin(Stdio::null()).output().context("run opsctl")?;
+    anyhow::ensure!(out.status.success(), "opsctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    Ok(())
+}
+
+/// The flags giving process `id` its certificate under `--mtls` (issued on first use),
+/// none otherwise.
+fn identity_args(id: &str) -> anyhow::Result<Vec<String>> {
+    let Some(m) = MTLS.get() else { return Ok(Vec::new()) };
+    let (cert, key) = (m.ca_dir.join(format!("{id}.pem")), m.ca_dir.join(format!("{id}.key")));
+    let relay = !id.starts_with("meta-");
+    if !cert.exists() {
+        let kind = if relay { "--relay" } else { "--node" };
+        run_opsctl(&m.opsctl, &["ca", "issue", "--dir", &m.ca_dir.display().to_string(), kind, id, "--san", "127.0.0.1"])?;
+    }
+    let (c, k) = if relay { ("--identity-cert", "--identity-key") } else { ("--tls-cert", "--tls-key") };
+    Ok(vec![c.into(), cert.display().to_string(), k.into(), key.display().to_string()])
+}
+
+/// The URL of `path` on the meta node at `addr`: HTTPS under `--mtls`.
+pub fn meta_url(addr: impl std::fmt::Display, path: &str) -> String {
+    format!("{}://{addr}{path}", if MTLS.get().is_some() { "https" } else { "http" })
+}
+
+/// A client builder for the meta nodes: trusting the bench's CA under `--mtls`.
+pub fn client_builder() -> anyhow::Result<reqwest::ClientBuilder> {
+    let b = reqwest::Client::builder().no_proxy();
+    let Some(m) = MTLS.get() else { return Ok(b) };
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(m.ca_dir.join("ca.pem"))?)?;
+    Ok(b.add_root_certificate(ca))
+}
+
+/// The head of every `cluster.toml` the bench writes.
+fn map_head() -> String {
+    let tls = if MTLS.get().is_some() { "tls = true\nmtls = true\nca_file = \"ca/ca.pem\"\n" } else { "" };
+    format!("vnodes = 1000\ntoken_file = \"cluster.token\"\n{tls}")
+}
+
 /// A cluster the bench owns.
 pub struct Cluster {
     pub metas: Vec<Started>,
@@ -133,7 +207,7 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.parent().context("exe dir")?.join(name);
     if !path.exists() {
-        bail!("{} not found: build it with `cargo build --release -p meta-node -p relay`", path.display());
+        bail!("{} not found: build it with `cargo build --release -p meta-node -p relay -p opsctl`", path.display());
     }
     Ok(path)
 }
@@ -156,7 +230,7 @@ fn build_siblings() -> anyhow::Result<()> {
     let release = exe.parent().is_some_and(|d| d.ends_with("release"));
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "meta-node", "-p", "relay"]).current_dir(workspace);
+    cmd.args(["build", "--quiet", "-p", "meta-node", "-p", "relay", "-p", "opsctl"]).current_dir(workspace);
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
         if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE"].iter().any(|p| k.starts_with(p)) {
@@ -167,26 +241,38 @@ fn build_siblings() -> anyhow::Result<()> {
         cmd.arg("--release");
     }
     let status = cmd.status().context("run cargo build for the meta node and relay")?;
-    anyhow::ensure!(status.success(), "cargo build -p meta-node -p relay failed");
+    anyhow::ensure!(status.success(), "cargo build -p meta-node -p relay -p opsctl failed");
     Ok(())
 }
 
-fn health_ok(addr: SocketAddr) -> bool {
+/// Whether `GET /health` on `addr` answers 200 (over TLS trusting the bench's CA with `tls`).
+fn health_ok(addr: SocketAddr, tls: bool) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
-    use std::io::{Read, Write};
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    match MTLS.get().filter(|_| tls) {
+        Some(m) => {
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let Ok(mut conn) = rustls::ClientConnection::new(m.client.clone(), name) else { return false };
+            health_over(&mut rustls::Stream::new(&mut conn, &mut s))
+        }
+        None => health_over(&mut s),
+    }
+}
+
+fn health_over(s: &mut (impl std::io::Read + std::io::Write)) -> bool {
     if s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
         return false;
     }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.1 200")
+    // A TLS server may close without close_notify: what was read counts.
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out.starts_with(b"HTTP/1.1 200")
 }
 
-fn wait_health(addr: SocketAddr) -> anyhow::Result<()> {
+fn wait_health(addr: SocketAddr, tls: bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if health_ok(addr) {
+        if health_ok(addr, tls) {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -240,7 +326,8 @@ impl Cluster {
                 eprintln!("ops-bench: a port of the cluster was taken by another program; starting it once more on new ports: {e:#}");
                 // Data written under the old map would name the old addresses.
                 for entry in std::fs::read_dir(dir)?.flatten() {
-                    if entry.path().is_dir() {
+                    // The CA (`--mtls`) names no address.
+                    if entry.path().is_dir() && entry.file_name() != "ca" {
                         std::fs::remove_dir_all(entry.path())?;
                     }
                 }
@@ -264,7 +351,7 @@ impl Cluster {
         let agents_file = dir.join("agents.toml");
         std::fs::write(&agents_file, agents_toml)?;
         let mut ports = Vec::new();
-        let mut toml = String::from("vnodes = 1000\ntoken_file = \"cluster.token\"\n");
+        let mut toml = map_head();
         for i in 0..metas {
             let port = reserved_port()?;
             ports.push(port);
@@ -334,18 +421,20 @@ impl Cluster {
             self.dir.join(&id).display().to_string(),
         ];
         args.extend_from_slice(extra);
+        args.extend(identity_args(&id)?);
         if let Some(n) = self.threads {
             args.extend(["--worker-threads".to_owned(), n.to_string()]);
         }
         let log = self.dir.join(format!("{id}.log"));
         let child = spawn(bin, &id, &args, &log)?;
-        Ok(Started { addr: format!("127.0.0.1:{port}").parse()?, name: id, child, bin: bin.to_path_buf(), args, log })
+        let tls = MTLS.get().is_some() && id.starts_with("meta-");
+        Ok(Started { addr: format!("127.0.0.1:{port}").parse()?, name: id, tls, child, bin: bin.to_path_buf(), args, log })
     }
 
     /// Writes `cluster.toml` with the meta nodes `metas` (indexes into `self.metas`, plus
     /// `extra`: a node not started yet), as an operator edits it before a membership change.
     pub fn write_map(&self, metas: &[usize], extra: Option<(&str, SocketAddr)>) -> anyhow::Result<()> {
-        let mut toml = String::from("vnodes = 1000\ntoken_file = \"cluster.token\"\n");
+        let mut toml = map_head();
         let nodes = metas.iter().map(|&i| (self.metas[i].name.as_str(), self.metas[i].addr)).chain(extra);
         for (id, addr) in nodes {
             toml.push_str(&format!("[[node]]\nid = \"{id}\"\naddr = \"{addr}\"\n"));

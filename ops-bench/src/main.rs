@@ -120,6 +120,12 @@ struct Cli {
     /// Default: a real nginx the bench starts, serving a file of --storm-bytes.
     #[arg(long)]
     storm_origin: Option<String>,
+    /// Start the cluster under mutual TLS (own cluster only): the bench makes a cluster CA
+    /// (`opsctl ca`), meta nodes serve HTTPS and know each other and the relays by their
+    /// certificates (`mtls = true`); the simulated updaters still talk plain HTTP to the
+    /// relays, so the heartbeat path's figures show what TLS between relay and meta costs.
+    #[arg(long)]
+    mtls: bool,
     /// Write every figure to this JSON file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -218,10 +224,14 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let wall = Instant::now();
     let mut phases = Phases { mark: Instant::now(), done: Vec::new() };
     let own = cli.relay.is_empty();
+    anyhow::ensure!(own || !cli.mtls, "--mtls starts the bench's own cluster under mutual TLS: not with --relay");
     let dir = std::env::temp_dir().join(format!("ops-bench-{}", std::process::id()));
     let mut cluster = if own {
         eprintln!("starting {} meta nodes and {} relays from the release binaries ...", cli.meta, cli.relays);
         let dir = dir.clone();
+        if cli.mtls {
+            cluster::enable_mtls(&dir)?;
+        }
         let (m, r, t) = (cli.meta, cli.relays, Some(cli.server_threads).filter(|&n| n > 0));
         Some(tokio::task::spawn_blocking(move || cluster::Cluster::start(&dir, m, r, AGENTS_TOML, 1000, t)).await??)
     } else {
@@ -230,7 +240,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let relays: Vec<SocketAddr> = cluster.as_ref().map_or(cli.relay.clone(), |c| c.relays.iter().map(|r| r.addr).collect());
     let metas: Vec<SocketAddr> = cluster.as_ref().map_or(cli.meta_addr.clone(), |c| c.metas.iter().map(|m| m.addr).collect());
     anyhow::ensure!(!relays.is_empty() && !metas.is_empty(), "need at least one relay and one meta node (--relay, --meta-addr)");
-    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build()?;
+    let client = cluster::client_builder()?.timeout(Duration::from_secs(120)).build()?;
     let baseline: Vec<(String, u64)> = cluster
         .as_ref()
         .map(|c| c.metas.iter().map(|m| (m.name.clone(), cluster::usage(m.pid()).map_or(0, |u| u.0))).collect())
@@ -333,14 +343,14 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     for m in &metas {
         for _ in 0..20 {
             let t = Instant::now();
-            get_json(&client, &format!("http://{m}/status/summary/falcon-agent")).await?;
+            get_json(&client, &cluster::meta_url(m, "/status/summary/falcon-agent")).await?;
             summary_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         }
     }
     summary_ms.sort_by(f64::total_cmp);
     let pct = |v: &[f64], p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
     let t = Instant::now();
-    let resp = client.get(format!("http://{}/status/text/falcon-agent", metas[0])).send().await?;
+    let resp = client.get(cluster::meta_url(metas[0], "/status/text/falcon-agent")).send().await?;
     let mut stream = resp.bytes_stream();
     let (mut lines, mut bytes) = (0u64, 0u64);
     while let Some(chunk) = stream.next().await {
@@ -437,6 +447,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     println!();
     let row = |name: &str, value: String| println!("{name:<30} {value:>14}");
     row("hosts", cli.hosts.to_string());
+    row("relay -> meta", (if cli.mtls { "mTLS" } else { "HTTP" }).to_string());
     row("errors", errors.to_string());
     row("register heartbeats/s", format!("{:.0}", register.rate()));
     row("register p50 / p99 ms", format!("{:.2} / {:.2}", register.percentile_ms(0.5), register.percentile_ms(0.99)));
@@ -509,6 +520,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         let report = json!({
             "hosts": cli.hosts,
             "agents": cli.agents,
+            "mtls": cli.mtls,
             "ok": ok,
             "errors": errors,
             "wall_s": wall_s,

@@ -122,7 +122,7 @@ pub async fn run(
     std::fs::write(&c.agents_file, new)?;
     let token = std::fs::read_to_string(&c.token_file)?;
     let start = Instant::now();
-    let reload = client.get(format!("http://{}/config/reload?all=1", c.metas[0].addr)).bearer_auth(token.trim()).send().await?;
+    let reload = client.get(crate::cluster::meta_url(c.metas[0].addr, "/config/reload?all=1")).bearer_auth(token.trim()).send().await?;
     anyhow::ensure!(reload.status().is_success(), "reload all: {}", reload.text().await.unwrap_or_default());
     let stop = load::Live::new();
     let meta = c.metas[0].addr;
@@ -197,7 +197,7 @@ async fn follow_summary(
     limit: Duration,
     stop: Arc<load::Live>,
 ) -> Vec<(u32, Option<f64>)> {
-    let url = format!("http://{meta}/status/summary/falcon-agent");
+    let url = crate::cluster::meta_url(meta, "/status/summary/falcon-agent");
     let mut reached = milestones();
     while start.elapsed() < limit {
         if let Ok(r) = client.get(&url).send().await
@@ -230,7 +230,7 @@ async fn follow_staged(
     stop: Arc<load::Live>,
     staged: Staged,
 ) -> anyhow::Result<(Vec<(u32, Option<f64>)>, StagedResult)> {
-    let url = format!("http://{meta}/rollout/falcon-agent");
+    let url = crate::cluster::meta_url(meta, "/rollout/falcon-agent");
     let mut reached = milestones();
     let mut r = StagedResult {
         bad_build_rate: staged.bad_build_rate,

@@ -114,7 +114,7 @@ async fn relay_figures(client: &reqwest::Client, relays: &[SocketAddr]) -> Relay
 
 /// Hosts a meta node's summary counts, and whether it said the answer is partial.
 pub async fn summary_hosts(client: &reqwest::Client, meta: SocketAddr) -> Option<(u64, bool)> {
-    let v: Value = client.get(format!("http://{meta}/status/summary/falcon-agent")).send().await.ok()?.json().await.ok()?;
+    let v: Value = client.get(crate::cluster::meta_url(meta, "/status/summary/falcon-agent")).send().await.ok()?.json().await.ok()?;
     Some((v["hosts"].as_u64()?, v["partial"].as_bool().unwrap_or(false)))
 }
 

@@ -250,7 +250,7 @@ pub async fn run(
     );
     std::fs::write(&c.agents_file, &toml)?;
     let token = std::fs::read_to_string(&c.token_file)?;
-    let reload = client.get(format!("http://{}/config/reload?all=1", c.metas[0].addr)).bearer_auth(token.trim()).send().await?;
+    let reload = client.get(crate::cluster::meta_url(c.metas[0].addr, "/config/reload?all=1")).bearer_auth(token.trim()).send().await?;
     anyhow::ensure!(reload.status().is_success(), "reload all: {}", reload.text().await.unwrap_or_default());
     // Each relay's URL for the file, from its own reply once it has the new config.
     let relays: Vec<SocketAddr> = c.relays.iter().map(|r| r.addr).collect();
@@ -294,7 +294,7 @@ pub async fn run(
 
     // Back to the bench's config.
     std::fs::write(&c.agents_file, agents_toml)?;
-    let _ = client.get(format!("http://{}/config/reload?all=1", c.metas[0].addr)).bearer_auth(token.trim()).send().await;
+    let _ = client.get(crate::cluster::meta_url(c.metas[0].addr, "/config/reload?all=1")).bearer_auth(token.trim()).send().await;
     Ok(Storm { relays: relays.len(), bytes, quiet_heartbeats_per_s: quiet.rate(), via_relays: via, direct, relay_misses })
 }
 

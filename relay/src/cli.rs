@@ -70,7 +70,10 @@ impl TlsArgs {
         }
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => crate::tls::set_identity(cert, key, name),
-            _ => Err(format!("{}: mtls = true needs --tls-cert and --tls-key (opsctl ca issue)", map.file.display())),
+            _ => Err(format!(
+                "{}: mtls = true needs this process's certificate: --tls-cert and --tls-key (a relay: or --identity-cert and --identity-key; opsctl ca issue)",
+                map.file.display()
+            )),
         }
     }
 

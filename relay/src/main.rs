@@ -77,6 +77,15 @@ struct Cli {
     trust: relay::cli::TrustArgs,
     #[command(flatten)]
     tls: relay::cli::TlsArgs,
+    /// Under the map's `mtls`: the certificate (of the cluster CA, naming
+    /// `{id}.relay.ops-fleet`) this relay shows the meta nodes, when it is not the one it
+    /// serves updaters with (--tls-cert): updaters may trust another CA, or the relay may
+    /// serve them plain HTTP. Needs --identity-key.
+    #[arg(long, requires = "identity_key")]
+    identity_cert: Option<std::path::PathBuf>,
+    /// The identity certificate's private key (PEM).
+    #[arg(long, requires = "identity_cert")]
+    identity_key: Option<std::path::PathBuf>,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -99,7 +108,14 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
                     cli.id
                 ));
             }
-            cli.tls.identity_for(&c, &ops_config::cluster::relay_name(&cli.id))?;
+            let name = ops_config::cluster::relay_name(&cli.id);
+            match (&cli.identity_cert, &cli.identity_key) {
+                (Some(cert), Some(key)) if c.mtls => relay::tls::set_identity(cert, key, &name)?,
+                (Some(_), _) if !c.mtls => {
+                    return Err(format!("--identity-cert is for mtls = true, which {} does not say", c.file.display()));
+                }
+                _ => cli.tls.identity_for(&c, &name)?,
+            }
             relay::tls::for_cluster(reqwest::Client::builder(), &c).map(drop)?;
             (c, token)
         }

@@ -141,9 +141,20 @@ pub(super) async fn reload(
         }
     }
     reply.nodes = targets.iter().map(|(id, url)| NodeStep { id: id.clone(), url: url.clone(), ok: true, ..NodeStep::default() }).collect();
+    // Under mTLS a client reaches only the nodes whose names it resolves (`relay::tls::
+    // for_cluster`): the current map's client does not know a node that joins.
+    let client = if map.mtls {
+        let mut both = map.clone();
+        both.nodes.extend(current.map.nodes.iter().filter(|n| map.index_of(&n.id).is_none()).cloned());
+        relay::tls::for_cluster(reqwest::Client::builder().no_proxy(), &both)
+            .and_then(|b| b.build().map_err(|e| e.to_string()))
+            .map_err(ApiError::Internal)?
+    } else {
+        current.client.clone()
+    };
     tracing::info!(hash = %map.hash, nodes = targets.len(), "membership change: preparing every node");
 
-    let results = step_all(&node, &current.client, &targets, "prepare", text.clone(), signature.as_deref()).await;
+    let results = step_all(&node, &client, &targets, "prepare", text.clone(), signature.as_deref()).await;
     let mut top = m.generation();
     let refused = record(&mut reply, results, |s, r| {
         s.moved = r.moved;
@@ -151,7 +162,7 @@ pub(super) async fn reload(
     });
     if let Some(error) = refused {
         tracing::warn!(%error, "membership change refused at prepare; aborting everywhere");
-        let _ = step_all(&node, &current.client, &targets, "abort", map.hash.clone(), None).await;
+        let _ = step_all(&node, &client, &targets, "abort", map.hash.clone(), None).await;
         reply.failed_at = Some("prepare");
         reply.error_message = format!("nothing changed: {error}");
         return Ok((StatusCode::CONFLICT, Json(reply)).into_response());
@@ -162,13 +173,13 @@ pub(super) async fn reload(
         None => top.checked_add(1).ok_or_else(|| ApiError::Conflict("cluster generations are exhausted".into()))?,
     };
     let commit = format!("commit?generation={}", reply.generation);
-    let results = step_all(&node, &current.client, &targets, &commit, map.hash.clone(), None).await;
+    let results = step_all(&node, &client, &targets, &commit, map.hash.clone(), None).await;
     let refused = record(&mut reply, results, |s, r| s.remarked = r.remarked);
     reply.changed = true;
     // A gather that began by the old map before its node committed still asks by it: every
     // node keeps the old map that long (a peer's part must open within the peer timeout).
     tokio::time::sleep(node.settings.peer_timeout).await;
-    let results = step_all(&node, &current.client, &targets, "finish", map.hash.clone(), None).await;
+    let results = step_all(&node, &client, &targets, "finish", map.hash.clone(), None).await;
     let refused = refused.or(record(&mut reply, results, |_, _| {}));
     if let Some(error) = refused {
         // Committed nodes serve the new map; one that missed a step ends it by itself

@@ -148,9 +148,11 @@ async fn guard(
         return next.run(request).await;
     }
     let names = request.extensions().get::<relay::tls::PeerNames>().cloned().unwrap_or_default();
+    // A node the last change left out still sends what it held (`membership::DEPARTED_GRACE`).
+    let batch = request.uri().path() == "/internal/batch";
     let peer = names
         .node()
-        .filter(|id| node.cluster.as_ref().is_some_and(|m| m.knows(id)))
+        .filter(|id| node.cluster.as_ref().is_some_and(|m| m.knows(id) || (batch && m.departed(id))))
         .map(|id| format!("node {id}"))
         .or_else(|| names.relay().filter(|_| scope == Scope::NodeOrRelay).map(|id| format!("relay {id}")));
     match peer.and_then(|p| axum::http::HeaderValue::from_str(&p).ok()) {
