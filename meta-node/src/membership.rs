@@ -451,7 +451,7 @@ pub async fn catch_up(node: &Arc<Node>, text: &str, signature: Option<&str>, gen
     use CatchUpError::{Busy, Refused};
     let m = node.cluster.as_ref().ok_or_else(|| Refused("this node is standalone".into()))?;
     let _one = m.coordinating.try_lock().map_err(|_| Busy("a membership change is running here".to_owned()))?;
-    if m.previous.load().is_some() {
+    if m.committed_unfinished() {
         return Err(Busy("a membership change is being finished here".into()));
     }
     if let Some(next) = m.next.load_full() {
@@ -484,21 +484,15 @@ pub async fn catch_up(node: &Arc<Node>, text: &str, signature: Option<&str>, gen
 }
 
 /// Why [`catch_up`] did not take a peer's map.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum CatchUpError {
     /// A change is on here: asked again at the next probe.
+    #[error("{0}")]
     Busy(String),
     /// The map is refused (not signed, not newer, not a change allowed online, a failed
     /// step): not asked again until the peer offers a newer one.
+    #[error("{0}")]
     Refused(String),
-}
-
-impl std::fmt::Display for CatchUpError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CatchUpError::Busy(e) | CatchUpError::Refused(e) => f.write_str(e),
-        }
-    }
 }
 
 /// Writes `generation` to the data dir, then serves it.
