@@ -174,6 +174,18 @@ impl Fleet {
 
     /// Builds `{base}/{arch}/demo-{version}.tar.gz` (+ `.md5`) under nginx's root; returns md5.
     fn tarball(&self, base: &str, version: &str, control: &str, filler_bytes: usize) -> String {
+        self.tarball_with(base, version, control, filler_bytes, |_| {})
+    }
+
+    /// [`tarball`](Self::tarball) with more entries appended by `more`.
+    fn tarball_with(
+        &self,
+        base: &str,
+        version: &str,
+        control: &str,
+        filler_bytes: usize,
+        more: impl FnOnce(&mut tar::Builder<flate2::write::GzEncoder<File>>),
+    ) -> String {
         let dir = self.nginx.root.join(base).join(updater::fetch::arch());
         std::fs::create_dir_all(&dir).unwrap();
         let name = format!("demo-{version}.tar.gz");
@@ -193,6 +205,7 @@ impl Fleet {
             if filler_bytes > 0 {
                 add("payload.bin", &filler(filler_bytes, version.len() as u64 * 7919), 0o644);
             }
+            more(&mut b);
             b.into_inner().unwrap().finish().unwrap();
         }
         let md5 = md5_hex(&std::fs::read(&path).unwrap());
@@ -423,6 +436,61 @@ fn md5_mismatch_and_404_keep_the_old_version_and_report_last_error() {
     let host = f.host("host-b");
     assert!(host["agents"][0].get("lastError").is_none(), "{host}");
     assert_eq!(host["agents"][0]["state"], "ok");
+}
+
+#[test]
+fn a_tarball_cannot_plant_setuid_files_or_fill_the_disk() {
+    let f = Fleet::new();
+    let entry = |b: &mut tar::Builder<flate2::write::GzEncoder<File>>,
+                 name: &str,
+                 kind: tar::EntryType,
+                 mode: u32,
+                 body: &mut dyn std::io::Read,
+                 len: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(len);
+        h.set_mode(mode);
+        h.set_entry_type(kind);
+        h.set_cksum();
+        b.append_data(&mut h, name, body).unwrap();
+    };
+    let md5_1 = f.tarball_with("releases", "1.0", CONTROL, 0, |b| {
+        entry(b, "bin", tar::EntryType::Directory, 0o777, &mut std::io::empty(), 0);
+        entry(b, "bin/su-me", tar::EntryType::Regular, 0o4755, &mut &b"#!/bin/sh\nid\n"[..], 13);
+        entry(b, "bin/group-me", tar::EntryType::Regular, 0o2775, &mut &b"x"[..], 1);
+    });
+    f.desire("releases", "1.0", &md5_1, "start", "");
+    let (code, log) = f.once("host-t", &[]);
+    assert_eq!(code, 0, "{log}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::symlink_metadata(f.agent_dir().join("1.0").join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("bin"), 0o775, "other-write cleared");
+    assert_eq!(mode("bin/su-me"), 0o755, "setuid cleared");
+    assert_eq!(mode("bin/group-me"), 0o775, "setgid cleared");
+    assert!(f.pid_alive("1.0"));
+
+    // 200 MB of zeros in a tarball under 1 MB, well within --max-download-bytes.
+    let md5_2 = f.tarball_with("releases", "2.0", CONTROL, 0, |b| {
+        entry(b, "zeros", tar::EntryType::Regular, 0o644, &mut std::io::Read::take(std::io::repeat(0), 200_000_000), 200_000_000);
+    });
+    let size = std::fs::metadata(f.nginx.root.join("releases").join(updater::fetch::arch()).join("demo-2.0.tar.gz")).unwrap().len();
+    assert!(size < 1 << 20, "{size}");
+    f.desire("releases", "2.0", &md5_2, "start", "");
+    let (code, log) = f.once("host-t", &["--max-download-bytes=1048576"]);
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("unpacks to more than"), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"), "old version kept");
+    assert!(f.pid_alive("1.0"), "old version still running");
+    assert!(!f.agent_dir().join("2.0").exists(), "nothing half-installed");
+    assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
+    f.once("host-t", &["--max-download-bytes=1048576"]);
+    let host = f.host("host-t");
+    assert!(host["agents"][0]["lastError"].as_str().unwrap_or("").contains("unpacks to more than"), "{host}");
+
+    // A tighter entry cap is a flag; 0 is refused as a bad flag.
+    let (code, log) = f.once("host-t", &["--max-unpack-entries=0"]);
+    assert_eq!(code, 64, "{log}");
+    assert!(log.contains("--max-unpack-entries"), "{log}");
 }
 
 #[test]

@@ -41,6 +41,8 @@ pub struct CycleSettings {
     pub pin_file: Option<PathBuf>,
     /// How this process replaces itself (the desired agent `ops-updater`).
     pub self_update: crate::selfupdate::SelfSettings,
+    /// What one tarball may unpack to (`--max-unpack-*`).
+    pub unpack: unpack::Limits,
 }
 
 /// What is kept across restarts: which agents to report at the first heartbeat, and their
@@ -693,8 +695,9 @@ impl Updater {
             return Err(format!("md5 mismatch for {url}: expected {expected}, got {}", got.md5));
         }
         std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        let (archive, dest) = (download.clone(), tmp.clone());
-        let unpacked = tokio::task::spawn_blocking(move || unpack::unpack_with(&archive, &dest, entry)).await.map_err(|e| e.to_string())?;
+        let (archive, dest, limits) = (download.clone(), tmp.clone(), self.settings.unpack);
+        let unpacked =
+            tokio::task::spawn_blocking(move || unpack::unpack_with(&archive, &dest, entry, limits)).await.map_err(|e| e.to_string())?;
         if let Err(e) = unpacked {
             let _ = std::fs::remove_dir_all(&tmp);
             let _ = std::fs::remove_file(&download);
@@ -742,6 +745,7 @@ mod tests {
             health_window: Duration::ZERO,
             pin_file: None,
             self_update: Default::default(),
+            unpack: Default::default(),
         };
         Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20, &[]))
     }

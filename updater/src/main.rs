@@ -45,6 +45,17 @@ struct Cli {
     /// Largest tarball accepted, in bytes.
     #[arg(long)]
     max_download_bytes: Option<u64>,
+    /// Largest uncompressed size of a tarball (contents and tar headers), in bytes
+    /// (default 4 GiB).
+    #[arg(long)]
+    max_unpack_bytes: Option<u64>,
+    /// Largest uncompressed size of a tarball as a multiple of its compressed size (default
+    /// 20; never below 16 MiB whatever the ratio).
+    #[arg(long)]
+    max_unpack_ratio: Option<u64>,
+    /// Most entries in a tarball (default 100000).
+    #[arg(long)]
+    max_unpack_entries: Option<u64>,
     /// Where the last desired list and errors are kept across restarts.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -100,6 +111,9 @@ struct FileConfig {
     control_timeout_seconds: Option<u64>,
     download_timeout_seconds: Option<u64>,
     max_download_bytes: Option<u64>,
+    max_unpack_bytes: Option<u64>,
+    max_unpack_ratio: Option<u64>,
+    max_unpack_entries: Option<u64>,
     state_dir: Option<PathBuf>,
     trusted_key: Option<Vec<String>>,
     trusted_keys_file: Option<Vec<PathBuf>>,
@@ -121,6 +135,19 @@ fn system_hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
 }
 
+fn unpack_limits(cli: &Cli, file: &FileConfig) -> Result<updater::unpack::Limits, String> {
+    let d = updater::unpack::Limits::default();
+    let limits = updater::unpack::Limits {
+        max_bytes: cli.max_unpack_bytes.or(file.max_unpack_bytes).unwrap_or(d.max_bytes),
+        ratio: cli.max_unpack_ratio.or(file.max_unpack_ratio).unwrap_or(d.ratio),
+        max_entries: cli.max_unpack_entries.or(file.max_unpack_entries).unwrap_or(d.max_entries),
+    };
+    if limits.max_bytes == 0 || limits.ratio == 0 || limits.max_entries == 0 {
+        return Err("--max-unpack-bytes, --max-unpack-ratio and --max-unpack-entries must be > 0".into());
+    }
+    Ok(limits)
+}
+
 fn resolve(cli: &Cli) -> Result<Resolved, String> {
     let file = match &cli.config {
         Some(p) => {
@@ -129,6 +156,7 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
         }
         None => FileConfig::default(),
     };
+    let unpack = unpack_limits(cli, &file)?;
     let servers = if cli.server.is_empty() { file.server.unwrap_or_else(|| vec!["127.0.0.1:2200".into()]) } else { cli.server.clone() };
     let servers: Vec<String> = servers.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
     if servers.is_empty() {
@@ -166,6 +194,7 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
                 Some(path) => updater::read_ca_file(&path)?,
                 None => Vec::new(),
             },
+            unpack,
         },
         interval: Duration::from_secs(interval),
         debug: cli.debug.or(file.debug).unwrap_or(false),
