@@ -448,6 +448,52 @@ fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
     assert!(Path::new(&c.cluster_file()).exists());
 }
 
+/// A relay whose meta nodes are down buffers every host that reports: invented hostnames must
+/// not grow it past --max-pending-hosts. The oldest reports go first, counted and logged, and
+/// the rest reach the meta node once it is back.
+#[test]
+fn invented_hosts_at_a_relay_with_its_meta_nodes_down_never_pass_the_pending_cap() {
+    let mut c = Cluster::files(1, AGENTS);
+    c.start_meta(0);
+    let (cluster, data) = (c.cluster_file().display().to_string(), c.dir.path().join("relay-cap").display().to_string());
+    let mut relay = Relay::start(&[
+        "--cluster",
+        &cluster,
+        "--data-dir",
+        &data,
+        "--flush-ms",
+        "200",
+        "--config-poll-ms",
+        "100",
+        "--request-timeout-ms",
+        "500",
+        "--max-pending-hosts",
+        "100",
+    ]);
+    let hash = ops_config::content_hash(AGENTS.as_bytes());
+    assert!(
+        eventually(Duration::from_secs(20), || (get_json(&relay.url("/health")).1["configHash"] == hash.as_str()).then_some(())).is_some()
+    );
+    let mut m = c.metas[0].take().unwrap();
+    m.proc.signal("KILL");
+    m.proc.wait_exit(Duration::from_secs(10));
+    drop(m);
+    for i in 0..400 {
+        let (status, reply) =
+            post_json(&relay.url("/heartbeat"), json!({"hostname": format!("invented-{i}"), "realAgents": []}).to_string());
+        assert_eq!(status, 200, "every host still gets its answer: {reply}");
+        let pending = get_json(&relay.url("/health")).1["pendingHosts"].as_u64().unwrap();
+        assert!(pending <= 100, "pending {pending} above the cap after {i}");
+    }
+    let (_, metrics) = ops_e2e::get_text(&relay.url("/metrics"));
+    assert!(metrics.contains("ops_relay_pending_dropped_total 300"), "{metrics}");
+    relay.proc.wait_for_log("pending buffer full (--max-pending-hosts)");
+    c.start_meta(0);
+    let delivered = eventually(Duration::from_secs(30), || (held(c.meta(0)) == 100).then_some(()));
+    assert!(delivered.is_some(), "the 100 kept reach the meta node: it holds {}", held(c.meta(0)));
+    assert_eq!(get_json(&relay.url("/health")).1["pendingHosts"], 0);
+}
+
 #[test]
 fn relay_drains_its_buffers_on_sigterm() {
     let mut c = Cluster::files(1, AGENTS);

@@ -366,6 +366,34 @@ fn host_goes_stale_when_it_stops_reporting() {
     assert_eq!(get_json(&meta.url("/status/host/quiet-1")).1["agents"][0]["state"], "ok");
 }
 
+/// A batch can carry any report time. One from the future is stored at the node's clock plus
+/// the skew allowed (counted): the host still goes stale, and its next real report is taken.
+#[test]
+fn a_report_time_in_the_future_is_clamped_to_the_clock_plus_skew() {
+    let setup = Setup::new();
+    let meta = setup.start(&["--max-clock-skew-seconds", "2", "--stale-after-seconds", "1", "--sweep-interval-seconds", "1"]);
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let future = json!({"hosts": [{"seen": u32::MAX - 1, "hb": {"hostname": "future-1", "ip": "6.6.6.6", "realAgents": []}}]});
+    let before = now();
+    let (status, r) = post_json(&meta.url("/internal/batch"), future.to_string());
+    assert_eq!((status, r["stored"].as_u64()), (200, Some(1)), "{r}");
+    let (_, host) = get_json(&meta.url("/status/host/future-1"));
+    let seen = host["lastSeen"].as_u64().unwrap();
+    assert!(seen >= before && seen <= now() + 2, "stored at the clock plus 2 s, not {seen}: {host}");
+    let (_, metrics) = get_text(&meta.url("/metrics"));
+    assert!(metrics.contains("ops_meta_reports_clamped_total 1"), "counted:\n{metrics}");
+    let stale = eventually(Duration::from_secs(15), || {
+        let (_, h) = get_json(&meta.url("/status/host/future-1"));
+        (h["stale"] == true).then_some(())
+    });
+    assert!(stale.is_some(), "the host goes stale once the clamped time is past");
+    // Its real report is newer than the clamped one and replaces it.
+    let (status, _) = post_json(&meta.url("/heartbeat"), heartbeat("future-1", &[]));
+    assert_eq!(status, 200);
+    let (_, host) = get_json(&meta.url("/status/host/future-1"));
+    assert_eq!((host["ip"].as_str(), host["stale"].as_bool()), (Some("10.1.2.3"), Some(false)), "{host}");
+}
+
 #[test]
 fn forgotten_hosts_are_dropped() {
     let setup = Setup::new();

@@ -68,6 +68,10 @@ pub struct Settings {
     pub trusted_keys: ops_config::trust::TrustedKeys,
     /// Serve HTTPS with this (`--tls-cert`, `--tls-key`).
     pub tls: Option<Arc<relay::tls::ServerConfig>>,
+    /// A report time (`seen`) in a batch later than this node's clock plus this is stored as
+    /// the clock plus this (`--max-clock-skew-seconds`): a report from the future would make
+    /// every later real report of its host "older" and the host never stale.
+    pub max_clock_skew_seconds: u32,
 }
 
 impl Settings {
@@ -93,6 +97,7 @@ impl Settings {
             handoff_interval: Duration::from_millis(1000),
             trusted_keys: ops_config::trust::TrustedKeys::default(),
             tls: None,
+            max_clock_skew_seconds: 60,
         }
     }
 }
@@ -113,6 +118,30 @@ impl HotMetrics {
             heartbeats_bad: ::metrics::counter!(HEARTBEATS, "result" => "bad_request"),
             heartbeats_too_large: ::metrics::counter!(HEARTBEATS, "result" => "too_large"),
             heartbeat_seconds: ::metrics::histogram!(HEARTBEAT_DURATION),
+        }
+    }
+}
+
+/// Clamps the report times of one batch to a ceiling, counting those it moved.
+struct ReportClock {
+    ceiling: u32,
+    clamped: u64,
+}
+
+impl ReportClock {
+    fn seen(&mut self, seen: u32) -> u32 {
+        if seen > self.ceiling {
+            self.clamped += 1;
+            return self.ceiling;
+        }
+        seen
+    }
+
+    /// Adds this batch's clamped reports to `ops_meta_reports_clamped_total`.
+    fn count(self) {
+        if self.clamped > 0 {
+            ::metrics::counter!(crate::metrics::REPORTS_CLAMPED).increment(self.clamped);
+            tracing::warn!(reports = self.clamped, ceiling = self.ceiling, "report times in the future stored as now + max clock skew");
         }
     }
 }
@@ -263,14 +292,16 @@ impl Node {
         let owns = self.owner_check();
         let mut relays = store::RelayIndexes::new(&self.store);
         let (mut stored, mut older) = (0, 0);
+        let mut clock = self.report_clock();
         for e in &batch.hosts {
             let tags = store::Tags { relay: relays.index(&e.relay), ..Self::tags(&loaded, &e.hb.hostname, e.told) };
-            if self.store.upsert_tagged(&e.hb, e.seen, tags, owns(&e.hb.hostname)) {
+            if self.store.upsert_tagged(&e.hb, clock.seen(e.seen), tags, owns(&e.hb.hostname)) {
                 stored += 1;
             } else {
                 older += 1;
             }
         }
+        clock.count();
         Ok((stored, older))
     }
 
@@ -298,13 +329,15 @@ impl Node {
         let owns = self.owner_check();
         let (mut stored, mut older) = (0, 0);
         let mut relays = store::RelayIndexes::new(&self.store);
+        let mut clock = self.report_clock();
         ops_config::compact::decode_checked(bytes, |rec, hb| {
             let tags = store::Tags { relay: relays.index(rec.relay), ..Self::tags(&loaded, &hb.hostname, rec.told) };
             let owned = owns(&hb.hostname);
+            let seen = clock.seen(rec.seen);
             let kept = if handed_back {
-                self.store.upsert_handed_back(hb, rec.seen, tags, owned)
+                self.store.upsert_handed_back(hb, seen, tags, owned)
             } else {
-                self.store.upsert_tagged(hb, rec.seen, tags, owned)
+                self.store.upsert_tagged(hb, seen, tags, owned)
             };
             if kept {
                 stored += 1;
@@ -312,7 +345,13 @@ impl Node {
                 older += 1;
             }
         })?;
+        clock.count();
         Ok((stored, older))
+    }
+
+    /// The latest report time a batch may carry now (this node's clock plus the skew allowed).
+    fn report_clock(&self) -> ReportClock {
+        ReportClock { ceiling: relay::unix_now().saturating_add(self.settings.max_clock_skew_seconds), clamped: 0 }
     }
 
     /// How a host's report is stored under `loaded`: its class, and its waves when the config

@@ -63,6 +63,10 @@ struct Cli {
     /// Heartbeats of hosts owned by another node: flush period (milliseconds).
     #[arg(long, default_value_t = 1000)]
     flush_ms: u64,
+    /// A report time in a batch later than this node's clock plus this many seconds is stored
+    /// at that ceiling (and counted in ops_meta_reports_clamped_total).
+    #[arg(long, default_value_t = 60)]
+    max_clock_skew_seconds: u32,
     /// Runtime worker threads (default: one per core). Lower it when several servers share
     /// a few cores, as in `ops-bench`'s one-box cluster.
     #[arg(long)]
@@ -152,6 +156,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
     s.rollout_interval = Duration::from_millis(cli.rollout_interval_ms);
     s.peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
     s.forward.flush = Duration::from_millis(cli.flush_ms);
+    s.max_clock_skew_seconds = cli.max_clock_skew_seconds;
     Ok((s, config, signature))
 }
 

@@ -16,6 +16,7 @@ pub const SNAPSHOT_DURATION: &str = "ops_meta_snapshot_duration_seconds";
 pub const SNAPSHOT_BYTES: &str = "ops_meta_snapshot_bytes";
 pub const STATUS_REQUESTS: &str = "ops_meta_status_requests_total";
 pub const INTERNED_STRINGS: &str = "ops_meta_interned_strings";
+pub const REPORTS_CLAMPED: &str = "ops_meta_reports_clamped_total";
 pub const BATCHES_RECEIVED: &str = "ops_meta_batches_received_total";
 pub const BATCH_HOSTS_RECEIVED: &str = "ops_meta_batch_hosts_received_total";
 pub const PEER_ERRORS: &str = "ops_meta_peer_errors_total";
@@ -84,5 +85,10 @@ pub fn describe() {
     describe_histogram!(SNAPSHOT_DURATION, Unit::Seconds, "Time to write one snapshot.");
     describe_gauge!(SNAPSHOT_BYTES, Unit::Bytes, "Size of the last snapshot written.");
     describe_counter!(STATUS_REQUESTS, Unit::Count, "Status queries, by kind (json, text, summary, host).");
+    describe_counter!(
+        REPORTS_CLAMPED,
+        Unit::Count,
+        "Reports of a batch whose time was later than this node's clock plus --max-clock-skew-seconds, stored at that ceiling."
+    );
     describe_gauge!(INTERNED_STRINGS, Unit::Count, "Distinct strings interned (agent names, versions, status texts...).");
 }

@@ -2,7 +2,8 @@
 //!
 //! Reports wait in one buffer per owning node, keyed by hostname, so a host that reports again
 //! before a flush replaces its previous report: buffers are bounded by the hosts behind this
-//! forwarder, whatever happens to the meta nodes. A flush sends each owner its batch; when an
+//! forwarder, and by `max_pending` whatever hostnames a sender invents (the oldest reports are
+//! dropped first, counted and logged). A flush sends each owner its batch; when an
 //! owner is down or slow its hosts go to their next ring candidate that is up, while a prober
 //! polls the owner's `/health` with backoff and sends hosts back to it once it answers.
 //! Relays use this, and so do meta nodes for heartbeats of hosts they do not own.
@@ -26,6 +27,9 @@ pub const BATCH_PATH: &str = "/internal/batch";
 /// a copy only where it is strictly newer than what it holds.
 pub const HANDOFF_HEADER: &str = "x-ops-handoff";
 
+/// Default of `max_pending`: twice the hosts behind one relay of a million-host fleet with two.
+pub const DEFAULT_MAX_PENDING: usize = 1_000_000;
+
 /// How a forwarder batches and gives up.
 #[derive(Debug, Clone)]
 pub struct ForwardSettings {
@@ -39,6 +43,9 @@ pub struct ForwardSettings {
     pub token: Option<String>,
     /// Metric prefix: `ops_{component}_...`.
     pub component: &'static str,
+    /// The most hosts waiting, all owners together (each owner's buffer holds its share,
+    /// rounded up): past it the oldest reports are dropped.
+    pub max_pending: usize,
 }
 
 impl Default for ForwardSettings {
@@ -49,6 +56,7 @@ impl Default for ForwardSettings {
             request_timeout: Duration::from_secs(5),
             token: None,
             component: "relay",
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 }
@@ -86,6 +94,9 @@ pub struct Forwarder {
     per_node: Vec<NodeMetrics>,
     batch_hosts: metrics::Histogram,
     failover_hosts: metrics::Counter,
+    dropped: metrics::Counter,
+    /// Hosts one owner's buffer holds at most.
+    buffer_cap: usize,
 }
 
 /// A set of flags as a bit mask (bit i: flag i set), the form `Ring::first_in` takes.
@@ -133,6 +144,8 @@ impl Forwarder {
             per_node,
             batch_hosts: metrics::histogram!(format!("ops_{c}_batch_hosts")),
             failover_hosts: metrics::counter!(format!("ops_{c}_failover_hosts_total")),
+            dropped: metrics::counter!(format!("ops_{c}_pending_dropped_total")),
+            buffer_cap: settings.max_pending.div_ceil(cluster.nodes.len().max(1)).max(1),
             settings,
         })
     }
@@ -152,6 +165,11 @@ impl Forwarder {
             format!("ops_{component}_failover_hosts_total"),
             Unit::Count,
             "Host reports sent to a node other than their owner."
+        );
+        describe_counter!(
+            format!("ops_{component}_pending_dropped_total"),
+            Unit::Count,
+            "Waiting host reports dropped, oldest first, because the buffers held --max-pending-hosts."
         );
     }
 
@@ -181,6 +199,7 @@ impl Forwarder {
                 Some(p) if p.seen > seen => {}
                 Some(p) => *p = Pending { seen, body },
                 None => {
+                    self.make_room(owner, &mut buf);
                     buf.insert(CompactString::from(host), Pending { seen, body });
                 }
             }
@@ -304,13 +323,43 @@ impl Forwarder {
         for (host, p) in entries {
             let owner = self.ring.owner(&host);
             let mut buf = self.buffers[owner].lock();
-            match buf.get(&host) {
+            match buf.get_mut(&host) {
                 Some(existing) if existing.seen >= p.seen => {}
-                _ => {
+                Some(existing) => *existing = p,
+                None => {
+                    self.make_room(owner, &mut buf);
                     buf.insert(host, p);
                 }
             }
         }
+    }
+
+    /// Before a new host goes into a full buffer: drops its oldest reports, a hundredth of the
+    /// cap at a time (one pass over the buffer per hundredth, not per report).
+    fn make_room(&self, owner: usize, buf: &mut HashMap<CompactString, Pending>) {
+        if buf.len() < self.buffer_cap {
+            return;
+        }
+        let drop = (self.buffer_cap / 100).max(1).min(buf.len());
+        let mut times: Vec<u32> = buf.values().map(|p| p.seen).collect();
+        let (_, &mut cut, _) = times.select_nth_unstable(drop - 1);
+        // Everything older than the cut goes, then reports at the cut until `drop` are gone.
+        let mut at_cut = drop - times[..drop].iter().filter(|&&t| t < cut).count();
+        buf.retain(|_, p| match p.seen.cmp(&cut) {
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal if at_cut > 0 => {
+                at_cut -= 1;
+                false
+            }
+            _ => true,
+        });
+        self.dropped.increment(drop as u64);
+        tracing::warn!(
+            node = %self.nodes[owner].id,
+            dropped = drop,
+            held = buf.len(),
+            "pending buffer full (--max-pending-hosts): dropped its oldest reports"
+        );
     }
 
     /// Sends `entries` to node `target` in batches of at most `batch_max` hosts: true when
@@ -447,6 +496,38 @@ mod tests {
         assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 7);
         f.push(&Heartbeat::parse(hb(3, 8).as_bytes()).unwrap(), compact::Record { seen: 8, told: 0, relay: "r" });
         assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 8);
+        f.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_full_buffer_drops_its_oldest_reports_and_never_grows_past_the_cap() {
+        let settings = ForwardSettings { request_timeout: Duration::from_millis(500), max_pending: 500, ..ForwardSettings::default() };
+        let f = Forwarder::new(&unreachable_cluster(), settings, CancellationToken::new());
+        let push = |h: u32, seen: u32| {
+            let body = format!(r#"{{"hostname":"host-{h}","realAgents":[]}}"#);
+            f.push(&Heartbeat::parse(body.as_bytes()).unwrap(), compact::Record { seen, told: 0, relay: "r" });
+        };
+        // 500 real hosts, then 2,000 invented ones reported later.
+        for h in 0..500 {
+            push(h, 100 + h / 100);
+        }
+        assert_eq!(f.pending(), vec![500]);
+        for h in 500..2500 {
+            push(h, 1000);
+            assert!(f.pending()[0] <= 500, "never above the cap");
+        }
+        let buf = f.buffers[0].lock();
+        assert!(buf.len() > 490, "only a hundredth of the cap goes at a time: {}", buf.len());
+        assert!((0..500).all(|h| !buf.contains_key(format!("host-{h}").as_str())), "the oldest went first");
+        drop(buf);
+        // A known host reporting again replaces its entry without dropping anyone.
+        let before = f.pending()[0];
+        push(2499, 1001);
+        assert_eq!(f.pending()[0], before);
+        // Requeued reports respect the cap too.
+        let out = f.flush().await;
+        assert_eq!(out.requeued, before);
+        assert_eq!(f.pending()[0], before);
         f.stop.cancel();
     }
 }

@@ -37,6 +37,11 @@ struct Cli {
     /// Flush early when this many hosts wait for one meta node; most hosts per batch.
     #[arg(long, default_value_t = 5000)]
     batch_max: usize,
+    /// The most hosts whose reports wait for the meta nodes (while none takes them): past it
+    /// the oldest reports are dropped, counted in ops_relay_pending_dropped_total and logged.
+    /// Set it above the hosts behind this relay.
+    #[arg(long, default_value_t = relay::forward::DEFAULT_MAX_PENDING)]
+    max_pending_hosts: usize,
     /// A batch not answered within this fails over (milliseconds).
     #[arg(long, default_value_t = 5000)]
     request_timeout_ms: u64,
@@ -122,8 +127,8 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         None => (ClusterMap::single("127.0.0.1:2000".parse().expect("literal address")), None),
     };
     cli.trust.check_lab(&keys, &cli.listen, cli.cluster.as_ref().map(|_| &cluster))?;
-    if cli.flush_ms == 0 || cli.batch_max == 0 || cli.config_poll_ms == 0 || cli.request_timeout_ms == 0 {
-        return Err("--flush-ms, --batch-max, --config-poll-ms and --request-timeout-ms must be > 0".into());
+    if cli.flush_ms == 0 || cli.batch_max == 0 || cli.config_poll_ms == 0 || cli.request_timeout_ms == 0 || cli.max_pending_hosts == 0 {
+        return Err("--flush-ms, --batch-max, --config-poll-ms, --request-timeout-ms and --max-pending-hosts must be > 0".into());
     }
     Ok(Settings {
         id: cli.id.clone(),
@@ -135,6 +140,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
             request_timeout: Duration::from_millis(cli.request_timeout_ms),
             token,
             component: "relay",
+            max_pending: cli.max_pending_hosts,
         },
         config_poll: Duration::from_millis(cli.config_poll_ms),
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
