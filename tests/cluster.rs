@@ -494,6 +494,93 @@ fn invented_hosts_at_a_relay_with_its_meta_nodes_down_never_pass_the_pending_cap
     assert_eq!(get_json(&relay.url("/health")).1["pendingHosts"], 0);
 }
 
+/// Whether the server closed `s` within `within` (a read returns end of file or a reset).
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+fn raw_heartbeat(host: &str) -> Vec<u8> {
+    let body = json!({"hostname": host, "realAgents": []}).to_string();
+    format!("POST /heartbeat HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .into_bytes()
+}
+
+/// Slowloris against a server started with `--max-connections 4 --header-timeout-ms 1000
+/// --body-timeout-ms 1000`: partial headers, a partial body and a silent connection are each
+/// closed within their timeout; with four connections open a fifth is closed at once (and
+/// counted) while a kept-alive connection goes on getting its heartbeats answered.
+fn slowloris(addr: std::net::SocketAddr, component: &str) {
+    use std::io::Write;
+    let connect = || std::net::TcpStream::connect(addr).unwrap();
+    let mut partial_head = connect();
+    partial_head.write_all(b"POST /heartbeat HTTP/1.1\r\nHost: t\r\nContent-Len").unwrap();
+    let mut partial_body = connect();
+    partial_body.write_all(b"POST /heartbeat HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"hostname\"").unwrap();
+    let mut silent = connect();
+    for (what, s) in [("partial headers", &mut partial_head), ("a partial body", &mut partial_body), ("nothing sent", &mut silent)] {
+        assert!(closed_within(s, Duration::from_secs(8)), "{component}: a connection with {what} was still open after 8 s");
+    }
+    // The cap: one kept-alive connection that is answered, three silent ones opened just now.
+    let mut kept = connect();
+    kept.write_all(&raw_heartbeat("kept-1")).unwrap();
+    assert!(ops_e2e::read_http_response(&mut kept).starts_with("HTTP/1.1 200"), "{component}: the first heartbeat");
+    let mut held: Vec<_> = (0..3).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fifth = connect();
+    assert!(closed_within(&mut fifth, Duration::from_millis(500)), "{component}: the fifth connection was not refused");
+    kept.write_all(&raw_heartbeat("kept-1")).unwrap();
+    let reply = ops_e2e::read_http_response(&mut kept);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{component}: the kept-alive connection is still answered: {reply}");
+    drop(kept);
+    for s in &mut held {
+        assert!(closed_within(s, Duration::from_secs(8)), "{component}: a silent connection outlived its header timeout");
+    }
+    let (_, metrics) = ops_e2e::get_text(&format!("http://{addr}/metrics"));
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("ops_{component}_connections_refused_total ")))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1), "{component}: refusals counted: {refused:?}");
+}
+
+#[test]
+fn slowloris_clients_are_closed_and_the_connection_cap_holds_on_meta_nodes_and_relays() {
+    let mut c = Cluster::files(1, AGENTS);
+    c.meta_args = ["--max-connections", "4", "--header-timeout-ms", "1000", "--body-timeout-ms", "1000"].map(String::from).to_vec();
+    c.start_meta(0);
+    let (cluster, data) = (c.cluster_file().display().to_string(), c.dir.path().join("relay-slow").display().to_string());
+    let relay = Relay::start(&[
+        "--cluster",
+        &cluster,
+        "--data-dir",
+        &data,
+        "--config-poll-ms",
+        "100",
+        "--max-connections",
+        "4",
+        "--header-timeout-ms",
+        "1000",
+        "--body-timeout-ms",
+        "1000",
+    ]);
+    let hash = ops_config::content_hash(AGENTS.as_bytes());
+    assert!(
+        eventually(Duration::from_secs(20), || (get_json(&relay.url("/health")).1["configHash"] == hash.as_str()).then_some(())).is_some()
+    );
+    slowloris(c.meta(0).addr, "meta");
+    slowloris(relay.addr, "relay");
+}
+
 #[test]
 fn relay_drains_its_buffers_on_sigterm() {
     let mut c = Cluster::files(1, AGENTS);

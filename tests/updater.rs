@@ -493,6 +493,39 @@ fn a_tarball_cannot_plant_setuid_files_or_fill_the_disk() {
     assert!(log.contains("--max-unpack-entries"), "{log}");
 }
 
+/// Every response the updater reads is capped: a heartbeat reply padded past
+/// --max-response-bytes is that server's error (the next server answers and the host
+/// converges), and a `.md5` file over 4 KiB is refused with nothing installed.
+#[test]
+fn oversize_replies_and_digest_files_are_refused() {
+    let f = Fleet::new();
+    let md5 = f.tarball("releases", "1.0", CONTROL, 0);
+    f.desire("releases", "1.0", &md5, "start", "");
+    let hostile = HostileRelay::start(&f.meta);
+    hostile.set(|v| v["padding"] = serde_json::Value::String("x".repeat(2 << 20)));
+    let servers = format!("--server=127.0.0.1:{},127.0.0.1:{}", hostile.port, f.meta.addr.port());
+    let state = f.state_dir();
+    let args = ["--once", "--health-window-seconds=1", &servers, "--hostname=host-cap", "--control-timeout-seconds=2", &state];
+    let with_cap: Vec<&str> = args.iter().copied().chain(["--max-response-bytes=1048576"]).collect();
+    let (status, log) = Proc::run_to_exit("ops-updater", &with_cap);
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("reply larger than the cap of 1048576 bytes"), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"), "the next server's answer was applied");
+
+    // 2.0's digest file: a valid digest, then 8 KiB of blanks.
+    let md5_2 = f.tarball("releases", "2.0", CONTROL, 0);
+    let dir = f.nginx.root.join("releases").join(updater::fetch::arch());
+    std::fs::write(dir.join("demo-2.0.tar.gz.md5"), format!("{md5_2}{}", " ".repeat(8192))).unwrap();
+    f.desire("releases", "2.0", "", "start", "");
+    let (code, log) = f.once("host-cap", &[]);
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("larger than the cap of 4096 bytes"), "{log}");
+    assert_eq!(f.version_file().as_deref(), Some("1.0"), "old version kept");
+    assert!(f.pid_alive("1.0"), "old version still running");
+    assert!(!f.agent_dir().join("2.0").exists(), "nothing half-installed");
+    assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
+}
+
 #[test]
 fn hanging_control_script_is_killed_at_the_timeout() {
     let f = Fleet::new();

@@ -72,6 +72,8 @@ pub struct Settings {
     /// the clock plus this (`--max-clock-skew-seconds`): a report from the future would make
     /// every later real report of its host "older" and the host never stale.
     pub max_clock_skew_seconds: u32,
+    /// What each connection may take (`--max-connections`, `--*-timeout-ms`).
+    pub limits: relay::server::ConnLimits,
 }
 
 impl Settings {
@@ -98,6 +100,7 @@ impl Settings {
             trusted_keys: ops_config::trust::TrustedKeys::default(),
             tls: None,
             max_clock_skew_seconds: 60,
+            limits: relay::server::ConnLimits::default(),
         }
     }
 }
@@ -515,8 +518,13 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
         tracker.spawn(handoff::run(node.clone(), node.settings.handoff_interval, background.clone()));
     }
 
-    let server =
-        tokio::spawn(relay::server::serve_router(listener, node.settings.tls.clone(), api::router(node.clone()), shutdown.clone()));
+    let server = tokio::spawn(relay::server::serve_router(
+        listener,
+        node.settings.tls.clone(),
+        api::router(node.clone()),
+        node.settings.limits,
+        shutdown.clone(),
+    ));
 
     shutdown.cancelled().await;
     background.cancel();

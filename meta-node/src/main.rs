@@ -75,6 +75,8 @@ struct Cli {
     trust: relay::cli::TrustArgs,
     #[command(flatten)]
     tls: relay::cli::TlsArgs,
+    #[command(flatten)]
+    listen_limits: relay::cli::ListenArgs,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -157,6 +159,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
     s.peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
     s.forward.flush = Duration::from_millis(cli.flush_ms);
     s.max_clock_skew_seconds = cli.max_clock_skew_seconds;
+    s.limits = cli.listen_limits.limits()?;
     Ok((s, config, signature))
 }
 

@@ -85,6 +85,7 @@ pub fn describe() {
     describe_histogram!(SNAPSHOT_DURATION, Unit::Seconds, "Time to write one snapshot.");
     describe_gauge!(SNAPSHOT_BYTES, Unit::Bytes, "Size of the last snapshot written.");
     describe_counter!(STATUS_REQUESTS, Unit::Count, "Status queries, by kind (json, text, summary, host).");
+    relay::server::Gate::describe("meta");
     describe_counter!(
         REPORTS_CLAMPED,
         Unit::Count,

@@ -4,6 +4,37 @@ use std::path::PathBuf;
 
 use ops_config::trust::TrustedKeys;
 
+/// What every connection to this server may take (`crate::server::ConnLimits`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ListenArgs {
+    /// Most connections open at once, TLS handshakes included; past it a new connection is
+    /// closed at once (counted in ops_relay_connections_refused_total or
+    /// ops_meta_connections_refused_total). Keep it below the open-files limit.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// A request's headers must be in within this (milliseconds), else the connection is
+    /// closed.
+    #[arg(long, default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// A request's body must be in within this of its headers (milliseconds), else the
+    /// request is refused and the connection closed.
+    #[arg(long, default_value_t = 30_000)]
+    pub body_timeout_ms: u64,
+}
+
+impl ListenArgs {
+    pub fn limits(&self) -> Result<crate::server::ConnLimits, String> {
+        if self.max_connections == 0 || self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
+            return Err("--max-connections, --header-timeout-ms and --body-timeout-ms must be > 0".into());
+        }
+        Ok(crate::server::ConnLimits {
+            max_connections: self.max_connections,
+            header_timeout: std::time::Duration::from_millis(self.header_timeout_ms),
+            body_timeout: std::time::Duration::from_millis(self.body_timeout_ms),
+        })
+    }
+}
+
 /// Which operator keys the desired config must be signed by.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TrustArgs {

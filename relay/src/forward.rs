@@ -516,10 +516,11 @@ mod tests {
             push(h, 1000);
             assert!(f.pending()[0] <= 500, "never above the cap");
         }
-        let buf = f.buffers[0].lock();
-        assert!(buf.len() > 490, "only a hundredth of the cap goes at a time: {}", buf.len());
-        assert!((0..500).all(|h| !buf.contains_key(format!("host-{h}").as_str())), "the oldest went first");
-        drop(buf);
+        {
+            let buf = f.buffers[0].lock();
+            assert!(buf.len() > 490, "only a hundredth of the cap goes at a time: {}", buf.len());
+            assert!((0..500).all(|h| !buf.contains_key(format!("host-{h}").as_str())), "the oldest went first");
+        }
         // A known host reporting again replaces its entry without dropping anyone.
         let before = f.pending()[0];
         push(2499, 1001);

@@ -62,6 +62,8 @@ pub struct Settings {
     pub cache: Option<crate::cache::CacheSettings>,
     /// The runtime package downloads are served on (`--cache-threads`); None: the main one.
     pub packages: Option<tokio::runtime::Handle>,
+    /// What each connection may take (`--max-connections`, `--*-timeout-ms`).
+    pub limits: crate::server::ConnLimits,
 }
 
 pub(crate) struct HotMetrics {
@@ -306,6 +308,8 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
         relay.router(),
         Some(heartbeat),
         relay.settings.packages.clone().filter(|_| relay.cache.is_some()).map(|runtime| crate::server::Packages { runtime }),
+        relay.settings.limits,
+        "relay",
         shutdown.clone(),
     ));
     shutdown.cancelled().await;

@@ -82,6 +82,8 @@ struct Cli {
     trust: relay::cli::TrustArgs,
     #[command(flatten)]
     tls: relay::cli::TlsArgs,
+    #[command(flatten)]
+    listen_limits: relay::cli::ListenArgs,
     /// Under the map's `mtls`: the certificate (of the cluster CA, naming
     /// `{id}.relay.ops-fleet`) this relay shows the meta nodes, when it is not the one it
     /// serves updaters with (--tls-cert): updaters may trust another CA, or the relay may
@@ -147,6 +149,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         trusted_keys: keys,
         tls: cli.tls.server_config()?,
         packages: None,
+        limits: cli.listen_limits.limits()?,
         // Set once the listening address is known (port 0); the flags are checked here.
         cache: {
             let listen = cli.listen.parse().unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));

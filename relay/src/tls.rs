@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 /// Longest a client may take to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A connection that finished its handshake, with the permit it has held since its TCP accept.
+pub type Accepted = (TlsStream<TcpStream>, SocketAddr, tokio::sync::OwnedSemaphorePermit);
+
 /// The server config of a certificate chain and its private key (PEM files).
 pub fn server_config(cert: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, String> {
     build_server_config(cert, key_path, None)
@@ -64,14 +67,14 @@ fn build_server_config(cert: &Path, key_path: &Path, client_ca: Option<&Path>) -
 
 /// Accepts TCP connections and hands on those that complete a TLS handshake.
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
+    ready: mpsc::Receiver<Accepted>,
     _stop: tokio_util::sync::DropGuard,
 }
 
 impl TlsListener {
-    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
+    /// Accepts on `listener` while `gate` has room: a connection holds its permit from the TCP
+    /// accept, through its handshake, until it closes.
+    pub fn new(listener: TcpListener, config: Arc<ServerConfig>, gate: crate::server::Gate) -> std::io::Result<Self> {
         let (tx, ready) = mpsc::channel(256);
         let stop = CancellationToken::new();
         let acceptor = TlsAcceptor::from(config);
@@ -90,12 +93,13 @@ impl TlsListener {
                         }
                     },
                 };
+                let Some(permit) = gate.admit(peer) else { continue };
                 let _ = tcp.set_nodelay(true);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
+                            let _ = tx.send((tls, peer, permit)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -103,24 +107,16 @@ impl TlsListener {
                 });
             }
         });
-        Ok(TlsListener { ready, local, _stop: stop.drop_guard() })
+        Ok(TlsListener { ready, _stop: stop.drop_guard() })
     }
-}
 
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    /// The next connection that finished its handshake.
+    pub async fn accept(&mut self) -> Accepted {
         match self.ready.recv().await {
             Some(v) => v,
             // The accept task only ends with the listener itself.
             None => std::future::pending().await,
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }
 

@@ -325,8 +325,15 @@ pub fn post_json(url: &str, body: impl Into<Vec<u8>>) -> (u16, serde_json::Value
 /// Content-Length body); returns it as text.
 pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     s.write_all(request).expect("write");
+    read_http_response(&mut s)
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body from `s` (head and body as text;
+/// what came before the peer closed, if it closed first; at most 10 s), leaving the
+/// connection open for the next request.
+pub fn read_http_response(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
     loop {

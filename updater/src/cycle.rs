@@ -43,6 +43,8 @@ pub struct CycleSettings {
     pub self_update: crate::selfupdate::SelfSettings,
     /// What one tarball may unpack to (`--max-unpack-*`).
     pub unpack: unpack::Limits,
+    /// The most bytes read of a heartbeat reply or of `/config/desired` (`--max-response-bytes`).
+    pub max_response_bytes: usize,
 }
 
 /// What is kept across restarts: which agents to report at the first heartbeat, and their
@@ -279,7 +281,8 @@ impl Updater {
             return Err(format!("GET {url}: HTTP {}", r.status()));
         }
         let signature = r.headers().get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let text = r.text().await.map_err(|e| format!("GET {url}: {e}"))?;
+        let body = crate::body_capped(r, self.settings.max_response_bytes).await.map_err(|e| format!("GET {url}: {e}"))?;
+        let text = String::from_utf8(body).map_err(|_| format!("GET {url}: the config is not UTF-8"))?;
         let config = ops_config::trust::parse_signed(&text, signature.as_deref(), &self.settings.trusted_keys, &url)
             .map_err(|e| format!("signed config refused: {e}"))?;
         // Signed is not enough: an older signed file (a rollback by whoever answers), another
@@ -425,8 +428,17 @@ impl Updater {
             match self.client.post(&url).body(body.clone()).send().await {
                 Ok(r) => {
                     let status = r.status();
-                    match r.json::<HeartbeatReply>().await {
-                        Ok(reply) if status.is_success() => return Ok((reply, i)),
+                    let reply = crate::body_capped(r, self.settings.max_response_bytes)
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|body| serde_json::from_slice::<HeartbeatReply>(&body).map_err(|e| e.to_string()));
+                    match reply {
+                        Ok(reply) if status.is_success() => {
+                            if !errors.is_empty() {
+                                tracing::warn!(errors = %errors.join("; "), answered = %server, "servers before this one did not answer");
+                            }
+                            return Ok((reply, i));
+                        }
                         Ok(reply) => errors.push(format!("{url}: HTTP {status}: {}", reply.error_message)),
                         Err(e) => errors.push(format!("{url}: HTTP {status}: {e}")),
                     }
@@ -746,6 +758,7 @@ mod tests {
             pin_file: None,
             self_update: Default::default(),
             unpack: Default::default(),
+            max_response_bytes: crate::DEFAULT_MAX_RESPONSE_BYTES,
         };
         Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20, &[]))
     }

@@ -75,8 +75,11 @@ impl Fetcher {
         if !r.status().is_success() {
             return Err(FetchError::Status { url: url.into(), status: r.status().as_u16() });
         }
-        let body = r.bytes().await.map_err(|source| FetchError::Http { url: url.into(), source })?;
-        Ok(String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned())
+        let body = crate::body_capped(r, crate::MAX_DIGEST_FILE_BYTES).await.map_err(|e| match e {
+            crate::BodyError::Http(source) => FetchError::Http { url: url.into(), source },
+            crate::BodyError::TooLarge(cap) => FetchError::TooLarge { url: url.into(), cap: cap as u64 },
+        })?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
     /// The md5 the tarball must have: the reply's digest; or, when empty, the first word of

@@ -52,6 +52,41 @@ pub async fn run(mut updater: Updater, interval: Duration, first: Duration, shut
 
 pub use ops_config::causes;
 
+/// Default of `--max-response-bytes`: the most bytes read of a heartbeat reply or of
+/// `/config/desired`.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 << 20;
+
+/// The most bytes read of a `.md5` file (a digest and a file name).
+pub const MAX_DIGEST_FILE_BYTES: usize = 4096;
+
+/// Why a capped body was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("{}", causes(.0))]
+    Http(#[from] reqwest::Error),
+    #[error("reply larger than the cap of {0} bytes")]
+    TooLarge(usize),
+}
+
+/// The body of `r`, refused as soon as it is known to be longer than `cap` (by its
+/// Content-Length, or as it streams in): a server cannot make the updater hold more.
+pub async fn body_capped(r: reqwest::Response, cap: usize) -> Result<Vec<u8>, BodyError> {
+    use futures_util::StreamExt;
+    if r.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(BodyError::TooLarge(cap));
+    }
+    let mut body = Vec::new();
+    let mut stream = r.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if body.len() + chunk.len() > cap {
+            return Err(BodyError::TooLarge(cap));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// The CA certificates of a PEM file (`--ca-file`), trusted for HTTPS servers and tarball
 /// origins besides the system's.
 pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {

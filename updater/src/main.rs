@@ -56,6 +56,10 @@ struct Cli {
     /// Most entries in a tarball (default 100000).
     #[arg(long)]
     max_unpack_entries: Option<u64>,
+    /// Largest heartbeat reply or /config/desired read, in bytes (default 16 MiB); a
+    /// longer one is refused as that server's error.
+    #[arg(long)]
+    max_response_bytes: Option<usize>,
     /// Where the last desired list and errors are kept across restarts.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -114,6 +118,7 @@ struct FileConfig {
     max_unpack_bytes: Option<u64>,
     max_unpack_ratio: Option<u64>,
     max_unpack_entries: Option<u64>,
+    max_response_bytes: Option<usize>,
     state_dir: Option<PathBuf>,
     trusted_key: Option<Vec<String>>,
     trusted_keys_file: Option<Vec<PathBuf>>,
@@ -195,6 +200,10 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
                 None => Vec::new(),
             },
             unpack,
+            max_response_bytes: match cli.max_response_bytes.or(file.max_response_bytes).unwrap_or(updater::DEFAULT_MAX_RESPONSE_BYTES) {
+                0 => return Err("--max-response-bytes must be > 0".into()),
+                n => n,
+            },
         },
         interval: Duration::from_secs(interval),
         debug: cli.debug.or(file.debug).unwrap_or(false),
