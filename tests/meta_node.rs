@@ -394,6 +394,92 @@ fn a_report_time_in_the_future_is_clamped_to_the_clock_plus_skew() {
     assert_eq!((host["ip"].as_str(), host["stale"].as_bool()), (Some("10.1.2.3"), Some(false)), "{host}");
 }
 
+/// A heartbeat of `host` with `agents` agents, each with a distinct `workDir` of `len` bytes
+/// made unique by `tag`.
+fn unique_dirs(host: &str, tag: usize, agents: usize, len: usize) -> String {
+    let agents: Vec<Value> = (0..agents)
+        .map(|a| {
+            let prefix = format!("/d/{host}/{tag}/{a}/");
+            let dir = format!("{prefix}{}", "x".repeat(len.saturating_sub(prefix.len())));
+            let name = if a == 0 { "falcon-agent".to_owned() } else { format!("agent-{a}") };
+            json!({"name": name, "version": "1.0", "status": "started", "workDir": dir})
+        })
+        .collect();
+    json!({"hostname": host, "ip": "10.1.2.3", "realAgents": agents}).to_string()
+}
+
+/// A unique-string flood (every report new 4 KB `workDir`s) stays under the interner's cap:
+/// the reports past it are refused with a clear error and counted, the strings no host uses
+/// any more are freed at the next sweep, and once the flood's hosts are forgotten their
+/// strings go too and the snapshot shrinks.
+#[test]
+fn unique_string_floods_stay_under_the_cap_and_are_freed_once_their_hosts_go() {
+    let setup = Setup::new();
+    let meta = setup.start(&[
+        "--max-interned-strings",
+        "1000",
+        "--stale-after-seconds",
+        "1",
+        "--forget-after-seconds",
+        "4",
+        "--sweep-interval-seconds",
+        "1",
+        "--snapshot-interval-seconds",
+        "1",
+    ]);
+    let base = meta.url("");
+    let base = base.trim_end_matches('/');
+    let interned = || ops_e2e::metric_at(base, "ops_meta_interned_strings");
+    post_json(&meta.url("/heartbeat"), heartbeat("warm-up", &[("falcon-agent", "5.1.3", "started")]));
+    let rss_before = meta.proc.rss_bytes();
+    assert!(rss_before > 0);
+
+    // One host, 15 new 4 KB strings a report: 1,000 reports would intern 60 MB.
+    let (mut ok, mut refused, mut most) = (0, 0, 0.0f64);
+    for i in 0..1000 {
+        let (status, reply) = post_json(&meta.url("/heartbeat"), unique_dirs("flood-1", i, 15, 4000));
+        match status {
+            200 => ok += 1,
+            503 => {
+                refused += 1;
+                let msg = reply["errorMessage"].as_str().unwrap_or_default();
+                assert!(msg.contains("--max-interned-strings 1000") && msg.contains("refused"), "clear error: {reply}");
+            }
+            other => panic!("status {other}: {reply}"),
+        }
+        if i % 50 == 0 {
+            most = most.max(interned());
+        }
+    }
+    most = most.max(interned());
+    assert!(most <= 1000.0, "interned strings passed the cap: {most}");
+    assert!(refused > 0 && ok > 0, "some refused at the cap, some taken after a sweep freed strings: {ok} ok, {refused} refused");
+    assert_eq!(ops_e2e::metric_at(base, "ops_meta_reports_refused_total"), f64::from(refused));
+    let grown = meta.proc.rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 30 << 20, "RSS grew {grown} bytes under a cap of 1,000 strings of 4 KB");
+    // Once a sweep has freed the unused ones, the host's next report goes in.
+    let taken = eventually(Duration::from_secs(15), || {
+        (post_json(&meta.url("/heartbeat"), unique_dirs("flood-1", 5000, 15, 4000)).0 == 200).then_some(())
+    });
+    assert!(taken.is_some(), "the host's report is taken again once unused strings are freed");
+    let (_, host) = get_json(&meta.url("/status/host/flood-1"));
+    assert!(host["agents"][0]["workDir"].as_str().unwrap().starts_with("/d/flood-1/5000/0/"), "{host}");
+
+    // Many hosts, each with its own strings, then silent: forgotten, their strings freed.
+    for h in 0..50 {
+        let (status, reply) = post_json(&meta.url("/heartbeat"), unique_dirs(&format!("many-{h}"), 0, 3, 2000));
+        assert_eq!(status, 200, "{reply}");
+    }
+    let snap = Path::new(&setup.data()).join("state.snap");
+    let size = || std::fs::metadata(&snap).map_or(0, |m| m.len());
+    let big = eventually(Duration::from_secs(10), || (size() > 300_000).then(size)).expect("a snapshot with the hosts' strings");
+    let freed = eventually(Duration::from_secs(30), || (hosts_held(&meta) == 0 && interned() < 20.0).then(interned));
+    assert!(freed.is_some(), "hosts forgotten and their strings freed: {} hosts, {} strings", hosts_held(&meta), interned());
+    assert!(ops_e2e::metric_at(base, "ops_meta_interned_strings_freed_total") > 1000.0);
+    let small = eventually(Duration::from_secs(10), || (size() < big / 10).then(size));
+    assert!(small.is_some(), "the snapshot shrinks once the strings are freed: {} bytes, was {big}", size());
+}
+
 #[test]
 fn forgotten_hosts_are_dropped() {
     let setup = Setup::new();

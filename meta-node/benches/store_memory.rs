@@ -40,7 +40,7 @@ fn main() {
     let start = Instant::now();
     for body in &bodies {
         let hb = Heartbeat::parse(body.as_bytes()).expect("valid heartbeat");
-        store.upsert(&hb, now, loaded.config.class_of(&hb.hostname), loaded.generation, true);
+        store.upsert(&hb, now, loaded.config.class_of(&hb.hostname), loaded.generation, true).expect("under the interner limits");
     }
     let insert_s = start.elapsed().as_secs_f64();
     let after = rss_bytes();
@@ -55,7 +55,7 @@ fn main() {
     let start = Instant::now();
     for body in &bodies {
         let hb = Heartbeat::parse(body.as_bytes()).expect("valid heartbeat");
-        store.upsert(&hb, now, loaded.config.class_of(&hb.hostname), loaded.generation, true);
+        store.upsert(&hb, now, loaded.config.class_of(&hb.hostname), loaded.generation, true).expect("under the interner limits");
     }
     println!("steady sweep (existing hosts, 1 thread): {:.0} heartbeats/s", f64::from(hosts) / start.elapsed().as_secs_f64());
     drop(bodies);

@@ -246,6 +246,7 @@ pub fn scan_rows(
     mut emit: impl FnMut(Vec<u8>) -> bool,
 ) -> u64 {
     let mut count = 0;
+    let _pause = store.symbols().pause();
     let agent_sym = store.symbols().reader().get(q.agent);
     let relays = store.relay_names();
     // A relay this node never heard of matches no host here.
@@ -339,6 +340,8 @@ pub fn summarize(store: &Store, q: &AgentQuery<'_>, scope: Scope<'_>, prefix: Op
     // each class interned once), run states come from a per-thread cache keyed by status
     // symbol, and the shards are split over the machine's cores.
     const RUN_STATES: [&str; 3] = ["started", "stopped", "absent"];
+    // The symbols read here and counted by are resolved at the end.
+    let _pause = store.symbols().pause();
     let agent_sym = store.symbols().reader().get(q.agent);
     let desired_syms: Vec<Option<(Option<Sym>, bool)>> = {
         let syms = store.symbols().reader();
@@ -707,7 +710,7 @@ mod tests {
                 relay: store.relay_index(["", "dc1-1", "dc2-1"][(i % 3) as usize]),
                 ..Default::default()
             };
-            store.upsert_tagged(&hb, seen, tags, true);
+            store.upsert_tagged(&hb, seen, tags, true).unwrap();
         }
         let q = AgentQuery::new("a", &loaded, now, 900);
         let fast = summarize(&store, &q, Scope::All, None);
@@ -744,7 +747,7 @@ mod tests {
             let body = format!(r#"{{"hostname":"{h}","realAgents":[{{"name":"a","version":"1"}}]}}"#);
             let hb = Heartbeat::parse(body.as_bytes()).unwrap();
             for (i, store) in stores.iter().enumerate() {
-                store.upsert(&hb, 100, loaded.config.class_of(h), 1, ring.owner(h) == i);
+                store.upsert(&hb, 100, loaded.config.class_of(h), 1, ring.owner(h) == i).unwrap();
             }
         }
         let q = AgentQuery::new("a", &loaded, 100, 900);
@@ -779,7 +782,7 @@ mod tests {
         let fourth = Store::new();
         for h in &hosts {
             let body = format!(r#"{{"hostname":"{h}","realAgents":[{{"name":"a","version":"1"}}]}}"#);
-            fourth.upsert(&Heartbeat::parse(body.as_bytes()).unwrap(), 100, loaded.config.class_of(h), 1, grown.owner(h) == 3);
+            fourth.upsert(&Heartbeat::parse(body.as_bytes()).unwrap(), 100, loaded.config.class_of(h), 1, grown.owner(h) == 3).unwrap();
         }
         for (ring, nodes) in [(&ring, 3usize), (&grown, 4)] {
             let present = (1u64 << nodes) - 1;

@@ -74,6 +74,9 @@ pub struct Settings {
     pub max_clock_skew_seconds: u32,
     /// What each connection may take (`--max-connections`, `--*-timeout-ms`).
     pub limits: relay::server::ConnLimits,
+    /// What the interner may hold (`--max-interned-strings`, `--max-interned-bytes`): a
+    /// report with a new string past them is refused.
+    pub intern_limits: store::InternLimits,
 }
 
 impl Settings {
@@ -101,6 +104,7 @@ impl Settings {
             tls: None,
             max_clock_skew_seconds: 60,
             limits: relay::server::ConnLimits::default(),
+            intern_limits: store::InternLimits::default(),
         }
     }
 }
@@ -126,9 +130,13 @@ impl HotMetrics {
 }
 
 /// Clamps the report times of one batch to a ceiling, counting those it moved.
+/// What a batch's reports met on the way in: times clamped, reports refused at the
+/// interner's limits.
 struct ReportClock {
     ceiling: u32,
     clamped: u64,
+    refused: u64,
+    full: Option<store::InternFull>,
 }
 
 impl ReportClock {
@@ -140,8 +148,18 @@ impl ReportClock {
         seen
     }
 
-    /// Adds this batch's clamped reports to `ops_meta_reports_clamped_total`.
+    fn refuse(&mut self, full: store::InternFull) {
+        self.refused += 1;
+        self.full = Some(full);
+    }
+
+    /// Adds this batch's clamped reports to `ops_meta_reports_clamped_total` and its refused
+    /// ones to `ops_meta_reports_refused_total`.
     fn count(self) {
+        if let Some(full) = self.full {
+            ::metrics::counter!(crate::metrics::REPORTS_REFUSED).increment(self.refused);
+            tracing::warn!(reports = self.refused, error = %full, "reports of a batch refused");
+        }
         if self.clamped > 0 {
             ::metrics::counter!(crate::metrics::REPORTS_CLAMPED).increment(self.clamped);
             tracing::warn!(reports = self.clamped, ceiling = self.ceiling, "report times in the future stored as now + max clock skew");
@@ -197,6 +215,8 @@ pub struct Node {
     /// peer served another cluster map (outside a membership change).
     pub config_diverged: std::sync::atomic::AtomicBool,
     pub cluster_diverged: std::sync::atomic::AtomicBool,
+    /// Sweeps run (the interner is collected every 20th regardless).
+    sweeps: std::sync::atomic::AtomicU64,
     /// Ends the background tasks (cancelled when `run`'s shutdown begins).
     pub background: CancellationToken,
 }
@@ -235,9 +255,9 @@ impl Node {
         Node {
             rollouts,
             controller,
+            store: Store::with_limits(settings.intern_limits),
             settings,
             cluster,
-            store: Store::new(),
             generations,
             desired,
             started: Instant::now(),
@@ -247,6 +267,7 @@ impl Node {
             background: CancellationToken::new(),
             config_diverged: Default::default(),
             cluster_diverged: Default::default(),
+            sweeps: Default::default(),
         }
     }
 
@@ -298,10 +319,10 @@ impl Node {
         let mut clock = self.report_clock();
         for e in &batch.hosts {
             let tags = store::Tags { relay: relays.index(&e.relay), ..Self::tags(&loaded, &e.hb.hostname, e.told) };
-            if self.store.upsert_tagged(&e.hb, clock.seen(e.seen), tags, owns(&e.hb.hostname)) {
-                stored += 1;
-            } else {
-                older += 1;
+            match self.store.upsert_tagged(&e.hb, clock.seen(e.seen), tags, owns(&e.hb.hostname)) {
+                Ok(true) => stored += 1,
+                Ok(false) => older += 1,
+                Err(full) => clock.refuse(full),
             }
         }
         clock.count();
@@ -342,10 +363,10 @@ impl Node {
             } else {
                 self.store.upsert_tagged(hb, seen, tags, owned)
             };
-            if kept {
-                stored += 1;
-            } else {
-                older += 1;
+            match kept {
+                Ok(true) => stored += 1,
+                Ok(false) => older += 1,
+                Err(full) => clock.refuse(full),
             }
         })?;
         clock.count();
@@ -354,7 +375,7 @@ impl Node {
 
     /// The latest report time a batch may carry now (this node's clock plus the skew allowed).
     fn report_clock(&self) -> ReportClock {
-        ReportClock { ceiling: relay::unix_now().saturating_add(self.settings.max_clock_skew_seconds), clamped: 0 }
+        ReportClock { ceiling: relay::unix_now().saturating_add(self.settings.max_clock_skew_seconds), clamped: 0, refused: 0, full: None }
     }
 
     /// How a host's report is stored under `loaded`: its class, and its waves when the config
@@ -380,6 +401,29 @@ impl Node {
     pub fn refresh_gauges(&self) {
         ::metrics::gauge!(crate::metrics::HOSTS).set(self.store.len() as f64);
         ::metrics::gauge!(crate::metrics::INTERNED_STRINGS).set(self.store.symbols().len() as f64);
+        ::metrics::gauge!(crate::metrics::INTERNED_BYTES).set(self.store.symbols().bytes() as f64);
+    }
+
+    /// Frees the interned strings no host uses any more, when any may have become unused.
+    /// Blocking: a scan of every record (tens of ms at a million hosts).
+    fn collect_strings(&self) {
+        // Every 20th sweep regardless (10 minutes at the default interval).
+        let nth = self.sweeps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !self.store.strings_want_collection() && nth % 20 != 19 {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let freed = self.store.collect_strings();
+        if freed > 0 {
+            ::metrics::counter!(crate::metrics::STRINGS_FREED).increment(freed as u64);
+            tracing::info!(
+                freed,
+                held = self.store.symbols().len(),
+                bytes = self.store.symbols().bytes(),
+                ms = started.elapsed().as_millis() as u64,
+                "freed interned strings no host uses"
+            );
+        }
     }
 
     /// Drops forgotten hosts and counts stale ones. Blocking.
@@ -394,6 +438,7 @@ impl Node {
             ::metrics::counter!(crate::metrics::HOSTS_FORGOTTEN).increment(forgotten as u64);
             tracing::info!(forgotten, "dropped hosts not heard from for forget_after");
         }
+        self.collect_strings();
         let cutoff = now.saturating_sub(self.settings.stale_after_seconds);
         let mut stale = 0usize;
         // Owned hosts by relay index: (hosts, silent); summed over the nodes, each host once.

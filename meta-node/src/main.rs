@@ -67,6 +67,14 @@ struct Cli {
     /// at that ceiling (and counted in ops_meta_reports_clamped_total).
     #[arg(long, default_value_t = 60)]
     max_clock_skew_seconds: u32,
+    /// Distinct strings (agent names, versions, status texts, users, directories) held at
+    /// once; a report with a new string past it is refused (ops_meta_reports_refused_total).
+    /// Strings no host uses any more are freed at each sweep.
+    #[arg(long, default_value_t = 4_000_000)]
+    max_interned_strings: usize,
+    /// Bytes of those strings held at once (default 256 MiB); past it, the same.
+    #[arg(long, default_value_t = 256 << 20)]
+    max_interned_bytes: usize,
     /// Runtime worker threads (default: one per core). Lower it when several servers share
     /// a few cores, as in `ops-bench`'s one-box cluster.
     #[arg(long)]
@@ -159,6 +167,10 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
     s.peer_timeout = Duration::from_millis(cli.peer_timeout_ms);
     s.forward.flush = Duration::from_millis(cli.flush_ms);
     s.max_clock_skew_seconds = cli.max_clock_skew_seconds;
+    if cli.max_interned_strings < 2 || cli.max_interned_bytes == 0 {
+        return Err("--max-interned-strings must be at least 2 and --max-interned-bytes above 0".into());
+    }
+    s.intern_limits = meta_node::store::InternLimits { max_strings: cli.max_interned_strings, max_bytes: cli.max_interned_bytes };
     s.limits = cli.listen_limits.limits()?;
     Ok((s, config, signature))
 }

@@ -16,6 +16,9 @@ pub const SNAPSHOT_DURATION: &str = "ops_meta_snapshot_duration_seconds";
 pub const SNAPSHOT_BYTES: &str = "ops_meta_snapshot_bytes";
 pub const STATUS_REQUESTS: &str = "ops_meta_status_requests_total";
 pub const INTERNED_STRINGS: &str = "ops_meta_interned_strings";
+pub const INTERNED_BYTES: &str = "ops_meta_interned_bytes";
+pub const STRINGS_FREED: &str = "ops_meta_interned_strings_freed_total";
+pub const REPORTS_REFUSED: &str = "ops_meta_reports_refused_total";
 pub const REPORTS_CLAMPED: &str = "ops_meta_reports_clamped_total";
 pub const BATCHES_RECEIVED: &str = "ops_meta_batches_received_total";
 pub const BATCH_HOSTS_RECEIVED: &str = "ops_meta_batch_hosts_received_total";
@@ -92,4 +95,11 @@ pub fn describe() {
         "Reports of a batch whose time was later than this node's clock plus --max-clock-skew-seconds, stored at that ceiling."
     );
     describe_gauge!(INTERNED_STRINGS, Unit::Count, "Distinct strings interned (agent names, versions, status texts...).");
+    describe_gauge!(INTERNED_BYTES, Unit::Bytes, "Bytes of the interned strings (capped by --max-interned-bytes).");
+    describe_counter!(STRINGS_FREED, Unit::Count, "Interned strings freed because no host record used them any more.");
+    describe_counter!(
+        REPORTS_REFUSED,
+        Unit::Count,
+        "Reports refused because a new string of theirs would pass --max-interned-strings or --max-interned-bytes."
+    );
 }

@@ -227,6 +227,8 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
     let stale_after = node.settings.stale_after_seconds;
     let store = &node.store;
     let generation = crate::store::short_generation(loaded.generation);
+    // The symbols read here are compared with the records' in every shard.
+    let _pause = store.symbols().pause();
     let (names, targets, froms) = {
         let syms = store.symbols().reader();
         let (mut names, mut targets, mut froms) = (Vec::new(), Vec::new(), Vec::new());
@@ -433,7 +435,7 @@ halt_when = { failed_ratio = 0.5, min_sample = 4 }
             let body = report(version, status, error).replace("\"h\"", &format!("\"{name}\""));
             let hb = Heartbeat::parse(body.as_bytes()).unwrap();
             let tags = Tags { told, ..Node::tags(&loaded, name, told) };
-            node.store.upsert_tagged(&hb, now - ago, tags, true);
+            node.store.upsert_tagged(&hb, now - ago, tags, true).unwrap();
         }
         // Pinned on the host: as "stopped" above (the target, not started: failed) and on
         // `from`, yet neither failed nor converged.
@@ -442,7 +444,7 @@ halt_when = { failed_ratio = 0.5, min_sample = 4 }
                 r#"{{"hostname":"{name}","realAgents":[{{"name":"a","version":"{version}","status":"stopped","pinned":"{pin}"}}]}}"#
             );
             let tags = Tags { told: 1, ..Node::tags(&loaded, name, 1) };
-            node.store.upsert_tagged(&Heartbeat::parse(body.as_bytes()).unwrap(), now, tags, true);
+            node.store.upsert_tagged(&Heartbeat::parse(body.as_bytes()).unwrap(), now, tags, true).unwrap();
         }
         node.controller.judge(&node);
         let r = &node.controller.report().rollouts[0];
@@ -457,12 +459,9 @@ halt_when = { failed_ratio = 0.5, min_sample = 4 }
         // updater reverted the target (back on `from`, saying why): a failure like any other.
         let reverted = "reverted: a 2: not started within the 30 s health window (status stoped); back on 1";
         let hb = report("1", "started", reverted).replace("\"h\"", "\"error2\"");
-        node.store.upsert_tagged(
-            &Heartbeat::parse(hb.as_bytes()).unwrap(),
-            now,
-            Tags { told: 1, ..Node::tags(&loaded, "error2", 1) },
-            true,
-        );
+        node.store
+            .upsert_tagged(&Heartbeat::parse(hb.as_bytes()).unwrap(), now, Tags { told: 1, ..Node::tags(&loaded, "error2", 1) }, true)
+            .unwrap();
         node.controller.judge(&node);
         let r = &node.controller.report().rollouts[0];
         assert!(r.halted && r.halt_reason.contains("3 of 4 decided hosts failed"), "{r:?}");
@@ -489,7 +488,7 @@ halt_when = { failed_ratio = 0.5, min_sample = 4 }
         let body = report("1", "started", "").replace("\"h\"", "\"away\"");
         let hb = Heartbeat::parse(body.as_bytes()).unwrap();
         let tags = Tags { told: 1, ..Node::tags(&loaded, "away", 1) };
-        node.store.upsert_tagged(&hb, now - 3600, tags, true);
+        node.store.upsert_tagged(&hb, now - 3600, tags, true).unwrap();
         // The judge first saw it told and in flight an hour ago, just before it went quiet.
         let told_at = |node: &Node| -> Option<u32> {
             (0..SHARDS).find_map(|i| {
@@ -510,7 +509,7 @@ halt_when = { failed_ratio = 0.5, min_sample = 4 }
         assert_eq!((w.silent, w.failed, w.failed_total), (1, 0, 0), "{w:?}");
         assert_eq!(told_at(&node), None, "the deadline clock stops while the host is silent");
         // Heard again, told again, still on `from`: in flight, not failed.
-        node.store.upsert_tagged(&hb, now, tags, true);
+        node.store.upsert_tagged(&hb, now, tags, true).unwrap();
         node.controller.judge(&node);
         let w = node.controller.report().rollouts[0].waves[0];
         assert_eq!((w.silent, w.failed, w.failed_total), (0, 0, 0), "{w:?}");

@@ -119,6 +119,8 @@ pub fn write(store: &Store, data_dir: &Path) -> Result<Written, SnapshotError> {
     let path = path_in(data_dir);
     let tmp = data_dir.join(format!("{FILE_NAME}.tmp"));
     let io_err = |source| SnapshotError::Io { path: tmp.clone(), source };
+    // The records are written before the table they index: no string is freed meanwhile.
+    let _pause = store.symbols().pause();
     fs::create_dir_all(data_dir).map_err(io_err)?;
     let file = File::create(&tmp).map_err(io_err)?;
     let mut w = CrcWriter { inner: BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new(), written: 0 };
@@ -135,7 +137,8 @@ pub fn write(store: &Store, data_dir: &Path) -> Result<Written, SnapshotError> {
     buf.clear();
     {
         let syms = store.symbols().reader();
-        let count = store.symbols().len();
+        // Freed symbols are written as "": the table keeps its indexes.
+        let count = store.symbols().end();
         buf.extend_from_slice(&(count as u32).to_le_bytes());
         for i in 0..count {
             put_str(&mut buf, syms.resolve(Sym(i as u32)), 4);
@@ -214,13 +217,14 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
     let (body, offset) = body.split_at(body.len() - 8);
     let sym_offset = u64::from_le_bytes(offset.try_into().map_err(|_| corrupt("bad trailer"))?) as usize;
 
+    let _pause = store.symbols().pause();
     let mut r = Reader { buf: body, pos: sym_offset };
     let count = r.u32().ok_or_else(|| corrupt("bad symbol table"))? as usize;
     let mut syms = Vec::with_capacity(count.min(1 << 24));
     for _ in 0..count {
         let len = r.u32().ok_or_else(|| corrupt("bad symbol"))? as usize;
         let s = r.str(len).ok_or_else(|| corrupt("bad symbol"))?;
-        syms.push(store.symbols().intern(s));
+        syms.push(store.symbols().intern(s).map_err(|_| corrupt("more strings than --max-interned-strings / --max-interned-bytes allow"))?);
     }
     let map = |old: u32| syms.get(old as usize).copied().ok_or("unknown symbol");
     let mut relays = Vec::new();
@@ -370,7 +374,7 @@ mod tests {
             );
             let relay = store.relay_index(["", "dc1-1", "dc2-1"][i % 3]);
             let tags = crate::store::Tags { class: ClassId(0), generation: 1, told: (i % 4) as u8, waves: 0, relay };
-            store.upsert_tagged(&Heartbeat::parse(body.as_bytes()).unwrap(), 1000 + i as u32, tags, true);
+            store.upsert_tagged(&Heartbeat::parse(body.as_bytes()).unwrap(), 1000 + i as u32, tags, true).unwrap();
         }
     }
 
@@ -423,7 +427,7 @@ mod tests {
         let w = write(&store, dir.path()).unwrap();
         assert_eq!(w.hosts, 3000);
         let again = Store::new();
-        again.symbols().intern("something else first");
+        again.symbols().intern("something else first").unwrap();
         assert_eq!(again.relay_index("another relay first"), 1);
         assert_eq!(load(&again, dir.path(), |_| true).unwrap(), 3000);
         assert_eq!(again.len(), 3000);

@@ -11,7 +11,7 @@
 use std::hash::BuildHasher;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use compact_str::CompactString;
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
@@ -32,40 +32,127 @@ impl Sym {
     pub const EMPTY: Sym = Sym(0);
 }
 
+/// Limits on what the interner holds, each refused with [`InternFull`] when reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InternLimits {
+    /// Distinct strings held at once.
+    pub max_strings: usize,
+    /// Bytes of text held at once (the strings' lengths summed).
+    pub max_bytes: usize,
+}
+
+impl InternLimits {
+    /// No limit: the relay-id table, which caps itself ([`OTHER_RELAYS`]).
+    pub const NONE: InternLimits = InternLimits { max_strings: usize::MAX, max_bytes: usize::MAX };
+}
+
+impl Default for InternLimits {
+    fn default() -> Self {
+        InternLimits { max_strings: 4_000_000, max_bytes: 256 << 20 }
+    }
+}
+
+/// A string the interner could not take: it is at one of its [`InternLimits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "interned strings at their cap ({strings} strings, {bytes} bytes held; --max-interned-strings {max_strings}, --max-interned-bytes {max_bytes}): report refused"
+)]
+pub struct InternFull {
+    pub strings: usize,
+    pub bytes: usize,
+    pub max_strings: usize,
+    pub max_bytes: usize,
+}
+
 #[derive(Default)]
 struct InternerInner {
     map: HashMap<Arc<str>, Sym>,
-    strings: Vec<Arc<str>>,
+    /// By symbol; `None`: freed, its index on `free` for the next new string.
+    strings: Vec<Option<Arc<str>>>,
+    /// By symbol: the collection epoch in which it was last looked up ([`Interner::collect`]).
+    stamps: Vec<AtomicU32>,
+    free: Vec<u32>,
+    /// Bytes of the strings held.
+    bytes: usize,
+    /// Strings interned since the last collection.
+    added: usize,
 }
 
-/// Append-only string interner. Reads take a shared lock once per heartbeat or per scanned
-/// shard; a write happens only for a string never seen before.
+/// String interner whose strings no record uses any more are freed by [`Store::collect_strings`].
+/// Reads take a shared lock once per heartbeat or per scanned shard; a write happens only for a
+/// string never seen before.
+///
+/// Freeing races a heartbeat that looked a string up but has not stored it yet: each lookup
+/// stamps the string with the current epoch; a collection first moves the epoch on (under the
+/// write lock), then marks what the records use, then frees only strings neither marked nor
+/// stamped with the new epoch; and a store checks, under its shard's lock, that the epoch its
+/// lookups ran in is still current (else it looks them up again). A lookup of the old epoch
+/// that passed that check was stored before its shard was marked.
 pub struct Interner {
     inner: RwLock<InternerInner>,
+    epoch: AtomicU32,
+    limits: InternLimits,
+    /// Held shared by everything that keeps symbols across a lock (scans, snapshots), and
+    /// exclusively by a collection.
+    pause: RwLock<()>,
 }
 
 impl Default for Interner {
     fn default() -> Self {
-        let interner = Interner { inner: RwLock::new(InternerInner::default()) };
-        interner.intern("");
-        interner
+        Interner::with_limits(InternLimits::NONE)
     }
 }
 
 impl Interner {
-    pub fn intern(&self, s: &str) -> Sym {
+    pub fn with_limits(limits: InternLimits) -> Self {
+        let interner = Interner { inner: RwLock::new(InternerInner::default()), epoch: AtomicU32::new(0), limits, pause: RwLock::new(()) };
+        {
+            let mut w = interner.inner.write();
+            let s: Arc<str> = Arc::from("");
+            w.strings.push(Some(s.clone()));
+            w.stamps.push(AtomicU32::new(0));
+            w.map.insert(s, Sym::EMPTY);
+        }
+        interner
+    }
+
+    /// The symbol of `s`, interned on first sight; Err when the limits are reached.
+    pub fn intern(&self, s: &str) -> Result<Sym, InternFull> {
         if let Some(&sym) = self.inner.read().map.get(s) {
-            return sym;
+            return Ok(sym);
         }
         let mut w = self.inner.write();
         if let Some(&sym) = w.map.get(s) {
-            return sym;
+            return Ok(sym);
         }
-        let sym = Sym(u32::try_from(w.strings.len()).expect("fewer than 2^32 distinct strings"));
+        let held = w.strings.len() - w.free.len();
+        if held >= self.limits.max_strings || w.bytes.saturating_add(s.len()) > self.limits.max_bytes {
+            return Err(InternFull {
+                strings: held,
+                bytes: w.bytes,
+                max_strings: self.limits.max_strings,
+                max_bytes: self.limits.max_bytes,
+            });
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
         let s: Arc<str> = Arc::from(s);
-        w.strings.push(s.clone());
+        let sym = match w.free.pop() {
+            Some(i) => {
+                w.strings[i as usize] = Some(s.clone());
+                w.stamps[i as usize].store(epoch, Ordering::Relaxed);
+                Sym(i)
+            }
+            None => {
+                let sym = Sym(u32::try_from(w.strings.len()).expect("fewer than 2^32 distinct strings"));
+                w.strings.push(Some(s.clone()));
+                w.stamps.push(AtomicU32::new(epoch));
+                sym
+            }
+        };
+        w.bytes += s.len();
+        w.added += 1;
         w.map.insert(s, sym);
-        sym
+        Ok(sym)
     }
 
     /// A shared view for resolving many symbols at once.
@@ -73,7 +160,19 @@ impl Interner {
         Symbols { guard: self.inner.read() }
     }
 
+    /// Strings held.
     pub fn len(&self) -> usize {
+        let r = self.inner.read();
+        r.strings.len() - r.free.len()
+    }
+
+    /// Bytes of the strings held.
+    pub fn bytes(&self) -> usize {
+        self.inner.read().bytes
+    }
+
+    /// One past the highest symbol in use (what a table by symbol needs).
+    pub fn end(&self) -> usize {
         self.inner.read().strings.len()
     }
 
@@ -81,9 +180,21 @@ impl Interner {
         false
     }
 
+    /// Keeps every symbol valid while held (no collection frees one): hold it across a scan
+    /// that resolves symbols it read under an earlier lock, or keeps them in a table.
+    pub fn pause(&self) -> RwLockReadGuard<'_, ()> {
+        self.pause.read_recursive()
+    }
+
     /// Looks up many strings under one shared lock, interning the missing ones.
     fn lookup(&self) -> Lookup<'_> {
-        Lookup { interner: self, guard: Some(self.inner.read()) }
+        let guard = self.inner.read();
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        Lookup { interner: self, guard: Some(guard), epoch }
+    }
+
+    fn epoch(&self) -> u32 {
+        self.epoch.load(Ordering::SeqCst)
     }
 }
 
@@ -94,7 +205,7 @@ pub struct Symbols<'a> {
 
 impl Symbols<'_> {
     pub fn resolve(&self, sym: Sym) -> &str {
-        self.guard.strings.get(sym.0 as usize).map_or("", |s| s)
+        self.guard.strings.get(sym.0 as usize).and_then(Option::as_deref).unwrap_or("")
     }
 
     pub fn get(&self, s: &str) -> Option<Sym> {
@@ -105,15 +216,23 @@ impl Symbols<'_> {
 struct Lookup<'a> {
     interner: &'a Interner,
     guard: Option<RwLockReadGuard<'a, InternerInner>>,
+    /// The epoch the lookups ran in (a store checks it is still current).
+    epoch: u32,
 }
 
 impl Lookup<'_> {
-    fn sym(&mut self, s: &str) -> Sym {
+    fn sym(&mut self, s: &str) -> Result<Sym, InternFull> {
         if s.is_empty() {
-            return Sym::EMPTY;
+            return Ok(Sym::EMPTY);
         }
-        if let Some(&sym) = self.guard.as_ref().and_then(|g| g.map.get(s)) {
-            return sym;
+        if let Some(g) = self.guard.as_ref()
+            && let Some(&sym) = g.map.get(s)
+        {
+            let stamp = &g.stamps[sym.0 as usize];
+            if stamp.load(Ordering::Relaxed) != self.epoch {
+                stamp.store(self.epoch, Ordering::Relaxed);
+            }
+            return Ok(sym);
         }
         self.guard = None;
         let sym = self.interner.intern(s);
@@ -605,6 +724,10 @@ pub struct Store {
     shards: Box<[Mutex<Shard>]>,
     hasher: DefaultHashBuilder,
     syms: Interner,
+    /// A report was refused at the interner's limits since the last collection.
+    strings_full: AtomicBool,
+    /// Hosts dropped since the last collection (their strings may be unused now).
+    dropped_since_collection: AtomicUsize,
     /// Relay ids, by the index host records keep (index 0: the empty id, no relay).
     relays: Interner,
     hosts: AtomicUsize,
@@ -612,13 +735,7 @@ pub struct Store {
 
 impl Default for Store {
     fn default() -> Self {
-        Store {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: DefaultHashBuilder::default(),
-            syms: Interner::default(),
-            relays: Interner::default(),
-            hosts: AtomicUsize::new(0),
-        }
+        Store::with_limits(InternLimits::default())
     }
 }
 
@@ -629,6 +746,85 @@ fn clamp_u32(v: i64) -> u32 {
 impl Store {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store whose interner holds at most what `limits` say.
+    pub fn with_limits(limits: InternLimits) -> Self {
+        Store {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: DefaultHashBuilder::default(),
+            syms: Interner::with_limits(limits),
+            strings_full: AtomicBool::new(false),
+            dropped_since_collection: AtomicUsize::new(0),
+            relays: Interner::default(),
+            hosts: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether [`collect_strings`](Self::collect_strings) may find anything: strings were
+    /// interned since the last one, hosts were dropped, or a report was refused at the limits.
+    /// (A host moving to a version another host already reported can leave its old one unused
+    /// with none of these: the caller also collects now and then regardless.)
+    pub fn strings_want_collection(&self) -> bool {
+        self.strings_full.load(Ordering::Relaxed)
+            || self.dropped_since_collection.load(Ordering::Relaxed) > 0
+            || self.syms.inner.read().added > 0
+    }
+
+    /// Frees the interned strings no host record uses any more (their symbols are reused);
+    /// returns how many. One shard locked at a time; heartbeats go on meanwhile (see
+    /// [`Interner`] for why none can store a freed symbol). Blocking: a scan of every record.
+    pub fn collect_strings(&self) -> usize {
+        let syms = &self.syms;
+        let _pause = syms.pause.write();
+        let epoch = {
+            let _w = syms.inner.write();
+            syms.epoch.fetch_add(1, Ordering::SeqCst).wrapping_add(1)
+        };
+        self.strings_full.store(false, Ordering::Relaxed);
+        self.dropped_since_collection.store(0, Ordering::Relaxed);
+        let end = syms.end();
+        let mut marks = vec![0u64; end.div_ceil(64)];
+        let mut mark = |s: Sym| {
+            let i = s.0 as usize;
+            if i < end {
+                marks[i / 64] |= 1 << (i % 64);
+            }
+        };
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            for (_, h) in shard.hosts() {
+                mark(h.run_user);
+                mark(h.updater_version);
+                for a in shard.agents(h) {
+                    for s in [a.name, a.version, a.status, a.run_user, a.work_dir] {
+                        mark(s);
+                    }
+                }
+            }
+            for &pin in shard.notes.pins.values() {
+                mark(pin);
+            }
+        }
+        let mut w = syms.inner.write();
+        let w = &mut *w;
+        let mut freed = 0;
+        for i in 1..end {
+            if marks[i / 64] & (1 << (i % 64)) != 0 || w.stamps[i].load(Ordering::Relaxed) == epoch {
+                continue;
+            }
+            if let Some(s) = w.strings[i].take() {
+                w.map.remove(&*s);
+                w.bytes -= s.len();
+                w.free.push(i as u32);
+                freed += 1;
+            }
+        }
+        w.added = 0;
+        if w.map.capacity() > 4 * w.map.len() + 1024 {
+            w.map.shrink_to_fit();
+        }
+        freed
     }
 
     /// Hosts held.
@@ -656,13 +852,13 @@ impl Store {
         if self.relays.len() >= usize::from(OTHER_RELAYS) {
             return OTHER_RELAYS;
         }
-        u16::try_from(self.relays.intern(id).0).unwrap_or(OTHER_RELAYS)
+        self.relays.intern(id).ok().and_then(|s| u16::try_from(s.0).ok()).unwrap_or(OTHER_RELAYS)
     }
 
     /// Every relay id by index (index 0: "", no relay); [`OTHER_RELAYS`] is past the end.
     pub fn relay_names(&self) -> Vec<Arc<str>> {
         let r = self.relays.reader();
-        (0..self.relays.len().min(usize::from(OTHER_RELAYS))).map(|i| Arc::from(r.resolve(Sym(i as u32)))).collect()
+        (0..self.relays.end().min(usize::from(OTHER_RELAYS))).map(|i| Arc::from(r.resolve(Sym(i as u32)))).collect()
     }
 
     /// The relay id of an index, as status shows it ("" for none; "(other relays)" for
@@ -680,14 +876,15 @@ impl Store {
 
     /// Records a validated heartbeat received at `now`, resolved to `class` under config
     /// generation `generation`, outside any rollout.
-    pub fn upsert(&self, hb: &Heartbeat<'_>, now: u32, class: ClassId, generation: u32, owned: bool) -> bool {
+    pub fn upsert(&self, hb: &Heartbeat<'_>, now: u32, class: ClassId, generation: u32, owned: bool) -> Result<bool, InternFull> {
         self.upsert_tagged(hb, now, Tags { class, generation, told: 0, waves: 0, relay: NO_RELAY }, owned)
     }
 
     /// Records a validated heartbeat received at `now` with how it was answered and resolved.
     /// The newest report wins: one older than the stored one is ignored (returns false). The
-    /// heartbeat's agent count is at most 64 (validated).
-    pub fn upsert_tagged(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool) -> bool {
+    /// heartbeat's agent count is at most 64 (validated). Err: a string of it is new and the
+    /// interner is at its limits; nothing was stored.
+    pub fn upsert_tagged(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool) -> Result<bool, InternFull> {
         self.upsert_inner(hb, now, tags, owned, false)
     }
 
@@ -695,34 +892,49 @@ impl Store {
     /// only when strictly newer than what is held. Times are whole seconds, and on a tie the
     /// report this node took itself wins (it came straight from a relay; the copy may be the
     /// older of the two within that second).
-    pub fn upsert_handed_back(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool) -> bool {
+    pub fn upsert_handed_back(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool) -> Result<bool, InternFull> {
         self.upsert_inner(hb, now, tags, owned, true)
     }
 
-    fn upsert_inner(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool, strictly_newer: bool) -> bool {
+    fn upsert_inner(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool, strictly_newer: bool) -> Result<bool, InternFull> {
+        loop {
+            if let Some(kept) = self.try_upsert(hb, now, tags, owned, strictly_newer)? {
+                return Ok(kept);
+            }
+        }
+    }
+
+    /// One try of [`Store::upsert_inner`]: None when a collection of strings ran between the
+    /// lookups and the shard's lock (the caller tries again; see [`Interner`]).
+    fn try_upsert(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool, strictly_newer: bool) -> Result<Option<bool>, InternFull> {
         let Tags { class, generation, told, waves, relay } = tags;
         let generation = short_generation(generation);
         let n = hb.real_agents.len().min(MAX_AGENTS_PER_HOST);
         let mut agents = [AgentState::default(); MAX_AGENTS_PER_HOST];
-        let (run_user, updater_version);
+        let (run_user, updater_version, epoch);
         let mut pins = [Sym::EMPTY; MAX_AGENTS_PER_HOST];
         {
             let mut look = self.syms.lookup();
+            let full = |e: InternFull| {
+                self.strings_full.store(true, Ordering::Relaxed);
+                e
+            };
             for (slot, a) in agents.iter_mut().zip(&hb.real_agents) {
                 *slot = AgentState {
-                    name: look.sym(&a.name),
-                    version: look.sym(&a.version),
-                    status: look.sym(a.status.trim()),
-                    run_user: look.sym(&a.run_user),
-                    work_dir: look.sym(&a.work_dir),
+                    name: look.sym(&a.name).map_err(full)?,
+                    version: look.sym(&a.version).map_err(full)?,
+                    status: look.sym(a.status.trim()).map_err(full)?,
+                    run_user: look.sym(&a.run_user).map_err(full)?,
+                    work_dir: look.sym(&a.work_dir).map_err(full)?,
                     timestamp: clamp_u32(a.timestamp),
                 };
             }
             for (pin, a) in pins.iter_mut().zip(&hb.real_agents).filter(|(_, a)| !a.pinned.is_empty()) {
-                *pin = look.sym(&a.pinned);
+                *pin = look.sym(&a.pinned).map_err(full)?;
             }
-            run_user = look.sym(&hb.run_user);
-            updater_version = look.sym(&hb.updater_version);
+            run_user = look.sym(&hb.run_user).map_err(full)?;
+            updater_version = look.sym(&hb.updater_version).map_err(full)?;
+            epoch = look.epoch;
         }
         let agents = &agents[..n];
         let note_mask = hb
@@ -742,10 +954,13 @@ impl Store {
         let name = &*hb.hostname;
         let hash = self.hasher.hash_one(name);
         let mut guard = self.shard_of(hash).lock();
+        if self.syms.epoch() != epoch {
+            return Ok(None);
+        }
         let shard = &mut *guard;
         let slot = match shard.find(hash, name) {
-            Some(slot) if shard.hosts[slot as usize].last_seen > now => return false,
-            Some(slot) if strictly_newer && shard.hosts[slot as usize].last_seen == now => return false,
+            Some(slot) if shard.hosts[slot as usize].last_seen > now => return Ok(Some(false)),
+            Some(slot) if strictly_newer && shard.hosts[slot as usize].last_seen == now => return Ok(Some(false)),
             Some(slot) => {
                 let host = &mut shard.hosts[slot as usize];
                 if host.note_mask != 0 || host.ip_kind == IpKind::Other {
@@ -802,7 +1017,7 @@ impl Store {
         if ip_kind == IpKind::Other {
             shard.other_ips.insert(slot, hb.ip.as_ref().into());
         }
-        true
+        Ok(Some(true))
     }
 
     /// Inserts a record read from a snapshot (replacing a host of the same name).
@@ -917,6 +1132,7 @@ impl Store {
         }
         shard.remove_slot(slot, &self.hasher);
         self.hosts.fetch_sub(1, Ordering::Relaxed);
+        self.dropped_since_collection.fetch_add(1, Ordering::Relaxed);
         true
     }
 
@@ -937,6 +1153,7 @@ impl Store {
             }
         }
         self.hosts.fetch_sub(dropped, Ordering::Relaxed);
+        self.dropped_since_collection.fetch_add(dropped, Ordering::Relaxed);
         dropped
     }
 }
@@ -958,14 +1175,14 @@ mod tests {
         let store = Store::new();
         let a = hb(r#"{"hostname":"a","realAgents":[]}"#);
         let b = hb(r#"{"hostname":"b","realAgents":[]}"#);
-        store.upsert(&a, 10, ClassId(0), 1, true);
+        store.upsert(&a, 10, ClassId(0), 1, true).unwrap();
         assert_eq!(foreign_total(&store), 0);
-        store.upsert(&b, 10, ClassId(0), 1, false);
-        store.upsert(&b, 11, ClassId(0), 1, false);
+        store.upsert(&b, 10, ClassId(0), 1, false).unwrap();
+        store.upsert(&b, 11, ClassId(0), 1, false).unwrap();
         assert_eq!(foreign_total(&store), 1, "a copy counts once however often it reports");
-        store.upsert(&a, 12, ClassId(0), 1, false);
+        store.upsert(&a, 12, ClassId(0), 1, false).unwrap();
         assert_eq!(foreign_total(&store), 2);
-        store.upsert(&a, 13, ClassId(0), 1, true);
+        store.upsert(&a, 13, ClassId(0), 1, true).unwrap();
         assert_eq!(foreign_total(&store), 1, "owned again");
         // Copies are forgotten sooner than owned hosts.
         assert_eq!(store.forget_before(0, 12), 1);
@@ -980,7 +1197,7 @@ mod tests {
         let store = Store::new();
         for (name, owned) in [("stays", true), ("moves", true), ("comes", false)] {
             let body = format!(r#"{{"hostname":"{name}","realAgents":[]}}"#);
-            store.upsert(&hb(&body), 50, ops_config::ClassId(0), 1, owned);
+            store.upsert(&hb(&body), 50, ops_config::ClassId(0), 1, owned).unwrap();
         }
         let mut out = Vec::new();
         for i in 0..SHARDS {
@@ -1000,9 +1217,9 @@ mod tests {
         let store = Store::new();
         let copy = r#"{"hostname":"c1","ip":"10.1.2.3","runUser":"root","updaterVersion":"0.1","realAgents":[{"name":"a","version":"1","status":"started","timestamp":7,"runUser":"u","workDir":"/w","lastError":"boom"}]}"#;
         let relay = store.relay_index("dc2-1");
-        store.upsert_tagged(&hb(copy), 50, Tags { told: 3, relay, ..Tags::default() }, false);
-        store.upsert(&hb(r#"{"hostname":"mine","realAgents":[]}"#), 50, ClassId(0), 1, true);
-        store.upsert(&hb(r#"{"hostname":"stays","realAgents":[]}"#), 50, ClassId(0), 1, false);
+        store.upsert_tagged(&hb(copy), 50, Tags { told: 3, relay, ..Tags::default() }, false).unwrap();
+        store.upsert(&hb(r#"{"hostname":"mine","realAgents":[]}"#), 50, ClassId(0), 1, true).unwrap();
+        store.upsert(&hb(r#"{"hostname":"stays","realAgents":[]}"#), 50, ClassId(0), 1, false).unwrap();
         assert_eq!(store.copies(), 2);
         let mut out = Vec::new();
         for i in 0..SHARDS {
@@ -1018,7 +1235,7 @@ mod tests {
         ops_config::compact::decode(&body, |r, h| decoded.push((r.seen, r.told, r.relay.to_owned(), h.clone().into_owned()))).unwrap();
         assert_eq!(decoded, vec![(50, 3, "dc2-1".to_owned(), hb(copy).into_owned())], "the relay goes with the copy");
         // Reported again since: stays.
-        store.upsert(&hb(r#"{"hostname":"c1","realAgents":[]}"#), 51, ClassId(0), 1, false);
+        store.upsert(&hb(r#"{"hostname":"c1","realAgents":[]}"#), 51, ClassId(0), 1, false).unwrap();
         assert!(!store.drop_copy("c1", 50));
         assert!(!store.drop_copy("mine", 50), "an owned host is never dropped as a copy");
         assert!(store.drop_copy("c1", 51));
@@ -1031,13 +1248,16 @@ mod tests {
         let store = Store::new();
         let v = |ver: &str| format!(r#"{{"hostname":"h","realAgents":[{{"name":"a","version":"{ver}"}}]}}"#);
         let version = |store: &Store| store.with_host("h", |s, _, h| store.symbols().reader().resolve(s.agents(h)[0].version).to_owned());
-        store.upsert(&hb(&v("new")), 10, ClassId(0), 1, true);
-        assert!(!store.upsert_handed_back(&hb(&v("copy")), 10, Tags::default(), true), "a tie keeps the owner's");
-        assert!(!store.upsert_handed_back(&hb(&v("copy")), 9, Tags::default(), true));
+        store.upsert(&hb(&v("new")), 10, ClassId(0), 1, true).unwrap();
+        assert!(!store.upsert_handed_back(&hb(&v("copy")), 10, Tags::default(), true).unwrap(), "a tie keeps the owner's");
+        assert!(!store.upsert_handed_back(&hb(&v("copy")), 9, Tags::default(), true).unwrap());
         assert_eq!(version(&store).as_deref(), Some("new"));
-        assert!(store.upsert_handed_back(&hb(&v("copy")), 11, Tags::default(), true));
+        assert!(store.upsert_handed_back(&hb(&v("copy")), 11, Tags::default(), true).unwrap());
         assert_eq!(version(&store).as_deref(), Some("copy"));
-        assert!(store.upsert_tagged(&hb(&v("relay")), 11, Tags::default(), true), "a relay's report of the same second still wins");
+        assert!(
+            store.upsert_tagged(&hb(&v("relay")), 11, Tags::default(), true).unwrap(),
+            "a relay's report of the same second still wins"
+        );
         assert_eq!(version(&store).as_deref(), Some("relay"));
     }
 
@@ -1059,7 +1279,7 @@ mod tests {
         for round in 0..40u32 {
             for h in 0..2000u32 {
                 let n = (h + round) % 5;
-                store.upsert(&hb(&body(h, n, round)), round, ClassId(0), 1, true);
+                store.upsert(&hb(&body(h, n, round)), round, ClassId(0), 1, true).unwrap();
             }
         }
         let syms = store.symbols().reader();
@@ -1094,14 +1314,16 @@ mod tests {
     #[test]
     fn newest_report_replaces_the_last() {
         let store = Store::new();
-        store.upsert(
-            &hb(r#"{"hostname":"h1","ip":"10.0.0.1","realAgents":[{"name":"a","version":"1","status":"started","lastError":"boom"}]}"#),
-            100,
-            ClassId(0),
-            1,
-            true,
-        );
-        store.upsert(&hb(r#"{"hostname":"h2","ip":"::1","realAgents":[]}"#), 100, ClassId(0), 1, true);
+        store
+            .upsert(
+                &hb(r#"{"hostname":"h1","ip":"10.0.0.1","realAgents":[{"name":"a","version":"1","status":"started","lastError":"boom"}]}"#),
+                100,
+                ClassId(0),
+                1,
+                true,
+            )
+            .unwrap();
+        store.upsert(&hb(r#"{"hostname":"h2","ip":"::1","realAgents":[]}"#), 100, ClassId(0), 1, true).unwrap();
         assert_eq!(store.len(), 2);
         let (ver, err, ip) = store
             .with_host("h1", |shard, slot, h| {
@@ -1115,13 +1337,15 @@ mod tests {
             .unwrap();
         assert_eq!((ver.as_str(), err.as_deref(), ip.as_str()), ("1", Some("boom"), "10.0.0.1"));
 
-        store.upsert(
-            &hb(r#"{"hostname":"h1","realAgents":[{"name":"a","version":"2","status":" stopped\n"},{"name":"b","version":"9"}]}"#),
-            200,
-            ClassId(3),
-            2,
-            true,
-        );
+        store
+            .upsert(
+                &hb(r#"{"hostname":"h1","realAgents":[{"name":"a","version":"2","status":" stopped\n"},{"name":"b","version":"9"}]}"#),
+                200,
+                ClassId(3),
+                2,
+                true,
+            )
+            .unwrap();
         assert_eq!(store.len(), 2);
         store
             .with_host("h1", |shard, slot, h| {
@@ -1142,7 +1366,7 @@ mod tests {
     fn pins_are_kept_beside_errors_and_go_when_no_longer_reported() {
         let store = Store::new();
         let body = r#"{"hostname":"h","realAgents":[{"name":"a","lastError":"x"},{"name":"b","pinned":"5.1.3","lastError":"y"},{"name":"c","pinned":"hold"}]}"#;
-        store.upsert(&hb(body), 10, ClassId(0), 1, true);
+        store.upsert(&hb(body), 10, ClassId(0), 1, true).unwrap();
         let seen = |store: &Store| {
             store
                 .with_host("h", |shard, slot, h| {
@@ -1157,13 +1381,15 @@ mod tests {
         };
         let s = |v: &str| Some(v.to_owned());
         assert_eq!(seen(&store), [(s("x"), None), (s("y"), s("5.1.3")), (None, s("hold"))]);
-        store.upsert(
-            &hb(r#"{"hostname":"h","realAgents":[{"name":"a"},{"name":"b"},{"name":"c","pinned":"hold"}]}"#),
-            11,
-            ClassId(0),
-            1,
-            true,
-        );
+        store
+            .upsert(
+                &hb(r#"{"hostname":"h","realAgents":[{"name":"a"},{"name":"b"},{"name":"c","pinned":"hold"}]}"#),
+                11,
+                ClassId(0),
+                1,
+                true,
+            )
+            .unwrap();
         assert_eq!(seen(&store), [(None, None), (None, None), (None, s("hold"))]);
         let shard = (0..SHARDS).map(|i| store.shard(i)).find(|s| s.hosts().count() == 1).unwrap();
         assert_eq!((shard.notes.errors.len(), shard.notes.pins.len()), (0, 1), "nothing left behind");
@@ -1176,7 +1402,7 @@ mod tests {
             let body = format!(
                 r#"{{"hostname":"host-{i}","ip":"name-{i}","realAgents":[{{"name":"a","lastError":"e"}},{{"name":"b","pinned":"hold"}}]}}"#
             );
-            store.upsert(&hb(&body), if i % 2 == 0 { 10 } else { 20 }, ClassId(0), 1, true);
+            store.upsert(&hb(&body), if i % 2 == 0 { 10 } else { 20 }, ClassId(0), 1, true).unwrap();
         }
         assert_eq!(store.forget_before(15, 0), 500);
         assert_eq!(store.len(), 500);
@@ -1191,7 +1417,7 @@ mod tests {
         assert_eq!(side, 1500, "500 errors, 500 pins, 500 ips");
         // Freed slots are reused (names come back to the shard they left).
         for i in (0..1000).step_by(2) {
-            store.upsert(&hb(&format!(r#"{{"hostname":"host-{i}"}}"#)), 30, ClassId(0), 1, true);
+            store.upsert(&hb(&format!(r#"{{"hostname":"host-{i}"}}"#)), 30, ClassId(0), 1, true).unwrap();
         }
         let slots: usize = (0..SHARDS).map(|i| store.shard(i).hosts.len()).sum();
         assert_eq!(slots, 1000);
@@ -1201,10 +1427,115 @@ mod tests {
     #[test]
     fn interner_dedups_and_resolves() {
         let i = Interner::default();
-        let a = i.intern("x");
-        assert_eq!(i.intern("x"), a);
-        assert_eq!(i.intern(""), Sym::EMPTY);
+        let a = i.intern("x").unwrap();
+        assert_eq!(i.intern("x").unwrap(), a);
+        assert_eq!(i.intern("").unwrap(), Sym::EMPTY);
         assert_eq!(i.reader().resolve(a), "x");
         assert_eq!(i.reader().get("nope"), None);
+    }
+
+    fn dir_report(host: &str, dir: &str) -> String {
+        format!(r#"{{"hostname":"{host}","realAgents":[{{"name":"a","version":"1","status":"started","workDir":"{dir}"}}]}}"#)
+    }
+
+    fn work_dir(store: &Store, host: &str) -> String {
+        store.with_host(host, |s, _, h| store.symbols().reader().resolve(s.agents(h)[0].work_dir).to_owned()).unwrap()
+    }
+
+    #[test]
+    fn strings_no_record_uses_are_freed_and_their_symbols_reused() {
+        let store = Store::new();
+        for round in 0..100u32 {
+            store.upsert(&hb(&dir_report("h", &format!("/d/{round}"))), round, ClassId(0), 1, true).unwrap();
+        }
+        store.upsert(&hb(&dir_report("g", "/kept")), 1, ClassId(0), 1, true).unwrap();
+        // "", a, 1, started, /d/0../d/99, /kept
+        assert_eq!(store.symbols().len(), 4 + 100 + 1);
+        let end = store.symbols().end();
+        assert!(store.strings_want_collection());
+        assert_eq!(store.collect_strings(), 99, "every /d/ but the last");
+        assert_eq!(store.symbols().len(), 4 + 2);
+        assert_eq!(store.symbols().bytes(), "a1started/d/99/kept".len());
+        assert!(!store.strings_want_collection(), "nothing new since");
+        assert_eq!((work_dir(&store, "h"), work_dir(&store, "g")), ("/d/99".to_owned(), "/kept".to_owned()));
+        store.upsert(&hb(&dir_report("h", "/new")), 200, ClassId(0), 1, true).unwrap();
+        assert_eq!(store.symbols().end(), end, "a freed symbol was reused");
+        assert_eq!(work_dir(&store, "h"), "/new");
+        assert_eq!(store.collect_strings(), 1);
+        assert_eq!(store.symbols().reader().get("/d/99"), None);
+    }
+
+    #[test]
+    fn a_report_past_the_interner_limits_is_refused_and_changes_nothing() {
+        let store = Store::with_limits(InternLimits { max_strings: 6, max_bytes: 1 << 20 });
+        store.upsert(&hb(&dir_report("h", "/one")), 10, ClassId(0), 1, true).unwrap();
+        assert_eq!(store.symbols().len(), 5);
+        store.upsert(&hb(&dir_report("h", "/two")), 11, ClassId(0), 1, true).unwrap();
+        let err = store.upsert(&hb(&dir_report("h", "/three")), 12, ClassId(0), 1, true).unwrap_err();
+        assert_eq!((err.strings, err.max_strings), (6, 6));
+        assert!(err.to_string().contains("--max-interned-strings 6"), "{err}");
+        assert_eq!(work_dir(&store, "h"), "/two", "the refused report changed nothing");
+        assert_eq!(store.with_host("h", |_, _, h| h.last_seen), Some(11));
+        // A report of strings already held still goes in.
+        store.upsert(&hb(&dir_report("h", "/one")), 13, ClassId(0), 1, true).unwrap();
+        assert!(store.strings_want_collection(), "a refusal asks for a collection");
+        assert_eq!(store.collect_strings(), 1, "/two");
+        store.upsert(&hb(&dir_report("h", "/three")), 14, ClassId(0), 1, true).unwrap();
+        assert_eq!(work_dir(&store, "h"), "/three");
+
+        let small = Store::with_limits(InternLimits { max_strings: 100, max_bytes: 12 });
+        small.upsert(&hb(&dir_report("h", "/d")), 1, ClassId(0), 1, true).unwrap();
+        let err = small.upsert(&hb(&dir_report("h", "/longer")), 2, ClassId(0), 1, true).unwrap_err();
+        assert_eq!((err.bytes, err.max_bytes), (11, 12));
+    }
+
+    #[test]
+    fn collections_racing_heartbeats_never_free_a_string_a_record_holds() {
+        let store = Store::new();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        const THREADS: usize = 3;
+        const HOSTS: usize = 40;
+        const ROUNDS: u32 = 300;
+        let collections = std::thread::scope(|s| {
+            let collector = s.spawn(|| {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    store.collect_strings();
+                    n += 1;
+                }
+                n
+            });
+            let writers: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let store = &store;
+                    s.spawn(move || {
+                        for round in 1..=ROUNDS {
+                            for k in 0..HOSTS {
+                                let host = format!("h{t}-{k}");
+                                store.upsert(&hb(&dir_report(&host, &format!("/d/{t}/{k}/{round}"))), round, ClassId(0), 1, true).unwrap();
+                                let dir = work_dir(store, &host);
+                                assert_eq!(dir, format!("/d/{t}/{k}/{round}"), "a stored string was freed or reused");
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let results: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
+            stop.store(true, Ordering::Relaxed);
+            for r in results {
+                if let Err(panic) = r {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+            collector.join().unwrap()
+        });
+        assert!(collections > 1, "the collector ran during the writes");
+        store.collect_strings();
+        assert_eq!(store.symbols().len(), 4 + THREADS * HOSTS, "one directory per host is left");
+        for t in 0..THREADS {
+            for k in 0..HOSTS {
+                assert_eq!(work_dir(&store, &format!("h{t}-{k}")), format!("/d/{t}/{k}/{ROUNDS}"));
+            }
+        }
     }
 }

@@ -106,6 +106,15 @@ impl Proc {
         self.child.id()
     }
 
+    /// Resident set size now, in bytes (`VmRSS` of `/proc/<pid>/status`).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
     /// Everything the process logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
@@ -306,6 +315,16 @@ pub fn get_json(url: &str) -> (u16, serde_json::Value) {
     let status = r.status().as_u16();
     let text = r.text().expect("body");
     (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {text}")))
+}
+
+/// The sum of every sample of metric `name` (any labels) that the server at `base` exposes
+/// on `/metrics`.
+pub fn metric_at(base: &str, name: &str) -> f64 {
+    let (_, text) = get_text(&format!("{base}/metrics"));
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 pub fn get_text(url: &str) -> (u16, String) {

@@ -51,7 +51,10 @@ async fn handle(node: &Node, body: Body) -> Result<bytes::Bytes, Refused> {
                 waves: answer.waves,
                 relay: crate::store::NO_RELAY,
             };
-            node.store.upsert_tagged(&hb, now, tags, true);
+            if let Err(full) = node.store.upsert_tagged(&hb, now, tags, true) {
+                ::metrics::counter!(crate::metrics::REPORTS_REFUSED).increment(1);
+                return Err(Refused(axum::http::StatusCode::SERVICE_UNAVAILABLE, "strings_cap", full.to_string()));
+            }
         }
     }
     Ok(answer.reply)
