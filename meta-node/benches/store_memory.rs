@@ -1,5 +1,6 @@
 //! Bytes per host of the real-state store at N hosts × 3 agents (RSS before and after), the
-//! in-process upsert rate, and the cost of a summary, a full listing and a snapshot.
+//! in-process upsert rate, and the cost of a summary, a full listing, a string collection and a
+//! snapshot.
 //! `cargo bench -p meta-node --bench store_memory -- 1000000 [--pinned=PERCENT]` (that share of
 //! hosts reports falcon-agent pinned `hold`: the side-table cost of local pins).
 use std::time::Instant;
@@ -78,6 +79,16 @@ fn main() {
         true
     });
     println!("full JSON listing formatted: {rows} rows, {} MiB in {:.2} s", bytes >> 20, start.elapsed().as_secs_f64());
+
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let freed = store.collect_strings();
+        samples.push(start.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(freed, 0, "every string is in use");
+    }
+    samples.sort_by(f64::total_cmp);
+    println!("string collection (mark every record, free none): median {:.1} ms (min {:.1}, max {:.1})", samples[2], samples[0], samples[4]);
 
     let dir = std::env::temp_dir().join(format!("ops-bench-snap-{}", std::process::id()));
     let start = Instant::now();
