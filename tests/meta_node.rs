@@ -642,6 +642,59 @@ fn a_standalone_apply_of_a_bad_file_is_refused_and_changes_nothing() {
     assert_eq!(std::fs::read_to_string(setup.agents()).unwrap(), good);
 }
 
+/// `agents.toml` and its signature are written as one pair: a meta node killed (it aborts, at
+/// the fault point) after writing the new signature and before the new text starts again on
+/// the new pair, where a text beside another's signature would keep it from starting.
+#[test]
+fn a_crash_between_the_signature_and_the_file_never_keeps_a_node_from_starting() {
+    let setup = Setup::new();
+    let dir = setup.dir.path();
+    let key = dir.join("operator.key").display().to_string();
+    assert_eq!(ops_e2e::opsctl(&["keygen", "--out", &key]).0, 0);
+    let agents = setup.agents();
+    let (code, out, err) = ops_e2e::opsctl(&["sign", "--key", &key, &agents]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v1 = std::fs::read_to_string(&agents).unwrap();
+    let sig_path = ops_config::trust::signature_path(Path::new(&agents));
+    let v1_sig = std::fs::read_to_string(&sig_path).unwrap();
+    // The next version, signed beside the served one.
+    let next = dir.join("next.toml");
+    std::fs::write(&next, v1.replace("5.1.3", "5.2.0")).unwrap();
+    let (code, out, err) = ops_e2e::opsctl(&["sign", "--key", &key, &next.display().to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v2 = std::fs::read_to_string(&next).unwrap();
+    let v2_sig = ops_config::trust::signature_header(&std::fs::read_to_string(ops_config::trust::signature_path(&next)).unwrap());
+
+    let trust = format!("--trusted-keys-file={key}.pub");
+    let data = setup.data();
+    let args = ["--listen", "127.0.0.1:0", "--agents", agents.as_str(), "--data-dir", data.as_str(), trust.as_str()];
+    let crash = [(ops_config::disk::CRASH_BETWEEN_PAIR_WRITES, "1")];
+    let mut meta = Proc::start_path_env(&ops_e2e::binary("meta-node"), &args, &crash);
+    let addr = ops_e2e::addr_in(&meta.wait_for_log("meta node listening"));
+    let url = format!("http://{addr}/config/apply?expect={}", ops_config::content_hash(v1.as_bytes()));
+    let sent = reqwest::blocking::Client::new()
+        .post(url)
+        .header(ops_config::trust::SIGNATURE_HEADER, &v2_sig)
+        .body(v2.clone())
+        .timeout(Duration::from_secs(20))
+        .send();
+    assert!(sent.is_err(), "the node died in the apply: {sent:?}");
+    let status = meta.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "aborted: {status}");
+    // What the crash left: the old text beside the new signature, and the pair's journal.
+    assert_eq!(std::fs::read_to_string(&agents).unwrap(), v1);
+    assert_ne!(std::fs::read_to_string(&sig_path).unwrap(), v1_sig, "the new signature was written");
+    assert!(ops_config::disk::pair_journal(Path::new(&agents)).exists());
+
+    let again = Meta::start(&args[2..]);
+    let health = get_json(&again.url("/health")).1;
+    assert_eq!(health["configHash"], ops_config::content_hash(v2.as_bytes()).as_str(), "serving the new pair: {health}");
+    assert_eq!(std::fs::read_to_string(&agents).unwrap(), v2);
+    assert!(!ops_config::disk::pair_journal(Path::new(&agents)).exists(), "the journal is gone once the pair is whole");
+    let (code, out, err) = ops_e2e::opsctl(&["verify", "--trusted-keys-file", &format!("{key}.pub"), &agents]);
+    assert_eq!(code, 0, "the pair on disk verifies: {out}{err}");
+}
+
 #[test]
 fn without_trusted_keys_a_node_off_loopback_needs_lab() {
     let setup = Setup::new();

@@ -365,6 +365,25 @@ pub fn signature_file(signature: &str) -> String {
     content_lines(signature, &['\n', ',']).map(|(_, l)| format!("{l}\n")).collect()
 }
 
+/// Finishes a write of `path` and its signature that a crash interrupted
+/// ([`crate::disk::write_pair`]), so a loader never sees a text beside another's signature.
+pub fn recover(path: &Path) -> Result<(), ConfigError> {
+    match crate::disk::recover_pair(path, &signature_path(path)) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(ConfigError::File {
+            file: crate::disk::pair_journal(path).display().to_string(),
+            message: format!("cannot finish the interrupted write of the file and its signature: {e}"),
+        }),
+    }
+}
+
+/// Writes `text` to `path` and `signature` (a signature line; None: none) to its `.sig`, as
+/// one crash-safe pair ([`crate::disk::write_pair`]).
+pub fn write_signed(path: &Path, text: &str, signature: Option<&str>, tag: &str) -> std::io::Result<()> {
+    let sig = signature.map(signature_file);
+    crate::disk::write_pair(path, text.as_bytes(), &signature_path(path), sig.as_deref().map(str::as_bytes), tag)
+}
+
 /// The text of `path`'s `.sig`, if there is one.
 pub fn read_signature(path: &Path) -> Result<Option<String>, ConfigError> {
     let sig_path = signature_path(path);
@@ -379,6 +398,7 @@ pub fn read_signature(path: &Path) -> Result<Option<String>, ConfigError> {
 /// parses the config. Returns the config and the signature text as read.
 pub fn load_signed(path: &Path, keys: &TrustedKeys) -> Result<(DesiredConfig, Option<String>), ConfigError> {
     let file = path.display().to_string();
+    recover(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { file: file.clone(), message: e.to_string() })?;
     let signature = read_signature(path)?;
     let config = parse_signed(&text, signature.as_deref(), keys, &file)?;
@@ -402,6 +422,7 @@ fn verify_if_keys(text: &str, signature: Option<&str>, keys: &TrustedKeys, file:
 /// `cluster.toml.sig` as `agents.toml` does (the operator's signature is the only thing that
 /// changes which nodes hold the hosts and receive the cluster's credentials).
 pub fn load_signed_map(path: &Path, keys: &TrustedKeys) -> Result<(crate::ClusterMap, Option<String>), ConfigError> {
+    recover(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { file: path.display().to_string(), message: e.to_string() })?;
     let signature = read_signature(path)?;
     let map = parse_signed_map(&text, signature.as_deref(), keys, path)?;

@@ -88,7 +88,10 @@ fn main() {
         assert_eq!(freed, 0, "every string is in use");
     }
     samples.sort_by(f64::total_cmp);
-    println!("string collection (mark every record, free none): median {:.1} ms (min {:.1}, max {:.1})", samples[2], samples[0], samples[4]);
+    println!(
+        "string collection (mark every record, free none): median {:.1} ms (min {:.1}, max {:.1})",
+        samples[2], samples[0], samples[4]
+    );
 
     let dir = std::env::temp_dir().join(format!("ops-bench-snap-{}", std::process::id()));
     let start = Instant::now();

@@ -88,6 +88,9 @@ impl Generations {
         std::fs::create_dir_all(&history).map_err(|e| format!("{}: {e}", history.display()))?;
         let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
         let sig_path = ops_config::trust::signature_path(agents_path);
+        // A pair a crash left half written is finished first, so the version kept below is
+        // whole.
+        ops_config::trust::recover(agents_path).map_err(|e| e.to_string())?;
         let kept = history.join(format!("{current}.toml"));
         if !kept.exists()
             && let Ok(old) = std::fs::read(agents_path)
@@ -100,19 +103,13 @@ impl Generations {
         }
         let p = history.join(format!("{generation}.toml"));
         relay::write_atomically(&p, text.as_bytes()).map_err(|e| io(&p, e))?;
-        match signature {
-            Some(sig) => {
-                let file = ops_config::trust::signature_file(sig);
-                let p = history.join(format!("{generation}.toml.sig"));
-                relay::write_atomically(&p, file.as_bytes()).map_err(|e| io(&p, e))?;
-                relay::write_atomically(&sig_path, file.as_bytes()).map_err(|e| io(&sig_path, e))?;
-            }
-            None => match std::fs::remove_file(&sig_path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&sig_path, e)),
-                _ => {}
-            },
+        if let Some(sig) = signature {
+            let p = history.join(format!("{generation}.toml.sig"));
+            relay::write_atomically(&p, ops_config::trust::signature_file(sig).as_bytes()).map_err(|e| io(&p, e))?;
         }
-        relay::write_atomically(agents_path, text.as_bytes()).map_err(|e| io(agents_path, e))?;
+        // The file and its signature as one pair: a crash between them is finished at the
+        // next load (`ops_config::disk::write_pair`).
+        ops_config::trust::write_signed(agents_path, text, signature, "").map_err(|e| io(agents_path, e))?;
         let p = self.dir.join(GENERATION_FILE);
         relay::write_atomically(&p, format!("{generation}\n").as_bytes()).map_err(|e| io(&p, e))?;
         self.generation.store(generation, Ordering::Release);

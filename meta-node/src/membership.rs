@@ -407,17 +407,16 @@ pub async fn commit(node: &Arc<Node>, hash: &str, generation: Option<u64>) -> Re
         floor.raise(&next.map).map_err(|e| format!("cannot keep the signed cluster map version: {e}"))?;
     }
     if let Some(path) = m.path() {
-        let sig_path = ops_config::trust::signature_path(path);
-        let sig = next.signature.as_deref().map(ops_config::trust::signature_file);
-        let written = match &sig {
-            Some(sig) => keep_file(&sig_path, &node.settings.id, sig),
-            None => match std::fs::remove_file(&sig_path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
-        };
-        written.map_err(|e| format!("cannot write {}: {e}", sig_path.display()))?;
-        keep_file(path, &node.settings.id, &next.map.text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        // The map and its signature as one pair (a crash between them is finished at the
+        // next load), each through a temporary file of this node's own: nodes of one machine
+        // may share the file.
+        if std::fs::read_to_string(path).ok().as_deref() != Some(next.map.text.as_str())
+            || ops_config::trust::read_signature(path).ok().flatten().map(|s| ops_config::trust::signature_file(&s))
+                != next.signature.as_deref().map(ops_config::trust::signature_file)
+        {
+            ops_config::trust::write_signed(path, &next.map.text, next.signature.as_deref(), &node.settings.id)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
     }
     keep_generation(m, generation)?;
     reply.generation = generation;
@@ -503,20 +502,6 @@ fn keep_generation(m: &Membership, generation: u64) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     m.generation.store(generation, Ordering::Release);
     Ok(())
-}
-
-/// Writes the map to `path` unless it holds it already: through a temporary file of this
-/// node's own (nodes of one machine may share the file), synced, then renamed.
-fn keep_file(path: &std::path::Path, id: &str, text: &str) -> std::io::Result<()> {
-    if std::fs::read_to_string(path).is_ok_and(|t| t == text) {
-        return Ok(());
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{id}.tmp"));
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Step 3 on this node: drops the previous map; the hand-back takes it from there.

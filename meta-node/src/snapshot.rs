@@ -158,10 +158,7 @@ pub fn write(store: &Store, data_dir: &Path) -> Result<Written, SnapshotError> {
     file.sync_all().map_err(io_err)?;
     let bytes = file.metadata().map_err(io_err)?.len();
     drop(file);
-    fs::rename(&tmp, &path).map_err(|source| SnapshotError::Io { path: path.clone(), source })?;
-    if let Ok(dir) = File::open(data_dir) {
-        let _ = dir.sync_all();
-    }
+    ops_config::disk::rename_synced(&tmp, &path).map_err(|source| SnapshotError::Io { path: path.clone(), source })?;
     Ok(Written { hosts, bytes })
 }
 

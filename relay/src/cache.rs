@@ -452,13 +452,14 @@ impl PackageCache {
             }
         };
         let path = self.files.join(&name);
-        tokio::fs::rename(&tmp, &path).await.map_err(disk)?;
         let json = serde_json::to_vec(&meta).expect("meta serializes");
-        let meta_file = meta_path(&path);
-        tokio::task::spawn_blocking(move || crate::write_atomically(&meta_file, &json))
-            .await
-            .map_err(|e| CacheError::Disk(e.to_string()))?
-            .map_err(disk)?;
+        let (file, meta_file) = (path.clone(), meta_path(&path));
+        tokio::task::spawn_blocking(move || {
+            ops_config::disk::rename_synced(&tmp, &file).and_then(|()| crate::write_atomically(&meta_file, &json))
+        })
+        .await
+        .map_err(|e| CacheError::Disk(e.to_string()))?
+        .map_err(disk)?;
         tracing::info!(url = %meta.url, bytes = meta.bytes, "package cached");
         Ok(Arc::new(Entry { meta, path, modified: SystemTime::now(), touched: AtomicU64::new(unix_now()) }))
     }

@@ -29,6 +29,9 @@ const FILE_NAME: &str = "cluster.toml";
 /// and (with `keys`) verifies and is newer than `given`, else `given` (the `--cluster` file).
 pub fn at_start(given: &ClusterMap, data_dir: &Path, keys: &TrustedKeys) -> ClusterMap {
     let path = data_dir.join(FILE_NAME);
+    if let Err(e) = ops_config::trust::recover(&path) {
+        tracing::warn!(error = %e, "cluster map copy");
+    }
     if !path.exists() {
         return given.clone();
     }
@@ -130,16 +133,7 @@ fn keep_copy(relay: &Relay, map: &ClusterMap, signature: Option<&str>) -> std::i
     if let Some(floor) = &relay.map_floor {
         floor.raise(map)?;
     }
-    let path = relay.settings.data_dir.join(FILE_NAME);
-    let sig_path = ops_config::trust::signature_path(&path);
-    match signature {
-        Some(sig) => crate::write_atomically(&sig_path, ops_config::trust::signature_file(sig).as_bytes())?,
-        None => match std::fs::remove_file(&sig_path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        },
-    }
-    crate::write_atomically(&path, map.text.as_bytes())
+    ops_config::trust::write_signed(&relay.settings.data_dir.join(FILE_NAME), &map.text, signature, "")
 }
 
 /// Every `period` until `stop`: follows the meta nodes' map. A new one is written to the data

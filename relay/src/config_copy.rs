@@ -19,6 +19,7 @@ const FILE_NAME: &str = "agents.toml";
 /// (`meta_node::generations`). A relay never goes back to a lower generation than one it took,
 /// so a node that missed an apply cannot take the relays back with it.
 pub const GENERATION_HEADER: &str = "x-ops-config-generation";
+#[cfg(test)]
 const SIG_NAME: &str = "agents.toml.sig";
 
 /// The config a relay serves, if it has one yet.
@@ -94,18 +95,8 @@ impl ConfigCopy {
         if let Some(f) = &self.floor {
             f.check(&config).map_err(|e| format!("{source}: signed config refused: {e}"))?;
         }
-        let keep = |name: &str, bytes: &[u8]| {
-            crate::write_atomically(&self.dir.join(name), bytes)
-                .map_err(|e| format!("cannot keep config copy in {}: {e}", self.dir.display()))
-        };
-        match signature {
-            Some(sig) => keep(SIG_NAME, ops_config::trust::signature_file(sig).as_bytes())?,
-            None => match std::fs::remove_file(self.dir.join(SIG_NAME)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("cannot remove the old signature: {e}")),
-                _ => {}
-            },
-        }
-        keep(FILE_NAME, text.as_bytes())?;
+        ops_config::trust::write_signed(&self.dir.join(FILE_NAME), text, signature, "")
+            .map_err(|e| format!("cannot keep config copy in {}: {e}", self.dir.display()))?;
         let generation = self.current.load().as_ref().map_or(1, |l| l.generation.wrapping_add(1).max(1));
         let loaded = Arc::new(Loaded::build(config, signature.map(str::to_owned), generation, self.cache_base.as_deref()));
         self.current.store(Some(loaded.clone()));

@@ -79,9 +79,15 @@ impl Proc {
 
     /// Starts the program at `path` with `args`, capturing its stderr log.
     pub fn start_path(path: &Path, args: &[&str]) -> Proc {
+        Proc::start_path_env(path, args, &[])
+    }
+
+    /// [`start_path`](Self::start_path) with these environment variables set too.
+    pub fn start_path_env(path: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let bin = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut child = Command::new(path)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -157,11 +157,7 @@ pub(crate) fn read_version(agent_dir: &Path) -> String {
 
 /// Writes `.version` by rename: a reader sees the old or the new content, never half.
 pub(crate) fn write_version(agent_dir: &Path, version: &str) -> std::io::Result<()> {
-    let tmp = agent_dir.join(".version.tmp");
-    std::fs::write(&tmp, format!("{version}\n"))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, agent_dir.join(".version"))?;
-    std::fs::File::open(agent_dir)?.sync_all()
+    ops_config::disk::write_atomically(&agent_dir.join(".version"), format!("{version}\n").as_bytes())
 }
 
 /// Removes the version directories of `agent_dir` other than `keep` (and what a killed run
@@ -303,9 +299,7 @@ impl Updater {
             self.floor = Some(floor);
         }
         if let (Some(dir), Some(sig)) = (&self.settings.state_dir, &signature) {
-            let sig_name = format!("{SIGNED_FILE}.sig");
-            let kept = keep_file(dir, &sig_name, ops_config::trust::signature_file(sig).as_bytes())
-                .and_then(|()| keep_file(dir, SIGNED_FILE, text.as_bytes()));
+            let kept = ops_config::trust::write_signed(&dir.join(SIGNED_FILE), &text, Some(sig.as_str()), "");
             if let Err(e) = kept {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the signed config");
             }

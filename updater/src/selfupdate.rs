@@ -90,12 +90,7 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
 fn copy_atomically(from: &Path, to: &Path) -> std::io::Result<()> {
     let tmp = beside(to, ".new");
     std::fs::copy(from, &tmp)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, to)?;
-    if let Some(dir) = to.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    ops_config::disk::rename_synced(&tmp, to)
 }
 
 /// Replaces this process with `exe args...` (marked as a re-exec); returns only on failure.
