@@ -439,6 +439,10 @@ impl Node {
             tracing::info!(forgotten, "dropped hosts not heard from for forget_after");
         }
         self.collect_strings();
+        let compacted = self.store.compact();
+        if compacted > 0 {
+            tracing::info!(shards = compacted, hosts = self.store.len(), "compacted shards whose slots were mostly free");
+        }
         let cutoff = now.saturating_sub(self.settings.stale_after_seconds);
         let mut stale = 0usize;
         // Owned hosts by relay index: (hosts, silent); summed over the nodes, each host once.

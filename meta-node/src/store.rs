@@ -506,9 +506,50 @@ impl Shard {
 
     /// Copies every live host's agents into a fresh arena once garbage outweighs them.
     fn compact_agents_if_needed(&mut self) {
-        if !self.agents.wants_compaction() {
-            return;
+        if self.agents.wants_compaction() {
+            self.compact_agents();
         }
+    }
+
+    /// Whether most of this shard's slots are free (hosts forgotten, failover copies gone
+    /// home): [`Shard::compact`] would give their memory back.
+    fn wants_compaction(&self) -> bool {
+        let free = self.free.len();
+        free > CHUNK && free > (self.hosts.len() - free) / 2
+    }
+
+    /// Moves the live hosts into fresh slots, none free, and renumbers every table keyed by
+    /// slot; rebuilds the index and the agent arena at their size. Slot numbers are valid only
+    /// under the shard's lock, so nothing outside sees the renumbering.
+    fn compact(&mut self, hasher: &DefaultHashBuilder) {
+        let old = std::mem::take(&mut self.hosts);
+        let mut renumbered = vec![u32::MAX; old.len()];
+        let mut fresh = Slots::default();
+        for (i, chunk) in old.chunks.into_iter().enumerate() {
+            for (j, h) in chunk.into_iter().enumerate() {
+                if !h.name.is_empty() {
+                    renumbered[i * CHUNK + j] = fresh.len() as u32;
+                    fresh.push(h);
+                }
+            }
+        }
+        let to = |slot: u32| renumbered[slot as usize];
+        let mut index = HashTable::with_capacity(fresh.len());
+        for (slot, h) in fresh.iter().enumerate() {
+            index.insert_unique(hasher.hash_one(h.name.as_str()), slot as u32, |&s| hasher.hash_one(fresh[s as usize].name.as_str()));
+        }
+        self.index = index;
+        self.hosts = fresh;
+        self.free = Vec::new();
+        self.notes.errors = std::mem::take(&mut self.notes.errors).into_iter().map(|((s, a), v)| ((to(s), a), v)).collect();
+        self.notes.pins = std::mem::take(&mut self.notes.pins).into_iter().map(|((s, a), v)| ((to(s), a), v)).collect();
+        self.other_ips = std::mem::take(&mut self.other_ips).into_iter().map(|(s, v)| (to(s), v)).collect();
+        self.told_at = std::mem::take(&mut self.told_at).into_iter().map(|((s, r), v)| ((to(s), r), v)).collect();
+        self.failed_in = std::mem::take(&mut self.failed_in).into_iter().map(|((s, r), v)| ((to(s), r), v)).collect();
+        self.compact_agents();
+    }
+
+    fn compact_agents(&mut self) {
         let mut fresh = AgentArena::default();
         for i in 0..self.hosts.len() {
             let h = &self.hosts[i];
@@ -1045,6 +1086,21 @@ impl Store {
         self.shards[i].lock()
     }
 
+    /// Compacts every shard whose slots are mostly free ([`Shard::compact`]), one at a time;
+    /// returns how many. After failover copies went home or hosts were forgotten, this is
+    /// what gives their memory back (with the allocator's trim, `crate::Node::sweep`).
+    pub fn compact(&self) -> usize {
+        let mut compacted = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            if shard.wants_compaction() {
+                shard.compact(&self.hasher);
+                compacted += 1;
+            }
+        }
+        compacted
+    }
+
     /// Failover copies held (hosts held here that another node owns).
     pub fn copies(&self) -> usize {
         self.shards.iter().map(|s| s.lock().foreign as usize).sum()
@@ -1432,6 +1488,66 @@ mod tests {
         assert_eq!(i.intern("").unwrap(), Sym::EMPTY);
         assert_eq!(i.reader().resolve(a), "x");
         assert_eq!(i.reader().get("nope"), None);
+    }
+
+    #[test]
+    fn compaction_gives_free_slots_back_and_keeps_every_host_and_its_notes() {
+        let store = Store::new();
+        let body = |i: u32| {
+            let ip = if i % 7 == 0 { "::1".to_owned() } else { format!("10.0.{}.{}", i / 256, i % 256) };
+            let extra = if i % 5 == 0 { r#","lastError":"boom","pinned":"hold""# } else { "" };
+            format!(r#"{{"hostname":"host-{i}","ip":"{ip}","realAgents":[{{"name":"a","version":"v{}","status":"started"{extra}}}]}}"#, i % 3)
+        };
+        for i in 0..40_000u32 {
+            store.upsert(&hb(&body(i)), if i % 10 == 0 { 20 } else { 10 }, ClassId(0), 1, i % 10 == 0).unwrap();
+        }
+        for i in (0..40_000u32).step_by(10) {
+            store.with_host(&format!("host-{i}"), |_, _, _| ()).unwrap();
+        }
+        // The rollout judge's tables, keyed by slot.
+        for i in 0..SHARDS {
+            let mut shard = store.shard(i);
+            let slots: Vec<(u32, u32)> = shard.hosts().map(|(s, h)| (s, h.name[5..].parse().unwrap())).collect();
+            for (s, n) in slots {
+                shard.told_at_mut().insert((s, 0), n);
+            }
+        }
+        let slots_before: usize = (0..SHARDS).map(|i| store.shard(i).hosts.len()).sum();
+        assert_eq!(store.forget_before(0, 15), 36_000, "the copies (not owned, older) go");
+        assert_eq!(store.compact(), SHARDS, "every shard was mostly free");
+        assert_eq!(store.compact(), 0, "nothing left to compact");
+        let slots_after: usize = (0..SHARDS).map(|i| store.shard(i).hosts.len()).sum();
+        assert_eq!((slots_before, slots_after), (40_000, 4_000));
+        assert_eq!(store.len(), 4_000);
+        for i in (0..40_000u32).step_by(10) {
+            let name = format!("host-{i}");
+            let (ip, error, pinned, version, told) = store
+                .with_host(&name, |s, slot, h| {
+                    let syms = store.symbols().reader();
+                    let told = s.told_at.get(&(slot, 0)).copied();
+                    (
+                        s.ip(slot, h).to_string(),
+                        s.last_error(slot, h, 0).map(str::to_owned),
+                        s.pinned(slot, h, 0).map(|p| syms.resolve(p).to_owned()),
+                        syms.resolve(s.agents(h)[0].version).to_owned(),
+                        told,
+                    )
+                })
+                .unwrap();
+            let want_ip = if i % 7 == 0 { "::1".to_owned() } else { format!("10.0.{}.{}", i / 256, i % 256) };
+            assert_eq!(ip, want_ip);
+            assert_eq!((error.as_deref(), pinned.as_deref()), if i % 5 == 0 { (Some("boom"), Some("hold")) } else { (None, None) });
+            assert_eq!(version, format!("v{}", i % 3));
+            assert_eq!(told, Some(i), "the judge's table follows the host to its new slot");
+        }
+        // The shards go on as before: new hosts, replaced reports, removals.
+        for i in 0..500u32 {
+            store.upsert(&hb(&body(100_000 + i)), 30, ClassId(0), 1, true).unwrap();
+        }
+        store.upsert(&hb(&body(0).replace("v0", "v9")), 31, ClassId(0), 1, true).unwrap();
+        assert_eq!(store.len(), 4_500);
+        assert_eq!(store.forget_before(30, 0), 4_000 - 1);
+        assert_eq!(store.len(), 501);
     }
 
     fn dir_report(host: &str, dir: &str) -> String {
