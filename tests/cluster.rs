@@ -404,7 +404,7 @@ fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
                 updater_version: "".into(),
                 real_agents: Vec::new(),
             };
-            ops_config::compact::encode(ops_config::compact::Record { seen: 7, told: 0, relay: "relay-1" }, &hb, &mut body);
+            ops_config::compact::encode(ops_config::compact::Record { seen: 7, told: 0, relay: "relay-1", auth: None }, &hb, &mut body);
         }
         body
     };

@@ -83,11 +83,11 @@ fn fuzz_heartbeat() {
         prop_assert_eq_str(&again, &hb)?;
         let mut body = Vec::new();
         compact::begin(&mut body);
-        compact::encode(compact::Record { seen: 7, told: 1, relay: "dc1-1" }, &hb, &mut body);
+        compact::encode(compact::Record { seen: 7, told: 1, relay: "dc1-1", auth: Some(9) }, &hb, &mut body);
         let mut back = Vec::new();
-        compact::decode(&body, |r, h| back.push((r.seen, r.told, r.relay.to_owned(), h.clone().into_owned())))
+        compact::decode(&body, |r, h| back.push((r.seen, r.told, r.relay.to_owned(), h.clone().into_owned(), r.auth)))
             .map_err(|e| e.to_string())?;
-        if back.len() != 1 || back[0].0 != 7 || back[0].1 != 1 || back[0].2 != "dc1-1" || back[0].3 != hb {
+        if back.len() != 1 || back[0].0 != 7 || back[0].1 != 1 || back[0].2 != "dc1-1" || back[0].3 != hb || back[0].4 != Some(9) {
             return Err(format!("compact round trip changed it: {back:?}"));
         }
         Ok(())
@@ -106,7 +106,7 @@ fn batch_seeds() -> Vec<Vec<u8>> {
         for (i, h) in HEARTBEATS[..n].iter().enumerate() {
             let relay = ["dc1-1", "", "dc2-1"][i % 3];
             compact::encode(
-                compact::Record { seen: 1_700_000_000 + i as u32, told: i as u8, relay },
+                compact::Record { seen: 1_700_000_000 + i as u32, told: i as u8, relay, auth: (i % 2 == 1).then_some(i as u64) },
                 &Heartbeat::parse(h.as_bytes()).unwrap(),
                 &mut body,
             );
@@ -163,7 +163,7 @@ fn fuzz_compact_batch() {
         let before = held(&node);
         let checked = compact::check(input);
         let mut records = Vec::new();
-        let decoded = compact::decode(input, |r, h| records.push((r.seen, r.told, r.relay.to_owned(), h.clone().into_owned())));
+        let decoded = compact::decode(input, |r, h| records.push((r.seen, r.told, r.relay.to_owned(), h.clone().into_owned(), r.auth)));
         if checked.is_ok() != decoded.is_ok() {
             return Err(format!("check {checked:?} but decode {decoded:?}"));
         }
@@ -175,11 +175,11 @@ fn fuzz_compact_batch() {
         if ingested.is_err() && held(&node) != before {
             return Err("a refused batch changed what the node holds".into());
         }
-        if checked.is_ok() && input.starts_with(b"OPB4") {
+        if checked.is_ok() && input.starts_with(b"OPB5") {
             let mut again = Vec::new();
             compact::begin(&mut again);
-            for (seen, told, relay, h) in &records {
-                compact::encode(compact::Record { seen: *seen, told: *told, relay }, h, &mut again);
+            for (seen, told, relay, h, auth) in &records {
+                compact::encode(compact::Record { seen: *seen, told: *told, relay, auth: *auth }, h, &mut again);
             }
             if again != input {
                 return Err(format!("decoded {} records that re-encode to other bytes", records.len()));

@@ -86,6 +86,10 @@ pub struct RolloutSpec {
     pub window: Option<crate::rollout::Window>,
     /// Hosts one relay may have told the target and not yet seen converged (None: no limit).
     pub max_in_flight_per_relay: Option<u32>,
+    /// Where meta nodes check host credentials (`--host-key-file`): count hosts whose reports
+    /// carry none (stock Go updaters) in this rollout's judgement too. Off by default: anyone
+    /// who reaches `/heartbeat` could then halt the rollout or crowd out its failures.
+    pub count_unauthenticated: bool,
 }
 
 /// Index of a resolution class in a [`DesiredConfig`]; 0 is "no prefix matched".
@@ -165,6 +169,8 @@ struct RawRollout {
     halt_when: Option<Spanned<RawHalt>>,
     max_in_flight_per_relay: Option<Spanned<i64>>,
     window: Option<Spanned<RawWindow>>,
+    #[serde(default)]
+    count_unauthenticated: bool,
     #[serde(default)]
     paused: bool,
     #[serde(default)]
@@ -367,6 +373,7 @@ impl Checker<'_> {
             },
             window,
             max_in_flight_per_relay,
+            count_unauthenticated: r.count_unauthenticated,
         })
     }
 

@@ -9,15 +9,17 @@
 //!
 //! Layout (all integers little-endian; `str` = LEB128 length, then that many UTF-8 bytes):
 //! ```text
-//! batch   = "OPB4" record*
-//! record  = seen:u32 told:u8 relay:str hostname:str ip:str runUser:str updaterVersion:str agents:u8 agent*
+//! batch   = "OPB5" record*
+//! record  = seen:u32 told:u8 auth:u8 [serial:u64] relay:str hostname:str ip:str runUser:str updaterVersion:str agents:u8 agent*
 //! agent   = name:str version:str status:str timestamp:i64 runUser:str workDir:str lastError:str pinned:str
 //! ```
 //! `told` is the rollout mask the relay answered the host with (bit r: it was told rollout r's
-//! target, see `DesiredConfig::rollout_mask`). `relay` is the id of the relay the report came
+//! target, see `DesiredConfig::rollout_mask`). `auth` is 1 when the report carried a host
+//! credential the relay checked (`crate::enroll`; `serial` is the credential's), 0 when it
+//! carried none. `relay` is the id of the relay the report came
 //! through (empty: straight to a meta node), kept per record because failover copies handed
 //! back between meta nodes mix relays; it is checked by [`valid_relay_id`]. A batch starting
-//! `OPB3` (before silence by relay) has no `relay` string and decodes with an empty one; `OPB2`
+//! `OPB4` (before enrollment) has no `auth` byte and decodes as unauthenticated; `OPB3` (before silence by relay) has no `relay` string and decodes with an empty one; `OPB2`
 //! (before local pins) has no `pinned` string either and decodes with no pin; `OPB1` (relays
 //! before staged rollouts) has no `told` byte either and decodes with `told` = 0. Every decoded heartbeat is validated
 //! exactly as one that came alone. A node reads every older layout but writes only the newest,
@@ -29,7 +31,9 @@ use crate::wire::{Heartbeat, MAX_AGENTS_PER_HOST, MAX_BATCH_BYTES, RealAgent, Wi
 
 /// `Content-Type` of a compact batch.
 pub const CONTENT_TYPE: &str = "application/x-ops-batch";
-const MAGIC: &[u8; 4] = b"OPB4";
+const MAGIC: &[u8; 4] = b"OPB5";
+/// Before enrollment: no `auth` byte in records.
+const MAGIC_V4: &[u8; 4] = b"OPB4";
 /// Before silence by relay: no `relay` string in records.
 const MAGIC_V3: &[u8; 4] = b"OPB3";
 /// Before local pins: no `pinned` string in agents.
@@ -51,6 +55,9 @@ pub struct Record<'a> {
     pub told: u8,
     /// The relay it came through (empty: straight to a meta node).
     pub relay: &'a str,
+    /// The serial of the host credential it carried, checked by the relay (or meta node)
+    /// that took it (None: it carried none).
+    pub auth: Option<u64>,
 }
 
 /// 0-64 of `[A-Za-z0-9._-]`: a relay id as records carry it (empty: no relay).
@@ -63,6 +70,13 @@ pub fn valid_relay_id(s: &str) -> bool {
 pub fn encode(rec: Record<'_>, hb: &Heartbeat<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(&rec.seen.to_le_bytes());
     out.push(rec.told);
+    match rec.auth {
+        None => out.push(0),
+        Some(serial) => {
+            out.push(1);
+            out.extend_from_slice(&serial.to_le_bytes());
+        }
+    }
     put_str(out, rec.relay);
     for s in [&hb.hostname, &hb.ip, &hb.run_user, &hb.updater_version] {
         put_str(out, s);
@@ -109,11 +123,12 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(Record<'a>
         return Err(WireError::TooLarge { size: body.len(), limit: MAX_BATCH_BYTES });
     }
     let mut r = Reader { buf: body, at: 0 };
-    let (has_told, has_pin, has_relay) = match r.take(4)? {
-        m if m == MAGIC => (true, true, true),
-        m if m == MAGIC_V3 => (true, true, false),
-        m if m == MAGIC_V2 => (true, false, false),
-        m if m == MAGIC_V1 => (false, false, false),
+    let (has_told, has_pin, has_relay, has_auth) = match r.take(4)? {
+        m if m == MAGIC => (true, true, true, true),
+        m if m == MAGIC_V4 => (true, true, true, false),
+        m if m == MAGIC_V3 => (true, true, false, false),
+        m if m == MAGIC_V2 => (true, false, false, false),
+        m if m == MAGIC_V1 => (false, false, false, false),
         _ => return Err(WireError::Malformed("compact batch: bad magic".into())),
     };
     let mut hb = Heartbeat {
@@ -127,6 +142,11 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(Record<'a>
     while r.at < body.len() {
         let seen = u32::from_le_bytes(r.array()?);
         let told = if has_told { r.take(1)?[0] } else { 0 };
+        let auth = match if has_auth { r.take(1)?[0] } else { 0 } {
+            0 => None,
+            1 => Some(u64::from_le_bytes(r.array()?)),
+            _ => return Err(WireError::Malformed("compact batch: bad auth byte".into())),
+        };
         let relay = if has_relay { r.str()? } else { "" };
         hb.hostname = Cow::Borrowed(r.str()?);
         hb.ip = Cow::Borrowed(r.str()?);
@@ -159,7 +179,7 @@ fn decode_inner<'a>(body: &'a [u8], validate: bool, mut f: impl FnMut(Record<'a>
                 return Err(WireError::Malformed(format!("compact batch: bad relay id {relay:?} (0-64 of [A-Za-z0-9._-])")));
             }
         }
-        f(Record { seen, told, relay }, &hb);
+        f(Record { seen, told, relay, auth }, &hb);
         n += 1;
     }
     Ok(n)
@@ -238,7 +258,7 @@ mod tests {
         let mut out = Vec::new();
         begin(&mut out);
         for (i, (seen, h)) in entries.iter().enumerate() {
-            encode(Record { seen: *seen, told: i as u8, relay: "dc1-1" }, h, &mut out);
+            encode(Record { seen: *seen, told: i as u8, relay: "dc1-1", auth: (i % 2 == 1).then_some(i as u64 * 1000) }, h, &mut out);
         }
         out
     }
@@ -249,6 +269,7 @@ mod tests {
         decode(body, |rec, h| {
             assert_eq!(rec.told, n, "told is the record's index in these tests");
             assert_eq!(rec.relay, "dc1-1");
+            assert_eq!(rec.auth, (n % 2 == 1).then_some(u64::from(n) * 1000), "auth and serial round-trip");
             n += 1;
             out.push((rec.seen, h.clone().into_owned()))
         })?;
@@ -279,9 +300,29 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_before_enrollment_decodes_as_unauthenticated_and_a_bad_auth_byte_is_refused() {
+        let h = hb(r#"{"hostname":"h1","realAgents":[]}"#);
+        let mut v4 = b"OPB4".to_vec();
+        v4.extend_from_slice(&7u32.to_le_bytes());
+        v4.push(3);
+        for s in ["dc1-1", "h1", "", "", ""] {
+            put_str(&mut v4, s);
+        }
+        v4.push(0);
+        let mut got = Vec::new();
+        decode(&v4, |r, h| got.push((r.seen, r.told, r.relay, r.auth, h.hostname.to_string()))).unwrap();
+        assert_eq!(got, vec![(7, 3, "dc1-1", None, "h1".to_owned())]);
+        let mut body = Vec::new();
+        begin(&mut body);
+        encode(Record { seen: 7, told: 3, relay: "dc1-1", auth: Some(42) }, &h, &mut body);
+        body[9] = 2;
+        assert!(matches!(check(&body), Err(WireError::Malformed(m)) if m.contains("auth")));
+    }
+
+    #[test]
     fn empty_batch_is_just_the_magic() {
         let body = batch(&[]);
-        assert_eq!(body, b"OPB4");
+        assert_eq!(body, b"OPB5");
         assert_eq!(check(&body), Ok(0));
     }
 
@@ -347,7 +388,7 @@ mod tests {
         assert_eq!(check_from(&body, Some("dc1-1")), Ok(2));
         assert_eq!(check_from(&body, None), Ok(2), "from a meta node (or no identity): any relay");
         let mut mixed = body.clone();
-        encode(Record { seen: 3, told: 2, relay: "dc2-1" }, &a, &mut mixed);
+        encode(Record { seen: 3, told: 2, relay: "dc2-1", auth: None }, &a, &mut mixed);
         let e = check_from(&mixed, Some("dc1-1")).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -360,10 +401,11 @@ mod tests {
     fn bad_input_is_refused_with_a_clear_error() {
         let a = hb(r#"{"hostname":"a","realAgents":[{"name":"x","version":"1","status":"started","timestamp":1}]}"#);
         let good = batch(&[(1, &a), (2, &a)]);
+        let first = batch(&[(1, &a)]).len();
         // Every truncation point is an error, never a panic.
         for cut in 0..good.len() {
             let r = check(&good[..cut]);
-            if cut == 4 + (good.len() - 4) / 2 {
+            if cut == first {
                 assert_eq!(r, Ok(1), "a cut between records leaves whole records");
             } else if cut == 4 {
                 assert_eq!(r, Ok(0));
@@ -387,7 +429,7 @@ mod tests {
         for relay in ["dc 1", "../x", ".", &"r".repeat(65)] {
             let mut body = Vec::new();
             begin(&mut body);
-            encode(Record { seen: 1, told: 0, relay }, &h, &mut body);
+            encode(Record { seen: 1, told: 0, relay, auth: None }, &h, &mut body);
             assert!(matches!(check(&body), Err(WireError::Malformed(m)) if m.contains("relay id")), "{relay:?} accepted");
         }
     }
@@ -398,6 +440,7 @@ mod tests {
         begin(&mut out);
         out.extend_from_slice(&1u32.to_le_bytes());
         out.push(0);
+        out.push(0); // auth: none
         for s in ["", host, "", "", ""] {
             put_str(&mut out, s);
         }
@@ -434,7 +477,7 @@ mod tests {
         let h = hb(r#"{"hostname":"h"}"#);
         let good = batch(&[(1, &h)]);
         // The hostname's length 1 as two LEB128 groups (0x81 0x00) decodes to the same value.
-        let at = 4 + 4 + 1 + 1 + "dc1-1".len();
+        let at = 4 + 4 + 1 + 1 + 1 + "dc1-1".len();
         assert_eq!(good[at], 1);
         let mut long = good.clone();
         long.splice(at..at + 1, [0x81, 0x00]);

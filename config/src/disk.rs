@@ -14,12 +14,27 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// [`write_atomically`] through `{path}.{tag}.tmp`: for a file that several processes of one
 /// machine may write at once (meta nodes sharing a `cluster.toml`), each with its own tag.
 pub fn write_atomically_as(path: &Path, bytes: &[u8], tag: &str) -> std::io::Result<()> {
+    write_atomically_mode(path, bytes, tag, 0o666)
+}
+
+/// [`write_atomically`] of a secret: the file (and its temporary file, from its creation) is
+/// readable by its owner only (0600).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomically_mode(path, bytes, "", 0o600)
+}
+
+fn write_atomically_mode(path: &Path, bytes: &[u8], tag: &str, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = beside(path, &if tag.is_empty() { ".tmp".to_owned() } else { format!(".{tag}.tmp") });
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+    if mode != 0o666 {
+        // A temporary file left by a crash keeps its old mode: set it.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
     f.write_all(bytes)?;
     drop(f);
     rename_synced(&tmp, path)
@@ -145,6 +160,17 @@ mod tests {
         super::write_atomically(&path, b"two").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_private_file_is_its_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(dir.path().join("secret.tmp"), b"left by a crash").unwrap();
+        super::write_private(&path, b"s3cret").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"s3cret");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod cache;
 pub mod cluster;
 pub mod compact;
 pub mod disk;
+pub mod enroll;
 mod hash;
 mod location;
 pub mod rollout;

@@ -42,7 +42,7 @@ fn main() {
             let mut out = Vec::new();
             compact::begin(&mut out);
             for e in Batch::parse(b).expect("valid batch").hosts {
-                compact::encode(compact::Record { seen: e.seen, told: e.told, relay: "dc1-1" }, &e.hb, &mut out);
+                compact::encode(compact::Record { seen: e.seen, told: e.told, relay: "dc1-1", auth: None }, &e.hb, &mut out);
             }
             out
         })

@@ -94,7 +94,7 @@ impl<'s> Scope<'s> {
     pub fn includes(&self, host: &Host) -> bool {
         match *self {
             Scope::All => true,
-            Scope::Held { ring, me, present, copies } => host.owned || (copies && ring.first_in(&host.name, present) == Some(me)),
+            Scope::Held { ring, me, present, copies } => host.owned() || (copies && ring.first_in(&host.name, present) == Some(me)),
             Scope::Ring { ring, me, present } => ring.first_in(&host.name, present) == Some(me),
         }
     }

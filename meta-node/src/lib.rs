@@ -77,6 +77,8 @@ pub struct Settings {
     /// What the interner may hold (`--max-interned-strings`, `--max-interned-bytes`): a
     /// report with a new string past them is refused.
     pub intern_limits: store::InternLimits,
+    /// Host credentials checked and issued here (`--host-key-file`, ...).
+    pub enrollment: Arc<relay::enrollment::Enrollment>,
 }
 
 impl Settings {
@@ -105,6 +107,7 @@ impl Settings {
             max_clock_skew_seconds: 60,
             limits: relay::server::ConnLimits::default(),
             intern_limits: store::InternLimits::default(),
+            enrollment: Arc::default(),
         }
     }
 }
@@ -355,7 +358,8 @@ impl Node {
         let mut relays = store::RelayIndexes::new(&self.store);
         let mut clock = self.report_clock();
         ops_config::compact::decode_checked(bytes, |rec, hb| {
-            let tags = store::Tags { relay: relays.index(rec.relay), ..Self::tags(&loaded, &hb.hostname, rec.told) };
+            let tags =
+                store::Tags { relay: relays.index(rec.relay), auth: rec.auth.is_some(), ..Self::tags(&loaded, &hb.hostname, rec.told) };
             let owned = owns(&hb.hostname);
             let seen = clock.seen(rec.seen);
             let kept = if handed_back {
@@ -383,7 +387,7 @@ impl Node {
     pub fn tags(loaded: &relay::desired::Loaded, hostname: &str, told: u8) -> store::Tags {
         let class = loaded.config.class_of(hostname);
         let waves = if loaded.config.rollouts().next().is_some() { loaded.config.rollout_waves(hostname, class) } else { 0 };
-        store::Tags { class, generation: loaded.generation, told, waves, relay: store::NO_RELAY }
+        store::Tags { class, generation: loaded.generation, told, waves, relay: store::NO_RELAY, auth: false }
     }
 
     /// Whether this node owns `hostname` on the ring (always, standalone).
@@ -402,6 +406,7 @@ impl Node {
         ::metrics::gauge!(crate::metrics::HOSTS).set(self.store.len() as f64);
         ::metrics::gauge!(crate::metrics::INTERNED_STRINGS).set(self.store.symbols().len() as f64);
         ::metrics::gauge!(crate::metrics::INTERNED_BYTES).set(self.store.symbols().bytes() as f64);
+        ::metrics::counter!(crate::metrics::UNAUTHENTICATED_IGNORED).absolute(self.store.unauthenticated_ignored());
     }
 
     /// Frees the interned strings no host uses any more, when any may have become unused.
@@ -452,7 +457,7 @@ impl Node {
             for (_, h) in shard.hosts() {
                 let silent = h.last_seen < cutoff;
                 stale += usize::from(silent);
-                if h.owned {
+                if h.owned() {
                     let r = usize::from(h.relay);
                     if r >= by_relay.len() {
                         by_relay.resize(r + 1, (0, 0));

@@ -11,12 +11,6 @@ use meta_node::{Node, Settings};
 use ops_config::DesiredConfig;
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc, as the relay: it gives freed pages back to the system soon after (glibc's malloc
-/// kept what a failover took, 191 MiB against 61 MiB without faults at a million hosts,
-/// docs/ops-bench.md), and the heartbeat path's small buffers cost less.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit status for a bad config or flag (EX_USAGE... EX_CONFIG is 78; we follow linkerd: 64).
 const EXIT_CONFIG: u8 = 64;
 
@@ -91,6 +85,8 @@ struct Cli {
     tls: relay::cli::TlsArgs,
     #[command(flatten)]
     listen_limits: relay::cli::ListenArgs,
+    #[command(flatten)]
+    enroll: relay::enrollment::EnrollArgs,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -176,6 +172,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
     if cli.max_interned_strings < 2 || cli.max_interned_bytes == 0 {
         return Err("--max-interned-strings must be at least 2 and --max-interned-bytes above 0".into());
     }
+    s.enrollment = Arc::new(cli.enroll.enrollment()?);
     s.intern_limits = meta_node::store::InternLimits { max_strings: cli.max_interned_strings, max_bytes: cli.max_interned_bytes };
     s.limits = cli.listen_limits.limits()?;
     Ok((s, config, signature))

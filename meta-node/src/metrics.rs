@@ -19,6 +19,7 @@ pub const INTERNED_STRINGS: &str = "ops_meta_interned_strings";
 pub const INTERNED_BYTES: &str = "ops_meta_interned_bytes";
 pub const STRINGS_FREED: &str = "ops_meta_interned_strings_freed_total";
 pub const REPORTS_REFUSED: &str = "ops_meta_reports_refused_total";
+pub const UNAUTHENTICATED_IGNORED: &str = "ops_meta_reports_unauthenticated_ignored_total";
 pub const REPORTS_CLAMPED: &str = "ops_meta_reports_clamped_total";
 pub const BATCHES_RECEIVED: &str = "ops_meta_batches_received_total";
 pub const BATCH_HOSTS_RECEIVED: &str = "ops_meta_batch_hosts_received_total";
@@ -95,6 +96,11 @@ pub fn describe() {
         "Reports of a batch whose time was later than this node's clock plus --max-clock-skew-seconds, stored at that ceiling."
     );
     describe_gauge!(INTERNED_STRINGS, Unit::Count, "Distinct strings interned (agent names, versions, status texts...).");
+    describe_counter!(
+        UNAUTHENTICATED_IGNORED,
+        Unit::Count,
+        "Reports without a host credential of hosts whose record is authenticated: answered, never stored."
+    );
     describe_gauge!(INTERNED_BYTES, Unit::Bytes, "Bytes of the interned strings (capped by --max-interned-bytes).");
     describe_counter!(STRINGS_FREED, Unit::Count, "Interned strings freed because no host record used them any more.");
     describe_counter!(

@@ -250,6 +250,10 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
         })
         .collect();
     let deadlines: Vec<u64> = specs.iter().map(|a| a.rollout.as_ref().map_or(u64::MAX, |s| s.policy.deadline_seconds)).collect();
+    // Where host credentials are checked, a host whose last report carried none is not
+    // judged (anyone could have sent it), unless its agent's rollout counts them.
+    let judged_unauthenticated: Vec<bool> =
+        specs.iter().map(|a| !node.settings.enrollment.checks() || a.rollout.as_ref().is_some_and(|s| s.count_unauthenticated)).collect();
     for i in 0..SHARDS {
         let mut guard = store.shard(i);
         let shard = &mut *guard;
@@ -258,7 +262,7 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
         let mut rows: Vec<Row> = Vec::new();
         {
             let syms = store.symbols().reader();
-            for (slot, h) in shard.hosts().filter(|(_, h)| h.owned) {
+            for (slot, h) in shard.hosts().filter(|(_, h)| h.owned()) {
                 let (class, waves) = if h.generation == generation {
                     (ops_config::ClassId(u32::from(h.class)), h.waves)
                 } else {
@@ -266,6 +270,9 @@ fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
                     (class, config.rollout_waves(&h.name, class))
                 };
                 for r in 0..specs.len() {
+                    if !h.authenticated() && !judged_unauthenticated[r] {
+                        continue;
+                    }
                     let wave = usize::from((waves >> (4 * r)) & 0xf);
                     let Some(target) = config.class_target(class, r).filter(|_| wave > 0) else { continue };
                     let agents = shard.agents(h);

@@ -2,10 +2,12 @@
 //! stopped reporting.
 //!
 //! Format (little endian), written shard by shard without stopping heartbeats:
-//! `OPSSNAP4`, then host records, a zero byte, then the symbol table and the relay table (taken
-//! after the hosts, so they hold every symbol and relay the records name: both only grow),
+//! `OPSSNAP5`, then host records, a zero byte, then the symbol table and the relay table (taken
+//! after the hosts, so they hold every symbol and relay the records name: no string is freed
+//! while a snapshot is written, and a freed symbol is written as ""),
 //! then a trailer of the symbol table's offset (u64) and a CRC-32 of everything before the CRC.
-//! `OPSSNAP3` (before silence by relay) has no relay index in records and no relay table;
+//! `OPSSNAP4` (before enrollment) has no flags byte (bit 0: authenticated) after the relay
+//! index; `OPSSNAP3` (before silence by relay) has no relay index in records and no relay table;
 //! `OPSSNAP2` has no pins either, `OPSSNAP1` no `told` byte either. Written to a temporary
 //! file, synced and renamed over the last one: a crash leaves the old snapshot or the new one,
 //! never a mix. A file that fails its checks is moved aside and the node starts empty.
@@ -18,7 +20,9 @@ use compact_str::CompactString;
 
 use crate::store::{AgentState, Host, HostRecord, IpKind, SHARDS, Store, Sym};
 
-const MAGIC: &[u8; 8] = b"OPSSNAP4";
+const MAGIC: &[u8; 8] = b"OPSSNAP5";
+/// Before enrollment: no flags byte after the relay index.
+const MAGIC_V4: &[u8; 8] = b"OPSSNAP4";
 /// Before silence by relay: no relay index in host records, no relay table.
 const MAGIC_V3: &[u8; 8] = b"OPSSNAP3";
 /// Before local pins: no pin list after the errors of a host record.
@@ -90,6 +94,7 @@ fn encode_shard(store: &Store, i: usize, buf: &mut Vec<u8>) -> usize {
         }
         buf.push(h.told);
         buf.extend_from_slice(&h.relay.to_le_bytes());
+        buf.push(u8::from(h.authenticated()));
         let agents = shard.agents(h);
         buf.push(agents.len() as u8);
         for a in agents {
@@ -201,7 +206,8 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
     let corrupt = |what| SnapshotError::Corrupt { path: path.clone(), what };
     let layout = match bytes.get(..8) {
         _ if bytes.len() < MAGIC.len() + 12 => return Err(corrupt("not a snapshot (bad magic)")),
-        Some(m) if m == MAGIC => 4,
+        Some(m) if m == MAGIC => 5,
+        Some(m) if m == MAGIC_V4 => 4,
         Some(m) if m == MAGIC_V3 => 3,
         Some(m) if m == MAGIC_V2 => 2,
         Some(m) if m == MAGIC_V1 => 1,
@@ -247,7 +253,7 @@ pub fn load(store: &Store, data_dir: &Path, owned: impl Fn(&str) -> bool) -> Res
     read_records(records, layout, &map, &relay, &owned, |record| store.put(record)).map_err(corrupt)
 }
 
-/// Reads the host records of a snapshot body of layout 1 to 4 (the magic's digit), handing
+/// Reads the host records of a snapshot body of layout 1 to 5 (the magic's digit), handing
 /// each to `put`; Err names what is bad.
 fn read_records(
     body: &[u8],
@@ -281,6 +287,11 @@ fn read_records(
         let updater_version = map(r.u32().ok_or_else(bad)?)?;
         let told = if layout == 1 { 0 } else { r.u8().ok_or_else(bad)? };
         let relay = if layout >= 4 { relay(r.u16().ok_or_else(bad)?)? } else { crate::store::NO_RELAY };
+        let authenticated = match if layout >= 5 { r.u8().ok_or_else(bad)? } else { 0 } {
+            0 => false,
+            1 => true,
+            _ => return Err(bad()),
+        };
         let n = r.u8().ok_or_else(bad)? as usize;
         let mut agents = Vec::with_capacity(n);
         for _ in 0..n {
@@ -331,7 +342,7 @@ fn read_records(
             relay,
             class: 0,
             ip_kind,
-            owned: owned(name),
+            flags: crate::store::Host::flags_of(owned(name), authenticated),
             agents_at: 0,
             agents_len: 0,
             told,
@@ -370,7 +381,7 @@ mod tests {
                 v = i % 3
             );
             let relay = store.relay_index(["", "dc1-1", "dc2-1"][i % 3]);
-            let tags = crate::store::Tags { class: ClassId(0), generation: 1, told: (i % 4) as u8, waves: 0, relay };
+            let tags = crate::store::Tags { class: ClassId(0), generation: 1, told: (i % 4) as u8, waves: 0, relay, auth: i % 3 == 0 };
             store.upsert_tagged(&Heartbeat::parse(body.as_bytes()).unwrap(), 1000 + i as u32, tags, true).unwrap();
         }
     }
@@ -400,7 +411,7 @@ mod tests {
                     })
                     .collect();
                 out.push(format!(
-                    "{} {} {} {} {} {} told={} relay={}",
+                    "{} {} {} {} {} {} told={} relay={} auth={}",
                     h.name,
                     shard.ip(slot, h),
                     h.last_seen,
@@ -408,7 +419,8 @@ mod tests {
                     syms.resolve(h.updater_version),
                     agents.join(","),
                     h.told,
-                    store.relay_name(h.relay)
+                    store.relay_name(h.relay),
+                    h.authenticated()
                 ));
             }
         }

@@ -285,8 +285,8 @@ pub struct Host {
     pub(crate) agents_at: u32,
     pub class: u16,
     pub ip_kind: IpKind,
-    /// This node owns the host on the ring (false: a failover copy).
-    pub owned: bool,
+    /// [`Host::OWNED`], [`Host::AUTHENTICATED`].
+    pub(crate) flags: u8,
     pub(crate) agents_len: u8,
     /// Rollout mask of the last answer (bit r: told rollout r's target), as the relay said.
     pub told: u8,
@@ -305,6 +305,9 @@ pub struct Tags {
     pub waves: u16,
     /// The relay it came through ([`Store::relay_index`]).
     pub relay: u16,
+    /// The report carried a checked host credential. An unauthenticated report never replaces
+    /// an authenticated one (anyone who reaches `/heartbeat` can send it).
+    pub auth: bool,
 }
 
 /// A config generation (counted from 1 by each node, `relay::desired`) as a host record keeps
@@ -637,7 +640,7 @@ impl Shard {
                 self.failed_in.remove(&(slot, r));
             }
         }
-        let was = host.owned;
+        let was = host.owned();
         self.agents.release(host.agents_len);
         *host = Host::free();
         self.free.push(slot);
@@ -651,7 +654,7 @@ impl Shard {
             Some(slot) => {
                 let old = &self.hosts[slot as usize];
                 clear_side_tables(&mut self.notes, &mut self.other_ips, slot, old);
-                let (was, now) = (old.owned, host.owned);
+                let (was, now) = (old.owned(), host.owned());
                 (host.agents_at, host.agents_len) = (old.agents_at, old.agents_len);
                 self.hosts[slot as usize] = host;
                 self.count_owned(Some(was), Some(now));
@@ -673,7 +676,7 @@ impl Shard {
     }
 
     fn insert_new(&mut self, hash: u64, mut host: Host, agents: &[AgentState], hasher: &DefaultHashBuilder) -> u32 {
-        self.count_owned(None, Some(host.owned));
+        self.count_owned(None, Some(host.owned()));
         host.agents_at = self.agents.alloc(agents);
         host.agents_len = agents.len() as u8;
         let slot = match self.free.pop() {
@@ -730,6 +733,32 @@ impl std::fmt::Display for IpText<'_> {
 }
 
 impl Host {
+    /// This node owns the host on the ring (clear: a failover copy).
+    pub const OWNED: u8 = 1;
+    /// Its last report carried a host credential that was checked (`ops_config::enroll`).
+    pub const AUTHENTICATED: u8 = 2;
+
+    pub fn flags_of(owned: bool, authenticated: bool) -> u8 {
+        (if owned { Host::OWNED } else { 0 }) | (if authenticated { Host::AUTHENTICATED } else { 0 })
+    }
+
+    /// This node owns the host on the ring (false: a failover copy).
+    pub fn owned(&self) -> bool {
+        self.flags & Host::OWNED != 0
+    }
+
+    /// Its last report carried a checked host credential.
+    pub fn authenticated(&self) -> bool {
+        self.flags & Host::AUTHENTICATED != 0
+    }
+
+    /// Sets `owned`; returns what it was.
+    fn set_owned(&mut self, owned: bool) -> bool {
+        let was = self.owned();
+        self.flags = (self.flags & !Host::OWNED) | if owned { Host::OWNED } else { 0 };
+        was
+    }
+
     fn free() -> Host {
         Host {
             name: CompactString::default(),
@@ -742,7 +771,7 @@ impl Host {
             relay: NO_RELAY,
             class: 0,
             ip_kind: IpKind::None,
-            owned: true,
+            flags: Host::OWNED,
             agents_at: 0,
             agents_len: 0,
             told: 0,
@@ -769,6 +798,8 @@ pub struct Store {
     strings_full: AtomicBool,
     /// Hosts dropped since the last collection (their strings may be unused now).
     dropped_since_collection: AtomicUsize,
+    /// Unauthenticated reports of hosts whose record is authenticated, not stored.
+    unauthenticated_ignored: std::sync::atomic::AtomicU64,
     /// Relay ids, by the index host records keep (index 0: the empty id, no relay).
     relays: Interner,
     hosts: AtomicUsize,
@@ -797,9 +828,15 @@ impl Store {
             syms: Interner::with_limits(limits),
             strings_full: AtomicBool::new(false),
             dropped_since_collection: AtomicUsize::new(0),
+            unauthenticated_ignored: Default::default(),
             relays: Interner::default(),
             hosts: AtomicUsize::new(0),
         }
+    }
+
+    /// Unauthenticated reports not stored because the host's record is authenticated.
+    pub fn unauthenticated_ignored(&self) -> u64 {
+        self.unauthenticated_ignored.load(Ordering::Relaxed)
     }
 
     /// Whether [`collect_strings`](Self::collect_strings) may find anything: strings were
@@ -918,7 +955,7 @@ impl Store {
     /// Records a validated heartbeat received at `now`, resolved to `class` under config
     /// generation `generation`, outside any rollout.
     pub fn upsert(&self, hb: &Heartbeat<'_>, now: u32, class: ClassId, generation: u32, owned: bool) -> Result<bool, InternFull> {
-        self.upsert_tagged(hb, now, Tags { class, generation, told: 0, waves: 0, relay: NO_RELAY }, owned)
+        self.upsert_tagged(hb, now, Tags { class, generation, told: 0, waves: 0, relay: NO_RELAY, auth: false }, owned)
     }
 
     /// Records a validated heartbeat received at `now` with how it was answered and resolved.
@@ -948,7 +985,7 @@ impl Store {
     /// One try of [`Store::upsert_inner`]: None when a collection of strings ran between the
     /// lookups and the shard's lock (the caller tries again; see [`Interner`]).
     fn try_upsert(&self, hb: &Heartbeat<'_>, now: u32, tags: Tags, owned: bool, strictly_newer: bool) -> Result<Option<bool>, InternFull> {
-        let Tags { class, generation, told, waves, relay } = tags;
+        let Tags { class, generation, told, waves, relay, auth } = tags;
         let generation = short_generation(generation);
         let n = hb.real_agents.len().min(MAX_AGENTS_PER_HOST);
         let mut agents = [AgentState::default(); MAX_AGENTS_PER_HOST];
@@ -1002,6 +1039,10 @@ impl Store {
         let slot = match shard.find(hash, name) {
             Some(slot) if shard.hosts[slot as usize].last_seen > now => return Ok(Some(false)),
             Some(slot) if strictly_newer && shard.hosts[slot as usize].last_seen == now => return Ok(Some(false)),
+            Some(slot) if !auth && shard.hosts[slot as usize].authenticated() => {
+                self.unauthenticated_ignored.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(false));
+            }
             Some(slot) => {
                 let host = &mut shard.hosts[slot as usize];
                 if host.note_mask != 0 || host.ip_kind == IpKind::Other {
@@ -1018,7 +1059,8 @@ impl Store {
                 host.class = class;
                 host.told = told;
                 host.waves = waves;
-                let was = std::mem::replace(&mut host.owned, owned);
+                let was = host.set_owned(owned);
+                host.flags = Host::flags_of(owned, auth);
                 shard.count_owned(Some(was), Some(owned));
                 shard.set_agents(slot, agents);
                 slot
@@ -1035,7 +1077,7 @@ impl Store {
                     relay,
                     class,
                     ip_kind,
-                    owned,
+                    flags: Host::flags_of(owned, auth),
                     agents_at: 0,
                     agents_len: 0,
                     told,
@@ -1124,7 +1166,7 @@ impl Store {
         let syms = self.syms.reader();
         let relays = self.relays.reader();
         let mut agents = Vec::new();
-        for (slot, h) in shard.hosts().filter(|(_, h)| h.owned == owned) {
+        for (slot, h) in shard.hosts().filter(|(_, h)| h.owned() == owned) {
             let Some(target) = dest(&h.name) else { continue };
             agents.clear();
             agents.extend(shard.agents(h).iter().enumerate().map(|(k, a)| ops_config::wire::RealAgent {
@@ -1151,7 +1193,8 @@ impl Store {
             let mut record = Vec::with_capacity(256);
             // The relays past the table's end go on unnamed.
             let relay = if h.relay == OTHER_RELAYS { "" } else { relays.resolve(Sym(u32::from(h.relay))) };
-            let rec = ops_config::compact::Record { seen: h.last_seen, told: h.told, relay };
+            // A copy keeps whether it was authenticated (its serial is not kept: 0).
+            let rec = ops_config::compact::Record { seen: h.last_seen, told: h.told, relay, auth: h.authenticated().then_some(0) };
             ops_config::compact::encode(rec, &hb, &mut record);
             f(target, &h.name, h.last_seen, record);
             agents = hb.real_agents;
@@ -1165,9 +1208,9 @@ impl Store {
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             let flips: Vec<(u32, bool)> =
-                shard.hosts().filter_map(|(slot, h)| (owns(&h.name) != h.owned).then_some((slot, !h.owned))).collect();
+                shard.hosts().filter_map(|(slot, h)| (owns(&h.name) != h.owned()).then_some((slot, !h.owned()))).collect();
             for (slot, now) in flips {
-                let was = std::mem::replace(&mut shard.hosts[slot as usize].owned, now);
+                let was = shard.hosts[slot as usize].set_owned(now);
                 shard.count_owned(Some(was), Some(now));
                 changed += 1;
             }
@@ -1183,7 +1226,7 @@ impl Store {
         let mut shard = self.shard_of(hash).lock();
         let Some(slot) = shard.find(hash, name) else { return false };
         let h = &shard.hosts[slot as usize];
-        if h.owned || h.last_seen != seen {
+        if h.owned() || h.last_seen != seen {
             return false;
         }
         shard.remove_slot(slot, &self.hasher);
@@ -1200,7 +1243,7 @@ impl Store {
             let mut shard = shard.lock();
             let old: Vec<u32> = shard
                 .hosts()
-                .filter(|(_, h)| h.last_seen < cutoff || (!h.owned && h.last_seen < copies_cutoff))
+                .filter(|(_, h)| h.last_seen < cutoff || (!h.owned() && h.last_seen < copies_cutoff))
                 .map(|(slot, _)| slot)
                 .collect();
             for slot in old {
@@ -1263,8 +1306,8 @@ mod tests {
         assert_eq!(store.copies(), 1);
         assert_eq!(store.remark_owned(|h| h != "moves"), 2, "moves is no longer owned, comes now is");
         assert_eq!(store.copies(), 1, "the copy count follows");
-        assert!(store.with_host("comes", |_, _, h| h.owned).unwrap());
-        assert!(!store.with_host("moves", |_, _, h| h.owned).unwrap());
+        assert!(store.with_host("comes", |_, _, h| h.owned()).unwrap());
+        assert!(!store.with_host("moves", |_, _, h| h.owned()).unwrap());
         assert_eq!(store.remark_owned(|h| h != "moves"), 0);
     }
 
@@ -1494,12 +1537,15 @@ mod tests {
     fn compaction_gives_free_slots_back_and_keeps_every_host_and_its_notes() {
         let store = Store::new();
         let body = |i: u32| {
-            let ip = if i % 7 == 0 { "::1".to_owned() } else { format!("10.0.{}.{}", i / 256, i % 256) };
-            let extra = if i % 5 == 0 { r#","lastError":"boom","pinned":"hold""# } else { "" };
-            format!(r#"{{"hostname":"host-{i}","ip":"{ip}","realAgents":[{{"name":"a","version":"v{}","status":"started"{extra}}}]}}"#, i % 3)
+            let ip = if i.is_multiple_of(7) { "::1".to_owned() } else { format!("10.0.{}.{}", i / 256, i % 256) };
+            let extra = if i.is_multiple_of(5) { r#","lastError":"boom","pinned":"hold""# } else { "" };
+            format!(
+                r#"{{"hostname":"host-{i}","ip":"{ip}","realAgents":[{{"name":"a","version":"v{}","status":"started"{extra}}}]}}"#,
+                i % 3
+            )
         };
         for i in 0..40_000u32 {
-            store.upsert(&hb(&body(i)), if i % 10 == 0 { 20 } else { 10 }, ClassId(0), 1, i % 10 == 0).unwrap();
+            store.upsert(&hb(&body(i)), if i.is_multiple_of(10) { 20 } else { 10 }, ClassId(0), 1, i.is_multiple_of(10)).unwrap();
         }
         for i in (0..40_000u32).step_by(10) {
             store.with_host(&format!("host-{i}"), |_, _, _| ()).unwrap();
@@ -1534,9 +1580,12 @@ mod tests {
                     )
                 })
                 .unwrap();
-            let want_ip = if i % 7 == 0 { "::1".to_owned() } else { format!("10.0.{}.{}", i / 256, i % 256) };
+            let want_ip = if i.is_multiple_of(7) { "::1".to_owned() } else { format!("10.0.{}.{}", i / 256, i % 256) };
             assert_eq!(ip, want_ip);
-            assert_eq!((error.as_deref(), pinned.as_deref()), if i % 5 == 0 { (Some("boom"), Some("hold")) } else { (None, None) });
+            assert_eq!(
+                (error.as_deref(), pinned.as_deref()),
+                if i.is_multiple_of(5) { (Some("boom"), Some("hold")) } else { (None, None) }
+            );
             assert_eq!(version, format!("v{}", i % 3));
             assert_eq!(told, Some(i), "the judge's table follows the host to its new slot");
         }

@@ -106,6 +106,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Makes a cluster host key file (0600): give it to every meta node and relay
+    /// (`--host-key-file`); they check heartbeats' host credentials with it and issue them at
+    /// `POST /enroll`. To rotate, put a new key's line first in the file (`opsctl host-key
+    /// --out new && cat new old`), let hosts re-enroll, then drop the old line.
+    HostKey {
+        /// Path of the host key file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Sets FILE's `version` and `expires`, then signs its exact bytes into FILE.sig. During
     /// a key rotation sign with the old key, then with the new one and --append: both lines
     /// are kept, and the file is not changed.
@@ -231,6 +240,14 @@ fn keygen(out: &Path) -> Result<(), Failure> {
     create_new(&public, 0o644, &format!("# ops fleet trusted key (opsctl keygen)\n{}\n", key.public_text()))?;
     println!("secret key: {} (keep it offline; it signs what every host installs)", out.display());
     println!("public key: {} = {}", public.display(), key.public_text());
+    Ok(())
+}
+
+fn host_key(out: &Path) -> Result<(), Failure> {
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| Failure::Usage(format!("no randomness from the OS: {e}")))?;
+    create_new(out, 0o600, &ops_config::enroll::HostKeys::file_text(&key))?;
+    println!("host key: {} (a secret: every meta node and relay that checks host credentials needs it)", out.display());
     Ok(())
 }
 
@@ -373,6 +390,7 @@ fn main() -> ExitCode {
     let json = cli.json;
     let result = match &cli.command {
         Command::Keygen { out } => keygen(out),
+        Command::HostKey { out } => host_key(out),
         Command::Ca(CaCommand::Init { dir, name, days }) => ca::init(dir, name, *days),
         Command::Ca(CaCommand::Issue { dir, node, relay, san, days, out }) => {
             let subject = match (node, relay) {

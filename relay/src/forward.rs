@@ -475,7 +475,7 @@ mod tests {
         let hb = |h: u32, seen: u32| format!(r#"{{"hostname":"host-{h}","ip":"10.0.0.{seen}","realAgents":[]}}"#);
         for seen in [5, 7, 6] {
             for h in 0..100 {
-                f.push(&Heartbeat::parse(hb(h, seen).as_bytes()).unwrap(), compact::Record { seen, told: 0, relay: "r" });
+                f.push(&Heartbeat::parse(hb(h, seen).as_bytes()).unwrap(), compact::Record { seen, told: 0, relay: "r", auth: None });
             }
         }
         assert_eq!(f.pending(), vec![100], "one entry per host, however often it reports");
@@ -492,9 +492,9 @@ mod tests {
         compact::decode(&body, |r, h| ips.push((r.seen, h.ip.to_string()))).unwrap();
         assert_eq!(ips, vec![(7, "10.0.0.7".to_owned())], "the record held is the newest report");
         // A report older than the one held is ignored; a newer one replaces it.
-        f.push(&Heartbeat::parse(hb(3, 6).as_bytes()).unwrap(), compact::Record { seen: 6, told: 0, relay: "r" });
+        f.push(&Heartbeat::parse(hb(3, 6).as_bytes()).unwrap(), compact::Record { seen: 6, told: 0, relay: "r", auth: None });
         assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 7);
-        f.push(&Heartbeat::parse(hb(3, 8).as_bytes()).unwrap(), compact::Record { seen: 8, told: 0, relay: "r" });
+        f.push(&Heartbeat::parse(hb(3, 8).as_bytes()).unwrap(), compact::Record { seen: 8, told: 0, relay: "r", auth: None });
         assert_eq!(f.buffers[0].lock().get("host-3").unwrap().seen, 8);
         f.stop.cancel();
     }
@@ -505,7 +505,7 @@ mod tests {
         let f = Forwarder::new(&unreachable_cluster(), settings, CancellationToken::new());
         let push = |h: u32, seen: u32| {
             let body = format!(r#"{{"hostname":"host-{h}","realAgents":[]}}"#);
-            f.push(&Heartbeat::parse(body.as_bytes()).unwrap(), compact::Record { seen, told: 0, relay: "r" });
+            f.push(&Heartbeat::parse(body.as_bytes()).unwrap(), compact::Record { seen, told: 0, relay: "r", auth: None });
         };
         // 500 real hosts, then 2,000 invented ones reported later.
         for h in 0..500 {

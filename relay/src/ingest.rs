@@ -83,14 +83,30 @@ pub fn json_reply(bytes: Bytes) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
 }
 
-pub(crate) async fn heartbeat(State(relay): State<Arc<Relay>>, body: Body) -> Response {
-    answer(relay, body).await
+pub(crate) async fn heartbeat(State(relay): State<Arc<Relay>>, headers: axum::http::HeaderMap, body: Body) -> Response {
+    answer(relay, crate::enrollment::Enrollment::credential_of(&headers), body).await
+}
+
+/// `POST /enroll`: a host's credential for the enrollment secret (`crate::enrollment`).
+pub(crate) async fn enroll(State(relay): State<Arc<Relay>>, headers: axum::http::HeaderMap, body: Body) -> Response {
+    enroll_reply(&relay.settings.enrollment, &headers, body).await
+}
+
+/// The reply of `POST /enroll` (relays and meta nodes): the body is at most 4 KiB.
+pub async fn enroll_reply(enrollment: &crate::enrollment::Enrollment, headers: &axum::http::HeaderMap, body: Body) -> Response {
+    let Ok(bytes) = read_capped(body, 4096).await else {
+        return Refused(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "enroll request over 4096 bytes".into()).into_response();
+    };
+    match enrollment.enroll(headers, &bytes, crate::enrollment::unix_ms()) {
+        Ok(reply) => axum::Json(reply).into_response(),
+        Err(refused) => refused.into_response(),
+    }
 }
 
 /// The whole heartbeat exchange (`crate::server` calls it before the router).
-pub(crate) async fn answer(relay: Arc<Relay>, body: Body) -> Response {
+pub(crate) async fn answer(relay: Arc<Relay>, credential: Option<axum::http::HeaderValue>, body: Body) -> Response {
     let started = Instant::now();
-    let result = handle(&relay, body).await;
+    let result = handle(&relay, credential, body).await;
     relay.hot.duration.record(started.elapsed().as_secs_f64());
     match result {
         Ok(reply) => {
@@ -105,9 +121,10 @@ pub(crate) async fn answer(relay: Arc<Relay>, body: Body) -> Response {
     }
 }
 
-async fn handle(relay: &Relay, body: Body) -> Result<Bytes, Refused> {
+async fn handle(relay: &Relay, credential: Option<axum::http::HeaderValue>, body: Body) -> Result<Bytes, Refused> {
     let bytes = read_heartbeat(body).await?;
     let hb = parse_heartbeat(&bytes)?;
+    let auth = relay.settings.enrollment.check(&hb.hostname, credential.as_ref())?;
     let Some(loaded) = relay.config.current() else {
         return Err(Refused(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -117,6 +134,6 @@ async fn handle(relay: &Relay, body: Body) -> Result<Bytes, Refused> {
     };
     let now = unix_now();
     let answer = relay.rollouts.answer(&loaded, &hb, now);
-    relay.forwarder.load().push(&hb, ops_config::compact::Record { seen: now, told: answer.told, relay: &relay.settings.id });
+    relay.forwarder.load().push(&hb, ops_config::compact::Record { seen: now, told: answer.told, relay: &relay.settings.id, auth });
     Ok(answer.reply)
 }

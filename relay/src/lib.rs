@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cluster_copy;
 pub mod config_copy;
 pub mod desired;
+pub mod enrollment;
 pub mod floor;
 pub mod forward;
 pub mod ingest;
@@ -64,6 +65,8 @@ pub struct Settings {
     pub packages: Option<tokio::runtime::Handle>,
     /// What each connection may take (`--max-connections`, `--*-timeout-ms`).
     pub limits: crate::server::ConnLimits,
+    /// Host credentials checked and issued here (`--host-key-file`, ...).
+    pub enrollment: Arc<crate::enrollment::Enrollment>,
 }
 
 pub(crate) struct HotMetrics {
@@ -194,6 +197,7 @@ impl Relay {
     fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/heartbeat", post(ingest::heartbeat))
+            .route("/enroll", post(ingest::enroll))
             .route("/health", get(health))
             .route("/config/desired", get(desired))
             .route("/metrics", get(metrics_text))
@@ -301,7 +305,7 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
     tracker.close();
 
     let hot = relay.clone();
-    let heartbeat: crate::server::Heartbeat = Arc::new(move |body| Box::pin(ingest::answer(hot.clone(), body)));
+    let heartbeat: crate::server::Heartbeat = Arc::new(move |credential, body| Box::pin(ingest::answer(hot.clone(), credential, body)));
     let server = tokio::spawn(crate::server::serve(
         listener,
         relay.settings.tls.clone(),

@@ -84,6 +84,8 @@ struct Cli {
     tls: relay::cli::TlsArgs,
     #[command(flatten)]
     listen_limits: relay::cli::ListenArgs,
+    #[command(flatten)]
+    enroll: relay::enrollment::EnrollArgs,
     /// Under the map's `mtls`: the certificate (of the cluster CA, naming
     /// `{id}.relay.ops-fleet`) this relay shows the meta nodes, when it is not the one it
     /// serves updaters with (--tls-cert): updaters may trust another CA, or the relay may
@@ -150,6 +152,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         tls: cli.tls.server_config()?,
         packages: None,
         limits: cli.listen_limits.limits()?,
+        enrollment: std::sync::Arc::new(cli.enroll.enrollment()?),
         // Set once the listening address is known (port 0); the flags are checked here.
         cache: {
             let listen = cli.listen.parse().unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));

@@ -37,8 +37,8 @@ use tower::Service;
 /// The future of a response.
 pub type Answer = Pin<Box<dyn Future<Output = Response> + Send>>;
 
-/// Answers `POST /heartbeat` from its body.
-pub type Heartbeat = Arc<dyn Fn(Body) -> Answer + Send + Sync>;
+/// Answers `POST /heartbeat` from its host credential header (if any) and its body.
+pub type Heartbeat = Arc<dyn Fn(Option<axum::http::HeaderValue>, Body) -> Answer + Send + Sync>;
 
 /// Where package downloads are served: a runtime of their own (`--cache-threads`), so a
 /// download storm shares the CPU with the heartbeats instead of queueing them behind its
@@ -287,7 +287,8 @@ impl Shared {
             let request = request.map(|inner| Deadline { inner, by, timer: None });
             let answer: Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>> = match &heartbeat {
                 Some(h) if request.method() == Method::POST && request.uri().path() == "/heartbeat" => {
-                    let answer = h(Body::new(request.into_body()));
+                    let credential = crate::enrollment::Enrollment::credential_of(request.headers());
+                    let answer = h(credential, Body::new(request.into_body()));
                     Box::pin(async move { Ok(answer.await) })
                 }
                 _ => {

@@ -45,6 +45,10 @@ pub struct CycleSettings {
     pub unpack: unpack::Limits,
     /// The most bytes read of a heartbeat reply or of `/config/desired` (`--max-response-bytes`).
     pub max_response_bytes: usize,
+    /// The enrollment secret (`--enroll-secret-file`): with it the updater enrolls once for
+    /// its host credential (kept in `state_dir/host-credential`, 0600) and sends it with
+    /// every heartbeat.
+    pub enroll_secret: Option<String>,
 }
 
 /// What is kept across restarts: which agents to report at the first heartbeat, and their
@@ -65,6 +69,8 @@ struct Kept {
 }
 
 const STATE_FILE: &str = "state.json";
+/// The host credential (`ops_config::enroll`), readable by the updater's user only.
+const CREDENTIAL_FILE: &str = "host-credential";
 /// The last signed config fetched and verified (with `.sig` beside it), kept across restarts.
 const SIGNED_FILE: &str = "signed-agents.toml";
 /// The highest signed version verified here and its hash (`VERSION HASH`): written, synced,
@@ -120,6 +126,8 @@ pub struct Updater {
     pub(crate) self_update: Option<crate::selfupdate::Pending>,
     /// A self-update the guard undid at this start (its old arguments are run again).
     pub(crate) restored: Option<crate::selfupdate::Pending>,
+    /// This host's credential, once enrolled (kept in `CREDENTIAL_FILE`).
+    credential: std::sync::Mutex<Option<String>>,
 }
 
 /// What one cycle saw.
@@ -222,7 +230,14 @@ impl Updater {
         // A kept file below the floor (the floor is written first, so a crash between the two
         // leaves the older file) is not checked against: the next reply fetches the newer one.
         let signed = signed.filter(|c| floor.as_ref().is_none_or(|f| c.version().is_some_and(|v| v >= f.version)));
+        let credential = settings
+            .state_dir
+            .as_deref()
+            .and_then(|d| std::fs::read_to_string(d.join(CREDENTIAL_FILE)).ok())
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty());
         Updater {
+            credential: std::sync::Mutex::new(credential),
             settings,
             fetcher,
             client,
@@ -414,14 +429,74 @@ impl Updater {
 
     /// Sends a heartbeat to the first server that answers (local relay first): its reply
     /// and which server it was.
+    /// The host credential, enrolling for one first when there is none and an enrollment
+    /// secret is given (each server in turn); None when not enrolled (logged).
+    async fn credential(&self) -> Option<String> {
+        if let Some(c) = self.credential.lock().expect("credential lock").clone() {
+            return Some(c);
+        }
+        let secret = self.settings.enroll_secret.as_deref()?;
+        let body = serde_json::to_vec(&ops_config::enroll::EnrollRequest { hostname: self.settings.hostname.clone() }).ok()?;
+        let mut errors = Vec::new();
+        for server in &self.settings.servers {
+            let url = format!("{}/enroll", base_url(server));
+            let reply = match self.client.post(&url).bearer_auth(secret).body(body.clone()).send().await {
+                Ok(r) => {
+                    let status = r.status();
+                    let body = crate::body_capped(r, 64 * 1024).await.map_err(|e| e.to_string());
+                    match body.and_then(|b| {
+                        if status.is_success() { Ok(b) } else { Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&b))) }
+                    }) {
+                        Ok(b) => serde_json::from_slice::<ops_config::enroll::EnrollReply>(&b).map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(crate::causes(&e)),
+            };
+            match reply {
+                Ok(r) if r.hostname == self.settings.hostname => {
+                    if let Some(dir) = &self.settings.state_dir
+                        && let Err(e) =
+                            ops_config::disk::write_private(&dir.join(CREDENTIAL_FILE), format!("{}\n", r.credential).as_bytes())
+                    {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the host credential: enrolling again at the next start");
+                    }
+                    tracing::info!(server = %server, serial = r.serial, "enrolled: host credential kept");
+                    *self.credential.lock().expect("credential lock") = Some(r.credential.clone());
+                    return Some(r.credential);
+                }
+                Ok(r) => errors.push(format!("{url}: a credential for {:?}, not this host", r.hostname)),
+                Err(e) => errors.push(format!("{url}: {e}")),
+            }
+        }
+        tracing::warn!(errors = %errors.join("; "), "cannot enroll: heartbeats go without a host credential");
+        None
+    }
+
+    /// Drops a credential a server refused, so the next cycle enrolls again.
+    fn forget_credential(&self) {
+        *self.credential.lock().expect("credential lock") = None;
+        if let Some(dir) = &self.settings.state_dir {
+            let _ = std::fs::remove_file(dir.join(CREDENTIAL_FILE));
+        }
+    }
+
     async fn send(&self, hb: &Heartbeat<'_>) -> Result<(HeartbeatReply, usize), String> {
         let body = serde_json::to_vec(hb).map_err(|e| e.to_string())?;
+        let credential = self.credential().await;
         let mut errors = Vec::new();
         for (i, server) in self.settings.servers.iter().enumerate() {
             let url = format!("{}/heartbeat", base_url(server));
-            match self.client.post(&url).body(body.clone()).send().await {
+            let mut request = self.client.post(&url).body(body.clone());
+            if let Some(c) = &credential {
+                request = request.header(ops_config::enroll::CREDENTIAL_HEADER, c);
+            }
+            match request.send().await {
                 Ok(r) => {
                     let status = r.status();
+                    if status == reqwest::StatusCode::UNAUTHORIZED && credential.is_some() && self.settings.enroll_secret.is_some() {
+                        self.forget_credential();
+                    }
                     let reply = crate::body_capped(r, self.settings.max_response_bytes)
                         .await
                         .map_err(|e| e.to_string())
@@ -753,6 +828,7 @@ mod tests {
             self_update: Default::default(),
             unpack: Default::default(),
             max_response_bytes: crate::DEFAULT_MAX_RESPONSE_BYTES,
+            enroll_secret: None,
         };
         Updater::new(settings, Fetcher::new(Duration::from_secs(1), Duration::from_secs(2), 1 << 20, &[]))
     }

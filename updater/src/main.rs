@@ -63,6 +63,10 @@ struct Cli {
     /// Where the last desired list and errors are kept across restarts.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// The cluster's enrollment secret: the updater enrolls once (`POST /enroll`) for its
+    /// host credential, keeps it in the state dir (0600) and sends it with every heartbeat.
+    #[arg(long)]
+    enroll_secret_file: Option<PathBuf>,
     /// An operator's ed25519 public key (base64, `opsctl keygen`). With one, the updater
     /// installs only what the operators' signed config allows this host (fetched from its
     /// server and verified), whatever a relay answers; a version without sha256 is refused.
@@ -120,6 +124,7 @@ struct FileConfig {
     max_unpack_entries: Option<u64>,
     max_response_bytes: Option<usize>,
     state_dir: Option<PathBuf>,
+    enroll_secret_file: Option<PathBuf>,
     trusted_key: Option<Vec<String>>,
     trusted_keys_file: Option<Vec<PathBuf>>,
     ca_file: Option<PathBuf>,
@@ -203,6 +208,12 @@ fn resolve(cli: &Cli) -> Result<Resolved, String> {
             max_response_bytes: match cli.max_response_bytes.or(file.max_response_bytes).unwrap_or(updater::DEFAULT_MAX_RESPONSE_BYTES) {
                 0 => return Err("--max-response-bytes must be > 0".into()),
                 n => n,
+            },
+            enroll_secret: match cli.enroll_secret_file.clone().or(file.enroll_secret_file) {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path).map_err(|e| format!("--enroll-secret-file {}: {e}", path.display()))?.trim().to_owned(),
+                ),
+                None => None,
             },
         },
         interval: Duration::from_secs(interval),

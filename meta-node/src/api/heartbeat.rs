@@ -12,9 +12,9 @@ use relay::ingest::{Refused, json_reply, parse_heartbeat, read_heartbeat};
 
 use crate::{Node, unix_now};
 
-pub(super) async fn heartbeat(State(node): State<Arc<Node>>, body: Body) -> Response {
+pub(super) async fn heartbeat(State(node): State<Arc<Node>>, headers: axum::http::HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    let result = handle(&node, body).await;
+    let result = handle(&node, &headers, body).await;
     node.hot.heartbeat_seconds.record(started.elapsed().as_secs_f64());
     match result {
         Ok(reply) => {
@@ -32,16 +32,22 @@ pub(super) async fn heartbeat(State(node): State<Arc<Node>>, body: Body) -> Resp
     }
 }
 
-async fn handle(node: &Node, body: Body) -> Result<bytes::Bytes, Refused> {
+/// `POST /enroll`: a host's credential for the enrollment secret (`relay::enrollment`).
+pub(super) async fn enroll(State(node): State<Arc<Node>>, headers: axum::http::HeaderMap, body: Body) -> Response {
+    relay::ingest::enroll_reply(&node.settings.enrollment, &headers, body).await
+}
+
+async fn handle(node: &Node, headers: &axum::http::HeaderMap, body: Body) -> Result<bytes::Bytes, Refused> {
     let bytes = read_heartbeat(body).await?;
     let hb = parse_heartbeat(&bytes)?;
+    let auth = node.settings.enrollment.check(&hb.hostname, headers.get(ops_config::enroll::CREDENTIAL_HEADER))?;
     let loaded = node.desired.guard();
     let now = unix_now();
     let answer = node.rollouts.answer(&loaded, &hb, now);
     let cluster = node.cluster.as_ref().map(|m| m.guard());
     match cluster.as_deref() {
         Some(c) if c.ring.owner(&hb.hostname) != c.me => {
-            c.forwarder.push(&hb, ops_config::compact::Record { seen: now, told: answer.told, relay: "" })
+            c.forwarder.push(&hb, ops_config::compact::Record { seen: now, told: answer.told, relay: "", auth })
         }
         _ => {
             let tags = crate::store::Tags {
@@ -50,6 +56,7 @@ async fn handle(node: &Node, body: Body) -> Result<bytes::Bytes, Refused> {
                 told: answer.told,
                 waves: answer.waves,
                 relay: crate::store::NO_RELAY,
+                auth: auth.is_some(),
             };
             if let Err(full) = node.store.upsert_tagged(&hb, now, tags, true) {
                 ::metrics::counter!(crate::metrics::REPORTS_REFUSED).increment(1);

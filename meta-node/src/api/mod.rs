@@ -69,6 +69,7 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/heartbeat", post(heartbeat::heartbeat))
+        .route("/enroll", post(heartbeat::enroll))
         .route("/status/json/{agent}", get(status::json))
         .route("/status/text/{agent}", get(status::text))
         .route("/status/summary/{agent}", get(status::summary))

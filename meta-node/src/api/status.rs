@@ -561,6 +561,9 @@ pub(crate) struct HostView {
     /// The relay its last report came through ("" for none).
     #[serde(default)]
     relay: String,
+    /// Its last report carried a checked host credential (`ops_config::enroll`).
+    #[serde(default)]
+    authenticated: bool,
     agents: Vec<serde_json::Value>,
 }
 
@@ -611,6 +614,7 @@ pub(crate) fn local_host(node: &Node, hostname: &str) -> Option<HostView> {
             age_seconds: age,
             stale: age > stale_after,
             relay: node.store.relay_name(h.relay),
+            authenticated: h.authenticated(),
             agents,
         }
     })

@@ -1,0 +1,221 @@
+//! Host identity: the credential an updater gets once, by enrolling with the enrollment
+//! secret, and sends with every heartbeat (`x-ops-host-credential`), so that a relay or a meta
+//! node can tell a host's own report from anyone's who reaches `/heartbeat`.
+//!
+//! A credential is a MAC over the hostname under a cluster host key: checking it needs the
+//! key and nothing per host (no table on relays), and a credential names exactly one host.
+//!
+//! ```text
+//! credential = "ops1." kid "." serial "." mac
+//! kid        = the first 8 hex digits of SHA-256(key): which host key made it
+//! serial     = when it was issued (unix milliseconds), decimal: a re-enrolled host's is higher
+//! mac        = hex HMAC-SHA256(key, "ops-host-credential\n" hostname "\n" serial)
+//! ```
+//!
+//! The host keys file (`--host-key-file`, made by `opsctl host-key`) holds one key per line
+//! (64 hex digits; `#` comments): the first issues credentials, every one checks them. To
+//! rotate, put a new key first, let hosts re-enroll, then drop the old line.
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+/// The request header a heartbeat carries its credential in.
+pub const CREDENTIAL_HEADER: &str = "x-ops-host-credential";
+
+const PREFIX: &str = "ops1.";
+const DOMAIN: &[u8] = b"ops-host-credential\n";
+
+/// Why a credential was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error("host credential is malformed")]
+    Malformed,
+    #[error("host credential is made by a host key this server does not hold (key {0})")]
+    UnknownKey(String),
+    #[error("host credential is not {0}'s (another host's, or forged)")]
+    Mismatch(String),
+}
+
+/// Why a host keys file was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeysError {
+    #[error("{file}: {message}")]
+    File { file: String, message: String },
+    #[error("{file}:{line}: a host key is 64 hex digits")]
+    BadKey { file: String, line: usize },
+    #[error("{file}: no host key in it")]
+    Empty { file: String },
+}
+
+struct HostKey {
+    kid: String,
+    key: [u8; 32],
+}
+
+/// The cluster's host keys: the first issues, all check.
+pub struct HostKeys {
+    keys: Vec<HostKey>,
+}
+
+impl std::fmt::Debug for HostKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<&str> = self.keys.iter().map(|k| k.kid.as_str()).collect();
+        f.debug_struct("HostKeys").field("kids", &kids).finish()
+    }
+}
+
+fn kid_of(key: &[u8; 32]) -> String {
+    crate::hex(&Sha256::digest(key)[..4])
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+impl HostKeys {
+    /// Keys from the text of a host keys file (`file` names it in errors).
+    pub fn parse(text: &str, file: &str) -> Result<HostKeys, KeysError> {
+        let mut keys = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let key = unhex32(line).ok_or_else(|| KeysError::BadKey { file: file.to_owned(), line: n + 1 })?;
+            keys.push(HostKey { kid: kid_of(&key), key });
+        }
+        if keys.is_empty() {
+            return Err(KeysError::Empty { file: file.to_owned() });
+        }
+        Ok(HostKeys { keys })
+    }
+
+    /// Reads a host keys file.
+    pub fn load(path: &std::path::Path) -> Result<HostKeys, KeysError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| KeysError::File { file: file.clone(), message: e.to_string() })?;
+        HostKeys::parse(&text, &file)
+    }
+
+    /// A new host keys file's text with `key` (32 random bytes) as its one key.
+    pub fn file_text(key: &[u8; 32]) -> String {
+        format!(
+            "# ops fleet host key {}: the first line issues host credentials, every line checks them\n{}\n",
+            kid_of(key),
+            crate::hex(key)
+        )
+    }
+
+    /// The id of the key that issues.
+    pub fn current_kid(&self) -> &str {
+        &self.keys[0].kid
+    }
+
+    fn mac(key: &[u8; 32], hostname: &str, serial: u64) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+        mac.update(DOMAIN);
+        mac.update(hostname.as_bytes());
+        mac.update(b"\n");
+        mac.update(serial.to_string().as_bytes());
+        mac
+    }
+
+    /// The credential of `hostname` issued at `serial`, by the first key.
+    pub fn issue(&self, hostname: &str, serial: u64) -> String {
+        let k = &self.keys[0];
+        let tag = Self::mac(&k.key, hostname, serial).finalize().into_bytes();
+        format!("{PREFIX}{}.{serial}.{}", k.kid, crate::hex(&tag))
+    }
+
+    /// Checks that `credential` is `hostname`'s, by any of the keys; returns its serial.
+    pub fn check(&self, hostname: &str, credential: &str) -> Result<u64, CredentialError> {
+        let rest = credential.trim().strip_prefix(PREFIX).ok_or(CredentialError::Malformed)?;
+        let mut parts = rest.split('.');
+        let (Some(kid), Some(serial), Some(tag), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(CredentialError::Malformed);
+        };
+        let serial: u64 = serial.parse().map_err(|_| CredentialError::Malformed)?;
+        let tag = unhex32(tag).ok_or(CredentialError::Malformed)?;
+        let key = self.keys.iter().find(|k| k.kid == kid).ok_or_else(|| CredentialError::UnknownKey(kid.to_owned()))?;
+        // `verify_slice` compares in constant time.
+        Self::mac(&key.key, hostname, serial).verify_slice(&tag).map_err(|_| CredentialError::Mismatch(hostname.to_owned()))?;
+        Ok(serial)
+    }
+}
+
+/// `POST /enroll`'s body: the host asking for its credential. The enrollment secret goes in
+/// `Authorization: Bearer`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EnrollRequest {
+    pub hostname: String,
+}
+
+/// `POST /enroll`'s reply.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EnrollReply {
+    pub hostname: String,
+    pub credential: String,
+    pub serial: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(lines: &[[u8; 32]]) -> HostKeys {
+        let text: String = lines.iter().map(|k| format!("{}\n", crate::hex(k))).collect();
+        HostKeys::parse(&text, "host.keys").unwrap()
+    }
+
+    #[test]
+    fn a_credential_names_one_host_and_one_key() {
+        let k = keys(&[[7; 32]]);
+        let c = k.issue("web-1", 1_700_000_000_000);
+        assert!(c.starts_with(&format!("ops1.{}.1700000000000.", k.current_kid())), "{c}");
+        assert_eq!(k.check("web-1", &c), Ok(1_700_000_000_000));
+        assert_eq!(k.check("web-2", &c), Err(CredentialError::Mismatch("web-2".into())), "another host's");
+        let forged = c.replace(".1700000000000.", ".1700000000001.");
+        assert_eq!(k.check("web-1", &forged), Err(CredentialError::Mismatch("web-1".into())), "the serial is signed too");
+        let mut flipped = c.clone();
+        let last = flipped.pop().unwrap();
+        flipped.push(if last == '0' { '1' } else { '0' });
+        assert_eq!(k.check("web-1", &flipped), Err(CredentialError::Mismatch("web-1".into())));
+        let other = keys(&[[8; 32]]);
+        assert!(matches!(other.check("web-1", &c), Err(CredentialError::UnknownKey(_))));
+        for bad in ["", "ops1.", "ops1.a.b.c", "ops2.x.1.00", &format!("{c}.x"), "ops1.abcd.12.zz"] {
+            assert_eq!(k.check("web-1", bad), Err(CredentialError::Malformed), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn rotation_issues_with_the_first_key_and_checks_with_all() {
+        let old = keys(&[[1; 32]]);
+        let issued_before = old.issue("h", 5);
+        let both = keys(&[[2; 32], [1; 32]]);
+        assert_eq!(both.check("h", &issued_before), Ok(5), "credentials of the old key still check");
+        let issued_after = both.issue("h", 6);
+        assert_ne!(both.current_kid(), old.current_kid());
+        assert!(matches!(old.check("h", &issued_after), Err(CredentialError::UnknownKey(_))));
+        let new_only = keys(&[[2; 32]]);
+        assert!(
+            matches!(new_only.check("h", &issued_before), Err(CredentialError::UnknownKey(_))),
+            "dropping the old line ends its credentials"
+        );
+    }
+
+    #[test]
+    fn a_host_keys_file_is_checked_line_by_line() {
+        let text = HostKeys::file_text(&[9; 32]);
+        assert!(HostKeys::parse(&text, "f").is_ok());
+        assert_eq!(HostKeys::parse("# only a comment\n", "f").unwrap_err(), KeysError::Empty { file: "f".into() });
+        assert_eq!(HostKeys::parse("abcd\n", "f").unwrap_err(), KeysError::BadKey { file: "f".into(), line: 1 });
+        assert!(!format!("{:?}", HostKeys::parse(&text, "f").unwrap()).contains(&crate::hex(&[9; 32])), "Debug never shows a key");
+    }
+}
