@@ -65,6 +65,8 @@ struct Host {
     error: String,
     /// Ever answered the target version.
     told: bool,
+    /// Its host credential, once enrolled (sent with every heartbeat).
+    credential: Option<String>,
 }
 
 struct Sim {
@@ -82,6 +84,7 @@ impl Sim {
                 version: FROM.into(),
                 error: String::new(),
                 told: false,
+                credential: None,
             })
             .collect();
         Sim { hosts, install: Install::Works, waves: vec![10, 50, 100] }
@@ -109,7 +112,19 @@ impl Sim {
             if !h.error.is_empty() {
                 agent["lastError"] = json!(h.error);
             }
-            let (status, reply) = post_json(&relay.url("/heartbeat"), json!({"hostname": h.name, "realAgents": [agent]}).to_string());
+            let body = json!({"hostname": h.name, "realAgents": [agent]}).to_string();
+            let (status, reply) = match &h.credential {
+                None => post_json(&relay.url("/heartbeat"), body),
+                Some(c) => {
+                    let r = reqwest::blocking::Client::new()
+                        .post(relay.url("/heartbeat"))
+                        .header(ops_config::enroll::CREDENTIAL_HEADER, c)
+                        .body(body)
+                        .send()
+                        .unwrap();
+                    (r.status().as_u16(), r.json().unwrap_or(Value::Null))
+                }
+            };
             assert_eq!(status, 200, "{}: {reply}", h.name);
             let desired = reply["desiredAgents"][0]["version"].as_str().unwrap().to_owned();
             if desired == TARGET {
@@ -217,6 +232,70 @@ fn a_rollout_advances_wave_by_wave_to_every_host() {
     // Status queries know what each host should run now.
     let summary = get_json(&c.meta(2).url("/status/summary/falcon-agent")).1;
     assert_eq!(summary["converged"], 240, "{summary}");
+}
+
+/// With host credentials checked, the attacks on the judge that anyone reaching `/heartbeat`
+/// could make go nowhere: forged `lastError`s for told hosts (without enrollment they halt
+/// the rollout at once) are answered but never stored over the enrolled hosts' reports, and
+/// invented wave-1 hosts that never converge (without enrollment they keep wave 1 below its
+/// advance share forever) are held, marked unauthenticated, and not judged.
+#[test]
+fn with_enrollment_forged_failures_and_invented_hosts_neither_halt_nor_stall_a_rollout() {
+    let text = agents(r#"  soak = "1s""#);
+    let mut c = Cluster::files(3, &text);
+    let key = c.dir.path().join("host.keys").display().to_string();
+    let (code, out, err) = ops_e2e::opsctl(&["host-key", "--out", &key]);
+    assert_eq!(code, 0, "{out}{err}");
+    let secret = c.dir.path().join("enroll.secret");
+    std::fs::write(&secret, "rollout-enroll-secret-0123456789\n").unwrap();
+    let flags = [format!("--host-key-file={key}"), format!("--enroll-secret-file={}", secret.display())];
+    c.meta_args = FAST.iter().map(|s| s.to_string()).chain(flags.iter().cloned()).collect();
+    c.relay_args = flags.to_vec();
+    c.start_all(2);
+    let mut sim = Sim::new(240);
+    for h in &mut sim.hosts {
+        let r = reqwest::blocking::Client::new()
+            .post(c.relays[0].url("/enroll"))
+            .bearer_auth("rollout-enroll-secret-0123456789")
+            .body(json!({"hostname": h.name}).to_string())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        h.credential = Some(r.json::<Value>().unwrap()["credential"].as_str().unwrap().to_owned());
+    }
+    let invented: Vec<String> = (0..).map(|i| format!("host-x{i:05}")).filter(|h| wave_of(h) == 1).take(100).collect();
+    let attack = |sim: &Sim, c: &Cluster| {
+        for (i, h) in sim.rollout_hosts().filter(|h| h.told).enumerate() {
+            let forged = json!({"hostname": h.name, "realAgents": [{"name": "falcon-agent", "version": FROM, "status": "started", "lastError": "forged failure"}]});
+            let (status, reply) = post_json(&c.relays[i % 2].url("/heartbeat"), forged.to_string());
+            assert_eq!(status, 200, "answered like any Go updater: {reply}");
+        }
+        for (i, h) in invented.iter().enumerate() {
+            let stuck = json!({"hostname": h, "realAgents": [{"name": "falcon-agent", "version": FROM, "status": "started"}]});
+            assert_eq!(post_json(&c.relays[i % 2].url("/heartbeat"), stuck.to_string()).0, 200);
+        }
+    };
+    let done = run_until(&c, &mut sim, Duration::from_secs(90), |s, c| {
+        attack(s, c);
+        s.rollout_hosts().all(|h| h.version == TARGET)
+    });
+    let r = rollout(&c, 0);
+    assert!(done, "every enrolled host reached {TARGET} under the attacks: {} did; {r}", sim.on(TARGET));
+    assert_eq!(r["halted"], false, "{r}");
+    let targeted: Vec<u64> = r["waves"].as_array().unwrap().iter().map(|w| w["targeted"].as_u64().unwrap()).collect();
+    let want: Vec<u64> = (1..=3).map(|k| sim.rollout_hosts().filter(|h| wave_of(&h.name) == k).count() as u64).collect();
+    assert_eq!(targeted, want, "only enrolled hosts are judged");
+    let ignored: f64 =
+        (0..3).map(|i| ops_e2e::metric_at(c.meta(i).url("").trim_end_matches('/'), "ops_meta_reports_unauthenticated_ignored_total")).sum();
+    assert!(ignored >= 1.0, "the forged reports reached the owners and were not stored");
+    let held = eventually(Duration::from_secs(10), || {
+        (0..3).find_map(|i| {
+            let (status, h) = get_json(&c.meta(i).url(&format!("/status/host/{}", invented[0])));
+            (status == 200).then_some(h)
+        })
+    })
+    .expect("an invented host is held");
+    assert_eq!(held["authenticated"], false, "{held}");
 }
 
 #[test]
