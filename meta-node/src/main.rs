@@ -172,7 +172,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
     if cli.max_interned_strings < 2 || cli.max_interned_bytes == 0 {
         return Err("--max-interned-strings must be at least 2 and --max-interned-bytes above 0".into());
     }
-    s.enrollment = Arc::new(cli.enroll.enrollment()?);
+    s.enrollment = Arc::new(cli.enroll.enrollment("meta")?);
     s.intern_limits = meta_node::store::InternLimits { max_strings: cli.max_interned_strings, max_bytes: cli.max_interned_bytes };
     s.limits = cli.listen_limits.limits()?;
     Ok((s, config, signature))

@@ -90,6 +90,7 @@ pub fn describe() {
     describe_gauge!(SNAPSHOT_BYTES, Unit::Bytes, "Size of the last snapshot written.");
     describe_counter!(STATUS_REQUESTS, Unit::Count, "Status queries, by kind (json, text, summary, host).");
     relay::server::Gate::describe("meta");
+    relay::enrollment::Enrollment::describe("meta");
     describe_counter!(
         REPORTS_CLAMPED,
         Unit::Count,

@@ -33,7 +33,8 @@ pub struct EnrollArgs {
 }
 
 impl EnrollArgs {
-    pub fn enrollment(&self) -> Result<Enrollment, String> {
+    /// What these flags ask, on a server whose metrics are `ops_{component}_*`.
+    pub fn enrollment(&self, component: &'static str) -> Result<Enrollment, String> {
         let keys = match &self.host_key_file {
             Some(path) => Some(HostKeys::load(path).map_err(|e| e.to_string())?),
             None => None,
@@ -52,7 +53,7 @@ impl EnrollArgs {
             }
             None => None,
         };
-        Ok(Enrollment { keys, secret, require: self.require_enrollment })
+        Ok(Enrollment { keys, secret, require: self.require_enrollment, component })
     }
 }
 
@@ -62,6 +63,8 @@ pub struct Enrollment {
     keys: Option<HostKeys>,
     secret: Option<String>,
     require: bool,
+    /// `relay` or `meta`: the metrics' prefix.
+    component: &'static str,
 }
 
 impl Enrollment {
@@ -81,10 +84,10 @@ impl Enrollment {
         let Some(keys) = &self.keys else { return Ok(None) };
         match credential {
             Some(c) => {
-                let text = c.to_str().map_err(|_| refused("host credential is malformed".into()))?;
-                keys.check(hostname, text).map(Some).map_err(|e| refused(format!("{e}: report refused; enroll again")))
+                let text = c.to_str().map_err(|_| self.refused("host credential is malformed".into()))?;
+                keys.check(hostname, text).map(Some).map_err(|e| self.refused(format!("{e}: report refused; enroll again")))
             }
-            None if self.require => Err(refused(format!(
+            None if self.require => Err(self.refused(format!(
                 "this server requires a host credential ({CREDENTIAL_HEADER}): enroll the updater with --enroll-secret-file"
             ))),
             None => Ok(None),
@@ -99,7 +102,8 @@ impl Enrollment {
         };
         let given = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         if !given.is_some_and(|g| bool::from(g.trim().as_bytes().ct_eq(secret.as_bytes()))) {
-            ::metrics::counter!("ops_enroll_refused_total").increment(1);
+            let component = self.component;
+            ::metrics::counter!(format!("ops_{component}_enroll_refused_total")).increment(1);
             return Err(Refused(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -112,15 +116,37 @@ impl Enrollment {
             return Err(Refused(StatusCode::BAD_REQUEST, "bad_request", format!("enroll request: bad hostname {:?}", req.hostname)));
         }
         let credential = keys.issue(&req.hostname, now_ms);
-        ::metrics::counter!("ops_enrolled_total").increment(1);
+        let component = self.component;
+        ::metrics::counter!(format!("ops_{component}_enrolled_total")).increment(1);
         tracing::info!(hostname = %req.hostname, serial = now_ms, "host enrolled");
         Ok(EnrollReply { hostname: req.hostname, credential, serial: now_ms })
     }
 }
 
-fn refused(message: String) -> Refused {
-    ::metrics::counter!("ops_heartbeats_unauthenticated_refused_total").increment(1);
-    Refused(StatusCode::UNAUTHORIZED, "credential", message)
+impl Enrollment {
+    /// A heartbeat refused for its credential (or its lack of one), counted in
+    /// `ops_{component}_credential_refused_total`.
+    fn refused(&self, message: String) -> Refused {
+        let component = self.component;
+        ::metrics::counter!(format!("ops_{component}_credential_refused_total")).increment(1);
+        Refused(StatusCode::UNAUTHORIZED, "credential", message)
+    }
+
+    /// Describes the metrics of `component`'s enrollment.
+    pub fn describe(component: &str) {
+        use metrics::{Unit, describe_counter};
+        describe_counter!(
+            format!("ops_{component}_credential_refused_total"),
+            Unit::Count,
+            "Heartbeats refused (401) for a host credential that is not the reported host's, or none under --require-enrollment."
+        );
+        describe_counter!(format!("ops_{component}_enrolled_total"), Unit::Count, "Host credentials issued at POST /enroll.");
+        describe_counter!(
+            format!("ops_{component}_enroll_refused_total"),
+            Unit::Count,
+            "POST /enroll refused for a missing or wrong enrollment secret."
+        );
+    }
 }
 
 /// Unix time in milliseconds: a credential's serial.

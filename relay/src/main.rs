@@ -152,7 +152,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
         tls: cli.tls.server_config()?,
         packages: None,
         limits: cli.listen_limits.limits()?,
-        enrollment: std::sync::Arc::new(cli.enroll.enrollment()?),
+        enrollment: std::sync::Arc::new(cli.enroll.enrollment("relay")?),
         // Set once the listening address is known (port 0); the flags are checked here.
         cache: {
             let listen = cli.listen.parse().unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));

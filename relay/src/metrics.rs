@@ -24,6 +24,7 @@ pub const BATCH_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 500
 
 pub fn describe() {
     crate::server::Gate::describe("relay");
+    crate::enrollment::Enrollment::describe("relay");
     describe_counter!(HEARTBEATS, Unit::Count, "Heartbeats received, by result (ok, bad_request, too_large, no_config).");
     describe_histogram!(HEARTBEAT_DURATION, Unit::Seconds, "Time to answer one heartbeat.");
     describe_counter!(CONFIG_POLLS, Unit::Count, "Desired-config polls of the meta nodes, by result (changed, unchanged, error).");
