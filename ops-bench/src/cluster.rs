@@ -117,6 +117,25 @@ struct Mtls {
 
 static MTLS: std::sync::OnceLock<Mtls> = std::sync::OnceLock::new();
 
+/// The host key file every meta node and relay started checks credentials with (`--enrollment`).
+static HOST_KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Turns enrollment on for the cluster started next: writes a host key into `dir` (what
+/// `opsctl host-key` writes) and gives it to every meta node and relay (`--host-key-file`).
+/// Returns the keys, which the simulated updaters sign their hostnames with.
+pub fn enable_enrollment(dir: &Path) -> anyhow::Result<std::sync::Arc<ops_config::enroll::HostKeys>> {
+    use sha2::Digest;
+    std::fs::create_dir_all(dir)?;
+    let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
+    let key: [u8; 32] = sha2::Sha256::digest(seed.as_bytes()).into();
+    let path = dir.join("host.keys");
+    let text = ops_config::enroll::HostKeys::file_text(&key);
+    ops_config::disk::write_private(&path, text.as_bytes())?;
+    let keys = ops_config::enroll::HostKeys::parse(&text, &path.display().to_string())?;
+    HOST_KEY.set(path).map_err(|_| anyhow::anyhow!("enrollment enabled twice"))?;
+    Ok(std::sync::Arc::new(keys))
+}
+
 /// Makes the cluster CA in `dir/ca` and turns `mtls = true` on for the cluster started next:
 /// meta nodes serve HTTPS with certificates naming them (and 127.0.0.1), relays show theirs
 /// to the meta nodes (`--identity-cert`) and still serve the simulated updaters plain HTTP.
@@ -422,6 +441,9 @@ impl Cluster {
         ];
         args.extend_from_slice(extra);
         args.extend(identity_args(&id)?);
+        if let Some(key) = HOST_KEY.get() {
+            args.extend(["--host-key-file".to_owned(), key.display().to_string()]);
+        }
         if let Some(n) = self.threads {
             args.extend(["--worker-threads".to_owned(), n.to_string()]);
         }

@@ -63,6 +63,9 @@ pub struct Fleet {
     flags: Vec<AtomicU8>,
     /// Hosts whose install of the rollout version fails, in basis points of the fleet.
     bad_build_bp: u64,
+    /// With enrollment (`--enrollment`): the host key each host's credential is made with,
+    /// as `POST /enroll` would have issued it (made per request: no 100 MB of credentials).
+    keys: std::sync::OnceLock<Arc<ops_config::enroll::HostKeys>>,
 }
 
 /// The host's last install failed: it reports `lastError` and keeps its version.
@@ -85,7 +88,19 @@ impl Fleet {
             ready_ms: (0..n).map(|_| AtomicU32::new(0)).collect(),
             flags: (0..n).map(|_| AtomicU8::new(0)).collect(),
             bad_build_bp: (bad_build_rate.clamp(0.0, 1.0) * 10_000.0).round() as u64,
+            keys: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Every host sends a host credential from now on (made with `keys`).
+    pub fn enroll(&self, keys: Arc<ops_config::enroll::HostKeys>) {
+        let _ = self.keys.set(keys);
+    }
+
+    /// Host `i`'s credential header, with enrollment.
+    fn credential(&self, i: u64) -> Option<hyper::header::HeaderValue> {
+        let keys = self.keys.get()?;
+        hyper::header::HeaderValue::from_str(&keys.issue(&hostname(i), 1)).ok()
     }
 
     /// Whether host `i` fails the rollout version's install (a fixed pseudo-random choice).
@@ -273,9 +288,10 @@ pub async fn run(targets: &[SocketAddr], fleet: &Arc<Fleet>, connections: usize,
                 let own = (i % targets.len() as u64) as usize;
                 let t0 = Instant::now();
                 let body = bytes::Bytes::from(fleet.body(i));
+                let credential = fleet.credential(i);
                 let mut reply = None;
                 for k in (0..targets.len()).map(|d| (own + d) % targets.len()) {
-                    reply = post(&mut conns[k], targets[k], body.clone()).await;
+                    reply = post(&mut conns[k], targets[k], body.clone(), credential.clone()).await;
                     if reply.is_some() {
                         if k != own {
                             live.failovers.fetch_add(1, Ordering::Relaxed);
@@ -322,7 +338,12 @@ type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::
 /// One heartbeat over a keep-alive HTTP/1.1 connection (opened if needed); the body of a 2xx
 /// reply, read whole. The bench uses hyper's client directly: it is the load generator, and a
 /// heavier client would measure itself.
-async fn post(conn: &mut Option<Conn>, addr: SocketAddr, body: bytes::Bytes) -> Option<bytes::Bytes> {
+async fn post(
+    conn: &mut Option<Conn>,
+    addr: SocketAddr,
+    body: bytes::Bytes,
+    credential: Option<hyper::header::HeaderValue>,
+) -> Option<bytes::Bytes> {
     use http_body_util::BodyExt;
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         *conn = connect(addr).await;
@@ -332,10 +353,13 @@ async fn post(conn: &mut Option<Conn>, addr: SocketAddr, body: bytes::Bytes) -> 
         *conn = None;
         return None;
     }
-    let req = hyper::Request::post("/heartbeat")
+    let mut req = hyper::Request::post("/heartbeat")
         .header(hyper::header::HOST, addr.to_string())
         .body(http_body_util::Full::new(body))
         .expect("a valid request");
+    if let Some(c) = credential {
+        req.headers_mut().insert(ops_config::enroll::CREDENTIAL_HEADER, c);
+    }
     let work = async {
         let res = sender.send_request(req).await.ok()?;
         let ok = res.status().is_success();

@@ -126,6 +126,11 @@ struct Cli {
     /// relays, so the heartbeat path's figures show what TLS between relay and meta costs.
     #[arg(long)]
     mtls: bool,
+    /// Turn enrollment on (own cluster only): the bench makes a host key, every meta node and
+    /// relay checks heartbeats' host credentials with it (`--host-key-file`), and every
+    /// simulated updater sends its own; the heartbeat path's figures then include the check.
+    #[arg(long)]
+    enrollment: bool,
     /// Write every figure to this JSON file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -226,11 +231,16 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let own = cli.relay.is_empty();
     anyhow::ensure!(own || !cli.mtls, "--mtls starts the bench's own cluster under mutual TLS: not with --relay");
     let dir = std::env::temp_dir().join(format!("ops-bench-{}", std::process::id()));
+    anyhow::ensure!(own || !cli.enrollment, "--enrollment starts the bench's own cluster with host keys: not with --relay");
+    let mut host_keys = None;
     let mut cluster = if own {
         eprintln!("starting {} meta nodes and {} relays from the release binaries ...", cli.meta, cli.relays);
         let dir = dir.clone();
         if cli.mtls {
             cluster::enable_mtls(&dir)?;
+        }
+        if cli.enrollment {
+            host_keys = Some(cluster::enable_enrollment(&dir)?);
         }
         let (m, r, t) = (cli.meta, cli.relays, Some(cli.server_threads).filter(|&n| n > 0));
         Some(tokio::task::spawn_blocking(move || cluster::Cluster::start(&dir, m, r, AGENTS_TOML, 1000, t)).await??)
@@ -250,6 +260,9 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
 
     // 1. register: one sweep of every host.
     let fleet = load::Fleet::new(cli.hosts, cli.agents, Duration::from_millis(cli.install_delay_ms), cli.bad_build_rate.unwrap_or(0.0));
+    if let Some(keys) = host_keys.clone() {
+        fleet.enroll(keys);
+    }
     let never = load::Live::new();
     let register = load::run(&relays, &fleet, cli.connections, "register", load::Plan::Sweep, &never).await;
     println!(
@@ -448,6 +461,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
     let row = |name: &str, value: String| println!("{name:<30} {value:>14}");
     row("hosts", cli.hosts.to_string());
     row("relay -> meta", (if cli.mtls { "mTLS" } else { "HTTP" }).to_string());
+    row("host credentials", (if cli.enrollment { "checked" } else { "off" }).to_string());
     row("errors", errors.to_string());
     row("register heartbeats/s", format!("{:.0}", register.rate()));
     row("register p50 / p99 ms", format!("{:.2} / {:.2}", register.percentile_ms(0.5), register.percentile_ms(0.99)));
@@ -521,6 +535,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
             "hosts": cli.hosts,
             "agents": cli.agents,
             "mtls": cli.mtls,
+            "enrollment": cli.enrollment,
             "ok": ok,
             "errors": errors,
             "wall_s": wall_s,
