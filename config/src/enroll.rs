@@ -49,7 +49,9 @@ pub enum KeysError {
 
 struct HostKey {
     kid: String,
-    key: [u8; 32],
+    /// The HMAC keyed with this key, domain already fed: cloned per credential, so a check
+    /// does not redo the key schedule.
+    keyed: Hmac<Sha256>,
 }
 
 /// The cluster's host keys: the first issues, all check.
@@ -89,7 +91,9 @@ impl HostKeys {
                 continue;
             }
             let key = unhex32(line).ok_or_else(|| KeysError::BadKey { file: file.to_owned(), line: n + 1 })?;
-            keys.push(HostKey { kid: kid_of(&key), key });
+            let mut keyed = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key length");
+            keyed.update(DOMAIN);
+            keys.push(HostKey { kid: kid_of(&key), keyed });
         }
         if keys.is_empty() {
             return Err(KeysError::Empty { file: file.to_owned() });
@@ -118,19 +122,20 @@ impl HostKeys {
         &self.keys[0].kid
     }
 
-    fn mac(key: &[u8; 32], hostname: &str, serial: u64) -> Hmac<Sha256> {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
-        mac.update(DOMAIN);
+    /// The MAC of `hostname` and `serial` (its decimal text, as the credential carries it).
+    fn mac(key: &HostKey, hostname: &str, serial: &str) -> Hmac<Sha256> {
+        let mut mac = key.keyed.clone();
         mac.update(hostname.as_bytes());
         mac.update(b"\n");
-        mac.update(serial.to_string().as_bytes());
+        mac.update(serial.as_bytes());
         mac
     }
 
     /// The credential of `hostname` issued at `serial`, by the first key.
     pub fn issue(&self, hostname: &str, serial: u64) -> String {
         let k = &self.keys[0];
-        let tag = Self::mac(&k.key, hostname, serial).finalize().into_bytes();
+        let serial = serial.to_string();
+        let tag = Self::mac(k, hostname, &serial).finalize().into_bytes();
         format!("{PREFIX}{}.{serial}.{}", k.kid, crate::hex(&tag))
     }
 
@@ -138,14 +143,16 @@ impl HostKeys {
     pub fn check(&self, hostname: &str, credential: &str) -> Result<u64, CredentialError> {
         let rest = credential.trim().strip_prefix(PREFIX).ok_or(CredentialError::Malformed)?;
         let mut parts = rest.split('.');
-        let (Some(kid), Some(serial), Some(tag), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(kid), Some(serial_text), Some(tag), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(CredentialError::Malformed);
         };
-        let serial: u64 = serial.parse().map_err(|_| CredentialError::Malformed)?;
+        let serial: u64 = serial_text.parse().map_err(|_| CredentialError::Malformed)?;
         let tag = unhex32(tag).ok_or(CredentialError::Malformed)?;
         let key = self.keys.iter().find(|k| k.kid == kid).ok_or_else(|| CredentialError::UnknownKey(kid.to_owned()))?;
         // `verify_slice` compares in constant time.
-        Self::mac(&key.key, hostname, serial).verify_slice(&tag).map_err(|_| CredentialError::Mismatch(hostname.to_owned()))?;
+        // The MAC is over the serial's text as sent: a credential written another way
+        // (leading zeros) is not one that was issued.
+        Self::mac(key, hostname, serial_text).verify_slice(&tag).map_err(|_| CredentialError::Mismatch(hostname.to_owned()))?;
         Ok(serial)
     }
 }
@@ -183,6 +190,8 @@ mod tests {
         assert_eq!(k.check("web-2", &c), Err(CredentialError::Mismatch("web-2".into())), "another host's");
         let forged = c.replace(".1700000000000.", ".1700000000001.");
         assert_eq!(k.check("web-1", &forged), Err(CredentialError::Mismatch("web-1".into())), "the serial is signed too");
+        let padded = c.replace(".1700000000000.", ".01700000000000.");
+        assert_eq!(k.check("web-1", &padded), Err(CredentialError::Mismatch("web-1".into())), "only the serial's text as issued");
         let mut flipped = c.clone();
         let last = flipped.pop().unwrap();
         flipped.push(if last == '0' { '1' } else { '0' });

@@ -1059,7 +1059,7 @@ impl Store {
                 host.class = class;
                 host.told = told;
                 host.waves = waves;
-                let was = host.set_owned(owned);
+                let was = host.owned();
                 host.flags = Host::flags_of(owned, auth);
                 shard.count_owned(Some(was), Some(owned));
                 shard.set_agents(slot, agents);
