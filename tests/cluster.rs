@@ -559,7 +559,10 @@ fn slowloris(addr: std::net::SocketAddr, component: &str) {
     let reply = ops_e2e::read_http_response(&mut kept);
     assert!(reply.starts_with("HTTP/1.1 200"), "{component}: the kept-alive connection is still answered: {reply}");
     drop(kept);
-    let (_, metrics) = ops_e2e::get_text(&format!("http://{addr}/metrics"));
+    drop(more);
+    // The slots free as the server sees those connections close.
+    let metrics = eventually(Duration::from_secs(10), || ops_e2e::get(&format!("http://{addr}/metrics")).ok()?.text().ok())
+        .unwrap_or_else(|| panic!("{component}: /metrics once the connections closed"));
     let refused = metrics
         .lines()
         .find_map(|l| l.strip_prefix(&format!("ops_{component}_connections_refused_total ")))
