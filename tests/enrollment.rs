@@ -160,3 +160,129 @@ fn with_require_enrollment_a_heartbeat_without_a_credential_is_refused() {
     let bad = ops_e2e::Meta::try_start_at("127.0.0.1:0", &["--agents", &a, "--data-dir", &d, "--require-enrollment"]);
     assert!(bad.is_err_and(|log| log.contains("need --host-key-file")));
 }
+
+/// `opsctl enrollment` against a real meta node and relay, with the real updater: a
+/// re-enrolment refuses the credential a host holds (a stolen copy too) at the relay and the
+/// meta node, and the updater enrolls again in the same cycle; a revocation refuses the
+/// host's credentials and its enrolment, and a relay that has not yet taken the config cannot
+/// slip its reports past the meta node. The records lose their authenticated mark.
+#[test]
+fn withdrawn_credentials_are_refused_everywhere_and_the_updater_enrolls_again() {
+    let work = tempfile::tempdir().unwrap();
+    let mut c = Cluster::files(1, &local_agents(work.path()));
+    let (key, secret) = enrollment_files(c.dir.path());
+    let flags = vec![format!("--host-key-file={key}"), format!("--enroll-secret-file={secret}")];
+    c.meta_args.extend(flags.iter().cloned());
+    c.relay_args.extend(flags);
+    c.start_all(1);
+    let relay = c.relays[0].url("");
+    let relay = relay.trim_end_matches('/').to_owned();
+    let meta = c.meta(0).url("");
+    let meta = meta.trim_end_matches('/').to_owned();
+    let server = format!("--server={}", c.meta(0).addr);
+    let token = format!("--token-file={}", c.dir.path().join("cluster.token").display());
+
+    let state = c.dir.path().join("updater-state");
+    let (secret_arg, state_arg, relay_arg) =
+        (format!("--enroll-secret-file={secret}"), format!("--state-dir={}", state.display()), format!("--server={relay}"));
+    let updater = |ip: &str| {
+        let ip = format!("--ip={ip}");
+        let (_, log) = ops_e2e::Proc::run_to_exit(
+            "ops-updater",
+            &["--once", &relay_arg, "--hostname=web-1", &ip, "--control-timeout-seconds=2", &secret_arg, &state_arg],
+        );
+        log
+    };
+    let credential = || std::fs::read_to_string(state.join("host-credential")).map(|c| c.trim().to_owned()).unwrap_or_default();
+    let log = updater("10.0.0.1");
+    assert!(log.contains("enrolled: host credential kept"), "{log}");
+    let stolen = credential();
+    assert!(eventually(Duration::from_secs(15), || (host_view(&c, "web-1")["authenticated"] == true).then_some(())).is_some());
+    let relay_hash = |c: &Cluster| get_json(&c.relays[0].url("/health")).1["configHash"].as_str().unwrap_or("").to_owned();
+    let meta_hash = |c: &Cluster| get_json(&c.meta(0).url("/health")).1["configHash"].as_str().unwrap_or("").to_owned();
+    let relay_took_it = |c: &Cluster| eventually(Duration::from_secs(15), || (relay_hash(c) == meta_hash(c)).then_some(())).is_some();
+
+    // re-enroll: the credential held now is refused at both; the updater enrolls again.
+    let (code, out, err) = ops_e2e::opsctl(&[&server, &token, "enrollment", "re-enroll", "web-1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("[enrollment.hosts]") && out.contains("web-1 = { not_before = "), "{out}");
+    assert!(relay_took_it(&c), "the relay takes the edited config");
+    assert_eq!(host_view(&c, "web-1")["authenticated"], false, "the record's mark is cleared: {}", host_view(&c, "web-1"));
+    let cred = ops_config::enroll::CREDENTIAL_HEADER;
+    for url in [&relay, &meta] {
+        let (status, reply) = post(&format!("{url}/heartbeat"), &[(cred, &stolen)], heartbeat("web-1", "6.6.6", "halt it"));
+        assert_eq!(status, 401, "{url}: {reply}");
+        assert!(reply["errorMessage"].as_str().unwrap().contains("issued before the operator's not_before"), "{reply}");
+    }
+    assert!(ops_e2e::metric_at(&relay, "ops_relay_credential_revoked_total") >= 1.0);
+    assert!(ops_e2e::metric_at(&meta, "ops_meta_credential_revoked_total") >= 1.0);
+    let log = updater("10.0.0.2");
+    assert!(log.contains("host credential refused: enrolling again") && log.contains("enrolled: host credential kept"), "{log}");
+    let fresh = credential();
+    assert!(!fresh.is_empty() && fresh != stolen, "a new credential");
+    let back = eventually(Duration::from_secs(15), || {
+        let h = host_view(&c, "web-1");
+        (h["ip"] == "10.0.0.2" && h["authenticated"] == true).then_some(())
+    });
+    assert!(back.is_some(), "the same cycle reported with the new credential: {}", host_view(&c, "web-1"));
+    let (code, out, err) = ops_e2e::opsctl(&[&server, "enrollment", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("web-1") && out.contains("issued before") && out.contains("authenticated"), "{out}");
+
+    // revoke: every credential of web-1 refused, its enrolment too.
+    let (code, out, err) = ops_e2e::opsctl(&[&server, &token, "enrollment", "revoke", "web-1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(relay_took_it(&c));
+    let (status, reply) = post(&format!("{relay}/heartbeat"), &[(cred, &fresh)], heartbeat("web-1", "6.6.6", "halt it"));
+    assert_eq!(status, 401, "{reply}");
+    assert!(reply["errorMessage"].as_str().unwrap().contains("revoked by the operator"), "{reply}");
+    let (status, reply) =
+        post(&format!("{relay}/enroll"), &[("authorization", &format!("Bearer {SECRET}"))], json!({"hostname": "web-1"}).to_string());
+    assert_eq!(status, 403, "{reply}");
+    assert_eq!(host_view(&c, "web-1")["authenticated"], false);
+    // A relay with an older config (or a hostile one with a relay's token) forwards a report
+    // with the revoked credential's serial: the meta node drops it.
+    let serial: u64 = fresh.split('.').nth(2).unwrap().parse().unwrap();
+    let mut body = Vec::new();
+    ops_config::compact::begin(&mut body);
+    let hb = ops_config::Heartbeat {
+        hostname: "web-1".into(),
+        ip: "10.6.6.6".into(),
+        run_user: "".into(),
+        updater_version: "".into(),
+        real_agents: Vec::new(),
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as u32;
+    ops_config::compact::encode(ops_config::compact::Record { seen: now + 1, told: 0, relay: "relay-1", auth: Some(serial) }, &hb, &mut body);
+    let r = reqwest::blocking::Client::new()
+        .post(format!("{meta}/internal/batch"))
+        .bearer_auth(ops_e2e::cluster::TOKEN)
+        .header("content-type", ops_config::compact::CONTENT_TYPE)
+        .body(body)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text());
+    assert_eq!(ops_e2e::metric_at(&meta, "ops_meta_reports_revoked_total"), 1.0);
+    assert_eq!(host_view(&c, "web-1")["ip"], "10.0.0.2", "nothing of it stored");
+    // The updater cannot enroll; it goes on without a credential, answered, unauthenticated.
+    let log = updater("10.0.0.3");
+    assert!(log.contains("cannot enroll") && log.contains("revoked by the operator"), "{log}");
+    let unauth = eventually(Duration::from_secs(15), || (host_view(&c, "web-1")["ip"] == "10.0.0.3").then_some(()));
+    assert!(unauth.is_some(), "stored as unauthenticated: {}", host_view(&c, "web-1"));
+    assert_eq!(host_view(&c, "web-1")["authenticated"], false);
+    let (code, out, _) = ops_e2e::opsctl(&[&server, "enrollment", "list"]);
+    assert!(code == 0 && out.contains("revoked (credentials and enrollment)") && out.contains("unauthenticated"), "{out}");
+
+    // restore: it may enroll again.
+    let (code, out, err) = ops_e2e::opsctl(&[&server, &token, "enrollment", "restore", "web-1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(relay_took_it(&c));
+    let log = updater("10.0.0.4");
+    assert!(log.contains("enrolled: host credential kept"), "{log}");
+    let restored = eventually(Duration::from_secs(15), || {
+        let h = host_view(&c, "web-1");
+        (h["ip"] == "10.0.0.4" && h["authenticated"] == true).then_some(())
+    });
+    assert!(restored.is_some(), "{}", host_view(&c, "web-1"));
+}

@@ -126,6 +126,8 @@ pub struct DesiredConfig {
     /// Per class: for each rollout that applies there (no `others` block of its agent
     /// matched), `(r, the agent's desired state once the host's wave is open)`.
     class_targets: Vec<Vec<(usize, DesiredAgent)>>,
+    /// `[enrollment]`: host credentials withdrawn.
+    revocations: crate::enroll::Revocations,
 }
 
 /// Most agents with a rollout in one config: a host's rollout state is a bit mask of this
@@ -139,6 +141,23 @@ struct RawFile {
     expires: Option<Spanned<toml::value::Datetime>>,
     #[serde(default)]
     agent: Vec<Spanned<RawAgent>>,
+    enrollment: Option<RawEnrollment>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnrollment {
+    not_before: Option<Spanned<toml::value::Datetime>>,
+    #[serde(default)]
+    hosts: std::collections::BTreeMap<String, Spanned<RawHostRevocation>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHostRevocation {
+    not_before: Option<Spanned<toml::value::Datetime>>,
+    #[serde(default)]
+    revoked: bool,
 }
 
 #[derive(Deserialize)]
@@ -229,6 +248,42 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    /// A `not_before` datetime as unix milliseconds (fractions of a second kept to the ms).
+    fn not_before(&self, v: &Spanned<toml::value::Datetime>) -> Result<u64, ConfigError> {
+        let ms = v.get_ref().time.map_or(0, |t| u64::from(t.nanosecond) / 1_000_000);
+        crate::trust::unix_seconds(v.get_ref())
+            .map(|s| s.saturating_mul(1000) + ms)
+            .map_err(|_| self.err(v.span(), format_args!("not_before must be a full time with its offset, like 2027-01-05T00:00:00Z; got {}", v.get_ref())))
+    }
+
+    fn enrollment(&self, e: &RawEnrollment) -> Result<crate::enroll::Revocations, ConfigError> {
+        use crate::enroll::HostRevocation;
+        let not_before = e.not_before.as_ref().map(|v| self.not_before(v)).transpose()?.unwrap_or(0);
+        if e.hosts.len() > crate::enroll::MAX_REVOKED_HOSTS {
+            let first = e.hosts.values().next().map_or(0..0, Spanned::span);
+            return Err(self.err(first, format_args!("[enrollment.hosts] may name at most {} hosts", crate::enroll::MAX_REVOKED_HOSTS)));
+        }
+        let mut hosts = Vec::with_capacity(e.hosts.len());
+        for (name, v) in &e.hosts {
+            if !crate::wire::valid_hostname(name) {
+                return Err(self.err(v.span(), format_args!("[enrollment.hosts]: bad hostname {name:?}")));
+            }
+            let r = v.get_ref();
+            let revocation = match (&r.not_before, r.revoked) {
+                (None, true) => HostRevocation::Revoked,
+                (Some(t), false) => HostRevocation::NotBefore(self.not_before(t)?),
+                _ => {
+                    return Err(self.err(
+                        v.span(),
+                        format_args!("[enrollment.hosts] {name:?}: give either revoked = true or not_before = <time>"),
+                    ));
+                }
+            };
+            hosts.push((name.clone(), revocation));
+        }
+        Ok(crate::enroll::Revocations::new(not_before, hosts))
+    }
+
     fn err(&self, span: Range<usize>, message: impl fmt::Display) -> ConfigError {
         let (line, col) = line_col(self.text, span.start);
         ConfigError::At { file: self.file.to_owned(), line, col, message: message.to_string() }
@@ -524,7 +579,13 @@ impl DesiredConfig {
             })
             .collect();
 
+        let revocations = match &raw.enrollment {
+            Some(e) => checker.enrollment(e)?,
+            None => crate::enroll::Revocations::default(),
+        };
+
         Ok(DesiredConfig {
+            revocations,
             agents,
             version,
             expires,
@@ -609,6 +670,11 @@ impl DesiredConfig {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { file: file.clone(), message: e.to_string() })?;
         Self::parse(&text, &file)
+    }
+
+    /// `[enrollment]`: the host credentials the operator has withdrawn.
+    pub fn revocations(&self) -> &crate::enroll::Revocations {
+        &self.revocations
     }
 
     /// The content hash of the file text this was parsed from.
@@ -955,6 +1021,29 @@ default = { version = "5.1.5", md5 = "" }
         assert_eq!(DesiredConfig::parse(&four, "x").unwrap().rollouts().count(), 4);
         let five = format!("{four}{}", agent(4));
         assert_eq!(error_of(&five), "agents.toml:43:1: at most 4 agents may have a rollout at once");
+    }
+
+    #[test]
+    fn the_enrollment_table_names_revoked_hosts_and_times() {
+        use crate::enroll::HostRevocation;
+        let base = "[[agent]]\nname = \"a\"\ntarball = \"http://f/r\"\nrun_user = \"u\"\nwork_dir = \"/w\"\ndefault = { version = \"1\" }\n";
+        let c = DesiredConfig::parse(base, "agents.toml").unwrap();
+        assert!(c.revocations().is_empty(), "no [enrollment]: nothing withdrawn");
+        let text = format!(
+            "{base}[enrollment]\nnot_before = 2026-01-01T00:00:00Z\nhosts.\"web-1\" = {{ not_before = 2026-01-02T00:00:00.25+01:00 }}\nhosts.\"web-9\" = {{ revoked = true }}\n"
+        );
+        let c = DesiredConfig::parse(&text, "agents.toml").unwrap();
+        let r = c.revocations();
+        assert_eq!(r.not_before_ms(), 1_767_225_600_000);
+        assert_eq!(r.host("web-1"), Some(HostRevocation::NotBefore(1_767_308_400_250)));
+        assert_eq!(r.host("web-9"), Some(HostRevocation::Revoked));
+        assert_eq!(r.host("web-2"), None);
+        let with = |tail: &str| DesiredConfig::parse(&format!("{base}[enrollment]\n{tail}\n"), "agents.toml").unwrap_err().to_string();
+        assert!(with("hosts.\"a b\" = { revoked = true }").contains("bad hostname \"a b\""), "{}", with("hosts.\"a b\" = { revoked = true }"));
+        assert!(with("hosts.h = { }").contains("either revoked = true or not_before"));
+        assert!(with("hosts.h = { revoked = true, not_before = 2026-01-01T00:00:00Z }").contains("either revoked"));
+        assert!(with("not_before = 2026-01-01T00:00:00").contains("not_before must be a full time with its offset"));
+        assert!(with("revoked = [\"h\"]").contains("unknown field"), "{}", with("revoked = [\"h\"]"));
     }
 
     #[test]

@@ -157,6 +157,93 @@ impl HostKeys {
     }
 }
 
+/// The `[enrollment]` table of agents.toml: host credentials the operator has withdrawn.
+/// Signed and versioned with the rest of the file, so a relay or meta node takes a revocation
+/// only from the operator, and a replayed older file cannot undo one.
+///
+/// ```toml
+/// [enrollment]
+/// not_before = 2026-12-07T09:00:00Z         # every credential issued before: enroll again
+/// hosts."web-1" = { not_before = 2026-12-07T09:30:00Z }  # `opsctl enrollment re-enroll`
+/// hosts."web-9" = { revoked = true }                      # `opsctl enrollment revoke`
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revocations {
+    /// Credentials issued before this (unix ms) are refused for every host; 0: none.
+    not_before_ms: u64,
+    hosts: std::collections::HashMap<String, HostRevocation>,
+}
+
+/// What `[enrollment.hosts]` says of one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostRevocation {
+    /// Its credentials issued before this (unix ms) are refused: it enrolls again.
+    NotBefore(u64),
+    /// Every credential of it is refused, and so is its enrollment.
+    Revoked,
+}
+
+/// Why a credential that checks (the host's, by a key held here) is still refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Revoked {
+    #[error("host {0} is revoked by the operator ([enrollment] of agents.toml)")]
+    Host(String),
+    #[error("host credential of {0} was issued before the operator's not_before ([enrollment] of agents.toml): enroll again")]
+    Before(String),
+}
+
+/// Most hosts one `[enrollment.hosts]` may name: the table is kept by every relay.
+pub const MAX_REVOKED_HOSTS: usize = 100_000;
+
+impl Revocations {
+    /// Revocations of `not_before_ms` (0: none) and `hosts`; hostnames are not checked here.
+    pub fn new(not_before_ms: u64, hosts: impl IntoIterator<Item = (String, HostRevocation)>) -> Revocations {
+        Revocations { not_before_ms, hosts: hosts.into_iter().collect() }
+    }
+
+    /// Whether nothing is withdrawn (the heartbeat path then looks nothing up).
+    pub fn is_empty(&self) -> bool {
+        self.not_before_ms == 0 && self.hosts.is_empty()
+    }
+
+    /// Whether `hostname`'s credential issued at `serial` is withdrawn.
+    pub fn refuses(&self, hostname: &str, serial: u64) -> Result<(), Revoked> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        if serial < self.not_before_ms {
+            return Err(Revoked::Before(hostname.to_owned()));
+        }
+        match self.hosts.get(hostname) {
+            Some(HostRevocation::Revoked) => Err(Revoked::Host(hostname.to_owned())),
+            Some(HostRevocation::NotBefore(t)) if serial < *t => Err(Revoked::Before(hostname.to_owned())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `hostname` may enroll (it is not revoked).
+    pub fn may_enroll(&self, hostname: &str) -> bool {
+        self.hosts.get(hostname) != Some(&HostRevocation::Revoked)
+    }
+
+    /// What is said of `hostname`, if anything.
+    pub fn host(&self, hostname: &str) -> Option<HostRevocation> {
+        self.hosts.get(hostname).copied()
+    }
+
+    /// Every host named, sorted.
+    pub fn hosts(&self) -> Vec<(&str, HostRevocation)> {
+        let mut v: Vec<(&str, HostRevocation)> = self.hosts.iter().map(|(h, r)| (h.as_str(), *r)).collect();
+        v.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+
+    /// The fleet-wide not_before (unix ms), 0 when none.
+    pub fn not_before_ms(&self) -> u64 {
+        self.not_before_ms
+    }
+}
+
 /// `POST /enroll`'s body: the host asking for its credential. The enrollment secret goes in
 /// `Authorization: Bearer`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -217,6 +304,23 @@ mod tests {
             matches!(new_only.check("h", &issued_before), Err(CredentialError::UnknownKey(_))),
             "dropping the old line ends its credentials"
         );
+    }
+
+    #[test]
+    fn revocations_refuse_by_host_and_by_issue_time_and_nothing_else() {
+        let none = Revocations::default();
+        assert!(none.is_empty() && none.refuses("h", 0).is_ok() && none.may_enroll("h"));
+        let r = Revocations::new(
+            1_000,
+            [("gone".to_owned(), HostRevocation::Revoked), ("again".to_owned(), HostRevocation::NotBefore(5_000))],
+        );
+        assert_eq!(r.refuses("other", 999), Err(Revoked::Before("other".into())), "the fleet-wide not_before");
+        assert!(r.refuses("other", 1_000).is_ok(), "issued at not_before is kept");
+        assert_eq!(r.refuses("gone", u64::MAX), Err(Revoked::Host("gone".into())), "a revoked host: every serial");
+        assert_eq!(r.refuses("again", 4_999), Err(Revoked::Before("again".into())));
+        assert!(r.refuses("again", 5_000).is_ok(), "re-enrolled after its not_before");
+        assert!(!r.may_enroll("gone") && r.may_enroll("again") && r.may_enroll("other"));
+        assert_eq!(r.hosts().iter().map(|h| h.0).collect::<Vec<_>>(), ["again", "gone"]);
     }
 
     #[test]

@@ -140,6 +140,9 @@ struct ReportClock {
     clamped: u64,
     refused: u64,
     full: Option<store::InternFull>,
+    /// Reports whose credential the served `[enrollment]` withdraws (a relay that has not
+    /// taken that config yet let them through): dropped.
+    revoked: u64,
 }
 
 impl ReportClock {
@@ -162,6 +165,10 @@ impl ReportClock {
         if let Some(full) = self.full {
             ::metrics::counter!(crate::metrics::REPORTS_REFUSED).increment(self.refused);
             tracing::warn!(reports = self.refused, error = %full, "reports of a batch refused");
+        }
+        if self.revoked > 0 {
+            ::metrics::counter!(crate::metrics::REPORTS_REVOKED).increment(self.revoked);
+            tracing::warn!(reports = self.revoked, "reports with a host credential the operator withdrew dropped");
         }
         if self.clamped > 0 {
             ::metrics::counter!(crate::metrics::REPORTS_CLAMPED).increment(self.clamped);
@@ -277,11 +284,28 @@ impl Node {
     /// Reloads `agents.toml` from disk (SIGHUP, `/config/reload`); with trusted keys the
     /// config generation follows the signed version of the file now served.
     pub fn reload_config(&self) -> Result<Arc<relay::desired::Loaded>, ops_config::ConfigError> {
+        let previous = self.desired.current();
         let loaded = self.desired.reload()?;
+        self.withdraw_credentials(&previous.config, &loaded.config);
         if let Some(version) = loaded.config.version().filter(|_| !self.settings.trusted_keys.is_empty()) {
             self.generations.serve_signed(version);
         }
         Ok(loaded)
+    }
+
+    /// After a config change: the records of hosts that `now`'s `[enrollment.hosts]` names
+    /// and `before`'s did not (or named otherwise) lose their authenticated mark, so what
+    /// a withdrawn credential reported is no longer believed by the judge.
+    pub fn withdraw_credentials(&self, before: &DesiredConfig, now: &DesiredConfig) {
+        let mut cleared = 0;
+        for (host, r) in now.revocations().hosts() {
+            if before.revocations().host(host) != Some(r) && self.store.deauthenticate(host) {
+                cleared += 1;
+            }
+        }
+        if cleared > 0 {
+            tracing::info!(hosts = cleared, "records of hosts whose credentials were withdrawn are no longer authenticated");
+        }
     }
 
     /// The token to send peers: none under mTLS, where they know this node by its
@@ -357,9 +381,23 @@ impl Node {
         let (mut stored, mut older) = (0, 0);
         let mut relays = store::RelayIndexes::new(&self.store);
         let mut clock = self.report_clock();
+        let revocations = loaded.config.revocations();
         ops_config::compact::decode_checked(bytes, |rec, hb| {
-            let tags =
-                store::Tags { relay: relays.index(rec.relay), auth: rec.auth.is_some(), ..Self::tags(&loaded, &hb.hostname, rec.told) };
+            // A relay checked the credential; the withdrawals are checked again here, against
+            // the config this node serves. A copy handed back carries no serial: it keeps its
+            // mark only if nothing is said of its host.
+            let auth = match rec.auth {
+                Some(_) if handed_back => revocations.host(&hb.hostname).is_none(),
+                Some(serial) => {
+                    if revocations.refuses(&hb.hostname, serial).is_err() {
+                        clock.revoked += 1;
+                        return;
+                    }
+                    true
+                }
+                None => false,
+            };
+            let tags = store::Tags { relay: relays.index(rec.relay), auth, ..Self::tags(&loaded, &hb.hostname, rec.told) };
             let owned = owns(&hb.hostname);
             let seen = clock.seen(rec.seen);
             let kept = if handed_back {
@@ -379,7 +417,13 @@ impl Node {
 
     /// The latest report time a batch may carry now (this node's clock plus the skew allowed).
     fn report_clock(&self) -> ReportClock {
-        ReportClock { ceiling: relay::unix_now().saturating_add(self.settings.max_clock_skew_seconds), clamped: 0, refused: 0, full: None }
+        ReportClock {
+            ceiling: relay::unix_now().saturating_add(self.settings.max_clock_skew_seconds),
+            clamped: 0,
+            refused: 0,
+            full: None,
+            revoked: 0,
+        }
     }
 
     /// How a host's report is stored under `loaded`: its class, and its waves when the config

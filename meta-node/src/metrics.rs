@@ -19,6 +19,7 @@ pub const INTERNED_STRINGS: &str = "ops_meta_interned_strings";
 pub const INTERNED_BYTES: &str = "ops_meta_interned_bytes";
 pub const STRINGS_FREED: &str = "ops_meta_interned_strings_freed_total";
 pub const REPORTS_REFUSED: &str = "ops_meta_reports_refused_total";
+pub const REPORTS_REVOKED: &str = "ops_meta_reports_revoked_total";
 pub const UNAUTHENTICATED_IGNORED: &str = "ops_meta_reports_unauthenticated_ignored_total";
 pub const REPORTS_CLAMPED: &str = "ops_meta_reports_clamped_total";
 pub const BATCHES_RECEIVED: &str = "ops_meta_batches_received_total";
@@ -108,5 +109,10 @@ pub fn describe() {
         REPORTS_REFUSED,
         Unit::Count,
         "Reports refused because a new string of theirs would pass --max-interned-strings or --max-interned-bytes."
+    );
+    describe_counter!(
+        REPORTS_REVOKED,
+        Unit::Count,
+        "Reports of a batch whose host credential the served [enrollment] withdraws: dropped (the relay had an older config)."
     );
 }

@@ -518,7 +518,9 @@ impl Shard {
     /// home): [`Shard::compact`] would give their memory back.
     fn wants_compaction(&self) -> bool {
         let free = self.free.len();
-        free > CHUNK && free > (self.hosts.len() - free) / 2
+        // A quarter of the live hosts: after a failover a survivor's copies are about half
+        // its own hosts, and after they go home every shard is a third free.
+        free > CHUNK && free > (self.hosts.len() - free) / 4
     }
 
     /// Moves the live hosts into fresh slots, none free, and renumbers every table keyed by
@@ -1216,6 +1218,19 @@ impl Store {
             }
         }
         changed
+    }
+
+    /// Clears the authenticated mark of `name`'s record (its credential was withdrawn): the
+    /// judge stops counting it, and a report without a credential may replace it again.
+    /// Returns whether a marked record was there.
+    pub fn deauthenticate(&self, name: &str) -> bool {
+        let hash = self.hasher.hash_one(name);
+        let mut shard = self.shard_of(hash).lock();
+        let Some(slot) = shard.find(hash, name) else { return false };
+        let h = &mut shard.hosts[slot as usize];
+        let was = h.authenticated();
+        h.flags &= !Host::AUTHENTICATED;
+        was
     }
 
     /// Drops the failover copy of `name` if it is still a copy last seen at `seen` (one that

@@ -165,10 +165,24 @@ pub fn edit_rollout(text: &str, agent: &str, edit: Edit) -> Result<String, Failu
 /// `opsctl rollout pause|resume|abort AGENT [--key KEY]`: edits the served file and applies it
 /// against the hash it was read at. A signed config needs `--key` to sign the edit.
 pub fn rollout(s: &Server, agent: &str, edit: Edit, key: Option<&Path>, token: Option<&str>, json: bool) -> Result<(), Failure> {
+    edit_served(s, agent, |text| edit_rollout(text, agent, edit), key, token, json)
+}
+
+/// Reads the served agents.toml, edits it with `edit`, signs the edit with `key` when the
+/// served file is signed, and applies it against the hash it was read at (`what` names the
+/// edit's subject when there is nothing to change).
+pub fn edit_served(
+    s: &Server,
+    what: &str,
+    edit: impl FnOnce(&str) -> Result<String, Failure>,
+    key: Option<&Path>,
+    token: Option<&str>,
+    json: bool,
+) -> Result<(), Failure> {
     let (text, sig, hash) = served(s)?;
-    let mut edited = edit_rollout(&text, agent, edit)?;
+    let mut edited = edit(&text)?;
     if edited == text {
-        println!("{agent}: nothing to change");
+        println!("{what}: nothing to change");
         return Ok(());
     }
     let new_sig = match (sig, key) {
@@ -190,6 +204,11 @@ pub fn rollout(s: &Server, agent: &str, edit: Edit, key: Option<&Path>, token: O
     }
     let (status, v) = s.post(&format!("/config/apply?expect={hash}"), edited, new_sig.as_deref(), token)?;
     report(status, &v, json)
+}
+
+/// The served agents.toml as text, its signature header and its hash.
+pub fn served_config(s: &Server) -> Result<(String, Option<String>, String), Failure> {
+    served(s)
 }
 
 #[cfg(test)]

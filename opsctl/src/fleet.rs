@@ -265,11 +265,12 @@ pub fn host(s: &Server, name: &str, json: bool) -> Result<Option<String>, Failur
         return Ok(None);
     }
     println!(
-        "{} ip {} · updater {} · via {} · last seen {} s ago{}",
+        "{} ip {} · updater {} · via {} · {} · last seen {} s ago{}",
         h["hostname"].as_str().unwrap_or(name),
         h["ip"].as_str().filter(|s| !s.is_empty()).unwrap_or("-"),
         h["updaterVersion"].as_str().filter(|s| !s.is_empty()).unwrap_or("-"),
         h["relay"].as_str().filter(|s| !s.is_empty()).map_or("no relay".to_owned(), |r| format!("relay {r}")),
+        if h["authenticated"] == true { "authenticated" } else { "unauthenticated" },
         n(&h["ageSeconds"]),
         if h["stale"] == true { " (stale)" } else { "" }
     );

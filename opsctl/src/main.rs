@@ -9,6 +9,7 @@
 
 mod ca;
 mod config;
+mod enrollment;
 mod fleet;
 mod stamp;
 
@@ -91,6 +92,15 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Host credentials (`[enrollment]` of the served agents.toml, checked by every relay and
+    /// meta node): `list`; `revoke HOST` (its credentials and its enrollment refused);
+    /// `re-enroll HOST|--all` (the credentials held now refused: the updater enrolls again);
+    /// `restore HOST`. An edit is applied like `config apply` (signed with --key when the
+    /// served config is signed).
+    Enrollment {
+        #[command(subcommand)]
+        action: EnrollmentAction,
+    },
     /// The meta nodes of the cluster map: up or down, config and cluster hashes, hosts held
     /// and failover copies. Exit 2 when a node is down or the hashes differ.
     Cluster,
@@ -167,6 +177,35 @@ enum ConfigAction {
     Rollback {
         #[arg(long)]
         expect: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EnrollmentAction {
+    /// What the served config withdraws, and whether each named host's record is
+    /// authenticated now.
+    List,
+    /// Refuses every credential of HOST and its enrollment (a host gone or taken over).
+    Revoke {
+        host: String,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Refuses the credentials HOST holds now (or every host's, --all): its updater gets a
+    /// 401 and enrolls again with the enrollment secret.
+    ReEnroll {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        host: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Takes HOST out of `[enrollment.hosts]`: it may enroll again.
+    Restore {
+        host: String,
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
 }
 
@@ -439,6 +478,20 @@ fn main() -> ExitCode {
                     ConfigAction::Rollback { expect } => config::rollback(&s, expect.as_deref(), t.as_deref(), json),
                 })
             })
+        }
+        Command::Enrollment { action } => {
+            let (edit, key) = match action {
+                EnrollmentAction::List => (None, None),
+                EnrollmentAction::Revoke { host, key } => (Some(enrollment::Edit::Revoke(host.clone())), key.as_deref()),
+                EnrollmentAction::ReEnroll { host: Some(host), key, .. } => (Some(enrollment::Edit::ReEnroll(host.clone())), key.as_deref()),
+                EnrollmentAction::ReEnroll { host: None, key, .. } => (Some(enrollment::Edit::ReEnrollAll), key.as_deref()),
+                EnrollmentAction::Restore { host, key } => (Some(enrollment::Edit::Restore(host.clone())), key.as_deref()),
+            };
+            match edit {
+                None => server().and_then(|s| enrollment::list(&s, json)),
+                Some(edit) => token(cli.token_file.as_deref())
+                    .and_then(|t| server().and_then(|s| enrollment::apply(&s, &edit, key, t.as_deref(), json))),
+            }
         }
         Command::Cluster => server().and_then(|s| whole(fleet::cluster(&s, json))),
         Command::Completion { shell } => {

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use ops_config::enroll::{CREDENTIAL_HEADER, EnrollReply, EnrollRequest, HostKeys};
+use ops_config::enroll::{CREDENTIAL_HEADER, EnrollReply, EnrollRequest, HostKeys, Revocations};
 use subtle::ConstantTimeEq;
 
 use crate::ingest::Refused;
@@ -79,13 +79,16 @@ impl Enrollment {
     }
 
     /// Checks the credential `hostname`'s heartbeat carried: Some(serial) when it is that
-    /// host's, None when it carried none and that is allowed (or nothing is checked here).
-    pub fn check(&self, hostname: &str, credential: Option<&HeaderValue>) -> Result<Option<u64>, Refused> {
+    /// host's and not withdrawn by `revoked` (the served config's `[enrollment]`), None when it
+    /// carried none and that is allowed (or nothing is checked here).
+    pub fn check(&self, hostname: &str, credential: Option<&HeaderValue>, revoked: &Revocations) -> Result<Option<u64>, Refused> {
         let Some(keys) = &self.keys else { return Ok(None) };
         match credential {
             Some(c) => {
                 let text = c.to_str().map_err(|_| self.refused("host credential is malformed".into()))?;
-                keys.check(hostname, text).map(Some).map_err(|e| self.refused(format!("{e}: report refused; enroll again")))
+                let serial = keys.check(hostname, text).map_err(|e| self.refused(format!("{e}: report refused; enroll again")))?;
+                revoked.refuses(hostname, serial).map_err(|e| self.revoked(e))?;
+                Ok(Some(serial))
             }
             None if self.require => Err(self.refused(format!(
                 "this server requires a host credential ({CREDENTIAL_HEADER}): enroll the updater with --enroll-secret-file"
@@ -95,8 +98,8 @@ impl Enrollment {
     }
 
     /// `POST /enroll`: the credential of the host the body names, for whoever shows the
-    /// enrollment secret.
-    pub fn enroll(&self, headers: &HeaderMap, body: &[u8], now_ms: u64) -> Result<EnrollReply, Refused> {
+    /// enrollment secret, unless `revoked` revokes that host.
+    pub fn enroll(&self, headers: &HeaderMap, body: &[u8], now_ms: u64, revoked: &Revocations) -> Result<EnrollReply, Refused> {
         let (Some(keys), Some(secret)) = (&self.keys, &self.secret) else {
             return Err(Refused(StatusCode::NOT_FOUND, "not_found", "this server does not enroll hosts (no --enroll-secret-file)".into()));
         };
@@ -115,6 +118,15 @@ impl Enrollment {
         if !ops_config::wire::valid_hostname(&req.hostname) {
             return Err(Refused(StatusCode::BAD_REQUEST, "bad_request", format!("enroll request: bad hostname {:?}", req.hostname)));
         }
+        if !revoked.may_enroll(&req.hostname) {
+            let component = self.component;
+            ::metrics::counter!(format!("ops_{component}_enroll_refused_total")).increment(1);
+            return Err(Refused(
+                StatusCode::FORBIDDEN,
+                "revoked",
+                format!("host {} is revoked by the operator: not enrolled ([enrollment] of agents.toml)", req.hostname),
+            ));
+        }
         let credential = keys.issue(&req.hostname, now_ms);
         let component = self.component;
         ::metrics::counter!(format!("ops_{component}_enrolled_total")).increment(1);
@@ -132,6 +144,14 @@ impl Enrollment {
         Refused(StatusCode::UNAUTHORIZED, "credential", message)
     }
 
+    /// A heartbeat whose credential checks but the operator withdrew, counted in
+    /// `ops_{component}_credential_revoked_total`.
+    fn revoked(&self, why: ops_config::enroll::Revoked) -> Refused {
+        let component = self.component;
+        ::metrics::counter!(format!("ops_{component}_credential_revoked_total")).increment(1);
+        Refused(StatusCode::UNAUTHORIZED, "revoked", format!("{why}: report refused"))
+    }
+
     /// Describes the metrics of `component`'s enrollment.
     pub fn describe(component: &str) {
         use metrics::{Unit, describe_counter};
@@ -140,11 +160,16 @@ impl Enrollment {
             Unit::Count,
             "Heartbeats refused (401) for a host credential that is not the reported host's, or none under --require-enrollment."
         );
+        describe_counter!(
+            format!("ops_{component}_credential_revoked_total"),
+            Unit::Count,
+            "Heartbeats refused (401) for a host credential the operator withdrew ([enrollment] of agents.toml)."
+        );
         describe_counter!(format!("ops_{component}_enrolled_total"), Unit::Count, "Host credentials issued at POST /enroll.");
         describe_counter!(
             format!("ops_{component}_enroll_refused_total"),
             Unit::Count,
-            "POST /enroll refused for a missing or wrong enrollment secret."
+            "POST /enroll refused for a missing or wrong enrollment secret, or a revoked host."
         );
     }
 }

@@ -89,15 +89,23 @@ pub(crate) async fn heartbeat(State(relay): State<Arc<Relay>>, headers: axum::ht
 
 /// `POST /enroll`: a host's credential for the enrollment secret (`crate::enrollment`).
 pub(crate) async fn enroll(State(relay): State<Arc<Relay>>, headers: axum::http::HeaderMap, body: Body) -> Response {
-    enroll_reply(&relay.settings.enrollment, &headers, body).await
+    let loaded = relay.config.current();
+    let none = ops_config::enroll::Revocations::default();
+    let revoked = loaded.as_ref().map_or(&none, |l| l.config.revocations());
+    enroll_reply(&relay.settings.enrollment, revoked, &headers, body).await
 }
 
 /// The reply of `POST /enroll` (relays and meta nodes): the body is at most 4 KiB.
-pub async fn enroll_reply(enrollment: &crate::enrollment::Enrollment, headers: &axum::http::HeaderMap, body: Body) -> Response {
+pub async fn enroll_reply(
+    enrollment: &crate::enrollment::Enrollment,
+    revoked: &ops_config::enroll::Revocations,
+    headers: &axum::http::HeaderMap,
+    body: Body,
+) -> Response {
     let Ok(bytes) = read_capped(body, 4096).await else {
         return Refused(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "enroll request over 4096 bytes".into()).into_response();
     };
-    match enrollment.enroll(headers, &bytes, crate::enrollment::unix_ms()) {
+    match enrollment.enroll(headers, &bytes, crate::enrollment::unix_ms(), revoked) {
         Ok(reply) => axum::Json(reply).into_response(),
         Err(refused) => refused.into_response(),
     }
@@ -124,7 +132,6 @@ pub(crate) async fn answer(relay: Arc<Relay>, credential: Option<axum::http::Hea
 async fn handle(relay: &Relay, credential: Option<axum::http::HeaderValue>, body: Body) -> Result<Bytes, Refused> {
     let bytes = read_heartbeat(body).await?;
     let hb = parse_heartbeat(&bytes)?;
-    let auth = relay.settings.enrollment.check(&hb.hostname, credential.as_ref())?;
     let Some(loaded) = relay.config.current() else {
         return Err(Refused(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -132,6 +139,7 @@ async fn handle(relay: &Relay, credential: Option<axum::http::HeaderValue>, body
             "relay has no desired config yet: no meta node reached and no local copy".into(),
         ));
     };
+    let auth = relay.settings.enrollment.check(&hb.hostname, credential.as_ref(), loaded.config.revocations())?;
     let now = unix_now();
     let answer = relay.rollouts.answer(&loaded, &hb, now);
     relay.forwarder.load().push(&hb, ops_config::compact::Record { seen: now, told: answer.told, relay: &relay.settings.id, auth });

@@ -69,6 +69,20 @@ struct Kept {
 }
 
 const STATE_FILE: &str = "state.json";
+/// Why no server answered a heartbeat: its credential refused (enroll again), or anything else.
+enum Refusal {
+    Credential(String),
+    Other(String),
+}
+
+impl Refusal {
+    fn into_text(self) -> String {
+        match self {
+            Refusal::Credential(e) | Refusal::Other(e) => e,
+        }
+    }
+}
+
 /// The host credential (`ops_config::enroll`), readable by the updater's user only.
 const CREDENTIAL_FILE: &str = "host-credential";
 /// The last signed config fetched and verified (with `.sig` beside it), kept across restarts.
@@ -483,20 +497,31 @@ impl Updater {
 
     async fn send(&self, hb: &Heartbeat<'_>) -> Result<(HeartbeatReply, usize), String> {
         let body = serde_json::to_vec(hb).map_err(|e| e.to_string())?;
+        match self.send_once(&body).await {
+            // The credential was refused (withdrawn by the operator, or of a dropped key):
+            // enroll again and send once more in the same cycle.
+            Err(Refusal::Credential(e)) => {
+                tracing::warn!(error = %e, "host credential refused: enrolling again");
+                self.send_once(&body).await.map_err(Refusal::into_text)
+            }
+            r => r.map_err(Refusal::into_text),
+        }
+    }
+
+    async fn send_once(&self, body: &[u8]) -> Result<(HeartbeatReply, usize), Refusal> {
         let credential = self.credential().await;
         let mut errors = Vec::new();
         for (i, server) in self.settings.servers.iter().enumerate() {
             let url = format!("{}/heartbeat", base_url(server));
-            let mut request = self.client.post(&url).body(body.clone());
+            let mut request = self.client.post(&url).body(body.to_vec());
             if let Some(c) = &credential {
                 request = request.header(ops_config::enroll::CREDENTIAL_HEADER, c);
             }
             match request.send().await {
                 Ok(r) => {
                     let status = r.status();
-                    if status == reqwest::StatusCode::UNAUTHORIZED && credential.is_some() && self.settings.enroll_secret.is_some() {
-                        self.forget_credential();
-                    }
+                    let refused_credential =
+                        status == reqwest::StatusCode::UNAUTHORIZED && credential.is_some() && self.settings.enroll_secret.is_some();
                     let reply = crate::body_capped(r, self.settings.max_response_bytes)
                         .await
                         .map_err(|e| e.to_string())
@@ -508,6 +533,11 @@ impl Updater {
                             }
                             return Ok((reply, i));
                         }
+                        Ok(reply) if refused_credential => {
+                            self.forget_credential();
+                            errors.push(format!("{url}: HTTP {status}: {}", reply.error_message));
+                            return Err(Refusal::Credential(errors.join("; ")));
+                        }
                         Ok(reply) => errors.push(format!("{url}: HTTP {status}: {}", reply.error_message)),
                         Err(e) => errors.push(format!("{url}: HTTP {status}: {e}")),
                     }
@@ -515,7 +545,7 @@ impl Updater {
                 Err(e) => errors.push(format!("{url}: {}", crate::causes(&e))),
             }
         }
-        Err(errors.join("; "))
+        Err(Refusal::Other(errors.join("; ")))
     }
 
     async fn heartbeat(&self) -> Heartbeat<'static> {

@@ -231,6 +231,7 @@ pub async fn local_step(node: &Arc<Node>, generation: Option<u64>, text: &str, s
             let previous = n.desired.current();
             n.generations.write(&path, &text, sig.as_deref(), g)?;
             let loaded = n.desired.reload().map_err(|e| format!("written, but the reload failed: {e}"))?;
+            n.withdraw_credentials(&previous.config, &loaded.config);
             metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "ok").increment(1);
             if previous.config.hash() != loaded.config.hash() {
                 metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => previous.config.hash().to_owned()).set(0.0);

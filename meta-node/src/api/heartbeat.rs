@@ -34,14 +34,16 @@ pub(super) async fn heartbeat(State(node): State<Arc<Node>>, headers: axum::http
 
 /// `POST /enroll`: a host's credential for the enrollment secret (`relay::enrollment`).
 pub(super) async fn enroll(State(node): State<Arc<Node>>, headers: axum::http::HeaderMap, body: Body) -> Response {
-    relay::ingest::enroll_reply(&node.settings.enrollment, &headers, body).await
+    let loaded = node.desired.current();
+    relay::ingest::enroll_reply(&node.settings.enrollment, loaded.config.revocations(), &headers, body).await
 }
 
 async fn handle(node: &Node, headers: &axum::http::HeaderMap, body: Body) -> Result<bytes::Bytes, Refused> {
     let bytes = read_heartbeat(body).await?;
     let hb = parse_heartbeat(&bytes)?;
-    let auth = node.settings.enrollment.check(&hb.hostname, headers.get(ops_config::enroll::CREDENTIAL_HEADER))?;
     let loaded = node.desired.guard();
+    let auth =
+        node.settings.enrollment.check(&hb.hostname, headers.get(ops_config::enroll::CREDENTIAL_HEADER), loaded.config.revocations())?;
     let now = unix_now();
     let answer = node.rollouts.answer(&loaded, &hb, now);
     let cluster = node.cluster.as_ref().map(|m| m.guard());
