@@ -134,14 +134,5 @@ pub async fn hand_back(node: &Arc<Node>, mask: u64) -> usize {
     if sent > 0 {
         tracing::info!(sent, dropped = handed, "failover copies handed back");
     }
-    if handed > 0 {
-        // The copies' slots are free now: give their memory back at once rather than at the
-        // next sweep (which may be half a minute away).
-        let n = node.clone();
-        let compacted = tokio::task::spawn_blocking(move || n.store.compact()).await.unwrap_or(0);
-        if compacted > 0 {
-            tracing::info!(shards = compacted, "compacted shards after the hand-back");
-        }
-    }
     sent
 }
