@@ -59,15 +59,22 @@ fn host_view(c: &Cluster, host: &str) -> Value {
     get_json(&c.meta(0).url(&format!("/status/host/{host}"))).1
 }
 
-#[test]
-fn only_a_hosts_own_credential_changes_what_is_stored_of_it() {
-    let work = tempfile::tempdir().unwrap();
-    let mut c = Cluster::files(1, &local_agents(work.path()));
+/// One meta node and one relay that check and issue host credentials, the agents installed
+/// under `work`; and the enrollment secret's file.
+fn enrolling_cluster(work: &std::path::Path) -> (Cluster, String) {
+    let mut c = Cluster::files(1, &local_agents(work));
     let (key, secret) = enrollment_files(c.dir.path());
     let flags = vec![format!("--host-key-file={key}"), format!("--enroll-secret-file={secret}")];
     c.meta_args.extend(flags.iter().cloned());
     c.relay_args.extend(flags);
     c.start_all(1);
+    (c, secret)
+}
+
+#[test]
+fn only_a_hosts_own_credential_changes_what_is_stored_of_it() {
+    let work = tempfile::tempdir().unwrap();
+    let (c, secret) = enrolling_cluster(work.path());
     let relay = c.relays[0].url("");
     let relay = relay.trim_end_matches('/');
 
@@ -169,12 +176,7 @@ fn with_require_enrollment_a_heartbeat_without_a_credential_is_refused() {
 #[test]
 fn withdrawn_credentials_are_refused_everywhere_and_the_updater_enrolls_again() {
     let work = tempfile::tempdir().unwrap();
-    let mut c = Cluster::files(1, &local_agents(work.path()));
-    let (key, secret) = enrollment_files(c.dir.path());
-    let flags = vec![format!("--host-key-file={key}"), format!("--enroll-secret-file={secret}")];
-    c.meta_args.extend(flags.iter().cloned());
-    c.relay_args.extend(flags);
-    c.start_all(1);
+    let (c, secret) = enrolling_cluster(work.path());
     let relay = c.relays[0].url("");
     let relay = relay.trim_end_matches('/').to_owned();
     let meta = c.meta(0).url("");
@@ -253,7 +255,11 @@ fn withdrawn_credentials_are_refused_everywhere_and_the_updater_enrolls_again() 
         real_agents: Vec::new(),
     };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as u32;
-    ops_config::compact::encode(ops_config::compact::Record { seen: now + 1, told: 0, relay: "relay-1", auth: Some(serial) }, &hb, &mut body);
+    ops_config::compact::encode(
+        ops_config::compact::Record { seen: now + 1, told: 0, relay: "relay-1", auth: Some(serial) },
+        &hb,
+        &mut body,
+    );
     let r = reqwest::blocking::Client::new()
         .post(format!("{meta}/internal/batch"))
         .bearer_auth(ops_e2e::cluster::TOKEN)

@@ -251,9 +251,12 @@ impl Checker<'_> {
     /// A `not_before` datetime as unix milliseconds (fractions of a second kept to the ms).
     fn not_before(&self, v: &Spanned<toml::value::Datetime>) -> Result<u64, ConfigError> {
         let ms = v.get_ref().time.map_or(0, |t| u64::from(t.nanosecond) / 1_000_000);
-        crate::trust::unix_seconds(v.get_ref())
-            .map(|s| s.saturating_mul(1000) + ms)
-            .map_err(|_| self.err(v.span(), format_args!("not_before must be a full time with its offset, like 2027-01-05T00:00:00Z; got {}", v.get_ref())))
+        crate::trust::unix_seconds(v.get_ref()).map(|s| s.saturating_mul(1000) + ms).map_err(|_| {
+            self.err(
+                v.span(),
+                format_args!("not_before must be a full time with its offset, like 2027-01-05T00:00:00Z; got {}", v.get_ref()),
+            )
+        })
     }
 
     fn enrollment(&self, e: &RawEnrollment) -> Result<crate::enroll::Revocations, ConfigError> {
@@ -273,10 +276,9 @@ impl Checker<'_> {
                 (None, true) => HostRevocation::Revoked,
                 (Some(t), false) => HostRevocation::NotBefore(self.not_before(t)?),
                 _ => {
-                    return Err(self.err(
-                        v.span(),
-                        format_args!("[enrollment.hosts] {name:?}: give either revoked = true or not_before = <time>"),
-                    ));
+                    return Err(
+                        self.err(v.span(), format_args!("[enrollment.hosts] {name:?}: give either revoked = true or not_before = <time>"))
+                    );
                 }
             };
             hosts.push((name.clone(), revocation));
@@ -1026,7 +1028,8 @@ default = { version = "5.1.5", md5 = "" }
     #[test]
     fn the_enrollment_table_names_revoked_hosts_and_times() {
         use crate::enroll::HostRevocation;
-        let base = "[[agent]]\nname = \"a\"\ntarball = \"http://f/r\"\nrun_user = \"u\"\nwork_dir = \"/w\"\ndefault = { version = \"1\" }\n";
+        let base =
+            "[[agent]]\nname = \"a\"\ntarball = \"http://f/r\"\nrun_user = \"u\"\nwork_dir = \"/w\"\ndefault = { version = \"1\" }\n";
         let c = DesiredConfig::parse(base, "agents.toml").unwrap();
         assert!(c.revocations().is_empty(), "no [enrollment]: nothing withdrawn");
         let text = format!(
@@ -1039,7 +1042,11 @@ default = { version = "5.1.5", md5 = "" }
         assert_eq!(r.host("web-9"), Some(HostRevocation::Revoked));
         assert_eq!(r.host("web-2"), None);
         let with = |tail: &str| DesiredConfig::parse(&format!("{base}[enrollment]\n{tail}\n"), "agents.toml").unwrap_err().to_string();
-        assert!(with("hosts.\"a b\" = { revoked = true }").contains("bad hostname \"a b\""), "{}", with("hosts.\"a b\" = { revoked = true }"));
+        assert!(
+            with("hosts.\"a b\" = { revoked = true }").contains("bad hostname \"a b\""),
+            "{}",
+            with("hosts.\"a b\" = { revoked = true }")
+        );
         assert!(with("hosts.h = { }").contains("either revoked = true or not_before"));
         assert!(with("hosts.h = { revoked = true, not_before = 2026-01-01T00:00:00Z }").contains("either revoked"));
         assert!(with("not_before = 2026-01-01T00:00:00").contains("not_before must be a full time with its offset"));

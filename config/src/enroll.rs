@@ -310,10 +310,8 @@ mod tests {
     fn revocations_refuse_by_host_and_by_issue_time_and_nothing_else() {
         let none = Revocations::default();
         assert!(none.is_empty() && none.refuses("h", 0).is_ok() && none.may_enroll("h"));
-        let r = Revocations::new(
-            1_000,
-            [("gone".to_owned(), HostRevocation::Revoked), ("again".to_owned(), HostRevocation::NotBefore(5_000))],
-        );
+        let r =
+            Revocations::new(1_000, [("gone".to_owned(), HostRevocation::Revoked), ("again".to_owned(), HostRevocation::NotBefore(5_000))]);
         assert_eq!(r.refuses("other", 999), Err(Revoked::Before("other".into())), "the fleet-wide not_before");
         assert!(r.refuses("other", 1_000).is_ok(), "issued at not_before is kept");
         assert_eq!(r.refuses("gone", u64::MAX), Err(Revoked::Host("gone".into())), "a revoked host: every serial");

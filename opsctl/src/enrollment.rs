@@ -29,6 +29,19 @@ fn datetime(unix_ms: u64) -> toml_edit::Value {
     toml_edit::Value::from(dt)
 }
 
+/// The table `key` of `parent`, made (implicit: no header of its own) when missing.
+fn table<'a>(parent: &'a mut dyn toml_edit::TableLike, key: &str, implicit: bool) -> Result<&'a mut dyn toml_edit::TableLike, Failure> {
+    parent
+        .entry(key)
+        .or_insert_with(|| {
+            let mut t = toml_edit::Table::new();
+            t.set_implicit(implicit);
+            toml_edit::Item::Table(t)
+        })
+        .as_table_like_mut()
+        .ok_or_else(|| Failure::Refused(format!("the served config's {key} is not a table")))
+}
+
 /// `text` (an agents.toml) with `edit` made, at `now_ms`; everything else kept as written.
 pub fn edit_text(text: &str, edit: &Edit, now_ms: u64) -> Result<String, Failure> {
     let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| Failure::Refused(format!("the served config does not parse: {e}")))?;
@@ -37,31 +50,15 @@ pub fn edit_text(text: &str, edit: &Edit, now_ms: u64) -> Result<String, Failure
     {
         return Err(Failure::Usage(format!("bad hostname {h:?}")));
     }
-    let enrollment = doc
-        .entry("enrollment")
-        .or_insert_with(|| {
-            // No empty `[enrollment]` header above `[enrollment.hosts]`.
-            let mut t = toml_edit::Table::new();
-            t.set_implicit(true);
-            toml_edit::Item::Table(t)
-        })
-        .as_table_like_mut()
-        .ok_or_else(|| Failure::Refused("the served config's enrollment is not a table".into()))?;
+    // No empty `[enrollment]` header above `[enrollment.hosts]`.
+    let enrollment = table(doc.as_table_mut(), "enrollment", true)?;
     let when = datetime(now_ms);
     match edit {
         Edit::ReEnrollAll => {
             enrollment.insert("not_before", toml_edit::Item::Value(when));
         }
         Edit::Revoke(h) | Edit::ReEnroll(h) | Edit::Restore(h) => {
-            let hosts = enrollment
-                .entry("hosts")
-                .or_insert_with(|| {
-                    let mut t = toml_edit::Table::new();
-                    t.set_implicit(false);
-                    toml_edit::Item::Table(t)
-                })
-                .as_table_like_mut()
-                .ok_or_else(|| Failure::Refused("the served config's enrollment.hosts is not a table".into()))?;
+            let hosts = table(enrollment, "hosts", false)?;
             let mut entry = toml_edit::InlineTable::new();
             match edit {
                 Edit::Revoke(_) => {

@@ -483,7 +483,9 @@ fn main() -> ExitCode {
             let (edit, key) = match action {
                 EnrollmentAction::List => (None, None),
                 EnrollmentAction::Revoke { host, key } => (Some(enrollment::Edit::Revoke(host.clone())), key.as_deref()),
-                EnrollmentAction::ReEnroll { host: Some(host), key, .. } => (Some(enrollment::Edit::ReEnroll(host.clone())), key.as_deref()),
+                EnrollmentAction::ReEnroll { host: Some(host), key, .. } => {
+                    (Some(enrollment::Edit::ReEnroll(host.clone())), key.as_deref())
+                }
                 EnrollmentAction::ReEnroll { host: None, key, .. } => (Some(enrollment::Edit::ReEnrollAll), key.as_deref()),
                 EnrollmentAction::Restore { host, key } => (Some(enrollment::Edit::Restore(host.clone())), key.as_deref()),
             };
