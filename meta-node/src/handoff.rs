@@ -96,7 +96,13 @@ pub async fn hand_back(node: &Arc<Node>, mask: u64) -> usize {
     let nodes = c.map.nodes.len();
     let mut failed = 0u64;
     let (mut sent, mut handed) = (0, 0);
+    let changing = || node.cluster.as_ref().is_some_and(|m| m.changing());
     for first in (0..SHARDS).step_by(SHARDS_PER_STEP) {
+        // A membership change that began during the round pauses it here: what a prepare
+        // moves to this node must stay (`membership`).
+        if changing() {
+            break;
+        }
         let (n, cc) = (node.clone(), c.clone());
         let usable = mask & !failed;
         let scanned = tokio::task::spawn_blocking(move || {
@@ -123,6 +129,10 @@ pub async fn hand_back(node: &Arc<Node>, mask: u64) -> usize {
                 continue;
             }
             sent += entries.len();
+            // Sent, so the owner holds them; kept here as well if a change began meanwhile.
+            if changing() {
+                continue;
+            }
             let n = node.clone();
             let dropped = tokio::task::spawn_blocking(move || entries.iter().filter(|(h, p)| n.store.drop_copy(h, p.seen)).count())
                 .await

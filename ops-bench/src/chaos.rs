@@ -106,6 +106,8 @@ pub struct Row {
     /// Membership changes: every summary sampled from the reload to the settling counted
     /// every host exactly once and was not partial.
     pub whole_throughout: Option<bool>,
+    /// When it was not: the samples that were not whole, in words.
+    pub not_whole: Option<String>,
 }
 
 impl Row {
@@ -150,6 +152,7 @@ impl Row {
             "reload_s": self.reload_s,
             "settled_s": self.settled_s,
             "whole_throughout": self.whole_throughout,
+            "not_whole": self.not_whole,
         })
     }
 
@@ -165,7 +168,12 @@ impl Row {
                 self.moved_bound.unwrap_or(0),
                 s(self.reload_s),
                 s(self.settled_s),
-                self.whole_throughout.map_or("-", |w| if w { "yes" } else { "NO" })
+                match (self.whole_throughout, &self.not_whole) {
+                    (Some(false), Some(why)) => format!("NO ({why})"),
+                    (Some(false), None) => "NO".into(),
+                    (Some(true), _) => "yes".into(),
+                    (None, _) => "-".into(),
+                }
             ),
             None => String::new(),
         };
@@ -195,13 +203,27 @@ impl Row {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Sample {
     at: Instant,
     ms: f64,
     /// None: no answer.
     hosts: Option<u64>,
     partial: bool,
+    /// The nodes a partial answer names as missing.
+    missing: Vec<String>,
+}
+
+impl Sample {
+    /// In words, for a report: what this sample counted.
+    fn describe(&self, since: Instant) -> String {
+        let at = self.at.saturating_duration_since(since).as_secs_f64();
+        match self.hosts {
+            None => format!("no answer at +{at:.1} s"),
+            Some(h) if self.partial => format!("{h} hosts, partial (missing {}) at +{at:.1} s", self.missing.join(", ")),
+            Some(h) => format!("{h} hosts at +{at:.1} s"),
+        }
+    }
 }
 
 /// Polls meta node 1's summary every 250 ms while it runs: the scenarios' clock for
@@ -225,7 +247,12 @@ impl Sampler {
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 let hosts = got.as_ref().and_then(|v| v["hosts"].as_u64());
                 let partial = got.as_ref().is_some_and(|v| v["partial"].as_bool() == Some(true));
-                s.lock().expect("sampler lock").push(Sample { at: t, ms, hosts, partial });
+                let missing = got
+                    .as_ref()
+                    .and_then(|v| v["missingNodes"].as_array())
+                    .map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+                    .unwrap_or_default();
+                s.lock().expect("sampler lock").push(Sample { at: t, ms, hosts, partial, missing });
                 tokio::time::sleep(Duration::from_millis(250).saturating_sub(t.elapsed())).await;
             }
         });
@@ -247,11 +274,18 @@ impl Sampler {
     }
 
     /// Whether every sample taken between `from` and `to` counted exactly `hosts`, not
-    /// partial (and there was at least one).
-    fn all_whole(&self, from: Instant, to: Instant, hosts: u64) -> bool {
+    /// partial (and there was at least one); if not, the samples that did not, in words.
+    fn all_whole(&self, from: Instant, to: Instant, hosts: u64) -> Result<(), String> {
         let samples = self.samples.lock().expect("sampler lock");
-        let mut taken = samples.iter().filter(|s| s.at >= from && s.at <= to).peekable();
-        taken.peek().is_some() && taken.all(|s| s.hosts == Some(hosts) && !s.partial)
+        let taken: Vec<&Sample> = samples.iter().filter(|s| s.at >= from && s.at <= to).collect();
+        if taken.is_empty() {
+            return Err("no summary sampled".into());
+        }
+        let bad: Vec<String> = taken.iter().filter(|s| s.hosts != Some(hosts) || s.partial).map(|s| s.describe(from)).collect();
+        match bad.len() {
+            0 => Ok(()),
+            n => Err(format!("{n} of {} samples: {}", taken.len(), bad.iter().take(3).cloned().collect::<Vec<_>>().join("; "))),
+        }
     }
 
     /// Latency figures of the samples taken between `from` and `to`.
@@ -444,7 +478,22 @@ async fn membership(ctx: &mut Ctx<'_>, scenario: Scenario, row: &mut Row, start:
     };
     let t = Instant::now();
     let url = crate::cluster::meta_url(ctx.cluster.metas[0].addr, "/cluster/reload?all=1");
-    let reply: Value = ctx.client.get(&url).bearer_auth(&token).timeout(Duration::from_secs(600)).send().await?.json().await?;
+    // The first summary that is not whole during the call, explained while it lasts.
+    let metas: Vec<(String, SocketAddr)> = ctx.cluster.metas.iter().map(|m| (m.name.clone(), m.addr)).collect();
+    let first_bad = async {
+        ctx.sampler.wait_for(t, Duration::from_secs(600), |s| s.hosts != Some(ctx.hosts) || s.partial).await?;
+        Some(explain_count_at(ctx.client, &metas, ctx.hosts).await)
+    };
+    let call = ctx.client.get(&url).bearer_auth(&token).timeout(Duration::from_secs(600)).send();
+    let mut call = tokio::spawn(async move { call.await?.json::<Value>().await });
+    tokio::pin!(first_bad);
+    let (mut fired, mut during) = (false, None);
+    let reply: Value = loop {
+        tokio::select! {
+            r = &mut call => break r??,
+            d = &mut first_bad, if !fired => (fired, during) = (true, d),
+        }
+    };
     row.reload_s = Some(t.elapsed().as_secs_f64());
     anyhow::ensure!(reply["changed"] == true && reply["errorMessage"] == "", "{url}: {reply}");
     row.moved = Some(reply["nodes"].as_array().map_or(0, |n| n.iter().filter_map(|n| n["moved"].as_u64()).sum()));
@@ -465,7 +514,15 @@ async fn membership(ctx: &mut Ctx<'_>, scenario: Scenario, row: &mut Row, start:
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    row.whole_throughout = Some(ctx.sampler.all_whole(start, Instant::now(), ctx.hosts));
+    let whole = ctx.sampler.all_whole(start, Instant::now(), ctx.hosts);
+    row.whole_throughout = Some(whole.is_ok());
+    if let Err(why) = whole {
+        let explained = match during {
+            Some(d) => format!("during the reload: {d}"),
+            None => format!("after it: {}", explain_count(ctx).await),
+        };
+        row.not_whole = Some(format!("{why}; {explained}"));
+    }
     row.rss_fault = ctx.rss();
     if scenario == Scenario::ShrinkMeta {
         let mut left = ctx.cluster.metas.remove(node);
@@ -487,6 +544,15 @@ fn host_number(name: &str) -> Option<u64> {
 /// Streams meta node 1's whole text listing: (rows, hosts missing, hosts listed more than
 /// once, partial).
 pub async fn check_listing(client: &reqwest::Client, meta: SocketAddr, hosts: u64) -> anyhow::Result<(u64, u64, u64, bool)> {
+    let (rows, seen, strange, partial) = listing_counts(client, meta, hosts).await?;
+    let missing = seen.iter().filter(|&&c| c == 0).count() as u64;
+    let twice = seen.iter().filter(|&&c| c > 1).count() as u64 + strange;
+    Ok((rows, missing, twice, partial))
+}
+
+/// Streams meta node 1's text listing: (rows, how often each bench host was listed, rows
+/// that name no bench host, partial).
+async fn listing_counts(client: &reqwest::Client, meta: SocketAddr, hosts: u64) -> anyhow::Result<(u64, Vec<u8>, u64, bool)> {
     let resp = client.get(crate::cluster::meta_url(meta, "/status/text/falcon-agent")).send().await?;
     let partial = resp.headers().get("x-ops-partial").is_some_and(|v| v == "true");
     let mut seen = vec![0u8; hosts as usize];
@@ -518,9 +584,43 @@ pub async fn check_listing(client: &reqwest::Client, meta: SocketAddr, hosts: u6
         carry.drain(..start);
     }
     line(&carry);
-    let missing = seen.iter().filter(|&&c| c == 0).count() as u64;
-    let twice = seen.iter().filter(|&&c| c > 1).count() as u64 + strange;
-    Ok((rows, missing, twice, partial || partial_line))
+    Ok((rows, seen, strange, partial || partial_line))
+}
+
+/// What the cluster says of the hosts a summary did not count: the listing's missing and
+/// doubled hosts, every meta node's `/health` host count, and meta node 1's view of two
+/// hosts the listing left out (for a report; errors are said in it).
+async fn explain_count(ctx: &Ctx<'_>) -> String {
+    let metas: Vec<(String, SocketAddr)> = ctx.cluster.metas.iter().map(|m| (m.name.clone(), m.addr)).collect();
+    explain_count_at(ctx.client, &metas, ctx.hosts).await
+}
+
+async fn explain_count_at(client: &reqwest::Client, metas: &[(String, SocketAddr)], hosts: u64) -> String {
+    let mut out = Vec::new();
+    let meta = metas[0].1;
+    match listing_counts(client, meta, hosts).await {
+        Ok((rows, seen, strange, partial)) => {
+            let missing: Vec<u64> = (0..hosts).filter(|&i| seen[i as usize] == 0).collect();
+            let twice = seen.iter().filter(|&&c| c > 1).count() as u64 + strange;
+            out.push(format!("listing then: {rows} rows, {} missing, {twice} twice, partial {partial}", missing.len()));
+            for &i in missing.iter().take(2) {
+                let name = load::hostname(i);
+                let url = crate::cluster::meta_url(meta, &format!("/status/host/{name}"));
+                let got = match client.get(&url).send().await {
+                    Ok(r) => format!("{} {}", r.status().as_u16(), r.text().await.unwrap_or_default()),
+                    Err(e) => e.to_string(),
+                };
+                out.push(format!("{name}: {}", got.chars().take(400).collect::<String>()));
+            }
+        }
+        Err(e) => out.push(format!("listing then: {e:#}")),
+    }
+    for (name, addr) in metas {
+        let h = get_health(client, *addr).await;
+        let field = |k: &str| h.as_ref().map_or_else(|| "-".to_owned(), |h| h[k].to_string());
+        out.push(format!("{name}: hosts {} generation {}", field("hosts"), field("clusterGeneration")));
+    }
+    out.join("; ")
 }
 
 /// Failover copies every meta node holds now (`ops_meta_failover_copies`).

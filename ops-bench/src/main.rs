@@ -574,6 +574,11 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("write {}", path.display()))?;
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if ok {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else if dir.exists() {
+        // The processes' logs say why: kept for whoever reads the failure.
+        eprintln!("the cluster's logs and data are kept in {}", dir.display());
+    }
     Ok(ok)
 }

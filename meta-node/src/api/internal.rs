@@ -38,6 +38,15 @@ pub(super) async fn batch(
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(ops_config::compact::CONTENT_TYPE.as_bytes()));
     let handed_back = headers.get(relay::forward::HANDOFF_HEADER).is_some_and(|v| v == "1");
+    // Hosts a membership change moves here wait until this node prepared the change: before,
+    // its hand-back would send them home and drop them, and a gather would miss them.
+    if let Some(map) = headers.get(relay::forward::MOVING_HEADER) {
+        let map = map.to_str().unwrap_or_default();
+        if !node.cluster.as_ref().is_some_and(|m| m.takes_moving(map)) {
+            metrics::counter!(BATCHES_RECEIVED, "result" => "not_prepared").increment(1);
+            return Err(ApiError::Conflict(format!("cluster map {map} is not prepared here yet")));
+        }
+    }
     // A relay known by its certificate posts only reports that name it.
     let sender = super::verified_relay(&headers).map(str::to_owned);
     let result = tokio::task::spawn_blocking(move || ingest(&n, &bytes, compact, handed_back, sender.as_deref()))
