@@ -19,6 +19,8 @@ fn small_bench_runs_every_phase_and_cleans_up() {
         "--hosts", "20000", "--connections", "16",
         // steady: every host once per 30 s / 10 = 3 s, for 6 s, meta-3 killed 2 s in.
         "--interval-seconds", "30", "--speedup", "10", "--steady-seconds", "6", "--kill-meta",
+        // RSS read again 2 s after the copies went home (40 s by default).
+        "--rss-settle-seconds", "2",
         "--install-delay-ms", "200", "--rollout-timeout-seconds", "120",
         // storm: 50 hosts of each relay download a 1 MiB tarball through it, then from nginx.
         "--storm", "--storm-hosts", "50", "--storm-bytes", "1048576", "--storm-rounds", "1",
@@ -78,6 +80,7 @@ fn chaos_at_50k_hosts_loses_nothing_and_lists_every_host_once() {
         "--hosts", "50000", "--connections", "32",
         // Every host once per 60 s / 10 = 6 s; SIGSTOP held 8 s (past the relays' 5 s timeout).
         "--interval-seconds", "60", "--speedup", "10", "--steady-seconds", "3", "--chaos", "--chaos-pause-seconds", "8",
+        "--rss-settle-seconds", "1",
         "--rollout-timeout-seconds", "120", "--ceiling-requests", "10000",
         // Then meta-4 joins online and meta-2 leaves, under the same load.
         "--grow-meta",
@@ -101,6 +104,7 @@ fn chaos_at_50k_hosts_loses_nothing_and_lists_every_host_once() {
         assert!(r["whole_s"].is_number(), "{name} whole again: {r}");
         assert_eq!(r["copies_left"], 0, "{name}: the copies went home: {r}");
         assert_eq!(r["ok"], true, "{name}: {r}");
+        assert!(r["rss_settled_ratio"].as_f64().is_some_and(|x| x > 0.0), "{name}: RSS read again once settled: {r}");
     }
     let by = |n: &str| rows.iter().find(|r| r["scenario"] == n).unwrap();
     for n in ["grow-meta", "shrink-meta"] {

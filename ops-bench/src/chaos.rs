@@ -93,6 +93,10 @@ pub struct Row {
     /// RSS of every process at the height of the fault (before its end), and at the end.
     pub rss_fault: Vec<(String, u64)>,
     pub rss_end: Vec<(String, u64)>,
+    /// RSS of every process `Ctx::settle` after the copies went home (memory given back),
+    /// and the highest ratio of a meta node's to its RSS before the first fault, with its name.
+    pub rss_settled: Vec<(String, u64)>,
+    pub settled_ratio: Option<(String, f64)>,
     pub seconds: f64,
     /// Membership changes: hosts that changed owner (the nodes' `moved`), and the most the
     /// ring may move (1.1 / nodes of the larger map).
@@ -146,6 +150,9 @@ impl Row {
             "copies_gone_s": self.copies_gone_s,
             "rss_fault_bytes": rss(&self.rss_fault),
             "rss_end_bytes": rss(&self.rss_end),
+            "rss_settled_bytes": rss(&self.rss_settled),
+            "rss_settled_ratio": self.settled_ratio.as_ref().map(|r| r.1),
+            "rss_settled_ratio_node": self.settled_ratio.as_ref().map(|r| r.0.clone()),
             "seconds": self.seconds,
             "moved_hosts": self.moved,
             "moved_bound_hosts": self.moved_bound,
@@ -178,7 +185,7 @@ impl Row {
             None => String::new(),
         };
         format!(
-            "{:<22} {}: {membership}errors {} (failovers {}), {}whole {}; summary p99 {} (max {}, {} unanswered{}); listed {} missing {} twice {}; copies gone {}; meta RSS MiB at the fault: {}; {}",
+            "{:<22} {}: {membership}errors {} (failovers {}), {}whole {}; summary p99 {} (max {}, {} unanswered{}); listed {} missing {} twice {}; copies gone {}; meta RSS MiB at the fault: {}{}; {}",
             self.name,
             self.fault,
             self.errors,
@@ -198,8 +205,17 @@ impl Row {
                 None => format!("never ({} left)", self.copies_left),
             },
             meta_rss.join(", "),
+            self.settled_line(),
             if self.ok() { "ok" } else { "FAILED" }
         )
+    }
+
+    /// The meta nodes' RSS once settled, and the highest ratio to before the faults.
+    fn settled_line(&self) -> String {
+        let Some((node, ratio)) = &self.settled_ratio else { return String::new() };
+        let meta: Vec<String> =
+            self.rss_settled.iter().filter(|(n, _)| n.starts_with("meta")).map(|(n, b)| format!("{n} {}", b >> 20)).collect();
+        format!("; settled: {} (at most {ratio:.2} x before the faults, {node})", meta.join(", "))
     }
 }
 
@@ -324,6 +340,10 @@ pub struct Ctx<'a> {
     pub interval: Duration,
     /// How long `stop-meta` keeps the node stopped.
     pub pause: Duration,
+    /// How long after the copies went home every process's RSS is read again (0: not read).
+    pub settle: Duration,
+    /// Every process's RSS before the first fault.
+    pub baseline: Vec<(String, u64)>,
 }
 
 impl Ctx<'_> {
@@ -336,7 +356,7 @@ impl Ctx<'_> {
         self.interval * 3 + Duration::from_secs(30)
     }
 
-    fn rss(&self) -> Vec<(String, u64)> {
+    pub fn rss(&self) -> Vec<(String, u64)> {
         self.cluster.processes().map(|p| (p.name.clone(), cluster::usage(p.pid()).map_or(0, |u| u.0))).collect()
     }
 }
@@ -442,10 +462,28 @@ pub async fn run(ctx: &mut Ctx<'_>, scenario: Scenario) -> anyhow::Result<Row> {
     let listing = check_listing(ctx.client, ctx.meta_addr(), n).await?;
     (row.listed, row.missing, row.twice, row.listing_partial) = listing;
     row.rss_end = ctx.rss();
+    if !ctx.settle.is_zero() {
+        // Memory given back takes the allocator's decay and the meta nodes' compaction.
+        let gone = fault_end + Duration::from_secs_f64(row.copies_gone_s.unwrap_or(0.0));
+        tokio::time::sleep((gone + ctx.settle).saturating_duration_since(Instant::now())).await;
+        row.rss_settled = ctx.rss();
+        row.settled_ratio = settled_ratio(&ctx.baseline, &row.rss_settled);
+    }
     row.errors = ctx.live.errors() - errors0;
     row.failovers = ctx.live.failovers() - failovers0;
     row.seconds = start.elapsed().as_secs_f64();
     Ok(row)
+}
+
+/// The highest ratio of a meta node's RSS in `now` to its RSS in `before`, with its name.
+fn settled_ratio(before: &[(String, u64)], now: &[(String, u64)]) -> Option<(String, f64)> {
+    now.iter()
+        .filter(|(n, _)| n.starts_with("meta"))
+        .filter_map(|(n, b)| {
+            let (_, was) = before.iter().find(|(m, w)| m == n && *w > 0)?;
+            Some((n.clone(), *b as f64 / *was as f64))
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
 }
 
 /// A membership change under the load: returns when it settled (the fault's end).

@@ -90,6 +90,12 @@ struct Cli {
     /// How long the chaos phase's SIGSTOP keeps its meta node stopped.
     #[arg(long, default_value_t = 30)]
     chaos_pause_seconds: u64,
+    /// After each fault, once no failover copy is left, how long the bench waits before it
+    /// reads every process's RSS again: the memory given back (the allocator's decay, the
+    /// meta nodes' compaction at their sweep), against their RSS before the first fault.
+    /// 0: not read.
+    #[arg(long, default_value_t = 40)]
+    rss_settle_seconds: u64,
     /// Worker threads of each meta node and relay it starts: the bench packs them all and its
     /// client on one box, where one each avoids most cross-thread wake-ups (measured: relay
     /// 54k -> 58k heartbeats/s at 500k hosts). 0: the servers' default, one per core.
@@ -311,6 +317,7 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
             connections: cli.connections,
             scenarios,
             pause: Duration::from_secs(cli.chaos_pause_seconds),
+            rss_settle: Duration::from_secs(cli.rss_settle_seconds),
         };
         let s = steady::run(&settings, &relays, &fleet, cluster.as_mut(), &client).await?;
         println!(
@@ -484,6 +491,9 @@ async fn bench(cli: Cli) -> anyhow::Result<bool> {
             row(&format!("{}: whole again s", c.name), t(c.whole_s));
             row(&format!("{}: errors/missing/twice", c.name), format!("{} / {} / {}", c.errors, c.missing, c.twice));
             row(&format!("{}: summary p99 ms", c.name), c.summary_p99_ms.map_or("-".to_owned(), |t| format!("{t:.1}")));
+            if let Some((node, ratio)) = &c.settled_ratio {
+                row(&format!("{}: meta rss settled / before", c.name), format!("{ratio:.2} ({node})"));
+            }
         }
     }
     if let Some(r) = &rollout {

@@ -23,6 +23,8 @@ pub struct Settings {
     pub scenarios: Vec<Scenario>,
     /// How long `stop-meta` keeps its node stopped.
     pub pause: Duration,
+    /// How long after a fault's copies went home the processes' RSS is read again.
+    pub rss_settle: Duration,
 }
 
 pub struct Steady {
@@ -179,7 +181,10 @@ pub async fn run(
                 hosts: fleet.hosts,
                 interval: Duration::from_secs_f64(compressed),
                 pause: s.pause,
+                settle: s.rss_settle,
+                baseline: Vec::new(),
             };
+            ctx.baseline = ctx.rss();
             for &scenario in &s.scenarios {
                 let row = chaos::run(&mut ctx, scenario).await?;
                 println!("chaos: {}", row.line());
