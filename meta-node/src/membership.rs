@@ -8,10 +8,10 @@
 //! 1. **prepare**: each node validates the map and keeps it as `next`; each old owner sends
 //!    the hosts that change owner to their new owner (compact batches marked as handed back,
 //!    the failover hand-back's path, marked with the new map's hash), where they wait as
-//!    copies. A node takes such hosts only once it prepared that map itself (409 before, and
-//!    the sender tries again): the coordinator prepares every node at once, and a node not
-//!    yet prepared would hand them back to their old owner and drop them, so a gather would
-//!    miss them until the change ended. Nothing serves the new map yet. Any node refusing or
+//!    copies. The coordinator prepares every node at once, so such hosts may arrive before
+//!    the receiver's own prepare: the change is on there from the first of them (its
+//!    hand-back paused), or it would send them home and drop them, and a gather would miss
+//!    them until the change ended. Nothing serves the new map yet. Any node refusing or
 //!    unreachable aborts the change everywhere: nothing changed.
 //! 2. **commit**: each node serves the new map (writes its `cluster.toml` first, so a restart
 //!    keeps it), sets the `owned` flag of every host it holds by the new ring, and keeps the
@@ -184,10 +184,17 @@ impl Membership {
         self.previous.load().is_some()
     }
 
-    /// Whether hosts moved by the map whose hash is `hash` may be taken here: this node
-    /// serves it, or prepared it (the change on pauses the hand-back).
-    pub fn takes_moving(&self, hash: &str) -> bool {
-        self.current.load().map.hash == hash || (self.changing() && self.next.load().as_ref().is_some_and(|n| n.map.hash == hash))
+    /// Hosts moved by the map whose hash is `hash` arrive: unless this node serves that map,
+    /// the change is on here from now (the hand-back paused), prepared or not yet (the
+    /// coordinator prepares every node at once). Returns whether it began here.
+    pub fn moving_in(&self, hash: &str) -> bool {
+        if self.current.load().map.hash == hash {
+            return false;
+        }
+        let mut since = self.since.lock();
+        let began = since.is_none();
+        since.get_or_insert_with(Instant::now);
+        began
     }
 
     /// The map whose hash is `hash` among the current, previous and next ones.
@@ -380,31 +387,13 @@ async fn push_moving(node: &Arc<Node>, next: &Arc<Cluster>) -> Result<usize, Str
             if entries.is_empty() {
                 continue;
             }
-            send_moving(next, target, &entries).await?;
+            if !next.forwarder.send_moving(target, &entries, &next.map.hash).await {
+                return Err(format!("node {} did not take the hosts it gets", next.map.nodes[target].id));
+            }
             moved += entries.len();
         }
     }
     Ok(moved)
-}
-
-/// How long a prepare waits for a node to prepare the map before it takes the hosts it moves
-/// there: the coordinator prepares every node at once.
-const PREPARED_WAIT: Duration = Duration::from_secs(30);
-
-/// Sends the hosts `next` moves to node `target`, once that node prepared `next` (it answers
-/// 409 before: its hand-back, not yet paused, would send them home and drop them).
-async fn send_moving(next: &Cluster, target: usize, entries: &[Entry]) -> Result<(), String> {
-    let deadline = Instant::now() + PREPARED_WAIT;
-    loop {
-        match next.forwarder.send_moving(target, entries, &next.map.hash).await {
-            relay::forward::Moved::Taken => return Ok(()),
-            relay::forward::Moved::NotPrepared if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-            relay::forward::Moved::NotPrepared => {
-                return Err(format!("node {} did not prepare map {} within {PREPARED_WAIT:?}", next.map.nodes[target].id, next.map.hash));
-            }
-            relay::forward::Moved::Failed => return Err(format!("node {} did not take the hosts it gets", next.map.nodes[target].id)),
-        }
-    }
 }
 
 /// Step 2 on this node: serves the prepared map whose hash is `hash`, as generation

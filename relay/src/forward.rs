@@ -28,18 +28,9 @@ pub const BATCH_PATH: &str = "/internal/batch";
 pub const HANDOFF_HEADER: &str = "x-ops-handoff";
 
 /// Header of the hosts a membership change's prepare moves to their new owner: the hash of
-/// the map they move by. A node takes them only once it prepared (or serves) that map, so a
-/// hand-back running there cannot send them home before the change pauses it.
+/// the map they move by. A node that has not prepared that map yet counts the change as on
+/// from then (its hand-back paused), so it cannot send them home before its own prepare.
 pub const MOVING_HEADER: &str = "x-ops-moving";
-
-/// How a batch of moved hosts went ([`Forwarder::send_moving`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Moved {
-    Taken,
-    /// The node has not prepared the map yet (409): send again shortly.
-    NotPrepared,
-    Failed,
-}
 
 /// Default of `max_pending`: twice the hosts behind one relay of a million-host fleet with two.
 pub const DEFAULT_MAX_PENDING: usize = 1_000_000;
@@ -380,21 +371,21 @@ impl Forwarder {
     /// every batch was taken (a batch refused as malformed is dropped and logged: it would
     /// never be taken). Meta nodes also hand failover copies back through this.
     pub async fn send(&self, target: usize, entries: &[Entry]) -> bool {
-        self.send_batches(target, entries, false, None).await == Moved::Taken
+        self.send_batches(target, entries, false, None).await
     }
 
     /// [`Forwarder::send`] of failover copies handed back ([`HANDOFF_HEADER`]).
     pub async fn send_handoff(&self, target: usize, entries: &[Entry]) -> bool {
-        self.send_batches(target, entries, true, None).await == Moved::Taken
+        self.send_batches(target, entries, true, None).await
     }
 
     /// [`Forwarder::send_handoff`] of the hosts a membership change moves to `target` by the
     /// map whose hash is `map` ([`MOVING_HEADER`]).
-    pub async fn send_moving(&self, target: usize, entries: &[Entry], map: &str) -> Moved {
+    pub async fn send_moving(&self, target: usize, entries: &[Entry], map: &str) -> bool {
         self.send_batches(target, entries, true, Some(map)).await
     }
 
-    async fn send_batches(&self, target: usize, entries: &[Entry], handoff: bool, moving: Option<&str>) -> Moved {
+    async fn send_batches(&self, target: usize, entries: &[Entry], handoff: bool, moving: Option<&str>) -> bool {
         let node = &self.nodes[target];
         let url = format!("{}{BATCH_PATH}", self.bases[target]);
         for chunk in entries.chunks(self.settings.batch_max.max(1)) {
@@ -431,21 +422,19 @@ impl Forwarder {
                     let text = r.text().await.unwrap_or_default();
                     tracing::error!(node = %node.id, hosts = chunk.len(), reply = %text, "batch refused as malformed, dropped");
                 }
-                // Nothing of a moving batch is taken before the map is prepared there.
-                Ok(r) if moving.is_some() && r.status() == reqwest::StatusCode::CONFLICT => return Moved::NotPrepared,
                 Ok(r) => {
                     self.per_node[target].batches_error.increment(1);
                     tracing::warn!(node = %node.id, status = %r.status(), "batch refused");
-                    return Moved::Failed;
+                    return false;
                 }
                 Err(error) => {
                     self.per_node[target].batches_error.increment(1);
                     tracing::warn!(node = %node.id, %error, "batch not delivered");
-                    return Moved::Failed;
+                    return false;
                 }
             }
         }
-        Moved::Taken
+        true
     }
 
     /// Marks a node down and starts a prober that marks it up again when `/health` answers.

@@ -38,14 +38,12 @@ pub(super) async fn batch(
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(ops_config::compact::CONTENT_TYPE.as_bytes()));
     let handed_back = headers.get(relay::forward::HANDOFF_HEADER).is_some_and(|v| v == "1");
-    // Hosts a membership change moves here wait until this node prepared the change: before,
-    // its hand-back would send them home and drop them, and a gather would miss them.
-    if let Some(map) = headers.get(relay::forward::MOVING_HEADER) {
-        let map = map.to_str().unwrap_or_default();
-        if !node.cluster.as_ref().is_some_and(|m| m.takes_moving(map)) {
-            metrics::counter!(BATCHES_RECEIVED, "result" => "not_prepared").increment(1);
-            return Err(ApiError::Conflict(format!("cluster map {map} is not prepared here yet")));
-        }
+    // Hosts a membership change moves here may come before this node's own prepare: the
+    // change is on from now, so its hand-back cannot send them home and drop them.
+    if let (Some(map), Some(m)) = (headers.get(relay::forward::MOVING_HEADER), &node.cluster)
+        && m.moving_in(map.to_str().unwrap_or_default())
+    {
+        tracing::info!("hosts moved here by a membership change before this node prepared it; hand-back paused");
     }
     // A relay known by its certificate posts only reports that name it.
     let sender = super::verified_relay(&headers).map(str::to_owned);
