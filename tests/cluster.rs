@@ -47,6 +47,15 @@ fn sweep(c: &Cluster, hosts: &[String], version: &str) {
     }
 }
 
+/// `metas` meta nodes and a relay, holding `n` hosts (one sweep at 5.1.3), every one listed once.
+fn holding(metas: usize, n: usize) -> (Cluster, Vec<String>) {
+    let c = Cluster::up(metas, 1, AGENTS);
+    let hosts = hostnames(n);
+    sweep(&c, &hosts, "5.1.3");
+    eventually(Duration::from_secs(20), || listed_once(c.meta(0), &hosts).ok()).expect("every host held");
+    (c, hosts)
+}
+
 fn held(m: &Meta) -> u64 {
     get_json(&m.url("/health")).1["hosts"].as_u64().unwrap()
 }
@@ -870,10 +879,7 @@ fn map_generations(c: &Cluster) -> Vec<(u64, String)> {
 /// (/health, opsctl cluster) that a reload from any node repairs.
 #[test]
 fn cluster_map_generations_bring_a_node_along_and_show_divergence() {
-    let c = Cluster::up(3, 1, AGENTS);
-    let hosts = hostnames(300);
-    sweep(&c, &hosts, "5.1.3");
-    eventually(Duration::from_secs(20), || listed_once(c.meta(0), &hosts).ok()).expect("every host held");
+    let (c, hosts) = holding(3, 300);
     let before = map_generations(&c);
     assert!(before.iter().all(|g| g.0 == 0 && g.1 == before[0].1), "{before:?}");
     // A new map (another ring: fewer virtual nodes), prepared everywhere, committed and
@@ -955,10 +961,7 @@ fn cluster_map_generations_bring_a_node_along_and_show_divergence() {
 /// ended (the CI failure of `chaos_at_50k_hosts...`: shrink-meta, "whole throughout: NO").
 #[test]
 fn moved_hosts_that_arrive_before_their_new_owner_prepared_stay_there() {
-    let c = Cluster::up(2, 1, AGENTS);
-    let hosts = hostnames(400);
-    sweep(&c, &hosts, "5.1.3");
-    eventually(Duration::from_secs(20), || listed_once(c.meta(0), &hosts).ok()).expect("every host held");
+    let (c, hosts) = holding(2, 400);
     let before = held(c.meta(1));
     // Another ring: some of meta-1's hosts go to meta-2 (and some of meta-2's to meta-1).
     let a = c.write_map(&[0, 1]).replace("vnodes = 1000", "vnodes = 900");
