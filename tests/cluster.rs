@@ -49,7 +49,12 @@ fn sweep(c: &Cluster, hosts: &[String], version: &str) {
 
 /// `metas` meta nodes and a relay, holding `n` hosts (one sweep at 5.1.3), every one listed once.
 fn holding(metas: usize, n: usize) -> (Cluster, Vec<String>) {
-    let c = Cluster::up(metas, 1, AGENTS);
+    holding_with(metas, n, &[])
+}
+
+/// [`holding`] with extra meta-node flags.
+fn holding_with(metas: usize, n: usize, args: &[&str]) -> (Cluster, Vec<String>) {
+    let c = Cluster::up_with(metas, 1, AGENTS, args);
     let hosts = hostnames(n);
     sweep(&c, &hosts, "5.1.3");
     eventually(Duration::from_secs(20), || listed_once(c.meta(0), &hosts).ok()).expect("every host held");
@@ -987,6 +992,43 @@ fn moved_hosts_that_arrive_before_their_new_owner_prepared_stay_there() {
     assert!(home.is_some(), "after the abort the copies go home: meta-2 holds {}, {before} before", held(c.meta(1)));
 }
 
+/// A peer that says it moves hosts for a map this node is never asked to prepare (a bogus
+/// hash) pauses the hand-back for `--moving-grace-seconds` only, not the change timeout: then
+/// the change is off, counted, and the hosts it pushed go home to their owner.
+#[test]
+fn moved_hosts_of_a_map_never_prepared_here_go_home_after_the_grace() {
+    let (c, hosts) = holding_with(2, 200, &["--moving-grace-seconds", "3"]);
+    let before = held(c.meta(1));
+    // meta-1's own hosts, pushed to meta-2 as if a change moved them there.
+    let ring = ops_config::ClusterMap::load(&c.cluster_file()).unwrap().ring();
+    let owned_by_1: Vec<&String> = hosts.iter().filter(|h| ring.owner(h) == 0).collect();
+    assert!(!owned_by_1.is_empty());
+    // A minute old: older than what meta-1 holds, so going home changes nothing there.
+    let seen = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 60;
+    let entries: Vec<Value> =
+        owned_by_1.iter().map(|h| json!({"seen": seen, "hb": {"hostname": h, "ip": "10.0.0.1", "realAgents": []}})).collect();
+    let r = reqwest::blocking::Client::new()
+        .post(c.meta(1).url("/internal/batch"))
+        .bearer_auth(TOKEN)
+        .header("x-ops-moving", "00000000000000000000000000000000")
+        .body(json!({"hosts": entries}).to_string())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let pushed = before + owned_by_1.len() as u64;
+    assert_eq!(held(c.meta(1)), pushed, "meta-2 holds the pushed hosts");
+    assert!(c.meta(1).proc.log().contains("before this node prepared it"), "{}", c.meta(1).proc.log());
+    // Within the grace (hand-back every second) nothing goes home.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(held(c.meta(1)), pushed, "the hand-back is paused within the grace");
+    // After it, well before the 120 s change timeout, they do.
+    let home = eventually(Duration::from_secs(20), || (held(c.meta(1)) == before).then_some(()));
+    assert!(home.is_some(), "the pushed hosts went home: meta-2 holds {}, {before} before", held(c.meta(1)));
+    assert!(c.meta(1).proc.log().contains("not asked to prepare within the grace"), "{}", c.meta(1).proc.log());
+    assert!(ops_e2e::get_text(&c.meta(1).url("/metrics")).1.contains("ops_meta_unprepared_moves_total 1"));
+    listed_once(c.meta(0), &hosts).unwrap();
+}
+
 fn prepare_signed(m: &Meta, text: &str, sig: Option<&str>, token: Option<&str>) -> (u16, Value) {
     let mut req = reqwest::blocking::Client::new().post(m.url("/internal/cluster/prepare")).body(text.to_owned());
     if let Some(s) = sig {
@@ -1334,6 +1376,12 @@ fn under_mtls_peers_and_relays_are_known_by_their_certificates_only() {
     assert!(error["errorMessage"].as_str().unwrap().contains("a report through relay \"relay-2\" in a batch from relay relay-1"), "{body}");
     let host_known = |h: &str| anon.get(url(0, &format!("/status/host/{h}"))).send().unwrap().status().as_u16();
     assert_eq!((host_known("fake-a"), host_known("fake-b")), (404, 404), "nothing of the refused batch is stored");
+    // Hosts moved by a membership change come from nodes only: a relay's batch that says so
+    // (it would pause meta-1's hand-back) is refused whole.
+    let body = json!({"hosts": [{"seen": 1, "relay": "relay-1", "hb": {"hostname": "fake-c", "ip": "10.0.0.9", "realAgents": []}}]});
+    let r = cert("relay-1").post(url(0, "/internal/batch")).header("x-ops-moving", "0123").body(body.to_string()).send().unwrap();
+    assert_eq!(r.status().as_u16(), 403, "a relay moves no host");
+    assert_eq!(host_known("fake-c"), 404);
     // A process whose certificate does not name it does not start.
     let (lc, lk) = (p(&ca_dir.join("meta-3.pem")), p(&ca_dir.join("meta-3.key")));
     let spare = format!("127.0.0.1:{}", reserved_port());

@@ -55,7 +55,7 @@ pub async fn run(node: Arc<Node>, period: Duration, stop: CancellationToken) {
         // While the cluster map changes, copies stay where a gather by the old map finds them
         // (`membership`); a change nobody finishes ends here.
         if let Some(m) = &node.cluster {
-            m.expire();
+            m.expire(node.settings.moving_grace);
             if m.changing() {
                 continue;
             }

@@ -63,6 +63,9 @@ pub struct Settings {
     pub probe_interval: Duration,
     /// How often failover copies are offered back to the node that should hold them.
     pub handoff_interval: Duration,
+    /// How long a membership change that hosts moved here began lasts without this node's
+    /// own prepare (`membership::Membership::moving_in`).
+    pub moving_grace: Duration,
     /// The operators' public keys: when any is set, `agents.toml` must carry a valid
     /// `agents.toml.sig` by one of them, at start and on every reload.
     pub trusted_keys: ops_config::trust::TrustedKeys,
@@ -102,6 +105,7 @@ impl Settings {
             rollout_interval: Duration::from_secs(5),
             probe_interval: Duration::from_millis(1000),
             handoff_interval: Duration::from_millis(1000),
+            moving_grace: Duration::from_secs(30),
             trusted_keys: ops_config::trust::TrustedKeys::default(),
             tls: None,
             max_clock_skew_seconds: 60,

@@ -50,6 +50,10 @@ struct Cli {
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_seconds: u64,
+    /// Seconds a membership change that a peer's moved hosts began here (before this node's own
+    /// prepare) lasts if that prepare never comes; then the hand-back resumes.
+    #[arg(long, default_value_t = 30)]
+    moving_grace_seconds: u64,
     /// How long a status query waits for a peer (milliseconds; per chunk for listings). A peer
     /// that does not answer in time is counted as down until its next probe answers, and the
     /// reply is partial.
@@ -160,6 +164,10 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
     s.snapshot_interval = Duration::from_secs(cli.snapshot_interval_seconds);
     s.sweep_interval = Duration::from_secs(cli.sweep_interval_seconds);
     s.shutdown_grace = Duration::from_secs(cli.shutdown_grace_seconds);
+    if cli.moving_grace_seconds == 0 {
+        return Err("--moving-grace-seconds must be > 0".into());
+    }
+    s.moving_grace = Duration::from_secs(cli.moving_grace_seconds);
     if cli.peer_timeout_ms == 0 || cli.flush_ms == 0 || cli.rollout_interval_ms == 0 || cli.probe_interval_ms == 0 {
         return Err("--peer-timeout-ms, --flush-ms, --rollout-interval-ms and --probe-interval-ms must be > 0".into());
     }

@@ -87,6 +87,9 @@ pub struct Membership {
     next: ArcSwapOption<Cluster>,
     /// When the change on now began.
     since: Mutex<Option<Instant>>,
+    /// The change began here by moved hosts only ([`Membership::moving_in`]): the map they
+    /// name, and when. Ended by [`Membership::expire`] unless this node's own prepare comes.
+    unprepared: Mutex<Option<(String, Instant)>>,
     /// Nodes the last change left out, and when it ended: they may still hand back what they
     /// hold for [`DEPARTED_GRACE`] ([`Membership::departed`]).
     departed: Mutex<Vec<(String, Instant)>>,
@@ -149,6 +152,7 @@ impl Membership {
             previous: ArcSwapOption::empty(),
             next: ArcSwapOption::empty(),
             since: Mutex::new(None),
+            unprepared: Mutex::new(None),
             departed: Mutex::new(Vec::new()),
             path,
             coordinating: tokio::sync::Mutex::new(()),
@@ -186,14 +190,20 @@ impl Membership {
 
     /// Hosts moved by the map whose hash is `hash` arrive: unless this node serves that map,
     /// the change is on here from now (the hand-back paused), prepared or not yet (the
-    /// coordinator prepares every node at once). Returns whether it began here.
+    /// coordinator prepares every node at once). Returns whether it began here. A change
+    /// begun so lasts only until [`expire`](Self::expire)'s grace unless this node's own
+    /// prepare follows: a peer cannot hold the hand-back off with a map nobody prepares.
     pub fn moving_in(&self, hash: &str) -> bool {
         if self.current.load().map.hash == hash {
             return false;
         }
         let mut since = self.since.lock();
         let began = since.is_none();
-        since.get_or_insert_with(Instant::now);
+        if began {
+            let now = Instant::now();
+            *since = Some(now);
+            *self.unprepared.lock() = Some((hash.to_owned(), now));
+        }
         began
     }
 
@@ -239,8 +249,23 @@ impl Membership {
             .any(|c| c.map.index_of(id).is_some())
     }
 
-    /// Ends a change nobody finished within [`CHANGE_TIMEOUT`] (called by the hand-back loop).
-    pub fn expire(&self) {
+    /// Ends a change nobody finished within [`CHANGE_TIMEOUT`], and one that only moved hosts
+    /// began here ([`moving_in`](Self::moving_in)) when this node's own prepare has not come
+    /// within `grace` (called by the hand-back loop).
+    pub fn expire(&self, grace: Duration) {
+        let stray = self.unprepared.lock().as_ref().filter(|(_, at)| at.elapsed() > grace).map(|(hash, _)| hash.clone());
+        if let Some(hash) = stray {
+            *self.unprepared.lock() = None;
+            if self.next.load().is_none() && self.previous.load().is_none() {
+                *self.since.lock() = None;
+                metrics::counter!(crate::metrics::UNPREPARED_MOVES).increment(1);
+                tracing::warn!(
+                    %hash,
+                    grace_seconds = grace.as_secs(),
+                    "hosts were moved here for a cluster map this node was not asked to prepare within the grace; the change is off, the hand-back resumes"
+                );
+            }
+        }
         let overdue = self.since.lock().is_some_and(|t| t.elapsed() > CHANGE_TIMEOUT);
         if !overdue {
             return;
@@ -252,6 +277,7 @@ impl Membership {
             tracing::warn!("a cluster map change was never finished; finished here");
         }
         *self.since.lock() = None;
+        *self.unprepared.lock() = None;
     }
 }
 
@@ -347,6 +373,7 @@ pub async fn prepare(node: &Arc<Node>, text: &str, signature: Option<&str>) -> R
     let next = Arc::new(build(&node.settings, &map, signature, Some(my_addr), node.stop.child_token())?);
     // The change is on (the hand-back paused) before moved hosts are taken here.
     m.since.lock().get_or_insert_with(Instant::now);
+    *m.unprepared.lock() = None;
     m.next.store(Some(next.clone()));
     let moved = push_moving(node, &next).await?;
     tracing::info!(hash = %map.hash, moved, nodes = map.nodes.len(), "cluster map prepared; moving hosts sent to their new owners");
@@ -531,6 +558,7 @@ pub fn finish(node: &Node, hash: &str) -> Result<StepReply, String> {
     m.end_change();
     m.next.store(None);
     *m.since.lock() = None;
+    *m.unprepared.lock() = None;
     tracing::info!(hash, "cluster map change finished");
     Ok(StepReply { id: node.settings.id.clone(), hash: hash.to_owned(), generation: m.generation(), ..StepReply::default() })
 }
@@ -544,6 +572,7 @@ pub fn abort(node: &Node, hash: &str) -> StepReply {
         }
         if m.previous.load().is_none() {
             *m.since.lock() = None;
+            *m.unprepared.lock() = None;
         }
     }
     StepReply { id: node.settings.id.clone(), hash: hash.to_owned(), ..StepReply::default() }

@@ -29,6 +29,7 @@ pub const CONFIG_DIVERGED: &str = "ops_meta_config_diverged";
 pub const CLUSTER_DIVERGED: &str = "ops_meta_cluster_diverged";
 pub const PEERS_UP: &str = "ops_meta_peers_up";
 pub const PEER_REFUSED: &str = "ops_meta_peer_refused_total";
+pub const UNPREPARED_MOVES: &str = "ops_meta_unprepared_moves_total";
 pub const FAILOVER_COPIES: &str = "ops_meta_failover_copies";
 pub const HANDOFF_HOSTS: &str = "ops_meta_handoff_hosts_total";
 pub const ROLLOUT_HOSTS: &str = "ops_meta_rollout_hosts";
@@ -65,6 +66,11 @@ pub fn describe() {
         PEER_REFUSED,
         Unit::Count,
         "Internal requests refused under mTLS: no certificate, or not one of this cluster's nodes (or relays)."
+    );
+    describe_counter!(
+        UNPREPARED_MOVES,
+        Unit::Count,
+        "Membership changes that hosts moved here began but this node's own prepare never followed within --moving-grace-seconds: ended here."
     );
     describe_gauge!(FAILOVER_COPIES, Unit::Count, "Hosts held here for another node while it was down (failover copies).");
     describe_counter!(

@@ -110,8 +110,8 @@ enum Scope {
     Public,
     /// A meta node of the map (gathers, hand-backs, rollout state, config and membership steps).
     Node,
-    /// A meta node or a relay: batches of reports (not hand-backs, which only nodes send) and
-    /// the rollout state.
+    /// A meta node or a relay: batches of reports (not hand-backs or moved hosts, which only
+    /// nodes send) and the rollout state.
     NodeOrRelay,
     /// A meta node (a reload fanned out by a peer) or the operator's token.
     NodeOrOperator,
@@ -123,6 +123,8 @@ enum Scope {
 fn scope_of(path: &str, headers: &axum::http::HeaderMap) -> Scope {
     match path {
         "/internal/batch" if headers.get(relay::forward::HANDOFF_HEADER).is_some_and(|v| v == "1") => Scope::Node,
+        // Hosts a membership change moves begin the change here: only a node moves them.
+        "/internal/batch" if headers.contains_key(relay::forward::MOVING_HEADER) => Scope::Node,
         // Relays post their batches and read the rollout state they gate updaters by.
         "/internal/batch" | "/internal/rollout" => Scope::NodeOrRelay,
         p if p.starts_with("/internal/") => Scope::Node,
