@@ -11,6 +11,11 @@ use meta_node::{Node, Settings};
 use ops_config::DesiredConfig;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc with its background purge thread: memory freed after a failover (the copies gone
+/// home, shards compacted) goes back to the system within seconds; glibc kept it in the heap.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit status for a bad config or flag (EX_USAGE... EX_CONFIG is 78; we follow linkerd: 64).
 const EXIT_CONFIG: u8 = 64;
 
@@ -198,6 +203,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The purge thread returns dirty pages after jemalloc's decay (10 s); without it pages
+    // are purged only when an allocating thread passes by, which an idle node may never do.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!("jemalloc background thread not started: {e}");
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.worker_threads.filter(|&n| n > 0) {
         builder.worker_threads(n);
