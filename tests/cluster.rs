@@ -61,10 +61,6 @@ fn holding_with(metas: usize, n: usize, args: &[&str]) -> (Cluster, Vec<String>)
     (c, hosts)
 }
 
-fn held(m: &Meta) -> u64 {
-    get_json(&m.url("/health")).1["hosts"].as_u64().unwrap()
-}
-
 fn listed_once(m: &Meta, hosts: &[String]) -> Result<(), String> {
     let r = get(&m.url("/status/text/falcon-agent")).map_err(|e| e.to_string())?;
     let partial = r.headers().get("x-ops-partial").and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -100,7 +96,7 @@ fn relays_shard_hosts_by_ring_and_every_node_answers_the_same() {
     let all: Vec<String> = hosts.iter().chain(&direct).cloned().collect();
     let want = c.ring_counts(&all);
     let got = eventually(Duration::from_secs(20), || {
-        let got: Vec<u64> = c.running().map(held).collect();
+        let got: Vec<u64> = c.running().map(Meta::hosts_held).collect();
         (got == want).then_some(got)
     });
     assert_eq!(got, Some(want.clone()), "each node holds exactly the hosts the ring gives it");
@@ -138,7 +134,9 @@ fn cluster_with_a_dead_node(n: usize, dead: usize) -> (Cluster, Vec<String>, Vec
     let hosts = hostnames(n);
     sweep(&c, &hosts, "5.1.3");
     let want = c.ring_counts(&hosts);
-    assert!(eventually(Duration::from_secs(20), || (c.running().map(held).collect::<Vec<_>>() == want).then_some(())).is_some());
+    assert!(
+        eventually(Duration::from_secs(20), || (c.running().map(Meta::hosts_held).collect::<Vec<_>>() == want).then_some(())).is_some()
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let mut m = c.metas[dead].take().unwrap();
     m.proc.signal("KILL");
@@ -176,8 +174,7 @@ fn killed_meta_node_fails_over_and_takes_its_hosts_back() {
     assert_eq!(list["partial"], true);
     assert_eq!(list["missingNodes"], json!(["meta-2"]));
     let (_, metrics) = ops_e2e::get_text(&c.relays[0].url("/metrics"));
-    let failed_over: f64 =
-        metrics.lines().find_map(|l| l.strip_prefix("ops_relay_failover_hosts_total ").map(|v| v.parse().unwrap())).unwrap_or(0.0);
+    let failed_over: f64 = ops_config::prom::series(&metrics, "ops_relay_failover_hosts_total").unwrap_or(0.0);
     assert!(failed_over > 0.0, "meta-2's hosts went to their next candidate: {metrics}");
     assert!(metrics.contains("ops_relay_node_up{node=\"meta-2\"} 0"), "{metrics}");
     let r = get(&c.meta(2).url("/status/text/falcon-agent")).unwrap();
@@ -226,7 +223,7 @@ fn killed_meta_node_fails_over_and_takes_its_hosts_back() {
     assert!(summaries.iter().all(|s| *s == summaries[0] && s["hosts"] == hosts.len()), "{summaries:#?}");
     // The owner holds its hosts again, newest report included.
     let owned = c.ring_counts(&hosts)[1];
-    assert!(held(c.meta(1)) >= owned);
+    assert!(c.meta(1).hosts_held() >= owned);
 }
 
 /// Versions of `falcon-agent` in a summary, by version.
@@ -240,7 +237,7 @@ fn versions(s: &Value) -> BTreeMap<String, u64> {
 
 fn metric(m: &Meta, name: &str) -> f64 {
     let (_, text) = ops_e2e::get_text(&m.url("/metrics"));
-    text.lines().filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok()).sum()
+    ops_config::prom::series(&text, name).unwrap_or(0.0)
 }
 
 /// Hinted hand-off: the reports a dead node's hosts sent while it was down reach it once it is
@@ -286,8 +283,12 @@ fn failover_copies_go_home_without_a_new_report_and_no_host_is_counted_twice() {
         (s["partial"] == false && versions(&s) == BTreeMap::from([("5.1.4".to_owned(), hosts.len() as u64)])).then_some(())
     });
     assert!(home.is_some(), "the copies' newer reports reached meta-3: {}", summary_without_partial(c.meta(2)));
-    let settled = eventually(Duration::from_secs(10), || (c.running().map(held).collect::<Vec<_>>() == want).then_some(()));
-    assert!(settled.is_some(), "each node holds its own hosts and nothing else: {:?}", c.running().map(held).collect::<Vec<_>>());
+    let settled = eventually(Duration::from_secs(10), || (c.running().map(Meta::hosts_held).collect::<Vec<_>>() == want).then_some(()));
+    assert!(
+        settled.is_some(),
+        "each node holds its own hosts and nothing else: {:?}",
+        c.running().map(Meta::hosts_held).collect::<Vec<_>>()
+    );
     let handed: f64 = c.running().map(|m| metric(m, "ops_meta_handoff_hosts_total{node=\"meta-3\"}")).sum();
     assert_eq!(handed as u64, want[2], "every copy was handed back once");
     for m in c.running() {
@@ -396,7 +397,7 @@ fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
     assert!(reply["errorMessage"].as_str().unwrap().contains("token"));
     let (status, _) = post_json_auth(&m.url("/internal/batch"), Some("wrong-token-wrong-token"), batch);
     assert_eq!(status, 401);
-    assert_eq!(held(m), 0, "nothing stored from a refused batch");
+    assert_eq!(m.hosts_held(), 0, "nothing stored from a refused batch");
     let (status, _) = get_json(&m.url("/config/reload"));
     assert_eq!(status, 401, "reload without the token");
     let (status, _) = post_json_auth(&m.url("/internal/summary/falcon-agent"), None, r#"{"present":3}"#);
@@ -435,12 +436,12 @@ fn batch_and_reload_need_the_token_and_reload_all_shows_divergence() {
     let (status, reply) = post_compact(compact(&["compact-ok", "bad host!"]));
     assert_eq!(status, 400, "{reply}");
     assert!(reply["errorMessage"].as_str().unwrap().contains("bad hostname"), "{reply}");
-    assert_eq!(held(m), 1, "nothing of a refused compact batch is stored");
+    assert_eq!(m.hosts_held(), 1, "nothing of a refused compact batch is stored");
     let (status, reply) = post_compact(b"OPB1\x07".to_vec());
     assert_eq!(status, 400, "truncated: {reply}");
     let (status, reply) = post_compact(compact(&["compact-1", "compact-2"]));
     assert_eq!((status, reply["stored"].as_u64()), (200, Some(2)), "{reply}");
-    assert_eq!(held(m), 3);
+    assert_eq!(m.hosts_held(), 3);
 
     let (status, reply) = get_json_auth(&m.url("/config/reload?all=1"), TOKEN);
     assert_eq!(status, 200, "{reply}");
@@ -503,8 +504,8 @@ fn invented_hosts_at_a_relay_with_its_meta_nodes_down_never_pass_the_pending_cap
     assert!(metrics.contains("ops_relay_pending_dropped_total 300"), "{metrics}");
     relay.proc.wait_for_log("pending buffer full (--max-pending-hosts)");
     c.start_meta(0);
-    let delivered = eventually(Duration::from_secs(30), || (held(c.meta(0)) == 100).then_some(()));
-    assert!(delivered.is_some(), "the 100 kept reach the meta node: it holds {}", held(c.meta(0)));
+    let delivered = eventually(Duration::from_secs(30), || (c.meta(0).hosts_held() == 100).then_some(()));
+    assert!(delivered.is_some(), "the 100 kept reach the meta node: it holds {}", c.meta(0).hosts_held());
     assert_eq!(get_json(&relay.url("/health")).1["pendingHosts"], 0);
 }
 
@@ -630,10 +631,10 @@ fn relay_drains_its_buffers_on_sigterm() {
         assert_eq!(status, 200);
     }
     assert_eq!(get_json(&relay.url("/health")).1["pendingHosts"], 200);
-    assert_eq!(held(c.meta(0)), 0);
+    assert_eq!(c.meta(0).hosts_held(), 0);
     relay.proc.signal("TERM");
     assert!(relay.proc.wait_exit(Duration::from_secs(20)).success(), "{}", relay.proc.log());
-    assert_eq!(held(c.meta(0)), 200, "the relay drained its buffer on SIGTERM");
+    assert_eq!(c.meta(0).hosts_held(), 200, "the relay drained its buffer on SIGTERM");
 }
 
 #[test]
@@ -967,7 +968,7 @@ fn cluster_map_generations_bring_a_node_along_and_show_divergence() {
 #[test]
 fn moved_hosts_that_arrive_before_their_new_owner_prepared_stay_there() {
     let (c, hosts) = holding(2, 400);
-    let before = held(c.meta(1));
+    let before = c.meta(1).hosts_held();
     // Another ring: some of meta-1's hosts go to meta-2 (and some of meta-2's to meta-1).
     let a = c.write_map(&[0, 1]).replace("vnodes = 1000", "vnodes = 900");
     let a_hash = ops_config::content_hash(a.as_bytes());
@@ -975,10 +976,10 @@ fn moved_hosts_that_arrive_before_their_new_owner_prepared_stay_there() {
     assert_eq!(status, 200, "{r}");
     let moved = r["moved"].as_u64().unwrap();
     assert!(moved > 0, "{r}");
-    assert_eq!(held(c.meta(1)), before + moved, "meta-2 holds what meta-1 moved to it");
+    assert_eq!(c.meta(1).hosts_held(), before + moved, "meta-2 holds what meta-1 moved to it");
     // Several hand-back periods (1 s): nothing goes back to meta-1.
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(held(c.meta(1)), before + moved, "meta-2 keeps them before its own prepare");
+    assert_eq!(c.meta(1).hosts_held(), before + moved, "meta-2 keeps them before its own prepare");
     assert!(c.meta(1).proc.log().contains("before this node prepared it"), "{}", c.meta(1).proc.log());
     assert_eq!(cluster_step(c.meta(1), "prepare", &a).0, 200);
     for m in [c.meta(0), c.meta(1)] {
@@ -988,8 +989,8 @@ fn moved_hosts_that_arrive_before_their_new_owner_prepared_stay_there() {
         assert_eq!(cluster_step(m, "abort", &a_hash).0, 200);
     }
     eventually(Duration::from_secs(20), || listed_once(c.meta(0), &hosts).ok()).expect("whole after the abort");
-    let home = eventually(Duration::from_secs(20), || (held(c.meta(1)) == before).then_some(()));
-    assert!(home.is_some(), "after the abort the copies go home: meta-2 holds {}, {before} before", held(c.meta(1)));
+    let home = eventually(Duration::from_secs(20), || (c.meta(1).hosts_held() == before).then_some(()));
+    assert!(home.is_some(), "after the abort the copies go home: meta-2 holds {}, {before} before", c.meta(1).hosts_held());
 }
 
 /// A peer that says it moves hosts for a map this node is never asked to prepare (a bogus
@@ -998,7 +999,7 @@ fn moved_hosts_that_arrive_before_their_new_owner_prepared_stay_there() {
 #[test]
 fn moved_hosts_of_a_map_never_prepared_here_go_home_after_the_grace() {
     let (c, hosts) = holding_with(2, 200, &["--moving-grace-seconds", "3"]);
-    let before = held(c.meta(1));
+    let before = c.meta(1).hosts_held();
     // meta-1's own hosts, pushed to meta-2 as if a change moved them there.
     let ring = ops_config::ClusterMap::load(&c.cluster_file()).unwrap().ring();
     let owned_by_1: Vec<&String> = hosts.iter().filter(|h| ring.owner(h) == 0).collect();
@@ -1016,14 +1017,14 @@ fn moved_hosts_of_a_map_never_prepared_here_go_home_after_the_grace() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let pushed = before + owned_by_1.len() as u64;
-    assert_eq!(held(c.meta(1)), pushed, "meta-2 holds the pushed hosts");
+    assert_eq!(c.meta(1).hosts_held(), pushed, "meta-2 holds the pushed hosts");
     assert!(c.meta(1).proc.log().contains("before this node prepared it"), "{}", c.meta(1).proc.log());
     // Within the grace (hand-back every second) nothing goes home.
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(held(c.meta(1)), pushed, "the hand-back is paused within the grace");
+    assert_eq!(c.meta(1).hosts_held(), pushed, "the hand-back is paused within the grace");
     // After it, well before the 120 s change timeout, they do.
-    let home = eventually(Duration::from_secs(20), || (held(c.meta(1)) == before).then_some(()));
-    assert!(home.is_some(), "the pushed hosts went home: meta-2 holds {}, {before} before", held(c.meta(1)));
+    let home = eventually(Duration::from_secs(20), || (c.meta(1).hosts_held() == before).then_some(()));
+    assert!(home.is_some(), "the pushed hosts went home: meta-2 holds {}, {before} before", c.meta(1).hosts_held());
     assert!(c.meta(1).proc.log().contains("not asked to prepare within the grace"), "{}", c.meta(1).proc.log());
     assert!(ops_e2e::get_text(&c.meta(1).url("/metrics")).1.contains("ops_meta_unprepared_moves_total 1"));
     listed_once(c.meta(0), &hosts).unwrap();

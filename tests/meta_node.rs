@@ -90,10 +90,6 @@ fn heartbeat(host: &str, agents: &[(&str, &str, &str)]) -> String {
     json!({"hostname": host, "ip": "10.1.2.3", "realAgents": agents}).to_string()
 }
 
-fn hosts_held(meta: &Meta) -> u64 {
-    get_json(&meta.url("/health")).1["hosts"].as_u64().unwrap()
-}
-
 #[test]
 fn seed_001_heartbeat_gets_the_go_reply_field_by_field() {
     let setup = Setup::new();
@@ -217,7 +213,7 @@ fn bad_inputs_get_a_4xx_json_error_and_lose_nothing() {
     let setup = Setup::new();
     let meta = setup.start(&[]);
     post_json(&meta.url("/heartbeat"), SEED_001);
-    assert_eq!(hosts_held(&meta), 1);
+    assert_eq!(meta.hosts_held(), 1);
 
     let too_big = format!(r#"{{"hostname":"big","ip":"{}","realAgents":[]}}"#, "x".repeat(70 * 1024));
     let cases: Vec<(&str, String, u16, &str)> = vec![
@@ -251,7 +247,7 @@ fn bad_inputs_get_a_4xx_json_error_and_lose_nothing() {
     assert_eq!((got, reply["errorMessage"].is_string()), (404, true));
 
     // Nothing was lost and the node still answers.
-    assert_eq!(hosts_held(&meta), 1);
+    assert_eq!(meta.hosts_held(), 1);
     assert_eq!(get_json(&meta.url("/status/host/liutian-01")).1["agents"][0]["version"], "5.1.3");
     let (_, metrics) = get_text(&meta.url("/metrics"));
     assert!(metrics.contains("ops_meta_heartbeats_total{result=\"too_large\"} 1"), "{metrics}");
@@ -473,8 +469,8 @@ fn unique_string_floods_stay_under_the_cap_and_are_freed_once_their_hosts_go() {
     let snap = Path::new(&setup.data()).join("state.snap");
     let size = || std::fs::metadata(&snap).map_or(0, |m| m.len());
     let big = eventually(Duration::from_secs(10), || (size() > 300_000).then(size)).expect("a snapshot with the hosts' strings");
-    let freed = eventually(Duration::from_secs(30), || (hosts_held(&meta) == 0 && interned() < 20.0).then(interned));
-    assert!(freed.is_some(), "hosts forgotten and their strings freed: {} hosts, {} strings", hosts_held(&meta), interned());
+    let freed = eventually(Duration::from_secs(30), || (meta.hosts_held() == 0 && interned() < 20.0).then(interned));
+    assert!(freed.is_some(), "hosts forgotten and their strings freed: {} hosts, {} strings", meta.hosts_held(), interned());
     assert!(ops_e2e::metric_at(base, "ops_meta_interned_strings_freed_total") > 1000.0);
     let small = eventually(Duration::from_secs(10), || (size() < big / 10).then(size));
     assert!(small.is_some(), "the snapshot shrinks once the strings are freed: {} bytes, was {big}", size());
@@ -485,8 +481,8 @@ fn forgotten_hosts_are_dropped() {
     let setup = Setup::new();
     let meta = setup.start(&["--stale-after-seconds", "1", "--forget-after-seconds", "2", "--sweep-interval-seconds", "1"]);
     post_json(&meta.url("/heartbeat"), heartbeat("gone-1", &[]));
-    assert_eq!(hosts_held(&meta), 1);
-    let gone = eventually(Duration::from_secs(15), || (hosts_held(&meta) == 0).then_some(()));
+    assert_eq!(meta.hosts_held(), 1);
+    let gone = eventually(Duration::from_secs(15), || (meta.hosts_held() == 0).then_some(()));
     assert!(gone.is_some(), "host never forgotten");
     assert_eq!(get_json(&meta.url("/status/host/gone-1")).0, 404);
 }
@@ -510,7 +506,7 @@ fn restart_keeps_hosts_from_the_snapshot() {
     assert!(Path::new(&setup.data()).join("state.snap").exists());
 
     let again = setup.start(&[]);
-    assert_eq!(hosts_held(&again), 501);
+    assert_eq!(again.hosts_held(), 501);
     let after = get_json(&again.url("/status/summary/falcon-agent")).1;
     assert_eq!(after, before);
     let (_, host) = get_json(&again.url("/status/host/keep-err"));
@@ -533,7 +529,7 @@ fn periodic_snapshot_survives_sigkill() {
     meta.proc.signal("KILL");
     meta.proc.wait_exit(Duration::from_secs(10));
     let again = setup.start(&[]);
-    assert_eq!(hosts_held(&again), 100);
+    assert_eq!(again.hosts_held(), 100);
 }
 
 #[test]
@@ -542,7 +538,7 @@ fn damaged_snapshot_is_moved_aside_and_the_node_starts_empty() {
     std::fs::create_dir_all(setup.data()).unwrap();
     std::fs::write(Path::new(&setup.data()).join("state.snap"), b"OPSSNAP1 but then garbage").unwrap();
     let mut meta = setup.start(&[]);
-    assert_eq!(hosts_held(&meta), 0);
+    assert_eq!(meta.hosts_held(), 0);
     meta.proc.wait_for_log("snapshot unreadable");
     let kept: Vec<String> = std::fs::read_dir(setup.data())
         .unwrap()

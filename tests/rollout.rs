@@ -512,10 +512,6 @@ fn under_load(c: &Cluster, sim: &mut Sim, asked: &[usize], floor: usize, change:
     })
 }
 
-fn held_by(c: &Cluster, i: usize) -> u64 {
-    get_json(&c.meta(i).url("/health")).1["hosts"].as_u64().unwrap()
-}
-
 #[test]
 fn a_meta_node_joins_and_another_leaves_online_under_load_and_the_rollout_goes_on() {
     let mut c = Cluster::up_with(3, 2, &agents(r#"  soak = "1s""#), FAST);
@@ -552,10 +548,14 @@ fn a_meta_node_joins_and_another_leaves_online_under_load_and_the_rollout_goes_o
     // The copies left at the old owners go home; each host is held once, by its owner.
     let settled = eventually(Duration::from_secs(20), || {
         sim.round(&c);
-        let held: Vec<u64> = (0..4).map(|i| held_by(&c, i)).collect();
+        let held: Vec<u64> = (0..4).map(|i| c.meta(i).hosts_held()).collect();
         (held == share).then_some(held)
     });
-    assert!(settled.is_some(), "every node holds its ring share: {:?} want {share:?}", (0..4).map(|i| held_by(&c, i)).collect::<Vec<_>>());
+    assert!(
+        settled.is_some(),
+        "every node holds its ring share: {:?} want {share:?}",
+        (0..4).map(|i| c.meta(i).hosts_held()).collect::<Vec<_>>()
+    );
     whole(&c, &[0, 1, 2, 3], 240, floor).unwrap();
     for i in 0..4 {
         let map: String = ops_e2e::get_text(&c.meta(i).url("/cluster/map")).1;
@@ -575,7 +575,7 @@ fn a_meta_node_joins_and_another_leaves_online_under_load_and_the_rollout_goes_o
     }
     eventually(Duration::from_secs(20), || {
         sim.round(&c);
-        (held_by(&c, 1) == 0).then_some(())
+        (c.meta(1).hosts_held() == 0).then_some(())
     })
     .expect("meta-2 handed every host over");
     let meta2 = c.metas[1].take().unwrap();
@@ -596,7 +596,7 @@ fn gauge_sum(c: &Cluster, series: &str) -> f64 {
     c.running()
         .map(|m| {
             let text = get_text(&m.url("/metrics")).1;
-            text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse::<f64>().ok())).unwrap_or(0.0)
+            ops_config::prom::series(&text, series).unwrap_or(0.0)
         })
         .sum()
 }

@@ -11,12 +11,14 @@
 
 pub mod agents;
 pub mod cache;
+pub mod clock;
 pub mod cluster;
 pub mod compact;
 pub mod disk;
 pub mod enroll;
 mod hash;
 mod location;
+pub mod prom;
 pub mod rollout;
 pub mod trust;
 pub mod wire;

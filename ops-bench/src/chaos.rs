@@ -668,7 +668,7 @@ async fn copies_held(client: &reqwest::Client, cluster: &Cluster) -> u64 {
         if let Ok(r) = client.get(crate::cluster::meta_url(m.addr, "/metrics")).send().await
             && let Ok(text) = r.text().await
         {
-            total += crate::steady::sum_metric(&text, "ops_meta_failover_copies");
+            total += ops_config::prom::sum(&text, "ops_meta_failover_copies");
         }
     }
     total as u64

@@ -94,22 +94,14 @@ struct RelayFigures {
     batch_count: f64,
 }
 
-/// Reads one Prometheus text exposition: the sum of every sample of `name` (any labels).
-pub fn sum_metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn relay_figures(client: &reqwest::Client, relays: &[SocketAddr]) -> RelayFigures {
     let mut f = RelayFigures::default();
     for r in relays {
         let Ok(resp) = client.get(format!("http://{r}/metrics")).send().await else { continue };
         let Ok(text) = resp.text().await else { continue };
-        f.pending += sum_metric(&text, "ops_relay_pending_hosts");
-        f.batch_sum += sum_metric(&text, "ops_relay_batch_hosts_sum");
-        f.batch_count += sum_metric(&text, "ops_relay_batch_hosts_count");
+        f.pending += ops_config::prom::sum(&text, "ops_relay_pending_hosts");
+        f.batch_sum += ops_config::prom::sum(&text, "ops_relay_batch_hosts_sum");
+        f.batch_count += ops_config::prom::sum(&text, "ops_relay_batch_hosts_count");
     }
     f
 }
@@ -202,23 +194,4 @@ pub async fn run(
     let batches = after.batch_count - before.batch_count;
     let batch_hosts_mean = if batches > 0.0 { (after.batch_sum - before.batch_sum) / batches } else { 0.0 };
     Ok(Steady { target_per_s, run, relay_pending_max, batch_hosts_mean, chaos: rows, rss })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::sum_metric;
-
-    #[test]
-    fn sums_every_labelled_sample_of_one_name_only() {
-        let text = "# TYPE ops_relay_pending_hosts gauge\n\
-                    ops_relay_pending_hosts{node=\"meta-1\"} 12\n\
-                    ops_relay_pending_hosts{node=\"meta-2\"} 30\n\
-                    ops_relay_pending_hosts_other 99\n\
-                    ops_relay_batch_hosts_sum 1500\n\
-                    ops_relay_batch_hosts_count 3\n";
-        assert_eq!(sum_metric(text, "ops_relay_pending_hosts"), 42.0);
-        assert_eq!(sum_metric(text, "ops_relay_batch_hosts_sum"), 1500.0);
-        assert_eq!(sum_metric(text, "ops_relay_batch_hosts_count"), 3.0);
-        assert_eq!(sum_metric(text, "ops_relay_missing"), 0.0);
-    }
 }

@@ -284,11 +284,7 @@ pub async fn run(
     let mut relay_misses = Vec::new();
     for r in &relays {
         let text = client.get(format!("http://{r}/metrics")).send().await?.text().await?;
-        let misses = text
-            .lines()
-            .find(|l| l.starts_with("ops_relay_cache_requests_total{result=\"miss\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let misses = ops_config::prom::series(&text, r#"ops_relay_cache_requests_total{result="miss"}"#).unwrap_or(0.0);
         relay_misses.push(misses);
     }
 

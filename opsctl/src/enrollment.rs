@@ -93,7 +93,7 @@ pub fn apply(s: &Server, edit: &Edit, key: Option<&std::path::Path>, token: Opti
         Edit::Revoke(h) | Edit::ReEnroll(h) | Edit::Restore(h) => h.clone(),
         Edit::ReEnrollAll => "every host".to_owned(),
     };
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = ops_config::clock::unix_ms();
     crate::config::edit_served(s, &what, |text| edit_text(text, edit, now_ms), key, token, json)
 }
 

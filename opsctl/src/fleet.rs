@@ -1,6 +1,7 @@
 //! The read side of `opsctl`: what any meta node answers, as tables (or `--json`, the server's
 //! own JSON unchanged, for scripts).
 
+use ops_config::clock::unix_now;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -171,10 +172,6 @@ pub fn silent_lines(summaries: &[Value], now: u64) -> Vec<String> {
             format!("{who}: {} hosts silent since {h:02}:{m:02} UTC, {ago} ({share})", num(silent))
         })
         .collect()
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// `opsctl status [AGENT]`: every agent's summary in one table, or one agent's groups.

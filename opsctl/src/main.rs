@@ -293,9 +293,7 @@ fn host_key(out: &Path) -> Result<(), Failure> {
 /// How long a file signed without `--expires` stays current.
 pub const DEFAULT_EXPIRY: stamp::Expires = stamp::Expires::In(30 * 86_400);
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+pub use ops_config::clock::unix_now;
 
 fn sign(key: &Path, append: bool, version: Option<stamp::Version>, expires: Option<stamp::Expires>, file: &Path) -> Result<(), Failure> {
     let key_text = String::from_utf8(read(key)?).map_err(|_| Failure::Usage(format!("{}: not a key file", key.display())))?;

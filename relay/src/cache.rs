@@ -17,6 +17,7 @@
 //!   larger files) by `tower-http`'s `ServeFile` from disk in 64 KiB chunks. Memory stays
 //!   bounded either way.
 
+use ops_config::clock::unix_now;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -156,10 +157,6 @@ pub struct PackageCache {
 /// Weight of a file in the cache, in KiB (moka weighs in `u32`).
 fn weight(bytes: u64) -> u32 {
     u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).max(1)
-}
-
-fn unix_now() -> u64 {
-    u64::from(crate::unix_now())
 }
 
 /// The cache key of an origin URL.

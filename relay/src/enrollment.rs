@@ -175,6 +175,4 @@ impl Enrollment {
 }
 
 /// Unix time in milliseconds: a credential's serial.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+pub use ops_config::clock::unix_ms;

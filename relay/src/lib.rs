@@ -22,7 +22,7 @@ pub mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -38,11 +38,8 @@ use tokio_util::task::TaskTracker;
 use crate::config_copy::ConfigCopy;
 use crate::forward::{ForwardSettings, Forwarder};
 
-/// Server time in unix seconds.
-pub fn unix_now() -> u32 {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    u32::try_from(secs).unwrap_or(u32::MAX)
-}
+/// Server time in unix seconds, as reports keep it.
+pub use ops_config::clock::unix_now_u32 as unix_now;
 
 pub use ops_config::disk::write_atomically;
 

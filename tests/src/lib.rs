@@ -245,6 +245,11 @@ impl Meta {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
+
+    /// The hosts this node holds (its own and failover copies), from its `/health`.
+    pub fn hosts_held(&self) -> u64 {
+        get_json(&self.url("/health")).1["hosts"].as_u64().expect("/health has hosts")
+    }
 }
 
 /// A running relay.
@@ -327,10 +332,7 @@ pub fn get_json(url: &str) -> (u16, serde_json::Value) {
 /// on `/metrics`.
 pub fn metric_at(base: &str, name: &str) -> f64 {
     let (_, text) = get_text(&format!("{base}/metrics"));
-    text.lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    ops_config::prom::sum(&text, name)
 }
 
 pub fn get_text(url: &str) -> (u16, String) {

@@ -6,6 +6,7 @@
 //! means it is complete; `.version` is switched by an atomic rename and only ever names such a
 //! directory; leftovers of a killed run (`.tmp-*`, `.download-*`) are removed and redone.
 
+use ops_config::clock::unix_now;
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -95,10 +96,6 @@ const FLOOR_FILE: &str = "signed-version";
 /// Writes `{dir}/{name}` whole and durably (`ops_config::disk::write_atomically`).
 fn keep_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     ops_config::disk::write_atomically(&dir.join(name), bytes)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Logs why a verified signed config was not taken; a conflict (two files signed at one
@@ -405,7 +402,7 @@ impl Updater {
             } else {
                 String::new()
             };
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_secs() as i64);
+            let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
             out.push(RealAgent {
                 name: d.name.clone().into(),
                 version: version.into(),

@@ -8,6 +8,7 @@
 //! tried again until the desired version or its digest changes, so a bad build does not flap a
 //! host every cycle.
 
+use ops_config::clock::unix_now;
 use std::path::Path;
 use std::time::Duration;
 
@@ -51,10 +52,6 @@ pub fn digest(d: &DesiredAgent) -> String {
     } else {
         String::new()
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_secs())
 }
 
 impl Updater {

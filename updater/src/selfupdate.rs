@@ -24,6 +24,7 @@
 //!    `{exe}.old`), and every start that is not the re-exec does the same check itself, so the
 //!    old binary is put back before anything else.
 
+use ops_config::clock::unix_now;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -72,10 +73,6 @@ pub struct Pending {
     /// The arguments the old binary ran with: it gets them back if it comes back.
     #[serde(default)]
     pub args: Vec<String>,
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_secs())
 }
 
 /// `{path}{suffix}`: a file beside `path`.
