@@ -85,11 +85,8 @@ pub struct Membership {
     previous: ArcSwapOption<Cluster>,
     /// Prepared, not committed.
     next: ArcSwapOption<Cluster>,
-    /// When the change on now began.
-    since: Mutex<Option<Instant>>,
-    /// The change began here by moved hosts only ([`Membership::moving_in`]): the map they
-    /// name, and when. Ended by [`Membership::expire`] unless this node's own prepare comes.
-    unprepared: Mutex<Option<(String, Instant)>>,
+    /// The change on now, if any.
+    change: Mutex<Option<Change>>,
     /// Nodes the last change left out, and when it ended: they may still hand back what they
     /// hold for [`DEPARTED_GRACE`] ([`Membership::departed`]).
     departed: Mutex<Vec<(String, Instant)>>,
@@ -151,8 +148,7 @@ impl Membership {
             current: ArcSwap::from_pointee(cluster),
             previous: ArcSwapOption::empty(),
             next: ArcSwapOption::empty(),
-            since: Mutex::new(None),
-            unprepared: Mutex::new(None),
+            change: Mutex::new(None),
             departed: Mutex::new(Vec::new()),
             path,
             coordinating: tokio::sync::Mutex::new(()),
@@ -179,7 +175,18 @@ impl Membership {
 
     /// Whether a change is on (prepared or committed, not finished).
     pub fn changing(&self) -> bool {
-        self.since.lock().is_some()
+        self.change.lock().is_some()
+    }
+
+    /// This node takes part in a change (its own prepare or commit): it is on from now, or
+    /// since it began, and no longer one that only moved hosts began.
+    fn begin_change(&self) {
+        self.change.lock().get_or_insert_with(|| Change { since: Instant::now(), unprepared: None }).unprepared = None;
+    }
+
+    /// The change is over here (finished, aborted or expired).
+    fn change_over(&self) {
+        *self.change.lock() = None;
     }
 
     /// Whether a change is committed here and not finished (a map is only prepared
@@ -197,12 +204,10 @@ impl Membership {
         if self.current.load().map.hash == hash {
             return false;
         }
-        let mut since = self.since.lock();
-        let began = since.is_none();
+        let mut change = self.change.lock();
+        let began = change.is_none();
         if began {
-            let now = Instant::now();
-            *since = Some(now);
-            *self.unprepared.lock() = Some((hash.to_owned(), now));
+            *change = Some(Change { since: Instant::now(), unprepared: Some(hash.to_owned()) });
         }
         began
     }
@@ -253,20 +258,24 @@ impl Membership {
     /// began here ([`moving_in`](Self::moving_in)) when this node's own prepare has not come
     /// within `grace` (called by the hand-back loop).
     pub fn expire(&self, grace: Duration) {
-        let stray = self.unprepared.lock().as_ref().filter(|(_, at)| at.elapsed() > grace).map(|(hash, _)| hash.clone());
-        if let Some(hash) = stray {
-            *self.unprepared.lock() = None;
-            if self.next.load().is_none() && self.previous.load().is_none() {
-                *self.since.lock() = None;
-                metrics::counter!(crate::metrics::UNPREPARED_MOVES).increment(1);
-                tracing::warn!(
-                    %hash,
-                    grace_seconds = grace.as_secs(),
-                    "hosts were moved here for a cluster map this node was not asked to prepare within the grace; the change is off, the hand-back resumes"
-                );
+        let stray = {
+            let mut change = self.change.lock();
+            let hash = change.as_ref().filter(|c| c.since.elapsed() > grace).and_then(|c| c.unprepared.clone());
+            if hash.is_some() {
+                *change = None;
             }
+            hash
+        };
+        if let Some(hash) = stray {
+            metrics::counter!(crate::metrics::UNPREPARED_MOVES).increment(1);
+            tracing::warn!(
+                %hash,
+                grace_seconds = grace.as_secs(),
+                "hosts were moved here for a cluster map this node was not asked to prepare within the grace; the change is off, the hand-back resumes"
+            );
+            return;
         }
-        let overdue = self.since.lock().is_some_and(|t| t.elapsed() > CHANGE_TIMEOUT);
+        let overdue = self.change.lock().as_ref().is_some_and(|c| c.since.elapsed() > CHANGE_TIMEOUT);
         if !overdue {
             return;
         }
@@ -276,9 +285,17 @@ impl Membership {
         if self.end_change().is_some() {
             tracing::warn!("a cluster map change was never finished; finished here");
         }
-        *self.since.lock() = None;
-        *self.unprepared.lock() = None;
+        self.change_over();
     }
+}
+
+/// A membership change on at a node.
+struct Change {
+    /// When it began here.
+    since: Instant,
+    /// Begun by moved hosts only ([`Membership::moving_in`]): the map they name. Such a
+    /// change ends at [`Membership::expire`]'s grace unless this node's own prepare comes.
+    unprepared: Option<String>,
 }
 
 /// Builds what node `id` knows of the cluster `map`. A node that `map` leaves out is leaving:
@@ -372,8 +389,7 @@ pub async fn prepare(node: &Arc<Node>, text: &str, signature: Option<&str>) -> R
     let signature = signature.map(ops_config::trust::signature_header);
     let next = Arc::new(build(&node.settings, &map, signature, Some(my_addr), node.stop.child_token())?);
     // The change is on (the hand-back paused) before moved hosts are taken here.
-    m.since.lock().get_or_insert_with(Instant::now);
-    *m.unprepared.lock() = None;
+    m.begin_change();
     m.next.store(Some(next.clone()));
     let moved = push_moving(node, &next).await?;
     tracing::info!(hash = %map.hash, moved, nodes = map.nodes.len(), "cluster map prepared; moving hosts sent to their new owners");
@@ -468,7 +484,7 @@ pub async fn commit(node: &Arc<Node>, hash: &str, generation: Option<u64>) -> Re
     m.next.store(None);
     let old = m.current.swap(next.clone());
     m.previous.store(Some(old));
-    m.since.lock().get_or_insert_with(Instant::now);
+    m.begin_change();
     node.rollouts.set_ids(next.map.nodes.iter().map(|n| n.id.clone()).collect());
     start_map_tasks(node);
     let n = node.clone();
@@ -557,8 +573,7 @@ pub fn finish(node: &Node, hash: &str) -> Result<StepReply, String> {
     }
     m.end_change();
     m.next.store(None);
-    *m.since.lock() = None;
-    *m.unprepared.lock() = None;
+    m.change_over();
     tracing::info!(hash, "cluster map change finished");
     Ok(StepReply { id: node.settings.id.clone(), hash: hash.to_owned(), generation: m.generation(), ..StepReply::default() })
 }
@@ -571,8 +586,7 @@ pub fn abort(node: &Node, hash: &str) -> StepReply {
             tracing::warn!(hash, "prepared cluster map dropped: the change was aborted");
         }
         if m.previous.load().is_none() {
-            *m.since.lock() = None;
-            *m.unprepared.lock() = None;
+            m.change_over();
         }
     }
     StepReply { id: node.settings.id.clone(), hash: hash.to_owned(), ..StepReply::default() }

@@ -173,6 +173,3 @@ impl Enrollment {
         );
     }
 }
-
-/// Unix time in milliseconds: a credential's serial.
-pub use ops_config::clock::unix_ms;

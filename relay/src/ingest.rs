@@ -105,7 +105,7 @@ pub async fn enroll_reply(
     let Ok(bytes) = read_capped(body, 4096).await else {
         return Refused(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "enroll request over 4096 bytes".into()).into_response();
     };
-    match enrollment.enroll(headers, &bytes, crate::enrollment::unix_ms(), revoked) {
+    match enrollment.enroll(headers, &bytes, ops_config::clock::unix_ms(), revoked) {
         Ok(reply) => axum::Json(reply).into_response(),
         Err(refused) => refused.into_response(),
     }
