@@ -29,6 +29,35 @@ pub const MAX_SHORT_FIELD: usize = 64;
 /// Longest `workDir`.
 pub const MAX_PATH: usize = 4096;
 
+// Paths and headers of the cluster's own exchanges (relays and meta nodes agree through these).
+
+/// Path of the batch ingest endpoint on meta nodes.
+pub const BATCH_PATH: &str = "/internal/batch";
+
+/// Header (value `1`) of a batch of failover copies a meta node hands back: the receiver keeps
+/// a copy only where it is strictly newer than what it holds.
+pub const HANDOFF_HEADER: &str = "x-ops-handoff";
+
+/// Header of the hosts a membership change's prepare moves to their new owner: the hash of
+/// the map they move by. A node that has not prepared that map yet counts the change as on
+/// from then (its hand-back paused), so it cannot send them home before its own prepare.
+pub const MOVING_HEADER: &str = "x-ops-moving";
+
+/// Header of `GET /config/desired` on meta nodes: the config's generation
+/// (`meta_node::generations`). A relay never goes back to a lower generation than one it took,
+/// so a node that missed an apply cannot take the relays back with it.
+pub const CONFIG_GENERATION_HEADER: &str = "x-ops-config-generation";
+
+/// Header of `GET /cluster/map` on meta nodes: the map's generation. A relay never takes a map
+/// of a lower one.
+pub const MAP_GENERATION_HEADER: &str = "x-ops-cluster-generation";
+
+/// Header of a fleet-wide reply (`true`/`false`): some owners did not answer.
+pub const PARTIAL_HEADER: &str = "x-ops-partial";
+
+/// Header of a partial fleet-wide reply: the ids of the owners that did not answer, by commas.
+pub const MISSING_NODES_HEADER: &str = "x-ops-missing-nodes";
+
 /// What an updater reports every interval.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

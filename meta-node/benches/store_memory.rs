@@ -9,7 +9,7 @@ use meta_node::fleet::{self, AgentQuery, Filter, Scope};
 use meta_node::store::Store;
 use meta_node::{snapshot, unix_now};
 use ops_config::{DesiredConfig, Heartbeat};
-use relay::desired::Loaded;
+use ops_serve::desired::Loaded;
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("linux /proc");

@@ -13,7 +13,7 @@ use ops_config::{ClassId, DesiredConfig};
 use serde::Serialize;
 
 use crate::store::{AgentState, Host, SHARDS, Shard, Store, Sym, Symbols};
-use relay::desired::Loaded;
+use ops_serve::desired::Loaded;
 
 /// A deployment's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -681,7 +681,7 @@ pub fn write_text_row(row: &Row<'_>, buf: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use ops_config::{DesiredConfig, Heartbeat};
-    use relay::desired::Loaded;
+    use ops_serve::desired::Loaded;
 
     const AGENTS: &str = "[[agent]]\nname = \"a\"\ntarball = \"http://f/r\"\nrun_user = \"u\"\nwork_dir = \"/w\"\n\
         default = { version = \"2\", cmd = \"start\" }\n[[agent.others]]\nprefix = \"p-\"\nversion = \"3\"\ncmd = \"stop\"\n";

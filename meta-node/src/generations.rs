@@ -60,7 +60,9 @@ impl Generations {
             return;
         }
         let p = self.dir.join(GENERATION_FILE);
-        if let Err(e) = std::fs::create_dir_all(&self.dir).and_then(|()| relay::write_atomically(&p, format!("{version}\n").as_bytes())) {
+        if let Err(e) =
+            std::fs::create_dir_all(&self.dir).and_then(|()| ops_config::disk::write_atomically(&p, format!("{version}\n").as_bytes()))
+        {
             tracing::error!(file = %p.display(), error = %e, "cannot keep the config generation");
         }
         self.generation.store(version, Ordering::Release);
@@ -95,23 +97,23 @@ impl Generations {
         if !kept.exists()
             && let Ok(old) = std::fs::read(agents_path)
         {
-            relay::write_atomically(&kept, &old).map_err(|e| io(&kept, e))?;
+            ops_config::disk::write_atomically(&kept, &old).map_err(|e| io(&kept, e))?;
             if let Ok(sig) = std::fs::read(&sig_path) {
                 let p = history.join(format!("{current}.toml.sig"));
-                relay::write_atomically(&p, &sig).map_err(|e| io(&p, e))?;
+                ops_config::disk::write_atomically(&p, &sig).map_err(|e| io(&p, e))?;
             }
         }
         let p = history.join(format!("{generation}.toml"));
-        relay::write_atomically(&p, text.as_bytes()).map_err(|e| io(&p, e))?;
+        ops_config::disk::write_atomically(&p, text.as_bytes()).map_err(|e| io(&p, e))?;
         if let Some(sig) = signature {
             let p = history.join(format!("{generation}.toml.sig"));
-            relay::write_atomically(&p, ops_config::trust::signature_file(sig).as_bytes()).map_err(|e| io(&p, e))?;
+            ops_config::disk::write_atomically(&p, ops_config::trust::signature_file(sig).as_bytes()).map_err(|e| io(&p, e))?;
         }
         // The file and its signature as one pair: a crash between them is finished at the
         // next load (`ops_config::disk::write_pair`).
         ops_config::trust::write_signed(agents_path, text, signature, "").map_err(|e| io(agents_path, e))?;
         let p = self.dir.join(GENERATION_FILE);
-        relay::write_atomically(&p, format!("{generation}\n").as_bytes()).map_err(|e| io(&p, e))?;
+        ops_config::disk::write_atomically(&p, format!("{generation}\n").as_bytes()).map_err(|e| io(&p, e))?;
         self.generation.store(generation, Ordering::Release);
         self.prune();
         Ok(())

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use compact_str::CompactString;
-use relay::forward::{Entry, Pending};
+use ops_serve::forward::{Entry, Pending};
 use tokio_util::sync::CancellationToken;
 
 use crate::Node;

@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use ops_config::{ClusterMap, DesiredConfig, Ring};
-use relay::forward::{ForwardSettings, Forwarder};
+use ops_serve::forward::{ForwardSettings, Forwarder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::store::Store;
-use relay::desired::Desired;
+use ops_serve::desired::Desired;
 
 /// Everything a node is told at start.
 #[derive(Debug, Clone)]
@@ -70,18 +70,18 @@ pub struct Settings {
     /// `agents.toml.sig` by one of them, at start and on every reload.
     pub trusted_keys: ops_config::trust::TrustedKeys,
     /// Serve HTTPS with this (`--tls-cert`, `--tls-key`).
-    pub tls: Option<Arc<relay::tls::ServerConfig>>,
+    pub tls: Option<Arc<ops_serve::tls::ServerConfig>>,
     /// A report time (`seen`) in a batch later than this node's clock plus this is stored as
     /// the clock plus this (`--max-clock-skew-seconds`): a report from the future would make
     /// every later real report of its host "older" and the host never stale.
     pub max_clock_skew_seconds: u32,
     /// What each connection may take (`--max-connections`, `--*-timeout-ms`).
-    pub limits: relay::server::ConnLimits,
+    pub limits: ops_serve::server::ConnLimits,
     /// What the interner may hold (`--max-interned-strings`, `--max-interned-bytes`): a
     /// report with a new string past them is refused.
     pub intern_limits: store::InternLimits,
     /// Host credentials checked and issued here (`--host-key-file`, ...).
-    pub enrollment: Arc<relay::enrollment::Enrollment>,
+    pub enrollment: Arc<ops_serve::enrollment::Enrollment>,
 }
 
 impl Settings {
@@ -109,7 +109,7 @@ impl Settings {
             trusted_keys: ops_config::trust::TrustedKeys::default(),
             tls: None,
             max_clock_skew_seconds: 60,
-            limits: relay::server::ConnLimits::default(),
+            limits: ops_serve::server::ConnLimits::default(),
             intern_limits: store::InternLimits::default(),
             enrollment: Arc::default(),
         }
@@ -218,7 +218,7 @@ pub struct Node {
     pub generations: generations::Generations,
     /// Every node's published rollout state (this node's own included) and the in-flight
     /// counts of the heartbeats answered here.
-    pub rollouts: Arc<relay::rollout::FleetView>,
+    pub rollouts: Arc<ops_serve::rollout::FleetView>,
     pub controller: rollout::Controller,
     pub started: Instant,
     pub prometheus: Option<PrometheusHandle>,
@@ -235,9 +235,8 @@ pub struct Node {
     pub background: CancellationToken,
 }
 
-/// Server time in unix seconds (fits u32 until 2106): the relay's clock, so relays and meta
-/// nodes stamp reports the same way.
-pub use relay::unix_now;
+/// Server time in unix seconds (fits u32 until 2106), as relays stamp reports too.
+pub use ops_config::clock::unix_now_u32 as unix_now;
 
 impl Node {
     /// Builds a node serving `config` (with its `signature`, as `ops_config::trust::load_signed`
@@ -250,7 +249,7 @@ impl Node {
         stop: CancellationToken,
     ) -> Self {
         let path = settings.agents_path.clone();
-        let floor = relay::floor::VersionFloor::open(&settings.data_dir);
+        let floor = ops_serve::floor::VersionFloor::open(&settings.data_dir);
         let desired = Desired::new(config, signature, path, settings.trusted_keys.clone(), Some(floor));
         let cluster = settings.cluster.as_ref().map(|map| {
             assert!(map.index_of(&settings.id).is_some(), "main checks the id is in the cluster map");
@@ -260,7 +259,7 @@ impl Node {
         });
         let ids =
             cluster.as_ref().map_or_else(|| vec![settings.id.clone()], |m| m.current().map.nodes.iter().map(|n| n.id.clone()).collect());
-        let rollouts = Arc::new(relay::rollout::FleetView::open(ids, Some(&settings.data_dir), crate::metrics::ROLLOUT_IN_FLIGHT));
+        let rollouts = Arc::new(ops_serve::rollout::FleetView::open(ids, Some(&settings.data_dir), crate::metrics::ROLLOUT_IN_FLIGHT));
         let controller = rollout::Controller::open(&settings.id, &settings.data_dir);
         let generations = generations::Generations::open(&settings.data_dir);
         if let Some(version) = desired.current().config.version().filter(|_| !settings.trusted_keys.is_empty()) {
@@ -287,7 +286,7 @@ impl Node {
 
     /// Reloads `agents.toml` from disk (SIGHUP, `/config/reload`); with trusted keys the
     /// config generation follows the signed version of the file now served.
-    pub fn reload_config(&self) -> Result<Arc<relay::desired::Loaded>, ops_config::ConfigError> {
+    pub fn reload_config(&self) -> Result<Arc<ops_serve::desired::Loaded>, ops_config::ConfigError> {
         let previous = self.desired.current();
         let loaded = self.desired.reload()?;
         self.withdraw_credentials(&previous.config, &loaded.config);
@@ -422,7 +421,7 @@ impl Node {
     /// The latest report time a batch may carry now (this node's clock plus the skew allowed).
     fn report_clock(&self) -> ReportClock {
         ReportClock {
-            ceiling: relay::unix_now().saturating_add(self.settings.max_clock_skew_seconds),
+            ceiling: ops_config::clock::unix_now_u32().saturating_add(self.settings.max_clock_skew_seconds),
             clamped: 0,
             refused: 0,
             full: None,
@@ -432,7 +431,7 @@ impl Node {
 
     /// How a host's report is stored under `loaded`: its class, and its waves when the config
     /// has rollouts (one md5 per rollout).
-    pub fn tags(loaded: &relay::desired::Loaded, hostname: &str, told: u8) -> store::Tags {
+    pub fn tags(loaded: &ops_serve::desired::Loaded, hostname: &str, told: u8) -> store::Tags {
         let class = loaded.config.class_of(hostname);
         let waves = if loaded.config.rollouts().next().is_some() { loaded.config.rollout_waves(hostname, class) } else { 0 };
         store::Tags { class, generation: loaded.generation, told, waves, relay: store::NO_RELAY, auth: false }
@@ -620,7 +619,7 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
         tracker.spawn(handoff::run(node.clone(), node.settings.handoff_interval, background.clone()));
     }
 
-    let server = tokio::spawn(relay::server::serve_router(
+    let server = tokio::spawn(ops_serve::server::serve_router(
         listener,
         node.settings.tls.clone(),
         api::router(node.clone()),

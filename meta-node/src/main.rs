@@ -89,13 +89,13 @@ struct Cli {
     #[arg(long)]
     worker_threads: Option<usize>,
     #[command(flatten)]
-    trust: relay::cli::TrustArgs,
+    trust: ops_serve::cli::TrustArgs,
     #[command(flatten)]
-    tls: relay::cli::TlsArgs,
+    tls: ops_serve::cli::TlsArgs,
     #[command(flatten)]
-    listen_limits: relay::cli::ListenArgs,
+    listen_limits: ops_serve::cli::ListenArgs,
     #[command(flatten)]
-    enroll: relay::enrollment::EnrollArgs,
+    enroll: ops_serve::enrollment::EnrollArgs,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -113,7 +113,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
     if !keys.is_empty() {
         // Never start on an older signed file than one this node served; an expired one is
         // served (updaters refuse it and keep what runs) with a warning, until a fresh one.
-        let floor = relay::floor::VersionFloor::open(&cli.data_dir);
+        let floor = ops_serve::floor::VersionFloor::open(&cli.data_dir);
         floor.check_order(&config).map_err(|e| format!("{}: signed config refused: {e}", agents_path.display()))?;
         if let Err(e) = floor.check(&config) {
             tracing::warn!(file = %agents_path.display(), error = %e, "serving an expired signed config: updaters will not take it");
@@ -128,7 +128,7 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
         let (cluster, signature) =
             ops_config::trust::load_signed_map(path, &s.trusted_keys).map_err(|e| format!("{e} (sign it with opsctl sign)"))?;
         if !s.trusted_keys.is_empty() {
-            let floor = relay::floor::VersionFloor::open_map(&cli.data_dir);
+            let floor = ops_serve::floor::VersionFloor::open_map(&cli.data_dir);
             floor.check_order(&cluster).map_err(|e| format!("{}: signed cluster map refused: {e}", path.display()))?;
             if let Err(e) = floor.check(&cluster) {
                 tracing::warn!(file = %path.display(), error = %e, "serving an expired signed cluster map: sign a fresh one");
@@ -148,9 +148,9 @@ fn settings(cli: &Cli) -> Result<(Settings, DesiredConfig, Option<String>), Stri
             let (Some(cert), Some(key), Some(ca)) = (&cli.tls.tls_cert, &cli.tls.tls_key, &cluster.ca_file) else {
                 unreachable!("identity_for and ClusterMap::parse check them")
             };
-            s.tls = Some(relay::tls::server_config_mtls(cert, key, ca)?);
+            s.tls = Some(ops_serve::tls::server_config_mtls(cert, key, ca)?);
         }
-        relay::tls::for_cluster(reqwest::Client::builder(), &cluster).map(drop)?;
+        ops_serve::tls::for_cluster(reqwest::Client::builder(), &cluster).map(drop)?;
         s.id = id;
         s.cluster = Some(cluster);
         s.cluster_path = Some(path.clone());

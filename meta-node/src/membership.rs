@@ -55,8 +55,8 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use compact_str::CompactString;
 use ops_config::ClusterMap;
+use ops_serve::forward::{Entry, Pending};
 use parking_lot::Mutex;
-use relay::forward::{Entry, Pending};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::SHARDS;
@@ -71,9 +71,6 @@ pub const DEPARTED_GRACE: Duration = Duration::from_secs(600);
 
 /// Where a node keeps its map's generation, in its data dir.
 const GENERATION_FILE: &str = "cluster-generation";
-
-/// Header of `GET /cluster/map`: the generation of the map served (the relays read it).
-pub use relay::cluster_copy::GENERATION_HEADER;
 
 /// Shards scanned per blocking step of the prepare's push.
 const SHARDS_PER_STEP: usize = 16;
@@ -104,7 +101,7 @@ pub struct Membership {
     /// Ends the current map's tasks (the peers' rollout poll).
     tasks: Mutex<CancellationToken>,
     /// With trusted keys: the highest signed map version verified (`cluster-version`).
-    floor: Option<relay::floor::VersionFloor>,
+    floor: Option<ops_serve::floor::VersionFloor>,
 }
 
 /// What a node's step answered.
@@ -131,7 +128,7 @@ impl Membership {
     /// `data_dir` holds the map's generation (with `signed`: the version floor, and the
     /// generation is the map's version; the caller checked the map against the floor).
     pub fn new(cluster: Cluster, path: Option<PathBuf>, data_dir: &Path, signed: bool) -> Self {
-        let floor = signed.then(|| relay::floor::VersionFloor::open_map(data_dir));
+        let floor = signed.then(|| ops_serve::floor::VersionFloor::open_map(data_dir));
         let generation = match (&floor, cluster.map.version) {
             (Some(f), _) => {
                 if let Err(error) = f.raise(&cluster.map) {
@@ -311,8 +308,9 @@ pub fn build(
     let mut forward = settings.forward.clone();
     // Under mTLS a peer is known by its certificate: the token is never sent.
     forward.token = settings.token.clone().filter(|_| !map.mtls);
-    let forwarder = relay::forward::Forwarder::new(map, forward, stop.clone());
-    let client = relay::tls::for_cluster(reqwest::Client::builder().no_proxy(), map).and_then(|b| b.build().map_err(|e| e.to_string()))?;
+    let forwarder = ops_serve::forward::Forwarder::new(map, forward, stop.clone());
+    let client =
+        ops_serve::tls::for_cluster(reqwest::Client::builder().no_proxy(), map).and_then(|b| b.build().map_err(|e| e.to_string()))?;
     let ring = map.ring();
     let (map, me, leaving) = match map.index_of(&settings.id) {
         Some(me) => (map.clone(), me, false),
@@ -343,7 +341,7 @@ pub fn start_map_tasks(node: &Arc<Node>) {
     let tasks = background.child_token();
     std::mem::replace(&mut *m.tasks.lock(), tasks.clone()).cancel();
     let n = node.clone();
-    let nodes = relay::rollout::Nodes {
+    let nodes = ops_serve::rollout::Nodes {
         client: c.client.clone(),
         bases: (0..c.map.nodes.len()).map(|i| c.map.url(i, "")).collect(),
         skip: Some(c.me),
@@ -559,7 +557,7 @@ pub enum CatchUpError {
 fn keep_generation(m: &Membership, generation: u64) -> Result<(), String> {
     let path = m.data_dir.join(GENERATION_FILE);
     std::fs::create_dir_all(&m.data_dir)
-        .and_then(|()| relay::write_atomically(&path, format!("{generation}\n").as_bytes()))
+        .and_then(|()| ops_config::disk::write_atomically(&path, format!("{generation}\n").as_bytes()))
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     m.generation.store(generation, Ordering::Release);
     Ok(())

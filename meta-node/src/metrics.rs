@@ -96,8 +96,8 @@ pub fn describe() {
     describe_histogram!(SNAPSHOT_DURATION, Unit::Seconds, "Time to write one snapshot.");
     describe_gauge!(SNAPSHOT_BYTES, Unit::Bytes, "Size of the last snapshot written.");
     describe_counter!(STATUS_REQUESTS, Unit::Count, "Status queries, by kind (json, text, summary, host).");
-    relay::server::Gate::describe("meta");
-    relay::enrollment::Enrollment::describe("meta");
+    ops_serve::server::Gate::describe("meta");
+    ops_serve::enrollment::Enrollment::describe("meta");
     describe_counter!(
         REPORTS_CLAMPED,
         Unit::Count,

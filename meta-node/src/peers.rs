@@ -38,7 +38,7 @@ impl Peers {
 
     /// The nodes up now, this one always included (bit i: node i).
     pub fn mask(&self) -> u64 {
-        relay::forward::mask_of(&self.up) | (1 << self.me)
+        ops_serve::forward::mask_of(&self.up) | (1 << self.me)
     }
 
     /// Whether node `i` answered this node's last probe or query (this node: always).
@@ -189,7 +189,7 @@ async fn catch_up_map(node: &std::sync::Arc<Node>, c: &crate::Cluster, i: usize,
     let id = &c.map.nodes[i].id;
     let fetched = async {
         let r = fetch(c, i, "/cluster/map").await?;
-        let served = r.headers().get(crate::membership::GENERATION_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let served = r.headers().get(ops_config::wire::MAP_GENERATION_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if served != Some(generation) {
             return Err(format!("it now serves generation {served:?}"));
         }

@@ -1,7 +1,7 @@
 //! The rollout controller of one meta node: it judges only the hosts it owns (a uniform sample
 //! of the fleet, thanks to the ring) and publishes per rollout an `approved_wave` that only
 //! grows and a `halted` flag that only goes from false to true (`GET /internal/rollout`).
-//! Relays and the other nodes merge what every node publishes ([`relay::rollout::FleetView`]).
+//! Relays and the other nodes merge what every node publishes ([`ops_serve::rollout::FleetView`]).
 //! The published state is kept on disk beside the snapshot and read back at start, so a
 //! restarted node publishes what it published before, never less.
 
@@ -176,7 +176,9 @@ impl Controller {
             }
             if changed {
                 let all: Vec<&Saved> = states.values().collect();
-                if let Err(error) = relay::write_atomically(&self.path, &serde_json::to_vec_pretty(&all).expect("plain data serializes")) {
+                if let Err(error) =
+                    ops_config::disk::write_atomically(&self.path, &serde_json::to_vec_pretty(&all).expect("plain data serializes"))
+                {
                     tracing::error!(%error, file = %self.path.display(), "cannot keep the rollout states");
                 }
             }
@@ -209,7 +211,7 @@ fn gauges(agent: &str, waves: &[WaveReport], fleet_wave: usize, halted: bool) {
 
 /// Per rollout of the loaded config, per wave: this node's owned hosts counted as the judge
 /// needs them. Keeps each shard's table of when hosts were first seen told and not converged.
-fn count(node: &Node, loaded: &relay::desired::Loaded) -> Vec<Vec<WaveReport>> {
+fn count(node: &Node, loaded: &ops_serve::desired::Loaded) -> Vec<Vec<WaveReport>> {
     let config = &loaded.config;
     let specs: Vec<_> = config.rollouts().collect();
     let mut out: Vec<Vec<WaveReport>> = specs

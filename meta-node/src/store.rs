@@ -310,7 +310,7 @@ pub struct Tags {
     pub auth: bool,
 }
 
-/// A config generation (counted from 1 by each node, `relay::desired`) as a host record keeps
+/// A config generation (counted from 1 by each node, `ops_serve::desired`) as a host record keeps
 /// it, in 2 bytes: 1..=65535, 0 staying "none". Two generations 65,535 reloads apart look the
 /// same; a record is resolved again at its host's next report, so that would take 65,535
 /// reloads between two reports of one host.

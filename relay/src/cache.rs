@@ -452,7 +452,7 @@ impl PackageCache {
         let json = serde_json::to_vec(&meta).expect("meta serializes");
         let (file, meta_file) = (path.clone(), meta_path(&path));
         tokio::task::spawn_blocking(move || {
-            ops_config::disk::rename_synced(&tmp, &file).and_then(|()| crate::write_atomically(&meta_file, &json))
+            ops_config::disk::rename_synced(&tmp, &file).and_then(|()| ops_config::disk::write_atomically(&meta_file, &json))
         })
         .await
         .map_err(|e| CacheError::Disk(e.to_string()))?

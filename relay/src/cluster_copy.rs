@@ -21,7 +21,7 @@ use ops_config::trust::{SIGNATURE_HEADER, TrustedKeys};
 use tokio_util::sync::CancellationToken;
 
 use crate::Relay;
-use crate::forward::Forwarder;
+use ops_serve::forward::Forwarder;
 
 const FILE_NAME: &str = "cluster.toml";
 
@@ -62,9 +62,6 @@ pub fn at_start(given: &ClusterMap, data_dir: &Path, keys: &TrustedKeys) -> Clus
     }
 }
 
-/// The header of `GET /cluster/map` with the map's generation (meta nodes set it).
-pub const GENERATION_HEADER: &str = "x-ops-cluster-generation";
-
 /// A newer map a meta node gave, with its signature and generation.
 struct Fetched {
     map: ClusterMap,
@@ -86,7 +83,11 @@ async fn fetch(relay: &Relay, client: &reqwest::Client, current: &ClusterMap, he
             // A standalone meta node has no map to give.
             Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => return Ok(None),
             Ok(r) if r.status().is_success() => {
-                let generation = r.headers().get(GENERATION_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(0);
+                let generation = r
+                    .headers()
+                    .get(ops_config::wire::MAP_GENERATION_HEADER)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .unwrap_or(0);
                 if keys.is_empty() && generation < held {
                     errors.push(format!("{url}: cluster map generation {generation} is older than {held}, taken before"));
                     continue;
@@ -147,7 +148,7 @@ pub async fn poll(relay: Arc<Relay>, period: Duration, stop: CancellationToken) 
             _ = tokio::time::sleep(period) => {}
         }
         let current = relay.map.load_full();
-        let client = match crate::tls::for_cluster(reqwest::Client::builder().no_proxy(), &current)
+        let client = match ops_serve::tls::for_cluster(reqwest::Client::builder().no_proxy(), &current)
             .and_then(|b| b.build().map_err(|e| e.to_string()))
         {
             Ok(c) => c,

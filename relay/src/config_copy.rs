@@ -11,14 +11,10 @@ use arc_swap::ArcSwapOption;
 use ops_config::trust::{SIGNATURE_HEADER, TrustedKeys, parse_signed};
 use tokio_util::sync::CancellationToken;
 
-use crate::desired::Loaded;
+use ops_serve::desired::Loaded;
 
 const FILE_NAME: &str = "agents.toml";
 
-/// Header of `GET /config/desired` on meta nodes: the config's generation
-/// (`meta_node::generations`). A relay never goes back to a lower generation than one it took,
-/// so a node that missed an apply cannot take the relays back with it.
-pub const GENERATION_HEADER: &str = "x-ops-config-generation";
 #[cfg(test)]
 const SIG_NAME: &str = "agents.toml.sig";
 
@@ -34,8 +30,8 @@ pub struct ConfigCopy {
     cache_base: Option<String>,
     /// The highest config generation taken from a meta node (since start).
     generation: std::sync::atomic::AtomicU64,
-    /// With keys: the highest signed version taken, kept in the data dir (`crate::floor`).
-    floor: Option<crate::floor::VersionFloor>,
+    /// With keys: the highest signed version taken, kept in the data dir (`ops_serve::floor`).
+    floor: Option<ops_serve::floor::VersionFloor>,
 }
 
 impl ConfigCopy {
@@ -45,7 +41,7 @@ impl ConfigCopy {
     /// it has one.
     pub fn open(dir: &Path, keys: TrustedKeys, cache_base: Option<String>) -> Self {
         let path = dir.join(FILE_NAME);
-        let floor = (!keys.is_empty()).then(|| crate::floor::VersionFloor::open(dir));
+        let floor = (!keys.is_empty()).then(|| ops_serve::floor::VersionFloor::open(dir));
         let on_disk = ops_config::trust::load_signed(&path, &keys).and_then(|(config, signature)| {
             // An expired copy still answers until a meta node gives a fresh one (the updaters
             // refuse it); an older one than taken before is not served.
@@ -124,7 +120,11 @@ impl ConfigCopy {
                     return Ok(false);
                 }
                 Ok(r) if r.status().is_success() => {
-                    let generation = r.headers().get(GENERATION_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+                    let generation = r
+                        .headers()
+                        .get(ops_config::wire::CONFIG_GENERATION_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
                     if generation.is_some_and(|g| g < self.generation.load(Ordering::Relaxed)) {
                         // Behind an apply the relay already took: ask the next node.
                         errors.push(format!("{url}: config generation {generation:?} is older than one already taken"));

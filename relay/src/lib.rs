@@ -1,4 +1,4 @@
-//! The ops fleet relay, and the pieces meta nodes share with it.
+//! The ops fleet relay.
 //!
 //! A relay answers updater heartbeats from its read-only copy of the desired config and
 //! forwards their real state, batched and keyed by hostname, to the meta node that owns each
@@ -6,19 +6,16 @@
 //! buffers only hold reports on their way. It must never make an updater wait on a meta node.
 #![forbid(unsafe_code)]
 
+//!
+//! What serving it shares with the meta nodes (the listener, the forwarder, the served config,
+//! the rollout view, enrollment) is in `ops_serve`; this crate holds what only a relay does: its
+//! copies of the desired config and the cluster map, the package cache, its heartbeat answer.
+
 pub mod cache;
-pub mod cli;
 pub mod cluster_copy;
 pub mod config_copy;
-pub mod desired;
-pub mod enrollment;
-pub mod floor;
-pub mod forward;
 pub mod ingest;
 pub mod metrics;
-pub mod rollout;
-pub mod server;
-pub mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,12 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config_copy::ConfigCopy;
-use crate::forward::{ForwardSettings, Forwarder};
-
-/// Server time in unix seconds, as reports keep it.
-pub use ops_config::clock::unix_now_u32 as unix_now;
-
-pub use ops_config::disk::write_atomically;
+use ops_serve::forward::{ForwardSettings, Forwarder};
 
 /// Everything a relay is told at start.
 #[derive(Debug, Clone)]
@@ -55,15 +47,15 @@ pub struct Settings {
     /// When set, config copies must be signed by one of these keys.
     pub trusted_keys: ops_config::trust::TrustedKeys,
     /// Serve HTTPS with this (`--tls-cert`, `--tls-key`).
-    pub tls: Option<Arc<crate::tls::ServerConfig>>,
+    pub tls: Option<Arc<ops_serve::tls::ServerConfig>>,
     /// The package cache (`--cache-dir`), if on.
     pub cache: Option<crate::cache::CacheSettings>,
     /// The runtime package downloads are served on (`--cache-threads`); None: the main one.
     pub packages: Option<tokio::runtime::Handle>,
     /// What each connection may take (`--max-connections`, `--*-timeout-ms`).
-    pub limits: crate::server::ConnLimits,
+    pub limits: ops_serve::server::ConnLimits,
     /// Host credentials checked and issued here (`--host-key-file`, ...).
-    pub enrollment: Arc<crate::enrollment::Enrollment>,
+    pub enrollment: Arc<ops_serve::enrollment::Enrollment>,
 }
 
 pub(crate) struct HotMetrics {
@@ -91,13 +83,13 @@ pub struct Relay {
     /// map of a lower one is never taken.
     pub map_generation: std::sync::atomic::AtomicU64,
     /// With trusted keys: the highest signed map version followed (`cluster_copy`).
-    pub map_floor: Option<crate::floor::VersionFloor>,
+    pub map_floor: Option<ops_serve::floor::VersionFloor>,
     /// The forwarder of `map`.
     pub forwarder: arc_swap::ArcSwap<Forwarder>,
     /// The tasks of `map` (config and rollout polls) and its forwarder's drain token and task.
     map_tasks: parking_lot::Mutex<Option<MapTasks>>,
     /// The meta nodes' published rollout states.
-    pub rollouts: Arc<crate::rollout::FleetView>,
+    pub rollouts: Arc<ops_serve::rollout::FleetView>,
     pub started: Instant,
     pub prometheus: Option<PrometheusHandle>,
     pub(crate) hot: HotMetrics,
@@ -125,7 +117,7 @@ impl Relay {
         let cache_base = cache.as_ref().map(|c| c.advertise().to_owned());
         let config = Arc::new(ConfigCopy::open(&settings.data_dir, settings.trusted_keys.clone(), cache_base));
         let map = crate::cluster_copy::at_start(&settings.cluster, &settings.data_dir, &settings.trusted_keys);
-        let map_floor = (!settings.trusted_keys.is_empty()).then(|| crate::floor::VersionFloor::open_map(&settings.data_dir));
+        let map_floor = (!settings.trusted_keys.is_empty()).then(|| ops_serve::floor::VersionFloor::open_map(&settings.data_dir));
         // (Without --cluster the relay starts from a built-in one-node map, which is no
         // document of the operator's: only maps learnt later are checked.)
         if let Some(f) = map_floor.as_ref().filter(|_| !map.text.is_empty()) {
@@ -138,7 +130,7 @@ impl Relay {
             ::metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => hash).set(1.0);
         }
         let ids = map.nodes.iter().map(|n| n.id.clone()).collect();
-        let rollouts = Arc::new(crate::rollout::FleetView::open(ids, Some(&settings.data_dir), crate::metrics::ROLLOUT_IN_FLIGHT));
+        let rollouts = Arc::new(ops_serve::rollout::FleetView::open(ids, Some(&settings.data_dir), crate::metrics::ROLLOUT_IN_FLIGHT));
         Ok(Arc::new(Relay {
             cache,
             rollouts,
@@ -163,13 +155,13 @@ impl Relay {
     /// its nodes); drains and stops those of the map before.
     pub(crate) fn start_map_tasks(self: &Arc<Self>) -> anyhow::Result<()> {
         let map = self.map.load_full();
-        let client = crate::tls::for_cluster(reqwest::Client::builder().no_proxy(), &map).map_err(anyhow::Error::msg)?.build()?;
+        let client = ops_serve::tls::for_cluster(reqwest::Client::builder().no_proxy(), &map).map_err(anyhow::Error::msg)?.build()?;
         let bases: Vec<String> = (0..map.nodes.len()).map(|i| map.url(i, "")).collect();
         let tasks = self.stop.child_token();
         tokio::spawn(self.config.clone().poll(client.clone(), bases.clone(), self.settings.config_poll, tasks.clone()));
         let config = self.config.clone();
         tokio::spawn(self.rollouts.clone().poll(
-            crate::rollout::Nodes { client, bases, skip: None, token: self.settings.forward.token.clone() },
+            ops_serve::rollout::Nodes { client, bases, skip: None, token: self.settings.forward.token.clone() },
             self.settings.config_poll,
             move || config.current(),
             tasks.clone(),
@@ -302,13 +294,13 @@ pub async fn run(relay: Arc<Relay>, listener: TcpListener, shutdown: Cancellatio
     tracker.close();
 
     let hot = relay.clone();
-    let heartbeat: crate::server::Heartbeat = Arc::new(move |credential, body| Box::pin(ingest::answer(hot.clone(), credential, body)));
-    let server = tokio::spawn(crate::server::serve(
+    let heartbeat: ops_serve::server::Heartbeat = Arc::new(move |credential, body| Box::pin(ingest::answer(hot.clone(), credential, body)));
+    let server = tokio::spawn(ops_serve::server::serve(
         listener,
         relay.settings.tls.clone(),
         relay.router(),
         Some(heartbeat),
-        relay.settings.packages.clone().filter(|_| relay.cache.is_some()).map(|runtime| crate::server::Packages { runtime }),
+        relay.settings.packages.clone().filter(|_| relay.cache.is_some()).map(|runtime| ops_serve::server::Packages { runtime }),
         relay.settings.limits,
         "relay",
         shutdown.clone(),

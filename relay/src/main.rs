@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use ops_config::ClusterMap;
-use relay::forward::ForwardSettings;
+use ops_serve::forward::ForwardSettings;
 use relay::{Relay, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +40,7 @@ struct Cli {
     /// The most hosts whose reports wait for the meta nodes (while none takes them): past it
     /// the oldest reports are dropped, counted in ops_relay_pending_dropped_total and logged.
     /// Set it above the hosts behind this relay.
-    #[arg(long, default_value_t = relay::forward::DEFAULT_MAX_PENDING)]
+    #[arg(long, default_value_t = ops_serve::forward::DEFAULT_MAX_PENDING)]
     max_pending_hosts: usize,
     /// A batch not answered within this fails over (milliseconds).
     #[arg(long, default_value_t = 5000)]
@@ -79,13 +79,13 @@ struct Cli {
     #[arg(long)]
     advertise_url: Option<String>,
     #[command(flatten)]
-    trust: relay::cli::TrustArgs,
+    trust: ops_serve::cli::TrustArgs,
     #[command(flatten)]
-    tls: relay::cli::TlsArgs,
+    tls: ops_serve::cli::TlsArgs,
     #[command(flatten)]
-    listen_limits: relay::cli::ListenArgs,
+    listen_limits: ops_serve::cli::ListenArgs,
     #[command(flatten)]
-    enroll: relay::enrollment::EnrollArgs,
+    enroll: ops_serve::enrollment::EnrollArgs,
     /// Under the map's `mtls`: the certificate (of the cluster CA, naming
     /// `{id}.relay.ops-fleet`) this relay shows the meta nodes, when it is not the one it
     /// serves updaters with (--tls-cert): updaters may trust another CA, or the relay may
@@ -119,13 +119,13 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
             }
             let name = ops_config::cluster::relay_name(&cli.id);
             match (&cli.identity_cert, &cli.identity_key) {
-                (Some(cert), Some(key)) if c.mtls => relay::tls::set_identity(cert, key, &name)?,
+                (Some(cert), Some(key)) if c.mtls => ops_serve::tls::set_identity(cert, key, &name)?,
                 (Some(_), _) if !c.mtls => {
                     return Err(format!("--identity-cert is for mtls = true, which {} does not say", c.file.display()));
                 }
                 _ => cli.tls.identity_for(&c, &name)?,
             }
-            relay::tls::for_cluster(reqwest::Client::builder(), &c).map(drop)?;
+            ops_serve::tls::for_cluster(reqwest::Client::builder(), &c).map(drop)?;
             (c, token)
         }
         None => (ClusterMap::single("127.0.0.1:2000".parse().expect("literal address")), None),

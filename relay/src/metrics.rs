@@ -23,8 +23,8 @@ pub const LATENCY_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
 
 pub fn describe() {
-    crate::server::Gate::describe("relay");
-    crate::enrollment::Enrollment::describe("relay");
+    ops_serve::server::Gate::describe("relay");
+    ops_serve::enrollment::Enrollment::describe("relay");
     describe_counter!(HEARTBEATS, Unit::Count, "Heartbeats received, by result (ok, bad_request, too_large, no_config).");
     describe_histogram!(HEARTBEAT_DURATION, Unit::Seconds, "Time to answer one heartbeat.");
     describe_counter!(CONFIG_POLLS, Unit::Count, "Desired-config polls of the meta nodes, by result (changed, unchanged, error).");
@@ -43,5 +43,5 @@ pub fn describe() {
     describe_gauge!(CACHE_FILES, Unit::Count, "Files held in the package cache.");
     describe_counter!(CACHE_EVICTIONS, Unit::Count, "Files evicted (least recently used) to keep the cache under --cache-max-bytes.");
     describe_counter!(CACHE_FAILED_CHECKS, Unit::Count, "Downloads that failed their sha256/md5 check: never served.");
-    crate::forward::Forwarder::describe("relay");
+    ops_serve::forward::Forwarder::describe("relay");
 }

@@ -145,11 +145,11 @@ async fn reload_local(node: Arc<Node>) -> Result<Response, ApiError> {
     }
 }
 
-/// The config file as served (`relay::desired::Loaded::serve`).
+/// The config file as served (`ops_serve::desired::Loaded::serve`).
 pub(super) async fn desired(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
     let mut response = node.desired.current().serve(&headers);
-    // Relays take the highest generation they see (`relay::config_copy`).
-    response.headers_mut().insert(relay::config_copy::GENERATION_HEADER, HeaderValue::from(node.generations.current()));
+    // Relays take the highest generation they see (`the relay's config_copy`).
+    response.headers_mut().insert(ops_config::wire::CONFIG_GENERATION_HEADER, HeaderValue::from(node.generations.current()));
     response
 }
 

@@ -37,7 +37,7 @@ pub(super) async fn map(State(node): State<Arc<Node>>, headers: HeaderMap) -> Re
         [
             (header::ETAG, etag_value),
             (header::CONTENT_TYPE, HeaderValue::from_static("application/toml; charset=utf-8")),
-            (header::HeaderName::from_static(membership::GENERATION_HEADER), generation),
+            (header::HeaderName::from_static(ops_config::wire::MAP_GENERATION_HEADER), generation),
         ],
         c.map.text.clone(),
     )
@@ -141,12 +141,12 @@ pub(super) async fn reload(
         }
     }
     reply.nodes = targets.iter().map(|(id, url)| NodeStep { id: id.clone(), url: url.clone(), ok: true, ..NodeStep::default() }).collect();
-    // Under mTLS a client reaches only the nodes whose names it resolves (`relay::tls::
+    // Under mTLS a client reaches only the nodes whose names it resolves (`ops_serve::tls::
     // for_cluster`): the current map's client does not know a node that joins.
     let client = if map.mtls {
         let mut both = map.clone();
         both.nodes.extend(current.map.nodes.iter().filter(|n| map.index_of(&n.id).is_none()).cloned());
-        relay::tls::for_cluster(reqwest::Client::builder().no_proxy(), &both)
+        ops_serve::tls::for_cluster(reqwest::Client::builder().no_proxy(), &both)
             .and_then(|b| b.build().map_err(|e| e.to_string()))
             .map_err(ApiError::Internal)?
     } else {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use relay::ingest::{Refused, json_reply, parse_heartbeat, read_heartbeat};
+use ops_serve::body::{Refused, json_reply, parse_heartbeat, read_heartbeat};
 
 use crate::{Node, unix_now};
 
@@ -32,10 +32,10 @@ pub(super) async fn heartbeat(State(node): State<Arc<Node>>, headers: axum::http
     }
 }
 
-/// `POST /enroll`: a host's credential for the enrollment secret (`relay::enrollment`).
+/// `POST /enroll`: a host's credential for the enrollment secret (`ops_serve::enrollment`).
 pub(super) async fn enroll(State(node): State<Arc<Node>>, headers: axum::http::HeaderMap, body: Body) -> Response {
     let loaded = node.desired.current();
-    relay::ingest::enroll_reply(&node.settings.enrollment, loaded.config.revocations(), &headers, body).await
+    ops_serve::body::enroll_reply(&node.settings.enrollment, loaded.config.revocations(), &headers, body).await
 }
 
 async fn handle(node: &Node, headers: &axum::http::HeaderMap, body: Body) -> Result<bytes::Bytes, Refused> {

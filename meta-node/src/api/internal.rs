@@ -37,10 +37,10 @@ pub(super) async fn batch(
     let compact = headers
         .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(ops_config::compact::CONTENT_TYPE.as_bytes()));
-    let handed_back = headers.get(relay::forward::HANDOFF_HEADER).is_some_and(|v| v == "1");
+    let handed_back = headers.get(ops_config::wire::HANDOFF_HEADER).is_some_and(|v| v == "1");
     // Hosts a membership change moves here may come before this node's own prepare: the
     // change is on from now, so its hand-back cannot send them home and drop them.
-    if let (Some(map), Some(m)) = (headers.get(relay::forward::MOVING_HEADER), &node.cluster)
+    if let (Some(map), Some(m)) = (headers.get(ops_config::wire::MOVING_HEADER), &node.cluster)
         && m.moving_in(map.to_str().unwrap_or_default())
     {
         tracing::info!("hosts moved here by a membership change before this node prepared it; hand-back paused");

@@ -122,9 +122,9 @@ enum Scope {
 
 fn scope_of(path: &str, headers: &axum::http::HeaderMap) -> Scope {
     match path {
-        "/internal/batch" if headers.get(relay::forward::HANDOFF_HEADER).is_some_and(|v| v == "1") => Scope::Node,
+        "/internal/batch" if headers.get(ops_config::wire::HANDOFF_HEADER).is_some_and(|v| v == "1") => Scope::Node,
         // Hosts a membership change moves begin the change here: only a node moves them.
-        "/internal/batch" if headers.contains_key(relay::forward::MOVING_HEADER) => Scope::Node,
+        "/internal/batch" if headers.contains_key(ops_config::wire::MOVING_HEADER) => Scope::Node,
         // Relays post their batches and read the rollout state they gate updaters by.
         "/internal/batch" | "/internal/rollout" => Scope::NodeOrRelay,
         p if p.starts_with("/internal/") => Scope::Node,
@@ -135,7 +135,7 @@ fn scope_of(path: &str, headers: &axum::http::HeaderMap) -> Scope {
 }
 
 /// Under the map's `mtls`: internal routes are for the peers and relays whose certificates
-/// (verified in the handshake, `relay::tls::PeerNames`) name them, and only them; the cluster
+/// (verified in the handshake, `ops_serve::tls::PeerNames`) name them, and only them; the cluster
 /// token opens none of them. Without mTLS nothing changes here ([`authorize`] decides).
 async fn guard(
     axum::extract::State(node): axum::extract::State<Arc<Node>>,
@@ -150,7 +150,7 @@ async fn guard(
     if scope == Scope::Public || scope == Scope::Operator {
         return next.run(request).await;
     }
-    let names = request.extensions().get::<relay::tls::PeerNames>().cloned().unwrap_or_default();
+    let names = request.extensions().get::<ops_serve::tls::PeerNames>().cloned().unwrap_or_default();
     // A node the last change left out still sends what it held (`membership::DEPARTED_GRACE`).
     let batch = request.uri().path() == "/internal/batch";
     let peer = names

@@ -421,9 +421,9 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
     };
     let mut response = ([(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], body).into_response();
     let h = response.headers_mut();
-    h.insert("x-ops-partial", HeaderValue::from_static(if initially_missing.is_empty() { "false" } else { "true" }));
+    h.insert(ops_config::wire::PARTIAL_HEADER, HeaderValue::from_static(if initially_missing.is_empty() { "false" } else { "true" }));
     if let Ok(v) = HeaderValue::from_str(&initially_missing.join(",")) {
-        h.insert("x-ops-missing-nodes", v);
+        h.insert(ops_config::wire::MISSING_NODES_HEADER, v);
     }
     Ok(response)
 }

@@ -140,7 +140,7 @@ impl FleetView {
             serde_json::to_vec_pretty(&saved).expect("plain data serializes")
         };
         if let Some(path) = &self.file
-            && let Err(error) = crate::write_atomically(path, &bytes)
+            && let Err(error) = ops_config::disk::write_atomically(path, &bytes)
         {
             tracing::error!(%error, file = %path.display(), "cannot keep the rollout state on disk");
         }
@@ -354,7 +354,7 @@ impl FleetView {
                 }
             }
             if let Some(loaded) = current() {
-                self.prune(&loaded, crate::unix_now());
+                self.prune(&loaded, ops_config::clock::unix_now_u32());
             }
             tokio::select! {
                 _ = stop.cancelled() => return,

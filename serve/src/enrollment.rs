@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use ops_config::enroll::{CREDENTIAL_HEADER, EnrollReply, EnrollRequest, HostKeys, Revocations};
 use subtle::ConstantTimeEq;
 
-use crate::ingest::Refused;
+use crate::body::Refused;
 
 /// `--host-key-file`, `--enroll-secret-file`, `--require-enrollment`.
 #[derive(clap::Args, Debug, Clone, Default)]

@@ -107,7 +107,7 @@ impl Gate {
             Ok(permit) => Some(permit),
             Err(_) => {
                 self.refused.increment(1);
-                let now = crate::unix_now();
+                let now = ops_config::clock::unix_now_u32();
                 if self.logged.swap(now, Ordering::Relaxed) != now {
                     tracing::warn!(%peer, max = self.max, "connection refused: --max-connections open");
                 }

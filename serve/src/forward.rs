@@ -20,17 +20,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Path of the batch ingest endpoint on meta nodes.
-pub const BATCH_PATH: &str = "/internal/batch";
-
-/// Header (value `1`) of a batch of failover copies a meta node hands back: the receiver keeps
-/// a copy only where it is strictly newer than what it holds.
-pub const HANDOFF_HEADER: &str = "x-ops-handoff";
-
-/// Header of the hosts a membership change's prepare moves to their new owner: the hash of
-/// the map they move by. A node that has not prepared that map yet counts the change as on
-/// from then (its hand-back paused), so it cannot send them home before its own prepare.
-pub const MOVING_HEADER: &str = "x-ops-moving";
+use ops_config::wire::{BATCH_PATH, HANDOFF_HEADER, MOVING_HEADER};
 
 /// Default of `max_pending`: twice the hosts behind one relay of a million-host fleet with two.
 pub const DEFAULT_MAX_PENDING: usize = 1_000_000;

@@ -50,7 +50,7 @@ impl VersionFloor {
 
     /// Whether `config` (its signature already verified) may be taken now.
     pub fn check(&self, config: &(impl Versioned + ?Sized)) -> Result<(), FreshError> {
-        ops_config::trust::check_fresh(config, self.floor.lock().as_ref(), u64::from(crate::unix_now()))
+        ops_config::trust::check_fresh(config, self.floor.lock().as_ref(), u64::from(ops_config::clock::unix_now_u32()))
     }
 
     /// [`check`](Self::check) without the expiry: what a node checks of the file it starts
@@ -70,7 +70,7 @@ impl VersionFloor {
         if floor.as_ref().is_some_and(|f| f.version >= new.version) {
             return Ok(());
         }
-        crate::write_atomically(&self.path, new.to_text().as_bytes())?;
+        ops_config::disk::write_atomically(&self.path, new.to_text().as_bytes())?;
         *floor = Some(new);
         Ok(())
     }
