@@ -19,6 +19,7 @@ pub mod enroll;
 mod hash;
 mod location;
 pub mod prom;
+pub mod reply;
 pub mod rollout;
 pub mod trust;
 pub mod wire;

@@ -531,7 +531,7 @@ impl Summary {
         self.finish();
     }
 
-    fn add_group(&mut self, version: &str, status: &str, state: &str, n: u64) {
+    pub(crate) fn add_group(&mut self, version: &str, status: &str, state: &str, n: u64) {
         match self.groups.iter_mut().find(|g| g.version == version && g.status == status && g.state == state) {
             Some(g) => g.hosts += n,
             None => self.groups.push(Group { version: version.to_owned(), status: status.to_owned(), state: state.to_owned(), hosts: n }),
@@ -545,7 +545,7 @@ impl Summary {
         }
     }
 
-    fn add_relay(&mut self, relay: &str, hosts: u64, silent: u64, last_heard: u32) {
+    pub(crate) fn add_relay(&mut self, relay: &str, hosts: u64, silent: u64, last_heard: u32) {
         match self.relays.iter_mut().find(|r| r.relay == relay) {
             Some(r) => {
                 r.hosts += hosts;
@@ -557,7 +557,7 @@ impl Summary {
     }
 
     /// Recomputes totals and orders from the groups.
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         sort_relays(&mut self.relays);
         self.groups.sort_by(|a, b| (&a.version, &a.status, &a.state).cmp(&(&b.version, &b.status, &b.state)));
         self.desired.sort_by(|a, b| b.hosts.cmp(&a.hosts).then_with(|| a.version.cmp(&b.version)));

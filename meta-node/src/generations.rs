@@ -7,7 +7,7 @@
 //! what the operator signed. Two nodes at one generation with different hashes have diverged
 //! (`/health`, `opsctl cluster`, `ops_meta_config_diverged`); a node that sees a peer at a
 //! higher generation pulls that peer's file, checks it (and its signature) and serves it
-//! (`crate::peers`).
+//! (`crate::coordination::peers`).
 //!
 //! With trusted keys the generation is the signed file's own `version` (whatever number a
 //! coordinator or a peer proposes), so a node's generation names the operator's document.

@@ -3,7 +3,7 @@
 //! While a node is down, relays send its hosts' reports to the next ring candidate that is
 //! up, which keeps them as failover copies (`Host::owned == false`). Every `period`, a node
 //! holding copies sends each one to the first candidate of its host that is up now
-//! ([`ops_config::Ring::first_in`] over [`crate::peers::Peers::mask`]): the owner once it
+//! ([`ops_config::Ring::first_in`] over [`crate::coordination::peers::Peers::mask`]): the owner once it
 //! answers again, or a candidate before this node that came back first. The copies travel as
 //! compact batches through the ordinary `/internal/batch`, marked as handed back: the receiver
 //! keeps a copy only where it is strictly newer than what it holds (on a tie within the same

@@ -7,12 +7,12 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod coordination;
 pub mod fleet;
 pub mod generations;
 pub mod handoff;
 pub mod membership;
 pub mod metrics;
-pub mod peers;
 pub mod rollout;
 pub mod snapshot;
 pub mod store;
@@ -190,7 +190,7 @@ pub struct Cluster {
     pub forwarder: Arc<Forwarder>,
     pub client: reqwest::Client,
     /// Which nodes answer now.
-    pub alive: peers::Peers,
+    pub alive: coordination::peers::Peers,
     /// This node is not in `map` (the last entry of `map.nodes` is itself): it is leaving and
     /// owns nothing (`membership`).
     pub leaving: bool,
@@ -615,7 +615,7 @@ pub async fn run(node: Arc<Node>, listener: TcpListener, shutdown: CancellationT
     }
 
     if node.cluster.is_some() {
-        tracker.spawn(peers::probe(node.clone(), node.settings.probe_interval, background.clone()));
+        tracker.spawn(coordination::peers::probe(node.clone(), node.settings.probe_interval, background.clone()));
         tracker.spawn(handoff::run(node.clone(), node.settings.handoff_interval, background.clone()));
     }
 

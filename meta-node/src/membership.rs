@@ -37,7 +37,7 @@
 //! (`x-ops-cluster-generation`). A node that missed a commit (it died between prepare and
 //! commit) finds a peer at a higher generation at its next probe and takes that peer's map the
 //! way a change would, locally ([`catch_up`]); relays never take a map of a lower generation
-//! than one they took. One generation with two hashes is a divergence (`crate::peers`).
+//! than one they took. One generation with two hashes is a divergence (`crate::coordination::peers`).
 //!
 //! **Signed maps.** With trusted keys (`--trusted-key`), a map is taken only with the
 //! operator's signature (`cluster.toml.sig`, sent as `x-ops-signature` with the prepare and
@@ -55,6 +55,7 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use compact_str::CompactString;
 use ops_config::ClusterMap;
+use ops_config::reply::StepReply;
 use ops_serve::forward::{Entry, Pending};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -102,26 +103,6 @@ pub struct Membership {
     tasks: Mutex<CancellationToken>,
     /// With trusted keys: the highest signed map version verified (`cluster-version`).
     floor: Option<ops_serve::floor::VersionFloor>,
-}
-
-/// What a node's step answered.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StepReply {
-    pub id: String,
-    pub hash: String,
-    /// Prepare: hosts sent to their new owner.
-    #[serde(default)]
-    pub moved: usize,
-    /// Commit: hosts whose `owned` flag changed.
-    #[serde(default)]
-    pub remarked: usize,
-    /// The node already served this map.
-    #[serde(default)]
-    pub unchanged: bool,
-    /// Prepare: the generation of the map the node serves; commit: of the new one.
-    #[serde(default)]
-    pub generation: u64,
 }
 
 impl Membership {
@@ -322,7 +303,17 @@ pub fn build(
             (with_me, me, true)
         }
     };
-    Ok(Cluster { alive: crate::peers::Peers::new(map.nodes.len(), me), ring, me, forwarder, client, map, signature, leaving, stop })
+    Ok(Cluster {
+        alive: crate::coordination::peers::Peers::new(map.nodes.len(), me),
+        ring,
+        me,
+        forwarder,
+        client,
+        map,
+        signature,
+        leaving,
+        stop,
+    })
 }
 
 /// Starts the tasks that belong to the current map (its forwarder, the peers' rollout

@@ -10,11 +10,12 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 
-use super::status::{FilterParams, Format, HostView, View, check_agent, local_host, local_summary, stream_local_rows};
+use super::status::{FilterParams, check_agent};
 use super::{ApiError, authorize};
 use crate::Node;
+use crate::coordination::gather::{GatherRequest, HostView, View, local_host, local_summary};
+use crate::coordination::listing::{Format, stream_local_rows};
 use crate::fleet::Summary;
 use crate::metrics::{BATCH_HOSTS_RECEIVED, BATCHES_RECEIVED};
 
@@ -77,25 +78,9 @@ fn ingest(node: &Node, bytes: &[u8], compact: bool, handed_back: bool, sender: O
     })
 }
 
-/// What a gathering node asks of a peer: the nodes taking part, and for summaries a prefix.
-#[derive(Deserialize)]
-pub(super) struct GatherBody {
-    /// Bit i: node i takes part (see `fleet::Scope::Held`).
-    present: u64,
-    /// The hash of the gathering node's cluster map (absent from nodes before membership
-    /// changes online: the map served).
-    #[serde(default)]
-    cluster: Option<String>,
-    /// Summaries only: count the hosts whose name starts with this.
-    #[serde(default)]
-    prefix: Option<String>,
-}
-
-impl GatherBody {
-    /// Parsed after the token is checked, whatever the Content-Type.
-    fn parse(bytes: &[u8]) -> Result<GatherBody, ApiError> {
-        serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("bad gather body: {e}")))
-    }
+/// A gather's request, parsed after the token is checked, whatever the Content-Type.
+fn gather_request(bytes: &[u8]) -> Result<GatherRequest, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("bad gather body: {e}")))
 }
 
 /// `POST /internal/rows/{agent}`: this node's share of a listing, streamed.
@@ -109,7 +94,7 @@ pub(super) async fn rows(
 ) -> Result<Response, ApiError> {
     authorize(&node, peer, &headers)?;
     check_agent(&agent)?;
-    let body = GatherBody::parse(&body)?;
+    let body = gather_request(&body)?;
     let filter = params.to_filter()?;
     let format = Format::parse(params.format.as_deref());
     let view = View::resolve(&node, body.cluster.as_deref())?;
@@ -132,7 +117,7 @@ pub(super) async fn summary(
 ) -> Result<Json<Summary>, ApiError> {
     authorize(&node, peer, &headers)?;
     check_agent(&agent)?;
-    let body = GatherBody::parse(&body)?;
+    let body = gather_request(&body)?;
     let view = View::resolve(&node, body.cluster.as_deref())?;
     let s = tokio::task::spawn_blocking(move || local_summary(&node, &agent, view.scope(body.present), body.prefix.as_deref()))
         .await

@@ -14,7 +14,6 @@ use crate::Node;
 pub(crate) mod admin;
 mod cluster;
 mod config;
-pub use config::local_step as config_step;
 mod heartbeat;
 mod internal;
 mod rollout;
@@ -58,6 +57,18 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "errorMessage": self.to_string() });
         (self.status(), axum::Json(body)).into_response()
+    }
+}
+
+impl From<crate::coordination::Refusal> for ApiError {
+    fn from(refusal: crate::coordination::Refusal) -> Self {
+        use crate::coordination::Refusal;
+        match refusal {
+            Refusal::BadRequest(m) => ApiError::BadRequest(m),
+            Refusal::NotFound(m) => ApiError::NotFound(m),
+            Refusal::Conflict(m) => ApiError::Conflict(m),
+            Refusal::Internal(m) => ApiError::Internal(m),
+        }
     }
 }
 
@@ -202,43 +213,4 @@ fn authorize(node: &Node, peer: SocketAddr, headers: &axum::http::HeaderMap) -> 
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// How a step's error starts when the node did not answer at all.
-pub(crate) const NO_ANSWER: &str = "no answer: ";
-
-/// POSTs one step of a cluster-wide change to every `(id, base)` at once, with the token (and
-/// `headers`): each answer parsed as `T`, or the node's `errorMessage`; an answer from another
-/// node than the one expected on that address is an error too.
-pub(crate) async fn post_each<T: serde::de::DeserializeOwned>(
-    node: &Node,
-    client: &reqwest::Client,
-    targets: &[(String, String)],
-    path: &str,
-    body: &str,
-    headers: &[(&str, &str)],
-    timeout: std::time::Duration,
-) -> Vec<Result<T, String>> {
-    futures_util::future::join_all(targets.iter().map(|(id, base)| {
-        let mut req = client.post(format!("{base}{path}")).timeout(timeout).body(body.to_owned());
-        if let Some(token) = node.peer_token() {
-            req = req.bearer_auth(token);
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        async move {
-            let r = req.send().await.map_err(|e| format!("{NO_ANSWER}{e}"))?;
-            let ok = r.status().is_success();
-            let v: serde_json::Value = r.json().await.map_err(|e| format!("bad answer: {e}"))?;
-            if !ok {
-                return Err(v["errorMessage"].as_str().unwrap_or("refused").to_owned());
-            }
-            if v["id"].as_str() != Some(id.as_str()) {
-                return Err(format!("node {} answered on {id}'s address", v["id"]));
-            }
-            serde_json::from_value(v).map_err(|e| format!("bad answer: {e}"))
-        }
-    }))
-    .await
 }

@@ -11,8 +11,8 @@ use axum::http::HeaderMap;
 use ops_config::rollout::{NodeReport, RolloutReport, WaveReport};
 use serde::Serialize;
 
-use super::status::{peer_json, peer_request};
 use super::{ApiError, authorize};
+use crate::coordination::gather;
 use crate::{Node, unix_now};
 
 pub(super) async fn internal(
@@ -81,27 +81,7 @@ pub(super) async fn gathered(State(node): State<Arc<Node>>, Path(agent): Path<St
     let target = spec.default.version.clone();
 
     // Every node's report: this node's own, the peers' asked now.
-    let own = node.controller.report();
-    let mut reports: Vec<(String, Option<NodeReport>)> = Vec::new();
-    match node.cluster() {
-        None => reports.push((node.settings.id.clone(), Some((*own).clone()))),
-        Some(c) => {
-            let c: &crate::Cluster = &c;
-            let asks = c.map.nodes.iter().enumerate().map(|(i, n)| {
-                let node = node.clone();
-                let own = own.clone();
-                let id = n.id.clone();
-                async move {
-                    if i == c.me {
-                        return (id, Some((*own).clone()));
-                    }
-                    let req = peer_request(&node, c, reqwest::Method::GET, i, "/internal/rollout");
-                    (id, peer_json::<NodeReport>(c, req, i, "rollout").await)
-                }
-            });
-            reports = futures_util::future::join_all(asks).await;
-        }
-    }
+    let reports = gather::rollout_reports(&node).await;
 
     let find = |rs: &[RolloutReport]| rs.iter().find(|r| r.agent == agent && r.target == target).cloned();
     let mut waves: Vec<WaveReport> = rollout.policy.waves.iter().map(|&p| WaveReport { percent: p, ..WaveReport::default() }).collect();

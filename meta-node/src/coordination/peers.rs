@@ -237,7 +237,7 @@ async fn catch_up(node: &std::sync::Arc<Node>, c: &crate::Cluster, i: usize, gen
     }
     .await;
     let result = match fetched {
-        Ok((text, sig)) => crate::api::config_step(node, Some(generation), &text, sig.as_deref()).await,
+        Ok((text, sig)) => super::apply::local_step(node, Some(generation), &text, sig.as_deref()).await,
         Err(error) => {
             // Not a refusal: asked again at the next probe.
             tracing::debug!(peer = %id, generation, %error, "cannot fetch a peer's newer config; trying at the next probe");
