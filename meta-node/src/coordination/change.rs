@@ -29,7 +29,7 @@ pub async fn change(node: &Node, m: &Membership) -> Result<(Outcome, ChangeReply
     let map = if signature == current.signature && text == current.map.text {
         current.map.clone()
     } else {
-        membership::verify(&node, m, &text, signature.as_deref()).map_err(|e| Refusal::BadRequest(format!("{}: {e}", path.display())))?
+        membership::verify(node, m, &text, signature.as_deref()).map_err(|e| Refusal::BadRequest(format!("{}: {e}", path.display())))?
     };
     let mut reply = ChangeReply {
         node: node.settings.id.clone(),
@@ -71,7 +71,7 @@ pub async fn change(node: &Node, m: &Membership) -> Result<(Outcome, ChangeReply
     };
     tracing::info!(hash = %map.hash, nodes = targets.len(), "membership change: preparing every node");
 
-    let results = step_all(&node, &client, &targets, "prepare", text.clone(), signature.as_deref()).await;
+    let results = step_all(node, &client, &targets, "prepare", text.clone(), signature.as_deref()).await;
     let mut top = m.generation();
     let refused = record(&mut reply, results, |s, r| {
         s.moved = r.moved;
@@ -79,7 +79,7 @@ pub async fn change(node: &Node, m: &Membership) -> Result<(Outcome, ChangeReply
     });
     if let Some(error) = refused {
         tracing::warn!(%error, "membership change refused at prepare; aborting everywhere");
-        let _ = step_all(&node, &client, &targets, "abort", map.hash.clone(), None).await;
+        let _ = step_all(node, &client, &targets, "abort", map.hash.clone(), None).await;
         reply.failed_at = Some("prepare".into());
         reply.error_message = format!("nothing changed: {error}");
         return Ok((Outcome::Refused, reply));
@@ -90,13 +90,13 @@ pub async fn change(node: &Node, m: &Membership) -> Result<(Outcome, ChangeReply
         None => top.checked_add(1).ok_or_else(|| Refusal::Conflict("cluster generations are exhausted".into()))?,
     };
     let commit = format!("commit?generation={}", reply.generation);
-    let results = step_all(&node, &client, &targets, &commit, map.hash.clone(), None).await;
+    let results = step_all(node, &client, &targets, &commit, map.hash.clone(), None).await;
     let refused = record(&mut reply, results, |s, r| s.remarked = r.remarked);
     reply.changed = true;
     // A gather that began by the old map before its node committed still asks by it: every
     // node keeps the old map that long (a peer's part must open within the peer timeout).
     tokio::time::sleep(node.settings.peer_timeout).await;
-    let results = step_all(&node, &client, &targets, "finish", map.hash.clone(), None).await;
+    let results = step_all(node, &client, &targets, "finish", map.hash.clone(), None).await;
     let refused = refused.or(record(&mut reply, results, |_, _| {}));
     if let Some(error) = refused {
         // Committed nodes serve the new map; one that missed a step ends it by itself

@@ -314,11 +314,11 @@ pub fn local_host(node: &Node, hostname: &str) -> Option<HostView> {
 
 /// One host: the newest copy among every node held up that holds it.
 pub async fn host(node: &Node, hostname: &str) -> Option<HostView> {
-    let mut best = local_host(&node, &hostname);
+    let mut best = local_host(node, hostname);
     if let Some(c) = node.cluster() {
         let up = c.alive.mask();
         let peers = futures_util::future::join_all(c.peers().filter(|i| up & (1 << i) != 0).map(|i| {
-            let req = peer_request(&node, &c, reqwest::Method::GET, i, &format!("/internal/host/{hostname}"));
+            let req = peer_request(node, &c, reqwest::Method::GET, i, &format!("/internal/host/{hostname}"));
             let c = &c;
             async move { peer_json::<Option<HostView>>(c, req, i, "host").await.flatten() }
         }))
