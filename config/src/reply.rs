@@ -101,6 +101,35 @@ pub struct ChangeReply {
     pub nodes: Vec<ChangeNode>,
 }
 
+/// A refusal's body, from any route: `{"errorMessage": "..."}`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorReply {
+    pub error_message: String,
+}
+
+/// One config version a node keeps (`GET /config/history`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeptVersion {
+    /// Its config generation.
+    pub generation: u64,
+    pub hash: String,
+    pub bytes: u64,
+    pub signed: bool,
+}
+
+/// The reply of `GET /config/history`: the config generation served and the versions kept,
+/// newest first.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct History {
+    pub id: String,
+    pub generation: u64,
+    pub hash: String,
+    pub versions: Vec<KeptVersion>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +160,15 @@ mod tests {
         assert_eq!(json["missingNodes"][0], "meta-3");
         assert!(json["nodes"][0].get("error").is_none(), "no error field on a node that is ok");
         round_trip(&ConfigStep { id: "meta-1".into(), hash: "h".into(), generation: 9 });
+        let history = History {
+            id: "meta-1".into(),
+            generation: 9,
+            hash: "h".into(),
+            versions: vec![KeptVersion { generation: 9, hash: "h".into(), bytes: 120, signed: true }],
+        };
+        assert_eq!(round_trip(&history)["versions"][0]["signed"], true);
+        let refusal: ErrorReply = serde_json::from_str(r#"{"errorMessage":"diff again"}"#).unwrap();
+        assert_eq!(refusal.error_message, "diff again");
     }
 
     #[test]

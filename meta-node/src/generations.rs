@@ -23,15 +23,8 @@ pub const KEEP: usize = 10;
 const GENERATION_FILE: &str = "config-generation";
 const HISTORY_DIR: &str = "config-history";
 
-/// One kept version.
-#[derive(Debug, Clone, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Entry {
-    pub generation: u64,
-    pub hash: String,
-    pub bytes: u64,
-    pub signed: bool,
-}
+/// One kept version (the reply type of `GET /config/history`).
+pub use ops_config::reply::KeptVersion as Entry;
 
 /// The generation served and the history, under one data dir.
 pub struct Generations {

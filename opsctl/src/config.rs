@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use ops_config::reply::{ApplyReply, ErrorReply, History};
 use serde_json::Value;
 
 use crate::Failure;
@@ -48,27 +49,35 @@ fn report(status: u16, v: &Value, json: bool) -> Result<(), Failure> {
     if json {
         println!("{v}");
     }
+    // A refusal before any node was asked is only an `errorMessage`; after, the whole reply.
+    let reply: Option<ApplyReply> = serde_json::from_value(v.clone()).ok();
     if status != 200 {
-        let why = v["errorMessage"].as_str().map_or_else(|| v.to_string(), str::to_owned);
+        let why = match &reply {
+            Some(r) => r.error_message.clone(),
+            None => serde_json::from_value::<ErrorReply>(v.clone()).map_or_else(|_| v.to_string(), |e| e.error_message),
+        };
         if !json {
-            for n in v["nodes"].as_array().into_iter().flatten().filter(|n| n["ok"] == false) {
-                eprintln!("  {}: {}", n["id"].as_str().unwrap_or("?"), n["error"].as_str().unwrap_or("?"));
+            for n in reply.iter().flat_map(|r| &r.nodes).filter(|n| !n.ok) {
+                eprintln!("  {}: {}", n.id, n.error.as_deref().unwrap_or("?"));
             }
         }
         return Err(Failure::Refused(format!("HTTP {status}: {why}")));
     }
+    let reply = reply.ok_or_else(|| Failure::Unavailable(format!("not an apply reply: {v}")))?;
     if !json {
         println!(
             "applied: hash {} (was {}), generation {}, on {} node(s)",
-            v["hash"].as_str().unwrap_or("?"),
-            v["previousHash"].as_str().unwrap_or("?"),
-            v["generation"],
-            v["nodes"].as_array().map_or(1, Vec::len)
+            reply.hash,
+            reply.previous_hash,
+            reply.generation,
+            reply.nodes.len()
         );
     }
-    match v["missingNodes"].as_array().filter(|m| !m.is_empty()) {
-        Some(_) => Err(Failure::Partial(v["errorMessage"].as_str().unwrap_or("not every node answered").to_owned())),
-        None => Ok(()),
+    if reply.missing_nodes.is_empty() {
+        Ok(())
+    } else {
+        let why = if reply.error_message.is_empty() { "not every node answered".to_owned() } else { reply.error_message };
+        Err(Failure::Partial(why))
     }
 }
 
@@ -108,19 +117,18 @@ pub fn history(s: &Server, json: bool) -> Result<(), Failure> {
         println!("{v}");
         return Ok(());
     }
-    let current = v["hash"].as_str().unwrap_or("");
+    let h: History = serde_json::from_value(v).map_err(|e| Failure::Unavailable(format!("not a history reply: {e}")))?;
     let mut rows = vec![vec!["GEN".to_owned(), "HASH".into(), "BYTES".into(), "SIGNED".into(), String::new()]];
-    for e in v["versions"].as_array().into_iter().flatten() {
-        let hash = e["hash"].as_str().unwrap_or("?");
+    for e in &h.versions {
         rows.push(vec![
-            e["generation"].to_string(),
-            hash.to_owned(),
-            e["bytes"].to_string(),
-            if e["signed"] == true { "yes".into() } else { "no".into() },
-            if e["generation"] == v["generation"] && hash == current { "<- served".into() } else { String::new() },
+            e.generation.to_string(),
+            e.hash.clone(),
+            e.bytes.to_string(),
+            if e.signed { "yes".into() } else { "no".into() },
+            if e.generation == h.generation && e.hash == h.hash { "<- served".into() } else { String::new() },
         ]);
     }
-    println!("node {}: generation {}", v["id"].as_str().unwrap_or("?"), v["generation"]);
+    println!("node {}: generation {}", h.id, h.generation);
     print!("{}", crate::fleet::table(&rows));
     Ok(())
 }

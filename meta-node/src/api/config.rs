@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use ops_config::reply::{ApplyReply, ConfigStep};
+use ops_config::reply::{ApplyReply, ConfigStep, History};
 use ops_config::trust::SIGNATURE_HEADER;
 use serde::Deserialize;
 
@@ -99,13 +99,13 @@ pub(super) async fn step(
 }
 
 /// `GET /config/history`: this node's generation and the versions it keeps, newest first.
-pub(super) async fn history(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+pub(super) async fn history(State(node): State<Arc<Node>>) -> Json<History> {
     let n = node.clone();
-    let entries = tokio::task::spawn_blocking(move || n.generations.list()).await.unwrap_or_default();
-    Json(serde_json::json!({
-        "id": node.settings.id,
-        "generation": node.generations.current(),
-        "hash": node.desired.current().config.hash(),
-        "versions": entries,
-    }))
+    let versions = tokio::task::spawn_blocking(move || n.generations.list()).await.unwrap_or_default();
+    Json(History {
+        id: node.settings.id.clone(),
+        generation: node.generations.current(),
+        hash: node.desired.current().config.hash().to_owned(),
+        versions,
+    })
 }
