@@ -91,7 +91,7 @@ fn every_metric_the_rules_and_dashboard_name_is_documented_and_emitted() {
     // Every documented metric is emitted: its literal name in the code, or its suffix after
     // the per-component prefix (`ops_{c}_...` in the shared forwarding code).
     let mut code = String::new();
-    for dir in ["meta-node/src", "relay/src"] {
+    for dir in ["meta-node/src", "relay/src", "serve/src"] {
         for entry in walk(&root().join(dir)) {
             code.push_str(&read(&entry));
         }
