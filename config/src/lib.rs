@@ -21,6 +21,7 @@ mod location;
 pub mod prom;
 pub mod reply;
 pub mod rollout;
+pub mod status;
 pub mod trust;
 pub mod wire;
 

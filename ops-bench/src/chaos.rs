@@ -7,6 +7,10 @@
 //! - the summary's latency while the fault lasts (sampled from meta node 1 every 250 ms);
 //! - once whole, a full text listing: hosts missing and hosts listed more than once;
 //! - seconds until no meta node holds a failover copy any more, and the RSS of every process.
+//!
+//! Long for one file, on purpose: every scenario is measured by the same machinery (the
+//! sampler, the explanation of a count that is not whole, the listing check), and a scenario
+//! is only its fault and its row; split apart, each would need that machinery's internals.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use ops_config::reply::ChangeReply;
+use ops_config::status::{Health, SummaryReply};
 use serde_json::{Value, json};
 use std::sync::Mutex;
 
@@ -258,16 +264,12 @@ impl Sampler {
             let url = crate::cluster::meta_url(meta, "/status/summary/falcon-agent");
             while !st.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let got: Option<Value> =
+                let got: Option<SummaryReply> =
                     async { client.get(&url).timeout(Duration::from_secs(10)).send().await.ok()?.json().await.ok() }.await;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
-                let hosts = got.as_ref().and_then(|v| v["hosts"].as_u64());
-                let partial = got.as_ref().is_some_and(|v| v["partial"].as_bool() == Some(true));
-                let missing = got
-                    .as_ref()
-                    .and_then(|v| v["missingNodes"].as_array())
-                    .map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
-                    .unwrap_or_default();
+                let hosts = got.as_ref().map(|r| r.summary.hosts);
+                let partial = got.as_ref().is_some_and(|r| r.partial);
+                let missing = got.map(|r| r.missing_nodes).unwrap_or_default();
                 s.lock().expect("sampler lock").push(Sample { at: t, ms, hosts, partial, missing });
                 tokio::time::sleep(Duration::from_millis(250).saturating_sub(t.elapsed())).await;
             }
@@ -523,22 +525,22 @@ async fn membership(ctx: &mut Ctx<'_>, scenario: Scenario, row: &mut Row, start:
         Some(explain_count_at(ctx.client, &metas, ctx.hosts).await)
     };
     let call = ctx.client.get(&url).bearer_auth(&token).timeout(Duration::from_secs(600)).send();
-    let mut call = tokio::spawn(async move { call.await?.json::<Value>().await });
+    let mut call = tokio::spawn(async move { call.await?.json::<ChangeReply>().await });
     tokio::pin!(first_bad);
     let (mut fired, mut during) = (false, None);
-    let reply: Value = loop {
+    let reply: ChangeReply = loop {
         tokio::select! {
             r = &mut call => break r??,
             d = &mut first_bad, if !fired => (fired, during) = (true, d),
         }
     };
     row.reload_s = Some(t.elapsed().as_secs_f64());
-    anyhow::ensure!(reply["changed"] == true && reply["errorMessage"] == "", "{url}: {reply}");
-    row.moved = Some(reply["nodes"].as_array().map_or(0, |n| n.iter().filter_map(|n| n["moved"].as_u64()).sum()));
+    anyhow::ensure!(reply.changed && reply.error_message.is_empty(), "{url}: {reply:?}");
+    row.moved = Some(reply.nodes.iter().map(|n| n.moved as u64).sum());
     row.moved_bound = Some((ctx.hosts as f64 * 1.1 / larger as f64).ceil() as u64);
     let addr = ctx.cluster.metas[node].addr;
     loop {
-        let held = get_health(ctx.client, addr).await.and_then(|h| h["hosts"].as_u64());
+        let held = get_health(ctx.client, addr).await.map(|h| h.hosts);
         let settled = match scenario {
             Scenario::GrowMeta => held.is_some_and(|h| h >= want),
             _ => held == Some(0),
@@ -569,7 +571,7 @@ async fn membership(ctx: &mut Ctx<'_>, scenario: Scenario, row: &mut Row, start:
     Ok(Instant::now())
 }
 
-async fn get_health(client: &reqwest::Client, addr: SocketAddr) -> Option<Value> {
+async fn get_health(client: &reqwest::Client, addr: SocketAddr) -> Option<Health> {
     client.get(crate::cluster::meta_url(addr, "/health")).send().await.ok()?.json().await.ok()
 }
 
@@ -655,8 +657,11 @@ async fn explain_count_at(client: &reqwest::Client, metas: &[(String, SocketAddr
     }
     for (name, addr) in metas {
         let h = get_health(client, *addr).await;
-        let field = |k: &str| h.as_ref().map_or_else(|| "-".to_owned(), |h| h[k].to_string());
-        out.push(format!("{name}: hosts {} generation {}", field("hosts"), field("clusterGeneration")));
+        let (hosts, generation) = match &h {
+            Some(h) => (h.hosts.to_string(), h.cluster_generation.map_or_else(|| "null".to_owned(), |g| g.to_string())),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
+        out.push(format!("{name}: hosts {hosts} generation {generation}"));
     }
     out.join("; ")
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use ops_config::status::{RolloutView, SummaryReply};
 use serde_json::{Value, json};
 
 use crate::cluster::Cluster;
@@ -201,12 +202,12 @@ async fn follow_summary(
     let mut reached = milestones();
     while start.elapsed() < limit {
         if let Ok(r) = client.get(&url).send().await
-            && let Ok(v) = r.json::<Value>().await
+            && let Ok(v) = r.json::<SummaryReply>().await
         {
             // The ratio counts hosts already told the new version only after the desired side
             // changed: wait until the summary shows the new version desired.
-            if v["desired"].as_array().is_some_and(|d| d.iter().any(|x| x["version"] == VERSIONS[2])) {
-                mark(&mut reached, v["convergedRatio"].as_f64().unwrap_or(0.0) * 100.0, start);
+            if v.summary.desired.iter().any(|x| x.version == VERSIONS[2]) {
+                mark(&mut reached, v.summary.converged_ratio * 100.0, start);
             }
         }
         if reached.iter().all(|(_, t)| t.is_some()) {
@@ -247,24 +248,21 @@ async fn follow_staged(
     let mut halted_at: Option<Instant> = None;
     while start.elapsed() < limit {
         if let Ok(resp) = client.get(&url).send().await
-            && let Ok(v) = resp.json::<Value>().await
+            && let Ok(v) = resp.json::<RolloutView>().await
         {
-            let wave = v["fleetWave"].as_u64().unwrap_or(0);
+            let wave = v.fleet_wave as u64;
             while r.waves_opened < wave {
                 r.waves_opened += 1;
                 r.wave_open_s.push(start.elapsed().as_secs_f64());
             }
-            let waves = v["waves"].as_array().cloned().unwrap_or_default();
-            let sum = |k: &str| waves.iter().filter_map(|w| w[k].as_u64()).sum::<u64>();
-            let (converged, targeted) = (sum("converged"), sum("targeted"));
+            let (converged, targeted) = v.waves.iter().fold((0, 0), |(c, t), w| (c + w.converged, t + w.targeted));
             if targeted > 0 {
                 mark(&mut reached, converged as f64 * 100.0 / targeted as f64, start);
             }
-            if v["halted"] == true && !r.halted {
+            if v.halted && !r.halted {
                 r.halted = true;
                 r.halt_s = Some(start.elapsed().as_secs_f64());
-                r.halted_by =
-                    v["haltedBy"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+                r.halted_by = v.halted_by;
                 halted_at = Some(Instant::now());
             }
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use ops_config::status::SummaryReply;
 use serde_json::{Value, json};
 
 use crate::chaos::{self, Scenario};
@@ -108,8 +109,9 @@ async fn relay_figures(client: &reqwest::Client, relays: &[SocketAddr]) -> Relay
 
 /// Hosts a meta node's summary counts, and whether it said the answer is partial.
 pub async fn summary_hosts(client: &reqwest::Client, meta: SocketAddr) -> Option<(u64, bool)> {
-    let v: Value = client.get(crate::cluster::meta_url(meta, "/status/summary/falcon-agent")).send().await.ok()?.json().await.ok()?;
-    Some((v["hosts"].as_u64()?, v["partial"].as_bool().unwrap_or(false)))
+    let r: SummaryReply =
+        client.get(crate::cluster::meta_url(meta, "/status/summary/falcon-agent")).send().await.ok()?.json().await.ok()?;
+    Some((r.summary.hosts, r.partial))
 }
 
 pub async fn run(

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
+use ops_config::HeartbeatReply;
 use serde_json::{Value, json};
 use sha2::Digest;
 
@@ -300,9 +301,8 @@ async fn relay_url(client: &reqwest::Client, r: SocketAddr) -> anyhow::Result<St
     let body = r#"{"hostname":"storm-probe","ip":"127.0.0.1","updaterVersion":"0.1.0","realAgents":[]}"#;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let reply: Value = client.post(format!("http://{r}/heartbeat")).body(body).send().await?.json().await?;
-        let storm = reply["desiredAgents"].as_array().and_then(|a| a.iter().find(|d| d["name"] == "storm-agent").cloned());
-        if let Some(tarball) = storm.as_ref().and_then(|d| d["tarball"].as_str()) {
+        let reply: HeartbeatReply = client.post(format!("http://{r}/heartbeat")).body(body).send().await?.json().await?;
+        if let Some(tarball) = reply.desired_agents.iter().find(|d| d.name == "storm-agent").map(|d| d.tarball.as_str()) {
             anyhow::ensure!(tarball.contains("/pkg/"), "relay {r} answers the origin, not its cache: {tarball}");
             return Ok(format!("{tarball}/{FILE}"));
         }

@@ -33,13 +33,13 @@ fn unified(old: &str, new: &str, name: &str) -> String {
 pub fn diff(s: &Server, file: &Path) -> Result<(), Failure> {
     let (text, _) = read_signed(file)?;
     let (current, _, hash) = served(s)?;
-    let health = s.get("/health")?;
+    let (_, health) = s.get_as::<ops_config::status::Health>("/health")?;
     if current == text {
-        println!("# {} is what the cluster serves (hash {hash}, generation {})", file.display(), health["configGeneration"]);
+        println!("# {} is what the cluster serves (hash {hash}, generation {})", file.display(), health.config_generation);
         return Ok(());
     }
     print!("{}", unified(&current, &text, &file.display().to_string()));
-    println!("# served: hash {hash}, generation {}", health["configGeneration"]);
+    println!("# served: hash {hash}, generation {}", health.config_generation);
     println!("# apply it with: opsctl config apply {} --expect {hash}", file.display());
     Ok(())
 }

@@ -107,8 +107,8 @@ pub fn list(s: &Server, json: bool) -> Result<(), Failure> {
     let config = ops_config::DesiredConfig::parse(&text, "agents.toml").map_err(|e| Failure::Refused(e.to_string()))?;
     let r = config.revocations();
     let hosts = r.hosts();
-    let record = |h: &str| match s.get(&format!("/status/host/{h}")) {
-        Ok(v) if v["authenticated"] == true => "authenticated",
+    let record = |h: &str| match s.get_as::<ops_config::status::HostView>(&format!("/status/host/{h}")) {
+        Ok((_, v)) if v.authenticated => "authenticated",
         Ok(_) => "unauthenticated",
         Err(Failure::Refused(_)) => "not held",
         Err(_) => "?",

@@ -5,6 +5,7 @@ use ops_config::clock::unix_now;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use ops_config::status::{AgentList, Completeness, Health, HostView, RolloutView, State, Summary, SummaryReply};
 use serde_json::Value;
 
 use crate::Failure;
@@ -70,6 +71,18 @@ impl Server {
         Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
     }
 
+    /// `GET {base}{path}` read as the reply type `T`, with the server's text (what `--json`
+    /// prints unchanged). A reply that is not a `T` is `Refused`.
+    pub fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<(String, T), Failure> {
+        self.url_as(&format!("{}{path}", self.base))
+    }
+
+    fn url_as<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<(String, T), Failure> {
+        let text = self.fetch(url)?;
+        let reply = serde_json::from_str(&text).map_err(|e| Failure::Refused(format!("GET {url}: not the reply expected: {e}")))?;
+        Ok((text, reply))
+    }
+
     fn get_url(&self, url: &str) -> Result<Value, Failure> {
         let text = self.fetch(url)?;
         Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
@@ -103,10 +116,6 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
-fn n(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
-
 fn num(v: u64) -> String {
     let s = v.to_string();
     let mut out = String::new();
@@ -132,25 +141,22 @@ pub fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-const STATES: [&str; 5] = ["ok", "upgrading", "error", "stale", "pinned"];
-
 /// Did the answer come from every node? A partial one is said on stderr (and exits 1).
-fn partial(v: &Value) -> Option<String> {
-    (v["partial"] == true).then(|| {
-        let missing: Vec<&str> = v["missingNodes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-        format!("partial: no answer from {}; their hosts are missing", missing.join(", "))
-    })
+fn partial(partial: bool, missing: &[String]) -> Option<String> {
+    partial.then(|| format!("partial: no answer from {}; their hosts are missing", missing.join(", ")))
 }
+
+/// The states in the order the tables show them.
+const STATES: [State; 5] = [State::Ok, State::Upgrading, State::Error, State::Stale, State::Pinned];
 
 /// "relay dc2-1: 48,112 hosts silent since 12:03 UTC (all of its hosts)": one line per relay
 /// with silent hosts, from the `relays` of one or more summaries (a host counted by two agents'
 /// summaries counts once: the most any summary says). `now` is unix seconds.
-pub fn silent_lines(summaries: &[Value], now: u64) -> Vec<String> {
+pub fn silent_lines(summaries: &[&Summary], now: u64) -> Vec<String> {
     // relay → (silent, hosts, last heard)
     let mut by_relay: Vec<(String, u64, u64, u64)> = Vec::new();
-    for r in summaries.iter().flat_map(|s| s["relays"].as_array().into_iter().flatten()) {
-        let (relay, silent, hosts, last) =
-            (r["relay"].as_str().unwrap_or("").to_owned(), n(&r["silent"]), n(&r["hosts"]), n(&r["lastHeard"]));
+    for r in summaries.iter().flat_map(|s| &s.relays) {
+        let (relay, silent, hosts, last) = (r.relay.clone(), r.silent, r.hosts, u64::from(r.last_heard));
         if silent == 0 {
             continue;
         }
@@ -177,66 +183,50 @@ pub fn silent_lines(summaries: &[Value], now: u64) -> Vec<String> {
 /// `opsctl status [AGENT]`: every agent's summary in one table, or one agent's groups.
 pub fn status(s: &Server, agent: Option<&str>, json: bool) -> Result<Option<String>, Failure> {
     let Some(agent) = agent else {
-        let agents = s.get("/status/agents")?;
-        let names: Vec<String> =
-            agents["agents"].as_array().into_iter().flatten().filter_map(|a| a["name"].as_str().map(str::to_owned)).collect();
-        let summaries: Vec<Value> = names.iter().map(|a| s.get(&format!("/status/summary/{}", enc(a)))).collect::<Result<_, _>>()?;
+        let (_, list) = s.get_as::<AgentList>("/status/agents")?;
+        let replies: Vec<(String, SummaryReply)> =
+            list.agents.iter().map(|a| s.get_as(&format!("/status/summary/{}", enc(&a.name)))).collect::<Result<_, _>>()?;
         if json {
-            println!("{}", Value::Array(summaries.clone()));
+            let texts: Vec<&str> = replies.iter().map(|(t, _)| t.trim()).collect();
+            println!("[{}]", texts.join(","));
         } else {
-            let mut rows = vec![["AGENT", "DESIRED", "HOSTS", "CONVERGED"].iter().chain(STATES.iter()).map(|h| h.to_uppercase()).collect()];
-            for sum in &summaries {
-                let desired: Vec<String> = sum["desired"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|d| format!("{} ({})", d["version"].as_str().unwrap_or(""), d["cmd"].as_str().unwrap_or("")))
-                    .collect();
-                let mut row = vec![
-                    sum["agent"].as_str().unwrap_or("").to_owned(),
-                    desired.join(", "),
-                    num(n(&sum["hosts"])),
-                    format!("{:.1} %", sum["convergedRatio"].as_f64().unwrap_or(1.0) * 100.0),
-                ];
-                row.extend(STATES.iter().map(|st| num(n(&sum["byState"][*st]))));
+            let mut rows = vec![
+                ["AGENT", "DESIRED", "HOSTS", "CONVERGED"].into_iter().chain(STATES.map(State::as_str)).map(str::to_uppercase).collect(),
+            ];
+            for (_, r) in &replies {
+                let sum = &r.summary;
+                let desired: Vec<String> = sum.desired.iter().map(|d| format!("{} ({})", d.version, d.cmd)).collect();
+                let mut row = vec![sum.agent.clone(), desired.join(", "), num(sum.hosts), format!("{:.1} %", sum.converged_ratio * 100.0)];
+                row.extend(STATES.iter().map(|st| num(sum.in_state(*st))));
                 rows.push(row);
             }
             print!("{}", table(&rows));
+            let summaries: Vec<&Summary> = replies.iter().map(|(_, r)| &r.summary).collect();
             for line in silent_lines(&summaries, unix_now()) {
                 println!("{line}");
             }
         }
-        return Ok(summaries.iter().find_map(partial));
+        return Ok(replies.iter().find_map(|(_, r)| partial(r.partial, &r.missing_nodes)));
     };
-    let sum = s.get(&format!("/status/summary/{}", enc(agent)))?;
+    let (text, reply) = s.get_as::<SummaryReply>(&format!("/status/summary/{}", enc(agent)))?;
+    let sum = &reply.summary;
     if json {
-        println!("{sum}");
+        println!("{}", text.trim());
     } else {
-        println!(
-            "{}: {} hosts, {} converged ({:.1} %)",
-            agent,
-            num(n(&sum["hosts"])),
-            num(n(&sum["converged"])),
-            sum["convergedRatio"].as_f64().unwrap_or(1.0) * 100.0
-        );
-        let states: Vec<String> = STATES.iter().map(|st| format!("{st} {}", num(n(&sum["byState"][*st])))).collect();
+        println!("{}: {} hosts, {} converged ({:.1} %)", agent, num(sum.hosts), num(sum.converged), sum.converged_ratio * 100.0);
+        let states: Vec<String> = STATES.iter().map(|st| format!("{} {}", st.as_str(), num(sum.in_state(*st)))).collect();
         println!("{}", states.join(" · "));
         let mut rows = vec![vec!["VERSION".to_owned(), "RUN STATE".into(), "STATE".into(), "HOSTS".into()]];
-        for g in sum["groups"].as_array().into_iter().flatten() {
-            let version = g["version"].as_str().filter(|v| !v.is_empty()).unwrap_or("(none)");
-            rows.push(vec![
-                version.to_owned(),
-                g["status"].as_str().unwrap_or("").to_owned(),
-                g["state"].as_str().unwrap_or("").to_owned(),
-                num(n(&g["hosts"])),
-            ]);
+        for g in &sum.groups {
+            let version = if g.version.is_empty() { "(none)" } else { &g.version };
+            rows.push(vec![version.to_owned(), g.status.clone(), g.state.clone(), num(g.hosts)]);
         }
         print!("{}", table(&rows));
-        for line in silent_lines(std::slice::from_ref(&sum), unix_now()) {
+        for line in silent_lines(&[sum], unix_now()) {
             println!("{line}");
         }
     }
-    Ok(partial(&sum))
+    Ok(partial(reply.partial, &reply.missing_nodes))
 }
 
 /// `opsctl hosts AGENT [--state --version --prefix]`: the listing, streamed as the server
@@ -245,9 +235,9 @@ pub fn hosts(s: &Server, agent: &str, filters: &[(&str, Option<&str>)], json: bo
     let query: Vec<String> = filters.iter().filter_map(|(k, v)| v.map(|v| format!("{k}={}", enc(v)))).collect();
     let q = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
     if json {
-        let v = s.get(&format!("/status/json/{}{q}", enc(agent)))?;
-        println!("{v}");
-        return Ok(partial(&v));
+        let (text, whole) = s.get_as::<Completeness>(&format!("/status/json/{}{q}", enc(agent)))?;
+        println!("{}", text.trim());
+        return Ok(partial(whole.partial, &whole.missing_nodes));
     }
     let text = s.get_text(&format!("/status/text/{}{q}", enc(agent)))?;
     print!("{text}");
@@ -256,30 +246,37 @@ pub fn hosts(s: &Server, agent: &str, filters: &[(&str, Option<&str>)], json: bo
 
 /// `opsctl host NAME`: one host's agents.
 pub fn host(s: &Server, name: &str, json: bool) -> Result<Option<String>, Failure> {
-    let h = s.get(&format!("/status/host/{}", enc(name)))?;
+    let (text, h) = s.get_as::<HostView>(&format!("/status/host/{}", enc(name)))?;
     if json {
-        println!("{h}");
+        println!("{}", text.trim());
         return Ok(None);
     }
+    let or_dash = |v: &str| if v.is_empty() { "-".to_owned() } else { v.to_owned() };
     println!(
         "{} ip {} · updater {} · via {} · {} · last seen {} s ago{}",
-        h["hostname"].as_str().unwrap_or(name),
-        h["ip"].as_str().filter(|s| !s.is_empty()).unwrap_or("-"),
-        h["updaterVersion"].as_str().filter(|s| !s.is_empty()).unwrap_or("-"),
-        h["relay"].as_str().filter(|s| !s.is_empty()).map_or("no relay".to_owned(), |r| format!("relay {r}")),
-        if h["authenticated"] == true { "authenticated" } else { "unauthenticated" },
-        n(&h["ageSeconds"]),
-        if h["stale"] == true { " (stale)" } else { "" }
+        if h.hostname.is_empty() { name } else { &h.hostname },
+        or_dash(&h.ip),
+        or_dash(&h.updater_version),
+        if h.relay.is_empty() { "no relay".to_owned() } else { format!("relay {}", h.relay) },
+        if h.authenticated { "authenticated" } else { "unauthenticated" },
+        h.age_seconds,
+        if h.stale { " (stale)" } else { "" }
     );
     let mut rows = vec![["AGENT", "VERSION", "STATUS", "DESIRED", "STATE", "NOTE"].iter().map(|s| s.to_string()).collect()];
-    for a in h["agents"].as_array().into_iter().flatten() {
-        let s = |k: &str| a[k].as_str().filter(|v| !v.is_empty()).unwrap_or("-").to_owned();
-        let note = match (a["pinned"].as_str(), a["lastError"].as_str()) {
-            (_, Some(e)) => e.to_owned(),
+    for a in &h.agents {
+        let note = match (&a.pinned, &a.last_error) {
+            (_, Some(e)) => e.clone(),
             (Some(p), None) => format!("pinned {p}"),
             _ => String::new(),
         };
-        rows.push(vec![s("name"), s("version"), s("status"), format!("{} ({})", s("desiredVersion"), s("desiredCmd")), s("state"), note]);
+        rows.push(vec![
+            or_dash(&a.name),
+            or_dash(&a.version),
+            or_dash(&a.status),
+            format!("{} ({})", or_dash(&a.desired_version), or_dash(&a.desired_cmd)),
+            or_dash(&a.state),
+            note,
+        ]);
     }
     print!("{}", table(&rows));
     Ok(None)
@@ -288,130 +285,106 @@ pub fn host(s: &Server, name: &str, json: bool) -> Result<Option<String>, Failur
 /// `opsctl rollout AGENT`: the waves as text bars, the fleet's wave, and why it waits or
 /// halted.
 pub fn rollout(s: &Server, agent: &str, json: bool) -> Result<Option<String>, Failure> {
-    let r = s.get(&format!("/rollout/{}", enc(agent)))?;
+    let (text, r) = s.get_as::<RolloutView>(&format!("/rollout/{}", enc(agent)))?;
     if json {
-        println!("{r}");
-        return Ok(partial(&r));
+        println!("{}", text.trim());
+        return Ok(partial(r.partial, &r.missing_nodes));
     }
-    let waves = r["waves"].as_array().cloned().unwrap_or_default();
-    println!(
+    print!("{}", rollout_text(agent, &r));
+    Ok(partial(r.partial, &r.missing_nodes))
+}
+
+/// The text of `opsctl rollout AGENT`.
+fn rollout_text(agent: &str, r: &RolloutView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "rollout {} {} -> {}: wave {} of {}{}{}",
         agent,
-        r["from"].as_str().unwrap_or("?"),
-        r["target"].as_str().unwrap_or("?"),
-        n(&r["fleetWave"]),
-        waves.len(),
-        if r["paused"] == true { " · paused" } else { "" },
-        if r["abort"] == true { " · aborted" } else { "" },
+        if r.from.is_empty() { "?" } else { &r.from },
+        if r.target.is_empty() { "?" } else { &r.target },
+        r.fleet_wave,
+        r.waves.len(),
+        if r.paused { " · paused" } else { "" },
+        if r.abort { " · aborted" } else { "" },
     );
-    if r["halted"] == true {
-        let by: Vec<&str> = r["haltedBy"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-        println!("HALTED: {}", by.join("; "));
+    if r.halted {
+        let _ = writeln!(out, "HALTED: {}", r.halted_by.join("; "));
     }
     const WIDTH: usize = 30;
-    for (i, w) in waves.iter().enumerate() {
-        let t = n(&w["targeted"]).max(1);
-        let (conv, failed) = (n(&w["converged"]), n(&w["failed"]).max(n(&w["failedTotal"])));
+    for (i, w) in r.waves.iter().enumerate() {
+        let t = w.targeted.max(1);
+        let (conv, failed) = (w.converged, w.failed.max(w.failed_total));
         let cells = |x: u64| ((x as f64 / t as f64) * WIDTH as f64).round() as usize;
         let (c, f) = (cells(conv).min(WIDTH), cells(failed));
         let f = f.min(WIDTH - c);
         let bar = format!("{}{}{}", "#".repeat(c), "x".repeat(f), ".".repeat(WIDTH - c - f));
-        let mut line = format!(
-            "wave {} ({:>3} %) [{bar}] {}/{} converged, {} failed",
-            i + 1,
-            n(&w["percent"]),
-            num(conv),
-            num(n(&w["targeted"])),
-            num(n(&w["failed"]))
-        );
-        if n(&w["failedTotal"]) > n(&w["failed"]) {
-            let _ = write!(line, " ({} since the start, {} back on from)", num(n(&w["failedTotal"])), num(n(&w["backOnFrom"])));
+        let mut line =
+            format!("wave {} ({:>3} %) [{bar}] {}/{} converged, {} failed", i + 1, w.percent, num(conv), num(w.targeted), num(w.failed));
+        if w.failed_total > w.failed {
+            let _ = write!(line, " ({} since the start, {} back on from)", num(w.failed_total), num(w.back_on_from));
         }
-        if n(&w["pinned"]) > 0 {
-            let _ = write!(line, ", {} pinned", num(n(&w["pinned"])));
+        if w.pinned > 0 {
+            let _ = write!(line, ", {} pinned", num(w.pinned));
         }
-        if i as u64 >= n(&r["fleetWave"]) {
+        if i >= r.fleet_wave {
             line.push_str(" (not open)");
         }
-        println!("{line}");
+        let _ = writeln!(out, "{line}");
     }
-    for node in r["nodes"].as_array().into_iter().flatten() {
-        println!(
+    for node in &r.nodes {
+        let _ = writeln!(
+            out,
             "  {}: approved wave {}, {}{}",
-            node["node"].as_str().unwrap_or("?"),
-            n(&node["approvedWave"]),
-            node["verdict"].as_str().unwrap_or(""),
-            if node["answered"] == false { " (no answer: its last word)" } else { "" }
+            node.id,
+            node.approved_wave,
+            node.verdict,
+            if node.reachable { "" } else { " (no answer: its last word)" }
         );
     }
-    Ok(partial(&r))
+    out
+}
+
+/// One row of `opsctl cluster`: a node's health as it answered (its JSON unchanged, for
+/// `--json`), or why it did not.
+struct NodeRow {
+    id: String,
+    url: String,
+    json: Value,
+    health: Option<Health>,
 }
 
 /// `opsctl cluster`: every meta node of the map, whether it answers, its config and cluster
 /// hashes and the hosts it holds. Exit 1 when a node is down or the hashes differ.
 pub fn cluster(s: &Server, json: bool) -> Result<Option<String>, Failure> {
-    let first = s.get("/health")?;
-    let nodes = first["nodes"].as_array().cloned().unwrap_or_default();
+    let (first_text, first) = s.get_as::<Health>("/health")?;
     let mut out = Vec::new();
-    if nodes.is_empty() {
-        out.push(first.clone());
+    if first.nodes.is_empty() {
+        let json = serde_json::from_str(&first_text).unwrap_or(Value::Null);
+        out.push(NodeRow { id: first.id.clone(), url: String::new(), json, health: Some(first.clone()) });
     }
-    for node in &nodes {
-        let url = node["url"].as_str().unwrap_or("");
-        let health = match s.get_url(&format!("{url}/health?detail=1")) {
-            Ok(h) => h,
-            Err(Failure::Unavailable(e) | Failure::Refused(e)) => serde_json::json!({"id": node["id"], "status": "down", "error": e}),
+    for node in &first.nodes {
+        let row = match s.url_as::<Health>(&format!("{}/health?detail=1", node.url)) {
+            Ok((text, h)) => {
+                let mut json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                json["url"] = Value::String(node.url.clone());
+                NodeRow { id: h.id.clone(), url: node.url.clone(), json, health: Some(h) }
+            }
+            Err(Failure::Unavailable(e) | Failure::Refused(e)) => NodeRow {
+                id: node.id.clone(),
+                url: node.url.clone(),
+                json: serde_json::json!({"id": node.id, "status": "down", "error": e, "url": node.url}),
+                health: None,
+            },
             Err(e) => return Err(e),
         };
-        let mut h = health;
-        h["url"] = Value::String(url.to_owned());
-        out.push(h);
+        out.push(row);
     }
-    let mut problems = Vec::new();
-    let hashes = |k: &str| -> std::collections::BTreeSet<String> {
-        out.iter().filter(|h| h["status"] == "ok").filter_map(|h| h[k].as_str().map(str::to_owned)).collect()
-    };
-    if hashes("configHash").len() > 1 {
-        problems.push("config hashes differ between nodes".to_owned());
-    }
-    // One generation, two hashes: the nodes diverged (not merely one behind an apply).
-    let up: Vec<&Value> = out.iter().filter(|h| h["status"] == "ok").collect();
-    for a in &up {
-        for b in &up {
-            if a["configGeneration"] == b["configGeneration"] && a["configHash"] != b["configHash"] && a["id"].as_str() < b["id"].as_str() {
-                problems.push(format!(
-                    "{} and {} diverged: generation {} with different configs",
-                    a["id"].as_str().unwrap_or("?"),
-                    b["id"].as_str().unwrap_or("?"),
-                    a["configGeneration"]
-                ));
-            }
-        }
-    }
-    if hashes("clusterHash").len() > 1 {
-        problems.push("cluster hashes differ between nodes".to_owned());
-    }
-    for a in &up {
-        for b in &up {
-            if a["clusterGeneration"] == b["clusterGeneration"]
-                && a["clusterHash"] != b["clusterHash"]
-                && a["id"].as_str() < b["id"].as_str()
-            {
-                problems.push(format!(
-                    "{} and {} diverged: cluster map generation {} with different maps",
-                    a["id"].as_str().unwrap_or("?"),
-                    b["id"].as_str().unwrap_or("?"),
-                    a["clusterGeneration"]
-                ));
-            }
-        }
-    }
-    let down: Vec<String> = out.iter().filter(|h| h["status"] != "ok").map(|h| h["id"].as_str().unwrap_or("?").to_owned()).collect();
-    if !down.is_empty() {
-        problems.push(format!("down: {}", down.join(", ")));
-    }
+    let up: Vec<&Health> = out.iter().filter_map(|r| r.health.as_ref()).filter(|h| h.status == "ok").collect();
+    let problems = cluster_problems(&up, out.iter().filter(|r| r.health.as_ref().is_none_or(|h| h.status != "ok")).map(|r| r.id.as_str()));
     if json {
-        println!("{}", serde_json::json!({"nodes": out, "problems": problems}));
+        let nodes: Vec<&Value> = out.iter().map(|r| &r.json).collect();
+        println!("{}", serde_json::json!({"nodes": nodes, "problems": problems}));
     } else {
         let mut rows = vec![
             ["NODE", "URL", "STATUS", "CONFIG", "GEN", "CLUSTER", "CGEN", "HOSTS", "COPIES", "VERSION"]
@@ -419,29 +392,73 @@ pub fn cluster(s: &Server, json: bool) -> Result<Option<String>, Failure> {
                 .map(|s| s.to_string())
                 .collect(),
         ];
-        for h in &out {
-            let short = |k: &str| h[k].as_str().map_or("-".to_owned(), |v| v.chars().take(12).collect());
-            rows.push(vec![
-                h["id"].as_str().unwrap_or("?").to_owned(),
-                h["url"].as_str().unwrap_or("-").to_owned(),
-                h["status"].as_str().unwrap_or("?").to_owned(),
-                short("configHash"),
-                h["configGeneration"].as_u64().map_or("-".into(), |g| g.to_string()),
-                short("clusterHash"),
-                h["clusterGeneration"].as_u64().map_or("-".into(), |g| g.to_string()),
-                h["hosts"].as_u64().map_or("-".into(), num),
-                h["failoverCopies"].as_u64().map_or("-".into(), num),
-                h["version"].as_str().unwrap_or("-").to_owned(),
-            ]);
+        for r in &out {
+            let short = |v: &str| v.chars().take(12).collect::<String>();
+            let dash = || "-".to_owned();
+            let row = match &r.health {
+                Some(h) => vec![
+                    h.id.clone(),
+                    if r.url.is_empty() { dash() } else { r.url.clone() },
+                    h.status.clone(),
+                    short(&h.config_hash),
+                    h.config_generation.to_string(),
+                    h.cluster_hash.as_deref().map_or_else(dash, short),
+                    h.cluster_generation.map_or_else(dash, |g| g.to_string()),
+                    num(h.hosts),
+                    h.failover_copies.map_or_else(dash, num),
+                    h.version.clone(),
+                ],
+                None => {
+                    let mut row = vec![r.id.clone(), r.url.clone(), "down".to_owned()];
+                    row.extend(std::iter::repeat_n(dash(), 7));
+                    row
+                }
+            };
+            rows.push(row);
         }
         print!("{}", table(&rows));
     }
     Ok((!problems.is_empty()).then(|| problems.join("; ")))
 }
 
+/// What `opsctl cluster` reports as wrong: hashes that differ, two nodes at one generation
+/// with different contents (diverged, not merely one behind an apply), and nodes down.
+fn cluster_problems<'a>(up: &[&Health], down: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let distinct = |f: &dyn Fn(&Health) -> Option<&str>| up.iter().filter_map(|h| f(h)).collect::<std::collections::BTreeSet<_>>().len();
+    if distinct(&|h| Some(h.config_hash.as_str())) > 1 {
+        problems.push("config hashes differ between nodes".to_owned());
+    }
+    for a in up {
+        for b in up {
+            if a.config_generation == b.config_generation && a.config_hash != b.config_hash && a.id < b.id {
+                problems.push(format!("{} and {} diverged: generation {} with different configs", a.id, b.id, a.config_generation));
+            }
+        }
+    }
+    if distinct(&|h| h.cluster_hash.as_deref()) > 1 {
+        problems.push("cluster hashes differ between nodes".to_owned());
+    }
+    for a in up {
+        for b in up {
+            if a.cluster_generation == b.cluster_generation && a.cluster_hash != b.cluster_hash && a.id < b.id {
+                let generation = a.cluster_generation.map_or_else(|| "null".to_owned(), |g| g.to_string());
+                problems.push(format!("{} and {} diverged: cluster map generation {generation} with different maps", a.id, b.id));
+            }
+        }
+    }
+    let down: Vec<&str> = down.collect();
+    if !down.is_empty() {
+        problems.push(format!("down: {}", down.join(", ")));
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ops_config::rollout::WaveReport;
+    use ops_config::status::RolloutNode;
 
     #[test]
     fn tables_numbers_and_encoding() {
@@ -457,15 +474,17 @@ mod tests {
     #[test]
     fn silent_relays_are_one_line_each() {
         let now = 1_700_000_000 + 45 * 60;
-        let sum = |relays: Value| serde_json::json!({ "relays": relays });
-        let a = sum(serde_json::json!([
-            {"relay": "dc2-1", "hosts": 48112, "silent": 48112, "lastHeard": 1_700_000_000},
-            {"relay": "dc1-1", "hosts": 50000, "silent": 3, "lastHeard": 1_700_000_000},
-            {"relay": "dc1-2", "hosts": 50000, "silent": 0, "lastHeard": 0},
-        ]));
+        let sum = |relays: &[(&str, u64, u64, u32)]| {
+            let mut s = Summary::empty("a");
+            for &(relay, hosts, silent, last) in relays {
+                s.add_relay(relay, hosts, silent, last);
+            }
+            s
+        };
+        let a = sum(&[("dc2-1", 48112, 48112, 1_700_000_000), ("dc1-1", 50000, 3, 1_700_000_000), ("dc1-2", 50000, 0, 0)]);
         // A second agent's summary counts fewer of the same hosts: the most wins.
-        let b = sum(serde_json::json!([{"relay": "dc2-1", "hosts": 100, "silent": 100, "lastHeard": 1_700_000_000}]));
-        let lines = silent_lines(&[a, b], now);
+        let b = sum(&[("dc2-1", 100, 100, 1_700_000_000)]);
+        let lines = silent_lines(&[&a, &b], now);
         assert_eq!(
             lines,
             vec![
@@ -473,5 +492,61 @@ mod tests {
                 "relay dc1-1: 3 hosts silent since 22:13 UTC, 45 min ago (of 50,000 hosts)".to_owned(),
             ]
         );
+    }
+
+    fn health(id: &str, config: (&str, u64), cluster: (&str, u64)) -> Health {
+        Health {
+            status: "ok".into(),
+            id: id.into(),
+            config_hash: config.0.into(),
+            config_generation: config.1,
+            cluster_hash: Some(cluster.0.into()),
+            cluster_generation: Some(cluster.1),
+            ..Health::default()
+        }
+    }
+
+    #[test]
+    fn cluster_problems_tell_behind_from_diverged() {
+        let (a, b) = (health("m1", ("c1", 4), ("k1", 2)), health("m2", ("c1", 4), ("k1", 2)));
+        assert!(cluster_problems(&[&a, &b], std::iter::empty()).is_empty());
+        // One behind an apply: hashes differ, but no divergence.
+        let behind = health("m2", ("c0", 3), ("k1", 2));
+        assert_eq!(cluster_problems(&[&a, &behind], std::iter::empty()), vec!["config hashes differ between nodes".to_owned()]);
+        let diverged = health("m2", ("c9", 4), ("k9", 2));
+        assert_eq!(
+            cluster_problems(&[&a, &diverged], ["m3"].into_iter()),
+            vec![
+                "config hashes differ between nodes".to_owned(),
+                "m1 and m2 diverged: generation 4 with different configs".to_owned(),
+                "cluster hashes differ between nodes".to_owned(),
+                "m1 and m2 diverged: cluster map generation 2 with different maps".to_owned(),
+                "down: m3".to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn rollout_text_names_nodes_and_their_answers() {
+        let r = RolloutView {
+            from: "1".into(),
+            target: "2".into(),
+            fleet_wave: 1,
+            waves: vec![
+                WaveReport { percent: 10, targeted: 10, converged: 5, failed: 1, ..WaveReport::default() },
+                WaveReport { percent: 100, targeted: 90, ..WaveReport::default() },
+            ],
+            nodes: vec![
+                RolloutNode { id: "m1".into(), reachable: true, approved_wave: 1, verdict: "soaking".into(), ..RolloutNode::default() },
+                RolloutNode { id: "m2".into(), reachable: false, approved_wave: 1, verdict: "x".into(), ..RolloutNode::default() },
+            ],
+            ..RolloutView::default()
+        };
+        let text = rollout_text("a", &r);
+        assert!(text.starts_with("rollout a 1 -> 2: wave 1 of 2\n"), "{text}");
+        assert!(text.contains("wave 1 ( 10 %) [###############xxx............] 5/10 converged, 1 failed\n"), "{text}");
+        assert!(text.contains("wave 2 (100 %) [..............................] 0/90 converged, 0 failed (not open)\n"), "{text}");
+        assert!(text.contains("  m1: approved wave 1, soaking\n"), "{text}");
+        assert!(text.contains("  m2: approved wave 1, x (no answer: its last word)\n"), "{text}");
     }
 }

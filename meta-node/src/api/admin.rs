@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use ops_config::status::{Health, HealthNode};
 use serde::Serialize;
 
 use super::{ApiError, authorize};
@@ -153,45 +154,6 @@ pub(super) async fn desired(State(node): State<Arc<Node>>, headers: HeaderMap) -
     response
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Health<'a> {
-    status: &'static str,
-    id: &'a str,
-    config_hash: &'a str,
-    /// Grows with every `POST /config/apply` (0: never applied).
-    config_generation: u64,
-    /// In a cluster: a peer at the same generation serves another config (last probe).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    config_diverged: Option<bool>,
-    /// In a cluster: a peer at the same cluster generation serves another map, outside a
-    /// membership change.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cluster_diverged: Option<bool>,
-    hosts: usize,
-    uptime_seconds: u64,
-    version: &'static str,
-    /// In a cluster: the content hash of `cluster.toml`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cluster_hash: Option<&'a str>,
-    /// In a cluster: grows with every membership change (0: never changed online).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cluster_generation: Option<u64>,
-    /// In a cluster: hosts held here for a node that was down.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    failover_copies: Option<usize>,
-    /// In a cluster: every meta node of the map and whether it answers this node.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    nodes: Vec<HealthNode<'a>>,
-}
-
-#[derive(Serialize)]
-struct HealthNode<'a> {
-    id: &'a str,
-    url: String,
-    up: bool,
-}
-
 /// `?detail=1` adds what costs a walk of the store (failover copies); peers' probes do not ask.
 #[derive(serde::Deserialize)]
 pub(super) struct HealthQuery {
@@ -199,23 +161,23 @@ pub(super) struct HealthQuery {
     detail: Option<String>,
 }
 
-pub(super) async fn health(State(node): State<Arc<Node>>, Query(q): Query<HealthQuery>) -> Json<impl Serialize> {
+pub(super) async fn health(State(node): State<Arc<Node>>, Query(q): Query<HealthQuery>) -> Json<Health> {
     let detail = q.detail.as_deref().is_some_and(|d| d == "1" || d == "true");
     let loaded = node.desired.current();
     let cluster = node.cluster();
-    Json(serde_json::json!(Health {
-        status: "ok",
-        id: &node.settings.id,
-        config_hash: loaded.config.hash(),
+    Json(Health {
+        status: "ok".into(),
+        id: node.settings.id.clone(),
+        config_hash: loaded.config.hash().to_owned(),
         config_generation: node.generations.current(),
         config_diverged: cluster.as_ref().map(|_| node.config_diverged.load(std::sync::atomic::Ordering::Relaxed)),
         cluster_diverged: cluster.as_ref().map(|_| node.cluster_diverged.load(std::sync::atomic::Ordering::Relaxed)),
-        hosts: node.store.len(),
+        hosts: node.store.len() as u64,
         uptime_seconds: node.started.elapsed().as_secs(),
-        version: env!("CARGO_PKG_VERSION"),
-        cluster_hash: cluster.as_ref().map(|c| c.map.hash.as_str()),
+        version: env!("CARGO_PKG_VERSION").into(),
+        cluster_hash: cluster.as_ref().map(|c| c.map.hash.clone()),
         cluster_generation: node.cluster.as_ref().map(|m| m.generation()),
-        failover_copies: cluster.as_ref().filter(|_| detail).map(|_| node.store.copies()),
+        failover_copies: cluster.as_ref().filter(|_| detail).map(|_| node.store.copies() as u64),
         nodes: cluster
             .as_ref()
             .map(|c| {
@@ -224,11 +186,11 @@ pub(super) async fn health(State(node): State<Arc<Node>>, Query(q): Query<Health
                     .nodes
                     .iter()
                     .enumerate()
-                    .map(|(i, n)| HealthNode { id: &n.id, url: format!("{scheme}://{}", n.addr), up: c.alive.is_up(i) })
+                    .map(|(i, n)| HealthNode { id: n.id.clone(), url: format!("{scheme}://{}", n.addr), up: c.alive.is_up(i) })
                     .collect()
             })
             .unwrap_or_default(),
-    }))
+    })
 }
 
 pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {

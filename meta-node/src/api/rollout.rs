@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::HeaderMap;
 use ops_config::rollout::{NodeReport, RolloutReport, WaveReport};
-use serde::Serialize;
+use ops_config::status::{RolloutNode, RolloutView};
 
 use super::{ApiError, authorize};
 use crate::coordination::gather;
@@ -24,51 +24,7 @@ pub(super) async fn internal(
     Ok(Json(NodeReport::clone(&node.controller.report())))
 }
 
-/// One node's part of `/rollout/{agent}`.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct NodeView {
-    id: String,
-    /// Answered this query; when false the figures are the last the relays were told.
-    reachable: bool,
-    approved_wave: usize,
-    wave_opened_at: u64,
-    halted: bool,
-    halt_reason: String,
-    verdict: String,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Reply {
-    agent: String,
-    from: String,
-    target: String,
-    /// The lowest approved wave over every node: what relays answer by.
-    fleet_wave: usize,
-    waves: Vec<WaveReport>,
-    halted: bool,
-    /// `node: reason` of each node that halted.
-    halted_by: Vec<String>,
-    /// When the fleet's current wave opened (unix seconds; 0 before the first).
-    wave_opened_at: u64,
-    /// Seconds to 100 % if every wave converges within its soak (None when halted, paused,
-    /// aborted or outside the window).
-    estimated_seconds_to_full: Option<u64>,
-    paused: bool,
-    abort: bool,
-    soak_seconds: u64,
-    deadline_seconds: u64,
-    advance_at: f64,
-    failed_ratio: f64,
-    min_sample: u64,
-    max_in_flight_per_relay: Option<u32>,
-    nodes: Vec<NodeView>,
-    partial: bool,
-    missing_nodes: Vec<String>,
-}
-
-pub(super) async fn gathered(State(node): State<Arc<Node>>, Path(agent): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+pub(super) async fn gathered(State(node): State<Arc<Node>>, Path(agent): Path<String>) -> Result<Json<RolloutView>, ApiError> {
     super::status::check_agent(&agent)?;
     let loaded = node.desired.current();
     let spec = loaded
@@ -102,7 +58,7 @@ pub(super) async fn gathered(State(node): State<Arc<Node>>, Path(agent): Path<St
             }
         }
         let r = r.unwrap_or_default();
-        nodes.push(NodeView {
+        nodes.push(RolloutNode {
             id: id.clone(),
             reachable,
             approved_wave: r.approved_wave,
@@ -128,7 +84,7 @@ pub(super) async fn gathered(State(node): State<Arc<Node>>, Path(agent): Path<St
         let later = (p.waves.len() - fleet_wave).saturating_sub(1) as u64;
         Some(left_in_current + later * p.soak_seconds)
     };
-    let reply = Reply {
+    let reply = RolloutView {
         agent: agent.clone(),
         from: rollout.from.version.clone(),
         target,
@@ -150,5 +106,5 @@ pub(super) async fn gathered(State(node): State<Arc<Node>>, Path(agent): Path<St
         partial: !missing.is_empty(),
         missing_nodes: missing,
     };
-    Ok(Json(serde_json::to_value(reply).map_err(|e| ApiError::Internal(e.to_string()))?))
+    Ok(Json(reply))
 }

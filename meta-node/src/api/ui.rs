@@ -8,6 +8,8 @@ use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
+use ops_config::status::{AgentEntry, AgentList};
+
 use crate::Node;
 
 const PAGE: &str = include_str!("../../ui/fleet.html");
@@ -25,17 +27,19 @@ pub(super) async fn page() -> Response {
 
 /// The agents of the config this node serves, in file order, with their default version and
 /// the prefixes of their `others` groups, and whether they have a staged rollout.
-pub(super) async fn agents(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+pub(super) async fn agents(State(node): State<Arc<Node>>) -> Json<AgentList> {
     let loaded = node.desired.current();
-    let agents: Vec<serde_json::Value> = loaded
+    let agents = loaded
         .config
         .agents()
         .iter()
-        .map(|a| {
-            let prefixes: Vec<&str> = a.others.iter().map(|o| o.prefix.as_str()).collect();
-            serde_json::json!({ "name": a.name, "version": a.default.version, "cmd": a.default.cmd, "prefixes": prefixes,
-                "rollout": a.rollout.is_some() })
+        .map(|a| AgentEntry {
+            name: a.name.clone(),
+            version: a.default.version.clone(),
+            cmd: a.default.cmd.as_str().to_owned(),
+            prefixes: a.others.iter().map(|o| o.prefix.clone()).collect(),
+            rollout: a.rollout.is_some(),
         })
         .collect();
-    Json(serde_json::json!({ "agents": agents }))
+    Json(AgentList { agents })
 }

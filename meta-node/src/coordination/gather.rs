@@ -167,15 +167,6 @@ pub fn missing_ids(gather: &Gather, missing: &[usize]) -> Vec<String> {
     gather.cluster.as_ref().map_or_else(Vec::new, |c| missing.iter().map(|&i| c.map.nodes[i].id.clone()).collect())
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SummaryReply {
-    #[serde(flatten)]
-    pub summary: Summary,
-    pub partial: bool,
-    pub missing_nodes: Vec<String>,
-}
-
 /// `agent`'s summary from every node held up (counts merged), partial when some did not
 /// answer.
 pub async fn summary(node: Arc<Node>, agent: String, prefix: Option<String>) -> Result<SummaryReply, Refusal> {
@@ -218,46 +209,7 @@ pub fn merge(agent: &str, mut missing: Vec<usize>, parts: impl IntoIterator<Item
     (total, missing)
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct AgentView {
-    name: String,
-    version: String,
-    status: String,
-    run_state: &'static str,
-    desired_version: String,
-    desired_cmd: String,
-    state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    last_error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pinned: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    timestamp: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    run_user: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    work_dir: Option<String>,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HostView {
-    hostname: String,
-    ip: String,
-    run_user: String,
-    updater_version: String,
-    last_seen: u32,
-    age_seconds: u32,
-    stale: bool,
-    /// The relay its last report came through ("" for none).
-    #[serde(default)]
-    relay: String,
-    /// Its last report carried a checked host credential (`ops_config::enroll`).
-    #[serde(default)]
-    authenticated: bool,
-    agents: Vec<serde_json::Value>,
-}
+pub use ops_config::status::{AgentView, HostView, SummaryReply};
 
 /// This node's view of one host, if it holds it.
 pub fn local_host(node: &Node, hostname: &str) -> Option<HostView> {
@@ -283,17 +235,17 @@ pub fn local_host(node: &Node, hostname: &str) -> Option<HostView> {
                     name: name.clone(),
                     version: row.version.to_owned(),
                     status: row.status.to_owned(),
-                    run_state: row.run_state,
+                    run_state: row.run_state.to_owned(),
                     desired_version: row.desired.map_or(String::new(), |d| d.version.to_owned()),
                     desired_cmd: row.desired.map_or(String::new(), |d| d.cmd.to_owned()),
-                    state: row.state.as_str(),
+                    state: row.state.as_str().to_owned(),
                     last_error: row.last_error.map(str::to_owned),
                     pinned: row.pinned.map(str::to_owned),
                     timestamp: real.map(|a| a.timestamp),
                     run_user: real.map(|a| syms.resolve(a.run_user).to_owned()),
                     work_dir: real.map(|a| syms.resolve(a.work_dir).to_owned()),
                 };
-                serde_json::to_value(view).ok()
+                Some(view)
             })
             .collect();
         let age = now.saturating_sub(h.last_seen);

@@ -15,34 +15,7 @@ use serde::Serialize;
 use crate::store::{AgentState, Host, SHARDS, Shard, Store, Sym, Symbols};
 use ops_serve::desired::Loaded;
 
-/// A deployment's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Ok,
-    Upgrading,
-    Stale,
-    Error,
-    Pinned,
-}
-
-impl State {
-    pub const ALL: [State; 5] = [State::Ok, State::Upgrading, State::Stale, State::Error, State::Pinned];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Ok => "ok",
-            State::Upgrading => "upgrading",
-            State::Stale => "stale",
-            State::Error => "error",
-            State::Pinned => "pinned",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<State> {
-        State::ALL.into_iter().find(|st| st.as_str() == s)
-    }
-}
+pub use ops_config::status::State;
 
 /// `started` when `./control status` said so (seed 003), else `stopped`; `absent` when the host
 /// does not report the agent at all.
