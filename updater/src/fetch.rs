@@ -135,18 +135,7 @@ mod tests {
 
     #[test]
     fn urls_follow_the_seed_layout() {
-        let d = DesiredAgent {
-            name: "falcon-agent".into(),
-            version: "5.1.3".into(),
-            tarball: "http://files/releases/falcon/".into(),
-            md5: String::new(),
-            cmd: "start".into(),
-            run_user: String::new(),
-            work_dir: "/w".into(),
-            config_file_name: String::new(),
-            config_remote_url: String::new(),
-            sha256: String::new(),
-        };
+        let d = DesiredAgent { tarball: "http://files/releases/falcon/".into(), ..crate::test_desired("falcon-agent", "5.1.3", "/w") };
         assert_eq!(tarball_url(&d, "linux_amd64"), "http://files/releases/falcon/linux_amd64/falcon-agent-5.1.3.tar.gz");
         assert!(
             ["linux_amd64", "linux_arm64", "linux_386", "darwin_amd64", "darwin_arm64"].contains(&arch().as_str()) || !arch().is_empty()

@@ -13,34 +13,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use ops_config::DesiredAgent;
-use serde::{Deserialize, Serialize};
 
 use crate::control;
-use crate::cycle::{Updater, read_version, write_version};
-
-/// A switch whose health window has not ended (or whose revert has not finished).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Watch {
-    pub version: String,
-    /// The version it replaced: the revert target.
-    pub previous: String,
-    pub digest: String,
-    /// Unix seconds at which the window ends.
-    pub until: u64,
-    /// The revert has begun, for this reason.
-    #[serde(default)]
-    pub reverting: bool,
-    #[serde(default)]
-    pub reason: String,
-}
-
-/// A version this host reverted, not tried again while it is desired with the same digest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reverted {
-    pub version: String,
-    pub digest: String,
-    pub reason: String,
-}
+use crate::install::{read_version, write_version};
+use crate::journal::Journal;
+pub use crate::journal::{Reverted, Watch};
 
 /// What identifies a build: its sha256, else its hex md5, else nothing more than its version
 /// (an md5 in URL form names where a digest is, which differs from relay to relay).
@@ -54,32 +31,39 @@ pub fn digest(d: &DesiredAgent) -> String {
     }
 }
 
-impl Updater {
+/// A switch's watch and revert: the journal they keep their steps in, the health window and
+/// the bound of a `./control` call.
+pub struct Switch<'a> {
+    pub journal: &'a mut Journal,
+    pub window: Duration,
+    pub control_timeout: Duration,
+}
+
+impl Switch<'_> {
     /// Starts watching a switch from `previous` to `d.version` (kept before `.version` moves).
-    pub(crate) fn begin_watch(&mut self, d: &DesiredAgent, previous: &str) -> Watch {
+    pub fn begin_watch(&mut self, d: &DesiredAgent, previous: &str) -> Watch {
         let w = Watch {
             version: d.version.clone(),
             previous: previous.to_owned(),
             digest: digest(d),
-            until: unix_now() + self.settings.health_window.as_secs().max(1),
+            until: unix_now() + self.window.as_secs().max(1),
             reverting: false,
             reason: String::new(),
         };
-        self.watch.insert(d.name.clone(), w.clone());
-        self.save_kept();
+        self.journal.watch.insert(d.name.clone(), w.clone());
+        self.journal.save();
         w
     }
 
     /// Watches `w.version` until its window ends: Ok when it was `started` and stayed so,
     /// else the revert's error.
-    pub(crate) async fn watch_health(&mut self, d: &DesiredAgent, agent_dir: &Path, w: Watch) -> Result<(), String> {
+    pub async fn watch_health(&mut self, d: &DesiredAgent, agent_dir: &Path, w: Watch) -> Result<(), String> {
         let dir = agent_dir.join(&w.version);
-        let tick = (self.settings.health_window / 10).clamp(Duration::from_millis(200), Duration::from_secs(3));
+        let tick = (self.window / 10).clamp(Duration::from_millis(200), Duration::from_secs(3));
         let mut seen_started = false;
         let last = loop {
-            let status = control::run(&dir, "status", &d.run_user, self.settings.control_timeout)
-                .await
-                .unwrap_or_else(|e| format!("status failed: {e}"));
+            let status =
+                control::run(&dir, "status", &d.run_user, self.control_timeout).await.unwrap_or_else(|e| format!("status failed: {e}"));
             let started = ops_config::rollout::is_started(&status);
             if started {
                 seen_started = true;
@@ -93,34 +77,35 @@ impl Updater {
             tokio::time::sleep(tick).await;
         };
         if !seen_started {
-            let reason =
-                format!("not started within the {} s health window (status {:?})", self.settings.health_window.as_secs(), last.trim());
+            let reason = format!("not started within the {} s health window (status {:?})", self.window.as_secs(), last.trim());
             return self.revert(d, agent_dir, w, reason).await;
         }
         tracing::info!(agent = %d.name, version = %w.version, "healthy through its window");
-        self.watch.remove(&d.name);
-        self.save_kept();
+        self.journal.watch.remove(&d.name);
+        self.journal.save();
         Ok(())
     }
 
     /// Stops `w.version`, puts `.version` back on `w.previous`, starts it and remembers the
     /// revert. Always an error: `reverted: ...` with what was seen.
-    pub(crate) async fn revert(&mut self, d: &DesiredAgent, agent_dir: &Path, mut w: Watch, reason: String) -> Result<(), String> {
+    pub async fn revert(&mut self, d: &DesiredAgent, agent_dir: &Path, mut w: Watch, reason: String) -> Result<(), String> {
         tracing::error!(agent = %d.name, version = %w.version, back_to = %w.previous, %reason, "reverting");
         w.reverting = true;
         w.reason = reason.clone();
-        self.watch.insert(d.name.clone(), w.clone());
-        self.save_kept();
-        let timeout = self.settings.control_timeout;
+        self.journal.watch.insert(d.name.clone(), w.clone());
+        self.journal.save();
+        let timeout = self.control_timeout;
         let stopped = control::run(&agent_dir.join(&w.version), "stop", &d.run_user, timeout).await;
         if let Err(e) = &stopped {
             tracing::warn!(agent = %d.name, version = %w.version, error = %e, "stop of the reverted version failed");
         }
         write_version(agent_dir, &w.previous).map_err(|e| format!("reverting: writing {}/.version: {e}", agent_dir.display()))?;
         let started = control::run(&agent_dir.join(&w.previous), "start", &d.run_user, timeout).await;
-        self.watch.remove(&d.name);
-        self.reverted.insert(d.name.clone(), Reverted { version: w.version.clone(), digest: w.digest.clone(), reason: reason.clone() });
-        self.save_kept();
+        self.journal.watch.remove(&d.name);
+        self.journal
+            .reverted
+            .insert(d.name.clone(), Reverted { version: w.version.clone(), digest: w.digest.clone(), reason: reason.clone() });
+        self.journal.save();
         let mut restart = match started {
             Ok(_) => String::new(),
             Err(e) => format!(" (its start failed: {e})"),
@@ -132,8 +117,8 @@ impl Updater {
     }
 
     /// Finishes a switch that a killed updater left in its health window or in its revert.
-    pub(crate) async fn resume_watch(&mut self, d: &DesiredAgent, agent_dir: &Path) -> Result<(), String> {
-        let Some(w) = self.watch.get(&d.name).cloned() else { return Ok(()) };
+    pub async fn resume_watch(&mut self, d: &DesiredAgent, agent_dir: &Path) -> Result<(), String> {
+        let Some(w) = self.journal.watch.get(&d.name).cloned() else { return Ok(()) };
         let current = read_version(agent_dir);
         if w.reverting {
             tracing::warn!(agent = %d.name, version = %w.version, "finishing a revert that was interrupted");
@@ -145,8 +130,8 @@ impl Updater {
             return self.watch_health(d, agent_dir, w).await;
         }
         // Killed before `.version` moved: nothing was started, the switch starts over.
-        self.watch.remove(&d.name);
-        self.save_kept();
+        self.journal.watch.remove(&d.name);
+        self.journal.save();
         Ok(())
     }
 }

@@ -11,8 +11,12 @@ pub mod control;
 pub mod cycle;
 pub mod fetch;
 pub mod health;
+pub mod install;
+pub mod journal;
 pub mod pin;
 pub mod selfupdate;
+pub mod send;
+pub mod signed;
 pub mod unpack;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -109,4 +113,22 @@ pub fn check_environment() -> Result<(), String> {
         return Err("/bin/sh is missing: control scripts cannot run".into());
     }
     Ok(())
+}
+
+/// A desired state for unit tests: `name` at `version` under `work_dir`, started, from a
+/// server nobody answers on, with no digest.
+#[cfg(test)]
+pub(crate) fn test_desired(name: &str, version: &str, work_dir: &str) -> ops_config::DesiredAgent {
+    ops_config::DesiredAgent {
+        name: name.into(),
+        version: version.into(),
+        tarball: "http://127.0.0.1:9/releases".into(),
+        md5: String::new(),
+        cmd: "start".into(),
+        run_user: String::new(),
+        work_dir: work_dir.into(),
+        config_file_name: String::new(),
+        config_remote_url: String::new(),
+        sha256: String::new(),
+    }
 }

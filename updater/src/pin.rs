@@ -88,18 +88,7 @@ mod tests {
     use super::*;
 
     fn desired(version: &str, md5: &str) -> DesiredAgent {
-        DesiredAgent {
-            name: "a".into(),
-            version: version.into(),
-            tarball: "http://f/r".into(),
-            md5: md5.into(),
-            cmd: "start".into(),
-            run_user: String::new(),
-            work_dir: "/w".into(),
-            config_file_name: String::new(),
-            config_remote_url: String::new(),
-            sha256: "ab".repeat(32),
-        }
+        DesiredAgent { tarball: "http://f/r".into(), md5: md5.into(), sha256: "ab".repeat(32), ..crate::test_desired("a", version, "/w") }
     }
 
     #[test]

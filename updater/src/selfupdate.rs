@@ -30,22 +30,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ops_config::DesiredAgent;
-use serde::{Deserialize, Serialize};
 
-use crate::cycle::{Updater, prune_versions, read_version, write_version};
 use crate::health::{Reverted, digest};
+use crate::install::{Installer, prune_versions, read_version, write_version};
+pub use crate::install::{SELF_AGENT, entry_of};
+use crate::journal::Journal;
+pub use crate::journal::Pending;
 
-/// The name of the desired agent that is the updater itself.
-pub const SELF_AGENT: &str = "ops-updater";
 /// The version this binary was built as: the updater's version while `.version` names none.
 pub const BUILT_IN_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Set on the re-exec, so the new process knows it is on probation rather than restarted.
 pub const EXECED_ENV: &str = "OPS_UPDATER_SELF_UPDATE_EXEC";
-
-/// The executable an agent's package must hold at its root.
-pub fn entry_of(agent: &str) -> &'static str {
-    if agent == SELF_AGENT { "ops-updater" } else { "control" }
-}
 
 /// How this process can replace itself.
 #[derive(Debug, Clone, Default)]
@@ -56,23 +51,6 @@ pub struct SelfSettings {
     pub args: Vec<OsString>,
     /// How long a new binary has to complete a heartbeat, in its check and on probation.
     pub bound: Duration,
-}
-
-/// A self-update between its check and its confirmation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pending {
-    pub from: String,
-    pub to: String,
-    pub digest: String,
-    pub exe: PathBuf,
-    pub agent_dir: PathBuf,
-    /// `{exe}.old` holds the old binary, and the new one may be in place.
-    pub swapped: bool,
-    /// Unix seconds by which the new binary must complete a heartbeat.
-    pub deadline: u64,
-    /// The arguments the old binary ran with: it gets them back if it comes back.
-    #[serde(default)]
-    pub args: Vec<String>,
 }
 
 /// `{path}{suffix}`: a file beside `path`.
@@ -102,15 +80,24 @@ pub fn self_version(agent_dir: &Path) -> String {
     if v.is_empty() { BUILT_IN_VERSION.to_owned() } else { v }
 }
 
-impl Updater {
-    /// Whether a self-update waits for its first answered heartbeat.
-    pub fn on_probation(&self) -> bool {
-        self.self_update.as_ref().is_some_and(|p| p.swapped)
-    }
+/// Whether the journal's self-update waits for its first answered heartbeat.
+pub fn on_probation(journal: &Journal) -> bool {
+    journal.self_update.as_ref().is_some_and(|p| p.swapped)
+}
 
+/// A self-update's steps: the journal they are kept in, how this process replaces itself, and
+/// the self-update the guard undid at this start (its old arguments are run again).
+pub struct SelfUpdate<'a> {
+    pub journal: &'a mut Journal,
+    pub settings: &'a SelfSettings,
+    pub restored: &'a mut Option<Pending>,
+}
+
+impl SelfUpdate<'_> {
     /// Brings the updater itself to `d.version`: check, swap, re-exec (see the module). Only
     /// returns when nothing was replaced, or the new binary could not be started.
-    pub(crate) async fn apply_self(&mut self, d: &DesiredAgent, agent_dir: &Path, version_dir: &Path) -> Result<(), String> {
+    /// `installer` brings the new version's package in, as any agent's.
+    pub async fn apply(&mut self, installer: &Installer, d: &DesiredAgent, agent_dir: &Path, version_dir: &Path) -> Result<(), String> {
         if d.cmd != "start" {
             return Err(format!("agent {SELF_AGENT}: cmd {:?} refused: the updater does not stop itself", d.cmd));
         }
@@ -118,16 +105,18 @@ impl Updater {
         if current == d.version {
             return Ok(());
         }
-        let Some(exe) = self.settings.self_update.exe.clone() else {
+        let Some(exe) = self.settings.exe.clone() else {
             return Err(format!("agent {SELF_AGENT} {}: cannot tell this binary's path; not replaced", d.version));
         };
-        self.ensure_installed(d, agent_dir, version_dir).await?;
+        installer.ensure_installed(d, agent_dir, version_dir).await?;
         let new_bin = version_dir.join(entry_of(SELF_AGENT));
         if let Err(why) = self.check_binary(&new_bin).await {
             let reason = format!("its check failed: {why}");
             tracing::error!(from = %current, to = %d.version, %reason, "self-update refused: the old binary stays");
-            self.reverted.insert(SELF_AGENT.to_owned(), Reverted { version: d.version.clone(), digest: digest(d), reason: reason.clone() });
-            self.save_kept();
+            self.journal
+                .reverted
+                .insert(SELF_AGENT.to_owned(), Reverted { version: d.version.clone(), digest: digest(d), reason: reason.clone() });
+            self.journal.save();
             return Err(format!("reverted: {SELF_AGENT} {}: {reason}; still on {current}", d.version));
         }
         let mut pending = Pending {
@@ -137,20 +126,20 @@ impl Updater {
             exe: exe.clone(),
             agent_dir: agent_dir.to_path_buf(),
             swapped: false,
-            deadline: unix_now() + self.settings.self_update.bound.as_secs().max(1),
-            args: self.settings.self_update.args.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+            deadline: unix_now() + self.settings.bound.as_secs().max(1),
+            args: self.settings.args.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
         };
-        self.self_update = Some(pending.clone());
-        self.save_kept();
+        self.journal.self_update = Some(pending.clone());
+        self.journal.save();
         let fail = |what: &str, e: std::io::Error| format!("self-update to {}: {what}: {e}", d.version);
         if let Err(e) = copy_atomically(&exe, &beside(&exe, ".old")) {
-            self.self_update = None;
-            self.save_kept();
+            self.journal.self_update = None;
+            self.journal.save();
             return Err(fail("keeping the old binary", e));
         }
         pending.swapped = true;
-        self.self_update = Some(pending.clone());
-        self.save_kept();
+        self.journal.self_update = Some(pending.clone());
+        self.journal.save();
         let swapped = copy_atomically(&new_bin, &exe).and_then(|()| write_version(agent_dir, &d.version));
         if let Err(e) = swapped {
             self.put_back(&pending, None);
@@ -168,9 +157,9 @@ impl Updater {
     /// Runs `bin --self-check` with this process's flags: Ok when it completed a heartbeat
     /// within the bound.
     async fn check_binary(&self, bin: &Path) -> Result<(), String> {
-        let bound = self.settings.self_update.bound;
+        let bound = self.settings.bound;
         let mut cmd = tokio::process::Command::new(bin);
-        cmd.args(&self.settings.self_update.args)
+        cmd.args(&self.settings.args)
             .arg("--self-check")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -191,14 +180,14 @@ impl Updater {
 
     /// Execs this process's binary again with its arguments; returns only on failure.
     fn exec(&self) -> std::io::Error {
-        let Some(exe) = &self.settings.self_update.exe else { return std::io::Error::other("no binary path") };
-        exec_with(exe, &self.settings.self_update.args)
+        let Some(exe) = &self.settings.exe else { return std::io::Error::other("no binary path") };
+        exec_with(exe, &self.settings.args)
     }
 
     /// Execs the old binary put back by [`put_back`](Self::put_back), where it was and with
     /// the arguments it ran with before the swap.
     fn exec_old(&self, p: &Pending) -> std::io::Error {
-        if p.args.is_empty() { exec_with(&p.exe, &self.settings.self_update.args) } else { exec_with(&p.exe, &p.args) }
+        if p.args.is_empty() { exec_with(&p.exe, &self.settings.args) } else { exec_with(&p.exe, &p.args) }
     }
 
     /// Puts the old binary and `.version` back after a swap; with `reason`, the new version is
@@ -215,20 +204,20 @@ impl Updater {
         }
         if let Some(reason) = reason {
             tracing::error!(from = %p.from, to = %p.to, %reason, "self-update reverted: the old binary is back");
-            self.reverted.insert(SELF_AGENT.to_owned(), Reverted { version: p.to.clone(), digest: p.digest.clone(), reason });
+            self.journal.reverted.insert(SELF_AGENT.to_owned(), Reverted { version: p.to.clone(), digest: p.digest.clone(), reason });
         }
-        self.self_update = None;
-        self.save_kept();
+        self.journal.self_update = None;
+        self.journal.save();
     }
 
     /// After a cycle: a heartbeat answered confirms a self-update on probation; none answered
     /// past its deadline sends the updater back to its old binary (re-exec).
-    pub(crate) fn probation(&mut self, answered: bool) {
-        let Some(p) = self.self_update.clone().filter(|p| p.swapped) else { return };
+    pub fn probation(&mut self, answered: bool) {
+        let Some(p) = self.journal.self_update.clone().filter(|p| p.swapped) else { return };
         if answered {
             tracing::info!(from = %p.from, to = %p.to, "self-update confirmed: the new binary completed a heartbeat");
-            self.self_update = None;
-            self.save_kept();
+            self.journal.self_update = None;
+            self.journal.save();
         } else if unix_now() >= p.deadline {
             let reason = "the new binary completed no heartbeat by its deadline".to_owned();
             self.put_back(&p, Some(reason));
@@ -239,26 +228,26 @@ impl Updater {
 
     /// At a start that is not the re-exec of a self-update: one left unconfirmed means the new
     /// binary died on probation (or the updater was killed mid-swap). The old binary is put
-    /// back; returns true when it was (the caller then runs it: [`Updater::restart`]).
+    /// back; returns true when it was (the caller then runs it: [`SelfUpdate::restart`]).
     pub fn guard_self_update(&mut self) -> bool {
-        let Some(p) = self.self_update.clone() else { return false };
+        let Some(p) = self.journal.self_update.clone() else { return false };
         if !p.swapped {
             tracing::warn!(to = %p.to, "a self-update was interrupted before the swap; it starts over");
-            self.self_update = None;
-            self.save_kept();
+            self.journal.self_update = None;
+            self.journal.save();
             return false;
         }
         let ran = read_version(&p.agent_dir) == p.to;
         let reason = ran.then(|| format!("the new binary stopped before completing a heartbeat (restarted on probation, {})", p.to));
         self.put_back(&p, reason);
-        self.restored = Some(p);
+        *self.restored = Some(p);
         true
     }
 
     /// Execs the binary in place (after [`guard_self_update`](Self::guard_self_update) put the
     /// old one back, with the arguments it ran with); returns only on failure.
     pub fn restart(&self) -> std::io::Error {
-        match &self.restored {
+        match &*self.restored {
             Some(p) => self.exec_old(p),
             None => self.exec(),
         }
