@@ -465,35 +465,10 @@ impl PackageCache {
     /// neither sha256 nor md5, against the origin's `.md5`, itself fetched through the cache).
     async fn check(self: &Arc<Self>, packages: &PackageIndex, wanted: &Wanted, meta: &mut Meta, head: &[u8]) -> Result<(), CacheError> {
         let fail = |message: String| Err(CacheError::Check { url: wanted.origin_url.clone(), message });
-        let e = &wanted.expect;
-        match wanted.kind {
-            Kind::Md5 => {
-                let text = String::from_utf8_lossy(head);
-                let word = text.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
-                if word.len() != 32 || !word.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return fail("no md5 digest in it".into());
-                }
-                if !e.md5.is_empty() && e.md5 != word {
-                    return fail(format!("names md5 {word}, the config says {}", e.md5));
-                }
-                meta.names = word;
-                Ok(())
-            }
-            Kind::Tarball if !e.sha256.is_empty() => {
-                if meta.sha256 == e.sha256 {
-                    Ok(())
-                } else {
-                    fail(format!("sha256 {}, the config says {}", meta.sha256, e.sha256))
-                }
-            }
-            Kind::Tarball if !e.md5.is_empty() => {
-                if meta.md5 == e.md5 {
-                    Ok(())
-                } else {
-                    fail(format!("md5 {}, the config says {}", meta.md5, e.md5))
-                }
-            }
-            Kind::Tarball => {
+        match judge(wanted, meta, head) {
+            Judged::Good => Ok(()),
+            Judged::Bad(message) => fail(message),
+            Judged::ByDigestFile => {
                 let Some(digest) = packages.resolve_url(&wanted.md5_url) else {
                     return fail(format!("no digest to check it by ({} is not a configured file)", wanted.md5_url));
                 };
@@ -523,6 +498,52 @@ impl PackageCache {
                 let _ = f.set_modified(SystemTime::now());
             }
         });
+    }
+}
+
+/// What a downloaded file's digests say against the config.
+#[derive(Debug, PartialEq, Eq)]
+enum Judged {
+    Good,
+    /// Not what the config says: never served.
+    Bad(String),
+    /// A tarball the config gives no digest for: checked against the origin's `.md5`.
+    ByDigestFile,
+}
+
+/// Judges a download by what the config expects: a `.md5` file must hold an md5 (the
+/// config's, when it gives one; `meta.names` is set to it); a tarball must match the config's
+/// sha256 when given, else its hex md5, else its digest file decides.
+fn judge(wanted: &Wanted, meta: &mut Meta, head: &[u8]) -> Judged {
+    let e = &wanted.expect;
+    match wanted.kind {
+        Kind::Md5 => {
+            let text = String::from_utf8_lossy(head);
+            let word = text.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+            if word.len() != 32 || !word.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Judged::Bad("no md5 digest in it".into());
+            }
+            if !e.md5.is_empty() && e.md5 != word {
+                return Judged::Bad(format!("names md5 {word}, the config says {}", e.md5));
+            }
+            meta.names = word;
+            Judged::Good
+        }
+        Kind::Tarball if !e.sha256.is_empty() => {
+            if meta.sha256 == e.sha256 {
+                Judged::Good
+            } else {
+                Judged::Bad(format!("sha256 {}, the config says {}", meta.sha256, e.sha256))
+            }
+        }
+        Kind::Tarball if !e.md5.is_empty() => {
+            if meta.md5 == e.md5 {
+                Judged::Good
+            } else {
+                Judged::Bad(format!("md5 {}, the config says {}", meta.md5, e.md5))
+            }
+        }
+        Kind::Tarball => Judged::ByDigestFile,
     }
 }
 
@@ -564,4 +585,102 @@ fn scan(files: &Path) -> Vec<Arc<Entry>> {
 
 fn not_found(message: String) -> Response {
     (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "errorMessage": message }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ops_config::cache::Expect;
+
+    const MD5_OF_ABC: &str = "900150983cd24fb0d6963f7d28e17f72";
+
+    fn wanted(kind: Kind, sha256: &str, md5: &str) -> Wanted {
+        Wanted {
+            kind,
+            origin_url: "http://origin.example/a-1.tar.gz".into(),
+            expect: Expect { sha256: sha256.into(), md5: md5.into(), md5_base: None },
+            md5_url: "http://origin.example/a-1.tar.gz.md5".into(),
+        }
+    }
+
+    fn meta(bytes: u64, md5: &str, sha256: &str) -> Meta {
+        Meta { url: "u".into(), file: "f".into(), bytes, md5: md5.into(), sha256: sha256.into(), names: String::new() }
+    }
+
+    #[test]
+    fn downloads_are_judged_by_the_strongest_digest_the_config_gives() {
+        let m = || meta(3, MD5_OF_ABC, "sha-of-abc");
+        assert_eq!(judge(&wanted(Kind::Tarball, "sha-of-abc", "wrong"), &mut m(), b""), Judged::Good, "sha256 wins over md5");
+        assert!(matches!(judge(&wanted(Kind::Tarball, "other", MD5_OF_ABC), &mut m(), b""), Judged::Bad(e) if e.contains("sha256")));
+        assert_eq!(judge(&wanted(Kind::Tarball, "", MD5_OF_ABC), &mut m(), b""), Judged::Good);
+        assert!(matches!(judge(&wanted(Kind::Tarball, "", "0".repeat(32).as_str()), &mut m(), b""), Judged::Bad(e) if e.contains("md5")));
+        assert_eq!(judge(&wanted(Kind::Tarball, "", ""), &mut m(), b""), Judged::ByDigestFile);
+    }
+
+    #[test]
+    fn digest_files_must_name_an_md5_and_the_configs() {
+        let mut m = meta(40, "x", "y");
+        let line = format!("{}  a-1.tar.gz\n", MD5_OF_ABC.to_uppercase());
+        assert_eq!(judge(&wanted(Kind::Md5, "", ""), &mut m, line.as_bytes()), Judged::Good);
+        assert_eq!(m.names, MD5_OF_ABC, "kept lowercase");
+        let mut m = meta(40, "x", "y");
+        assert!(
+            matches!(judge(&wanted(Kind::Md5, "", "1".repeat(32).as_str()), &mut m, line.as_bytes()), Judged::Bad(e) if e.contains("config"))
+        );
+        for bad in [&b"<html>not found</html>"[..], b"", b"900150983cd24fb0d6963f7d28e17f7 short", b"zz0150983cd24fb0d6963f7d28e17f72"] {
+            let mut m = meta(1, "x", "y");
+            assert_eq!(judge(&wanted(Kind::Md5, "", ""), &mut m, bad), Judged::Bad("no md5 digest in it".into()), "{bad:?}");
+            assert!(m.names.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_cached_file_fits_only_while_the_config_says_the_same() {
+        let entry = |names: &str| Entry {
+            meta: Meta { names: names.into(), ..meta(3, MD5_OF_ABC, "s") },
+            path: PathBuf::from("/nonexistent"),
+            modified: SystemTime::now(),
+            touched: AtomicU64::new(0),
+        };
+        assert!(entry("").fits(&wanted(Kind::Tarball, "s", MD5_OF_ABC)));
+        assert!(entry("").fits(&wanted(Kind::Tarball, "", "")));
+        assert!(!entry("").fits(&wanted(Kind::Tarball, "s2", "")), "an operator changed the sha256");
+        assert!(!entry("").fits(&wanted(Kind::Tarball, "", "0".repeat(32).as_str())));
+        assert!(entry(MD5_OF_ABC).fits(&wanted(Kind::Md5, "", MD5_OF_ABC)));
+        assert!(!entry(MD5_OF_ABC).fits(&wanted(Kind::Md5, "", "1".repeat(32).as_str())));
+    }
+
+    #[test]
+    fn weights_round_up_and_never_reach_zero() {
+        assert_eq!((weight(0), weight(1), weight(1024), weight(1025)), (1, 1, 1, 2));
+        assert_eq!(weight(u64::MAX), u32::MAX);
+    }
+
+    #[test]
+    fn a_restart_keeps_whole_records_oldest_use_first_and_removes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, data: &[u8], record: Option<Meta>, used: u64| {
+            std::fs::write(dir.path().join(name), data).unwrap();
+            if let Some(m) = record {
+                let json = dir.path().join(format!("{name}.json"));
+                std::fs::write(&json, serde_json::to_vec(&m).unwrap()).unwrap();
+                let f = std::fs::File::options().append(true).open(&json).unwrap();
+                f.set_modified(UNIX_EPOCH + Duration::from_secs(used)).unwrap();
+            }
+        };
+        let record = |file: &str, bytes: u64| Meta { file: file.into(), ..meta(bytes, "m", "s") };
+        write("new", b"abc", Some(record("new", 3)), 2_000_000_000);
+        write("old", b"abcd", Some(record("old", 4)), 1_000_000_000);
+        write("short", b"ab", Some(record("short", 3)), 1_500_000_000);
+        write("renamed", b"abc", Some(record("other-name", 3)), 1_500_000_000);
+        write("bare", b"abc", None, 0);
+        std::fs::write(dir.path().join("gone.json"), b"{}").unwrap();
+        let found = scan(dir.path());
+        let names: Vec<&str> = found.iter().map(|e| e.meta.file.as_str()).collect();
+        assert_eq!(names, ["old", "new"], "least recently used first");
+        assert_eq!(found[0].touched.load(Ordering::Relaxed), 1_000_000_000);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["new", "new.json", "old", "old.json"], "partial, renamed, bare and orphan records are removed");
+    }
 }
