@@ -1,33 +1,16 @@
 //! End-to-end tests of the sharded cluster: real meta nodes and relays on loopback.
+//!
+//! One file per suite, though it is long: cargo links a test binary per file under `tests/`,
+//! and every link of the workspace adds to each CI run's build; the tests in it share nothing
+//! but the fixtures of `ops_e2e`, and each starts its own processes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use ops_e2e::cluster::{Cluster, TOKEN, chromium, figure_after};
-use ops_e2e::{Meta, Relay, eventually, get, get_json, get_json_auth, opsctl, post_json, post_json_auth};
+use ops_e2e::{AGENTS, Meta, Relay, eventually, get, get_json, get_json_auth, opsctl, post_json, post_json_auth};
 use serde_json::{Value, json};
-
-const AGENTS: &str = r#"
-[[agent]]
-name = "falcon-agent"
-tarball = "http://files.example/releases/falcon"
-run_user = "falcon"
-work_dir = "/home/falcon/open-falcon"
-default = { version = "5.1.3", md5 = "490ac172dabecc867289079d48e84a66", cmd = "start" }
-
-  [[agent.others]]
-  prefix = "bj-web-"
-  version = "5.1.4"
-  md5 = ""
-
-[[agent]]
-name = "mysql-monitor"
-tarball = "http://files.example/releases/falcon"
-run_user = "falcon"
-work_dir = "/home/falcon/open-falcon"
-default = { version = "0.0.5", md5 = "5f9ab5e81c386cde72c022d1b6d061d9", cmd = "start" }
-"#;
 
 fn hostnames(n: usize) -> Vec<String> {
     (0..n).map(|i| if i % 4 == 0 { format!("bj-web-{i:05}") } else { format!("sh-app-{i:05}") }).collect()

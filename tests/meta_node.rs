@@ -1,35 +1,14 @@
 //! End-to-end tests of a standalone `meta-node`: the real binary on 127.0.0.1:0.
+//!
+//! One file per suite, though it is long: cargo links a test binary per file under `tests/`,
+//! and every link of the workspace adds to each CI run's build; the tests in it share nothing
+//! but the fixtures of `ops_e2e`, and each starts its own processes.
 
 use std::path::Path;
 use std::time::Duration;
 
-use ops_e2e::{Meta, Proc, eventually, get_json, get_text, post_json, raw_http};
+use ops_e2e::{AGENTS, Meta, Proc, eventually, get_json, get_text, post_json, raw_http};
 use serde_json::{Value, json};
-
-const AGENTS: &str = r#"
-[[agent]]
-name = "falcon-agent"
-tarball = "http://files.example/releases/falcon"
-run_user = "falcon"
-work_dir = "/home/falcon/open-falcon"
-config_file_name = "cfg.json"
-config_remote_url = "http://files.example/falcon/conf/falcon-agent-cfg.json"
-default = { version = "5.1.3", md5 = "490ac172dabecc867289079d48e84a66", cmd = "start" }
-
-  [[agent.others]]
-  prefix = "bj-web-"
-  version = "5.1.4"
-  md5 = ""
-
-[[agent]]
-name = "mysql-monitor"
-tarball = "http://files.example/releases/falcon"
-run_user = "falcon"
-work_dir = "/home/falcon/open-falcon"
-config_file_name = "cfg.json"
-config_remote_url = "http://files.example/falcon/conf/mysql-monitor-cfg.json"
-default = { version = "0.0.5", md5 = "5f9ab5e81c386cde72c022d1b6d061d9", cmd = "start" }
-"#;
 
 /// Seed 001's heartbeat, verbatim.
 const SEED_001: &str = r#"{
@@ -523,9 +502,12 @@ fn periodic_snapshot_survives_sigkill() {
         post_json(&meta.url("/heartbeat"), heartbeat(&format!("crash-{i}"), &[]));
     }
     let snap = Path::new(&setup.data()).join("state.snap");
-    // Wait for a snapshot written after the last heartbeat.
-    std::thread::sleep(Duration::from_millis(2500));
-    assert!(snap.exists());
+    // Wait for a snapshot written after the last heartbeat (a second apart: mtimes of some
+    // file systems are in whole seconds).
+    let after = std::time::SystemTime::now() + Duration::from_secs(1);
+    let written =
+        eventually(Duration::from_secs(20), || std::fs::metadata(&snap).and_then(|m| m.modified()).ok().filter(|t| *t >= after).map(drop));
+    assert!(written.is_some(), "a snapshot after the last heartbeat: {}", meta.proc.log());
     meta.proc.signal("KILL");
     meta.proc.wait_exit(Duration::from_secs(10));
     let again = setup.start(&[]);

@@ -1,5 +1,9 @@
 //! End-to-end tests of staged rollouts: 3 real meta nodes, 2 real relays, simulated updaters
 //! (each host reports its version, installs what it is told, or fails to).
+//!
+//! One file per suite, though it is long: cargo links a test binary per file under `tests/`,
+//! and every link of the workspace adds to each CI run's build; the tests in it share nothing
+//! but the fixtures of `ops_e2e`, and each starts its own processes.
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,9 @@
 //! End-to-end tests of `ops-updater`: real nginx serving real tarballs (each with a real
 //! `control` shell script), a real meta node, real processes killed with real signals.
+//!
+//! One file per suite, though it is long: cargo links a test binary per file under `tests/`,
+//! and every link of the workspace adds to each CI run's build; the tests in it share nothing
+//! but the fixtures of `ops_e2e`, and each starts its own processes.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -537,9 +541,9 @@ fn hanging_control_script_is_killed_at_the_timeout() {
     assert!(log.contains("timed out after 2s"), "{log}");
     assert!(started.elapsed() < Duration::from_secs(30));
     let pid = std::fs::read_to_string(f.agent_dir().join("1.0/hang.pid")).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let alive = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).is_ok_and(|s| !s.contains(") Z "));
-    assert!(!alive, "the hanging script's process group was killed");
+    let alive = || std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).is_ok_and(|s| !s.contains(") Z "));
+    let gone = ops_e2e::eventually(Duration::from_secs(10), || (!alive()).then_some(()));
+    assert!(gone.is_some(), "the hanging script's process group was killed");
     f.once("host-c", &[]);
     assert!(f.host("host-c")["agents"][0]["lastError"].as_str().unwrap_or("").contains("timed out"));
 }

@@ -4,6 +4,11 @@
 //! the desired config and its heartbeat replies, and answers fleet status. It must never
 //! block the heartbeat path on disk or on another node, never hold a lock across an await, and
 //! never serve a config that failed validation: a bad file on reload changes nothing.
+//!
+//! This file is the `Node` every module shares, its settings and its background tasks; it is
+//! over 600 lines because the ingest paths (`ingest_*`), the sweep and the snapshot touch most
+//! of its fields and read best beside them. The procedures are in `coordination`, the HTTP
+//! layer in `api`, the hosts in `store`.
 #![forbid(unsafe_code)]
 
 pub mod api;

@@ -10,6 +10,33 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
+/// The desired config most end-to-end tests serve: the example's first two agents (see
+/// `config/examples/agents.toml`), with `falcon-agent`'s `bj-web-` hosts on 5.1.4.
+pub const AGENTS: &str = r#"
+[[agent]]
+name = "falcon-agent"
+tarball = "http://files.example/releases/falcon"
+run_user = "falcon"
+work_dir = "/home/falcon/open-falcon"
+config_file_name = "cfg.json"
+config_remote_url = "http://files.example/falcon/conf/falcon-agent-cfg.json"
+default = { version = "5.1.3", md5 = "490ac172dabecc867289079d48e84a66", cmd = "start" }
+
+  [[agent.others]]
+  prefix = "bj-web-"
+  version = "5.1.4"
+  md5 = ""
+
+[[agent]]
+name = "mysql-monitor"
+tarball = "http://files.example/releases/falcon"
+run_user = "falcon"
+work_dir = "/home/falcon/open-falcon"
+config_file_name = "cfg.json"
+config_remote_url = "http://files.example/falcon/conf/mysql-monitor-cfg.json"
+default = { version = "0.0.5", md5 = "5f9ab5e81c386cde72c022d1b6d061d9", cmd = "start" }
+"#;
+
 pub mod cluster;
 pub mod netns;
 

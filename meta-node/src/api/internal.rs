@@ -98,12 +98,11 @@ pub(super) async fn rows(
     let filter = params.to_filter()?;
     let format = Format::parse(params.format.as_deref());
     let view = View::resolve(&node, body.cluster.as_deref())?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     tokio::task::spawn_blocking(move || {
         stream_local_rows(&node, &agent, view.scope(body.present), &filter, format, &tx);
     });
-    let body =
-        Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|c| c.map(Ok::<_, std::convert::Infallible>))));
+    let body = super::channel_body(rx);
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], body).into_response())
 }
 

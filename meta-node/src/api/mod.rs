@@ -131,6 +131,13 @@ enum Scope {
     Operator,
 }
 
+/// A response body streamed from the chunks a producer sends (a listing, as it is written).
+fn channel_body(mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> axum::body::Body {
+    axum::body::Body::from_stream(futures_util::stream::poll_fn(move |cx| {
+        chunks.poll_recv(cx).map(|c| c.map(Ok::<_, std::convert::Infallible>))
+    }))
+}
+
 fn scope_of(path: &str, headers: &axum::http::HeaderMap) -> Scope {
     match path {
         "/internal/batch" if headers.get(ops_config::wire::HANDOFF_HEADER).is_some_and(|v| v == "1") => Scope::Node,

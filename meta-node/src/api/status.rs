@@ -3,11 +3,9 @@
 //! partial reply says so (`partial`/`missingNodes` in JSON, `X-Ops-Partial`/
 //! `X-Ops-Missing-Nodes` headers and a `#partial` line in text).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -70,9 +68,9 @@ async fn listing(node: Arc<Node>, agent: String, params: FilterParams, format: F
     let filter = params.to_filter()?;
     let mut query = params.clone();
     query.format = Some(format.name().to_owned());
-    let listing::Listing { initially_missing, mut chunks } =
+    let listing::Listing { initially_missing, chunks } =
         listing::listing(node, agent, filter, serde_urlencoded_pairs(&query), format).await?;
-    let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| chunks.poll_recv(cx).map(|c| c.map(Ok::<_, Infallible>))));
+    let body = super::channel_body(chunks);
     let content_type = match format {
         Format::Json => "application/json",
         Format::Text => "text/plain; charset=utf-8",
