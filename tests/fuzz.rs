@@ -94,6 +94,38 @@ fn fuzz_heartbeat() {
     });
 }
 
+/// The fast path (`ops_config::fastjson`) never reads a body other than serde would: what it
+/// takes, serde takes as the same value; what it leaves, serde decides alone. The plain seeds
+/// (the Go updater's, ours, the bench's) must take it, or it would never run.
+#[test]
+fn fuzz_heartbeat_fast_path_agrees_with_serde() {
+    let plain = [
+        HEARTBEATS[0],
+        HEARTBEATS[2],
+        r#"{"hostname":"host-0000042","ip":"10.0.0.42","runUser":"root","updaterVersion":"0.1.0","realAgents":[{"name":"falcon-agent","version":"5.1.4","status":"started","timestamp":1700000000,"runUser":"root","workDir":"/opt/ops","lastError":"install 5.1.5: md5 mismatch, kept 5.1.4"},{"name":"mysql-monitor","version":"5.1.3","status":"started","timestamp":1700000000,"runUser":"root","workDir":"/opt/ops","pinned":"hold"}]}"#,
+        " {\n  \"hostname\": \"h\",\n  \"realAgents\": [ ]\n}\n",
+    ];
+    for body in plain {
+        assert!(ops_config::fastjson::heartbeat(body.as_bytes()).is_some(), "the fast path refused {body}");
+    }
+    let mut all = seeds(HEARTBEATS);
+    all.extend(seeds(&plain));
+    let (mut taken, mut left) = (0u64, 0u64);
+    fuzz("heartbeat fast path", cases(4000), all, |input| {
+        let Some(fast) = ops_config::fastjson::heartbeat(input) else {
+            left += 1;
+            return Ok(());
+        };
+        taken += 1;
+        match serde_json::from_slice::<Heartbeat>(input) {
+            Ok(slow) => prop_assert_eq_str(&fast, &slow),
+            Err(e) => Err(format!("the fast path took what serde refuses ({e}): {fast:?}")),
+        }
+    });
+    eprintln!("fast path took {taken} inputs, left {left} to serde");
+    assert!(taken > 0 && left > 0, "both paths are exercised: {taken} taken, {left} left");
+}
+
 fn prop_assert_eq_str<T: PartialEq + std::fmt::Debug>(a: &T, b: &T) -> Result<(), String> {
     if a == b { Ok(()) } else { Err(format!("{a:?} != {b:?}")) }
 }

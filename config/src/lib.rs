@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod compact;
 pub mod disk;
 pub mod enroll;
+pub mod fastjson;
 mod hash;
 mod location;
 pub mod prom;

@@ -284,7 +284,11 @@ impl<'a> Heartbeat<'a> {
         if body.len() > MAX_HEARTBEAT_BYTES {
             return Err(WireError::TooLarge { size: body.len(), limit: MAX_HEARTBEAT_BYTES });
         }
-        let hb: Heartbeat<'a> = serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+        // The plain shapes updaters send in one pass; anything else through serde, unchanged.
+        let hb: Heartbeat<'a> = match crate::fastjson::heartbeat(body) {
+            Some(hb) => hb,
+            None => serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))?,
+        };
         hb.validate()?;
         Ok(hb)
     }
