@@ -15,6 +15,8 @@ use std::borrow::Cow;
 use crate::wire::{Heartbeat, RealAgent};
 
 struct Reader<'a> {
+    /// The body, UTF-8 checked once as a whole (serde refuses a body that is not).
+    s: &'a str,
     b: &'a [u8],
     at: usize,
 }
@@ -40,7 +42,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A string without escapes or control characters, as UTF-8.
+    /// A string without escapes or control characters.
     fn string(&mut self) -> Option<&'a str> {
         if !self.eat(b'"') {
             return None;
@@ -52,7 +54,8 @@ impl<'a> Reader<'a> {
             return None;
         }
         self.at = end + 1;
-        std::str::from_utf8(&self.b[start..end]).ok()
+        // Both ends are ASCII quotes of a checked UTF-8 body: on character boundaries.
+        self.s.get(start..end)
     }
 
     fn text(&mut self) -> Option<Cow<'a, str>> {
@@ -177,7 +180,7 @@ impl<'a> Reader<'a> {
 /// The heartbeat in `body` when it has one of the plain shapes (see the module); `None`
 /// sends it to serde. Not validated: [`Heartbeat::validate`] runs on either path.
 pub fn heartbeat(body: &[u8]) -> Option<Heartbeat<'_>> {
-    let mut r = Reader { b: body, at: 0 };
+    let mut r = Reader { s: std::str::from_utf8(body).ok()?, b: body, at: 0 };
     let mut hb = Heartbeat {
         hostname: Cow::Borrowed(""),
         ip: Cow::Borrowed(""),
