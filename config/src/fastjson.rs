@@ -17,13 +17,16 @@ use crate::wire::{Heartbeat, RealAgent};
 struct Reader<'a> {
     /// The body, UTF-8 checked once as a whole (serde refuses a body that is not).
     s: &'a str,
-    b: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
+    fn bytes(&self) -> &'a [u8] {
+        self.s.as_bytes()
+    }
+
     fn ws(&mut self) {
-        while let Some(&c) = self.b.get(self.at) {
+        while let Some(&c) = self.bytes().get(self.at) {
             if !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
                 break;
             }
@@ -34,7 +37,7 @@ impl<'a> Reader<'a> {
     /// The next non-space byte, consumed when it is `c`.
     fn eat(&mut self, c: u8) -> bool {
         self.ws();
-        if self.b.get(self.at) == Some(&c) {
+        if self.bytes().get(self.at) == Some(&c) {
             self.at += 1;
             true
         } else {
@@ -48,9 +51,9 @@ impl<'a> Reader<'a> {
             return None;
         }
         let start = self.at;
-        let len = self.b[start..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+        let len = self.bytes()[start..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
         let end = start + len;
-        if self.b[end] != b'"' {
+        if self.bytes()[end] != b'"' {
             return None;
         }
         self.at = end + 1;
@@ -65,27 +68,27 @@ impl<'a> Reader<'a> {
     /// `-?[1-9][0-9]*` or `0`, fitting an i64 (18 digits at most, so no overflow check).
     fn integer(&mut self) -> Option<i64> {
         self.ws();
-        let negative = self.b.get(self.at) == Some(&b'-');
+        let negative = self.bytes().get(self.at) == Some(&b'-');
         if negative {
             self.at += 1;
         }
         let start = self.at;
-        let digits = self.b[start..].iter().take_while(|c| c.is_ascii_digit()).count();
-        if digits == 0 || digits > 18 || (self.b[start] == b'0' && (digits > 1 || negative)) {
+        let digits = self.bytes()[start..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 || digits > 18 || (self.bytes()[start] == b'0' && (digits > 1 || negative)) {
             return None;
         }
         // A fraction or exponent makes it a float, which serde refuses for an i64.
-        if matches!(self.b.get(start + digits), Some(b'.' | b'e' | b'E')) {
+        if matches!(self.bytes().get(start + digits), Some(b'.' | b'e' | b'E')) {
             return None;
         }
         self.at = start + digits;
-        let n = self.b[start..self.at].iter().fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
+        let n = self.bytes()[start..self.at].iter().fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
         Some(if negative { -n } else { n })
     }
 
     fn null(&mut self) -> bool {
         self.ws();
-        if self.b[self.at..].starts_with(b"null") {
+        if self.bytes()[self.at..].starts_with(b"null") {
             self.at += 4;
             true
         } else {
@@ -180,7 +183,7 @@ impl<'a> Reader<'a> {
 /// The heartbeat in `body` when it has one of the plain shapes (see the module); `None`
 /// sends it to serde. Not validated: [`Heartbeat::validate`] runs on either path.
 pub fn heartbeat(body: &[u8]) -> Option<Heartbeat<'_>> {
-    let mut r = Reader { s: std::str::from_utf8(body).ok()?, b: body, at: 0 };
+    let mut r = Reader { s: std::str::from_utf8(body).ok()?, at: 0 };
     let mut hb = Heartbeat {
         hostname: Cow::Borrowed(""),
         ip: Cow::Borrowed(""),

@@ -112,12 +112,11 @@ pub fn rollback(s: &Server, expect: Option<&str>, token: Option<&str>, json: boo
 
 /// `opsctl config history`: the generations the asked node keeps.
 pub fn history(s: &Server, json: bool) -> Result<(), Failure> {
-    let v = s.get("/config/history")?;
+    let (text, h) = s.get_as::<History>("/config/history")?;
     if json {
-        println!("{v}");
+        println!("{}", text.trim());
         return Ok(());
     }
-    let h: History = serde_json::from_value(v).map_err(|e| Failure::Unavailable(format!("not a history reply: {e}")))?;
     let mut rows = vec![vec!["GEN".to_owned(), "HASH".into(), "BYTES".into(), "SIGNED".into(), String::new()]];
     for e in &h.versions {
         rows.push(vec![

@@ -36,12 +36,6 @@ impl Server {
         Ok(Server { base, client })
     }
 
-    /// `GET {base}{path}` as JSON. A server that does not answer is `Unavailable`; one that
-    /// answers an error is `Refused` with its `errorMessage`.
-    pub fn get(&self, path: &str) -> Result<Value, Failure> {
-        self.get_url(&format!("{}{path}", self.base))
-    }
-
     /// `GET {base}{path}`: the body and the `x-ops-signature` header (the config as served).
     pub fn get_signed(&self, path: &str) -> Result<(String, Option<String>), Failure> {
         let url = format!("{}{path}", self.base);
@@ -72,20 +66,16 @@ impl Server {
     }
 
     /// `GET {base}{path}` read as the reply type `T`, with the server's text (what `--json`
-    /// prints unchanged). A reply that is not a `T` is `Refused`.
+    /// prints unchanged). No answer, or one that is not a `T`, is `Unavailable`; an error
+    /// status is `Refused` with the server's `errorMessage`.
     pub fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<(String, T), Failure> {
         self.url_as(&format!("{}{path}", self.base))
     }
 
     fn url_as<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<(String, T), Failure> {
         let text = self.fetch(url)?;
-        let reply = serde_json::from_str(&text).map_err(|e| Failure::Refused(format!("GET {url}: not the reply expected: {e}")))?;
+        let reply = serde_json::from_str(&text).map_err(|e| Failure::Unavailable(format!("GET {url}: not the reply expected: {e}")))?;
         Ok((text, reply))
-    }
-
-    fn get_url(&self, url: &str) -> Result<Value, Failure> {
-        let text = self.fetch(url)?;
-        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     /// `GET {base}{path}` as text (the tab-separated listing).
